@@ -1,0 +1,370 @@
+"""``MegaSRDenoiser``: SD2 UNet + ControlNet with MegaSR's CSM and MSFM installed.
+
+One ``nn.Module`` holding the two diffusers models as ``.unet`` and ``.controlnet``. Every
+original state-dict key is unchanged (real SD2-base weights load as they are); MegaSR's modules
+live under new keys containing ``.csm.`` or ``.msfm.``.
+
+Weights layout written by :meth:`MegaSRDenoiser.save_pretrained`::
+
+    megasr.json                                   MegaSRConfig
+    unet/config.json                              diffusers UNet2DConditionModel config
+    unet/diffusion_pytorch_model.safetensors      base UNet keys only (a valid diffusers folder)
+    unet/megasr_modules.safetensors               the UNet's CSM/MSFM keys
+    controlnet/...                                the same for the ControlNet
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from torch import nn
+
+from .conditioning import ConditioningSlot, MegaSRConditioning
+from .config import MegaSRConfig
+from .csm import CSMAttnProcessor, check_csm_processors, cross_attention_blocks, install_csm
+from .msfm import install_msfm
+from .presets import get_preset
+from .state_dicts import (
+    MEGASR_MODULES_NAME,
+    WEIGHTS_NAME,
+    WeightsError,
+    check_state_dict,
+    read_model_dir,
+    read_safetensors_metadata,
+    read_weights,
+    write_safetensors,
+)
+
+NETWORKS = ("unet", "controlnet")
+OVERLAY_FORMAT = "megasr-overlay"
+
+
+def is_megasr_key(name: str) -> bool:
+    """Whether a parameter/state-dict name belongs to a module MegaSR added."""
+    parts = name.split(".")
+    return "csm" in parts or "msfm" in parts
+
+
+def is_trainable_key(name: str) -> bool:
+    """Eq. 4's trainable set: the ControlNet whole, and in the UNet only MegaSR's new modules.
+
+    The CSM's visual cross-attention is frozen everywhere (paper Sec. 3.4, figure 2).
+    """
+    if ".csm.visual_attn." in name:
+        return False
+    if name.startswith("controlnet."):
+        return True
+    return name.startswith("unet.") and is_megasr_key(name)
+
+
+@dataclass(frozen=True)
+class ParameterGroups:
+    """Named parameters that train and that stay frozen (Eq. 4)."""
+
+    trainable: dict[str, nn.Parameter]
+    frozen: dict[str, nn.Parameter]
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "trainable": sum(p.numel() for p in self.trainable.values()),
+            "frozen": sum(p.numel() for p in self.frozen.values()),
+        }
+
+
+class MegaSRDenoiser(nn.Module):
+    """Noise prediction of MegaSR (paper Eq. 4): ε_θ(z_t, t, e_t, e_i, guidance, LR)."""
+
+    def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel, config: MegaSRConfig) -> None:
+        """Install MegaSR's modules on base diffusers models (build the ControlNet first)."""
+        super().__init__()
+        self.unet = unet
+        self.controlnet = controlnet
+        self.config = config
+        self.slot = ConditioningSlot()
+        if config.use_csm:
+            # UNet text attention is frozen → the visual branch can share its weights (see csm.py).
+            install_csm(unet, self.slot, config.image_embed_dim, copy_attention=False)
+            install_csm(controlnet, self.slot, config.image_embed_dim, copy_attention=True)
+        if config.msfm_enabled:
+            norm_groups = unet.config.norm_num_groups
+            kwargs = dict(
+                norm_groups=norm_groups,
+                norm_eps=unet.config.norm_eps,
+                use_hed=config.hed_enabled,
+                use_depth_seg=config.depth_seg_enabled,
+                hed_channels=config.hed_channels,
+                depth_seg_channels=config.depth_seg_channels,
+                hidden_channels=config.msfm_hidden_channels,
+                attention_hidden=config.msfm_attention_hidden,
+            )
+            install_msfm(controlnet, self.slot, **kwargs)
+            install_msfm(unet, self.slot, **kwargs)
+        self.apply_trainable_flags()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        **config_changes: object,
+    ) -> "MegaSRDenoiser":
+        """Random-initialized model of a preset's shapes; ``device="meta"`` allocates nothing.
+
+        ``config_changes`` override :class:`MegaSRConfig` fields (e.g. ``use_csm=False``).
+        """
+        preset = get_preset(name)
+        config = preset.megasr.replace(**config_changes) if config_changes else preset.megasr
+        with torch.device(device or "cpu"):
+            unet = UNet2DConditionModel(**preset.unet)
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=preset.controlnet_conditioning_channels
+            )
+            model = cls(unet, controlnet, config)
+        return model if dtype is None else model.to(dtype=dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> "MegaSRDenoiser":
+        """Load a directory written by :meth:`save_pretrained` (strict: every key must match)."""
+        directory = Path(directory)
+        config = MegaSRConfig.load(directory)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(directory / "unet"))
+            controlnet = ControlNetModel.from_config(ControlNetModel.load_config(directory / "controlnet"))
+            model = cls(unet, controlnet, config)
+        state: dict[str, torch.Tensor] = {}
+        for net in NETWORKS:
+            base = read_model_dir(directory / net)
+            modules_file = directory / net / MEGASR_MODULES_NAME
+            extra = read_weights([modules_file]) if modules_file.is_file() else {}
+            overlap = sorted(set(base) & set(extra))
+            if overlap:
+                raise WeightsError(f"{directory / net}: keys in both weight files: {', '.join(overlap[:12])}")
+            state.update({f"{net}.{k}": v for k, v in (base | extra).items()})
+        model._load_full(state, what=str(directory))
+        return model.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
+
+    @classmethod
+    def from_unet_pretrained(
+        cls,
+        unet_directory: str | Path,
+        config: MegaSRConfig | None = None,
+        controlnet_directory: str | Path | None = None,
+        overlay: str | Path | None = None,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | None = None,
+    ) -> "MegaSRDenoiser":
+        """Build from a diffusers-format SD2 ``unet/`` folder (e.g. stable-diffusion-2-base).
+
+        The ControlNet is initialized from the UNet (or loaded from ``controlnet_directory``),
+        MegaSR's modules are freshly initialized, then an optional overlay checkpoint replaces
+        them and the ControlNet with trained values.
+        """
+        unet_directory = Path(unet_directory)
+        if config is None and overlay is not None:
+            config = overlay_config(overlay)
+        config = config or MegaSRConfig()
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_directory))
+        _load_assign(unet, read_model_dir(unet_directory), f"UNet weights in {unet_directory}")
+        if controlnet_directory is not None:
+            controlnet_directory = Path(controlnet_directory)
+            with torch.device("meta"):
+                controlnet = ControlNetModel.from_config(ControlNetModel.load_config(controlnet_directory))
+            _load_assign(controlnet, read_model_dir(controlnet_directory), f"ControlNet weights in {controlnet_directory}")
+        else:
+            controlnet = ControlNetModel.from_unet(unet)
+        model = cls(unet, controlnet, config)
+        if overlay is not None:
+            model.load_overlay(overlay)
+        return model.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        encoder_hidden_states: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        guidance: Mapping[str, torch.Tensor | None] | None = None,
+        control_image: torch.Tensor | None = None,
+        conditioning_scale: float = 1.0,
+    ) -> torch.Tensor:
+        """Predict the noise in ``latents``.
+
+        Args:
+            latents: ``B×4×h×w`` noisy latents.
+            timestep: scalar or ``B`` timesteps.
+            encoder_hidden_states: text tokens e_t ``B×77×cross_dim``.
+            image_embeds: CLIP image tokens e_i ``B×257×1280`` for the CSM (``None`` = off).
+            guidance: image-resolution maps in [0, 1]: ``hed B×1×H×W``, ``depth B×1×H×W``,
+                ``seg B×3×H×W``; a missing key turns that signal off.
+            control_image: the bicubic-upscaled LR ``B×3×H×W`` in [0, 1] (ControlNet condition).
+            conditioning_scale: ControlNet residual scale (1.0 in MegaSR/SeeSR).
+        """
+        if control_image is None:
+            raise ValueError("control_image (the upscaled LR image, B×3×H×W in [0, 1]) is required")
+        batch = latents.shape[0]
+        factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
+        expected = (batch, self.controlnet.config.conditioning_channels, latents.shape[-2] * factor, latents.shape[-1] * factor)
+        if tuple(control_image.shape) != expected:
+            raise ValueError(f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}")
+        conditioning = MegaSRConditioning.from_inputs(image_embeds, guidance, batch)
+        if not self.config.use_csm:
+            conditioning.image_tokens = None
+        if not self.config.hed_enabled:
+            conditioning.hed = None
+        if not self.config.depth_seg_enabled:
+            conditioning.depth_seg = None
+        check_csm_processors(self.unet)
+        check_csm_processors(self.controlnet)
+        with self.slot.use(conditioning):
+            down, mid = self.controlnet(
+                latents,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                controlnet_cond=control_image.to(latents.dtype),
+                conditioning_scale=conditioning_scale,
+                return_dict=False,
+            )
+            return self.unet(
+                latents,
+                timestep,
+                encoder_hidden_states=encoder_hidden_states,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]
+
+    def set_attn_processor(self, make_processor: type | object) -> None:
+        """Change the attention backend everywhere while keeping the CSM processors in place.
+
+        ``make_processor`` is a processor class (instantiated per layer) or an instance.
+        """
+        for net in (self.unet, self.controlnet):
+            for module in net.modules():
+                if not hasattr(module, "set_processor") or not hasattr(module, "processor"):
+                    continue
+                new = make_processor() if isinstance(make_processor, type) else make_processor
+                current = module.processor
+                if isinstance(current, CSMAttnProcessor):
+                    current.base = new
+                else:
+                    module.set_processor(new)
+
+    # ------------------------------------------------------------------ parameters
+    def parameter_groups(self) -> ParameterGroups:
+        trainable, frozen = {}, {}
+        for name, param in self.named_parameters():
+            (trainable if is_trainable_key(name) else frozen)[name] = param
+        return ParameterGroups(trainable=trainable, frozen=frozen)
+
+    def apply_trainable_flags(self) -> None:
+        """Set ``requires_grad`` to match :meth:`parameter_groups`."""
+        for name, param in self.named_parameters():
+            param.requires_grad_(is_trainable_key(name))
+
+    def parameter_counts(self) -> dict[str, dict[str, int]]:
+        """Parameters per network, split into the SD2 base, the CSM and the MSFM."""
+        counts: dict[str, dict[str, int]] = {}
+        for net in NETWORKS:
+            row = {"base": 0, "csm": 0, "csm_trainable": 0, "msfm": 0}
+            for name, param in getattr(self, net).named_parameters():
+                parts = name.split(".")
+                if "csm" in parts:
+                    row["csm"] += param.numel()
+                    if "visual_attn" not in parts:
+                        row["csm_trainable"] += param.numel()
+                elif "msfm" in parts:
+                    row["msfm"] += param.numel()
+                else:
+                    row["base"] += param.numel()
+            counts[net] = row
+        counts["total"] = {k: sum(counts[n][k] for n in NETWORKS) for k in counts["unet"]}
+        counts["total"]["trainable"] = self.parameter_groups().counts()["trainable"]
+        return counts
+
+    def cross_attention_block_names(self) -> dict[str, list[str]]:
+        return {net: [n for n, _ in cross_attention_blocks(getattr(self, net))] for net in NETWORKS}
+
+    # ------------------------------------------------------------------ weights
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory)
+        for net in NETWORKS:
+            model = getattr(self, net)
+            model.save_config(directory / net)
+            state = model.state_dict()
+            base = {k: v for k, v in state.items() if not is_megasr_key(k)}
+            extra = {k: v for k, v in state.items() if is_megasr_key(k)}
+            write_safetensors(directory / net / f"{WEIGHTS_NAME}.safetensors", base, {"format": "pt"})
+            if extra:
+                write_safetensors(directory / net / MEGASR_MODULES_NAME, extra, {"format": "pt"})
+
+    def overlay_state_dict(self) -> dict[str, torch.Tensor]:
+        """MegaSR's own keys and every trained key: UNet CSM/MSFM and the whole ControlNet."""
+        return {k: v for k, v in self.state_dict().items() if k.startswith("controlnet.") or is_megasr_key(k)}
+
+    def save_overlay(self, path: str | Path) -> Path:
+        """Write the small checkpoint that, with a vanilla SD2-base UNet, rebuilds this model."""
+        path = Path(path)
+        metadata = {
+            "format": OVERLAY_FORMAT,
+            "megasr_config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "controlnet_config": json.dumps(dict(self.controlnet.config), default=list, sort_keys=True),
+        }
+        write_safetensors(path, self.overlay_state_dict(), metadata)
+        return path
+
+    def load_overlay(self, path: str | Path) -> None:
+        """Replace MegaSR's modules and the ControlNet with an overlay's values (strict)."""
+        path = Path(path)
+        theirs = overlay_config(path)
+        ours = self.config
+        structural = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("preset", "extra")}  # noqa: E731
+        if structural(theirs) != structural(ours):
+            diff = sorted(k for k in structural(ours) if structural(ours)[k] != structural(theirs).get(k))
+            raise WeightsError(f"{path}: overlay was made for a different MegaSR config (differs in {', '.join(diff)})")
+        state = read_weights([path])
+        expected = {k: v.shape for k, v in self.overlay_state_dict().items()}
+        check_state_dict(expected, state, f"overlay {path}")
+        self.load_state_dict(state, strict=False)
+
+    def _load_full(self, state: dict[str, torch.Tensor], what: str) -> None:
+        _load_assign(self, state, what)
+        self.apply_trainable_flags()
+
+
+def overlay_config(path: str | Path) -> MegaSRConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"overlay checkpoint {path} not found")
+    metadata = read_safetensors_metadata(path)
+    if metadata.get("format") != OVERLAY_FORMAT or "megasr_config" not in metadata:
+        raise WeightsError(f"{path} is not a MegaSR overlay checkpoint (missing format metadata)")
+    return MegaSRConfig.from_dict(json.loads(metadata["megasr_config"]))
+
+
+def _load_assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strictly load ``state`` into a (possibly meta-device) module, taking over its tensors."""
+    expected = module.state_dict()
+    check_state_dict({k: v.shape for k, v in expected.items()}, state, what)
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, param in module.named_parameters():
+        param.requires_grad_(flags.get(name, True))
+    leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise WeightsError(f"{what}: tensors left uninitialized: {', '.join(leftovers[:12])}")

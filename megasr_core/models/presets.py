@@ -38,7 +38,6 @@ SD2_SCHEDULER: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "prediction_type": "epsilon",
     "clip_sample": False,
-    "set_alpha_to_one": False,
     "steps_offset": 1,
     "timestep_spacing": "leading",
     "variance_type": "fixed_small",

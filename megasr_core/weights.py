@@ -1,0 +1,176 @@
+"""The MegaSR weights directory: layout, tiny random weights, assembly from upstream SD2-base.
+
+Layout (DESIGN.md)::
+
+    model_index.json   diffusers pipeline index (components and their classes)
+    megasr.json        MegaSRConfig (preset, switches)
+    unet/ controlnet/  MegaSRDenoiser.save_pretrained
+    vae/ text_encoder/ tokenizer/ scheduler/   SD2's components in diffusers/transformers format
+    extractors/        guidance extractors (added by the extractor module)
+
+Nothing here downloads: ``init_tiny`` writes random weights of the ``tiny`` preset for tests
+and demos; ``assemble_from_sd2`` turns a local copy of ``stabilityai/stable-diffusion-2-base``
+(plus an optional trained overlay) into a MegaSR directory.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .models.config import CONFIG_NAME, MegaSRConfig
+from .models.denoiser import MegaSRDenoiser
+from .models.presets import get_preset
+
+MODEL_INDEX = "model_index.json"
+PIPELINE_CLASS = "MegaSRPipeline"
+COMPONENTS: dict[str, tuple[str, str]] = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "controlnet": ("diffusers", "ControlNetModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+    "tokenizer": ("transformers", "CLIPTokenizer"),
+    "scheduler": ("diffusers", "DDPMScheduler"),
+}
+TINY_MARKER = "tiny_random_weights"
+
+
+def write_model_index(directory: Path) -> None:
+    index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
+    index.update({name: list(spec) for name, spec in COMPONENTS.items()})
+    (directory / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def missing_components(directory: str | Path) -> list[str]:
+    """Components of the layout that ``directory`` lacks (empty list = complete)."""
+    directory = Path(directory)
+    missing = [name for name in (MODEL_INDEX, CONFIG_NAME) if not (directory / name).is_file()]
+    missing += [name for name in COMPONENTS if not (directory / name).is_dir()]
+    return missing
+
+
+def _byte_level_symbols() -> list[str]:
+    """The 256 printable stand-ins byte-level BPE tokenizers (GPT-2, CLIP) use for raw bytes."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols, shift = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            symbols[byte] = chr(byte)
+        else:
+            symbols[byte] = chr(256 + shift)
+            shift += 1
+    return [symbols[b] for b in range(256)]
+
+
+def write_tiny_tokenizer(directory: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer with a byte-level vocabulary and no merges (514 tokens, no download)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_level_symbols()
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": 256 + i for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = 512
+    vocab["<|endoftext|>"] = 513
+    source = directory / "_source"
+    source.mkdir(exist_ok=True)
+    (source / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (source / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(
+        vocab=str(source / "vocab.json"),
+        merges=str(source / "merges.txt"),
+        pad_token="<|endoftext|>",
+        model_max_length=77,
+    )
+    tokenizer.save_pretrained(directory)
+    shutil.rmtree(source)
+    return tokenizer
+
+
+def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """Write a complete random-initialized ``tiny`` weights directory (tests, demos; untrained)."""
+    directory = Path(directory)
+    if directory.exists() and any(directory.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{directory} is not empty (pass overwrite=True / --force to replace it)")
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    preset = get_preset("tiny")
+    torch.manual_seed(seed)
+    denoiser = MegaSRDenoiser.from_preset("tiny")
+    # Untrained MegaSR modules would contribute exactly zero; give them small random values so
+    # the tiny model exercises every path (documented: these weights are for tests only).
+    _randomize_zero_init(denoiser, seed)
+    denoiser.config = denoiser.config.replace(extra={**denoiser.config.extra, TINY_MARKER: True})
+    denoiser.save_pretrained(directory)
+    AutoencoderKL(**preset.vae).save_pretrained(directory / "vae")
+    text_config = CLIPTextConfig(**preset.text_encoder)
+    CLIPTextModel(text_config).save_pretrained(directory / "text_encoder")
+    write_tiny_tokenizer(directory / "tokenizer")
+    DDPMScheduler(**preset.scheduler).save_pretrained(directory / "scheduler")
+    write_model_index(directory)
+    return directory
+
+
+def _randomize_zero_init(denoiser: MegaSRDenoiser, seed: int, std: float = 0.02) -> None:
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in denoiser.named_parameters():
+            leaf = name.rsplit(".", 2)[-2]
+            if leaf in ("proj", "gamma", "beta") and (".csm." in name or ".msfm." in name):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def is_tiny_random(directory: str | Path) -> bool:
+    """Whether ``directory`` holds the untrained tiny demo weights."""
+    try:
+        return bool(MegaSRConfig.load(directory).extra.get(TINY_MARKER))
+    except FileNotFoundError:
+        return False
+
+
+def assemble_from_sd2(
+    sd2_directory: str | Path,
+    output: str | Path,
+    overlay: str | Path | None = None,
+    config: MegaSRConfig | None = None,
+    seed: int = 0,
+) -> Path:
+    """Build a MegaSR directory from a local diffusers SD2-base folder and an optional overlay.
+
+    VAE, text encoder and tokenizer are copied as they are; the scheduler becomes DDPM with the
+    same noise schedule; the denoiser is the SD2 UNet + a ControlNet initialized from it + MegaSR
+    modules (from the overlay when given, else freshly initialized for training).
+    """
+    sd2_directory, output = Path(sd2_directory), Path(output)
+    missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (sd2_directory / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{sd2_directory} is not a diffusers SD2 folder: missing {', '.join(missing)}")
+    torch.manual_seed(seed)
+    denoiser = MegaSRDenoiser.from_unet_pretrained(sd2_directory / "unet", config=config, overlay=overlay)
+    output.mkdir(parents=True, exist_ok=True)
+    denoiser.save_pretrained(output)
+    for component in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(sd2_directory / component, output / component, dirs_exist_ok=True)
+    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sd2_directory / "scheduler"))
+    scheduler.save_pretrained(output / "scheduler")
+    write_model_index(output)
+    return output
+
+
+def describe(directory: str | Path) -> dict[str, Any]:
+    """What a weights directory holds: config, parameter counts, missing components."""
+    directory = Path(directory)
+    denoiser = MegaSRDenoiser.from_pretrained(directory)
+    return {
+        "directory": str(directory),
+        "config": denoiser.config.to_dict(),
+        "tiny_random": is_tiny_random(directory),
+        "missing_components": missing_components(directory),
+        "parameters": denoiser.parameter_counts(),
+    }

@@ -164,30 +164,39 @@ class MegaSRDenoiser(nn.Module):
         overlay: str | Path | None = None,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
+        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
     ) -> "MegaSRDenoiser":
         """Build from a diffusers-format SD2 ``unet/`` folder (e.g. stable-diffusion-2-base).
 
         The ControlNet is initialized from the UNet (or loaded from ``controlnet_directory``),
-        MegaSR's modules are freshly initialized, then an optional overlay checkpoint replaces
-        them and the ControlNet with trained values.
+        MegaSR's modules are freshly initialized. With an ``overlay`` checkpoint the ControlNet
+        and MegaSR's modules come from it instead (its config too, unless ``config`` is given).
         """
         unet_directory = Path(unet_directory)
-        if config is None and overlay is not None:
-            config = overlay_config(overlay)
+        if overlay is not None:
+            config = config or overlay_config(overlay)
         config = config or MegaSRConfig()
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_directory))
         _load_assign(unet, read_model_dir(unet_directory), f"UNet weights in {unet_directory}")
-        if controlnet_directory is not None:
+        if overlay is not None:
+            # The overlay carries the whole trained ControlNet: build it empty, fill it from there.
+            controlnet_config = overlay_controlnet_config(overlay)
+            _check_controlnet_fits_unet(controlnet_config, unet.config, str(overlay))
+            with torch.device("meta"):
+                controlnet = ControlNetModel.from_config(controlnet_config)
+        elif controlnet_directory is not None:
             controlnet_directory = Path(controlnet_directory)
             with torch.device("meta"):
                 controlnet = ControlNetModel.from_config(ControlNetModel.load_config(controlnet_directory))
             _load_assign(controlnet, read_model_dir(controlnet_directory), f"ControlNet weights in {controlnet_directory}")
         else:
-            controlnet = ControlNetModel.from_unet(unet)
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels)
+            )
         model = cls(unet, controlnet, config)
         if overlay is not None:
-            model.load_overlay(overlay)
+            model.load_overlay(overlay, assign=True)
         return model.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
 
     # ------------------------------------------------------------------ forward
@@ -328,8 +337,11 @@ class MegaSRDenoiser(nn.Module):
         write_safetensors(path, self.overlay_state_dict(), metadata)
         return path
 
-    def load_overlay(self, path: str | Path) -> None:
-        """Replace MegaSR's modules and the ControlNet with an overlay's values (strict)."""
+    def load_overlay(self, path: str | Path, assign: bool = False) -> None:
+        """Replace MegaSR's modules and the ControlNet with an overlay's values (strict).
+
+        ``assign=True`` takes over the file's tensors (for modules built on the meta device).
+        """
         path = Path(path)
         theirs = overlay_config(path)
         ours = self.config
@@ -340,7 +352,14 @@ class MegaSRDenoiser(nn.Module):
         state = read_weights([path])
         expected = {k: v.shape for k, v in self.overlay_state_dict().items()}
         check_state_dict(expected, state, f"overlay {path}")
-        self.load_state_dict(state, strict=False)
+        if not assign:
+            self.load_state_dict(state, strict=False)
+            return
+        self.load_state_dict(state, strict=False, assign=True)
+        self.apply_trainable_flags()
+        leftovers = [n for n, t in self.state_dict().items() if t.is_meta]
+        if leftovers:
+            raise WeightsError(f"overlay {path}: tensors left uninitialized: {', '.join(leftovers[:12])}")
 
     def _load_full(self, state: dict[str, torch.Tensor], what: str) -> None:
         _load_assign(self, state, what)
@@ -355,6 +374,25 @@ def overlay_config(path: str | Path) -> MegaSRConfig:
     if metadata.get("format") != OVERLAY_FORMAT or "megasr_config" not in metadata:
         raise WeightsError(f"{path} is not a MegaSR overlay checkpoint (missing format metadata)")
     return MegaSRConfig.from_dict(json.loads(metadata["megasr_config"]))
+
+
+def overlay_controlnet_config(path: str | Path) -> dict:
+    metadata = read_safetensors_metadata(Path(path))
+    if "controlnet_config" not in metadata:
+        raise WeightsError(f"{path} has no ControlNet config in its metadata")
+    return json.loads(metadata["controlnet_config"])
+
+
+_SHARED_SHAPE_FIELDS = ("block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim", "in_channels")
+
+
+def _check_controlnet_fits_unet(controlnet_config: Mapping, unet_config: Mapping, what: str) -> None:
+    def norm(value: object) -> object:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    bad = [f for f in _SHARED_SHAPE_FIELDS if norm(controlnet_config.get(f)) != norm(unet_config.get(f))]
+    if bad:
+        raise WeightsError(f"{what}: ControlNet does not fit this UNet (differs in {', '.join(bad)})")
 
 
 def _load_assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

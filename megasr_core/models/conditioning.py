@@ -1,10 +1,12 @@
 """Per-call conditioning shared by every CSM and MSFM inside the UNet and the ControlNet.
 
-diffusers' UNet and ControlNet forwards have no argument for guidance maps, and routing CLIP
-image tokens through ``cross_attention_kwargs`` makes every self-attention processor warn.
-Instead the denoiser opens a :class:`ConditioningSlot` for the duration of one forward; the
-installed modules read from it. Outside such a forward the slot is empty and the modules are
-inactive, so calling ``denoiser.unet(...)`` directly computes plain SD2.
+diffusers' UNet and ControlNet forwards have no argument for guidance maps, so the denoiser
+opens a :class:`ConditioningSlot` for the duration of one forward and the MSFM hooks read the
+maps from it. Outside such a forward the slot is empty and the MSFMs are inactive, so calling
+``denoiser.unet(...)`` directly computes plain SD2. (The CSM's image tokens go through
+``cross_attention_kwargs`` instead: attention blocks are what gradient checkpointing re-runs
+during backward, when this slot is already closed. The MSFM hooks sit on the
+``Transformer2DModel`` outputs, outside the checkpointed blocks.)
 
 One slot belongs to one denoiser; a denoiser runs one forward at a time (as a GPU worker does).
 """
@@ -29,12 +31,24 @@ class MegaSRConditioning:
         image_tokens: CLIP image tokens ``B×N×D`` for the CSM, or ``None`` (CSM inactive).
         hed: HED edge map ``B×1×H×W`` in [0, 1], or ``None`` (HED branch inactive).
         depth_seg: depth ⊕ segmentation ``B×4×H×W`` in [0, 1], or ``None``; a missing half is zeros.
+        reuse_modulation: keep each MSFM's (γ, β) across forwards. They depend on the guidance
+            only, so a sampler that prepares the conditioning once computes them once instead of
+            at every step. Only used with gradients off (inference).
     """
 
     image_tokens: torch.Tensor | None = None
     hed: torch.Tensor | None = None
     depth_seg: torch.Tensor | None = None
+    reuse_modulation: bool = False
     _resized: dict[tuple[str, int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    modulation_cache: dict[tuple[int, torch.dtype], object] = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int | None:
+        for tensor in (self.image_tokens, self.hed, self.depth_seg):
+            if tensor is not None:
+                return tensor.shape[0]
+        return None
 
     @classmethod
     def from_inputs(
@@ -42,6 +56,7 @@ class MegaSRConditioning:
         image_tokens: torch.Tensor | None,
         guidance: Mapping[str, torch.Tensor | None] | None,
         batch_size: int,
+        reuse_modulation: bool = False,
     ) -> "MegaSRConditioning":
         """Validate user-facing inputs and pack them; errors name the offending input."""
         if image_tokens is not None:
@@ -81,7 +96,7 @@ class MegaSRConditioning:
             if seg is None:
                 seg = ref.new_zeros(batch_size, GUIDANCE_CHANNELS["seg"], *ref.shape[-2:])
             depth_seg = torch.cat([depth, seg.to(depth.dtype)], dim=1)
-        return cls(image_tokens=image_tokens, hed=maps.get("hed"), depth_seg=depth_seg)
+        return cls(image_tokens=image_tokens, hed=maps.get("hed"), depth_seg=depth_seg, reuse_modulation=reuse_modulation)
 
     def resized(self, name: str, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
         """The map ``name`` ("hed" or "depth_seg") at a block's resolution, computed once per size."""

@@ -11,7 +11,9 @@ initialized from the block's text cross-attention and kept frozen, and ``Linear`
 diffusers' ``BasicTransformerBlock`` does with ``attn2``'s output.
 
 Installed through diffusers' extension point: an attention processor on ``attn2`` that wraps
-the existing one. The module's parameters live under ``<transformer_block>.csm.*``.
+the existing one. The module's parameters live under ``<transformer_block>.csm.*``. The image
+tokens travel in ``cross_attention_kwargs`` (as IP-Adapter's do), so they are part of the
+arguments gradient checkpointing saves and replays.
 
 Frozen attention: in the UNet the text cross-attention is frozen too, so a frozen copy would
 equal it forever; there the visual branch reuses the block's own ``attn2`` weights (same maths,
@@ -29,9 +31,11 @@ from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
-from .conditioning import ConditioningSlot
-
 CSM_ATTR = "csm"
+# diffusers' Attention drops unknown cross_attention_kwargs with a warning on every call, except
+# for the image-prompt token names IP-Adapter uses; CSM tokens are image-prompt tokens too, so
+# they travel under that name and the self-attention processors ignore them quietly.
+IMAGE_TOKENS_KWARG = "ip_hidden_states"
 
 
 class CSM(nn.Module):
@@ -74,10 +78,9 @@ class CSMAttnProcessor:
     output is bit-identical to the unextended model.
     """
 
-    def __init__(self, base: object, csm: CSM, slot: ConditioningSlot) -> None:
+    def __init__(self, base: object, csm: CSM) -> None:
         self.base = base
         self.csm = csm
-        self.slot = slot
 
     def __call__(
         self,
@@ -86,13 +89,13 @@ class CSMAttnProcessor:
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
+        ip_hidden_states: torch.Tensor | None = None,
         **kwargs: object,
     ) -> torch.Tensor:
         text = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
-        conditioning = self.slot.current
-        if conditioning is None or conditioning.image_tokens is None:
+        if ip_hidden_states is None:
             return text
-        return text + self.csm(attn, self.base, hidden_states, conditioning.image_tokens)
+        return text + self.csm(attn, self.base, hidden_states, ip_hidden_states)
 
 
 def cross_attention_blocks(model: nn.Module) -> Iterator[tuple[str, BasicTransformerBlock]]:
@@ -103,9 +106,7 @@ def cross_attention_blocks(model: nn.Module) -> Iterator[tuple[str, BasicTransfo
                 yield name, module
 
 
-def install_csm(
-    model: nn.Module, slot: ConditioningSlot, image_embed_dim: int, copy_attention: bool
-) -> list[str]:
+def install_csm(model: nn.Module, image_embed_dim: int, copy_attention: bool) -> list[str]:
     """Add a CSM to every cross-attention block of ``model``; returns the blocks' names."""
     names = []
     for name, block in cross_attention_blocks(model):
@@ -113,7 +114,7 @@ def install_csm(
             raise RuntimeError(f"{name} already has a CSM installed")
         csm = CSM(block.attn2, image_embed_dim, copy_attention=copy_attention)
         setattr(block, CSM_ATTR, csm)
-        block.attn2.set_processor(CSMAttnProcessor(block.attn2.processor, csm, slot))
+        block.attn2.set_processor(CSMAttnProcessor(block.attn2.processor, csm))
         names.append(name)
     return names
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .conditioning import ConditioningSlot, MegaSRConditioning
 from .config import MegaSRConfig
-from .csm import CSMAttnProcessor, check_csm_processors, cross_attention_blocks, install_csm
+from .csm import IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, install_csm
 from .msfm import install_msfm
 from .presets import get_preset
 from .state_dicts import (
@@ -88,8 +88,8 @@ class MegaSRDenoiser(nn.Module):
         self.slot = ConditioningSlot()
         if config.use_csm:
             # UNet text attention is frozen → the visual branch can share its weights (see csm.py).
-            install_csm(unet, self.slot, config.image_embed_dim, copy_attention=False)
-            install_csm(controlnet, self.slot, config.image_embed_dim, copy_attention=True)
+            install_csm(unet, config.image_embed_dim, copy_attention=False)
+            install_csm(controlnet, config.image_embed_dim, copy_attention=True)
         if config.msfm_enabled:
             norm_groups = unet.config.norm_num_groups
             kwargs = dict(
@@ -209,6 +209,7 @@ class MegaSRDenoiser(nn.Module):
         guidance: Mapping[str, torch.Tensor | None] | None = None,
         control_image: torch.Tensor | None = None,
         conditioning_scale: float = 1.0,
+        conditioning: MegaSRConditioning | None = None,
     ) -> torch.Tensor:
         """Predict the noise in ``latents``.
 
@@ -221,6 +222,8 @@ class MegaSRDenoiser(nn.Module):
                 ``seg B×3×H×W``; a missing key turns that signal off.
             control_image: the bicubic-upscaled LR ``B×3×H×W`` in [0, 1] (ControlNet condition).
             conditioning_scale: ControlNet residual scale (1.0 in MegaSR/SeeSR).
+            conditioning: the result of :meth:`prepare_conditioning`, instead of ``image_embeds``
+                and ``guidance``; a sampler prepares it once and reuses it at every step.
         """
         if control_image is None:
             raise ValueError("control_image (the upscaled LR image, B×3×H×W in [0, 1]) is required")
@@ -229,15 +232,17 @@ class MegaSRDenoiser(nn.Module):
         expected = (batch, self.controlnet.config.conditioning_channels, latents.shape[-2] * factor, latents.shape[-1] * factor)
         if tuple(control_image.shape) != expected:
             raise ValueError(f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}")
-        conditioning = MegaSRConditioning.from_inputs(image_embeds, guidance, batch)
-        if not self.config.use_csm:
-            conditioning.image_tokens = None
-        if not self.config.hed_enabled:
-            conditioning.hed = None
-        if not self.config.depth_seg_enabled:
-            conditioning.depth_seg = None
+        if conditioning is None:
+            conditioning = self.prepare_conditioning(image_embeds, guidance, batch, reuse_modulation=False)
+        elif image_embeds is not None or guidance is not None:
+            raise ValueError("pass either conditioning or image_embeds/guidance, not both")
+        elif conditioning.batch_size not in (None, batch):
+            raise ValueError(f"conditioning was prepared for batch {conditioning.batch_size}, latents have {batch}")
         check_csm_processors(self.unet)
         check_csm_processors(self.controlnet)
+        attention_kwargs = None
+        if conditioning.image_tokens is not None:
+            attention_kwargs = {IMAGE_TOKENS_KWARG: conditioning.image_tokens}
         with self.slot.use(conditioning):
             down, mid = self.controlnet(
                 latents,
@@ -245,6 +250,7 @@ class MegaSRDenoiser(nn.Module):
                 encoder_hidden_states=encoder_hidden_states,
                 controlnet_cond=control_image.to(latents.dtype),
                 conditioning_scale=conditioning_scale,
+                cross_attention_kwargs=attention_kwargs,
                 return_dict=False,
             )
             return self.unet(
@@ -253,8 +259,30 @@ class MegaSRDenoiser(nn.Module):
                 encoder_hidden_states=encoder_hidden_states,
                 down_block_additional_residuals=down,
                 mid_block_additional_residual=mid,
+                cross_attention_kwargs=attention_kwargs,
                 return_dict=False,
             )[0]
+
+    def prepare_conditioning(
+        self,
+        image_embeds: torch.Tensor | None,
+        guidance: Mapping[str, torch.Tensor | None] | None,
+        batch_size: int,
+        reuse_modulation: bool = True,
+    ) -> MegaSRConditioning:
+        """Validate and pack the MegaSR inputs of a batch for one or many forwards.
+
+        Inputs the model's ablation switches turn off are dropped here, so they cost nothing.
+        With ``reuse_modulation`` (inference), each MSFM computes its γ/β once per conditioning.
+        """
+        conditioning = MegaSRConditioning.from_inputs(image_embeds, guidance, batch_size, reuse_modulation)
+        if not self.config.use_csm:
+            conditioning.image_tokens = None
+        if not self.config.hed_enabled:
+            conditioning.hed = None
+        if not self.config.depth_seg_enabled:
+            conditioning.depth_seg = None
+        return conditioning
 
     def set_attn_processor(self, make_processor: type | object) -> None:
         """Change the attention backend everywhere while keeping the CSM processors in place.

@@ -81,9 +81,14 @@ class SAFT(nn.Module):
         self.gamma = _zero_conv(hidden_channels, feature_channels)
         self.beta = _zero_conv(hidden_channels, feature_channels)
 
-    def forward(self, normed: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    def modulation(self, guidance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """γ and β from the guidance alone (independent of the features and the timestep)."""
         shared = self.mlp(guidance)
-        return normed * self.gamma(shared) + self.beta(shared)
+        return self.gamma(shared), self.beta(shared)
+
+    def forward(self, normed: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.modulation(guidance)
+        return normed * gamma + beta
 
 
 class MSFM(nn.Module):
@@ -108,20 +113,37 @@ class MSFM(nn.Module):
         self.fusion = DepthSegFusion(depth_seg_channels, attention_hidden) if use_depth_seg else None
         self.fused_saft = SAFT(depth_seg_channels, channels, hidden_channels) if use_depth_seg else None
 
+    def modulation(
+        self, hed: torch.Tensor | None, depth_seg: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Summed (γ, β) of both SAFTs; ``None`` when no active branch has its map.
+
+        Since F_h + F_m = Norm(F) ⊙ (γ_h + γ_m) + (β_h + β_m), one multiply-add applies both.
+        It depends on the guidance only, so one denoising run can compute it once.
+        """
+        terms = []
+        if hed is not None and self.hed_saft is not None:
+            terms.append(self.hed_saft.modulation(hed))
+        if depth_seg is not None and self.fusion is not None:
+            terms.append(self.fused_saft.modulation(self.fusion(depth_seg)))
+        if not terms:
+            return None
+        gamma, beta = terms[0]
+        for extra_gamma, extra_beta in terms[1:]:
+            gamma, beta = gamma + extra_gamma, beta + extra_beta
+        return gamma, beta
+
+    def apply(self, hidden: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """F' = F + Norm(F) ⊙ γ + β (Eq. 9, added residually)."""
+        if modulation is None:
+            return hidden
+        gamma, beta = modulation
+        return hidden + (self.norm(hidden) * gamma + beta)
+
     def forward(
         self, hidden: torch.Tensor, hed: torch.Tensor | None, depth_seg: torch.Tensor | None
     ) -> torch.Tensor:
-        use_hed = hed is not None and self.hed_saft is not None
-        use_ds = depth_seg is not None and self.fusion is not None
-        if not (use_hed or use_ds):
-            return hidden
-        normed = self.norm(hidden)
-        out = hidden
-        if use_hed:
-            out = out + self.hed_saft(normed, hed)
-        if use_ds:
-            out = out + self.fused_saft(normed, self.fusion(depth_seg))
-        return out
+        return self.apply(hidden, self.modulation(hed, depth_seg))
 
 
 class _MSFMHook:
@@ -143,7 +165,14 @@ class _MSFMHook:
         )
         if hed is None and depth_seg is None:
             return None
-        sample = self.msfm(sample, hed, depth_seg)
+        if conditioning.reuse_modulation and not torch.is_grad_enabled():
+            key = (id(self.msfm), sample.dtype)
+            if key not in conditioning.modulation_cache:
+                conditioning.modulation_cache[key] = self.msfm.modulation(hed, depth_seg)
+            modulation = conditioning.modulation_cache[key]
+        else:
+            modulation = self.msfm.modulation(hed, depth_seg)
+        sample = self.msfm.apply(sample, modulation)
         if isinstance(output, tuple):
             return (sample, *output[1:])
         return Transformer2DModelOutput(sample=sample)

@@ -158,3 +158,29 @@ def test_tiny_forward_is_fast_on_cpu(tiny_base):
         model(**inputs)
     # Generous bound (the tiny preset runs in tens of ms); catches accidental full-size builds.
     assert time.perf_counter() - start < 5.0
+
+
+def test_prepared_conditioning_reuses_msfm_modulation_across_steps(tiny_base):
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    inputs = make_inputs(seed=0)
+    calls = []
+    for module in model.modules():
+        if module.__class__.__name__ == "SAFT":
+            module.mlp.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        expected = [model(**{**inputs, "timestep": torch.tensor([t, t])}) for t in (981, 501)]
+        per_step = len(calls) // 2
+        assert per_step > 0
+        calls.clear()
+        conditioning = model.prepare_conditioning(inputs["image_embeds"], inputs["guidance"], batch_size=2)
+        rest = {k: v for k, v in inputs.items() if k not in ("image_embeds", "guidance")}
+        got = [model(**{**rest, "timestep": torch.tensor([t, t])}, conditioning=conditioning) for t in (981, 501)]
+    assert len(calls) == per_step  # γ/β computed in the first step only
+    for a, b in zip(expected, got):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        model(**inputs, conditioning=conditioning)
+    with pytest.raises(ValueError, match="prepared for batch 2"):
+        small = make_inputs(seed=0, batch=1)
+        model(small["latents"], 1, small["encoder_hidden_states"], control_image=small["control_image"], conditioning=conditioning)

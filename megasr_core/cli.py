@@ -61,12 +61,22 @@ def weights_info(
     try:
         if preset is not None:
             model = MegaSRDenoiser.from_preset(preset, device="meta")
-            info = {"preset": preset, "config": model.config.to_dict(), "parameters": model.parameter_counts()}
+            info = {"preset": preset, "config": model.config.to_dict(), "parameters": model.parameter_counts(),
+                    "extractor_parameters": _extractor_counts(preset)}
         else:
             info = describe(directory)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(info, indent=2))
+
+
+def _extractor_counts(preset: str) -> dict[str, int]:
+    import torch
+
+    from megasr_core.extractors import GuidanceExtractors, real_preset, tiny_preset
+
+    with torch.device("meta"):
+        return GuidanceExtractors.from_preset(tiny_preset() if preset == "tiny" else real_preset()).parameter_counts()
 
 
 @weights_app.command("assemble")
@@ -75,13 +85,14 @@ def weights_assemble(
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
     overlay: Annotated[Optional[Path], typer.Option(help="Trained MegaSR overlay checkpoint (.safetensors).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for freshly initialized modules (no overlay).")] = 0,
+    extractors: Annotated[Optional[Path], typer.Option(help="Extractor folder (hed/, depth/, segmentation/, clip/, tagger/).")] = None,
 ) -> None:
     """Build a MegaSR weights directory from SD2-base (and a trained overlay, if any)."""
     from megasr_core.models import WeightsError
     from megasr_core.weights import assemble_from_sd2
 
     try:
-        path = assemble_from_sd2(sd2, output, overlay=overlay, seed=seed)
+        path = assemble_from_sd2(sd2, output, overlay=overlay, seed=seed, extractors=extractors)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         _fail(str(exc))
     typer.echo(f"wrote MegaSR weights to {path}")

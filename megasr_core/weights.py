@@ -6,7 +6,7 @@ Layout (DESIGN.md)::
     megasr.json        MegaSRConfig (preset, switches)
     unet/ controlnet/  MegaSRDenoiser.save_pretrained
     vae/ text_encoder/ tokenizer/ scheduler/   SD2's components in diffusers/transformers format
-    extractors/        guidance extractors (added by the extractor module)
+    extractors/        guidance extractors (megasr_core.extractors.guidance documents the layout)
 
 Nothing here downloads: ``init_tiny`` writes random weights of the ``tiny`` preset for tests
 and demos; ``assemble_from_sd2`` turns a local copy of ``stabilityai/stable-diffusion-2-base``
@@ -25,6 +25,8 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from .extractors.guidance import NAMES as EXTRACTOR_NAMES
+from .extractors.guidance import init_tiny_extractors
 from .models.config import CONFIG_NAME, MegaSRConfig
 from .models.denoiser import MegaSRDenoiser
 from .models.presets import get_preset
@@ -40,6 +42,7 @@ COMPONENTS: dict[str, tuple[str, str]] = {
     "scheduler": ("diffusers", "DDPMScheduler"),
 }
 TINY_MARKER = "tiny_random_weights"
+EXTRACTORS_DIR = "extractors"
 
 
 def write_model_index(directory: Path) -> None:
@@ -111,8 +114,9 @@ def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False) -> 
     AutoencoderKL(**preset.vae).save_pretrained(directory / "vae")
     text_config = CLIPTextConfig(**preset.text_encoder)
     CLIPTextModel(text_config).save_pretrained(directory / "text_encoder")
-    write_tiny_tokenizer(directory / "tokenizer")
+    tokenizer = write_tiny_tokenizer(directory / "tokenizer")
     DDPMScheduler(**preset.scheduler).save_pretrained(directory / "scheduler")
+    init_tiny_extractors(directory / EXTRACTORS_DIR, tokenizer, seed=seed)
     write_model_index(directory)
     return directory
 
@@ -140,12 +144,14 @@ def assemble_from_sd2(
     overlay: str | Path | None = None,
     config: MegaSRConfig | None = None,
     seed: int = 0,
+    extractors: str | Path | None = None,
 ) -> Path:
     """Build a MegaSR directory from a local diffusers SD2-base folder and an optional overlay.
 
     VAE, text encoder and tokenizer are copied as they are; the scheduler becomes DDPM with the
     same noise schedule; the denoiser is the SD2 UNet + a ControlNet initialized from it + MegaSR
-    modules (from the overlay when given, else freshly initialized for training).
+    modules (from the overlay when given, else freshly initialized for training). ``extractors``
+    is a folder in the ``extractors/`` layout (upstream checkpoints), copied as it is.
     """
     sd2_directory, output = Path(sd2_directory), Path(output)
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (sd2_directory / c).is_dir()]
@@ -159,6 +165,8 @@ def assemble_from_sd2(
         shutil.copytree(sd2_directory / component, output / component, dirs_exist_ok=True)
     scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sd2_directory / "scheduler"))
     scheduler.save_pretrained(output / "scheduler")
+    if extractors is not None:
+        shutil.copytree(Path(extractors), output / EXTRACTORS_DIR, dirs_exist_ok=True)
     write_model_index(output)
     return output
 
@@ -167,10 +175,12 @@ def describe(directory: str | Path) -> dict[str, Any]:
     """What a weights directory holds: config, parameter counts, missing components."""
     directory = Path(directory)
     denoiser = MegaSRDenoiser.from_pretrained(directory)
+    extractors_dir = directory / EXTRACTORS_DIR
     return {
         "directory": str(directory),
         "config": denoiser.config.to_dict(),
         "tiny_random": is_tiny_random(directory),
         "missing_components": missing_components(directory),
+        "extractors": [n for n in EXTRACTOR_NAMES if (extractors_dir / n).is_dir()],
         "parameters": denoiser.parameter_counts(),
     }

@@ -96,7 +96,8 @@ def test_assemble_from_an_sd2_folder(tiny_dir, tmp_path):
     # With a trained overlay, the assembled model is that trained model.
     trained = MegaSRDenoiser.from_pretrained(tiny_dir)
     overlay = trained.save_overlay(tmp_path / "overlay.safetensors")
-    out2 = assemble_from_sd2(sd2, tmp_path / "megasr2", overlay=overlay)
+    out2 = assemble_from_sd2(sd2, tmp_path / "megasr2", overlay=overlay, extractors=tiny_dir / "extractors")
+    assert describe(out2)["extractors"] == ["hed", "depth", "segmentation", "clip", "tagger"]
     rebuilt = MegaSRDenoiser.from_pretrained(out2)
     for key, value in trained.state_dict().items():
         assert torch.equal(rebuilt.state_dict()[key], value), key

@@ -114,6 +114,159 @@ def weights_export_overlay(
     typer.echo(f"wrote overlay ({sum(v.numel() for v in model.overlay_state_dict().values())} parameters) to {path}")
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
+
+
+def _collect_inputs(inputs: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in inputs:
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                _fail(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            _fail(f"no such file or folder: {path}")
+    return files
+
+
+def _output_paths(files: list[Path], output: Path, fmt: str | None) -> list[tuple[Path, str]]:
+    single_file = len(files) == 1 and not output.is_dir() and output.suffix.lower().lstrip(".") in FORMATS
+    if single_file:
+        return [(output, FORMATS[(fmt or output.suffix.lstrip(".")).lower()])]
+    output.mkdir(parents=True, exist_ok=True)
+    chosen = (fmt or "png").lower()
+    suffix = "jpg" if chosen in ("jpeg", "jpg") else chosen
+    names = [f.stem for f in files]
+    paths = []
+    for file, name in zip(files, names):
+        if names.count(name) > 1:  # same stem in two folders: keep them apart
+            name = f"{file.parent.name}_{name}"
+        paths.append((output / f"{name}.{suffix}", FORMATS[chosen]))
+    return paths
+
+
+def resolve_weights(weights: Path | None) -> Path:
+    """--weights, else $MEGASR_WEIGHTS, else tiny demo weights made on first use (untrained)."""
+    import os
+
+    from megasr_core.weights import default_demo_weights, init_tiny, missing_components
+
+    if weights is None and os.environ.get("MEGASR_WEIGHTS"):
+        weights = Path(os.environ["MEGASR_WEIGHTS"])
+    if weights is not None:
+        if not weights.is_dir():
+            _fail(f"weights directory {weights} does not exist")
+        return weights
+    demo = default_demo_weights()
+    if missing_components(demo):
+        typer.secho(f"no --weights or MEGASR_WEIGHTS: writing tiny demo weights to {demo}", fg=typer.colors.YELLOW, err=True)
+        init_tiny(demo, overwrite=True)
+    typer.secho(
+        "warning: using the tiny demo weights: they are random and UNTRAINED, so the output is not a "
+        "real super-resolution. Pass --weights or set MEGASR_WEIGHTS for a trained model.",
+        fg=typer.colors.YELLOW, err=True,
+    )
+    return demo
+
+
+def _torch_dtype(name: str | None):
+    import torch
+
+    if name is None:
+        return None
+    try:
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+    except KeyError:
+        _fail(f"--dtype must be fp32, fp16 or bf16, got {name!r}")
+
+
+@app.command()
+def upscale(
+    inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (or file, for one input).")],
+    weights: Annotated[Optional[Path], typer.Option(help="MegaSR weights directory (default: $MEGASR_WEIGHTS).")] = None,
+    scale: Annotated[float, typer.Option(help="Upscaling factor, 1 to 8.")] = 4.0,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.5,
+    prompt: Annotated[str, typer.Option(help="Extra prompt text added to the tags.")] = "",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same output).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")] = None,
+    color_fix: Annotated[str, typer.Option(help="adain, wavelet or none.")] = "adain",
+    tile_size: Annotated[Optional[int], typer.Option(help="Latent tile size; 0 disables tiling (default: auto).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", help="png, jpeg or webp (default: from -o, else png).")] = None,
+) -> None:
+    """Super-resolve images with MegaSR."""
+    if fmt is not None and fmt.lower() not in FORMATS:
+        _fail(f"--format must be png, jpeg or webp, got {fmt!r}")
+    files = _collect_inputs(inputs)
+    targets = _output_paths(files, output, fmt)
+    weights_dir = resolve_weights(weights)
+
+    from tqdm.auto import tqdm
+
+    from megasr_core.pipelines import InvalidImageError, MegaSRPipeline
+
+    try:
+        pipeline = MegaSRPipeline.from_pretrained(weights_dir, torch_dtype=_torch_dtype(dtype), device=device)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    failures = 0
+    with tqdm(total=len(files) * steps, unit="step", desc="upscaling") as bar:
+        for file, (target, pil_format) in zip(files, targets):
+            bar.set_postfix_str(file.name)
+            seen = [0]
+
+            def progress(step: int, total: int) -> None:
+                bar.update(step - seen[0])
+                seen[0] = step
+
+            try:
+                result = pipeline(
+                    file, scale=scale, num_inference_steps=steps, guidance_scale=guidance_scale, prompt=prompt,
+                    seed=seed, color_fix=color_fix, tile_size=tile_size, callback=progress,
+                )
+            except (InvalidImageError, ValueError) as exc:
+                failures += 1
+                bar.update(steps - seen[0])
+                tqdm.write(f"error: {file}: {exc}")
+                continue
+            image = result.images[0]
+            if pil_format == "JPEG" and image.mode == "RGBA":
+                image = image.convert("RGB")  # JPEG has no alpha channel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            image.save(target, format=pil_format, **({"quality": 95} if pil_format in ("JPEG", "WEBP") else {}))
+            tqdm.write(f"{file} → {target} ({image.width}×{image.height})")
+    if failures:
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def bench(
+    preset: Annotated[str, typer.Option(help="tiny or sd2-base (random weights, nothing downloaded).")] = "tiny",
+    size: Annotated[int, typer.Option(help="Output side in pixels (input = size / scale).")] = 512,
+    scale: Annotated[int, typer.Option(help="Upscaling factor.")] = 4,
+    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
+    batch: Annotated[int, typer.Option(help="Images per batch.")] = 1,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")] = None,
+    extractors: Annotated[bool, typer.Option(help="Include the guidance extractors.")] = True,
+    guidance_scale: Annotated[float, typer.Option(help="CFG scale (>1 runs the doubled batch).")] = 5.5,
+) -> None:
+    """Time the whole pipeline on random weights; prints one JSON object."""
+    from megasr_core.benchmarks.pipeline import run_pipeline_benchmark
+
+    result = run_pipeline_benchmark(
+        preset=preset, size=size, scale=scale, steps=steps, batch=batch, device=device,
+        dtype=_torch_dtype(dtype), with_extractors=extractors, guidance_scale=guidance_scale,
+    )
+    typer.echo(json.dumps(result, indent=2))
+
+
 def main() -> None:
     app()
 

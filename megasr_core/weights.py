@@ -130,6 +130,15 @@ def _randomize_zero_init(denoiser: MegaSRDenoiser, seed: int, std: float = 0.02)
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
+def default_demo_weights() -> Path:
+    """Where the CLI and server keep the tiny demo weights ($MEGASR_HOME, else the user cache)."""
+    import os
+
+    home = os.environ.get("MEGASR_HOME")
+    base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megasr"
+    return base / "tiny-demo"
+
+
 def is_tiny_random(directory: str | Path) -> bool:
     """Whether ``directory`` holds the untrained tiny demo weights."""
     try:

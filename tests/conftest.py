@@ -34,3 +34,11 @@ def tiny_base() -> tuple[UNet2DConditionModel, ControlNetModel]:
     return unet, controlnet
 
 
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """A complete tiny weights directory (denoiser, VAE, text encoder, extractors), made once."""
+    from megasr_core.weights import init_tiny
+
+    return init_tiny(tmp_path_factory.mktemp("weights") / "tiny")

@@ -69,6 +69,14 @@ class GuidanceExtractors(nn.Module):
         self.enabled = tuple(n for n in NAMES if n in set(self.available if enabled is None else enabled))
 
     @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
     def available(self) -> tuple[str, ...]:
         return tuple(name for name in NAMES if getattr(self, name) is not None)
 

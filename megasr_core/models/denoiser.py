@@ -106,6 +106,14 @@ class MegaSRDenoiser(nn.Module):
             install_msfm(unet, self.slot, **kwargs)
         self.apply_trainable_flags()
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(

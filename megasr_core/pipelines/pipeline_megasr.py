@@ -1,0 +1,474 @@
+"""``MegaSRPipeline``: a real photo in, its super-resolved version out (paper Sec. 4.1).
+
+LR → EXIF orientation, modes, alpha split → SeeSR's small-input rule and bicubic ×scale →
+padding to the model's multiple → guidance extractors on the LR → prompt from tags → LRE start
+(the noised VAE latent of the upscaled LR) → DDPM steps with classifier-free guidance (tiled
+with Gaussian blending when large) → VAE decode (tiled when large) → colour fix → crop to
+exactly ``W·s × H·s`` → alpha back on.
+
+Images of the same size run as one batch. ``callback(step, total)`` fires after every step;
+``should_cancel()`` is checked before every step and raises :class:`PipelineCancelled`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
+from diffusers.utils import BaseOutput
+from PIL import Image
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..extractors import GuidanceExtractors, tags_to_prompt
+from ..extractors.guidance import NAMES as EXTRACTOR_NAMES
+from ..models import MegaSRDenoiser, get_preset
+from .color_fix import METHODS as COLOR_FIX_METHODS
+from .color_fix import color_fix
+from .image_processing import ImageInput, InvalidImageError, PreparedImage, load_image, resize_alpha, to_pil
+from .tiling import Tile, blend_tiles, tiles
+
+DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+MIN_SCALE, MAX_SCALE = 1.0, 8.0
+MAX_STEPS = 1000
+
+
+class PipelineCancelled(RuntimeError):
+    """``should_cancel()`` returned True; the run stopped before finishing."""
+
+
+@dataclass
+class MegaSRPipelineOutput(BaseOutput):
+    images: list[Image.Image]
+    prompts: list[str] = field(default_factory=list)
+    timings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """Same-size images processed together, with their output geometry."""
+
+    indices: list[int]
+    lr: torch.Tensor  # B×3×h×w in [0, 1]
+    target: tuple[int, int]  # output (height, width) = round(h·s), round(w·s)
+    work: tuple[int, int]  # size the model works at (≥ target by SeeSR's small-input rule)
+    padded: tuple[int, int]  # work size padded to the model's multiple
+
+
+class _StageTimer:
+    """Wall-clock seconds per stage; with ``sync`` the GPU is synchronized at each boundary."""
+
+    def __init__(self, device: torch.device, sync: bool) -> None:
+        self.sync = sync and device.type == "cuda"
+        self.device = device
+        self.stages: dict[str, float] = {}
+        self.steps: list[float] = []
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    @contextmanager
+    def stage(self, name: str):
+        start = self._now()
+        yield
+        self.stages[name] = self.stages.get(name, 0.0) + self._now() - start
+
+
+class MegaSRPipeline(DiffusionPipeline):
+    """MegaSR super-resolution: SD2-base + ControlNet with CSM and MSFM, guided by five extractors."""
+
+    _optional_components = ["extractors"]
+    model_cpu_offload_seq = "text_encoder->denoiser->vae"
+
+    def __init__(
+        self,
+        denoiser: MegaSRDenoiser,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDPMScheduler,
+        extractors: GuidanceExtractors | None = None,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            denoiser=denoiser, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+            scheduler=scheduler, extractors=extractors,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        down_blocks = len(denoiser.unet.config.down_block_types)
+        #: pixel multiple the UNet needs: VAE factor × the UNet's downsampling
+        self.size_multiple = self.vae_scale_factor * 2 ** (down_blocks - 1)
+        self._check_components()
+
+    def _check_components(self) -> None:
+        unet = self.denoiser.unet.config
+        problems = []
+        if self.vae.config.latent_channels != unet.in_channels:
+            problems.append(f"VAE has {self.vae.config.latent_channels} latent channels, UNet takes {unet.in_channels}")
+        if self.text_encoder.config.hidden_size != unet.cross_attention_dim:
+            problems.append(f"text encoder width {self.text_encoder.config.hidden_size} ≠ UNet cross-attention {unet.cross_attention_dim}")
+        clip = self.extractors.clip if self.extractors is not None else None
+        if clip is not None and self.denoiser.config.use_csm:
+            width = clip.vision_config.hidden_size
+            if width != self.denoiser.config.image_embed_dim:
+                problems.append(f"CLIP tokens are {width} wide, the CSM expects {self.denoiser.config.image_embed_dim}")
+        if problems:
+            raise ValueError("incompatible pipeline components: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        torch_dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        load_extractors: bool = True,
+    ) -> "MegaSRPipeline":
+        """Load a MegaSR weights directory (see ``megasr_core.weights``) onto ``device``.
+
+        Default dtype: float16 on CUDA, float32 elsewhere. Only the extractors the model's
+        switches use are loaded.
+        """
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise FileNotFoundError(f"weights directory {directory} does not exist")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
+        denoiser = MegaSRDenoiser.from_pretrained(directory, device=device, torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype).to(device)
+        text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype).to(device)
+        tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
+        scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
+        extractors = None
+        if load_extractors and (directory / "extractors").is_dir():
+            wanted = _extractors_for(denoiser)
+            present = [n for n in wanted if n == "tagger" or (directory / "extractors" / n).is_dir()]
+            extractors = GuidanceExtractors.from_pretrained(directory / "extractors", enabled=present, device=device, torch_dtype=dtype)
+        for module in (vae, text_encoder):
+            module.eval().requires_grad_(False)
+        denoiser.eval().requires_grad_(False)
+        return cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        device: str | torch.device = "cpu",
+        torch_dtype: torch.dtype = torch.float32,
+        with_extractors: bool = True,
+        seed: int = 0,
+    ) -> "MegaSRPipeline":
+        """Random-initialized pipeline of a preset's shapes (benchmarks; nothing downloaded).
+
+        Token ids come from a small byte-level tokenizer, valid for any text-encoder vocabulary.
+        """
+        import tempfile
+
+        from ..extractors import real_preset, tiny_preset
+        from ..weights import write_tiny_tokenizer
+
+        preset = get_preset(name)
+        torch.manual_seed(seed)
+        device = torch.device(device)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer = write_tiny_tokenizer(Path(tmp))
+        with torch.device(device):
+            denoiser = MegaSRDenoiser.from_preset(name)
+            vae = AutoencoderKL(**preset.vae)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
+            extractors = None
+            if with_extractors:
+                extractor_preset = tiny_preset() if name == "tiny" else real_preset()
+                extractors = GuidanceExtractors.from_preset(extractor_preset, tokenizer=tokenizer)
+        scheduler = DDPMScheduler(**preset.scheduler)
+        pipeline = cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
+        pipeline.to(device, torch_dtype)
+        for module in (denoiser, vae, text_encoder, extractors):
+            if module is not None:
+                module.eval().requires_grad_(False)
+        return pipeline
+
+    def save_pretrained(self, directory: str | Path, **_: Any) -> None:  # type: ignore[override]
+        """Write the MegaSR weights layout (``megasr_core.weights``)."""
+        from ..weights import EXTRACTORS_DIR, write_model_index
+
+        directory = Path(directory)
+        self.denoiser.save_pretrained(directory)
+        self.vae.save_pretrained(directory / "vae")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        self.scheduler.save_pretrained(directory / "scheduler")
+        if self.extractors is not None:
+            self.extractors.save_pretrained(directory / EXTRACTORS_DIR)
+        write_model_index(directory)
+
+    # ------------------------------------------------------------------ __call__
+    @torch.inference_mode()
+    def __call__(
+        self,
+        images: ImageInput | Sequence[ImageInput],
+        scale: float = 4,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.5,
+        prompt: str = "",
+        negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        color_fix: str = "adain",
+        tile_size: int | None = None,
+        tile_overlap: int = 8,
+        vae_tile_size: int = 1024,
+        controlnet_scale: float = 1.0,
+        callback: Callable[[int, int], None] | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+        max_pixels: int | None = None,
+        profile: bool = False,
+    ) -> MegaSRPipelineOutput:
+        """Super-resolve ``images`` (paths, bytes, files or PIL images) by ``scale``.
+
+        Args:
+            tile_size: latent tile side (pixels / 8); ``None`` = tile only when the latent is
+                larger than 96 (SeeSR's tile), ``0`` = never tile.
+            tile_overlap: latent overlap between tiles.
+            vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
+            max_pixels: refuse inputs above this many pixels (decompression-bomb guard).
+            profile: synchronize the GPU between stages so ``timings`` are exact.
+        """
+        # 1. Check the parameters (before touching any image).
+        self._check_parameters(scale, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
+        timer = _StageTimer(self.device, sync=profile)
+        start = time.perf_counter()
+        # 2. Decode the inputs: orientation, modes, alpha.
+        with timer.stage("decode_inputs"):
+            sources = list(images) if isinstance(images, (list, tuple)) else [images]
+            if not sources:
+                raise InvalidImageError("no images given")
+            limit = max_pixels if max_pixels is not None else 64_000_000
+            prepared = [load_image(source, max_pixels=limit) for source in sources]
+        if generator is None:
+            generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        results: list[Image.Image | None] = [None] * len(prepared)
+        prompts: list[str] = [""] * len(prepared)
+        batches = self._group(prepared, scale)
+        total_steps = num_inference_steps * len(batches)
+        done_steps = 0
+        for batch in batches:
+            def step_done(step: int, _total: int, offset: int = done_steps) -> None:
+                if callback is not None:
+                    callback(offset + step, total_steps)
+
+            outputs, batch_prompts = self._upscale_batch(
+                batch, prepared, num_inference_steps, guidance_scale, prompt, negative_prompt, generator,
+                color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, step_done, should_cancel, timer,
+            )
+            done_steps += num_inference_steps
+            for index, image, text in zip(batch.indices, outputs, batch_prompts):
+                results[index], prompts[index] = image, text
+        timings = {k: round(v, 4) for k, v in timer.stages.items()}
+        if timer.steps:
+            timings["denoise_step_median"] = round(float(np.median(timer.steps)), 4)
+        timings["total"] = round(time.perf_counter() - start, 4)
+        return MegaSRPipelineOutput(images=results, prompts=prompts, timings=timings)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _check_parameters(scale, steps, guidance_scale, color_fix_method, tile_size, tile_overlap, vae_tile_size) -> None:
+        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
+            raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {scale!r}")
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
+        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= 50:
+            raise ValueError(f"guidance_scale must be from 0 to 50, got {guidance_scale!r}")
+        if color_fix_method not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix_method!r}")
+        if tile_size is not None and (not isinstance(tile_size, int) or (tile_size != 0 and tile_size < 16)):
+            raise ValueError(f"tile_size must be 0 (off), None (auto) or at least 16 latent pixels, got {tile_size!r}")
+        if not isinstance(tile_overlap, int) or tile_overlap < 0 or (tile_size and tile_overlap >= tile_size):
+            raise ValueError(f"tile_overlap must be ≥ 0 and smaller than tile_size, got {tile_overlap!r}")
+        if not isinstance(vae_tile_size, int) or vae_tile_size < 64:
+            raise ValueError(f"vae_tile_size must be at least 64 pixels, got {vae_tile_size!r}")
+
+    def _group(self, prepared: list[PreparedImage], scale: float) -> list[_Batch]:
+        """Group same-size images into batches and fix each batch's geometry."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, image in enumerate(prepared):
+            groups.setdefault(image.size, []).append(index)
+        batches = []
+        for (width, height), indices in groups.items():
+            target = (max(1, round(height * scale)), max(1, round(width * scale)))
+            # SeeSR: if the short side would end below 512 px, enlarge to 512 first.
+            work_scale = max(scale, 512 / min(height, width))
+            work = (max(target[0], round(height * work_scale)), max(target[1], round(width * work_scale)))
+            m = self.size_multiple
+            padded = (math.ceil(work[0] / m) * m, math.ceil(work[1] / m) * m)
+            lr = torch.stack([prepared[i].rgb for i in indices])
+            batches.append(_Batch(indices=indices, lr=lr, target=target, work=work, padded=padded))
+        return batches
+
+    def _upscale_batch(
+        self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, prompt: str,
+        negative_prompt: str, generator: torch.Generator, color_fix_method: str, tile_size: int | None,
+        tile_overlap: int, vae_tile_size: int, controlnet_scale: float,
+        step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None, timer: _StageTimer,
+    ) -> tuple[list[Image.Image], list[str]]:
+        device, dtype = self.device, self.denoiser.dtype
+        size = len(batch.indices)
+        # 3. Bicubic ×scale (the ControlNet condition and the colour reference), padded.
+        with timer.stage("preprocess"):
+            lr = batch.lr.to(device)
+            upscaled = F.interpolate(lr, size=batch.work, mode="bicubic", align_corners=False).clamp(0, 1)
+            control = _pad(upscaled, batch.padded)
+        # 4. Guidance extractors on the LR.
+        with timer.stage("extractors"):
+            guidance, image_tokens, tags = self._run_extractors(lr, batch)
+        # 5. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs.
+        with timer.stage("text_encoding"):
+            prompts = [tags_to_prompt(t, prompt) for t in tags]
+            do_cfg = guidance_scale > 1.0
+            text = self._encode_text(prompts)
+            if do_cfg:
+                text = torch.cat([self._encode_text([negative_prompt] * size), text])
+        # 6. LRE start: the VAE latent of the upscaled LR, noised to the first timestep.
+        self.scheduler.set_timesteps(steps, device=device)
+        timesteps = self.scheduler.timesteps
+        with timer.stage("vae_encode"):
+            latents = self._encode_image(control.to(dtype), vae_tile_size, generator)
+            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, latents.dtype)
+            latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(size))
+        # 7. Denoising loop with classifier-free guidance, tiled when large.
+        height, width = latents.shape[-2:]
+        tile = tile_size if tile_size is not None else (96 if max(height, width) > 96 else 0)
+        tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
+        tiled = len(tile_list) > 1
+        cfg_double = (lambda x: torch.cat([x, x])) if do_cfg else (lambda x: x)
+        whole = None
+        if not tiled:  # prepared once: each MSFM computes its modulation a single time
+            whole = self.denoiser.prepare_conditioning(
+                _maybe(cfg_double, image_tokens), {k: cfg_double(v) for k, v in guidance.items()}, latents.shape[0] * (2 if do_cfg else 1)
+            )
+        control_in = cfg_double(control.to(dtype))
+        with timer.stage("denoise"):
+            for index, t in enumerate(timesteps):
+                if should_cancel is not None and should_cancel():
+                    raise PipelineCancelled(f"cancelled before step {index + 1} of {steps}")
+                step_start = timer._now()
+
+                def predict(part: Tile) -> torch.Tensor:
+                    latent_in = cfg_double(part.crop(latents))
+                    pixels = part.pixels(self.vae_scale_factor)
+                    if whole is not None:
+                        conditioning = whole
+                    else:
+                        conditioning = self.denoiser.prepare_conditioning(
+                            _maybe(cfg_double, image_tokens),
+                            {k: cfg_double(pixels.crop(v)) for k, v in guidance.items()},
+                            latent_in.shape[0], reuse_modulation=False,
+                        )
+                    eps = self.denoiser(
+                        latent_in, t, text, control_image=pixels.crop(control_in),
+                        conditioning=conditioning, conditioning_scale=controlnet_scale,
+                    )
+                    if do_cfg:
+                        uncond, cond = eps.chunk(2)
+                        eps = uncond + guidance_scale * (cond - uncond)
+                    return eps
+
+                noise_pred = blend_tiles(latents, tile_list, predict)
+                latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+                timer.steps.append(timer._now() - step_start)
+                step_done(index + 1, steps)
+        # 8. VAE decode (tiled when large).
+        with timer.stage("vae_decode"):
+            decoded = self._decode_latents(latents, vae_tile_size)
+        # 9. Crop, colour fix against the upscaled LR, exact output size, alpha.
+        with timer.stage("postprocess"):
+            decoded = decoded[..., : batch.work[0], : batch.work[1]].float()
+            decoded = color_fix(decoded, upscaled.float(), color_fix_method)
+            if batch.work != batch.target:
+                decoded = F.interpolate(decoded, size=batch.target, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+            outputs = []
+            for row, index in enumerate(batch.indices):
+                alpha = prepared[index].alpha
+                if alpha is not None:
+                    alpha = resize_alpha(alpha, (batch.target[1], batch.target[0]))
+                outputs.append(to_pil(decoded[row], alpha))
+        return outputs, prompts
+
+    def _run_extractors(self, lr: torch.Tensor, batch: _Batch):
+        """Guidance maps at the padded working size, CLIP image tokens and tags."""
+        config = self.denoiser.config
+        if self.extractors is None:
+            return {}, None, [[] for _ in batch.indices]
+        wanted = [n for n in _extractors_for(self.denoiser) if n in self.extractors.available]
+        out = self.extractors(lr.to(self.extractors.dtype), enabled=wanted)
+        guidance = {}
+        for key, value in out.maps().items():
+            if key in config.guidance_keys:
+                resized = F.interpolate(value.float(), size=batch.work, mode="bilinear", align_corners=False)
+                guidance[key] = _pad(resized, batch.padded).to(self.denoiser.dtype)
+        tokens = out.image_tokens.to(self.denoiser.dtype) if (out.image_tokens is not None and config.use_csm) else None
+        tags = out.tags if out.tags is not None else [[] for _ in batch.indices]
+        return guidance, tokens, tags
+
+    def _encode_text(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.denoiser.dtype)
+
+    def _configure_vae_tiling(self, pixels: tuple[int, int], vae_tile_size: int) -> None:
+        need = max(pixels) > vae_tile_size
+        self.vae.use_tiling = need
+        if need:
+            self.vae.tile_sample_min_size = vae_tile_size
+            self.vae.tile_latent_min_size = vae_tile_size // self.vae_scale_factor
+
+    def _encode_image(self, image: torch.Tensor, vae_tile_size: int, generator: torch.Generator) -> torch.Tensor:
+        self._configure_vae_tiling(image.shape[-2:], vae_tile_size)
+        posterior = self.vae.encode(image.to(self.vae.dtype) * 2 - 1).latent_dist
+        sample = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
+            posterior.mean.device, posterior.mean.dtype
+        )
+        return sample * self.vae.config.scaling_factor
+
+    def _decode_latents(self, latents: torch.Tensor, vae_tile_size: int) -> torch.Tensor:
+        pixels = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
+        self._configure_vae_tiling(pixels, vae_tile_size)
+        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        return ((image.float() + 1) / 2).clamp(0, 1)
+
+
+def _extractors_for(denoiser: MegaSRDenoiser) -> list[str]:
+    """Extractors a denoiser's switches consume (the tagger always feeds the prompt)."""
+    config = denoiser.config
+    wanted = {"tagger"}
+    if config.hed_enabled:
+        wanted.add("hed")
+    if config.depth_seg_enabled:
+        wanted.update({"depth", "segmentation"})
+    if config.use_csm:
+        wanted.add("clip")
+    return [n for n in EXTRACTOR_NAMES if n in wanted]
+
+
+def _maybe(fn: Callable[[torch.Tensor], torch.Tensor], value: torch.Tensor | None) -> torch.Tensor | None:
+    return None if value is None else fn(value)
+
+
+def _pad(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Pad bottom/right to ``size``: reflect where the image is large enough, else replicate."""
+    pad_h, pad_w = size[0] - image.shape[-2], size[1] - image.shape[-1]
+    if pad_h == 0 and pad_w == 0:
+        return image
+    mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "replicate"
+    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)

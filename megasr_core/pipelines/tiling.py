@@ -1,0 +1,86 @@
+"""Latent tiling with Gaussian-weighted blending, so large images fit in bounded memory.
+
+At every denoising step the noise prediction is computed tile by tile over the latent and the
+tiles are blended with Gaussian weights (largest at a tile's centre), as SeeSR's sampler does.
+Guidance maps and the ControlNet image are cropped to each tile's pixels.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A latent window ``[top:bottom, left:right]``."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+
+    def pixels(self, factor: int) -> "Tile":
+        return Tile(self.top * factor, self.bottom * factor, self.left * factor, self.right * factor)
+
+    def crop(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor[..., self.top : self.bottom, self.left : self.right]
+
+
+def starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Window starts covering ``length`` with windows of ``tile`` overlapping by ≥ ``overlap``."""
+    if length <= tile:
+        return [0]
+    stride = max(1, tile - overlap)
+    count = math.ceil((length - tile) / stride) + 1
+    # Spread the windows evenly so every overlap is at least ``overlap``.
+    return [round(i * (length - tile) / (count - 1)) for i in range(count)]
+
+
+def tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> list[Tile]:
+    """Tiles over a latent of ``height×width``; starts snapped to ``multiple`` (UNet stride)."""
+    tile_h, tile_w = min(tile, height), min(tile, width)
+
+    def snapped(length: int, size: int) -> list[int]:
+        values = [min(length - size, (s // multiple) * multiple) for s in starts(length, size, overlap)]
+        return sorted(set(values))
+
+    return [
+        Tile(top, top + tile_h, left, left + tile_w)
+        for top in snapped(height, tile_h)
+        for left in snapped(width, tile_w)
+    ]
+
+
+def gaussian_weights(height: int, width: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``1×1×h×w`` weights: a Gaussian with σ = size / 4 around the tile centre (never zero)."""
+
+    def axis(n: int) -> torch.Tensor:
+        positions = torch.arange(n, device=device, dtype=torch.float32)
+        centre, sigma = (n - 1) / 2, max(n / 4, 1e-3)
+        return torch.exp(-((positions - centre) ** 2) / (2 * sigma**2))
+
+    return (axis(height)[:, None] * axis(width)[None, :]).to(dtype)[None, None]
+
+
+def blend_tiles(
+    latents: torch.Tensor,
+    tile_list: list[Tile],
+    predict: Callable[[Tile], torch.Tensor],
+) -> torch.Tensor:
+    """Σ w·predict(tile) / Σ w over all tiles (a single tile passes straight through)."""
+    if len(tile_list) == 1 and tile_list[0] == Tile(0, latents.shape[-2], 0, latents.shape[-1]):
+        return predict(tile_list[0])
+    total = torch.zeros_like(latents, dtype=torch.float32)
+    weight_sum = torch.zeros((1, 1, *latents.shape[-2:]), device=latents.device, dtype=torch.float32)
+    for tile in tile_list:
+        prediction = predict(tile).float()
+        weights = gaussian_weights(tile.bottom - tile.top, tile.right - tile.left, latents.device)
+        total[..., tile.top : tile.bottom, tile.left : tile.right] += prediction * weights
+        weight_sum[..., tile.top : tile.bottom, tile.left : tile.right] += weights
+    return (total / weight_sum).to(latents.dtype)
+
+

@@ -34,20 +34,26 @@ class MegaSRConditioning:
         reuse_modulation: keep each MSFM's (γ, β) across forwards. They depend on the guidance
             only, so a sampler that prepares the conditioning once computes them once instead of
             at every step. Only used with gradients off (inference).
+        repeat: the model's batch is ``repeat`` copies of these images (2 for the halves of
+            classifier-free guidance): the maps are held and modulated once, then broadcast.
     """
 
     image_tokens: torch.Tensor | None = None
     hed: torch.Tensor | None = None
     depth_seg: torch.Tensor | None = None
     reuse_modulation: bool = False
+    repeat: int = 1
     _resized: dict[tuple[str, int, int, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
     modulation_cache: dict[tuple[int, torch.dtype], object] = field(default_factory=dict, repr=False)
 
     @property
     def batch_size(self) -> int | None:
-        for tensor in (self.image_tokens, self.hed, self.depth_seg):
+        """The model batch this conditioning serves (image tokens are stored repeated)."""
+        if self.image_tokens is not None:
+            return self.image_tokens.shape[0]
+        for tensor in (self.hed, self.depth_seg):
             if tensor is not None:
-                return tensor.shape[0]
+                return tensor.shape[0] * self.repeat
         return None
 
     @classmethod
@@ -57,8 +63,18 @@ class MegaSRConditioning:
         guidance: Mapping[str, torch.Tensor | None] | None,
         batch_size: int,
         reuse_modulation: bool = False,
+        repeat: int = 1,
     ) -> "MegaSRConditioning":
-        """Validate user-facing inputs and pack them; errors name the offending input."""
+        """Validate user-facing inputs and pack them; errors name the offending input.
+
+        ``batch_size`` is the model's batch; with ``repeat`` the inputs hold
+        ``batch_size // repeat`` images (image tokens are repeated here, maps stay single).
+        """
+        if repeat < 1 or batch_size % repeat:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of repeat={repeat}")
+        if image_tokens is not None and repeat > 1 and image_tokens.shape[0] == batch_size // repeat:
+            image_tokens = image_tokens.repeat(repeat, 1, 1)
+        maps_batch = batch_size // repeat
         if image_tokens is not None:
             if image_tokens.ndim != 3 or image_tokens.shape[0] != batch_size:
                 raise ValueError(
@@ -75,9 +91,9 @@ class MegaSRConditioning:
             if value is None:
                 continue
             channels = GUIDANCE_CHANNELS[key]
-            if value.ndim != 4 or value.shape[0] != batch_size or value.shape[1] != channels:
+            if value.ndim != 4 or value.shape[0] != maps_batch or value.shape[1] != channels:
                 raise ValueError(
-                    f"guidance[{key!r}] must be B×{channels}×H×W with B={batch_size}, "
+                    f"guidance[{key!r}] must be B×{channels}×H×W with B={maps_batch}, "
                     f"got {tuple(value.shape)}"
                 )
             maps[key] = value
@@ -92,11 +108,14 @@ class MegaSRConditioning:
             ref = depth if depth is not None else seg
             assert ref is not None
             if depth is None:
-                depth = ref.new_zeros(batch_size, GUIDANCE_CHANNELS["depth"], *ref.shape[-2:])
+                depth = ref.new_zeros(maps_batch, GUIDANCE_CHANNELS["depth"], *ref.shape[-2:])
             if seg is None:
-                seg = ref.new_zeros(batch_size, GUIDANCE_CHANNELS["seg"], *ref.shape[-2:])
+                seg = ref.new_zeros(maps_batch, GUIDANCE_CHANNELS["seg"], *ref.shape[-2:])
             depth_seg = torch.cat([depth, seg.to(depth.dtype)], dim=1)
-        return cls(image_tokens=image_tokens, hed=maps.get("hed"), depth_seg=depth_seg, reuse_modulation=reuse_modulation)
+        return cls(
+            image_tokens=image_tokens, hed=maps.get("hed"), depth_seg=depth_seg,
+            reuse_modulation=reuse_modulation, repeat=repeat,
+        )
 
     def resized(self, name: str, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:
         """The map ``name`` ("hed" or "depth_seg") at a block's resolution, computed once per size."""

@@ -277,13 +277,16 @@ class MegaSRDenoiser(nn.Module):
         guidance: Mapping[str, torch.Tensor | None] | None,
         batch_size: int,
         reuse_modulation: bool = True,
+        repeat: int = 1,
     ) -> MegaSRConditioning:
         """Validate and pack the MegaSR inputs of a batch for one or many forwards.
 
         Inputs the model's ablation switches turn off are dropped here, so they cost nothing.
         With ``reuse_modulation`` (inference), each MSFM computes its γ/β once per conditioning.
+        With ``repeat=2`` (classifier-free guidance) ``image_embeds`` and ``guidance`` hold the
+        ``batch_size // 2`` images once; both halves of the model batch use them.
         """
-        conditioning = MegaSRConditioning.from_inputs(image_embeds, guidance, batch_size, reuse_modulation)
+        conditioning = MegaSRConditioning.from_inputs(image_embeds, guidance, batch_size, reuse_modulation, repeat)
         if not self.config.use_csm:
             conditioning.image_tokens = None
         if not self.config.hed_enabled:

@@ -133,12 +133,22 @@ class MSFM(nn.Module):
             gamma, beta = gamma + extra_gamma, beta + extra_beta
         return gamma, beta
 
-    def apply(self, hidden: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """F' = F + Norm(F) ⊙ γ + β (Eq. 9, added residually)."""
+    def apply(
+        self, hidden: torch.Tensor, modulation: tuple[torch.Tensor, torch.Tensor] | None, repeat: int = 1
+    ) -> torch.Tensor:
+        """F' = F + Norm(F) ⊙ γ + β (Eq. 9, added residually).
+
+        With ``repeat`` > 1 the batch is ``repeat`` copies of the images γ/β were made for (the
+        two halves of classifier-free guidance); they broadcast instead of being recomputed.
+        """
         if modulation is None:
             return hidden
         gamma, beta = modulation
-        return hidden + (self.norm(hidden) * gamma + beta)
+        normed = self.norm(hidden)
+        if repeat > 1:
+            shape = hidden.shape
+            return hidden + (normed.view(repeat, -1, *shape[1:]) * gamma + beta).view(shape)
+        return hidden + (normed * gamma + beta)
 
     def forward(
         self, hidden: torch.Tensor, hed: torch.Tensor | None, depth_seg: torch.Tensor | None
@@ -172,7 +182,7 @@ class _MSFMHook:
             modulation = conditioning.modulation_cache[key]
         else:
             modulation = self.msfm.modulation(hed, depth_seg)
-        sample = self.msfm.apply(sample, modulation)
+        sample = self.msfm.apply(sample, modulation, repeat=conditioning.repeat)
         if isinstance(output, tuple):
             return (sample, *output[1:])
         return Transformer2DModelOutput(sample=sample)

@@ -72,16 +72,16 @@ class _StageTimer:
         self.stages: dict[str, float] = {}
         self.steps: list[float] = []
 
-    def _now(self) -> float:
+    def now(self) -> float:
         if self.sync:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
     @contextmanager
     def stage(self, name: str):
-        start = self._now()
+        start = self.now()
         yield
-        self.stages[name] = self.stages.get(name, 0.0) + self._now() - start
+        self.stages[name] = self.stages.get(name, 0.0) + self.now() - start
 
 
 class MegaSRPipeline(DiffusionPipeline):
@@ -229,6 +229,7 @@ class MegaSRPipeline(DiffusionPipeline):
         tile_overlap: int = 8,
         vae_tile_size: int = 1024,
         controlnet_scale: float = 1.0,
+        max_cached_tiles: int = 16,
         callback: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         max_pixels: int | None = None,
@@ -241,6 +242,8 @@ class MegaSRPipeline(DiffusionPipeline):
                 larger than 96 (SeeSR's tile), ``0`` = never tile.
             tile_overlap: latent overlap between tiles.
             vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
+            max_cached_tiles: keep each tile's guidance modulation across steps up to this many
+                tiles (memory grows with the image beyond it, so it is recomputed instead).
             max_pixels: refuse inputs above this many pixels (decompression-bomb guard).
             profile: synchronize the GPU between stages so ``timings`` are exact.
         """
@@ -269,7 +272,8 @@ class MegaSRPipeline(DiffusionPipeline):
 
             outputs, batch_prompts = self._upscale_batch(
                 batch, prepared, num_inference_steps, guidance_scale, prompt, negative_prompt, generator,
-                color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, step_done, should_cancel, timer,
+                color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, step_done,
+                should_cancel, timer,
             )
             done_steps += num_inference_steps
             for index, image, text in zip(batch.indices, outputs, batch_prompts):
@@ -318,7 +322,7 @@ class MegaSRPipeline(DiffusionPipeline):
     def _upscale_batch(
         self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, prompt: str,
         negative_prompt: str, generator: torch.Generator, color_fix_method: str, tile_size: int | None,
-        tile_overlap: int, vae_tile_size: int, controlnet_scale: float,
+        tile_overlap: int, vae_tile_size: int, controlnet_scale: float, max_cached_tiles: int,
         step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None, timer: _StageTimer,
     ) -> tuple[list[Image.Image], list[str]]:
         device, dtype = self.device, self.denoiser.dtype
@@ -349,34 +353,40 @@ class MegaSRPipeline(DiffusionPipeline):
         height, width = latents.shape[-2:]
         tile = tile_size if tile_size is not None else (96 if max(height, width) > 96 else 0)
         tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
-        tiled = len(tile_list) > 1
+        repeat = 2 if do_cfg else 1
         cfg_double = (lambda x: torch.cat([x, x])) if do_cfg else (lambda x: x)
-        whole = None
-        if not tiled:  # prepared once: each MSFM computes its modulation a single time
-            whole = self.denoiser.prepare_conditioning(
-                _maybe(cfg_double, image_tokens), {k: cfg_double(v) for k, v in guidance.items()}, latents.shape[0] * (2 if do_cfg else 1)
-            )
         control_in = cfg_double(control.to(dtype))
+        # Conditioning per tile, with the maps once for both CFG halves. Kept across steps (each
+        # MSFM computes its modulation once) up to ``max_cached_tiles``; beyond that memory
+        # would grow with the image, so the modulation is recomputed at every step instead.
+        reuse = len(tile_list) <= max_cached_tiles
+        conditionings: dict[Tile, Any] = {}
+
+        def conditioning_for(part: Tile, batch_size: int):
+            if part in conditionings:
+                return conditionings[part]
+            pixels = part.pixels(self.vae_scale_factor)
+            made = self.denoiser.prepare_conditioning(
+                image_tokens, {k: pixels.crop(v) for k, v in guidance.items()}, batch_size,
+                reuse_modulation=reuse, repeat=repeat,
+            )
+            if reuse:
+                conditionings[part] = made
+            return made
+
         with timer.stage("denoise"):
             for index, t in enumerate(timesteps):
                 if should_cancel is not None and should_cancel():
                     raise PipelineCancelled(f"cancelled before step {index + 1} of {steps}")
-                step_start = timer._now()
+                step_start = timer.now()
 
                 def predict(part: Tile) -> torch.Tensor:
                     latent_in = cfg_double(part.crop(latents))
                     pixels = part.pixels(self.vae_scale_factor)
-                    if whole is not None:
-                        conditioning = whole
-                    else:
-                        conditioning = self.denoiser.prepare_conditioning(
-                            _maybe(cfg_double, image_tokens),
-                            {k: cfg_double(pixels.crop(v)) for k, v in guidance.items()},
-                            latent_in.shape[0], reuse_modulation=False,
-                        )
                     eps = self.denoiser(
                         latent_in, t, text, control_image=pixels.crop(control_in),
-                        conditioning=conditioning, conditioning_scale=controlnet_scale,
+                        conditioning=conditioning_for(part, latent_in.shape[0]),
+                        conditioning_scale=controlnet_scale,
                     )
                     if do_cfg:
                         uncond, cond = eps.chunk(2)
@@ -385,7 +395,7 @@ class MegaSRPipeline(DiffusionPipeline):
 
                 noise_pred = blend_tiles(latents, tile_list, predict)
                 latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
-                timer.steps.append(timer._now() - step_start)
+                timer.steps.append(timer.now() - step_start)
                 step_done(index + 1, steps)
         # 8. VAE decode (tiled when large).
         with timer.stage("vae_decode"):
@@ -459,10 +469,6 @@ def _extractors_for(denoiser: MegaSRDenoiser) -> list[str]:
     if config.use_csm:
         wanted.add("clip")
     return [n for n in EXTRACTOR_NAMES if n in wanted]
-
-
-def _maybe(fn: Callable[[torch.Tensor], torch.Tensor], value: torch.Tensor | None) -> torch.Tensor | None:
-    return None if value is None else fn(value)
 
 
 def _pad(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -184,3 +184,23 @@ def test_prepared_conditioning_reuses_msfm_modulation_across_steps(tiny_base):
     with pytest.raises(ValueError, match="prepared for batch 2"):
         small = make_inputs(seed=0, batch=1)
         model(small["latents"], 1, small["encoder_hidden_states"], control_image=small["control_image"], conditioning=conditioning)
+
+
+@torch.no_grad()
+def test_repeat_for_cfg_equals_doubled_inputs(tiny_base):
+    """CFG halves share image tokens and maps: stored once, broadcast, same result as doubling."""
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    single = make_inputs(seed=0, batch=1)
+    double = {k: v for k, v in make_inputs(seed=1, batch=2).items()}
+    rest = {"latents": double["latents"], "timestep": double["timestep"],
+            "encoder_hidden_states": double["encoder_hidden_states"], "control_image": double["control_image"]}
+    doubled = model(**rest, image_embeds=single["image_embeds"].repeat(2, 1, 1),
+                    guidance={k: v.repeat(2, 1, 1, 1) for k, v in single["guidance"].items()})
+    for reuse in (False, True):
+        conditioning = model.prepare_conditioning(single["image_embeds"], single["guidance"], batch_size=2,
+                                                  reuse_modulation=reuse, repeat=2)
+        assert conditioning.batch_size == 2
+        assert torch.allclose(model(**rest, conditioning=conditioning), doubled, atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of repeat"):
+        model.prepare_conditioning(None, single["guidance"], batch_size=3, repeat=2)

@@ -1,0 +1,90 @@
+"""Settings of the API, the worker and the embedded server: environment variables ``MEGASR_*``.
+
+One pydantic-settings class behind an ``lru_cache`` getter (tests build their own). Secrets
+(API keys, the webhook secret) are ``SecretStr``: they never appear in reprs or logs. API keys
+can come from ``MEGASR_API_KEYS`` or, better for Kubernetes/Docker secrets, a file named by
+``MEGASR_API_KEYS_FILE`` (same ``tenant:key,...`` format; commas or newlines between entries).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .contracts import DEFAULT_QUEUE
+
+
+def _default_home() -> Path:
+    home = os.environ.get("MEGASR_HOME")
+    return Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megasr"
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="MEGASR_", extra="ignore")
+
+    redis_url: str | None = Field(None, description="Redis/Valkey URL; unset = embedded Valkey (megasr serve)")
+    storage_url: str | None = Field(None, description="file:///path or s3://bucket[/prefix]; unset = local data dir")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS); unset = AWS")
+    s3_region: str | None = None
+    presign_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
+    api_keys: SecretStr | None = Field(None, description="tenant:key,tenant:key")
+    api_keys_file: Path | None = None
+    webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhook signatures")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
+    max_input_pixels: int = Field(2048 * 2048, ge=1)
+    queue_name: str = DEFAULT_QUEUE
+    job_timeout_s: int = Field(1800, ge=10)
+    result_ttl_s: int = Field(24 * 3600, ge=60)
+    max_queued_per_tenant: int = Field(100, ge=1)
+    rate_limit_per_minute: int = Field(120, ge=1)
+    weights: Path | None = Field(None, description="MegaSR weights directory for workers")
+    home: Path = Field(default_factory=_default_home, description="local data, demo weights, embedded Valkey")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    @field_validator("queue_name")
+    @classmethod
+    def _queue_name(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("queue_name must be a non-empty word")
+        return value
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        return self.storage_url or self.data_dir.resolve().as_uri()
+
+    def tenant_keys(self) -> dict[str, str]:
+        """API key → tenant. Empty when no keys are configured (single-tenant, loopback only)."""
+        raw = ""
+        if self.api_keys is not None:
+            raw += self.api_keys.get_secret_value()
+        if self.api_keys_file is not None:
+            try:
+                raw += "," + self.api_keys_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read MEGASR_API_KEYS_FILE {self.api_keys_file}: {exc.strerror}") from None
+        keys: dict[str, str] = {}
+        for entry in raw.replace("\n", ",").split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            tenant, sep, key = entry.partition(":")
+            if not sep or not tenant.strip() or len(key.strip()) < 8:
+                raise ValueError("MEGASR_API_KEYS entries must look like tenant:key with keys of 8+ characters")
+            keys[key.strip()] = tenant.strip()
+        return keys
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

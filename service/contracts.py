@@ -1,0 +1,94 @@
+"""The typed boundary between the API and the worker: job parameters, states, records, names.
+
+The API validates requests into :class:`UpscaleParams`, stores a :class:`JobRecord` in Redis
+and enqueues :data:`WORKER_TASK` on :data:`DEFAULT_QUEUE`; the worker reads the same record.
+No torch here: the API process never imports it.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+
+DEFAULT_QUEUE = "megasr"
+#: dotted path RQ imports in the worker (the API never imports it)
+WORKER_TASK = "worker.tasks.upscale"
+#: Redis key prefix of job records (RQ keeps its own ``rq:`` keys)
+JOB_KEY_PREFIX = "megasr:job:"
+
+OutputFormat = Literal["png", "jpeg", "webp"]
+ColorFix = Literal["adain", "wavelet", "none"]
+CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+class UpscaleParams(BaseModel):
+    """What a client may ask for; everything else is decided by the service."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: Annotated[float, Field(ge=1, le=8)] = 4
+    steps: Annotated[int, Field(ge=1, le=200)] = 50
+    guidance_scale: Annotated[float, Field(ge=0, le=20)] = 5.5
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    prompt: Annotated[str, Field(max_length=500)] = ""
+    negative_prompt: Annotated[str, Field(max_length=500)] = "dotted, noise, blur, lowres, smooth"
+    color_fix: ColorFix = "adain"
+    output_format: OutputFormat = "png"
+    webhook_url: AnyHttpUrl | None = None
+
+    @field_validator("scale", "guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobRecord(BaseModel):
+    """A job as stored in Redis (metadata only: images live in storage)."""
+
+    id: str
+    tenant: str
+    status: JobStatus = JobStatus.queued
+    params: UpscaleParams
+    progress: float = 0.0
+    input_key: str
+    input_width: int
+    input_height: int
+    output_key: str | None = None
+    output_width: int | None = None
+    output_height: int | None = None
+    error: JobError | None = None
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def input_key(job_id: str) -> str:
+    return f"jobs/{job_id}/input.png"
+
+
+def output_key(job_id: str, fmt: str) -> str:
+    return f"jobs/{job_id}/output.{'jpg' if fmt == 'jpeg' else fmt}"

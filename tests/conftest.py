@@ -42,3 +42,11 @@ def tiny_weights(tmp_path_factory):
     from megasr_core.weights import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("weights") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_weights):
+    """The tiny-weights MegaSRPipeline on the CPU, loaded once."""
+    from megasr_core.pipelines import MegaSRPipeline
+
+    return MegaSRPipeline.from_pretrained(tiny_weights, device="cpu")

@@ -13,8 +13,8 @@ from megasr_core.pipelines import MegaSRPipeline
 
 
 @pytest.fixture(scope="session")
-def pipeline(tiny_weights) -> MegaSRPipeline:
-    return MegaSRPipeline.from_pretrained(tiny_weights, device="cpu")
+def pipeline(tiny_pipeline) -> MegaSRPipeline:
+    return tiny_pipeline
 
 
 def png_bytes(image: Image.Image, **params) -> bytes:

@@ -1,0 +1,41 @@
+"""``create_app``: assemble the FastAPI app from settings (routers, error handlers, services)."""
+
+from __future__ import annotations
+
+import redis
+from fastapi import FastAPI
+
+from .config import Settings, get_settings
+from .deps import Services
+from .errors import install_error_handlers
+from .jobs import JobStore
+from .queue import JobQueue
+from .routes import health, jobs
+from .storage import storage_from_url
+
+
+def build_services(settings: Settings) -> Services:
+    if not settings.redis_url:
+        raise ValueError("MEGASR_REDIS_URL is not set (megasr serve starts an embedded Valkey when it is unset)")
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
+    storage = storage_from_url(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    return Services(
+        settings=settings, redis=client, storage=storage,
+        jobs=JobStore(client, result_ttl_s=settings.result_ttl_s),
+        queue=JobQueue(client, settings.queue_name, settings.job_timeout_s),
+        tenant_keys=settings.tenant_keys(),
+    )
+
+
+def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="MegaSR",
+        version="0.1.0",
+        description="Real-world image super-resolution (MegaSR) as a job queue: submit, poll, fetch.",
+    )
+    app.state.services = services or build_services(settings)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app

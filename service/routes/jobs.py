@@ -1,0 +1,209 @@
+"""``/v1/upscale`` and ``/v1/jobs/{id}``: submit, poll, fetch the result, cancel."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import uuid
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from ..contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, UpscaleParams, input_key
+from ..deps import ServicesDep, TenantDep
+from ..errors import ApiError
+from ..images import check_upload
+from ..jobs import TransitionRejected
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+_UPLOAD_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {"type": "string", "format": "binary"},
+                               **{name: {"type": "string"} for name in UpscaleParams.model_fields}},
+            }},
+            "application/json": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {"type": "string", "description": "data:image/...;base64,... URL"},
+                               **{name: {} for name in UpscaleParams.model_fields}},
+            }},
+        },
+    }
+}
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class JobView(BaseModel):
+    """What clients see of a job."""
+
+    id: str
+    status: JobStatus
+    progress: float
+    queue_position: int | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    input: ImageSize
+    output: ImageSize | None = None
+    error: JobError | None = None
+    result_url: str | None = None
+    cancel_requested: bool = False
+    params: UpscaleParams
+
+
+def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView:
+    position = services.queue.position(record.id) if record.status == JobStatus.queued else None
+    return JobView(
+        id=record.id, status=record.status, progress=record.progress, queue_position=position,
+        created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
+        input=ImageSize(width=record.input_width, height=record.input_height),
+        output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
+        error=record.error,
+        result_url=str(request.url_for("get_result", job_id=record.id)) if record.status == JobStatus.succeeded else None,
+        cancel_requested=record.status == JobStatus.running and services.jobs.cancel_requested(record.id),
+        params=record.params,
+    )
+
+
+async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | None, dict[str, Any]]:
+    """The image bytes, their declared type and the raw parameters, from multipart or JSON."""
+    declared_length = request.headers.get("content-length")
+    envelope = max_bytes * 4 // 3 + 64 * 1024  # base64 and multipart overhead
+    if declared_length and declared_length.isdigit() and int(declared_length) > envelope:
+        raise ApiError(413, "upload_too_large", f"the request is {int(declared_length):,} bytes; the image limit is {max_bytes:,}")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=1, max_fields=len(UpscaleParams.model_fields) + 1)
+        except Exception as exc:  # malformed multipart bodies
+            raise ApiError(400, "invalid_multipart", f"cannot parse the multipart body: {exc}") from None
+        upload = form.get("image")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "invalid_parameters", "image: a file field named 'image' is required")
+        data = await upload.read(max_bytes + 1)
+        fields = {k: v for k, v in form.items() if k != "image"}
+        return data, upload.content_type, fields
+    if content_type == "application/json":
+        body = await request.body()
+        if len(body) > envelope:
+            raise ApiError(413, "upload_too_large", f"the request is {len(body):,} bytes; the image limit is {max_bytes:,}")
+        try:
+            payload = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise ApiError(422, "invalid_parameters", "the JSON body must be an object")
+        image = payload.pop("image", None)
+        if not isinstance(image, str) or not image.startswith("data:"):
+            raise ApiError(422, "invalid_parameters", "image: a data URL string (data:image/png;base64,...) is required")
+        header, _, encoded = image.partition(",")
+        if not header.endswith(";base64"):
+            raise ApiError(422, "invalid_parameters", "image: the data URL must be base64-encoded")
+        if len(encoded) > envelope:
+            raise ApiError(413, "upload_too_large", f"the image is over the {max_bytes:,} byte limit")
+        try:
+            data = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "invalid_base64", "image: the data URL is not valid base64") from None
+        return data, header[5:].split(";")[0] or None, payload
+    raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field 'image') or application/json")
+
+
+@router.post("/upscale", status_code=202, response_model=JobView, openapi_extra=_UPLOAD_SCHEMA,
+             responses={400: {}, 401: {}, 413: {}, 415: {}, 422: {}, 429: {}, 503: {}})
+async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    """Queue an image for super-resolution; answers 202 with the job and its ``Location``."""
+    settings = services.settings
+    if services.jobs.count_request(tenant) > settings.rate_limit_per_minute:
+        raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_minute} requests this minute",
+                       {"Retry-After": "60"})
+    data, declared_type, fields = await _read_request(request, settings.max_upload_bytes)
+    try:
+        params = UpscaleParams.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "parameters"
+        raise ApiError(422, "invalid_parameters", f"{where}: {first.get('msg', 'invalid')}") from None
+    image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels)
+    if services.jobs.active_count(tenant) >= settings.max_queued_per_tenant:
+        raise ApiError(429, "queue_quota", f"{settings.max_queued_per_tenant} unfinished jobs already; wait for some to finish",
+                       {"Retry-After": "30"})
+    job_id = uuid.uuid4().hex
+    record = JobRecord(id=job_id, tenant=tenant, params=params, input_key=input_key(job_id),
+                       input_content_type=image.content_type, input_width=image.width, input_height=image.height)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
+        raise ApiError(422, "invalid_parameters", "Idempotency-Key must be 1 to 200 characters")
+    existing = services.jobs.find_idempotent(tenant, idempotency_key) if idempotency_key else None
+    replayed = existing is not None
+    if existing is None:
+        services.storage.put(record.input_key, image.data, image.content_type)
+        record, created = services.jobs.create(record, idempotency_key)
+        if created:
+            services.queue.enqueue(record.id)
+        else:  # lost a race with an identical request
+            services.storage.delete(input_key(job_id))
+            replayed = True
+    else:
+        record = existing
+    view = _view(record, request, services)
+    headers = {"Location": str(request.url_for("get_job", job_id=record.id))}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def _owned(services: ServicesDep, job_id: str, tenant: str) -> JobRecord:
+    record = services.jobs.get_for_tenant(job_id, tenant) if len(job_id) <= 64 else None
+    if record is None:
+        raise ApiError(404, "job_not_found", f"no job {job_id!r}")
+    return record
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, name="get_job", responses={401: {}, 404: {}})
+def get_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> JobView:
+    """Status, progress, queue position, times, sizes, error and result link of a job."""
+    return _view(_owned(services, job_id, tenant), request, services)
+
+
+@router.get("/jobs/{job_id}/result", name="get_result", responses={200: {"content": {"image/png": {}}}, 307: {}, 404: {}, 409: {}})
+def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    """The result image, or a redirect to a presigned URL when the storage is S3."""
+    record = _owned(services, job_id, tenant)
+    if record.status != JobStatus.succeeded or record.output_key is None:
+        raise ApiError(409, "not_ready", f"job {job_id} is {record.status.value}, not succeeded")
+    url = services.storage.presigned_url(record.output_key, services.settings.presign_ttl_s)
+    if url:
+        return RedirectResponse(url, status_code=307)
+    data = services.storage.get(record.output_key)
+    return Response(data, media_type=CONTENT_TYPES[record.params.output_format])
+
+
+@router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {}, 404: {}, 409: {}})
+def cancel_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    """Cancel: a queued job at once (200), a running one within one denoising step (202)."""
+    record = _owned(services, job_id, tenant)
+    if record.status.is_final:
+        raise ApiError(409, "already_finished", f"job {job_id} is already {record.status.value}")
+    if record.status == JobStatus.queued:
+        try:
+            services.queue.cancel_queued(job_id)
+            record = services.jobs.finish(job_id, JobStatus.canceled)
+            return JSONResponse(_view(record, request, services).model_dump(mode="json"), status_code=200)
+        except TransitionRejected:
+            record = services.jobs.get(job_id) or record  # a worker picked it up meanwhile
+    services.jobs.request_cancel(job_id)
+    return JSONResponse(_view(record, request, services).model_dump(mode="json"), status_code=202)

@@ -267,6 +267,29 @@ def bench(
     typer.echo(json.dumps(result, indent=2))
 
 
+@app.command()
+def worker(
+    weights: Annotated[Optional[Path], typer.Option(help="MegaSR weights directory (default: $MEGASR_WEIGHTS).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
+) -> None:
+    """Run a GPU worker: load the model once, then process upscale jobs from Redis."""
+    import logging
+
+    from service.config import Settings
+    from worker.main import prepare, run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    if not settings.redis_url:
+        _fail("MEGASR_REDIS_URL is not set: workers need the Redis the API uses")
+    weights_dir = resolve_weights(weights or settings.weights)
+    runtime = prepare(settings, weights_dir, device=device, dtype=_torch_dtype(dtype), metrics_port=metrics_port)
+    run_worker(runtime, settings, burst=burst)
+
+
 def main() -> None:
     app()
 

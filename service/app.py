@@ -9,6 +9,7 @@ from .config import Settings, get_settings
 from .deps import Services
 from .errors import install_error_handlers
 from .jobs import JobStore
+from .metrics import install_metrics
 from .queue import JobQueue
 from .routes import health, jobs
 from .storage import storage_from_url
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     )
     app.state.services = services or build_services(settings)
     install_error_handlers(app)
+    install_metrics(app, app.state.services)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

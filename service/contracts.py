@@ -82,6 +82,7 @@ class JobRecord(BaseModel):
     output_height: int | None = None
     error: JobError | None = None
     attempts: int = 0
+    owner: str | None = None  # the worker attempt running it (fencing token)
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -3,8 +3,11 @@
 Keys (all under ``megasr:``): ``job:<id>`` the record (JSON), ``idem:<tenant>:<key>`` the
 job an idempotency key created, ``cancel:<id>`` a running job's cancel request,
 ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota), ``rate:<tenant>:<minute>``
-the tenant's requests this minute. State changes are compare-and-set transactions, so a job
-canceled while it starts, or finished by one worker, is never overwritten by another.
+the tenant's requests this minute, ``running`` the jobs being run and ``lease:<id>`` each one's
+liveness lease (renewed by its worker every few seconds). State changes are compare-and-set
+transactions, and a running job carries its attempt's ``owner`` token: a job canceled while it
+starts, finished by one worker, or taken over after its worker died is never overwritten by
+another attempt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import redis
 from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus
 
 IDEMPOTENCY_TTL_S = 24 * 3600
+LEASE_TTL_S = 15
+RUNNING_KEY = "megasr:running"
+FINISHED_KEY = "megasr:stats:finished"  # finished jobs per final status (metrics)
 
 
 class TransitionRejected(RuntimeError):
@@ -89,10 +95,18 @@ class JobStore:
         return int(count)
 
     # ---------------------------------------------------------------- transitions
+    @staticmethod
+    def lease_key(job_id: str) -> str:
+        return f"megasr:lease:{job_id}"
+
     def transition(
-        self, job_id: str, allowed_from: Iterable[JobStatus], to: JobStatus | None = None, **changes: object
+        self, job_id: str, allowed_from: Iterable[JobStatus], to: JobStatus | None = None,
+        expect_owner: str | None = None, **changes: object,
     ) -> JobRecord:
-        """Atomically change a job that is in one of ``allowed_from`` (optionally to state ``to``)."""
+        """Atomically change a job that is in one of ``allowed_from`` (optionally to state ``to``).
+
+        With ``expect_owner``, the job must still belong to that attempt.
+        """
         allowed = set(allowed_from)
         key = self.key(job_id)
         with self.redis.pipeline() as pipe:
@@ -105,34 +119,72 @@ class JobStore:
                     record = JobRecord.model_validate_json(raw)
                     if record.status not in allowed:
                         raise TransitionRejected(f"job {job_id} is {record.status.value}")
+                    if expect_owner is not None and record.owner != expect_owner:
+                        raise TransitionRejected(f"job {job_id} was taken over by another attempt")
                     updated = record.model_copy(update={**changes, **({"status": to} if to else {})})
                     pipe.multi()
                     pipe.set(key, updated.model_dump_json())
                     if updated.status.is_final:
+                        pipe.hincrby(FINISHED_KEY, updated.status.value, 1)
                         pipe.srem(self.active_key(updated.tenant), job_id)
                         pipe.expire(key, self.result_ttl_s)
-                        pipe.delete(self.cancel_key(job_id))
+                        pipe.delete(self.cancel_key(job_id), self.lease_key(job_id))
+                        pipe.srem(RUNNING_KEY, job_id)
                     pipe.execute()
                     return updated
                 except redis.WatchError:
                     continue
 
-    def start(self, job_id: str) -> JobRecord:
+    def start(self, job_id: str, owner: str) -> JobRecord:
+        """Mark the job running for the attempt ``owner`` and take its lease."""
         record = self.get(job_id)
         attempts = (record.attempts if record else 0) + 1
-        return self.transition(job_id, [JobStatus.queued, JobStatus.running], JobStatus.running,
-                               started_at=_now(), attempts=attempts, progress=0.0)
+        # Only from queued: a job another attempt is running is never started twice (a dead
+        # attempt's job is moved back to queued by the reaper first).
+        updated = self.transition(job_id, [JobStatus.queued], JobStatus.running,
+                                  started_at=_now(), attempts=attempts, progress=0.0, owner=owner)
+        with self.redis.pipeline() as pipe:
+            pipe.set(self.lease_key(job_id), owner, ex=LEASE_TTL_S)
+            pipe.sadd(RUNNING_KEY, job_id)
+            pipe.execute()
+        return updated
 
-    def set_progress(self, job_id: str, progress: float) -> None:
+    def renew_lease(self, job_id: str, owner: str) -> None:
+        self.redis.set(self.lease_key(job_id), owner, ex=LEASE_TTL_S)
+
+    def set_progress(self, job_id: str, progress: float, owner: str | None = None) -> None:
         try:
-            self.transition(job_id, [JobStatus.running], progress=round(min(max(progress, 0.0), 1.0), 4))
+            self.transition(job_id, [JobStatus.running], expect_owner=owner, progress=round(min(max(progress, 0.0), 1.0), 4))
         except TransitionRejected:
             pass
 
-    def finish(self, job_id: str, status: JobStatus, **changes: object) -> JobRecord:
+    def finish(self, job_id: str, status: JobStatus, owner: str | None = None, **changes: object) -> JobRecord:
         if not status.is_final:
             raise ValueError(f"{status} is not a final state")
-        return self.transition(job_id, [JobStatus.queued, JobStatus.running], status, finished_at=_now(), **changes)
+        allowed = [JobStatus.running] if owner is not None else [JobStatus.queued, JobStatus.running]
+        return self.transition(job_id, allowed, status, expect_owner=owner, finished_at=_now(), **changes)
+
+    def still_owner(self, job_id: str, owner: str) -> bool:
+        record = self.get(job_id)
+        return record is not None and record.status == JobStatus.running and record.owner == owner
+
+    def abandoned(self) -> list[str]:
+        """Running jobs whose worker stopped renewing the lease (killed, lost its node…)."""
+        ids = [i.decode() for i in self.redis.smembers(RUNNING_KEY)]
+        if not ids:
+            return []
+        with self.redis.pipeline() as pipe:
+            for job_id in ids:
+                pipe.exists(self.lease_key(job_id))
+            alive = pipe.execute()
+        return [job_id for job_id, live in zip(ids, alive) if not live]
+
+    def release(self, job_id: str, owner: str) -> None:
+        """Drop a lease without finishing (the job goes back to the queue for a retry)."""
+        with self.redis.pipeline() as pipe:
+            pipe.delete(self.lease_key(job_id))
+            pipe.srem(RUNNING_KEY, job_id)
+            pipe.execute()
 
     # ---------------------------------------------------------------- cancel
     def request_cancel(self, job_id: str) -> None:

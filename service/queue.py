@@ -13,8 +13,10 @@ from rq.job import Job
 
 from .contracts import WORKER_TASK
 
-#: retries for transient failures (storage down, CUDA out of memory, a killed worker)
-RETRY = Retry(max=2, interval=[5, 30])
+#: retries for transient failures (storage down, CUDA out of memory); immediate, because the
+#: task itself backs off before it re-raises (RQ's delayed retries need its scheduler process,
+#: and a GPU worker must not fork)
+RETRY = Retry(max=2)
 
 
 class JobQueue:

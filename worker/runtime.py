@@ -1,17 +1,26 @@
-"""What a worker process holds for its whole life: settings, Redis, storage and the pipeline.
+"""What a worker process holds for its whole life: services, the pipeline, its current job.
 
 The pipeline is loaded once (fp16 on CUDA) before the worker takes jobs; tasks reach it here.
+A background thread renews the lease of the job being run and re-queues the jobs of dead
+workers (``service.reaper``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 from service.app import build_services
 from service.config import Settings
 from service.deps import Services
+from service.reaper import reap_abandoned
 
+from .metrics import WorkerMetrics
+
+log = logging.getLogger("megasr.worker")
 _RUNTIME: "WorkerRuntime | None" = None
 
 
@@ -19,6 +28,37 @@ _RUNTIME: "WorkerRuntime | None" = None
 class WorkerRuntime:
     services: Services
     pipeline: Any  # megasr_core.MegaSRPipeline (imported lazily: torch)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
+    current: tuple[str, str] | None = None  # (job id, owner token) being run
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def new_owner(self) -> str:
+        return f"{self.name}:{uuid.uuid4().hex[:8]}"
+
+    def start_background(self, lease_interval_s: float = 5.0, reap_interval_s: float = 5.0) -> threading.Thread:
+        """Renew the current job's lease and reap dead workers' jobs, until :meth:`stop`."""
+
+        def loop() -> None:
+            ticks = 0
+            while not self._stop.wait(lease_interval_s):
+                ticks += 1
+                try:
+                    current = self.current
+                    if current is not None:
+                        self.services.jobs.renew_lease(*current)
+                    if ticks * lease_interval_s >= reap_interval_s:
+                        ticks = 0
+                        reap_abandoned(self.services)
+                except Exception as exc:  # Redis blips must not kill the thread
+                    log.warning("lease/reaper loop: %s", exc)
+
+        thread = threading.Thread(target=loop, name="megasr-lease", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def install_runtime(settings: Settings, pipeline: Any, services: Services | None = None) -> WorkerRuntime:

@@ -22,6 +22,7 @@ from .runtime import get_runtime
 
 log = logging.getLogger("megasr.worker")
 PROGRESS_INTERVAL_S = 0.5
+RETRY_BACKOFF_S = 3.0
 #: latent tile sizes tried in turn when the GPU runs out of memory
 OOM_TILE_SIZES = (None, 64, 48)
 
@@ -38,25 +39,43 @@ def _encode(image, fmt: str) -> bytes:
 
 
 def upscale(job_id: str) -> None:
+    """RQ entry point: run one attempt of the job, unless it is already final or taken."""
     runtime = get_runtime()
-    jobs, storage, pipeline = runtime.services.jobs, runtime.services.storage, runtime.pipeline
+    jobs = runtime.services.jobs
     record = jobs.get(job_id)
     if record is None or record.status.is_final:
         log.info("job %s: nothing to do (%s)", job_id, "missing" if record is None else record.status.value)
         return
+    owner = runtime.new_owner()
     try:
-        record = jobs.start(job_id)
+        record = jobs.start(job_id, owner)
     except TransitionRejected as exc:
         log.info("job %s: not started: %s", job_id, exc)
         return
-    params = record.params
+    runtime.current = (job_id, owner)
+    started = time.monotonic()
+    try:
+        _run(runtime, record, owner)
+    finally:
+        runtime.current = None
+        log.info("job %s: attempt %s done in %.1f s", job_id, owner, time.monotonic() - started)
+
+
+def _run(runtime, record, owner: str) -> None:
+    jobs, storage, pipeline = runtime.services.jobs, runtime.services.storage, runtime.pipeline
+    job_id, params = record.id, record.params
     last = [0.0]
+    started = time.monotonic()
 
     def progress(step: int, total: int) -> None:
         now = time.monotonic()
         if step == total or now - last[0] >= PROGRESS_INTERVAL_S:
             last[0] = now
-            jobs.set_progress(job_id, step / total)
+            jobs.set_progress(job_id, step / total, owner=owner)
+
+    def should_cancel() -> bool:
+        # A cancel request, or the job was taken over (this worker was presumed dead).
+        return jobs.cancel_requested(job_id) or not jobs.still_owner(job_id, owner)
 
     from megasr_core.pipelines import InvalidImageError, PipelineCancelled
 
@@ -69,7 +88,7 @@ def upscale(job_id: str) -> None:
                     data, scale=params.scale, num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
                     prompt=params.prompt, negative_prompt=params.negative_prompt, seed=params.seed,
                     color_fix=params.color_fix, tile_size=tile_size, callback=progress,
-                    should_cancel=lambda: jobs.cancel_requested(job_id),
+                    should_cancel=should_cancel,
                 )
                 break
             except Exception as exc:  # only out-of-memory goes round again with smaller tiles
@@ -81,37 +100,46 @@ def upscale(job_id: str) -> None:
         fmt = params.output_format
         key = output_key(job_id, fmt)
         storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
-        jobs.finish(job_id, JobStatus.succeeded, output_key=key, output_width=image.width,
+        jobs.finish(job_id, JobStatus.succeeded, owner=owner, output_key=key, output_width=image.width,
                     output_height=image.height, progress=1.0)
+        runtime.metrics.observe(result.timings, time.monotonic() - started, "succeeded")
         log.info("job %s: succeeded (%d×%d)", job_id, image.width, image.height)
     except PipelineCancelled:
-        _finish_quietly(job_id, JobStatus.canceled)
-        log.info("job %s: canceled", job_id)
+        if _finish_quietly(job_id, JobStatus.canceled, owner):
+            runtime.metrics.jobs.labels("canceled").inc()
+            log.info("job %s: canceled", job_id)
+        else:
+            log.warning("job %s: taken over by another worker; this attempt stops", job_id)
     except (InvalidImageError, ValueError) as exc:
-        _finish_quietly(job_id, JobStatus.failed, error=JobError(code="invalid_input", message=str(exc)))
+        _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=str(exc)))
+        runtime.metrics.jobs.labels("failed").inc()
     except Exception as exc:
         kind = classify(exc)
         current = get_current_job()
         retries_left = bool(current and current.retries_left)
         if kind == "fatal" or not retries_left:
-            _finish_quietly(job_id, JobStatus.failed, error=JobError(code=kind, message=f"{type(exc).__name__}: {exc}"))
+            _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code=kind, message=f"{type(exc).__name__}: {exc}"))
+            runtime.metrics.jobs.labels("failed").inc()
             log.exception("job %s: failed (%s)", job_id, kind)
             if kind == "fatal":
-                raise
+                raise  # the process exits; the orchestrator restarts it with a fresh CUDA context
             return
-        try:  # back to queued while RQ waits to retry it
-            jobs.transition(job_id, [JobStatus.running], JobStatus.queued, progress=0.0)
+        try:  # back to queued while RQ retries it
+            jobs.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner=owner, owner=None, progress=0.0)
+            jobs.release(job_id, owner)
         except Exception:
             pass
         log.warning("job %s: %s error, will retry: %s", job_id, kind, exc)
+        time.sleep(RETRY_BACKOFF_S)
         raise
 
 
-def _finish_quietly(job_id: str, status: JobStatus, **changes) -> None:
+def _finish_quietly(job_id: str, status: JobStatus, owner: str, **changes) -> bool:
     try:
-        get_runtime().services.jobs.finish(job_id, status, **changes)
+        get_runtime().services.jobs.finish(job_id, status, owner=owner, **changes)
+        return True
     except TransitionRejected:
-        pass
+        return False
 
 
 def _free_cuda_cache() -> None:

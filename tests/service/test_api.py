@@ -178,3 +178,20 @@ def test_redis_down_is_503(tmp_path):
         response = submit(client)
         assert response.status_code == 503 and response.json()["error"]["code"] == "queue_unavailable"
         assert client.get("/readyz").status_code == 503
+
+
+def test_metrics_are_exposed_and_parseable(client, settings, tiny_pipeline):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    submit(client, steps=1)
+    client.get("/v1/jobs/nope")
+    run_worker(settings, tiny_pipeline)
+    text = client.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    requests = {(s.labels["route"], s.labels["status"]) for s in families["megasr_http_requests"].samples}
+    assert ("/v1/upscale", "202") in requests and ("/v1/jobs/{job_id}", "404") in requests
+    assert "megasr_http_request_duration_seconds" in families
+    depth = [s for s in families["megasr_queue_depth"].samples if s.labels["queue"] == settings.queue_name]
+    assert depth and depth[0].value == 0
+    finished = {s.labels["status"]: s.value for s in families["megasr_jobs_finished"].samples if s.name.endswith("_total")}
+    assert finished["succeeded"] >= 1

@@ -1,0 +1,107 @@
+"""Real `megasr worker` processes: SIGKILL mid-job → another worker finishes it, once; SIGTERM drains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from tests.service.conftest import free_port
+from tests.service.test_api import make_settings, submit
+
+
+def start_worker(settings, weights: Path, log: Path) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    env = {**os.environ, "MEGASR_REDIS_URL": settings.redis_url, "MEGASR_STORAGE_URL": settings.storage_url,
+           "MEGASR_QUEUE_NAME": settings.queue_name, "MEGASR_WEIGHTS": str(weights), "MEGASR_HOME": str(settings.home)}
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("megasr")), "worker", "--metrics-port", str(port), "--device", "cpu"],
+        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+    )
+    return process, port
+
+
+def wait_ready(process: subprocess.Popen, port: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "worker exited during start-up"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("worker did not become ready")
+
+
+def wait_for(client, job_id: str, predicate, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if predicate(job):
+            return job
+        time.sleep(0.3)
+    raise TimeoutError(f"job {job_id}: {client.get(f'/v1/jobs/{job_id}').json()}")
+
+
+@pytest.fixture()
+def setup(tmp_path, redis_url, tiny_weights):
+    settings = make_settings(tmp_path, redis_url)
+    with TestClient(create_app(settings)) as client:
+        yield settings, client, tiny_weights, tmp_path
+    # any worker left behind is killed by the test itself
+
+
+def test_sigkill_mid_job_is_finished_by_another_worker_once(setup):
+    settings, client, weights, tmp_path = setup
+    first, first_port = start_worker(settings, weights, tmp_path / "worker1.log")
+    second = None
+    try:
+        wait_ready(first, first_port)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{first_port}/metrics", timeout=5).read().decode()
+        assert "megasr_worker_ready 1.0" in metrics
+        job_id = submit(client, steps=30, seed=2).json()["id"]
+        wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"] > 0, timeout=120)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        killed_at = time.monotonic()
+        second, second_port = start_worker(settings, weights, tmp_path / "worker2.log")
+        requeued = wait_for(client, job_id, lambda j: j["status"] != "running", timeout=60)
+        assert time.monotonic() - killed_at < 60 and requeued["status"] in ("queued", "succeeded")
+        done = wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=240)
+        assert done["status"] == "succeeded", done
+        record = client.app.state.services.jobs.get(job_id)
+        assert record.attempts == 2  # the killed attempt and the one that finished; never a third
+        assert client.get(done["result_url"]).status_code == 200
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(timeout=10)
+
+
+def test_sigterm_finishes_the_current_job_then_exits(setup):
+    settings, client, weights, tmp_path = setup
+    worker, port = start_worker(settings, weights, tmp_path / "worker.log")
+    try:
+        wait_ready(worker, port)
+        running = submit(client, steps=12, seed=3).json()["id"]
+        waiting = submit(client, steps=2, seed=4).json()["id"]
+        wait_for(client, running, lambda j: j["status"] == "running" and j["progress"] > 0, timeout=120)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0
+        assert client.get(f"/v1/jobs/{running}").json()["status"] == "succeeded"
+        assert client.get(f"/v1/jobs/{waiting}").json()["status"] == "queued"  # not taken
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)

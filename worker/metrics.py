@@ -1,0 +1,72 @@
+"""The worker's own Prometheus metrics and its /metrics, /healthz, /readyz endpoint."""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter("megasr_worker_jobs", "Jobs this worker finished, by outcome", ["status"], registry=self.registry)
+        self.stage_seconds = Histogram(
+            "megasr_worker_stage_seconds", "Seconds per pipeline stage", ["stage"], registry=self.registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self.job_seconds = Histogram("megasr_worker_job_seconds", "Seconds per job", registry=self.registry,
+                                     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.ready = Gauge("megasr_worker_ready", "1 once the model is loaded and warmed up", registry=self.registry)
+        self.gpu_memory = Gauge("megasr_worker_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry)
+        self.gpu_memory.set_function(_gpu_memory)
+        self.is_ready = False
+
+    def mark_ready(self) -> None:
+        self.is_ready = True
+        self.ready.set(1)
+
+    def observe(self, timings: dict[str, float], total: float, status: str) -> None:
+        for stage, seconds in timings.items():
+            if stage not in ("total", "denoise_step_median"):
+                self.stage_seconds.labels(stage).observe(seconds)
+        self.job_seconds.observe(total)
+        self.jobs.labels(status).inc()
+
+    def serve(self, host: str, port: int) -> ThreadingHTTPServer:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/metrics":
+                    body, status, kind = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
+                elif self.path == "/healthz":
+                    body, status, kind = b'{"status": "ok"}', 200, "application/json"
+                elif self.path == "/readyz":
+                    ready = metrics.is_ready
+                    body = b'{"status": "ready"}' if ready else b'{"status": "loading"}'
+                    status, kind = (200 if ready else 503), "application/json"
+                else:
+                    body, status, kind = b'{"error": {"code": "not_found", "message": "no such path"}}', 404, "application/json"
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        threading.Thread(target=server.serve_forever, name="megasr-worker-metrics", daemon=True).start()
+        return server
+
+
+def _gpu_memory() -> float:
+    try:
+        import torch
+
+        return float(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0.0
+    except Exception:
+        return 0.0

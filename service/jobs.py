@@ -23,6 +23,7 @@ from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus
 IDEMPOTENCY_TTL_S = 24 * 3600
 LEASE_TTL_S = 15
 RUNNING_KEY = "megasr:running"
+EXPIRY_KEY = "megasr:expiry"  # finished job ids scored by when their images are deleted
 FINISHED_KEY = "megasr:stats:finished"  # finished jobs per final status (metrics)
 
 
@@ -126,6 +127,7 @@ class JobStore:
                     pipe.set(key, updated.model_dump_json())
                     if updated.status.is_final:
                         pipe.hincrby(FINISHED_KEY, updated.status.value, 1)
+                        pipe.zadd(EXPIRY_KEY, {job_id: time.time() + self.result_ttl_s})
                         pipe.srem(self.active_key(updated.tenant), job_id)
                         pipe.expire(key, self.result_ttl_s)
                         pipe.delete(self.cancel_key(job_id), self.lease_key(job_id))
@@ -178,6 +180,13 @@ class JobStore:
                 pipe.exists(self.lease_key(job_id))
             alive = pipe.execute()
         return [job_id for job_id, live in zip(ids, alive) if not live]
+
+    def due_for_deletion(self, limit: int = 100) -> list[str]:
+        """Finished jobs whose images have outlived the result TTL."""
+        return [i.decode() for i in self.redis.zrangebyscore(EXPIRY_KEY, "-inf", time.time(), start=0, num=limit)]
+
+    def forget(self, job_id: str) -> None:
+        self.redis.zrem(EXPIRY_KEY, job_id)
 
     def release(self, job_id: str, owner: str) -> None:
         """Drop a lease without finishing (the job goes back to the queue for a retry)."""

@@ -1,4 +1,6 @@
-"""Re-queue the jobs of workers that died mid-job (SIGKILL, lost node, OOM-killer).
+"""Housekeeping any process may run: re-queue dead workers' jobs, delete expired results.
+
+Re-queue the jobs of workers that died mid-job (SIGKILL, lost node, OOM-killer):
 
 A running job's worker renews its lease every few seconds (``JobStore.LEASE_TTL_S`` = 15 s).
 Any process running :func:`reap_abandoned` every few seconds — every worker does, and so does
@@ -11,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from .contracts import JobError, JobStatus
+from .contracts import JobError, JobStatus, input_key, output_key
 from .deps import Services
 from .jobs import TransitionRejected
 
@@ -45,3 +47,14 @@ def reap_abandoned(services: Services) -> list[str]:
         except TransitionRejected:
             continue  # it finished or moved on meanwhile
     return handled
+
+
+def delete_expired_results(services: Services) -> int:
+    """Delete the images of jobs finished longer than the result TTL ago (Redis expires the record)."""
+    deleted = 0
+    for job_id in services.jobs.due_for_deletion():
+        for key in (input_key(job_id), *(output_key(job_id, fmt) for fmt in ("png", "jpeg", "webp"))):
+            services.storage.delete(key)
+        services.jobs.forget(job_id)
+        deleted += 1
+    return deleted

@@ -2,6 +2,7 @@
 
 * ``transient`` — storage or Redis unreachable: RQ retries the job later;
 * ``out_of_memory`` — CUDA OOM: free the cache, retry with smaller tiles, then as transient;
+* ``timeout`` — the job ran past ``MEGASR_JOB_TIMEOUT_S``: failed, not retried;
 * ``fatal`` — a broken CUDA context: the job fails and the process should exit so the
   orchestrator restarts it;
 * ``internal_error`` — anything else: retried, then failed.
@@ -23,6 +24,8 @@ def classify(exc: BaseException) -> str:
         return "transient"
     name = type(exc).__name__
     message = str(exc)
+    if name == "JobTimeoutException":
+        return "timeout"
     if name == "OutOfMemoryError" or "CUDA out of memory" in message:
         return "out_of_memory"
     if "CUDA error" in message or "cuDNN error" in message or "device-side assert" in message:

@@ -16,7 +16,7 @@ from typing import Any
 from service.app import build_services
 from service.config import Settings
 from service.deps import Services
-from service.reaper import reap_abandoned
+from service.reaper import delete_expired_results, reap_abandoned
 
 from .metrics import WorkerMetrics
 
@@ -50,6 +50,7 @@ class WorkerRuntime:
                     if ticks * lease_interval_s >= reap_interval_s:
                         ticks = 0
                         reap_abandoned(self.services)
+                        delete_expired_results(self.services)
                 except Exception as exc:  # Redis blips must not kill the thread
                     log.warning("lease/reaper loop: %s", exc)
 

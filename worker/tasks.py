@@ -117,7 +117,7 @@ def _run(runtime, record, owner: str) -> None:
         kind = classify(exc)
         current = get_current_job()
         retries_left = bool(current and current.retries_left)
-        if kind == "fatal" or not retries_left:
+        if kind in ("fatal", "timeout") or not retries_left:
             _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code=kind, message=f"{type(exc).__name__}: {exc}"))
             runtime.metrics.jobs.labels("failed").inc()
             log.exception("job %s: failed (%s)", job_id, kind)

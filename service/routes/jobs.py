@@ -19,6 +19,7 @@ from ..deps import ServicesDep, TenantDep
 from ..errors import ApiError
 from ..images import check_upload
 from ..jobs import TransitionRejected
+from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -137,6 +138,13 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "parameters"
         raise ApiError(422, "invalid_parameters", f"{where}: {first.get('msg', 'invalid')}") from None
+    if params.webhook_url is not None:
+        if settings.webhook_secret is None:
+            raise ApiError(422, "invalid_parameters", "webhook_url: webhooks are off (MEGASR_WEBHOOK_SECRET is not set)")
+        try:
+            check_webhook_url(str(params.webhook_url), settings.webhook_allow_private)
+        except ValueError as exc:
+            raise ApiError(422, "invalid_parameters", f"webhook_url: {exc}") from None
     image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels)
     if services.jobs.active_count(tenant) >= settings.max_queued_per_tenant:
         raise ApiError(429, "queue_quota", f"{settings.max_queued_per_tenant} unfinished jobs already; wait for some to finish",

@@ -290,6 +290,47 @@ def worker(
     run_worker(runtime, settings, burst=burst)
 
 
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: $MEGASR_HOST or 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port (default: $MEGASR_PORT or 8000).")] = None,
+    weights: Annotated[Optional[Path], typer.Option(help="Weights for the in-process worker (default: $MEGASR_WEIGHTS).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Device of the in-process worker.")] = None,
+) -> None:
+    """Run the HTTP API. Without MEGASR_REDIS_URL: embedded Valkey, local storage and a worker, in one process."""
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.config import Settings
+    from worker.embedded import start_embedded_valkey, start_housekeeping, start_worker_thread
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = settings.model_copy(update=updates)
+    try:
+        keys = settings.tenant_keys()
+    except ValueError as exc:
+        _fail(str(exc))
+    if not keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        _fail(f"refusing to listen on {settings.host} without API keys: set MEGASR_API_KEYS (or MEGASR_API_KEYS_FILE), "
+              "or bind to 127.0.0.1")
+    valkey = None
+    if not settings.redis_url:
+        valkey = start_embedded_valkey(settings)
+        settings = settings.model_copy(update={"redis_url": valkey.connection_url})
+        start_worker_thread(settings, resolve_weights(weights or settings.weights), device=device)
+    else:
+        start_housekeeping(settings)
+    try:
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    finally:
+        if valkey is not None:
+            valkey.stop()
+
+
 def main() -> None:
     app()
 

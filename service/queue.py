@@ -47,8 +47,13 @@ class JobQueue:
         )
 
     def position(self, job_id: str) -> int | None:
-        """0-based position in the queue, or None when the job is not waiting."""
-        return self.queue.get_job_position(job_id)
+        """0-based position in the queue, or None when the job is not waiting.
+
+        LPOS scans the list inside Redis; fetching the whole list (as RQ's helper does) makes
+        every status call O(queue length) in Python.
+        """
+        position = self.redis.lpos(self.queue.key, job_id)
+        return None if position is None else int(position)
 
     def cancel_queued(self, job_id: str) -> None:
         try:

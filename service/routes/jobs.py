@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
@@ -128,10 +129,24 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
 async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Queue an image for super-resolution; answers 202 with the job and its ``Location``."""
     settings = services.settings
-    if services.jobs.count_request(tenant) > settings.rate_limit_per_minute:
+    if await run_in_threadpool(services.jobs.count_request, tenant) > settings.rate_limit_per_minute:
         raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_minute} requests this minute",
                        {"Retry-After": "60"})
     data, declared_type, fields = await _read_request(request, settings.max_upload_bytes)
+    idempotency_key = request.headers.get("idempotency-key")
+    # Decoding, the storage write and the Redis calls block: keep them off the event loop.
+    record, replayed = await run_in_threadpool(_admit, services, tenant, data, declared_type, fields, idempotency_key)
+    view = await run_in_threadpool(_view, record, request, services)
+    headers = {"Location": str(request.url_for("get_job", job_id=record.id))}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str | None, fields: dict[str, Any],
+           idempotency_key: str | None) -> tuple[JobRecord, bool]:
+    """Validate, store the input, record and enqueue the job; (record, replayed)."""
+    settings = services.settings
     try:
         params = UpscaleParams.model_validate(fields)
     except ValidationError as exc:
@@ -145,33 +160,25 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
             check_webhook_url(str(params.webhook_url), settings.webhook_allow_private)
         except ValueError as exc:
             raise ApiError(422, "invalid_parameters", f"webhook_url: {exc}") from None
+    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
+        raise ApiError(422, "invalid_parameters", "Idempotency-Key must be 1 to 200 characters")
     image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels)
+    existing = services.jobs.find_idempotent(tenant, idempotency_key) if idempotency_key else None
+    if existing is not None:
+        return existing, True
     if services.jobs.active_count(tenant) >= settings.max_queued_per_tenant:
         raise ApiError(429, "queue_quota", f"{settings.max_queued_per_tenant} unfinished jobs already; wait for some to finish",
                        {"Retry-After": "30"})
     job_id = uuid.uuid4().hex
     record = JobRecord(id=job_id, tenant=tenant, params=params, input_key=input_key(job_id),
                        input_content_type=image.content_type, input_width=image.width, input_height=image.height)
-    idempotency_key = request.headers.get("idempotency-key")
-    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
-        raise ApiError(422, "invalid_parameters", "Idempotency-Key must be 1 to 200 characters")
-    existing = services.jobs.find_idempotent(tenant, idempotency_key) if idempotency_key else None
-    replayed = existing is not None
-    if existing is None:
-        services.storage.put(record.input_key, image.data, image.content_type)
-        record, created = services.jobs.create(record, idempotency_key)
-        if created:
-            services.queue.enqueue(record.id)
-        else:  # lost a race with an identical request
-            services.storage.delete(input_key(job_id))
-            replayed = True
-    else:
-        record = existing
-    view = _view(record, request, services)
-    headers = {"Location": str(request.url_for("get_job", job_id=record.id))}
-    if replayed:
-        headers["Idempotent-Replayed"] = "true"
-    return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+    services.storage.put(record.input_key, image.data, image.content_type)
+    record, created = services.jobs.create(record, idempotency_key)
+    if not created:  # lost a race with an identical request
+        services.storage.delete(input_key(job_id))
+        return record, True
+    services.queue.enqueue(record.id)
+    return record, False
 
 
 def _owned(services: ServicesDep, job_id: str, tenant: str) -> JobRecord:

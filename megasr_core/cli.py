@@ -324,6 +324,14 @@ def serve(
         start_worker_thread(settings, resolve_weights(weights or settings.weights), device=device)
     else:
         start_housekeeping(settings)
+    import signal
+
+    def _exit(signum: int, frame: object) -> None:
+        raise SystemExit(0)
+
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it to the previous handler: make
+    # that handler an orderly exit so the embedded Valkey below is stopped too.
+    signal.signal(signal.SIGTERM, _exit)
     try:
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
     finally:

@@ -1,0 +1,26 @@
+# syntax=docker/dockerfile:1
+# MegaSR API image: FastAPI on slim Python, no CUDA and no torch (the API never imports them).
+# Expected size ≈ 190 MB (python:3.11-slim ≈ 130 MB + ~60 MB of wheels).
+
+FROM python:3.11.10-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY docker/requirements-api.txt /src/docker/requirements-api.txt
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install -r docker/requirements-api.txt
+COPY pyproject.toml README.md /src/
+COPY service /src/service
+COPY worker /src/worker
+COPY megasr_core /src/megasr_core
+# --no-deps: only the service's own requirements above, not torch and the model stack.
+RUN /opt/venv/bin/pip install --no-deps /src
+
+FROM python:3.11.10-slim-bookworm
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MEGASR_HOME=/var/lib/megasr
+RUN groupadd --system --gid 10001 megasr \
+    && useradd --system --uid 10001 --gid megasr --home-dir /var/lib/megasr --create-home megasr
+COPY --from=build /opt/venv /opt/venv
+USER 10001:10001
+EXPOSE 8000
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
+    CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
+CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--forwarded-allow-ips", "*"]

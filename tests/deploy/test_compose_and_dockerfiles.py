@@ -1,0 +1,83 @@
+"""docker-compose.yml and the Dockerfiles, checked without a Docker engine."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from service.config import Settings
+from tests.deploy.conftest import ROOT
+
+KNOWN = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_BUCKET", "MEGASR_WEIGHTS_DIR",
+                                                                        "MEGASR_API_PORT", "MEGASR_WEIGHTS_SOURCE"}
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_compose_services_health_and_volumes():
+    spec = compose()
+    services = spec["services"]
+    assert {"redis", "minio", "create-bucket", "api", "worker"} <= set(services)
+    for name in ("redis", "minio", "api", "worker"):
+        assert services[name]["healthcheck"]["test"], name
+    assert "--appendonly" in services["redis"]["command"]
+    assert set(spec["volumes"]) >= {"redis-data", "minio-data"}
+    assert any(v.startswith("redis-data:") for v in services["redis"]["volumes"])
+    assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["worker"]["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_worker_reserves_a_gpu_and_drains():
+    worker = compose()["services"]["worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and device["count"] == 1 and "gpu" in device["capabilities"]
+    grace = int(worker["stop_grace_period"].rstrip("s"))
+    assert grace > Settings.model_fields["job_timeout_s"].default
+    assert any(v.endswith(":/weights:ro") for v in worker["volumes"])
+
+
+def test_compose_and_env_example_use_settings_the_code_reads():
+    text = (ROOT / "docker-compose.yml").read_text() + (ROOT / ".env.example").read_text()
+    names = set(re.findall(r"\bMEGASR_[A-Z0-9_]+", text))
+    assert names and not sorted(names - KNOWN)
+    env_example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                       if line and not line.startswith("#"))
+    assert "change-me" in env_example["MEGASR_API_KEYS"]  # placeholders, not real secrets
+
+
+def dockerfiles() -> dict[str, str]:
+    return {p.name: p.read_text() for p in (ROOT / "docker").glob("*.Dockerfile")}
+
+
+def test_dockerfiles_are_pinned_non_root_and_secret_free():
+    files = dockerfiles()
+    assert {"api.Dockerfile", "worker.Dockerfile"} <= set(files)
+    for name, text in files.items():
+        bases = re.findall(r"^FROM\s+(\S+)", text, flags=re.M)
+        assert len(bases) >= 2, f"{name}: multi-stage build expected"
+        for base in bases:
+            assert ":" in base and not base.endswith(":latest"), f"{name}: unpinned base {base}"
+            assert re.search(r":\S*\d", base), f"{name}: base tag without a version: {base}"
+        users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+        assert users and users[-1].split(":")[0] not in ("root", "0"), f"{name}: must end as a non-root USER"
+        for line in re.findall(r"^(?:ENV|ARG)\s+(.+)$", text, flags=re.M):
+            assert not re.search(r"(KEY|SECRET|PASSWORD|TOKEN)\w*=", line, flags=re.I), f"{name}: secret in {line}"
+        assert "HEALTHCHECK" in text
+
+
+def test_api_image_has_no_torch():
+    text = dockerfiles()["api.Dockerfile"]
+    lines = (ROOT / "docker" / "requirements-api.txt").read_text().lower().splitlines()
+    packages = [line.split(">")[0].split("=")[0].strip() for line in lines if line and not line.startswith("#")]
+    assert packages and not [p for p in packages if p in ("torch", "diffusers", "transformers")]
+    assert "--no-deps" in text
+    assert "service.app:create_app" in text
+
+
+def test_dockerignore_keeps_secrets_and_weights_out():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for entry in (".env", ".git", ".venv", "*.safetensors", "weights/"):
+        assert entry in ignored

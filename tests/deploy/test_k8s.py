@@ -1,0 +1,160 @@
+"""Kubernetes manifests, checked offline: schemas, GPUs, probes, grace, security, KEDA, settings."""
+
+from __future__ import annotations
+
+import kubernetes_validate
+import pytest
+
+from service.config import Settings
+from service.contracts import DEFAULT_QUEUE
+from tests.deploy.conftest import OVERLAYS, find
+
+CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}
+
+
+def test_there_are_a_generic_and_cloud_overlays():
+    assert "gpu-pool" in OVERLAYS and {"gke", "eks"} & set(OVERLAYS)
+
+
+def test_every_builtin_object_validates_strictly(rendered):
+    _, docs = rendered
+    version = kubernetes_validate.latest_version()
+    for doc in docs:
+        if doc["kind"] in CUSTOM_KINDS:
+            continue
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_strict_validation_catches_typos():
+    broken = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
+              "spec": {"selector": {"a": "b"}, "portz": [{"port": 80}]}}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
+
+
+def pod_spec(docs, name: str) -> dict:
+    (deployment,) = find(docs, "Deployment", name)
+    return deployment["spec"]["template"]["spec"]
+
+
+def config(docs) -> dict:
+    (configmap,) = find(docs, "ConfigMap", "megasr-config")
+    return configmap["data"]
+
+
+def test_worker_runs_on_the_gpu_pool(rendered):
+    overlay, docs = rendered
+    spec = pod_spec(docs, "megasr-worker")
+    (worker,) = spec["containers"]
+    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+    assert spec.get("nodeSelector"), f"{overlay}: the worker must select the GPU pool"
+
+
+def test_worker_probes_grace_and_weights(rendered):
+    _, docs = rendered
+    spec = pod_spec(docs, "megasr-worker")
+    (worker,) = spec["containers"]
+    startup = worker["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # time to load weights
+    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert spec["terminationGracePeriodSeconds"] > int(config(docs)["MEGASR_JOB_TIMEOUT_S"])
+    (init,) = spec["initContainers"]
+    assert init["command"][-1] == "worker.fetch_weights"
+    assert any(m["mountPath"] == "/weights" for m in init["volumeMounts"])
+    assert config(docs)["MEGASR_WEIGHTS"] == "/weights"
+
+
+def test_api_probes_scaling_and_disruption(rendered):
+    _, docs = rendered
+    (api,) = pod_spec(docs, "megasr-api")["containers"]
+    assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert api["resources"]["requests"] and api["resources"]["limits"]
+    (hpa,) = find(docs, "HorizontalPodAutoscaler", "megasr-api")
+    assert hpa["spec"]["minReplicas"] >= 2
+    assert find(docs, "PodDisruptionBudget", "megasr-api")
+    assert find(docs, "Service", "megasr-api")
+
+
+def test_pods_run_as_non_root_with_read_only_roots(rendered):
+    _, docs = rendered
+    for kind in ("Deployment", "StatefulSet"):
+        for workload in find(docs, kind):
+            spec = workload["spec"]["template"]["spec"]
+            assert spec["securityContext"]["runAsNonRoot"] is True
+            assert spec["securityContext"]["runAsUser"] != 0
+            for container in spec["containers"] + spec.get("initContainers", []):
+                context = container["securityContext"]
+                assert context["allowPrivilegeEscalation"] is False
+                assert context["readOnlyRootFilesystem"] is True
+                assert context["capabilities"]["drop"] == ["ALL"]
+
+
+def test_keda_scales_workers_on_the_queue_the_code_uses(rendered):
+    _, docs = rendered
+    (scaled,) = find(docs, "ScaledObject")
+    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"]["name"] == "megasr-worker"
+    assert find(docs, "Deployment", spec["scaleTargetRef"]["name"])
+    assert spec["minReplicaCount"] >= 1 and spec["maxReplicaCount"] >= spec["minReplicaCount"]
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "redis"
+    queue = config(docs)["MEGASR_QUEUE_NAME"]
+    assert queue == DEFAULT_QUEUE
+    assert trigger["metadata"]["listName"] == f"rq:queue:{queue}"
+    assert int(trigger["metadata"]["listLength"]) >= 1 and trigger["metadata"]["address"]
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+
+
+def test_service_monitors_point_at_metrics_ports(rendered):
+    _, docs = rendered
+    monitors = find(docs, "ServiceMonitor")
+    assert {m["metadata"]["name"] for m in monitors} == {"megasr-api", "megasr-worker"}
+    services = find(docs, "Service")
+    for monitor in monitors:
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["path"] == "/metrics"
+        matching = [s for s in services if selector.items() <= s["metadata"].get("labels", {}).items()]
+        assert any(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in matching)
+
+
+def test_redis_persists_with_aof(rendered):
+    _, docs = rendered
+    (redis,) = find(docs, "StatefulSet", "megasr-redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert "--appendonly" in container["args"] and "yes" in container["args"]
+    assert redis["spec"]["volumeClaimTemplates"]
+    assert config(docs)["MEGASR_REDIS_URL"].startswith("redis://megasr-redis:")
+
+
+def test_network_policies_default_deny(rendered):
+    _, docs = rendered
+    policies = find(docs, "NetworkPolicy")
+    assert any(p["spec"]["podSelector"] == {} and p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+
+
+def test_settings_names_are_the_ones_the_code_reads(rendered):
+    _, docs = rendered
+    known = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_WEIGHTS_SOURCE"}
+    used = set(config(docs))
+    for kind in ("Deployment",):
+        for workload in find(docs, kind):
+            spec = workload["spec"]["template"]["spec"]
+            for container in spec["containers"] + spec.get("initContainers", []):
+                used |= {e["name"] for e in container.get("env", []) if e["name"].startswith("MEGASR_")}
+    unknown = sorted(used - known)
+    assert not unknown, f"settings the code does not read: {unknown}"
+
+
+def test_secrets_are_references_not_values(rendered):
+    _, docs = rendered
+    assert not find(docs, "Secret")  # created out of band, never committed
+    data = config(docs)
+    assert not [k for k in data if "SECRET" in k or k.endswith("_KEYS")]

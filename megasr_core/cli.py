@@ -16,6 +16,10 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="Create, inspect and assemble MegaSR weights directories.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+data_app = typer.Typer(help="Training data: degraded (LR, HR) pairs.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+train_app = typer.Typer(help="Train MegaSR (stage 2) from HR photos.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
 
 
 def _fail(message: str) -> None:
@@ -337,6 +341,67 @@ def serve(
     finally:
         if valkey is not None:
             valkey.stop()
+
+
+@data_app.command("make-pairs")
+def data_make_pairs(
+    inputs: Annotated[list[Path], typer.Argument(help="Folders (or files) of HR images.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Writes OUTPUT/hr and OUTPUT/lr.")],
+    crop_size: Annotated[int, typer.Option(help="HR crop side (a multiple of --scale).")] = 512,
+    scale: Annotated[int, typer.Option(help="Downscaling factor.")] = 4,
+    per_image: Annotated[int, typer.Option(help="Crops per image.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of crops and degradations.")] = 0,
+) -> None:
+    """Make (LR, HR) pairs offline with the Real-ESRGAN second-order degradation."""
+    from megasr_core.data import DegradationConfig, make_pairs
+
+    try:
+        count = make_pairs(inputs, output, crop_size=crop_size, per_image=per_image, seed=seed,
+                           degradation=DegradationConfig(scale=scale))
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote {count} pairs to {output}/hr and {output}/lr")
+
+
+@train_app.command("megasr")
+def train_megasr(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML/TOML/JSON file of MegaSRTrainConfig fields.")],
+    resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = True,
+    max_steps: Annotated[Optional[int], typer.Option(help="Override max_steps.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Override output_dir.")] = None,
+) -> None:
+    """Stage 2: train the ControlNet and MegaSR's modules (launch with `accelerate launch` for multi-GPU)."""
+    import logging
+
+    from megasr_core.train import MegaSRTrainer, load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_config(config, overrides={"max_steps": max_steps, "output_dir": output_dir})
+        trainer = MegaSRTrainer(settings)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    if resume:
+        trainer.resume()
+    trainer.train()
+    typer.echo(f"trained to step {trainer.step}; checkpoints in {settings.output_dir}/checkpoints")
+
+
+@weights_app.command("export")
+def weights_export(
+    run_dir: Annotated[Path, typer.Argument(help="A training run's output_dir.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Serving weights directory to write.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint folder (default: the newest).")] = None,
+    ema: Annotated[bool, typer.Option(help="Use the EMA weights when the run kept them.")] = True,
+) -> None:
+    """Turn a training run into a serving weights directory (with its overlay checkpoint)."""
+    from megasr_core.train.train_megasr import export_run
+
+    try:
+        path = export_run(run_dir, output, checkpoint=checkpoint, use_ema=ema)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"wrote serving weights to {path}")
 
 
 def main() -> None:

@@ -1,0 +1,294 @@
+"""Stage 2: train MegaSR (paper Eq. 4) with accelerate — eps-MSE, uniform timesteps.
+
+Only the denoiser's training group learns (the ControlNet whole; in the UNet the CSM
+connectors and projections and the MSFM); the VAE, text encoder, UNet base and the guidance
+extractors stay frozen. Mixed precision, gradient accumulation and multi-GPU come from
+``accelerate``; checkpoints hold the optimizer, the RNG states and the step, so a resumed run
+continues exactly. Validation upscales degraded validation crops and logs PSNR/SSIM (Y).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader, RandomSampler
+
+from ..data import PairedImageDataset
+from ..extractors import tags_to_prompt
+from ..metrics import psnr_y, ssim_y
+from ..pipelines import MegaSRPipeline
+from .config import MegaSRTrainConfig, save_config
+
+log = logging.getLogger("megasr.train")
+STATE_FILE = "trainer_state.json"
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (kept in fp32)."""
+
+    def __init__(self, parameters: dict[str, torch.nn.Parameter], decay: float) -> None:
+        self.decay = decay
+        self.shadow = {name: p.detach().float().clone() for name, p in parameters.items()}
+
+    @torch.no_grad()
+    def update(self, parameters: dict[str, torch.nn.Parameter]) -> None:
+        for name, param in parameters.items():
+            self.shadow[name].lerp_(param.detach().float(), 1 - self.decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = {k: v.clone() for k, v in state.items()}
+
+
+class MegaSRTrainer:
+    def __init__(self, config: MegaSRTrainConfig) -> None:
+        if not config.weights or not config.train_data:
+            raise ValueError("set `weights` (a MegaSR weights directory) and `train_data` (HR image folders)")
+        self.config = config
+        self.output = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+        )
+        set_seed(config.seed)
+        device = self.accelerator.device
+        self.pipeline = MegaSRPipeline.from_pretrained(config.weights, device=device, torch_dtype=torch.float32)
+        self.denoiser = self.pipeline.denoiser
+        self.denoiser.apply_trainable_flags()
+        self.denoiser.train()
+        if config.gradient_checkpointing:
+            self.denoiser.unet.enable_gradient_checkpointing()
+            self.denoiser.controlnet.enable_gradient_checkpointing()
+        self.trainable = self.denoiser.parameter_groups().trainable
+        self.optimizer = torch.optim.Adam(list(self.trainable.values()), lr=config.learning_rate,
+                                          betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
+        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed)
+        self.denoiser, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
+        self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
+        self.step = 0
+        self.epoch = 0
+        self.batches_into_epoch = 0
+        self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
+
+    # ------------------------------------------------------------------ data
+    def _loader(self) -> DataLoader:
+        self.dataset.set_epoch(self.epoch)
+        sampler = RandomSampler(self.dataset, generator=torch.Generator().manual_seed(self.config.seed + self.epoch))
+        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=False,
+                          num_workers=self.config.num_workers, persistent_workers=False)
+
+    def _batches(self):
+        while True:
+            loader = self._loader()
+            for index, batch in enumerate(loader):
+                if index < self.batches_into_epoch:
+                    continue  # resuming mid-epoch: the same order, the seen batches skipped
+                self.batches_into_epoch = index + 1
+                yield batch
+            self.epoch += 1
+            self.batches_into_epoch = 0
+
+    # ------------------------------------------------------------------ one step
+    @torch.no_grad()
+    def _condition(self, lr: torch.Tensor, hr_size: tuple[int, int]):
+        pipe = self.pipeline
+        guidance, tokens, tags = {}, None, [[] for _ in range(lr.shape[0])]
+        if pipe.extractors is not None:
+            from ..pipelines.pipeline_megasr import _extractors_for
+
+            wanted = [n for n in _extractors_for(pipe.denoiser) if n in pipe.extractors.available]
+            if not self.config.use_tags:
+                wanted = [n for n in wanted if n != "tagger"]
+            out = pipe.extractors(lr, enabled=wanted)
+            for key, value in out.maps().items():
+                if key in pipe.denoiser.config.guidance_keys:
+                    guidance[key] = F.interpolate(value.float(), size=hr_size, mode="bilinear", align_corners=False)
+            tokens = out.image_tokens if pipe.denoiser.config.use_csm else None
+            tags = out.tags or tags
+        keep = torch.rand(lr.shape[0], generator=self.noise_generator) >= self.config.empty_prompt_probability
+        prompts = [tags_to_prompt(t) if k else "" for t, k in zip(tags, keep.tolist())]
+        text = pipe._encode_text(prompts)
+        return guidance, tokens, text
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> float:
+        pipe = self.pipeline
+        device = self.accelerator.device
+        lr, hr = batch["lr"].to(device), batch["hr"].to(device)
+        with torch.no_grad():
+            posterior = pipe.vae.encode(hr * 2 - 1).latent_dist
+            eps = torch.randn(posterior.mean.shape, generator=self.noise_generator).to(device)
+            latents = (posterior.mean + posterior.std * eps) * pipe.vae.config.scaling_factor
+            control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+            guidance, tokens, text = self._condition(lr, tuple(hr.shape[-2:]))
+            noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
+            timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=self.noise_generator).to(device)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        with self.accelerator.accumulate(self.denoiser):
+            prediction = self.denoiser(noisy, timesteps, text, image_embeds=tokens, guidance=guidance, control_image=control)
+            loss = F.mse_loss(prediction.float(), noise.float())
+            self.accelerator.backward(loss)
+            if self.accelerator.sync_gradients and self.config.max_grad_norm:
+                self.accelerator.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluation_loss(self, batch: dict[str, torch.Tensor], seed: int = 0) -> float:
+        """The eps-MSE on ``batch`` with noise, timesteps and prompts fixed by ``seed`` (comparable across steps)."""
+        saved = self.noise_generator.get_state()
+        self.noise_generator.manual_seed(seed)
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        try:
+            pipe, device = self.pipeline, self.accelerator.device
+            lr, hr = batch["lr"].to(device), batch["hr"].to(device)
+            posterior = pipe.vae.encode(hr * 2 - 1).latent_dist
+            latents = posterior.mean * pipe.vae.config.scaling_factor
+            control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+            guidance, tokens, text = self._condition(lr, tuple(hr.shape[-2:]))
+            noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
+            timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                      generator=self.noise_generator).to(device)
+            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+            prediction = self.denoiser(noisy, timesteps, text, image_embeds=tokens, guidance=guidance, control_image=control)
+            return float(F.mse_loss(prediction.float(), noise.float()))
+        finally:
+            self.noise_generator.set_state(saved)
+            self.denoiser.train(was_training)
+
+    # ------------------------------------------------------------------ loop
+    def train(self, max_steps: int | None = None) -> list[float]:
+        """Run until ``max_steps`` optimizer steps (the config's by default); returns the losses."""
+        target = max_steps or self.config.max_steps
+        self.output.mkdir(parents=True, exist_ok=True)
+        save_config(self.config, self.output / "config.json")
+        losses = []
+        batches = self._batches()
+        started = time.perf_counter()
+        while self.step < target:
+            loss = self.training_step(next(batches))
+            if not self.accelerator.sync_gradients:
+                continue
+            self.step += 1
+            losses.append(loss)
+            if self.ema is not None:
+                self.ema.update(self.trainable)
+            if self.step % self.config.log_every == 0 or self.step == target:
+                self._log({"step": self.step, "loss": loss, "steps_per_s": self.step / (time.perf_counter() - started)})
+            if self.config.val_data and self.step % self.config.validate_every == 0:
+                self._log({"step": self.step, **self.validate()})
+            if self.step % self.config.checkpoint_every == 0 or self.step == target:
+                self.save_checkpoint()
+        return losses
+
+    def _log(self, row: dict) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        path = self.output / "log.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "loss", "steps_per_s", "psnr_y", "ssim_y"], extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+        log.info("%s", {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Upscale fixed degraded validation crops; mean PSNR/SSIM on Y against the HR."""
+        from ..pipelines.image_processing import to_pil
+
+        dataset = PairedImageDataset(self.config.val_data, crop_size=self.config.crop_size, seed=12345)
+        self.denoiser.eval()
+        psnrs, ssims = [], []
+        try:
+            for index in range(min(self.config.validation_images, len(dataset))):
+                pair = dataset[index]
+                result = self.pipeline(to_pil(pair["lr"]), scale=self.config.crop_size / pair["lr"].shape[-1],
+                                       num_inference_steps=self.config.validation_steps, seed=index)
+                sr = torch.from_numpy(np.asarray(result.images[0], dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                psnrs.append(float(psnr_y(sr, pair["hr"][None], crop=4)))
+                ssims.append(float(ssim_y(sr, pair["hr"][None], crop=4)))
+        finally:
+            self.denoiser.train()
+        return {"psnr_y": sum(psnrs) / len(psnrs), "ssim_y": sum(ssims) / len(ssims)}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        path = self.output / "checkpoints" / f"step-{self.step:08d}"
+        self.accelerator.save_state(str(path))
+        if self.accelerator.is_main_process:
+            state = {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
+                     "noise_generator": self.noise_generator.get_state().tolist()}
+            (path / STATE_FILE).write_text(json.dumps(state))
+            if self.ema is not None:
+                torch.save(self.ema.state_dict(), path / "ema.pt")
+            checkpoints = sorted((self.output / "checkpoints").glob("step-*"))
+            for old in checkpoints[: -self.config.checkpoints_to_keep]:
+                shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def latest_checkpoint(self) -> Path | None:
+        checkpoints = sorted((self.output / "checkpoints").glob("step-*"))
+        return checkpoints[-1] if checkpoints else None
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Continue from ``path`` (default: the newest checkpoint); False when there is none."""
+        path = Path(path) if path else self.latest_checkpoint()
+        if path is None:
+            return False
+        self.accelerator.load_state(str(path))
+        state = json.loads((path / STATE_FILE).read_text())
+        self.step, self.epoch, self.batches_into_epoch = state["step"], state["epoch"], state["batches_into_epoch"]
+        self.noise_generator.set_state(torch.tensor(state["noise_generator"], dtype=torch.uint8))
+        if self.ema is not None and (path / "ema.pt").is_file():
+            self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ export
+    def export(self, directory: str | Path, use_ema: bool = True) -> Path:
+        """Write a serving weights directory (and ``megasr_overlay.safetensors`` inside it)."""
+        denoiser = self.accelerator.unwrap_model(self.denoiser)
+        if use_ema and self.ema is not None:
+            backup = {n: p.detach().clone() for n, p in self.trainable.items()}
+            with torch.no_grad():
+                for name, param in self.trainable.items():
+                    param.copy_(self.ema.shadow[name].to(param.dtype))
+        try:
+            directory = Path(directory)
+            self.pipeline.save_pretrained(directory)
+            denoiser.save_overlay(directory / "megasr_overlay.safetensors")
+        finally:
+            if use_ema and self.ema is not None:
+                with torch.no_grad():
+                    for name, param in self.trainable.items():
+                        param.copy_(backup[name])
+        return directory
+
+
+def export_run(run_dir: str | Path, output: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True) -> Path:
+    """Turn a training run (its config and newest checkpoint) into a serving weights directory."""
+    from .config import load_config
+
+    run_dir = Path(run_dir)
+    config = load_config(run_dir / "config.json", overrides={"output_dir": str(run_dir), "num_workers": 0})
+    trainer = MegaSRTrainer(config)
+    if not trainer.resume(checkpoint):
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}")
+    return trainer.export(output, use_ema=use_ema)

@@ -48,6 +48,8 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
         result = httpx.get(job["result_url"], timeout=30)
         assert Image.open(io.BytesIO(result.content)).size == (80, 48)
         assert (tmp_path / "home" / "valkey").is_dir() and (tmp_path / "home" / "data").is_dir()
+        conf = (tmp_path / "home" / "valkey" / "valkey.conf").read_text().splitlines()
+        valkey_port = int(next(line.split()[1] for line in conf if line.startswith("port ")))
     finally:
         server.terminate()
         server.wait(timeout=30)

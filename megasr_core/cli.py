@@ -387,6 +387,30 @@ def train_megasr(
     typer.echo(f"trained to step {trainer.step}; checkpoints in {settings.output_dir}/checkpoints")
 
 
+@train_app.command("dage")
+def train_dage(
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML/TOML/JSON file of DAGETrainConfig fields.")],
+    max_steps: Annotated[Optional[int], typer.Option(help="Override max_steps.")] = None,
+    export_to: Annotated[Optional[Path], typer.Option(help="Install the result into this weights directory.")] = None,
+) -> None:
+    """Stage 1: degradation-aware fine-tuning of one guidance extractor (full or LoRA r=8)."""
+    import logging
+
+    from megasr_core.train import load_config
+    from megasr_core.train.dage import DAGETrainConfig, DAGETrainer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_config(config, cls=DAGETrainConfig, overrides={"max_steps": max_steps})
+        trainer = DAGETrainer(settings)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    trainer.train()
+    if export_to is not None:
+        typer.echo(f"installed into {trainer.export(export_to)}")
+    typer.echo(f"trained {settings.extractor} for {trainer.step} steps; results in {settings.output_dir}")
+
+
 @weights_app.command("export")
 def weights_export(
     run_dir: Annotated[Path, typer.Argument(help="A training run's output_dir.")],

@@ -79,12 +79,17 @@ class HEDNetwork(nn.Module):
         self.num_blocks = len(config.channels)
 
     def forward(self, rgb_255: torch.Tensor) -> list[torch.Tensor]:
+        return self.features(rgb_255)[1]
+
+    def features(self, rgb_255: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(each block's feature map, each block's side output): the representations DAGE aligns."""
         x = rgb_255 - self.norm
-        sides = []
+        blocks, sides = [], []
         for index in range(1, self.num_blocks + 1):
             x, side = getattr(self, f"block{index}")(x, pool=index > 1)
+            blocks.append(x)
             sides.append(side)
-        return sides
+        return blocks, sides
 
 
 def fuse_side_outputs(sides: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
@@ -103,14 +108,17 @@ class HEDExtractor(Extractor):
         self.config = config
         self.network = HEDNetwork(config)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = self._model_input(images)
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB in 0-255 at the native size (what the network takes)."""
         height, width = images.shape[-2:]
         size = native_size(height, width, self.config.native_short_side, multiple=16, max_long_side=self.config.max_long_side)
-        rgb = resize(images, size).clamp(0, 1) * 255.0
-        sides = self.network(rgb)
-        edges = fuse_side_outputs(sides, size)
-        return resize(edges, (height, width), mode="bilinear").clamp(0, 1)
+        return resize(images, size).clamp(0, 1) * 255.0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = self._model_input(images)
+        rgb = self.preprocess(images)
+        edges = fuse_side_outputs(self.network(rgb), tuple(rgb.shape[-2:]))
+        return resize(edges, images.shape[-2:], mode="bilinear").clamp(0, 1)
 
     # ---------------------------------------------------------------- weights
     @classmethod

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..utils import DeviceDtypeMixin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -94,19 +95,11 @@ def center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
-class Extractor(nn.Module):
+class Extractor(DeviceDtypeMixin, nn.Module):
     """Base of the map extractors: ``forward(images) -> B×C×H×W`` at the input's resolution."""
 
     #: key of the output in the denoiser's ``guidance`` dict
     name: str = ""
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     def _model_input(self, images: torch.Tensor) -> torch.Tensor:
         return check_images(images).to(self.device, self.dtype)

@@ -17,11 +17,12 @@ from torch import nn
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
 from .base import CLIP_MEAN, CLIP_STD, center_crop, check_images, native_size, normalize, resize
+from ..utils import DeviceDtypeMixin
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-class CLIPImageEncoder(nn.Module):
+class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
     """LR images → CLIP image tokens ``B×N×D``; also the projected image embedding for tagging."""
 
     name = "clip"
@@ -55,14 +56,6 @@ class CLIPImageEncoder(nn.Module):
     @property
     def num_tokens(self) -> int:
         return (self.image_size // int(self.vision_config.patch_size)) ** 2 + 1
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @classmethod
     def from_config(cls, config: CLIPConfig | CLIPVisionConfig) -> "CLIPImageEncoder":

@@ -24,6 +24,7 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from .base import check_images
+from ..utils import DeviceDtypeMixin
 from .clip_image import CLIPImageEncoder
 from .depth import DepthExtractor
 from .hed import HEDExtractor
@@ -48,7 +49,7 @@ class GuidanceOutput:
         return {k: v for k, v in (("hed", self.hed), ("depth", self.depth), ("seg", self.seg)) if v is not None}
 
 
-class GuidanceExtractors(nn.Module):
+class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
     """The HED, depth, segmentation and CLIP extractors plus a tagger; each optional."""
 
     def __init__(
@@ -67,14 +68,6 @@ class GuidanceExtractors(nn.Module):
         self.clip = clip  # the tagger may use it even when image tokens are not enabled
         self.tagger = tagger  # shares the CLIP towers; not a submodule of its own
         self.enabled = tuple(n for n in NAMES if n in set(self.available if enabled is None else enabled))
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     @property
     def available(self) -> tuple[str, ...]:

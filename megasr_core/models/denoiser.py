@@ -25,6 +25,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
 from .conditioning import ConditioningSlot, MegaSRConditioning
+from ..utils import DeviceDtypeMixin
 from .config import MegaSRConfig
 from .csm import IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, install_csm
 from .msfm import install_msfm
@@ -76,7 +77,7 @@ class ParameterGroups:
         }
 
 
-class MegaSRDenoiser(nn.Module):
+class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
     """Noise prediction of MegaSR (paper Eq. 4): ε_θ(z_t, t, e_t, e_i, guidance, LR)."""
 
     def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel, config: MegaSRConfig) -> None:
@@ -105,14 +106,6 @@ class MegaSRDenoiser(nn.Module):
             install_msfm(controlnet, self.slot, **kwargs)
             install_msfm(unet, self.slot, **kwargs)
         self.apply_trainable_flags()
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -122,23 +122,34 @@ class MegaSRTrainer:
         text = pipe._encode_text(prompts)
         return guidance, tokens, text
 
-    def training_step(self, batch: dict[str, torch.Tensor]) -> float:
+    @torch.no_grad()
+    def _model_inputs(self, batch: dict[str, torch.Tensor], sample_latents: bool = True) -> dict:
+        """Noised HR latents at uniform timesteps, their noise, and every condition, for a batch."""
         pipe = self.pipeline
         device = self.accelerator.device
         lr, hr = batch["lr"].to(device), batch["hr"].to(device)
-        with torch.no_grad():
-            posterior = pipe.vae.encode(hr * 2 - 1).latent_dist
-            eps = torch.randn(posterior.mean.shape, generator=self.noise_generator).to(device)
-            latents = (posterior.mean + posterior.std * eps) * pipe.vae.config.scaling_factor
-            control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-            guidance, tokens, text = self._condition(lr, tuple(hr.shape[-2:]))
-            noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
-            timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=self.noise_generator).to(device)
-            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        posterior = pipe.vae.encode(hr * 2 - 1).latent_dist
+        latents = posterior.mean
+        if sample_latents:
+            latents = latents + posterior.std * torch.randn(latents.shape, generator=self.noise_generator).to(device)
+        latents = latents * pipe.vae.config.scaling_factor
+        control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+        guidance, tokens, text = self._condition(lr, tuple(hr.shape[-2:]))
+        noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
+        timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=self.noise_generator).to(device)
+        return {"noisy": pipe.scheduler.add_noise(latents, noise, timesteps), "noise": noise, "timesteps": timesteps,
+                "text": text, "tokens": tokens, "guidance": guidance, "control": control}
+
+    def _loss(self, inputs: dict) -> torch.Tensor:
+        prediction = self.denoiser(inputs["noisy"], inputs["timesteps"], inputs["text"], image_embeds=inputs["tokens"],
+                                   guidance=inputs["guidance"], control_image=inputs["control"])
+        return F.mse_loss(prediction.float(), inputs["noise"].float())
+
+    def training_step(self, batch: dict[str, torch.Tensor]) -> float:
+        inputs = self._model_inputs(batch)
         with self.accelerator.accumulate(self.denoiser):
-            prediction = self.denoiser(noisy, timesteps, text, image_embeds=tokens, guidance=guidance, control_image=control)
-            loss = F.mse_loss(prediction.float(), noise.float())
+            loss = self._loss(inputs)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients and self.config.max_grad_norm:
                 self.accelerator.clip_grad_norm_(list(self.trainable.values()), self.config.max_grad_norm)
@@ -154,18 +165,7 @@ class MegaSRTrainer:
         was_training = self.denoiser.training
         self.denoiser.eval()
         try:
-            pipe, device = self.pipeline, self.accelerator.device
-            lr, hr = batch["lr"].to(device), batch["hr"].to(device)
-            posterior = pipe.vae.encode(hr * 2 - 1).latent_dist
-            latents = posterior.mean * pipe.vae.config.scaling_factor
-            control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-            guidance, tokens, text = self._condition(lr, tuple(hr.shape[-2:]))
-            noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
-            timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                      generator=self.noise_generator).to(device)
-            noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
-            prediction = self.denoiser(noisy, timesteps, text, image_embeds=tokens, guidance=guidance, control_image=control)
-            return float(F.mse_loss(prediction.float(), noise.float()))
+            return float(self._loss(self._model_inputs(batch, sample_latents=False)))
         finally:
             self.noise_generator.set_state(saved)
             self.denoiser.train(was_training)

@@ -210,7 +210,10 @@ class MegaSRTrainer:
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Upscale fixed degraded validation crops; mean PSNR/SSIM on Y against the HR."""
+        """Upscale fixed degraded validation crops; mean PSNR/SSIM on Y against the HR.
+
+        The SR images are written to ``output_dir/validation/step-N/`` next to their LR and HR.
+        """
         from ..pipelines.image_processing import to_pil
 
         dataset = PairedImageDataset(self.config.val_data, crop_size=self.config.crop_size, seed=12345)
@@ -222,6 +225,12 @@ class MegaSRTrainer:
                 result = self.pipeline(to_pil(pair["lr"]), scale=self.config.crop_size / pair["lr"].shape[-1],
                                        num_inference_steps=self.config.validation_steps, seed=index)
                 sr = torch.from_numpy(np.asarray(result.images[0], dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+                if self.accelerator.is_main_process:
+                    folder = self.output / "validation" / f"step-{self.step:08d}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    result.images[0].save(folder / f"{index:03d}_sr.png")
+                    to_pil(pair["lr"]).save(folder / f"{index:03d}_lr.png")
+                    to_pil(pair["hr"]).save(folder / f"{index:03d}_hr.png")
                 psnrs.append(float(psnr_y(sr, pair["hr"][None], crop=4)))
                 ssims.append(float(ssim_y(sr, pair["hr"][None], crop=4)))
         finally:

@@ -68,8 +68,13 @@ def test_resume_continues_exactly(tiny_weights, hr_folder, tmp_path):
 
 def test_export_loads_in_the_pipeline_and_upscales(tiny_weights, hr_folder, tmp_path):
     run = tmp_path / "run"
-    trainer = MegaSRTrainer(config(tiny_weights, hr_folder, run, ema_decay=0.9))
+    trainer = MegaSRTrainer(config(tiny_weights, hr_folder, run, ema_decay=0.9, val_data=[str(hr_folder)],
+                                   validate_every=3, validation_steps=1, validation_images=1))
     trainer.train(max_steps=3)
+    assert (run / "validation" / "step-00000003" / "000_sr.png").is_file()
+    row = (run / "log.csv").read_text().splitlines()[-1].split(",")
+    psnr, ssim = float(row[3]), float(row[4])
+    assert 5 < psnr < 60 and -1 <= ssim <= 1
     exported = export_run(run, tmp_path / "export")
     assert (exported / "megasr_overlay.safetensors").is_file()
     pipeline = MegaSRPipeline.from_pretrained(exported, device="cpu")

@@ -39,6 +39,8 @@ from .tiling import Tile, blend_tiles, tiles
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
 MAX_STEPS = 1000
+AUTO_TILE = 96  # latent tile side used when an image is too large for one pass
+AUTO_TILE_ABOVE = 128  # latent side above which tiling switches on
 
 
 class PipelineCancelled(RuntimeError):
@@ -238,8 +240,8 @@ class MegaSRPipeline(DiffusionPipeline):
         """Super-resolve ``images`` (paths, bytes, files or PIL images) by ``scale``.
 
         Args:
-            tile_size: latent tile side (pixels / 8); ``None`` = tile only when the latent is
-                larger than 96 (SeeSR's tile), ``0`` = never tile.
+            tile_size: latent tile side (pixels / 8); ``None`` = 96-latent tiles (SeeSR's) only
+                when the latent is larger than 128 (1024 px), ``0`` = never tile.
             tile_overlap: latent overlap between tiles.
             vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
             max_cached_tiles: keep each tile's guidance modulation across steps up to this many
@@ -351,7 +353,9 @@ class MegaSRPipeline(DiffusionPipeline):
             latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(size))
         # 7. Denoising loop with classifier-free guidance, tiled when large.
         height, width = latents.shape[-2:]
-        tile = tile_size if tile_size is not None else (96 if max(height, width) > 96 else 0)
+        # Auto: one pass up to a 128-latent side (1024 px); beyond it SeeSR's 96-latent tiles. (A
+        # threshold at the tile size itself would run two near-full tiles for a 97-latent image.)
+        tile = tile_size if tile_size is not None else (AUTO_TILE if max(height, width) > AUTO_TILE_ABOVE else 0)
         tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
         repeat = 2 if do_cfg else 1
         cfg_double = (lambda x: torch.cat([x, x])) if do_cfg else (lambda x: x)

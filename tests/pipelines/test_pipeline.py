@@ -77,9 +77,31 @@ def test_tiled_and_untiled_agree_closely(pipeline, cat):
 
 
 def test_a_large_image_runs_tiled(pipeline, cat):
-    image = cat.resize((250, 170), Image.Resampling.BICUBIC)  # 1000×680 output: latent 125×85 → 2×1 tiles
-    out = pipeline(image, num_inference_steps=2, seed=0)
-    assert out.images[0].size == (1000, 680)
+    from megasr_core.pipelines import pipeline_megasr
+
+    image = cat.resize((290, 170), Image.Resampling.BICUBIC)  # 1160×680 output: latent 145×85 → 2×1 tiles
+    seen = []
+    original = pipeline_megasr.tiles
+    pipeline_megasr.tiles = lambda *args, **kwargs: seen.append(original(*args, **kwargs)) or seen[-1]
+    try:
+        out = pipeline(image, num_inference_steps=2, seed=0)
+    finally:
+        pipeline_megasr.tiles = original
+    assert out.images[0].size == (1160, 680)
+    assert seen and len(seen[-1]) == 2  # tiled automatically: two 96-latent tiles
+
+
+def test_up_to_1024_pixels_runs_in_one_pass(pipeline, cat):
+    from megasr_core.pipelines import pipeline_megasr
+
+    seen = []
+    original = pipeline_megasr.tiles
+    pipeline_megasr.tiles = lambda *args, **kwargs: seen.append(original(*args, **kwargs)) or seen[-1]
+    try:
+        out = pipeline(cat.resize((113, 75)), num_inference_steps=1, seed=0)  # latent 97×64
+    finally:
+        pipeline_megasr.tiles = original
+    assert out.images[0].size == (452, 300) and not seen
 
 
 def test_progress_fires_once_per_step(pipeline, small_cat):

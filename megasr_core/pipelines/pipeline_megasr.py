@@ -418,21 +418,30 @@ class MegaSRPipeline(DiffusionPipeline):
                 outputs.append(to_pil(decoded[row], alpha))
         return outputs, prompts
 
-    def _run_extractors(self, lr: torch.Tensor, batch: _Batch):
-        """Guidance maps at the padded working size, CLIP image tokens and tags."""
+    def extract_guidance(self, lr: torch.Tensor, size: tuple[int, int], with_tags: bool = True):
+        """Guidance maps resized to ``size``, CLIP image tokens and tags of LR images in [0, 1].
+
+        Only the extractors the denoiser's switches consume run. Shared by sampling and training.
+        """
         config = self.denoiser.config
         if self.extractors is None:
-            return {}, None, [[] for _ in batch.indices]
+            return {}, None, [[] for _ in range(lr.shape[0])]
         wanted = [n for n in _extractors_for(self.denoiser) if n in self.extractors.available]
+        if not with_tags:
+            wanted = [n for n in wanted if n != "tagger"]
         out = self.extractors(lr.to(self.extractors.dtype), enabled=wanted)
-        guidance = {}
-        for key, value in out.maps().items():
-            if key in config.guidance_keys:
-                resized = F.interpolate(value.float(), size=batch.work, mode="bilinear", align_corners=False)
-                guidance[key] = _pad(resized, batch.padded).to(self.denoiser.dtype)
+        guidance = {
+            key: F.interpolate(value.float(), size=size, mode="bilinear", align_corners=False).to(self.denoiser.dtype)
+            for key, value in out.maps().items() if key in config.guidance_keys
+        }
         tokens = out.image_tokens.to(self.denoiser.dtype) if (out.image_tokens is not None and config.use_csm) else None
-        tags = out.tags if out.tags is not None else [[] for _ in batch.indices]
+        tags = out.tags if out.tags is not None else [[] for _ in range(lr.shape[0])]
         return guidance, tokens, tags
+
+    def _run_extractors(self, lr: torch.Tensor, batch: _Batch):
+        """Guidance maps at the padded working size, CLIP image tokens and tags."""
+        guidance, tokens, tags = self.extract_guidance(lr, batch.work)
+        return {key: _pad(value, batch.padded) for key, value in guidance.items()}, tokens, tags
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(

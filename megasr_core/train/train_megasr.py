@@ -104,19 +104,7 @@ class MegaSRTrainer:
     @torch.no_grad()
     def _condition(self, lr: torch.Tensor, hr_size: tuple[int, int]):
         pipe = self.pipeline
-        guidance, tokens, tags = {}, None, [[] for _ in range(lr.shape[0])]
-        if pipe.extractors is not None:
-            from ..pipelines.pipeline_megasr import _extractors_for
-
-            wanted = [n for n in _extractors_for(pipe.denoiser) if n in pipe.extractors.available]
-            if not self.config.use_tags:
-                wanted = [n for n in wanted if n != "tagger"]
-            out = pipe.extractors(lr, enabled=wanted)
-            for key, value in out.maps().items():
-                if key in pipe.denoiser.config.guidance_keys:
-                    guidance[key] = F.interpolate(value.float(), size=hr_size, mode="bilinear", align_corners=False)
-            tokens = out.image_tokens if pipe.denoiser.config.use_csm else None
-            tags = out.tags or tags
+        guidance, tokens, tags = pipe.extract_guidance(lr, hr_size, with_tags=self.config.use_tags)
         keep = torch.rand(lr.shape[0], generator=self.noise_generator) >= self.config.empty_prompt_probability
         prompts = [tags_to_prompt(t) if k else "" for t, k in zip(tags, keep.tolist())]
         text = pipe._encode_text(prompts)

@@ -7,8 +7,10 @@ no PIL here (image files are the pipeline's business).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +22,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RANGE_TOLERANCE = 1e-4
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+def read_preprocessing(
+    directory: Path, mean: Sequence[float], std: Sequence[float], short_side: int | None = None,
+    size_keys: Sequence[str] = ("shortest_edge", "height"),
+) -> tuple[tuple[float, ...], tuple[float, ...], int | None]:
+    """(mean, std, short side) from a checkpoint's ``preprocessor_config.json``, else the defaults.
+
+    ``size_keys`` are tried in order inside its ``size`` entry.
+    """
+    path = directory / PREPROCESSOR_FILE
+    if not path.is_file():
+        return tuple(mean), tuple(std), short_side
+    data = json.loads(path.read_text())
+    size = data.get("size", {})
+    for key in size_keys:
+        if key in size:
+            short_side = int(size[key])
+            break
+    return tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std)), short_side
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
-from .base import CLIP_MEAN, CLIP_STD, center_crop, check_images, native_size, normalize, resize
+from .base import (
+    CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, center_crop, check_images, native_size, normalize, read_preprocessing,
+    resize,
+)
 from ..utils import DeviceDtypeMixin
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
@@ -68,10 +69,7 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         config = AutoConfig.from_pretrained(directory)
         model_cls = CLIPModel if isinstance(config, CLIPConfig) else CLIPVisionModel
         model = model_cls.from_pretrained(directory)
-        mean, std = CLIP_MEAN, CLIP_STD
-        if (directory / PREPROCESSOR_FILE).is_file():
-            data = json.loads((directory / PREPROCESSOR_FILE).read_text())
-            mean, std = tuple(data.get("image_mean", mean)), tuple(data.get("image_std", std))
+        mean, std, _ = read_preprocessing(directory, CLIP_MEAN, CLIP_STD)
         return cls(model, mean=mean, std=std)
 
     def save_pretrained(self, directory: str | Path) -> None:

@@ -15,21 +15,10 @@ from pathlib import Path
 import torch
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, Extractor, native_size, normalize, per_image_minmax, resize
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
-
-
-def _preprocessing(directory: Path | None) -> dict:
-    """Mean/std/size from the checkpoint's preprocessor config when it has one."""
-    settings = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD, "short_side": 518}
-    if directory is not None and (directory / PREPROCESSOR_FILE).is_file():
-        data = json.loads((directory / PREPROCESSOR_FILE).read_text())
-        settings["mean"] = tuple(data.get("image_mean", settings["mean"]))
-        settings["std"] = tuple(data.get("image_std", settings["std"]))
-        size = data.get("size", {})
-        settings["short_side"] = int(size.get("height", size.get("shortest_edge", settings["short_side"])))
-    return settings
+from .base import (
+    IMAGENET_MEAN, IMAGENET_STD, PREPROCESSOR_FILE, Extractor, native_size, normalize, per_image_minmax,
+    read_preprocessing, resize,
+)
 
 
 class DepthExtractor(Extractor):
@@ -60,8 +49,8 @@ class DepthExtractor(Extractor):
     def from_pretrained(cls, directory: str | Path) -> "DepthExtractor":
         directory = Path(directory)
         model = DepthAnythingForDepthEstimation.from_pretrained(directory)
-        settings = _preprocessing(directory)
-        return cls(model, short_side=settings["short_side"], mean=settings["mean"], std=settings["std"])
+        mean, std, short_side = read_preprocessing(directory, IMAGENET_MEAN, IMAGENET_STD, 518, ("height", "shortest_edge"))
+        return cls(model, short_side=short_side, mean=mean, std=std)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)

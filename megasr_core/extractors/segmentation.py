@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, Extractor, native_size, normalize, resize
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
+from .base import (
+    IMAGENET_MEAN, IMAGENET_STD, PREPROCESSOR_FILE, Extractor, native_size, normalize, read_preprocessing, resize,
+)
 
 
 def class_palette(num_classes: int) -> torch.Tensor:
@@ -98,14 +98,8 @@ class SegmentationExtractor(Extractor):
     def from_pretrained(cls, directory: str | Path) -> "SegmentationExtractor":
         directory = Path(directory)
         model = Mask2FormerForUniversalSegmentation.from_pretrained(directory)
-        settings = {"short_side": 512, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
-        if (directory / PREPROCESSOR_FILE).is_file():
-            data = json.loads((directory / PREPROCESSOR_FILE).read_text())
-            settings["mean"] = tuple(data.get("image_mean", IMAGENET_MEAN))
-            settings["std"] = tuple(data.get("image_std", IMAGENET_STD))
-            size = data.get("size", {})
-            settings["short_side"] = int(size.get("shortest_edge", size.get("height", 512)))
-        return cls(Mask2FormerBackend(model), **settings)
+        mean, std, short_side = read_preprocessing(directory, IMAGENET_MEAN, IMAGENET_STD, 512, ("shortest_edge", "height"))
+        return cls(Mask2FormerBackend(model), short_side=short_side, mean=mean, std=std)
 
     def save_pretrained(self, directory: str | Path) -> None:
         if not isinstance(self.backend, Mask2FormerBackend):

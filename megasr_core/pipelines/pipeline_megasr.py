@@ -6,8 +6,11 @@ padding to the model's multiple → guidance extractors on the LR → prompt fro
 with Gaussian blending when large) → VAE decode (tiled when large) → colour fix → crop to
 exactly ``W·s × H·s`` → alpha back on.
 
-Images of the same size run as one batch. ``callback(step, total)`` fires after every step;
-``should_cancel()`` is checked before every step and raises :class:`PipelineCancelled`.
+Images whose padded working size falls in the same size bucket (a multiple of 64 px for SD2)
+run as one batch, whatever their own size and scale; each image has its own random generator,
+so an image comes out the same whether it runs alone or in a batch. ``callback(step, total)``
+fires after every step; ``should_cancel()`` is checked before every step and raises
+:class:`PipelineCancelled`; ``is_cancelled(index)`` drops one image from its batch instead.
 """
 
 from __future__ import annotations
@@ -49,20 +52,32 @@ class PipelineCancelled(RuntimeError):
 
 @dataclass
 class MegaSRPipelineOutput(BaseOutput):
-    images: list[Image.Image]
+    images: list[Image.Image | None]  # ``None`` for an image cancelled through ``is_cancelled``
     prompts: list[str] = field(default_factory=list)
     timings: dict[str, Any] = field(default_factory=dict)
+    cancelled: list[int] = field(default_factory=list)  # input indices dropped by ``is_cancelled``
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One image of a batch and its output geometry."""
+
+    index: int  # position in the caller's list
+    lr: torch.Tensor  # 3×h×w in [0, 1]
+    target: tuple[int, int]  # output (height, width) = round(h·s), round(w·s)
+    work: tuple[int, int]  # size the model works at (≥ target by SeeSR's small-input rule)
 
 
 @dataclass(frozen=True)
 class _Batch:
-    """Same-size images processed together, with their output geometry."""
+    """Images that share a size bucket run together: each is padded to ``padded``, then cropped back."""
 
-    indices: list[int]
-    lr: torch.Tensor  # B×3×h×w in [0, 1]
-    target: tuple[int, int]  # output (height, width) = round(h·s), round(w·s)
-    work: tuple[int, int]  # size the model works at (≥ target by SeeSR's small-input rule)
-    padded: tuple[int, int]  # work size padded to the model's multiple
+    items: list[_Item]
+    padded: tuple[int, int]  # the bucket: every item's work size padded to the model's multiple
+
+    @property
+    def indices(self) -> list[int]:
+        return [item.index for item in self.items]
 
 
 class _StageTimer:
@@ -219,13 +234,13 @@ class MegaSRPipeline(DiffusionPipeline):
     def __call__(
         self,
         images: ImageInput | Sequence[ImageInput],
-        scale: float = 4,
+        scale: float | Sequence[float] = 4,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.5,
-        prompt: str = "",
+        prompt: str | Sequence[str] = "",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
         color_fix: str = "adain",
         tile_size: int | None = None,
         tile_overlap: int = 8,
@@ -234,37 +249,54 @@ class MegaSRPipeline(DiffusionPipeline):
         max_cached_tiles: int = 16,
         callback: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
+        is_cancelled: Callable[[int], bool] | None = None,
         max_pixels: int | None = None,
+        max_batch_size: int | None = None,
         profile: bool = False,
     ) -> MegaSRPipelineOutput:
         """Super-resolve ``images`` (paths, bytes, files or PIL images) by ``scale``.
 
         Args:
+            scale, prompt: one value for every image, or a list with one per image.
+            seed: an int (every image gets its own generator seeded with it, so an image's output
+                does not depend on its batch mates) or a list with one seed per image.
+            generator: one generator shared by all images (drawn in image order), or one per image.
             tile_size: latent tile side (pixels / 8); ``None`` = 96-latent tiles (SeeSR's) only
                 when the latent is larger than 128 (1024 px), ``0`` = never tile.
             tile_overlap: latent overlap between tiles.
             vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
             max_cached_tiles: keep each tile's guidance modulation across steps up to this many
                 tiles (memory grows with the image beyond it, so it is recomputed instead).
+            is_cancelled: ``is_cancelled(index)`` is asked before every step for every image
+                still running; a ``True`` drops that image from its batch (its output is ``None``
+                and its index is listed in ``cancelled``) while the others go on.
             max_pixels: refuse inputs above this many pixels (decompression-bomb guard).
+            max_batch_size: at most this many images per model batch (default: all that share a
+                size bucket).
             profile: synchronize the GPU between stages so ``timings`` are exact.
         """
         # 1. Check the parameters (before touching any image).
-        self._check_parameters(scale, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
+        sources = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not sources:
+            raise InvalidImageError("no images given")
+        count = len(sources)
+        scales = _per_image("scale", scale, count)
+        prompts_in = _per_image("prompt", prompt, count)
+        for value in scales:
+            self._check_parameters(value, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        generators = _generators(generator, seed, count)
         timer = _StageTimer(self.device, sync=profile)
         start = time.perf_counter()
         # 2. Decode the inputs: orientation, modes, alpha.
         with timer.stage("decode_inputs"):
-            sources = list(images) if isinstance(images, (list, tuple)) else [images]
-            if not sources:
-                raise InvalidImageError("no images given")
             limit = max_pixels if max_pixels is not None else 64_000_000
             prepared = [load_image(source, max_pixels=limit) for source in sources]
-        if generator is None:
-            generator = torch.Generator(device="cpu").manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
-        results: list[Image.Image | None] = [None] * len(prepared)
-        prompts: list[str] = [""] * len(prepared)
-        batches = self._group(prepared, scale)
+        results: list[Image.Image | None] = [None] * count
+        prompts: list[str] = [""] * count
+        cancelled: list[int] = []
+        batches = self._group(prepared, scales, max_batch_size)
         total_steps = num_inference_steps * len(batches)
         done_steps = 0
         for batch in batches:
@@ -272,24 +304,27 @@ class MegaSRPipeline(DiffusionPipeline):
                 if callback is not None:
                     callback(offset + step, total_steps)
 
-            outputs, batch_prompts = self._upscale_batch(
-                batch, prepared, num_inference_steps, guidance_scale, prompt, negative_prompt, generator,
+            outputs, batch_prompts, dropped = self._upscale_batch(
+                batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
                 color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, step_done,
-                should_cancel, timer,
+                should_cancel, is_cancelled, timer,
             )
             done_steps += num_inference_steps
-            for index, image, text in zip(batch.indices, outputs, batch_prompts):
-                results[index], prompts[index] = image, text
+            for index, text in batch_prompts.items():
+                prompts[index] = text
+            for index, image in outputs.items():
+                results[index] = image
+            cancelled.extend(dropped)
         timings = {k: round(v, 4) for k, v in timer.stages.items()}
         if timer.steps:
             timings["denoise_step_median"] = round(float(np.median(timer.steps)), 4)
         timings["total"] = round(time.perf_counter() - start, 4)
-        return MegaSRPipelineOutput(images=results, prompts=prompts, timings=timings)  # type: ignore[arg-type]
+        return MegaSRPipelineOutput(images=results, prompts=prompts, timings=timings, cancelled=sorted(cancelled))
 
     # ------------------------------------------------------------------ steps
     @staticmethod
     def _check_parameters(scale, steps, guidance_scale, color_fix_method, tile_size, tile_overlap, vae_tile_size) -> None:
-        if not isinstance(scale, (int, float)) or not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
             raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {scale!r}")
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
@@ -304,53 +339,66 @@ class MegaSRPipeline(DiffusionPipeline):
         if not isinstance(vae_tile_size, int) or vae_tile_size < 64:
             raise ValueError(f"vae_tile_size must be at least 64 pixels, got {vae_tile_size!r}")
 
-    def _group(self, prepared: list[PreparedImage], scale: float) -> list[_Batch]:
-        """Group same-size images into batches and fix each batch's geometry."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for index, image in enumerate(prepared):
-            groups.setdefault(image.size, []).append(index)
-        batches = []
-        for (width, height), indices in groups.items():
-            target = (max(1, round(height * scale)), max(1, round(width * scale)))
-            # SeeSR: if the short side would end below 512 px, enlarge to 512 first.
-            work_scale = max(scale, 512 / min(height, width))
-            work = (max(target[0], round(height * work_scale)), max(target[1], round(width * work_scale)))
-            m = self.size_multiple
-            padded = (math.ceil(work[0] / m) * m, math.ceil(work[1] / m) * m)
-            lr = torch.stack([prepared[i].rgb for i in indices])
-            batches.append(_Batch(indices=indices, lr=lr, target=target, work=work, padded=padded))
-        return batches
+    def geometry(self, size: tuple[int, int], scale: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+        """(target, work, bucket) as (height, width) for an LR image of ``size`` = (width, height).
+
+        ``target`` is the output size; ``work`` the size the model runs at (SeeSR: a short side
+        that would end below 512 px is enlarged to 512 first); ``bucket`` the work size padded to
+        the model's multiple. Images with the same bucket can share a batch.
+        """
+        width, height = size
+        target = (max(1, round(height * scale)), max(1, round(width * scale)))
+        work_scale = max(scale, 512 / min(height, width))
+        work = (max(target[0], round(height * work_scale)), max(target[1], round(width * work_scale)))
+        m = self.size_multiple
+        return target, work, (math.ceil(work[0] / m) * m, math.ceil(work[1] / m) * m)
+
+    def _group(self, prepared: list[PreparedImage], scales: list[float], max_batch_size: int | None) -> list[_Batch]:
+        """Group images by size bucket (first-seen order), at most ``max_batch_size`` per batch."""
+        groups: dict[tuple[int, int], list[_Item]] = {}
+        for index, (image, scale) in enumerate(zip(prepared, scales)):
+            target, work, bucket = self.geometry(image.size, scale)
+            groups.setdefault(bucket, []).append(_Item(index=index, lr=image.rgb, target=target, work=work))
+        limit = max_batch_size or len(prepared)
+        return [
+            _Batch(items=items[start : start + limit], padded=bucket)
+            for bucket, items in groups.items()
+            for start in range(0, len(items), limit)
+        ]
 
     def _upscale_batch(
-        self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, prompt: str,
-        negative_prompt: str, generator: torch.Generator, color_fix_method: str, tile_size: int | None,
+        self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, user_prompts: list[str],
+        negative_prompt: str, generators: list[torch.Generator], color_fix_method: str, tile_size: int | None,
         tile_overlap: int, vae_tile_size: int, controlnet_scale: float, max_cached_tiles: int,
-        step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None, timer: _StageTimer,
-    ) -> tuple[list[Image.Image], list[str]]:
+        step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None,
+        is_cancelled: Callable[[int], bool] | None, timer: _StageTimer,
+    ) -> tuple[dict[int, Image.Image], dict[int, str], list[int]]:
         device, dtype = self.device, self.denoiser.dtype
-        size = len(batch.indices)
-        # 3. Bicubic ×scale (the ControlNet condition and the colour reference), padded.
+        items = list(batch.items)
+        gens = [generators[item.index] for item in items]
+        # 3. Bicubic ×scale per image (the ControlNet condition and the colour reference), padded
+        # to the bucket. The padding sits bottom/right, so cropping gives each image back.
         with timer.stage("preprocess"):
-            lr = batch.lr.to(device)
-            upscaled = F.interpolate(lr, size=batch.work, mode="bicubic", align_corners=False).clamp(0, 1)
-            control = _pad(upscaled, batch.padded)
-        # 4. Guidance extractors on the LR.
+            control = torch.cat([
+                _pad(F.interpolate(item.lr[None].to(device), size=item.work, mode="bicubic", align_corners=False).clamp(0, 1), batch.padded)
+                for item in items
+            ])
+        # 4. Guidance extractors on the LR (batched over images of one LR size).
         with timer.stage("extractors"):
-            guidance, image_tokens, tags = self._run_extractors(lr, batch)
-        # 5. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs.
+            guidance, image_tokens, tags = self._run_extractors(items, batch.padded)
+        # 5. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs [negative, positive].
         with timer.stage("text_encoding"):
-            prompts = [tags_to_prompt(t, prompt) for t in tags]
+            prompts = [tags_to_prompt(t, user_prompts[item.index]) for t, item in zip(tags, items)]
             do_cfg = guidance_scale > 1.0
-            text = self._encode_text(prompts)
-            if do_cfg:
-                text = torch.cat([self._encode_text([negative_prompt] * size), text])
+            positive = self._encode_text(prompts)
+            negative = self._encode_text([negative_prompt] * len(items)) if do_cfg else None
         # 6. LRE start: the VAE latent of the upscaled LR, noised to the first timestep.
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
         with timer.stage("vae_encode"):
-            latents = self._encode_image(control.to(dtype), vae_tile_size, generator)
-            noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device, latents.dtype)
-            latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(size))
+            latents = self._encode_image(control.to(dtype), vae_tile_size, gens)
+            noise = _randn(latents.shape, gens).to(device, latents.dtype)
+            latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(items)))
         # 7. Denoising loop with classifier-free guidance, tiled when large.
         height, width = latents.shape[-2:]
         # Auto: one pass up to a 128-latent side (1024 px); beyond it SeeSR's 96-latent tiles. (A
@@ -358,13 +406,18 @@ class MegaSRPipeline(DiffusionPipeline):
         tile = tile_size if tile_size is not None else (AUTO_TILE if max(height, width) > AUTO_TILE_ABOVE else 0)
         tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
         repeat = 2 if do_cfg else 1
-        cfg_double = (lambda x: torch.cat([x, x])) if do_cfg else (lambda x: x)
-        control_in = cfg_double(control.to(dtype))
         # Conditioning per tile, with the maps once for both CFG halves. Kept across steps (each
         # MSFM computes its modulation once) up to ``max_cached_tiles``; beyond that memory
         # would grow with the image, so the modulation is recomputed at every step instead.
         reuse = len(tile_list) <= max_cached_tiles
         conditionings: dict[Tile, Any] = {}
+        state = {"text": None, "control_in": None}
+
+        def model_inputs() -> None:
+            """(Re)build the CFG-doubled text and ControlNet inputs for the images still running."""
+            state["text"] = torch.cat([negative, positive]) if do_cfg else positive
+            state["control_in"] = torch.cat([control, control]).to(dtype) if do_cfg else control.to(dtype)
+            conditionings.clear()
 
         def conditioning_for(part: Tile, batch_size: int):
             if part in conditionings:
@@ -378,14 +431,31 @@ class MegaSRPipeline(DiffusionPipeline):
                 conditionings[part] = made
             return made
 
+        model_inputs()
+        dropped: list[int] = []
         with timer.stage("denoise"):
             for index, t in enumerate(timesteps):
                 if should_cancel is not None and should_cancel():
                     raise PipelineCancelled(f"cancelled before step {index + 1} of {steps}")
+                if is_cancelled is not None:
+                    keep = [row for row, item in enumerate(items) if not is_cancelled(item.index)]
+                    if len(keep) < len(items):
+                        dropped += [item.index for row, item in enumerate(items) if row not in keep]
+                        if not keep:
+                            return {}, {item.index: p for item, p in zip(batch.items, prompts)}, dropped
+                        rows = torch.tensor(keep, device=device)
+                        items, gens, prompts = [items[r] for r in keep], [gens[r] for r in keep], [prompts[r] for r in keep]
+                        latents, control, positive = latents[rows], control[rows], positive[rows]
+                        negative = negative[rows] if negative is not None else None
+                        image_tokens = image_tokens[rows] if image_tokens is not None else None
+                        guidance = {key: value[rows] for key, value in guidance.items()}
+                        model_inputs()
                 step_start = timer.now()
+                text, control_in = state["text"], state["control_in"]
 
                 def predict(part: Tile) -> torch.Tensor:
-                    latent_in = cfg_double(part.crop(latents))
+                    crop = part.crop(latents)
+                    latent_in = torch.cat([crop, crop]) if do_cfg else crop
                     pixels = part.pixels(self.vae_scale_factor)
                     eps = self.denoiser(
                         latent_in, t, text, control_image=pixels.crop(control_in),
@@ -398,25 +468,26 @@ class MegaSRPipeline(DiffusionPipeline):
                     return eps
 
                 noise_pred = blend_tiles(latents, tile_list, predict)
-                latents = self.scheduler.step(noise_pred, t, latents, generator=generator).prev_sample
+                latents = self.scheduler.step(noise_pred, t, latents, generator=gens).prev_sample
                 timer.steps.append(timer.now() - step_start)
                 step_done(index + 1, steps)
         # 8. VAE decode (tiled when large).
         with timer.stage("vae_decode"):
             decoded = self._decode_latents(latents, vae_tile_size)
-        # 9. Crop, colour fix against the upscaled LR, exact output size, alpha.
+        # 9. Per image: crop, colour fix against its upscaled LR, exact output size, alpha.
         with timer.stage("postprocess"):
-            decoded = decoded[..., : batch.work[0], : batch.work[1]].float()
-            decoded = color_fix(decoded, upscaled.float(), color_fix_method)
-            if batch.work != batch.target:
-                decoded = F.interpolate(decoded, size=batch.target, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-            outputs = []
-            for row, index in enumerate(batch.indices):
-                alpha = prepared[index].alpha
+            outputs: dict[int, Image.Image] = {}
+            for row, item in enumerate(items):
+                work_h, work_w = item.work
+                image = decoded[row : row + 1, :, :work_h, :work_w].float()
+                image = color_fix(image, control[row : row + 1, :, :work_h, :work_w].float(), color_fix_method)
+                if item.work != item.target:
+                    image = F.interpolate(image, size=item.target, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+                alpha = prepared[item.index].alpha
                 if alpha is not None:
-                    alpha = resize_alpha(alpha, (batch.target[1], batch.target[0]))
-                outputs.append(to_pil(decoded[row], alpha))
-        return outputs, prompts
+                    alpha = resize_alpha(alpha, (item.target[1], item.target[0]))
+                outputs[item.index] = to_pil(image[0], alpha)
+        return outputs, {item.index: p for item, p in zip(items, prompts)}, dropped
 
     def extract_guidance(self, lr: torch.Tensor, size: tuple[int, int], with_tags: bool = True):
         """Guidance maps resized to ``size``, CLIP image tokens and tags of LR images in [0, 1].
@@ -438,10 +509,33 @@ class MegaSRPipeline(DiffusionPipeline):
         tags = out.tags if out.tags is not None else [[] for _ in range(lr.shape[0])]
         return guidance, tokens, tags
 
-    def _run_extractors(self, lr: torch.Tensor, batch: _Batch):
-        """Guidance maps at the padded working size, CLIP image tokens and tags."""
-        guidance, tokens, tags = self.extract_guidance(lr, batch.work)
-        return {key: _pad(value, batch.padded) for key, value in guidance.items()}, tokens, tags
+    def _run_extractors(self, items: list[_Item], padded: tuple[int, int]):
+        """Guidance maps padded to the bucket, CLIP image tokens and tags, in ``items`` order.
+
+        The extractors see each LR at its own size: images that share an LR and working size run
+        as one extractor batch, so a batch mate never changes what an image's extractors see.
+        """
+        groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
+        for row, item in enumerate(items):
+            groups.setdefault((tuple(item.lr.shape), item.work), []).append(row)
+        maps: dict[str, list[torch.Tensor | None]] = {}
+        tokens: list[torch.Tensor | None] = [None] * len(items)
+        tags: list[list[str]] = [[] for _ in items]
+        for (_, work), rows in groups.items():
+            lr = torch.stack([items[r].lr for r in rows]).to(self.device)
+            guidance, group_tokens, group_tags = self.extract_guidance(lr, work)
+            for key, value in guidance.items():
+                padded_maps = _pad(value, padded)
+                slots = maps.setdefault(key, [None] * len(items))
+                for position, row in enumerate(rows):
+                    slots[row] = padded_maps[position : position + 1]
+            for position, row in enumerate(rows):
+                tags[row] = group_tags[position]
+                if group_tokens is not None:
+                    tokens[row] = group_tokens[position : position + 1]
+        guidance = {key: torch.cat(values) for key, values in maps.items()}  # type: ignore[arg-type]
+        image_tokens = torch.cat(tokens) if all(t is not None for t in tokens) else None  # type: ignore[arg-type]
+        return guidance, image_tokens, tags
 
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
@@ -456,13 +550,12 @@ class MegaSRPipeline(DiffusionPipeline):
             self.vae.tile_sample_min_size = vae_tile_size
             self.vae.tile_latent_min_size = vae_tile_size // self.vae_scale_factor
 
-    def _encode_image(self, image: torch.Tensor, vae_tile_size: int, generator: torch.Generator) -> torch.Tensor:
+    def _encode_image(self, image: torch.Tensor, vae_tile_size: int, generators: list[torch.Generator]) -> torch.Tensor:
+        """Sampled VAE latents (×scaling), each image's sample drawn from its own generator."""
         self._configure_vae_tiling(image.shape[-2:], vae_tile_size)
         posterior = self.vae.encode(image.to(self.vae.dtype) * 2 - 1).latent_dist
-        sample = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
-            posterior.mean.device, posterior.mean.dtype
-        )
-        return sample * self.vae.config.scaling_factor
+        noise = _randn(posterior.mean.shape, generators).to(posterior.mean.device, posterior.mean.dtype)
+        return (posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor
 
     def _decode_latents(self, latents: torch.Tensor, vae_tile_size: int) -> torch.Tensor:
         pixels = (latents.shape[-2] * self.vae_scale_factor, latents.shape[-1] * self.vae_scale_factor)
@@ -482,6 +575,35 @@ def _extractors_for(denoiser: MegaSRDenoiser) -> list[str]:
     if config.use_csm:
         wanted.add("clip")
     return [n for n in EXTRACTOR_NAMES if n in wanted]
+
+
+def _per_image(name: str, value: Any, count: int) -> list[Any]:
+    """``value`` for each of ``count`` images: a single value is shared, a list must match."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != count:
+            raise ValueError(f"{name} has {len(value)} values for {count} images; give one value or one per image")
+        return list(value)
+    return [value] * count
+
+
+def _generators(generator: Any, seed: Any, count: int) -> list[torch.Generator]:
+    """One CPU generator per image (several entries may be the same shared generator)."""
+    if generator is not None:
+        if isinstance(generator, torch.Generator):
+            return [generator] * count
+        return _per_image("generator", generator, count)
+    if seed is None:
+        seed = int(torch.seed() % 2**63)
+    seeds = _per_image("seed", seed, count)
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ValueError(f"seed must be an integer from 0 to 2^63-1, got {value!r}")
+    return [torch.Generator(device="cpu").manual_seed(value) for value in seeds]
+
+
+def _randn(shape: torch.Size | tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
+    """Standard normal noise of ``shape`` (float32, CPU), row ``i`` drawn from ``generators[i]``."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
 
 
 def _pad(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

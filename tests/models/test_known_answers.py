@@ -1,0 +1,255 @@
+"""Known answers for the MSFM (Eq. 8-9) and the CSM (Eq. 7), recomputed with plain torch.
+
+Each test runs the tiny denoiser with its zero-initialized parameters perturbed (so the modules
+are not identities), captures one block's input and output with hooks, and recomputes that
+output from the block's parameters with explicit tensor maths: no call into the code under test.
+
+MSFM as README/msfm.py read Eq. 8-9:
+    M_c = depth ⊕ seg at the block's resolution;  F_r = CA(SiLU(GN_1(Conv(M_c)))) ⊙ M_c
+    SAFT(F, g) = Norm(F) ⊙ γ(g) + β(g),  γ, β = Conv(SiLU(Conv(g)))
+    F' = F + SAFT(F, M_h) + SAFT(F, F_r)
+CSM (Eq. 7), one transformer block:
+    a = CA_text(x, e_t) + Linear(CA_frozen(x, Connector(e_i))),  x = LN_2(h)
+    FF input = LN_3(h + a)
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_base):
+    """Tiny MegaSR with every zero-init parameter perturbed, and ControlNet text attention "trained"."""
+    denoiser = build_denoiser(tiny_base)
+    assert perturb_zero_init(denoiser, seed=3, std=0.2) > 0
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        # Training moves the ControlNet's text cross-attention away from the CSM's frozen copy;
+        # do that here so the test can tell which weights the visual branch uses.
+        for name, param in denoiser.controlnet.named_parameters():
+            if ".attn2." in name and ".csm." not in name:
+                param.add_(torch.randn(param.shape, generator=g) * 0.2)
+    return denoiser
+
+
+def module(model, path: str) -> torch.nn.Module:
+    return model.get_submodule(path)
+
+
+# ---------------------------------------------------------------- plain-torch references
+def silu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def group_norm(x: torch.Tensor, groups: int, eps: float, weight=None, bias=None) -> torch.Tensor:
+    """Explicit GroupNorm: mean and (biased) variance over each group's channels and pixels."""
+    b, c, h, w = x.shape
+    grouped = x.reshape(b, groups, -1)
+    mean = grouped.mean(dim=-1, keepdim=True)
+    var = ((grouped - mean) ** 2).mean(dim=-1, keepdim=True)
+    out = ((grouped - mean) / torch.sqrt(var + eps)).reshape(b, c, h, w)
+    if weight is not None:
+        out = out * weight[None, :, None, None] + bias[None, :, None, None]
+    return out
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
+    mean = x.mean(dim=-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def conv(x: torch.Tensor, layer: torch.nn.Conv2d) -> torch.Tensor:
+    return F.conv2d(x, layer.weight, layer.bias, padding=layer.padding)
+
+
+def linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    out = x @ layer.weight.T
+    return out if layer.bias is None else out + layer.bias
+
+
+def saft_ref(saft, normed: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+    """SAFT: Norm(F) ⊙ γ(g) + β(g), γ/β = conv(SiLU(conv(g)))."""
+    shared = silu(conv(guidance, saft.mlp[0]))
+    return normed * conv(shared, saft.gamma) + conv(shared, saft.beta)
+
+
+def fusion_ref(fusion, maps: torch.Tensor) -> torch.Tensor:
+    """Stage 1 (Eq. 8): F_c = channel attention of SiLU(GN(conv(M_c))); F_r = F_c ⊙ M_c."""
+    x = conv(maps, fusion.conv)
+    x = silu(group_norm(x, fusion.norm.num_groups, fusion.norm.eps, fusion.norm.weight, fusion.norm.bias))
+    fc1, fc2 = fusion.channel_attention.fc[0], fusion.channel_attention.fc[2]
+    squeezed = x.mean(dim=(-2, -1), keepdim=True)
+    gate = torch.sigmoid(conv(silu(conv(squeezed, fc1)), fc2))
+    return (x * gate) * maps
+
+
+def resize(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    # The map resize conditioning.py documents: antialiased bilinear to the block's resolution.
+    return F.interpolate(maps, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def msfm_ref(msfm, hidden: torch.Tensor, guidance: dict) -> torch.Tensor:
+    """F' = F + SAFT(Norm F, M_h) + SAFT(Norm F, F_r) (Eq. 9, residual reading)."""
+    size = tuple(hidden.shape[-2:])
+    hed = resize(guidance["hed"], size)
+    depth_seg = resize(torch.cat([guidance["depth"], guidance["seg"]], dim=1), size)
+    normed = group_norm(hidden, msfm.norm.num_groups, msfm.norm.eps)
+    f_h = saft_ref(msfm.hed_saft, normed, hed)
+    f_m = saft_ref(msfm.fused_saft, normed, fusion_ref(msfm.fusion, depth_seg))
+    return hidden + f_h + f_m
+
+
+def attention_ref(attn, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """Multi-head softmax(Q Kᵀ / √d) V with the layer's projections, then its output Linear."""
+    q, k, v = linear(x, attn.to_q), linear(context, attn.to_k), linear(context, attn.to_v)
+    b, n, inner = q.shape
+    d = inner // attn.heads
+
+    def heads(t):
+        return t.reshape(b, t.shape[1], attn.heads, d).transpose(1, 2)
+
+    q, k, v = heads(q), heads(k), heads(v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    out = (weights @ v).transpose(1, 2).reshape(b, n, inner)
+    return linear(out, attn.to_out[0])
+
+
+# ---------------------------------------------------------------- capture
+def capture(model, paths: list[str], run) -> dict[str, dict[str, torch.Tensor]]:
+    """Raw output (before the MSFM hook) and final output (after it) of each Transformer2DModel."""
+    seen: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
+    handles = []
+
+    def grab(path, key):
+        def hook(_module, _args, output):
+            sample = output[0] if isinstance(output, tuple) else output.sample
+            seen[path].setdefault(key, []).append(sample.detach().clone())
+        return hook
+
+    for path in paths:
+        block = module(model, path)
+        handles.append(block.register_forward_hook(grab(path, "raw"), prepend=True))
+        handles.append(block.register_forward_hook(grab(path, "out")))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+MSFM_BLOCKS = [
+    "controlnet.down_blocks.0.attentions.0",
+    "controlnet.mid_block.attentions.0",
+    "unet.down_blocks.2.attentions.0",
+    "unet.mid_block.attentions.0",
+    "unet.up_blocks.3.attentions.1",
+]
+
+
+def test_msfm_output_matches_eq_8_9(model):
+    """Eq. 8-9: F' = F + Norm(F)⊙γ(M_h) + β(M_h) + Norm(F)⊙γ(F_r) + β(F_r), F_r from stage 1."""
+    inputs = make_inputs(seed=5, batch=2)
+    seen = capture(model, MSFM_BLOCKS, lambda: model(**inputs))
+    for path in MSFM_BLOCKS:
+        raw, out = seen[path]["raw"][0], seen[path]["out"][0]
+        expected = msfm_ref(module(model, path).msfm, raw, inputs["guidance"])
+        assert (out - raw).abs().max() > 1e-2, path  # the module really acts
+        torch.testing.assert_close(out, expected, rtol=0, atol=ATOL, msg=path)
+
+
+def test_msfm_with_cfg_repeat_and_cached_modulation_matches_eq_8_9(model):
+    """Eq. 9 with maps given once for both CFG halves (repeat=2) and γ/β cached across forwards."""
+    inputs = make_inputs(seed=6, batch=2)
+    doubled = {k: torch.cat([inputs[k], inputs[k].flip(0)]) for k in ("latents", "encoder_hidden_states", "control_image")}
+    with torch.no_grad():
+        cond = model.prepare_conditioning(inputs["image_embeds"], inputs["guidance"], batch_size=4,
+                                          reuse_modulation=True, repeat=2)
+    t = torch.tensor([981, 501, 981, 501])
+    paths = ["unet.down_blocks.1.attentions.0", "controlnet.down_blocks.2.attentions.0"]
+
+    def twice():
+        model(doubled["latents"], t, doubled["encoder_hidden_states"], control_image=doubled["control_image"], conditioning=cond)
+        model(doubled["latents"], t, doubled["encoder_hidden_states"], control_image=doubled["control_image"], conditioning=cond)
+
+    seen = capture(model, paths, twice)
+    # Model batch row i uses image i % 2's maps.
+    guidance_rows = {k: torch.cat([v, v]) for k, v in inputs["guidance"].items()}
+    for path in paths:
+        for call in range(2):
+            raw, out = seen[path]["raw"][call], seen[path]["out"][call]
+            expected = msfm_ref(module(model, path).msfm, raw, guidance_rows)
+            torch.testing.assert_close(out, expected, rtol=0, atol=ATOL, msg=f"{path} call {call}")
+
+
+def capture_block(model, path: str, run) -> dict[str, torch.Tensor]:
+    """A transformer block's cross-attention: h before norm2, attn2's output, the FF's input."""
+    block = module(model, path)
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        block.norm2.register_forward_pre_hook(lambda _m, args: seen.setdefault("h", args[0].clone())),
+        block.attn2.register_forward_hook(lambda _m, _a, out: seen.setdefault("attn2", out.clone())),
+        block.ff.register_forward_pre_hook(lambda _m, args: seen.setdefault("ff_in", args[0].clone())),
+    ]
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+@pytest.mark.parametrize(
+    "path, frozen_copy",
+    [
+        ("unet.down_blocks.1.attentions.0.transformer_blocks.0", False),
+        ("unet.up_blocks.1.attentions.1.transformer_blocks.0", False),
+        ("controlnet.down_blocks.0.attentions.0.transformer_blocks.0", True),
+        ("controlnet.mid_block.attentions.0.transformer_blocks.0", True),
+    ],
+)
+def test_csm_block_matches_eq_7(model, path, frozen_copy):
+    """Eq. 7: a = CA(x, e_t) + Linear(CA_frozen(x, Connector(e_i))), summed before the FF (LN_3(h + a))."""
+    inputs = make_inputs(seed=7, batch=2)
+    seen = capture_block(model, path, lambda: model(**inputs))
+    block = module(model, path)
+    csm = block.csm
+    # UNet: the visual branch shares the frozen attn2 weights; ControlNet: a frozen copy.
+    visual_attn = csm.visual_attn if frozen_copy else block.attn2
+    assert (visual_attn is not None) and (frozen_copy == (visual_attn is not block.attn2))
+
+    x = layer_norm(seen["h"], block.norm2)
+    text = attention_ref(block.attn2, x, inputs["encoder_hidden_states"])
+    tokens = linear(inputs["image_embeds"], csm.connector)
+    visual = linear(attention_ref(visual_attn, x, tokens), csm.proj)
+    expected = text + visual
+    assert visual.abs().max() > 1e-2  # the visual branch is really on
+    torch.testing.assert_close(seen["attn2"], expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(seen["ff_in"], layer_norm(seen["h"] + expected, block.norm3), rtol=0, atol=ATOL)
+    if frozen_copy:
+        # Teeth: the trained text attention differs from the frozen copy, so using it would fail.
+        wrong = text + linear(attention_ref(block.attn2, x, tokens), csm.proj)
+        assert (wrong - expected).abs().max() > 10 * ATOL
+
+
+def test_csm_without_image_tokens_is_the_text_cross_attention_alone(model):
+    """Eq. 7 with no e_i: the block's attn2 output is plain multi-head CA(x, e_t)."""
+    inputs = make_inputs(seed=8, batch=1)
+    inputs["image_embeds"] = None
+    path = "unet.mid_block.attentions.0.transformer_blocks.0"
+    seen = capture_block(model, path, lambda: model(**inputs))
+    block = module(model, path)
+    expected = attention_ref(block.attn2, layer_norm(seen["h"], block.norm2), inputs["encoder_hidden_states"])
+    torch.testing.assert_close(seen["attn2"], expected, rtol=0, atol=ATOL)

@@ -251,21 +251,44 @@ def upscale(
 
 @app.command()
 def bench(
-    preset: Annotated[str, typer.Option(help="tiny or sd2-base (random weights, nothing downloaded).")] = "tiny",
+    preset: Annotated[Optional[str], typer.Option(help="tiny or sd2-base, random weights (default: sd2-base for --suite gpu, else tiny).")] = None,
     size: Annotated[int, typer.Option(help="Output side in pixels (input = size / scale).")] = 512,
     scale: Annotated[int, typer.Option(help="Upscaling factor.")] = 4,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
-    batch: Annotated[int, typer.Option(help="Images per batch.")] = 1,
+    batch: Annotated[int, typer.Option(help="Images per batch (>1 also times as many single-image runs).")] = 1,
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")] = None,
     extractors: Annotated[bool, typer.Option(help="Include the guidance extractors.")] = True,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale (>1 runs the doubled batch).")] = 5.5,
+    suite: Annotated[Optional[str], typer.Option(help="'gpu': the whole GPU suite (baseline, batches, compile, large) in one process.")] = None,
+    batches: Annotated[str, typer.Option(help="Suite: batch sizes, comma-separated.")] = "1,4,8",
+    scopes: Annotated[str, typer.Option(help="Suite: compile scopes to time (blocks, full; empty = none).")] = "blocks,full",
+    large: Annotated[int, typer.Option(help="Suite: output side of the tiled run (0 = skip).")] = 2048,
+    budget_s: Annotated[float, typer.Option(help="Suite: stop starting sections after this many seconds.")] = 420.0,
+    output: Annotated[Optional[Path], typer.Option(help="Suite: also write the JSON here (rewritten after each section).")] = None,
 ) -> None:
-    """Time the whole pipeline on random weights; prints one JSON object."""
+    """Time the pipeline on random weights; prints one JSON object."""
+    if suite is not None:
+        if suite != "gpu":
+            _fail(f"unknown suite {suite!r}; the one suite is 'gpu'")
+        from megasr_core.benchmarks.gpu_suite import run_gpu_suite
+
+        try:
+            batch_sizes = [int(b) for b in batches.split(",") if b.strip()]
+        except ValueError:
+            _fail(f"--batches must be comma-separated integers, got {batches!r}")
+        result = run_gpu_suite(
+            preset=preset or "sd2-base", size=size, scale=scale, steps=steps, guidance_scale=guidance_scale,
+            batches=batch_sizes, scopes=[s.strip() for s in scopes.split(",") if s.strip()], large=large or None,
+            device=device, dtype=_torch_dtype(dtype), budget_s=budget_s, output=output,
+            log=lambda message: typer.echo(message, err=True),
+        )
+        typer.echo(json.dumps(result, indent=2))
+        return
     from megasr_core.benchmarks.pipeline import run_pipeline_benchmark
 
     result = run_pipeline_benchmark(
-        preset=preset, size=size, scale=scale, steps=steps, batch=batch, device=device,
+        preset=preset or "tiny", size=size, scale=scale, steps=steps, batch=batch, device=device,
         dtype=_torch_dtype(dtype), with_extractors=extractors, guidance_scale=guidance_scale,
     )
     typer.echo(json.dumps(result, indent=2))

@@ -163,6 +163,9 @@ class _MSFMHook:
         self.msfm = msfm
         self.slot = slot
 
+    # Kept out of torch.compile graphs: it reads the per-call slot and fills a Python cache on the
+    # first step, which would otherwise re-trace for every new conditioning.
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         conditioning = self.slot.current
         if conditioning is None:

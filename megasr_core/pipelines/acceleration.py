@@ -1,0 +1,107 @@
+"""Speed paths for a loaded pipeline: ``torch.compile`` scopes, channels_last, a persistent cache.
+
+Two compile scopes, chosen by measurement (``megasr bench --suite gpu`` times both):
+
+- ``blocks`` (regional): every ``ResnetBlock2D`` and ``BasicTransformerBlock`` (with its CSM) of
+  the UNet and the ControlNet is compiled on its own. Blocks of one class share their compiled
+  code, so compiling is quick and new shapes cost little; the Python glue between blocks and the
+  MSFM hooks stay eager.
+- ``full``: the UNet and the ControlNet are compiled whole. The MSFM hooks read the per-call
+  conditioning from a Python slot and fill a cache on the first step, so they are excluded from
+  tracing (:func:`torch.compiler.disable` in ``msfm.py``) and run eagerly between graphs.
+
+The VAE decoder is compiled whole in both scopes (it has no hooks). Compilation is lazy: the
+first call of each new (batch, size) shape pays for it, which is why the worker warms up its
+shapes before it reports ready. :func:`use_compile_cache` points Inductor's and Triton's caches
+at a directory that outlives the process (a mounted volume), so a restarted worker reloads
+kernels instead of recompiling them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
+
+if TYPE_CHECKING:
+    from .pipeline_megasr import MegaSRPipeline
+
+CompileScope = Literal["blocks", "full"]
+COMPILE_SCOPES: tuple[str, ...] = ("blocks", "full")
+#: block classes compiled one by one in the ``blocks`` scope
+REGIONAL_BLOCKS: tuple[type[nn.Module], ...] = (ResnetBlock2D, BasicTransformerBlock)
+#: dynamo keeps this many compiled variants per code object (the default 8 is too few when one
+#: block class runs at four resolutions and several batch sizes)
+CACHE_SIZE_LIMIT = 64
+
+
+def use_compile_cache(directory: str | Path) -> Path:
+    """Keep Inductor's FX-graph/autotune cache and Triton's kernels under ``directory``.
+
+    Must run before the first compilation in the process. Returns the directory.
+    """
+    root = Path(directory).expanduser().resolve()
+    (root / "inductor").mkdir(parents=True, exist_ok=True)
+    (root / "triton").mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    return root
+
+
+def _compiled_modules(pipeline: "MegaSRPipeline", scope: str) -> list[nn.Module]:
+    nets = (pipeline.denoiser.unet, pipeline.denoiser.controlnet)
+    if scope == "full":
+        chosen: list[nn.Module] = list(nets)
+    else:
+        chosen = [m for net in nets for m in net.modules() if isinstance(m, REGIONAL_BLOCKS)]
+    return [*chosen, pipeline.vae.decoder]
+
+
+def compile_pipeline(
+    pipeline: "MegaSRPipeline",
+    scope: CompileScope = "blocks",
+    mode: str | None = None,
+    backend: str = "inductor",
+    dynamic: bool | None = None,
+) -> int:
+    """Compile the pipeline's hot modules in place; returns how many modules were wrapped.
+
+    ``mode`` is ``torch.compile``'s (``None`` = default; ``max-autotune-no-cudagraphs`` tunes
+    matmuls longer). Whole-pipeline CUDA graphs (``reduce-overhead``) are not offered: the
+    sampler's Python loop, tiling and cancel checks sit between the compiled calls.
+    """
+    if scope not in COMPILE_SCOPES:
+        raise ValueError(f"compile scope must be one of {', '.join(COMPILE_SCOPES)}, got {scope!r}")
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, CACHE_SIZE_LIMIT)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = max(
+            torch._dynamo.config.accumulated_cache_size_limit, 4 * CACHE_SIZE_LIMIT
+        )
+    uncompile_pipeline(pipeline)
+    modules = _compiled_modules(pipeline, scope)
+    for module in modules:
+        module.compile(mode=mode, backend=backend, dynamic=dynamic)
+    pipeline.compiled_scope = scope
+    return len(modules)
+
+
+def uncompile_pipeline(pipeline: "MegaSRPipeline") -> None:
+    """Back to eager everywhere (compiled code stays in dynamo's cache until ``torch._dynamo.reset()``)."""
+    for net in (pipeline.denoiser, pipeline.vae):
+        for module in net.modules():
+            if getattr(module, "_compiled_call_impl", None) is not None:
+                module._compiled_call_impl = None
+    pipeline.compiled_scope = None
+
+
+def use_channels_last(pipeline: "MegaSRPipeline") -> None:
+    """NHWC weights for the convolutional nets (faster cuDNN convolutions on tensor cores)."""
+    for net in (pipeline.denoiser.unet, pipeline.denoiser.controlnet, pipeline.vae):
+        net.to(memory_format=torch.channels_last)

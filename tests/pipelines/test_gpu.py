@@ -1,0 +1,56 @@
+"""The pipeline in fp16 on CUDA (skipped without a GPU): batched equals solo, compiled equals eager."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+pytestmark = pytest.mark.gpu
+
+STEPS = 3
+
+
+def mean_abs_diff(a: Image.Image, b: Image.Image) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).mean())
+
+
+@pytest.fixture(scope="module")
+def cuda_pipeline():
+    from megasr_core.pipelines import MegaSRPipeline
+
+    return MegaSRPipeline.from_preset("tiny", device="cuda", torch_dtype=torch.float16)
+
+
+@pytest.fixture(scope="module")
+def lr_photos() -> list[Image.Image]:
+    return [
+        Image.fromarray(data.chelsea()).resize((40, 28), Image.Resampling.BICUBIC),
+        Image.fromarray(data.coffee()).resize((41, 28), Image.Resampling.BICUBIC),
+        Image.fromarray(data.rocket()).resize((44, 30), Image.Resampling.BICUBIC),
+    ]
+
+
+def test_batched_equals_solo_within_fp16_noise(cuda_pipeline, lr_photos):
+    batched = cuda_pipeline(lr_photos, seed=[3, 4, 5], scale=[4, 2, 4], num_inference_steps=STEPS)
+    for i, image in enumerate(lr_photos):
+        solo = cuda_pipeline(image, seed=3 + i, scale=[4, 2, 4][i], num_inference_steps=STEPS).images[0]
+        assert mean_abs_diff(batched.images[i], solo) <= 2.0, f"image {i}"
+
+
+@pytest.mark.parametrize("scope", ["blocks", "full"])
+def test_compiled_equals_eager(cuda_pipeline, lr_photos, scope):
+    from megasr_core.pipelines.acceleration import compile_pipeline, uncompile_pipeline
+
+    eager = cuda_pipeline(lr_photos[:2], seed=1, num_inference_steps=STEPS).images
+    torch._dynamo.reset()
+    compile_pipeline(cuda_pipeline, scope=scope)
+    try:
+        compiled = cuda_pipeline(lr_photos[:2], seed=1, num_inference_steps=STEPS).images
+    finally:
+        uncompile_pipeline(cuda_pipeline)
+        torch._dynamo.reset()
+    for a, b in zip(eager, compiled):
+        assert mean_abs_diff(a, b) <= 2.0

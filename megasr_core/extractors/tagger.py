@@ -75,7 +75,8 @@ class CLIPZeroShotTagger:
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.tags = list(tags)
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
+        # On the CPU even when built under ``with torch.device("cuda")``: scores are compared there.
+        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device="cpu")
         if len(self.tags) != len(self.thresholds):
             raise ValueError(f"{len(self.tags)} tags but {len(self.thresholds)} thresholds")
         self.template = template
@@ -115,7 +116,7 @@ class CLIPZeroShotTagger:
 
     def __call__(self, images: torch.Tensor) -> list[list[str]]:
         scores = self.scores(images).cpu()
-        keep = scores >= self.thresholds.unsqueeze(0)
+        keep = scores >= self.thresholds.to(scores.device).unsqueeze(0)
         results = []
         for row, mask in zip(scores, keep):
             ranked = torch.argsort(torch.where(mask, row, torch.full_like(row, -1.0)), descending=True, stable=True)

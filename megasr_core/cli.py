@@ -301,15 +301,23 @@ def worker(
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
+    compile: Annotated[Optional[str], typer.Option("--compile", help="torch.compile scope: blocks or full (default: $MEGASR_COMPILE, else eager).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="Jobs per GPU batch (default: $MEGASR_MAX_BATCH, else 8 on CUDA, 1 on CPU).")] = None,
 ) -> None:
-    """Run a GPU worker: load the model once, then process upscale jobs from Redis."""
+    """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
     import logging
+
+    from pydantic import ValidationError
 
     from service.config import Settings
     from worker.main import prepare, run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
+    overrides = {k: v for k, v in (("compile", compile), ("max_batch", max_batch)) if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
     if not settings.redis_url:
         _fail("MEGASR_REDIS_URL is not set: workers need the Redis the API uses")
     weights_dir = resolve_weights(weights or settings.weights)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,11 @@ class Settings(BaseSettings):
     max_queued_per_tenant: int = Field(100, ge=1)
     rate_limit_per_minute: int = Field(120, ge=1)
     weights: Path | None = Field(None, description="MegaSR weights directory for workers")
+    max_batch: int | None = Field(None, ge=1, le=64, description="images per GPU batch; unset = 8 on CUDA, 1 on CPU")
+    batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits for batch mates")
+    compile: Literal["blocks", "full"] | None = Field(None, description="torch.compile scope for workers; unset = eager")
+    compile_cache: Path | None = Field(None, description="persistent compile cache (a mounted volume); unset = <home>/compile-cache")
+    warmup_buckets: str = Field("512x512", description="output sizes (HxW, comma-separated) warmed up per batch size before /readyz")
     home: Path = Field(default_factory=_default_home, description="local data, demo weights, embedded Valkey")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -57,6 +63,28 @@ class Settings(BaseSettings):
         if not value or any(c.isspace() for c in value):
             raise ValueError("queue_name must be a non-empty word")
         return value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "0", "false", "off", "none") else value
+
+    @field_validator("warmup_buckets")
+    @classmethod
+    def _buckets(cls, value: str) -> str:
+        for entry in filter(None, (e.strip() for e in value.split(","))):
+            height, sep, width = entry.lower().partition("x")
+            if not sep or not height.isdigit() or not width.isdigit() or int(height) < 8 or int(width) < 8:
+                raise ValueError(f"warmup_buckets entries look like 512x512 (height x width), got {entry!r}")
+        return value
+
+    def warmup_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) output sizes to warm up."""
+        sizes = []
+        for entry in filter(None, (e.strip() for e in self.warmup_buckets.split(","))):
+            height, _, width = entry.lower().partition("x")
+            sizes.append((int(height), int(width)))
+        return sizes
 
     @property
     def data_dir(self) -> Path:

@@ -18,6 +18,12 @@ class WorkerMetrics:
         )
         self.job_seconds = Histogram("megasr_worker_job_seconds", "Seconds per job", registry=self.registry,
                                      buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
+        self.batch_size = Histogram("megasr_worker_batch_size", "Jobs per pipeline call", registry=self.registry,
+                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+        self.queue_wait = Histogram(
+            "megasr_worker_queue_wait_seconds", "Seconds from submission to the start of an attempt", registry=self.registry,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
         self.ready = Gauge("megasr_worker_ready", "1 once the model is loaded and warmed up", registry=self.registry)
         self.gpu_memory = Gauge("megasr_worker_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry)
         self.gpu_memory.set_function(_gpu_memory)

@@ -1,8 +1,8 @@
 """What a worker process holds for its whole life: services, the pipeline, its current job.
 
 The pipeline is loaded once (fp16 on CUDA) before the worker takes jobs; tasks reach it here.
-A background thread renews the lease of the job being run and re-queues the jobs of dead
-workers (``service.reaper``).
+A background thread renews the leases of the jobs being run (all of a batch) and re-queues the
+jobs of dead workers (``service.reaper``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from service.config import Settings
 from service.deps import Services
 from service.reaper import delete_expired_results, reap_abandoned
 
+from .batching import JobClaimer
 from .metrics import WorkerMetrics
 
 log = logging.getLogger("megasr.worker")
@@ -30,11 +31,27 @@ class WorkerRuntime:
     pipeline: Any  # megasr_core.MegaSRPipeline (imported lazily: torch)
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
-    current: tuple[str, str] | None = None  # (job id, owner token) being run
+    running: dict[str, str] = field(default_factory=dict)  # job id → owner token, for every job of the batch
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def new_owner(self) -> str:
         return f"{self.name}:{uuid.uuid4().hex[:8]}"
+
+    @property
+    def max_batch(self) -> int:
+        """``MEGASR_MAX_BATCH``, else 8 on a GPU and 1 on a CPU (where batching gains nothing)."""
+        configured = self.services.settings.max_batch
+        if configured is not None:
+            return configured
+        device = getattr(self.pipeline, "device", None)
+        return 8 if device is not None and device.type == "cuda" else 1
+
+    def claimer(self) -> "JobClaimer | None":
+        """Who finds batch mates for a dequeued job (``None`` when batches are single jobs)."""
+        if self.max_batch <= 1 or self.pipeline is None:
+            return None
+        return JobClaimer(self.services, self.pipeline.geometry, self.max_batch,
+                          self.services.settings.batch_wait_ms / 1000)
 
     def start_background(self, lease_interval_s: float = 5.0, reap_interval_s: float = 5.0) -> threading.Thread:
         """Renew the current job's lease and reap dead workers' jobs, until :meth:`stop`."""
@@ -44,9 +61,8 @@ class WorkerRuntime:
             while not self._stop.wait(lease_interval_s):
                 ticks += 1
                 try:
-                    current = self.current
-                    if current is not None:
-                        self.services.jobs.renew_lease(*current)
+                    for job_id, owner in list(self.running.items()):
+                        self.services.jobs.renew_lease(job_id, owner)
                     if ticks * lease_interval_s >= reap_interval_s:
                         ticks = 0
                         reap_abandoned(self.services)

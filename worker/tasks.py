@@ -1,29 +1,42 @@
-"""The ``upscale`` job, as RQ runs it in the worker process (no fork).
+"""The ``upscale`` job, as RQ runs it in the worker process (no fork), with dynamic batching.
 
-Reads the record and the input image, runs the pipeline with throttled progress and a cancel
-check every step, writes the result to storage, and finishes the record. A job that is already
-final is never run again; transient failures (storage, Redis, CUDA out of memory) are retried
-by RQ, and the last attempt marks the job failed.
+RQ hands the worker one job. The worker starts it, claims queued jobs that can share its batch
+(``worker.batching``; up to ``MEGASR_MAX_BATCH``, waiting ``MEGASR_BATCH_WAIT_MS`` for them),
+and runs them all in one pipeline call: per-job seeds, prompts and scales, throttled progress
+for each, and a cancel check per job at every step (a canceled job leaves the batch, the others
+go on). Each result is written to storage and its record finished under its own owner token.
+
+Failures stay with their job: an unreadable image fails only its own job before the batch
+runs; out of GPU memory halves the batch (then shrinks the tiles of a single job); any other
+error in a batch re-runs its jobs one by one so that only the culprit fails. Transient failures
+(storage, Redis) are retried: the job RQ handed out by RQ's retry, a claimed job by putting it
+back at the front of the queue; the last attempt marks the job failed. A job that is already
+final is never run again.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import secrets
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from rq import get_current_job
 
-from service.contracts import CONTENT_TYPES, JobError, JobStatus, output_key
+from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, output_key
 from service.jobs import TransitionRejected
+from service.reaper import MAX_ATTEMPTS
 
+from .batching import CancelWatch
 from .errors import classify
-from .runtime import get_runtime
+from .runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("megasr.worker")
 PROGRESS_INTERVAL_S = 0.5
 RETRY_BACKOFF_S = 3.0
-#: latent tile sizes tried in turn when the GPU runs out of memory
+#: latent tile sizes tried in turn when one job alone runs out of GPU memory
 OOM_TILE_SIZES = (None, 64, 48)
 
 
@@ -38,8 +51,23 @@ def _encode(image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass
+class Member:
+    """One job of a batch: its record, this attempt's owner token, and its decoded input."""
+
+    record: JobRecord
+    owner: str
+    primary: bool  # the job RQ handed out (its retries are RQ's)
+    image: Any = None
+    seed: int = 0
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+
 def upscale(job_id: str) -> None:
-    """RQ entry point: run one attempt of the job, unless it is already final or taken."""
+    """RQ entry point: run one attempt of the job (and of its batch mates), unless it is final or taken."""
     runtime = get_runtime()
     jobs = runtime.services.jobs
     record = jobs.get(job_id)
@@ -52,86 +80,169 @@ def upscale(job_id: str) -> None:
     except TransitionRejected as exc:
         log.info("job %s: not started: %s", job_id, exc)
         return
-    runtime.current = (job_id, owner)
+    members = [Member(record, owner, primary=True)]
+    runtime.running[job_id] = owner
     started = time.monotonic()
     try:
-        _run(runtime, record, owner)
-    finally:
-        runtime.current = None
-        log.info("job %s: attempt %s done in %.1f s", job_id, owner, time.monotonic() - started)
-
-
-def _run(runtime, record, owner: str) -> None:
-    jobs, storage, pipeline = runtime.services.jobs, runtime.services.storage, runtime.pipeline
-    job_id, params = record.id, record.params
-    last = [0.0]
-    started = time.monotonic()
-
-    def progress(step: int, total: int) -> None:
-        now = time.monotonic()
-        if step == total or now - last[0] >= PROGRESS_INTERVAL_S:
-            last[0] = now
-            jobs.set_progress(job_id, step / total, owner=owner)
-
-    def should_cancel() -> bool:
-        # A cancel request, or the job was taken over (this worker was presumed dead).
-        return jobs.cancel_requested(job_id) or not jobs.still_owner(job_id, owner)
-
-    from megasr_core.pipelines import InvalidImageError, PipelineCancelled
-
-    try:
-        data = storage.get(record.input_key)
-        result = None
-        for tile_size in OOM_TILE_SIZES:
+        claimer = runtime.claimer()
+        if claimer is not None:
             try:
-                result = pipeline(
-                    data, scale=params.scale, num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
-                    prompt=params.prompt, negative_prompt=params.negative_prompt, seed=params.seed,
-                    color_fix=params.color_fix, tile_size=tile_size, callback=progress,
-                    should_cancel=should_cancel,
-                )
-                break
-            except Exception as exc:  # only out-of-memory goes round again with smaller tiles
-                if classify(exc) != "out_of_memory" or tile_size == OOM_TILE_SIZES[-1]:
-                    raise
-                log.warning("job %s: out of GPU memory, retrying with %s-latent tiles", job_id, OOM_TILE_SIZES[-1])
+                for mate in claimer.claim(record, runtime.new_owner):
+                    members.append(Member(mate.record, mate.owner, primary=False))
+                    runtime.running[mate.record.id] = mate.owner
+            except Exception as exc:  # a Redis blip while looking for mates: run what we have
+                log.warning("job %s: could not claim batch mates: %s", job_id, exc)
+        for member in members:
+            if member.record.started_at is not None:
+                runtime.metrics.queue_wait.observe(max(0.0, (member.record.started_at - member.record.created_at).total_seconds()))
+        if len(members) > 1:
+            log.info("job %s: batched with %s", job_id, ", ".join(m.id for m in members[1:]))
+        BatchRun(runtime, members).run()
+    finally:
+        for member in members:
+            runtime.running.pop(member.id, None)
+        log.info("job %s: attempt %s done in %.1f s (%d job(s))", job_id, owner, time.monotonic() - started, len(members))
+
+
+class BatchRun:
+    """One pipeline call (or, after a failure, several smaller ones) for the members of a batch."""
+
+    def __init__(self, runtime: WorkerRuntime, members: list[Member]) -> None:
+        self.runtime = runtime
+        self.members = members
+        self.jobs = runtime.services.jobs
+        self.storage = runtime.services.storage
+        self.reraise: BaseException | None = None  # for RQ: the primary's retry, or a fatal error
+
+    def run(self) -> None:
+        from megasr_core.pipelines import load_image
+
+        ready = []
+        for member in self.members:
+            params = member.record.params
+            member.seed = params.seed if params.seed is not None else secrets.randbelow(2**63)
+            try:
+                member.image = load_image(self.storage.get(member.record.input_key))
+                ready.append(member)
+            except Exception as exc:  # an unreadable image fails its job; a storage error retries it
+                self.handle_error(member, exc)
+        self.execute(ready, tile_index=0)
+        if self.reraise is not None:
+            raise self.reraise
+
+    def execute(self, group: list[Member], tile_index: int) -> None:
+        if not group:
+            return
+        from megasr_core.pipelines import PipelineCancelled
+
+        params = group[0].record.params  # steps, guidance, negative prompt, colour fix: shared by the batch
+        watch = CancelWatch(self.runtime.services, {m.id: m.owner for m in group})
+        last = [0.0]
+
+        def progress(step: int, total: int) -> None:
+            now = time.monotonic()
+            if step == total or now - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = now
+                for member in group:
+                    if not watch.stopped(member.id):
+                        self.jobs.set_progress(member.id, step / total, owner=member.owner)
+
+        started = time.monotonic()
+        self.runtime.metrics.batch_size.observe(len(group))
+        try:
+            result = self.runtime.pipeline(
+                [m.image for m in group], scale=[m.record.params.scale for m in group],
+                prompt=[m.record.params.prompt for m in group], seed=[m.seed for m in group],
+                num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
+                negative_prompt=params.negative_prompt, color_fix=params.color_fix,
+                tile_size=OOM_TILE_SIZES[tile_index], callback=progress,
+                is_cancelled=lambda index: watch.stopped(group[index].id), max_batch_size=len(group),
+            )
+        except Exception as exc:
+            kind = classify(exc)
+            if kind == "out_of_memory":
                 _free_cuda_cache()
-        image = result.images[0]
-        fmt = params.output_format
-        key = output_key(job_id, fmt)
-        storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
-        jobs.finish(job_id, JobStatus.succeeded, owner=owner, output_key=key, output_width=image.width,
-                    output_height=image.height, progress=1.0)
-        runtime.metrics.observe(result.timings, time.monotonic() - started, "succeeded")
-        log.info("job %s: succeeded (%d×%d)", job_id, image.width, image.height)
-    except PipelineCancelled:
-        if _finish_quietly(job_id, JobStatus.canceled, owner):
-            runtime.metrics.jobs.labels("canceled").inc()
-            log.info("job %s: canceled", job_id)
+                if len(group) > 1:
+                    half = len(group) // 2
+                    log.warning("out of GPU memory with %d jobs: splitting the batch in two", len(group))
+                    self.execute(group[:half], tile_index)
+                    self.execute(group[half:], tile_index)
+                    return
+                if tile_index + 1 < len(OOM_TILE_SIZES):
+                    log.warning("job %s: out of GPU memory, retrying with %s-latent tiles", group[0].id,
+                                OOM_TILE_SIZES[tile_index + 1])
+                    self.execute(group, tile_index + 1)
+                    return
+            elif len(group) > 1 and kind != "fatal" and not isinstance(exc, PipelineCancelled):
+                log.warning("batch of %d failed (%s: %s): running its jobs one by one", len(group), type(exc).__name__, exc)
+                for member in group:
+                    self.execute([member], tile_index)
+                return
+            for member in group:
+                self.handle_error(member, exc)
+            return
+        elapsed = time.monotonic() - started
+        for member, image in zip(group, result.images):
+            if image is None:
+                self.finish_canceled(member)
+                continue
+            try:
+                fmt = member.record.params.output_format
+                key = output_key(member.id, fmt)
+                self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
+                self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key,
+                                 output_width=image.width, output_height=image.height, progress=1.0)
+            except TransitionRejected:
+                log.warning("job %s: taken over by another worker; this attempt's result is dropped", member.id)
+                continue
+            except Exception as exc:
+                self.handle_error(member, exc)
+                continue
+            self.runtime.metrics.observe(result.timings, elapsed, "succeeded")
+            log.info("job %s: succeeded (%d×%d)", member.id, image.width, image.height)
+
+    def finish_canceled(self, member: Member) -> None:
+        if _finish_quietly(member.id, JobStatus.canceled, member.owner):
+            self.runtime.metrics.jobs.labels("canceled").inc()
+            log.info("job %s: canceled", member.id)
         else:
-            log.warning("job %s: taken over by another worker; this attempt stops", job_id)
-    except (InvalidImageError, ValueError) as exc:
-        _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=str(exc)))
-        runtime.metrics.jobs.labels("failed").inc()
-    except Exception as exc:
+            log.warning("job %s: taken over by another worker; this attempt stops", member.id)
+
+    def handle_error(self, member: Member, exc: BaseException) -> None:
+        from megasr_core.pipelines import InvalidImageError, PipelineCancelled
+
+        job_id, owner = member.id, member.owner
+        if isinstance(exc, PipelineCancelled):
+            self.finish_canceled(member)
+            return
+        if isinstance(exc, (InvalidImageError, ValueError)):
+            _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=str(exc)))
+            self.runtime.metrics.jobs.labels("failed").inc()
+            return
         kind = classify(exc)
-        current = get_current_job()
-        retries_left = bool(current and current.retries_left)
+        if member.primary:
+            current = get_current_job()
+            retries_left = bool(current and current.retries_left)
+        else:
+            retries_left = member.record.attempts < MAX_ATTEMPTS
         if kind in ("fatal", "timeout") or not retries_left:
             _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code=kind, message=f"{type(exc).__name__}: {exc}"))
-            runtime.metrics.jobs.labels("failed").inc()
-            log.exception("job %s: failed (%s)", job_id, kind)
+            self.runtime.metrics.jobs.labels("failed").inc()
+            log.error("job %s: failed (%s): %s: %s", job_id, kind, type(exc).__name__, exc)
             if kind == "fatal":
-                raise  # the process exits; the orchestrator restarts it with a fresh CUDA context
+                self.reraise = exc  # the process exits; the orchestrator restarts it with a fresh CUDA context
             return
-        try:  # back to queued while RQ retries it
-            jobs.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner=owner, owner=None, progress=0.0)
-            jobs.release(job_id, owner)
+        try:  # back to queued for another attempt
+            self.jobs.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner=owner, owner=None, progress=0.0)
+            self.jobs.release(job_id, owner)
+            if not member.primary:
+                self.runtime.services.queue.requeue(job_id)  # a claimed job has no RQ retry of its own
         except Exception:
             pass
         log.warning("job %s: %s error, will retry: %s", job_id, kind, exc)
-        time.sleep(RETRY_BACKOFF_S)
-        raise
+        if member.primary and self.reraise is None:
+            time.sleep(RETRY_BACKOFF_S)
+            self.reraise = exc  # RQ's Retry runs it again
 
 
 def _finish_quietly(job_id: str, status: JobStatus, owner: str, **changes) -> bool:

@@ -233,7 +233,7 @@ class MegaSRPipeline(DiffusionPipeline):
     @torch.inference_mode()
     def __call__(
         self,
-        images: ImageInput | Sequence[ImageInput],
+        images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage],
         scale: float | Sequence[float] = 4,
         num_inference_steps: int = 50,
         guidance_scale: float = 5.5,
@@ -254,7 +254,7 @@ class MegaSRPipeline(DiffusionPipeline):
         max_batch_size: int | None = None,
         profile: bool = False,
     ) -> MegaSRPipelineOutput:
-        """Super-resolve ``images`` (paths, bytes, files or PIL images) by ``scale``.
+        """Super-resolve ``images`` (paths, bytes, files, PIL images or ``load_image`` results) by ``scale``.
 
         Args:
             scale, prompt: one value for every image, or a list with one per image.
@@ -292,7 +292,8 @@ class MegaSRPipeline(DiffusionPipeline):
         # 2. Decode the inputs: orientation, modes, alpha.
         with timer.stage("decode_inputs"):
             limit = max_pixels if max_pixels is not None else 64_000_000
-            prepared = [load_image(source, max_pixels=limit) for source in sources]
+            prepared = [source if isinstance(source, PreparedImage) else load_image(source, max_pixels=limit)
+                        for source in sources]
         results: list[Image.Image | None] = [None] * count
         prompts: list[str] = [""] * count
         cancelled: list[int] = []

@@ -1,0 +1,185 @@
+"""Dynamic batching in the worker: real Valkey, real storage, the real task and the tiny pipeline."""
+
+from __future__ import annotations
+
+import io
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from rq import Queue
+from rq.worker import SimpleWorker
+from skimage import data
+
+from service.app import create_app
+from service.contracts import input_key
+from tests.service.test_api import make_settings, submit
+from tests.service.test_worker_process import start_worker, wait_for, wait_ready
+from worker.runtime import install_runtime
+
+STEPS = 2
+
+
+def photo_png(name: str, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(data, name)()).resize(size, Image.Resampling.BICUBIC).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# LR sizes whose padded working size is the same (512×768) in the tiny pipeline: one bucket.
+PHOTOS = [("chelsea", (40, 28)), ("coffee", (41, 28)), ("rocket", (44, 30)), ("astronaut", (40, 29))]
+
+
+class ModelBatches:
+    """The image count of every pipeline call the worker makes (CFG doubles the model batch)."""
+
+    def __init__(self, pipeline) -> None:
+        self.calls: list[int] = []
+        self.handle = pipeline.denoiser.register_forward_pre_hook(self._record)
+
+    def _record(self, _module, args) -> None:
+        self.calls.append(args[0].shape[0] // 2)
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+def run_burst(settings, pipeline) -> "object":
+    runtime = install_runtime(settings, pipeline)
+    connection = runtime.services.redis
+    SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+    return runtime
+
+
+@pytest.fixture()
+def batching(tmp_path, redis_url, tiny_pipeline):
+    settings = make_settings(tmp_path, redis_url, max_batch=4, batch_wait_ms=0)
+    recorder = ModelBatches(tiny_pipeline)
+    with TestClient(create_app(settings)) as client:
+        yield settings, client, tiny_pipeline, recorder
+    recorder.close()
+
+
+def as_array(client, job: dict) -> np.ndarray:
+    body = client.get(job["result_url"]).content
+    return np.asarray(Image.open(io.BytesIO(body)).convert("RGB"), dtype=np.float64)
+
+
+def test_four_compatible_jobs_run_as_one_batch_and_match_solo_runs(batching):
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=10 + i, prompt=f"photo {i}").json()["id"]
+           for i, (name, size) in enumerate(PHOTOS)]
+    runtime = run_burst(settings, pipeline)
+    assert recorder.calls == [4] * STEPS
+    for i, job_id in enumerate(ids):
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        assert job["status"] == "succeeded" and job["progress"] == 1.0
+        name, size = PHOTOS[i]
+        solo = pipeline(photo_png(name, size), num_inference_steps=STEPS, seed=10 + i, prompt=f"photo {i}").images[0]
+        assert np.abs(as_array(client, job) - np.asarray(solo, dtype=np.float64)).mean() <= 1.0
+    histogram = runtime.metrics.batch_size.collect()[0].samples
+    assert {s.name: s.value for s in histogram}["megasr_worker_batch_size_sum"] == 4
+    waits = {s.name: s.value for s in runtime.metrics.queue_wait.collect()[0].samples}
+    assert waits["megasr_worker_queue_wait_seconds_count"] == 4
+
+
+def test_an_incompatible_job_runs_alone_and_first_when_it_heads_the_queue(batching):
+    settings, client, pipeline, recorder = batching
+    odd = submit(client, image=photo_png("chelsea", (40, 28)), steps=STEPS + 1, seed=1).json()["id"]
+    mates = [submit(client, image=photo_png(name, size), steps=STEPS, seed=2).json()["id"] for name, size in PHOTOS[1:]]
+    run_burst(settings, pipeline)
+    assert recorder.calls == [1] * (STEPS + 1) + [3] * STEPS
+    jobs = {job_id: client.get(f"/v1/jobs/{job_id}").json() for job_id in [odd, *mates]}
+    assert all(job["status"] == "succeeded" for job in jobs.values())
+    assert max(jobs[odd]["started_at"], jobs[odd]["finished_at"]) <= min(jobs[m]["started_at"] for m in mates)
+
+
+def test_cancelling_one_job_of_a_batch_lets_the_others_finish(batching):
+    settings, client, pipeline, recorder = batching
+    from worker.tasks import upscale
+
+    ids = [submit(client, image=photo_png(name, size), steps=40, seed=3).json()["id"] for name, size in PHOTOS[:3]]
+    install_runtime(settings, pipeline)
+    worker = threading.Thread(target=upscale, args=(ids[0],))  # as RQ would hand out the head job
+    worker.start()
+    try:
+        wait_for(client, ids[1], lambda j: j["status"] == "running" and j["progress"] > 0, timeout=120)
+        assert client.delete(f"/v1/jobs/{ids[1]}").json()["cancel_requested"] is True
+    finally:
+        worker.join(timeout=300)
+    statuses = [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids]
+    assert statuses == ["succeeded", "canceled", "succeeded"]
+    assert recorder.calls[0] == 3 and recorder.calls[-1] == 2 and len(recorder.calls) == 40
+
+
+def test_a_bad_image_fails_only_its_own_job(batching):
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=4).json()["id"] for name, size in PHOTOS[:3]]
+    storage = client.app.state.services.storage
+    storage.put(input_key(ids[1]), b"\x89PNG\r\n\x1a\n but then nothing a decoder can read", "image/png")
+    run_burst(settings, pipeline)
+    jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    assert [j["status"] for j in jobs] == ["succeeded", "failed", "succeeded"]
+    assert jobs[1]["error"]["code"] == "invalid_input"
+    assert recorder.calls == [2] * STEPS
+
+
+class OutOfMemoryAbove:
+    """The real pipeline, but a batch of more than ``limit`` images raises CUDA's OOM error first."""
+
+    def __init__(self, pipeline, limit: int) -> None:
+        self.pipeline, self.limit, self.sizes = pipeline, limit, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def __call__(self, images, **kwargs):
+        self.sizes.append(len(images))
+        if len(images) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return self.pipeline(images, **kwargs)
+
+
+def test_out_of_memory_splits_the_batch_in_half(batching):
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=5).json()["id"] for name, size in PHOTOS]
+    injected = OutOfMemoryAbove(pipeline, limit=2)
+    run_burst(settings, injected)
+    assert injected.sizes == [4, 2, 2]
+    assert recorder.calls == [2] * STEPS * 2
+    assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded" for job_id in ids)
+
+
+def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, redis_url, tiny_weights, monkeypatch):
+    settings = make_settings(tmp_path, redis_url)
+    monkeypatch.setenv("MEGASR_MAX_BATCH", "3")
+    with TestClient(create_app(settings)) as client:
+        ids = [submit(client, image=photo_png(name, size), steps=30, seed=6).json()["id"] for name, size in PHOTOS[:3]]
+        first, port = start_worker(settings, tiny_weights, tmp_path / "worker1.log")
+        second = None
+        try:
+            wait_ready(first, port)
+            for job_id in ids:
+                wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"] > 0, timeout=180)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            second, _ = start_worker(settings, tiny_weights, tmp_path / "worker2.log")
+            done = [wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=300)
+                    for job_id in ids]
+            assert [job["status"] for job in done] == ["succeeded"] * 3, done
+            jobs = client.app.state.services.jobs
+            assert [jobs.get(job_id).attempts for job_id in ids] == [2, 2, 2]  # killed batch + the one that finished
+            assert client.app.state.services.queue.depth() == 0
+            log = (tmp_path / "worker2.log").read_text()
+            assert "batched with" in log
+        finally:
+            for process in (first, second):
+                if process is not None and process.poll() is None:
+                    process.kill()
+                    process.wait(timeout=10)
+        time.sleep(0)  # the processes are gone before the Valkey fixture is torn down

@@ -1,0 +1,139 @@
+"""Dynamic batching: after RQ hands this worker a job, claim queued jobs that can share its batch.
+
+A GPU runs eight 512² images per step in about twice the time of one, so a worker that finds
+compatible jobs waiting runs them together. Compatible means the same steps, guidance scale,
+negative prompt and colour fix (the pipeline shares them across a batch) and the same size
+bucket: the padded working size, which follows from the input size and the scale. Prompts,
+seeds and scales stay per job.
+
+Claiming is safe against every other worker and the API:
+
+1. the job's record goes ``queued → running`` with this attempt's owner token and lease (the
+   same compare-and-set as a job RQ hands out: a job canceled or taken meanwhile is skipped);
+2. only then is it removed from RQ's queue list and its RQ job deleted, so a worker that dies
+   in between leaves a running job with a lease that expires, which the reaper re-queues.
+
+The head of the queue is always what RQ gives the next worker, and claiming only takes jobs
+from behind it, so a job that batches with nothing is never starved.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from service.contracts import JobRecord, JobStatus
+from service.deps import Services
+from service.jobs import TransitionRejected
+
+log = logging.getLogger("megasr.worker")
+#: how many queued jobs one look at the queue inspects
+SCAN_DEPTH = 64
+POLL_INTERVAL_S = 0.005
+
+Geometry = Callable[[tuple[int, int], float], tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]
+
+
+def batch_key(record: JobRecord, geometry: Geometry) -> tuple[Any, ...]:
+    """What jobs must share to run in one pipeline call."""
+    params = record.params
+    bucket = geometry((record.input_width, record.input_height), params.scale)[2]
+    return (params.steps, params.guidance_scale, params.negative_prompt, params.color_fix, bucket)
+
+
+@dataclass
+class Claimed:
+    record: JobRecord
+    owner: str
+
+
+class JobClaimer:
+    """Finds and claims queued jobs compatible with one already running on this worker."""
+
+    def __init__(self, services: Services, geometry: Geometry, max_batch: int, wait_s: float) -> None:
+        self.services = services
+        self.geometry = geometry
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+
+    def claim(self, first: JobRecord, new_owner: Callable[[], str]) -> list[Claimed]:
+        """Claim up to ``max_batch - 1`` jobs like ``first``, waiting at most ``wait_s`` for them."""
+        wanted = self.max_batch - 1
+        if wanted <= 0:
+            return []
+        key = batch_key(first, self.geometry)
+        redis, jobs = self.services.redis, self.services.jobs
+        queue_key = self.services.queue.queue.key
+        deadline = time.monotonic() + self.wait_s
+        skipped: set[str] = {first.id}
+        claimed: list[Claimed] = []
+        while True:
+            for raw in redis.lrange(queue_key, 0, SCAN_DEPTH - 1):
+                job_id = raw.decode()
+                if job_id in skipped:
+                    continue
+                skipped.add(job_id)
+                record = jobs.get(job_id)
+                if record is None or record.status != JobStatus.queued or batch_key(record, self.geometry) != key:
+                    continue
+                owner = new_owner()
+                try:
+                    record = jobs.start(job_id, owner)
+                except TransitionRejected:
+                    continue  # canceled, or another worker started it first
+                # Running under our lease now; only then leave RQ's queue (see the module notes).
+                redis.lrem(queue_key, 1, job_id)
+                try:
+                    Job.fetch(job_id, connection=redis).delete()
+                except NoSuchJobError:
+                    pass
+                claimed.append(Claimed(record, owner))
+                if len(claimed) >= wanted:
+                    return claimed
+            if time.monotonic() >= deadline:
+                return claimed
+            time.sleep(POLL_INTERVAL_S)
+
+
+class CancelWatch:
+    """Per-job cancel checks for a running batch: one pipelined Redis round trip per interval.
+
+    A job stops when its cancel was requested or it is no longer this attempt's (the reaper gave
+    it to another worker after this one was presumed dead).
+    """
+
+    def __init__(self, services: Services, owners: dict[str, str], interval_s: float = 0.25) -> None:
+        self.services = services
+        self.owners = owners
+        self.interval_s = interval_s
+        self._checked_at = float("-inf")
+        self._stopped: set[str] = set()
+
+    def _refresh(self) -> None:
+        jobs = self.services.jobs
+        ids = [job_id for job_id in self.owners if job_id not in self._stopped]
+        with self.services.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(jobs.cancel_key(job_id))
+                pipe.get(jobs.key(job_id))
+            answers = pipe.execute()
+        for index, job_id in enumerate(ids):
+            cancel, raw = answers[2 * index], answers[2 * index + 1]
+            record = JobRecord.model_validate_json(raw) if raw else None
+            if cancel or record is None or record.status != JobStatus.running or record.owner != self.owners[job_id]:
+                self._stopped.add(job_id)
+        self._checked_at = time.monotonic()
+
+    def stopped(self, job_id: str) -> bool:
+        if time.monotonic() - self._checked_at >= self.interval_s:
+            try:
+                self._refresh()
+            except Exception as exc:  # a Redis blip must not stop the batch; check again next step
+                log.warning("cancel check failed: %s", exc)
+        return job_id in self._stopped

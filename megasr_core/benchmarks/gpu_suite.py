@@ -8,7 +8,8 @@ On random weights of the preset (nothing downloaded) it measures, in this order:
 1. ``baseline``: plain diffusers SD2 UNet + ControlNet (no CSM, no MSFM, no extractors), the
    same VAE and text encoder, the same shapes and CFG, for every batch size;
 2. ``megasr_eager``: the whole MegaSR pipeline (extractors, tagger, CSM, MSFM, colour fix) at
-   every batch size, with per-stage times, and its ratio to the baseline;
+   every batch size, with per-stage times, and its ratio to the baseline; ``denoiser_breakdown``:
+   one CFG denoiser step with neither, either or both of CSM and MSFM active;
 3. ``megasr_compiled``: the same per compile scope (``blocks``, ``full``), with compile time;
 4. ``megasr_large``: one ``large``² output (latent tiling and tiled VAE), with peak memory;
 5. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
@@ -181,7 +182,7 @@ class GPUSuite:
         steps: int = 50,
         guidance_scale: float = 5.5,
         batches: Sequence[int] = (1, 4, 8),
-        scopes: Sequence[str] = ("blocks", "full"),
+        scopes: Sequence[str] = ("full", "blocks"),
         large: int | None = 2048,
         single_repeats: int = 3,
         device: str | None = None,
@@ -348,6 +349,48 @@ class GPUSuite:
             torch._dynamo.reset()
         return rows
 
+    def run_breakdown(self) -> dict:
+        """One CFG denoiser step (prepared conditioning, as the sampler runs it) with each extra on.
+
+        Attributes MegaSR's per-step cost: plain ControlNet + UNet (the installed modules idle),
+        CSM only, MSFM only, both; at batch 1 (launch-bound) and the largest batch.
+        """
+        pipe, rows = self.pipeline, {}
+        lr = self.size // self.scale
+        height, width = (v // pipe.vae_scale_factor for v in pipe.geometry((lr, lr), self.scale)[2])
+        config = pipe.denoiser.config
+        for batch in sorted({1, self.batches[-1]}):
+            generator = torch.Generator().manual_seed(batch)
+
+            def rand(*shape: int) -> torch.Tensor:
+                return torch.rand(*shape, generator=generator).to(self.device, self.dtype)
+
+            model_batch = 2 * batch
+            latents = rand(model_batch, 4, height, width)
+            text = rand(model_batch, 77, pipe.denoiser.unet.config.cross_attention_dim)
+            control = rand(model_batch, 3, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)
+            tokens = rand(batch, config.num_image_tokens, config.image_embed_dim)
+            maps = {"hed": rand(batch, 1, *control.shape[-2:]), "depth": rand(batch, 1, *control.shape[-2:]),
+                    "seg": rand(batch, 3, *control.shape[-2:])}
+            cases = {"plain": (None, None), "csm": (tokens, None), "msfm": (None, maps), "csm_msfm": (tokens, maps)}
+            row = {}
+            for name, (image_embeds, guidance) in cases.items():
+                conditioning = pipe.denoiser.prepare_conditioning(image_embeds, guidance, model_batch, repeat=2)
+                timestep = torch.tensor(501, device=self.device)
+
+                def step() -> None:
+                    with torch.inference_mode():
+                        pipe.denoiser(latents, timestep, text, control_image=control, conditioning=conditioning)
+
+                for _ in range(3):
+                    step()
+                samples = [self.clock.time(step)[0] for _ in range(15)]
+                row[f"{name}_ms"] = round(1000 * statistics.median(samples), 2)
+            row["csm_extra_ms"] = round(row["csm_ms"] - row["plain_ms"], 2)
+            row["msfm_extra_ms"] = round(row["msfm_ms"] - row["plain_ms"], 2)
+            rows[str(batch)] = row
+        return rows
+
     def run_large(self) -> dict:
         assert self.large is not None
         image = _photos(1, self.large // self.scale)
@@ -401,6 +444,7 @@ class GPUSuite:
             return self.result
         self.section("baseline", self.run_baseline)
         self.section("megasr_eager", lambda: self.run_megasr("eager"), self._estimate(1, 3))
+        self.section("denoiser_breakdown", self.run_breakdown, 20)
         for scope in self.scopes:
             self.section(f"megasr_compiled_{scope}", lambda scope=scope: self.run_compiled(scope), self._estimate(1, 3) + 60)
             if scope == self.scopes[0] and self.large:

@@ -27,6 +27,7 @@ import copy
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
@@ -56,6 +57,10 @@ class CSM(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
+        # Inference cache of the visual keys/values: they depend on the image tokens only, which
+        # stay the same for every step of a sampling run (see ``_visual_kv``).
+        self._kv_cache: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
+
     def forward(
         self,
         host_attn: Attention,
@@ -63,12 +68,68 @@ class CSM(nn.Module):
         hidden_states: torch.Tensor,
         image_tokens: torch.Tensor,
     ) -> torch.Tensor:
-        tokens = self.connector(image_tokens.to(self.connector.weight.dtype))
-        if self.visual_attn is not None:
-            visual = self.visual_attn(hidden_states, encoder_hidden_states=tokens)
-        else:
-            visual = host_processor(host_attn, hidden_states, encoder_hidden_states=tokens)
+        attn = self.visual_attn if self.visual_attn is not None else host_attn
+        if hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None:
+            visual = self._attend(attn, hidden_states, *self._visual_kv(attn, image_tokens))
+        else:  # layouts the direct path does not cover: the attention module's own processor
+            tokens = self.connector(image_tokens.to(self.connector.weight.dtype))
+            if self.visual_attn is not None:
+                visual = self.visual_attn(hidden_states, encoder_hidden_states=tokens)
+            else:
+                visual = host_processor(host_attn, hidden_states, encoder_hidden_states=tokens)
         return self.proj(visual)
+
+    def _visual_kv(self, attn: Attention, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the connected image tokens, ``B×heads×N×d``.
+
+        Without gradients they are kept while the same token tensor comes back (a sampler passes
+        one tensor to all its steps), so each step only projects its queries. The cache holds the
+        tensor itself (compared by identity, never by a reusable id) and the versions of it and
+        of the weights involved, so an in-place change of any of them recomputes. (Tensors made
+        under ``torch.inference_mode`` have no version counter; they are compared by identity.)
+        """
+        use_cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        key_of = None
+        if use_cache:
+            key_of = tuple(_version(t) for t in (image_tokens, self.connector.weight, attn.to_k.weight, attn.to_v.weight))
+            cached = self._kv_cache
+            if cached is not None and cached[0][0] is image_tokens and cached[0][1:] == key_of:
+                return cached[1], cached[2]
+        tokens = self.connector(image_tokens.to(self.connector.weight.dtype))
+        if attn.norm_cross:
+            tokens = attn.norm_encoder_hidden_states(tokens)
+        batch, heads = tokens.shape[0], attn.heads
+        key, value = attn.to_k(tokens), attn.to_v(tokens)
+        head_dim = key.shape[-1] // heads
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if use_cache:
+            self._kv_cache = ((image_tokens, *key_of), key, value)
+        return key, value
+
+    @staticmethod
+    def _attend(attn: Attention, hidden_states: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Cross-attention of ``hidden_states`` over precomputed keys/values (diffusers' SDPA path)."""
+        batch, heads, _, head_dim = key.shape
+        query = attn.to_q(hidden_states).view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+    def clear_cache(self) -> None:
+        self._kv_cache = None
+
+
+def _version(tensor: torch.Tensor) -> int:
+    """In-place modification counter (inference tensors have none: -1)."""
+    return -1 if tensor.is_inference() else tensor._version
 
 
 class CSMAttnProcessor:
@@ -119,12 +180,18 @@ def install_csm(model: nn.Module, image_embed_dim: int, copy_attention: bool) ->
     return names
 
 
-def check_csm_processors(model: nn.Module) -> None:
-    """Fail loudly if something (e.g. ``set_default_attn_processor``) replaced a CSM processor."""
-    for name, block in cross_attention_blocks(model):
-        csm = getattr(block, CSM_ATTR, None)
-        if csm is None:
-            continue
+def csm_blocks(model: nn.Module) -> list[tuple[str, BasicTransformerBlock]]:
+    """The blocks of ``model`` that carry a CSM (found once; the model's layout does not change)."""
+    return [(name, block) for name, block in cross_attention_blocks(model) if getattr(block, CSM_ATTR, None) is not None]
+
+
+def check_csm_processors(model: nn.Module, blocks: list[tuple[str, BasicTransformerBlock]] | None = None) -> None:
+    """Fail loudly if something (e.g. ``set_default_attn_processor``) replaced a CSM processor.
+
+    ``blocks`` (from :func:`csm_blocks`) spares walking every module at every forward.
+    """
+    for name, block in (blocks if blocks is not None else csm_blocks(model)):
+        csm = getattr(block, CSM_ATTR)
         processor = block.attn2.processor
         if not isinstance(processor, CSMAttnProcessor) or processor.csm is not csm:
             raise RuntimeError(

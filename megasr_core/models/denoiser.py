@@ -27,7 +27,7 @@ from torch import nn
 from .conditioning import ConditioningSlot, MegaSRConditioning
 from ..utils import DeviceDtypeMixin
 from .config import MegaSRConfig
-from .csm import IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, install_csm
+from .csm import CSM, IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, csm_blocks, install_csm
 from .msfm import install_msfm
 from .presets import get_preset
 from .state_dicts import (
@@ -106,6 +106,14 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
             install_msfm(controlnet, self.slot, **kwargs)
             install_msfm(unet, self.slot, **kwargs)
         self.apply_trainable_flags()
+        # Found once: checked at every forward without walking every module of both nets.
+        self._csm_blocks = csm_blocks(unet) + csm_blocks(controlnet)
+
+    def clear_caches(self) -> None:
+        """Drop the CSMs' cached image keys/values (a sampler calls this when a run ends)."""
+        for module in self.modules():
+            if isinstance(module, CSM):
+                module.clear_cache()
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -239,8 +247,7 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
             raise ValueError("pass either conditioning or image_embeds/guidance, not both")
         elif conditioning.batch_size not in (None, batch):
             raise ValueError(f"conditioning was prepared for batch {conditioning.batch_size}, latents have {batch}")
-        check_csm_processors(self.unet)
-        check_csm_processors(self.controlnet)
+        check_csm_processors(self.unet, self._csm_blocks)
         attention_kwargs = None
         if conditioning.image_tokens is not None:
             attention_kwargs = {IMAGE_TOKENS_KWARG: conditioning.image_tokens}

@@ -300,22 +300,25 @@ class MegaSRPipeline(DiffusionPipeline):
         batches = self._group(prepared, scales, max_batch_size)
         total_steps = num_inference_steps * len(batches)
         done_steps = 0
-        for batch in batches:
-            def step_done(step: int, _total: int, offset: int = done_steps) -> None:
-                if callback is not None:
-                    callback(offset + step, total_steps)
+        try:
+            for batch in batches:
+                def step_done(step: int, _total: int, offset: int = done_steps) -> None:
+                    if callback is not None:
+                        callback(offset + step, total_steps)
 
-            outputs, batch_prompts, dropped = self._upscale_batch(
-                batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
-                color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, step_done,
-                should_cancel, is_cancelled, timer,
-            )
-            done_steps += num_inference_steps
-            for index, text in batch_prompts.items():
-                prompts[index] = text
-            for index, image in outputs.items():
-                results[index] = image
-            cancelled.extend(dropped)
+                outputs, batch_prompts, dropped = self._upscale_batch(
+                    batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
+                    color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, step_done,
+                    should_cancel, is_cancelled, timer,
+                )
+                done_steps += num_inference_steps
+                for index, text in batch_prompts.items():
+                    prompts[index] = text
+                for index, image in outputs.items():
+                    results[index] = image
+                cancelled.extend(dropped)
+        finally:
+            self.denoiser.clear_caches()  # the CSMs' cached image keys/values of this call
         timings = {k: round(v, 4) for k, v in timer.stages.items()}
         if timer.steps:
             timings["denoise_step_median"] = round(float(np.median(timer.steps)), 4)

@@ -1,0 +1,74 @@
+"""The CSM's inference cache of image keys/values: same numbers as recomputing, invalidated safely."""
+
+from __future__ import annotations
+
+import torch
+
+from megasr_core.models.csm import CSM, CSM_ATTR, csm_blocks
+from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+
+
+def first_csm_block(model):
+    name, block = csm_blocks(model.controlnet)[0]
+    return block, getattr(block, CSM_ATTR)
+
+
+@torch.no_grad()
+def test_direct_visual_attention_equals_the_attention_modules_own_path(tiny_base):
+    """The cached-K/V path computes what diffusers' Attention computes over the connected tokens."""
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    for net in (model.unet, model.controlnet):
+        name, block = csm_blocks(net)[0]
+        csm: CSM = getattr(block, CSM_ATTR)
+        attn = csm.visual_attn if csm.visual_attn is not None else block.attn2
+        hidden = torch.randn(2, 64, attn.to_q.in_features)
+        tokens = torch.randn(2, 5, csm.connector.in_features)
+        reference = attn.processor.base(attn, hidden, csm.connector(tokens)) if csm.visual_attn is None \
+            else attn(hidden, encoder_hidden_states=csm.connector(tokens))
+        direct = csm._attend(attn, hidden, *csm._visual_kv(attn, tokens))
+        torch.testing.assert_close(direct, reference, rtol=1e-5, atol=1e-6)
+
+
+@torch.no_grad()
+def test_repeated_forwards_reuse_keys_and_values_with_identical_output(tiny_base):
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    inputs = make_inputs(seed=0)
+    conditioning = model.prepare_conditioning(inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0])
+    block, csm = first_csm_block(model)
+    first = model(**inputs, conditioning=conditioning)
+    cached = csm._kv_cache
+    assert cached is not None and cached[0][0] is conditioning.image_tokens
+    second = model(**inputs, conditioning=conditioning)
+    assert csm._kv_cache[1] is cached[1]  # reused, not recomputed
+    model.clear_caches()
+    assert csm._kv_cache is None
+    third = model(**inputs, conditioning=conditioning)
+    assert torch.equal(first, second) and torch.equal(first, third)
+
+
+@torch.no_grad()
+def test_in_place_changes_of_tokens_or_weights_recompute(tiny_base):
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    inputs = make_inputs(seed=1)
+    conditioning = model.prepare_conditioning(inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0])
+    before = model(**inputs, conditioning=conditioning)
+    conditioning.image_tokens.mul_(-1.0)  # same tensor object, new values
+    flipped = model(**inputs, conditioning=conditioning)
+    model.clear_caches()
+    assert torch.equal(flipped, model(**inputs, conditioning=conditioning)) and not torch.equal(before, flipped)
+    block, csm = first_csm_block(model)
+    csm.connector.weight.add_(0.5)  # e.g. load_state_dict copies into the weights in place
+    changed = model(**inputs, conditioning=conditioning)
+    model.clear_caches()
+    assert torch.equal(changed, model(**inputs, conditioning=conditioning))
+
+
+def test_no_cache_while_training(tiny_base):
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    inputs = make_inputs(seed=2)
+    model(**inputs).sum().backward()
+    assert all(getattr(b, CSM_ATTR)._kv_cache is None for _, b in csm_blocks(model.unet) + csm_blocks(model.controlnet))

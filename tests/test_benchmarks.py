@@ -28,7 +28,8 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path):
         assert {"extractors", "vae_encode", "denoise", "vae_decode"} <= set(row["stages_s"])
         assert sections["baseline"][batch]["step_median_ms"] > 0
     assert set(sections["denoiser_breakdown"]) == {"1", "2"}
-    assert sections["megasr_large"]["output_size"] == [128, 128]
+    assert sections["megasr_large"]["tile_batch_4"]["output_size"] == [128, 128]
+    assert set(sections["megasr_large"]) == {"tile_batch_4", "tile_batch_1"}
     assert report["summary"]["megasr_over_baseline_batch2"] == sections["megasr_eager"]["2"]["ratio_to_baseline"]
 
 

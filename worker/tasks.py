@@ -36,8 +36,9 @@ from .runtime import WorkerRuntime, get_runtime
 log = logging.getLogger("megasr.worker")
 PROGRESS_INTERVAL_S = 0.5
 RETRY_BACKOFF_S = 3.0
-#: latent tile sizes tried in turn when one job alone runs out of GPU memory
-OOM_TILE_SIZES = (None, 64, 48)
+#: (latent tile size, tiles per model batch) tried in turn when one job alone runs out of GPU
+#: memory: first the tiles one at a time, then smaller tiles
+OOM_TILE_SIZES = ((None, 4), (None, 1), (64, 1), (48, 1))
 
 
 def _encode(image, fmt: str) -> bytes:
@@ -155,7 +156,8 @@ class BatchRun:
                 prompt=[m.record.params.prompt for m in group], seed=[m.seed for m in group],
                 num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
                 negative_prompt=params.negative_prompt, color_fix=params.color_fix,
-                tile_size=OOM_TILE_SIZES[tile_index], callback=progress,
+                tile_size=OOM_TILE_SIZES[tile_index][0], tile_batch_size=OOM_TILE_SIZES[tile_index][1],
+                callback=progress,
                 is_cancelled=lambda index: watch.stopped(group[index].id), max_batch_size=len(group),
             )
         except Exception as exc:
@@ -169,7 +171,7 @@ class BatchRun:
                     self.execute(group[half:], tile_index)
                     return
                 if tile_index + 1 < len(OOM_TILE_SIZES):
-                    log.warning("job %s: out of GPU memory, retrying with %s-latent tiles", group[0].id,
+                    log.warning("job %s: out of GPU memory, retrying with tiles (size, per batch) %s", group[0].id,
                                 OOM_TILE_SIZES[tile_index + 1])
                     self.execute(group, tile_index + 1)
                     return

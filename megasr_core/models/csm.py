@@ -37,6 +37,8 @@ CSM_ATTR = "csm"
 # for the image-prompt token names IP-Adapter uses; CSM tokens are image-prompt tokens too, so
 # they travel under that name and the self-attention processors ignore them quietly.
 IMAGE_TOKENS_KWARG = "ip_hidden_states"
+#: token tensors whose keys/values each CSM keeps (one per group of tiles in a tiled run)
+KV_CACHE_ENTRIES = 4
 
 
 class CSM(nn.Module):
@@ -59,7 +61,7 @@ class CSM(nn.Module):
 
         # Inference cache of the visual keys/values: they depend on the image tokens only, which
         # stay the same for every step of a sampling run (see ``_visual_kv``).
-        self._kv_cache: tuple[tuple[object, ...], torch.Tensor, torch.Tensor] | None = None
+        self._kv_cache: list[tuple[tuple[object, ...], torch.Tensor, torch.Tensor]] = []
 
     def forward(
         self,
@@ -92,9 +94,9 @@ class CSM(nn.Module):
         key_of = None
         if use_cache:
             key_of = tuple(_version(t) for t in (image_tokens, self.connector.weight, attn.to_k.weight, attn.to_v.weight))
-            cached = self._kv_cache
-            if cached is not None and cached[0][0] is image_tokens and cached[0][1:] == key_of:
-                return cached[1], cached[2]
+            for cached in self._kv_cache:
+                if cached[0][0] is image_tokens and cached[0][1:] == key_of:
+                    return cached[1], cached[2]
         tokens = self.connector(image_tokens.to(self.connector.weight.dtype))
         if attn.norm_cross:
             tokens = attn.norm_encoder_hidden_states(tokens)
@@ -105,8 +107,8 @@ class CSM(nn.Module):
         value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        if use_cache:
-            self._kv_cache = ((image_tokens, *key_of), key, value)
+        if use_cache:  # a few entries: a tiled run alternates between its groups of tiles
+            self._kv_cache = [*self._kv_cache[-(KV_CACHE_ENTRIES - 1):], ((image_tokens, *key_of), key, value)]
         return key, value
 
     @staticmethod
@@ -124,7 +126,7 @@ class CSM(nn.Module):
         return out / attn.rescale_output_factor
 
     def clear_cache(self) -> None:
-        self._kv_cache = None
+        self._kv_cache = []
 
 
 def _version(tensor: torch.Tensor) -> int:

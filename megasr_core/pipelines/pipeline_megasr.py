@@ -247,6 +247,7 @@ class MegaSRPipeline(DiffusionPipeline):
         vae_tile_size: int = 1024,
         controlnet_scale: float = 1.0,
         max_cached_tiles: int = 16,
+        tile_batch_size: int = 4,
         callback: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         is_cancelled: Callable[[int], bool] | None = None,
@@ -267,6 +268,8 @@ class MegaSRPipeline(DiffusionPipeline):
             vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
             max_cached_tiles: keep each tile's guidance modulation across steps up to this many
                 tiles (memory grows with the image beyond it, so it is recomputed instead).
+            tile_batch_size: latent tiles run together in one model batch (faster on a GPU;
+                activation memory grows with it; 1 = one tile at a time).
             is_cancelled: ``is_cancelled(index)`` is asked before every step for every image
                 still running; a ``True`` drops that image from its batch (its output is ``None``
                 and its index is listed in ``cancelled``) while the others go on.
@@ -286,6 +289,8 @@ class MegaSRPipeline(DiffusionPipeline):
             self._check_parameters(value, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
+            raise ValueError(f"tile_batch_size must be a positive integer, got {tile_batch_size!r}")
         generators = _generators(generator, seed, count)
         timer = _StageTimer(self.device, sync=profile)
         start = time.perf_counter()
@@ -308,8 +313,8 @@ class MegaSRPipeline(DiffusionPipeline):
 
                 outputs, batch_prompts, dropped = self._upscale_batch(
                     batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
-                    color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, step_done,
-                    should_cancel, is_cancelled, timer,
+                    color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, tile_batch_size,
+                    step_done, should_cancel, is_cancelled, timer,
                 )
                 done_steps += num_inference_steps
                 for index, text in batch_prompts.items():
@@ -373,7 +378,7 @@ class MegaSRPipeline(DiffusionPipeline):
     def _upscale_batch(
         self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, user_prompts: list[str],
         negative_prompt: str, generators: list[torch.Generator], color_fix_method: str, tile_size: int | None,
-        tile_overlap: int, vae_tile_size: int, controlnet_scale: float, max_cached_tiles: int,
+        tile_overlap: int, vae_tile_size: int, controlnet_scale: float, max_cached_tiles: int, tile_batch_size: int,
         step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None,
         is_cancelled: Callable[[int], bool] | None, timer: _StageTimer,
     ) -> tuple[dict[int, Image.Image], dict[int, str], list[int]]:
@@ -410,32 +415,25 @@ class MegaSRPipeline(DiffusionPipeline):
         tile = tile_size if tile_size is not None else (AUTO_TILE if max(height, width) > AUTO_TILE_ABOVE else 0)
         tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
         repeat = 2 if do_cfg else 1
-        # Conditioning per tile, with the maps once for both CFG halves. Kept across steps (each
+        # Conditioning per group of tiles, with the maps once for both CFG halves. Kept across steps (each
         # MSFM computes its modulation once) up to ``max_cached_tiles``; beyond that memory
         # would grow with the image, so the modulation is recomputed at every step instead.
         reuse = len(tile_list) <= max_cached_tiles
-        conditionings: dict[Tile, Any] = {}
-        state = {"text": None, "control_in": None}
+        conditionings: dict[tuple[Tile, ...], Any] = {}
 
-        def model_inputs() -> None:
-            """(Re)build the CFG-doubled text and ControlNet inputs for the images still running."""
-            state["text"] = torch.cat([negative, positive]) if do_cfg else positive
-            state["control_in"] = torch.cat([control, control]).to(dtype) if do_cfg else control.to(dtype)
-            conditionings.clear()
-
-        def conditioning_for(part: Tile, batch_size: int):
-            if part in conditionings:
-                return conditionings[part]
-            pixels = part.pixels(self.vae_scale_factor)
+        def conditioning_for(group: tuple[Tile, ...], batch_size: int):
+            if group in conditionings:
+                return conditionings[group]
+            pixels = [part.pixels(self.vae_scale_factor) for part in group]
+            tokens = torch.cat([image_tokens] * len(group)) if image_tokens is not None else None
             made = self.denoiser.prepare_conditioning(
-                image_tokens, {k: pixels.crop(v) for k, v in guidance.items()}, batch_size,
+                tokens, {k: torch.cat([p.crop(v) for p in pixels]) for k, v in guidance.items()}, batch_size,
                 reuse_modulation=reuse, repeat=repeat,
             )
             if reuse:
-                conditionings[part] = made
+                conditionings[group] = made
             return made
 
-        model_inputs()
         dropped: list[int] = []
         with timer.stage("denoise"):
             for index, t in enumerate(timesteps):
@@ -453,25 +451,30 @@ class MegaSRPipeline(DiffusionPipeline):
                         negative = negative[rows] if negative is not None else None
                         image_tokens = image_tokens[rows] if image_tokens is not None else None
                         guidance = {key: value[rows] for key, value in guidance.items()}
-                        model_inputs()
+                        conditionings.clear()
                 step_start = timer.now()
-                text, control_in = state["text"], state["control_in"]
 
-                def predict(part: Tile) -> torch.Tensor:
-                    crop = part.crop(latents)
-                    latent_in = torch.cat([crop, crop]) if do_cfg else crop
-                    pixels = part.pixels(self.vae_scale_factor)
+                def predict_many(group: list[Tile]) -> list[torch.Tensor]:
+                    # One model batch for the tiles of ``group``: [negative halves of every tile;
+                    # positive halves of every tile], so each tile's images line up with its maps.
+                    count = len(group)
+                    crops = torch.cat([part.crop(latents) for part in group])
+                    latent_in = torch.cat([crops, crops]) if do_cfg else crops
+                    texts = [positive] * count
+                    if do_cfg:
+                        texts = [negative] * count + texts
+                    controls = torch.cat([part.pixels(self.vae_scale_factor).crop(control) for part in group]).to(dtype)
                     eps = self.denoiser(
-                        latent_in, t, text, control_image=pixels.crop(control_in),
-                        conditioning=conditioning_for(part, latent_in.shape[0]),
+                        latent_in, t, torch.cat(texts), control_image=torch.cat([controls, controls]) if do_cfg else controls,
+                        conditioning=conditioning_for(tuple(group), latent_in.shape[0]),
                         conditioning_scale=controlnet_scale,
                     )
                     if do_cfg:
                         uncond, cond = eps.chunk(2)
                         eps = uncond + guidance_scale * (cond - uncond)
-                    return eps
+                    return list(eps.chunk(count))
 
-                noise_pred = blend_tiles(latents, tile_list, predict)
+                noise_pred = blend_tiles(latents, tile_list, predict_many=predict_many, group_size=tile_batch_size)
                 latents = self.scheduler.step(noise_pred, t, latents, generator=gens).prev_sample
                 timer.steps.append(timer.now() - step_start)
                 step_done(index + 1, steps)

@@ -66,21 +66,42 @@ def gaussian_weights(height: int, width: int, device: torch.device, dtype: torch
     return (axis(height)[:, None] * axis(width)[None, :]).to(dtype)[None, None]
 
 
+def tile_groups(tile_list: list[Tile], group_size: int) -> list[list[Tile]]:
+    """Consecutive tiles of one shape, ``group_size`` at most per group (one model batch each)."""
+    groups: list[list[Tile]] = []
+    for tile in tile_list:
+        last = groups[-1] if groups else None
+        shape = (tile.bottom - tile.top, tile.right - tile.left)
+        if last and len(last) < group_size and (last[0].bottom - last[0].top, last[0].right - last[0].left) == shape:
+            last.append(tile)
+        else:
+            groups.append([tile])
+    return groups
+
+
 def blend_tiles(
     latents: torch.Tensor,
     tile_list: list[Tile],
-    predict: Callable[[Tile], torch.Tensor],
+    predict: Callable[[Tile], torch.Tensor] | None = None,
+    predict_many: Callable[[list[Tile]], list[torch.Tensor]] | None = None,
+    group_size: int = 1,
 ) -> torch.Tensor:
-    """Σ w·predict(tile) / Σ w over all tiles (a single tile passes straight through)."""
+    """Σ w·predict(tile) / Σ w over all tiles (a single tile passes straight through).
+
+    With ``predict_many`` the tiles are predicted ``group_size`` at a time (same-shape tiles
+    stacked into one model batch: a GPU runs a few tiles together much faster than in turn).
+    """
+    if predict_many is None:
+        if predict is None:
+            raise ValueError("give predict or predict_many")
+        predict_many, group_size = (lambda group: [predict(tile) for tile in group]), 1
     if len(tile_list) == 1 and tile_list[0] == Tile(0, latents.shape[-2], 0, latents.shape[-1]):
-        return predict(tile_list[0])
+        return predict_many(tile_list)[0]
     total = torch.zeros_like(latents, dtype=torch.float32)
     weight_sum = torch.zeros((1, 1, *latents.shape[-2:]), device=latents.device, dtype=torch.float32)
-    for tile in tile_list:
-        prediction = predict(tile).float()
-        weights = gaussian_weights(tile.bottom - tile.top, tile.right - tile.left, latents.device)
-        total[..., tile.top : tile.bottom, tile.left : tile.right] += prediction * weights
-        weight_sum[..., tile.top : tile.bottom, tile.left : tile.right] += weights
+    for group in tile_groups(tile_list, max(1, group_size)):
+        for tile, prediction in zip(group, predict_many(group)):
+            weights = gaussian_weights(tile.bottom - tile.top, tile.right - tile.left, latents.device)
+            total[..., tile.top : tile.bottom, tile.left : tile.right] += prediction.float() * weights
+            weight_sum[..., tile.top : tile.bottom, tile.left : tile.right] += weights
     return (total / weight_sum).to(latents.dtype)
-
-

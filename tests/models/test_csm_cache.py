@@ -38,12 +38,12 @@ def test_repeated_forwards_reuse_keys_and_values_with_identical_output(tiny_base
     conditioning = model.prepare_conditioning(inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0])
     block, csm = first_csm_block(model)
     first = model(**inputs, conditioning=conditioning)
-    cached = csm._kv_cache
-    assert cached is not None and cached[0][0] is conditioning.image_tokens
+    [cached] = csm._kv_cache
+    assert cached[0][0] is conditioning.image_tokens
     second = model(**inputs, conditioning=conditioning)
-    assert csm._kv_cache[1] is cached[1]  # reused, not recomputed
+    assert len(csm._kv_cache) == 1 and csm._kv_cache[0][1] is cached[1]  # reused, not recomputed
     model.clear_caches()
-    assert csm._kv_cache is None
+    assert csm._kv_cache == []
     third = model(**inputs, conditioning=conditioning)
     assert torch.equal(first, second) and torch.equal(first, third)
 
@@ -71,4 +71,4 @@ def test_no_cache_while_training(tiny_base):
     perturb_zero_init(model)
     inputs = make_inputs(seed=2)
     model(**inputs).sum().backward()
-    assert all(getattr(b, CSM_ATTR)._kv_cache is None for _, b in csm_blocks(model.unet) + csm_blocks(model.controlnet))
+    assert all(getattr(b, CSM_ATTR)._kv_cache == [] for _, b in csm_blocks(model.unet) + csm_blocks(model.controlnet))

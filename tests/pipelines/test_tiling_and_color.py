@@ -63,3 +63,26 @@ def test_wavelet_takes_low_frequencies_from_the_reference():
 def test_color_fix_rejects_unknown_methods():
     with pytest.raises(ValueError, match="adain, wavelet, none"):
         color_fix(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), "histogram")
+
+
+def test_tile_groups_keep_order_and_shape():
+    from megasr_core.pipelines.tiling import tile_groups
+
+    grid = tiles(150, 100, 64, 8)
+    groups = tile_groups(grid, 3)
+    assert [t for g in groups for t in g] == grid
+    assert all(len(g) <= 3 and len({(t.bottom - t.top, t.right - t.left) for t in g}) == 1 for g in groups)
+    mixed = [Tile(0, 8, 0, 8), Tile(0, 8, 8, 16), Tile(0, 4, 0, 4), Tile(4, 8, 0, 4)]
+    assert [len(g) for g in tile_groups(mixed, 4)] == [2, 2]
+
+
+def test_blend_tiles_in_groups_equals_one_by_one():
+    latents = torch.randn(2, 4, 90, 70, generator=torch.Generator().manual_seed(0))
+
+    def local(tile: Tile) -> torch.Tensor:
+        return tile.crop(latents) * 2 + tile.top
+
+    grid = tiles(90, 70, 32, 8)
+    one = blend_tiles(latents, grid, local)
+    grouped = blend_tiles(latents, grid, predict_many=lambda group: [local(t) for t in group], group_size=4)
+    assert torch.equal(one, grouped)

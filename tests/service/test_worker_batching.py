@@ -183,3 +183,29 @@ def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, redis_url, tiny_wei
                     process.kill()
                     process.wait(timeout=10)
         time.sleep(0)  # the processes are gone before the Valkey fixture is torn down
+
+
+class OutOfMemoryUntilTiled:
+    """The real pipeline, but untiled runs raise CUDA's OOM error (as a large image would)."""
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline, self.calls = pipeline, []
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def __call__(self, images, **kwargs):
+        self.calls.append((len(images), kwargs["tile_size"], kwargs["tile_batch_size"]))
+        if kwargs["tile_size"] is None:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB (injected)")
+        return self.pipeline(images, **kwargs)
+
+
+def test_out_of_memory_on_one_job_retries_with_fewer_then_smaller_tiles(batching):
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=7).json()["id"] for name, size in PHOTOS[:2]]
+    injected = OutOfMemoryUntilTiled(pipeline)
+    run_burst(settings, injected)
+    # The pair is split first, then each job alone goes 4 tiles per batch → 1 → 64-latent tiles.
+    assert injected.calls == [(2, None, 4), (1, None, 4), (1, None, 1), (1, 64, 1), (1, None, 4), (1, None, 1), (1, 64, 1)]
+    assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded" for job_id in ids)

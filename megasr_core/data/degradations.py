@@ -41,8 +41,10 @@ class DegradationConfig:
     scale: int = 4
     first: StageConfig = field(default_factory=StageConfig)
     second_blur_prob: float = 0.8
+    # basicsr draws the second kernel's size from the same odd 7..21 range as the first
+    # (it ignores ``blur_kernel_size2``), so the second stage keeps ``kernel_size`` 21.
     second: StageConfig = field(default_factory=lambda: StageConfig(
-        kernel_size=11, blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+        blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
         noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
     ))
     final_sinc_prob: float = 0.8
@@ -64,9 +66,13 @@ def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.meshgrid(axis, axis, indexing="ij")
 
 
-def anisotropic_kernel(size: int, sigma_x: float, sigma_y: float, theta: float, beta: float = 2.0,
+def anisotropic_kernel(size: int, sigma_x: float, sigma_y: float, theta: float, beta: float = 1.0,
                        shape: str = "gaussian") -> torch.Tensor:
-    """Gaussian (β = 2), generalized Gaussian (exp(-½ (xᵀΣ⁻¹x)^{β/2})) or plateau (1 / (1 + (xᵀΣ⁻¹x)^β))."""
+    """Normalized kernel on a ``size×size`` grid centred on 0, with q = xᵀΣ⁻¹x (basicsr's forms).
+
+    ``shape``: "gaussian" exp(-½ q) (``beta`` unused), "generalized" exp(-½ q^β) (β from
+    ``betag``, so β = 1 is the Gaussian) or "plateau" 1 / (1 + q^β) (β from ``betap``).
+    """
     rotation = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
     covariance = rotation @ torch.diag(torch.tensor([sigma_x**2, sigma_y**2], dtype=torch.float64)) @ rotation.T
     inverse = torch.linalg.inv(covariance)
@@ -75,8 +81,12 @@ def anisotropic_kernel(size: int, sigma_x: float, sigma_y: float, theta: float, 
     quad = torch.einsum("...i,ij,...j->...", points, inverse, points)
     if shape == "plateau":
         kernel = 1.0 / (quad**beta + 1.0)
+    elif shape == "generalized":
+        kernel = torch.exp(-0.5 * quad**beta)
+    elif shape == "gaussian":
+        kernel = torch.exp(-0.5 * quad)
     else:
-        kernel = torch.exp(-0.5 * quad ** (beta / 2))
+        raise ValueError(f"shape must be gaussian, generalized or plateau, got {shape!r}")
     return (kernel / kernel.sum()).float()
 
 
@@ -90,9 +100,14 @@ def sinc_kernel(size: int, cutoff: float) -> torch.Tensor:
     return (kernel / kernel.sum()).float()
 
 
+def random_kernel_size(stage: StageConfig, generator: torch.Generator) -> int:
+    """An odd side uniform over 7, 9, …, ``stage.kernel_size`` (basicsr: 7..21 in both stages)."""
+    return 2 * int(torch.randint(3, stage.kernel_size // 2 + 1, (), generator=generator)) + 1
+
+
 def random_kernel(stage: StageConfig, generator: torch.Generator) -> torch.Tensor:
     """A blur kernel of one of Real-ESRGAN's types, or a sinc kernel, padded to the stage size."""
-    size = 2 * int(torch.randint(3, stage.kernel_size // 2 + 1, (), generator=generator)) + 1
+    size = random_kernel_size(stage, generator)
     if float(torch.rand((), generator=generator)) < stage.sinc_prob:
         cutoff = _uniform(generator, math.pi / 3, math.pi) if size < 13 else _uniform(generator, math.pi / 5, math.pi)
         kernel = sinc_kernel(size, cutoff)
@@ -107,7 +122,7 @@ def random_kernel(stage: StageConfig, generator: torch.Generator) -> torch.Tenso
         elif kind.startswith("plateau"):
             beta, shape = _uniform(generator, *stage.betap), "plateau"
         else:
-            beta, shape = 2.0, "gaussian"
+            beta, shape = 1.0, "gaussian"
         kernel = anisotropic_kernel(size, sigma_x, sigma_y, theta, beta, shape)
     pad = (stage.kernel_size - size) // 2
     return F.pad(kernel, (pad, pad, pad, pad))

@@ -6,8 +6,11 @@ intermediate representations (L1) and outputs:
 
 * HED and segmentation — full fine-tuning; L1 on block / backbone features + α (β) · L1 on the
   edge map (class scores);
-* depth — LoRA r = 8 on the backbone; L1 on backbone hidden states + γ · SILog on the depth;
-* CLIP — LoRA r = 8 on the vision tower; L1 on the final tokens + Σ L1 on every layer's tokens.
+* depth — LoRA r = 8 on the backbone; L1 on backbone hidden states + γ · SILog on the
+  predicted disparity (see :func:`silog` for how zero disparity is handled);
+* CLIP — LoRA r = 8 on the vision tower; L1 on the final tokens (what the CSM consumes) + Σ L1
+  on the outputs of layers 1..N−1 (layer N enters through the final tokens, so no layer counts
+  twice).
 
 The result goes into a weights directory as the extractor itself (HED, segmentation) or as a
 LoRA adapter under ``<extractor>/lora`` (depth, CLIP), which serving merges at load.
@@ -29,7 +32,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, RandomSampler
 
-from ..data import PairedImageDataset
+from ..data import PairedImageDataset, USMConfig
 from ..extractors import GuidanceExtractors, attach_lora, save_lora
 from .config import save_config
 
@@ -56,6 +59,11 @@ class DAGETrainConfig:
     gamma: float = 1.0
     lora_rank: int = 8
     silog_lambda: float = 0.85
+    #: SILog offset as a fraction of each disparity map's maximum (resolves depths up to ~1/x× the nearest)
+    silog_relative_floor: float = 0.01
+    #: mirror half the crops; USM-sharpen the HR before degrading it (SeeSR's pairs)
+    use_hflip: bool = True
+    use_usm: bool = True
     mixed_precision: str = "no"
     checkpoint_every: int = 2000
     log_every: int = 10
@@ -63,10 +71,44 @@ class DAGETrainConfig:
     seed: int = 0
 
 
-def silog(prediction: torch.Tensor, target: torch.Tensor, lam: float = 0.85, eps: float = 1e-6) -> torch.Tensor:
-    """Scale-invariant log loss (Eigen et al.) between positive depth maps."""
-    diff = torch.log(prediction.clamp_min(eps)) - torch.log(target.clamp_min(eps))
-    return torch.sqrt((diff.pow(2).mean() - lam * diff.mean().pow(2)).clamp_min(eps))
+def disparity_floor(disparity: torch.Tensor, relative_floor: float = 0.01, eps: float = 1e-6) -> torch.Tensor:
+    """Per-map offset ``relative_floor × max(d)`` (at least ``eps``), shaped to broadcast over ``B×…``.
+
+    Depth-Anything predicts relative disparity (inverse depth): 0 at infinity (sky) and an
+    arbitrary scale per image, so a fixed clamp is either far below the map's values (log
+    explodes at the sky) or above them. Tied to the map's own maximum, the offset keeps the loss
+    scale-invariant; it is a constant (detached).
+    """
+    peak = disparity.detach().flatten(1).amax(dim=1).clamp_min(0)
+    return (relative_floor * peak).clamp_min(eps).view(-1, *[1] * (disparity.ndim - 1))
+
+
+def silog(prediction: torch.Tensor, target: torch.Tensor, lam: float = 0.85, relative_floor: float = 0.01,
+          eps: float = 1e-6) -> torch.Tensor:
+    """Scale-invariant log loss (Eigen et al. 2014) between disparity maps ``B×…``, mean over images.
+
+    g = log(p + c_p) − log(t + c_t) with c = :func:`disparity_floor` of each map, then per image
+    √(mean g² − λ·(mean g)²). Finite where either map is 0 (sky), with gradients bounded by 1/c_p;
+    multiplying either map by a constant only shifts g, which λ = 1 removes exactly.
+    """
+    pred = prediction.clamp_min(0) + disparity_floor(prediction, relative_floor, eps)
+    true = target.clamp_min(0) + disparity_floor(target, relative_floor, eps)
+    diff = (torch.log(pred) - torch.log(true)).flatten(1)
+    per_image = diff.pow(2).mean(dim=1) - lam * diff.mean(dim=1).pow(2)
+    return torch.sqrt(per_image.clamp_min(eps)).mean()
+
+
+def clip_representations(extractor, outputs) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Eq. 6's CLIP terms, each tensor once: (outputs of layers 1..N−1, the final tokens F^ec).
+
+    The final tokens are what the CSM consumes: the last layer's output, or its LayerNorm +
+    projection where the encoder works in CLIP's projected space. Layer N's raw output is not
+    listed with the intermediate ones: it is (or directly feeds) the final tokens, and listing it
+    too made the loss count the last layer twice.
+    """
+    tokens = getattr(extractor, "tokens", None)  # encoders without a token space give the last hidden state
+    final = tokens(outputs) if tokens is not None else outputs.last_hidden_state
+    return list(outputs.hidden_states[1:-1]), final
 
 
 def representations(kind: str, extractor, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -87,7 +129,7 @@ def representations(kind: str, extractor, images: torch.Tensor) -> tuple[list[to
         return list(outputs.hidden_states), outputs.predicted_depth
     if kind == "clip":
         outputs = extractor.vision_outputs(extractor.preprocess(images), output_hidden_states=True)
-        return [outputs.last_hidden_state, *outputs.hidden_states[1:]], outputs.last_hidden_state
+        return clip_representations(extractor, outputs)
     raise ValueError(f"extractor must be one of {', '.join(KINDS)}, got {kind!r}")
 
 
@@ -97,11 +139,12 @@ def dage_loss(kind: str, config: DAGETrainConfig, teacher, student, hr: torch.Te
     with torch.no_grad():
         hr_features, hr_out = representations(kind, teacher, hr)
     lr_features, lr_out = representations(kind, student, lr_up)
-    if kind == "clip":  # Eq. 6: L1 on the final embeddings + Σ L1 on every layer's tokens
-        return sum(F.l1_loss(s.float(), t.float()) for s, t in zip(lr_features, hr_features))
+    if kind == "clip":  # Eq. 6: L1 on the final tokens + Σ L1 on the intermediate layers' tokens
+        layers = sum(F.l1_loss(s.float(), t.float()) for s, t in zip(lr_features, hr_features))
+        return F.l1_loss(lr_out.float(), hr_out.float()) + layers
     rep = sum(F.l1_loss(s.float(), t.float()) for s, t in zip(lr_features, hr_features)) / len(hr_features)
     if kind == "depth":
-        return rep + config.gamma * silog(lr_out.float(), hr_out.float(), config.silog_lambda)
+        return rep + config.gamma * silog(lr_out.float(), hr_out.float(), config.silog_lambda, config.silog_relative_floor)
     weight = config.alpha if kind == "hed" else config.beta
     return rep + weight * F.l1_loss(lr_out.float(), hr_out.float())
 
@@ -129,7 +172,8 @@ class DAGETrainer:
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
         self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
-        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed)
+        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed,
+                                          hflip=config.use_hflip, usm=USMConfig() if config.use_usm else None)
         self.step = 0
 
     def _batches(self):

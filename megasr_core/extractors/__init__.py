@@ -11,6 +11,7 @@ from .guidance import NAMES, GuidanceExtractors, GuidanceOutput, init_tiny_extra
 from .hed import HEDConfig, HEDExtractor, HEDNetwork, fuse_side_outputs
 from .lora import attach_lora, has_lora, load_lora, merge_lora, save_lora
 from .presets import ExtractorPreset, real_preset, tiny_preset
+from .ram import RAMConfig, RAMTagger
 from .segmentation import Mask2FormerBackend, SegmentationBackend, SegmentationExtractor, class_palette
 from .tagger import CLIPZeroShotTagger, Tagger, load_vocabulary, tags_to_prompt
 
@@ -26,6 +27,8 @@ __all__ = [
     "HEDNetwork",
     "Mask2FormerBackend",
     "NAMES",
+    "RAMConfig",
+    "RAMTagger",
     "SegmentationBackend",
     "SegmentationExtractor",
     "Tagger",

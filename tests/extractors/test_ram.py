@@ -1,0 +1,424 @@
+"""RAMTagger against RAM's own equations, on a random checkpoint in RAM's exact key layout.
+
+The reference below is written from RAM's maths (SeeSR ``ram/models/swin_transformer.py``,
+``bert.py``, ``ram_lora.py``) with plain tensor ops and a different formulation from the
+model's: shifted-window attention as one global attention over the rolled map (other windows
+excluded, −100 across regions), patch merging by reshape. Keys are generated here from RAM's
+architecture, not read from the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megasr_core.extractors.base import IMAGENET_MEAN, IMAGENET_STD
+from megasr_core.extractors.ram import RAMConfig, RAMTagger, is_ram_folder
+from megasr_core.extractors.ram_checkpoint import CheckpointError, interpolate_position_table
+from megasr_core.extractors.tagger import Tagger
+
+CFG = RAMConfig.tiny()
+RANK = 8
+
+
+# ------------------------------------------------------------------ a checkpoint in RAM's layout
+def stage_geometry(cfg: RAMConfig) -> list[tuple[int, int, int, int]]:
+    """(dim, resolution, window, heads) per stage, with RAM's window clamp."""
+    side = cfg.image_size // cfg.patch_size
+    out = []
+    for i, heads in enumerate(cfg.num_heads):
+        res = side // 2**i
+        out.append((cfg.embed_dim * 2**i, res, min(res, cfg.window_size), heads))
+    return out
+
+
+def ram_checkpoint(cfg: RAMConfig, seed: int = 0, captioning: bool = True) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(out_f: int, in_f: int) -> torch.Tensor:
+        return torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+
+    def vec(n: int, mean: float = 0.0, std: float = 0.1) -> torch.Tensor:
+        return mean + std * torch.randn(n, generator=g)
+
+    sd: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, out_f: int, in_f: int, bias: bool = True) -> None:
+        sd[f"{name}.weight"] = lin(out_f, in_f)
+        if bias:
+            sd[f"{name}.bias"] = vec(out_f)
+
+    def norm(name: str, n: int) -> None:
+        sd[f"{name}.weight"], sd[f"{name}.bias"] = vec(n, 1.0, 0.2), vec(n)
+
+    ve = "visual_encoder"
+    sd[f"{ve}.patch_embed.proj.weight"] = torch.randn(cfg.embed_dim, 3, cfg.patch_size, cfg.patch_size, generator=g) / cfg.patch_size
+    sd[f"{ve}.patch_embed.proj.bias"] = vec(cfg.embed_dim)
+    norm(f"{ve}.patch_embed.norm", cfg.embed_dim)
+    for i, (dim, res, window, heads) in enumerate(stage_geometry(cfg)):
+        for j in range(cfg.depths[i]):
+            b = f"{ve}.layers.{i}.blocks.{j}"
+            norm(f"{b}.norm1", dim)
+            sd[f"{b}.attn.relative_position_bias_table"] = torch.randn((2 * window - 1) ** 2, heads, generator=g)
+            sd[f"{b}.attn.relative_position_index"] = torch.randint(0, 5, (window**2, window**2), generator=g)
+            linear(f"{b}.attn.qkv", 3 * dim, dim)
+            linear(f"{b}.attn.proj", dim, dim)
+            norm(f"{b}.norm2", dim)
+            linear(f"{b}.mlp.fc1", int(dim * cfg.mlp_ratio), dim)
+            linear(f"{b}.mlp.fc2", dim, int(dim * cfg.mlp_ratio))
+            if j % 2 == 1 and res > window:  # RAM saves its shifted blocks' masks: garbage must be ignored
+                sd[f"{b}.attn_mask"] = torch.randn((res // window) ** 2, window**2, window**2, generator=g)
+        if i < len(cfg.depths) - 1:
+            norm(f"{ve}.layers.{i}.downsample.norm", 4 * dim)
+            linear(f"{ve}.layers.{i}.downsample.reduction", 2 * dim, 4 * dim, bias=False)
+    width = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
+    norm(f"{ve}.norm", width)
+    linear("image_proj", cfg.embed_width, width)
+    sd["label_embed"] = torch.randn(cfg.num_classes, cfg.embed_width, generator=g)
+    linear("wordvec_proj", cfg.head_hidden, cfg.embed_width)
+    for k in range(cfg.head_layers):
+        p = f"tagging_head.encoder.layer.{k}"
+        linear(f"{p}.crossattention.self.query", cfg.head_hidden, cfg.head_hidden)
+        linear(f"{p}.crossattention.self.key", cfg.head_hidden, cfg.embed_width)
+        linear(f"{p}.crossattention.self.value", cfg.head_hidden, cfg.embed_width)
+        linear(f"{p}.crossattention.output.dense", cfg.head_hidden, cfg.head_hidden)
+        norm(f"{p}.crossattention.output.LayerNorm", cfg.head_hidden)
+        linear(f"{p}.intermediate.dense", cfg.head_intermediate, cfg.head_hidden)
+        linear(f"{p}.output.dense", cfg.head_hidden, cfg.head_intermediate)
+        norm(f"{p}.output.LayerNorm", cfg.head_hidden)
+    linear("fc", 1, cfg.head_hidden)
+    if captioning:  # RAM's captioning half: present in the release, unused for tags
+        linear("tag_encoder.encoder.layer.0.attention.self.query", 6, 6)
+        linear("tag_encoder.encoder.layer.0.crossattention.self.key", 6, 4)
+        sd["tag_encoder.embeddings.word_embeddings.weight"] = torch.randn(10, 6, generator=g)
+        linear("text_decoder.bert.encoder.layer.0.output.dense", 6, 6)
+        sd["text_decoder.cls.predictions.bias"] = vec(10)
+    return sd
+
+
+def dape_checkpoint(cfg: RAMConfig, seed: int = 1) -> dict[str, torch.Tensor]:
+    """SeeSR's DAPE layout: loralib LoRA on every Swin qkv (q, v) and head cross-attention q/k."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i, (dim, _, _, _) in enumerate(stage_geometry(cfg)):
+        for j in range(cfg.depths[i]):
+            b = f"visual_encoder.layers.{i}.blocks.{j}.attn.qkv"
+            sd[f"{b}.lora_A"] = torch.randn(2 * RANK, dim, generator=g)
+            sd[f"{b}.lora_B"] = torch.randn(2 * dim, RANK, generator=g)
+    for k in range(cfg.head_layers):
+        for proj, fan_in in (("query", cfg.head_hidden), ("key", cfg.embed_width)):
+            b = f"tagging_head.encoder.layer.{k}.crossattention.self.{proj}"
+            sd[f"{b}.lora_A"] = torch.randn(RANK, fan_in, generator=g)
+            sd[f"{b}.lora_B"] = torch.randn(cfg.head_hidden, RANK, generator=g)
+    sd["tag_encoder.encoder.layer.0.crossattention.self.query.lora_A"] = torch.randn(RANK, 6, generator=g)
+    sd["text_decoder.bert.encoder.layer.0.attention.self.key.lora_B"] = torch.randn(6, RANK, generator=g)
+    return sd
+
+
+def loralib_delta(name: str, a: torch.Tensor, b: torch.Tensor, out_f: int) -> torch.Tensor:
+    """loralib's merge: ``MergedLinear`` via grouped conv1d and zero padding, ``Linear`` as B@A; ×alpha/r."""
+    if name.endswith("qkv"):
+        delta = F.conv1d(a.unsqueeze(0), b.unsqueeze(-1), groups=2).squeeze(0)  # (2·dim)×in
+        full = torch.zeros(out_f, a.shape[1])
+        enabled = torch.tensor([True, False, True]).repeat_interleave(out_f // 3)
+        full[enabled] = delta
+        return full * (1.0 / RANK)
+    return (b @ a) * (1.0 / RANK)
+
+
+# ------------------------------------------------------------------ RAM's equations
+def layer_norm(x, sd, name, eps):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps) * sd[f"{name}.weight"] + sd[f"{name}.bias"]
+
+
+def dense(x, sd, name):
+    y = x @ sd[f"{name}.weight"].T
+    return y + sd[f"{name}.bias"] if f"{name}.bias" in sd else y
+
+
+def gelu(x):
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def region_labels(res: int, window: int, shift: int) -> torch.Tensor:
+    """RAM's 3×3 regions of the rolled map: rows/cols [0, res−w), [res−w, res−s), [res−s, res)."""
+    edges = torch.arange(res)
+    band = (edges >= res - window).long() + (edges >= res - shift).long()
+    return (band[:, None] * 3 + band[None, :]).flatten()
+
+
+def swin_block(x, sd, b, res, window, shift, heads):
+    batch, n, dim = x.shape
+    h = layer_norm(x, sd, f"{b}.norm1", 1e-5).view(batch, res, res, dim)
+    h = torch.roll(h, (-shift, -shift), (1, 2)).reshape(batch, n, dim)
+    rows, cols = torch.div(torch.arange(n), res, rounding_mode="floor"), torch.arange(n) % res
+    same_window = ((rows[:, None] // window) == (rows[None] // window)) & ((cols[:, None] // window) == (cols[None] // window))
+    offset = ((rows[:, None] - rows[None]) + window - 1) * (2 * window - 1) + (cols[:, None] - cols[None]) + window - 1
+    table = sd[f"{b}.attn.relative_position_bias_table"]
+    bias = table[offset.clamp(0, table.shape[0] - 1)].permute(2, 0, 1)  # heads×n×n (used inside windows only)
+    if shift:
+        labels = region_labels(res, window, shift)
+        bias = bias + torch.where(labels[:, None] == labels[None], 0.0, -100.0)
+    bias = torch.where(same_window, bias, torch.tensor(float("-inf")))
+    qkv = dense(h, sd, f"{b}.attn.qkv").view(batch, n, 3, heads, dim // heads)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    attn = torch.softmax((q * (dim // heads) ** -0.5) @ k.transpose(-1, -2) + bias, dim=-1)
+    out = dense((attn @ v).transpose(1, 2).reshape(batch, n, dim), sd, f"{b}.attn.proj")
+    out = torch.roll(out.view(batch, res, res, dim), (shift, shift), (1, 2)).reshape(batch, n, dim)
+    x = x + out
+    return x + dense(gelu(dense(layer_norm(x, sd, f"{b}.norm2", 1e-5), sd, f"{b}.mlp.fc1")), sd, f"{b}.mlp.fc2")
+
+
+def patch_merge(x, sd, name, res):
+    batch, _, dim = x.shape
+    grid = x.view(batch, res // 2, 2, res // 2, 2, dim)  # [row block, row offset, col block, col offset]
+    x = grid.permute(0, 1, 3, 4, 2, 5).reshape(batch, (res // 2) ** 2, 4 * dim)  # (0,0),(1,0),(0,1),(1,1)
+    return dense(layer_norm(x, sd, f"{name}.norm", 1e-5), sd, f"{name}.reduction")
+
+
+def reference_image_embeds(sd, pixels, cfg):
+    ve = "visual_encoder"
+    x = F.conv2d(pixels, sd[f"{ve}.patch_embed.proj.weight"], sd[f"{ve}.patch_embed.proj.bias"], stride=cfg.patch_size)
+    x = layer_norm(x.flatten(2).transpose(1, 2), sd, f"{ve}.patch_embed.norm", 1e-5)
+    for i, (_, res, window, heads) in enumerate(stage_geometry(cfg)):
+        for j in range(cfg.depths[i]):
+            shift = window // 2 if (j % 2 and res > cfg.window_size) else 0
+            x = swin_block(x, sd, f"{ve}.layers.{i}.blocks.{j}", res, window, shift, heads)
+        if i < len(cfg.depths) - 1:
+            x = patch_merge(x, sd, f"{ve}.layers.{i}.downsample", res)
+    x = layer_norm(x, sd, f"{ve}.norm", 1e-5)
+    return dense(torch.cat([x.mean(1, keepdim=True), x], 1), sd, "image_proj")
+
+
+def reference_logits(sd, pixels, cfg):
+    image = reference_image_embeds(sd, pixels, cfg)
+    h = torch.relu(dense(sd["label_embed"], sd, "wordvec_proj")).expand(pixels.shape[0], -1, -1)
+    heads, eps = cfg.head_attention_heads, cfg.head_layer_norm_eps
+    for k in range(cfg.head_layers):
+        p = f"tagging_head.encoder.layer.{k}"
+
+        def split(t):
+            return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+        q = split(dense(h, sd, f"{p}.crossattention.self.query"))
+        key = split(dense(image, sd, f"{p}.crossattention.self.key"))
+        v = split(dense(image, sd, f"{p}.crossattention.self.value"))
+        ctx = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+        ctx = ctx.transpose(1, 2).flatten(2)
+        h = layer_norm(dense(ctx, sd, f"{p}.crossattention.output.dense") + h, sd, f"{p}.crossattention.output.LayerNorm", eps)
+        inter = gelu(dense(h, sd, f"{p}.intermediate.dense"))
+        h = layer_norm(dense(inter, sd, f"{p}.output.dense") + h, sd, f"{p}.output.LayerNorm", eps)
+    return dense(h, sd, "fc").squeeze(-1)
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[dict, object]:
+    sd = ram_checkpoint(CFG)
+    path = tmp_path_factory.mktemp("ram") / "ram_tiny.pth"
+    torch.save({"model": sd}, path)
+    return sd, path
+
+
+@pytest.fixture(scope="module")
+def pixels() -> torch.Tensor:
+    return torch.randn(2, 3, CFG.image_size, CFG.image_size, generator=torch.Generator().manual_seed(3))
+
+
+def test_tiny_config_exercises_every_window_path():
+    geometry = stage_geometry(CFG)
+    assert any(res > window for _, res, window, _ in geometry)  # shifted windows with masks
+    assert any(res == window == CFG.window_size for _, res, window, _ in geometry)  # whole map, no shift
+    assert any(window < CFG.window_size for _, _, window, _ in geometry)  # shrunk window
+
+
+def test_forward_matches_rams_equations(checkpoint, pixels):
+    sd, path = checkpoint
+    model = RAMTagger.from_checkpoint(path, config=CFG)
+    side = CFG.image_size // CFG.patch_size // 2 ** (len(CFG.depths) - 1)
+    with torch.no_grad():
+        embeds = model.image_embeds(pixels)
+        logits = model.tag_logits(pixels)
+        expected_embeds = reference_image_embeds(sd, pixels, CFG)
+        expected_logits = reference_logits(sd, pixels, CFG)
+    assert embeds.shape == (2, 1 + side * side, CFG.embed_width)
+    assert logits.shape == (2, CFG.num_classes)
+    torch.testing.assert_close(embeds, expected_embeds, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5)
+    assert logits.std() > 0.1 and (logits[0] - logits[1]).abs().max() > 1e-2  # not a degenerate comparison
+
+
+def test_shifted_window_masks_matter(checkpoint, pixels):
+    """Guards the reference itself: dropping the −100 region mask changes the answer."""
+    sd, _ = checkpoint
+    x = torch.randn(1, 16 * 16, CFG.embed_dim, generator=torch.Generator().manual_seed(5))
+    b = "visual_encoder.layers.0.blocks.1"
+    shifted = swin_block(x, sd, b, 16, 4, 2, CFG.num_heads[0])
+    from megasr_core.extractors.swin import SwinBlock
+
+    block = SwinBlock(CFG.embed_dim, (16, 16), CFG.num_heads[0], 4, 2, CFG.mlp_ratio)
+    block.load_state_dict({k[len(b) + 1 :]: v for k, v in sd.items() if k.startswith(b + ".") and "attn_mask" not in k
+                           and "relative_position_index" not in k})
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), shifted, rtol=1e-5, atol=1e-5)
+        block.attn_mask.zero_()
+        assert (block(x) - shifted).abs().max() > 1e-3
+
+
+def test_dape_is_merged_with_loralib_scaling(checkpoint, pixels, tmp_path):
+    sd, path = checkpoint
+    dape = dape_checkpoint(CFG)
+    torch.save(dape, tmp_path / "DAPE.pth")
+    model = RAMTagger.from_checkpoint(path, tmp_path / "DAPE.pth", config=CFG)
+    state = model.state_dict()
+    merged = dict(sd)
+    for key in dape:
+        if key.startswith(("visual_encoder", "tagging_head")) and key.endswith("lora_A"):
+            module = key[: -len(".lora_A")]
+            weight = sd[f"{module}.weight"]
+            merged[f"{module}.weight"] = weight + loralib_delta(module, dape[key], dape[f"{module}.lora_B"], weight.shape[0])
+            torch.testing.assert_close(state[f"{module}.weight"], merged[f"{module}.weight"], rtol=1e-6, atol=1e-6)
+    qkv = "visual_encoder.layers.1.blocks.0.attn.qkv.weight"
+    dim = sd[qkv].shape[1]
+    assert torch.equal(state[qkv][dim : 2 * dim], sd[qkv][dim : 2 * dim])  # k rows untouched
+    assert not torch.allclose(state[qkv][:dim], sd[qkv][:dim])
+    value = "tagging_head.encoder.layer.0.crossattention.self.value.weight"
+    assert torch.equal(state[value], sd[value])
+    with torch.no_grad():
+        torch.testing.assert_close(model.tag_logits(pixels), reference_logits(merged, pixels, CFG), rtol=1e-5, atol=1e-5)
+
+
+def test_captioning_keys_are_skipped_by_name(tmp_path):
+    with_caption = ram_checkpoint(CFG, captioning=True)
+    without = ram_checkpoint(CFG, captioning=False)
+    assert set(with_caption) - set(without)
+    torch.save({"model": with_caption}, tmp_path / "a.pth")
+    torch.save({"model": without}, tmp_path / "b.pth")
+    a = RAMTagger.from_checkpoint(tmp_path / "a.pth", config=CFG).state_dict()
+    b = RAMTagger.from_checkpoint(tmp_path / "b.pth", config=CFG).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vision_multi_is_an_old_name_of_the_tagging_head(checkpoint, tmp_path):
+    sd, _ = checkpoint
+    renamed = {k.replace("tagging_head.", "vision_multi.", 1): v for k, v in sd.items()}
+    torch.save({"model": renamed}, tmp_path / "old.pth")
+    state = RAMTagger.from_checkpoint(tmp_path / "old.pth", config=CFG).state_dict()
+    key = "tagging_head.encoder.layer.1.output.dense.weight"
+    assert torch.equal(state[key], sd[key])
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda sd: sd.update({"visual_encoder.layers.0.blocks.0.attn.qkv.extra": torch.zeros(1)}),
+     "visual_encoder.layers.0.blocks.0.attn.qkv.extra"),
+    (lambda sd: sd.pop("tagging_head.encoder.layer.1.crossattention.self.key.bias"),
+     "tagging_head.encoder.layer.1.crossattention.self.key.bias"),
+    (lambda sd: sd.pop("label_embed"), "label_embed"),
+    (lambda sd: sd.update({"fc.weight": torch.zeros(2, CFG.head_hidden)}), "fc.weight"),
+])
+def test_unknown_missing_or_misshapen_keys_are_named(tmp_path, change, named):
+    sd = ram_checkpoint(CFG)
+    change(sd)
+    torch.save({"model": sd}, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        RAMTagger.from_checkpoint(tmp_path / "bad.pth", config=CFG)
+
+
+@pytest.mark.parametrize("change, named", [
+    (lambda d: d.pop("tagging_head.encoder.layer.0.crossattention.self.key.lora_B"),
+     "tagging_head.encoder.layer.0.crossattention.self.key.lora_B"),
+    (lambda d: d.update({"tagging_head.encoder.layer.0.crossattention.self.value.lora_A": torch.zeros(RANK, 16)}),
+     "tagging_head.encoder.layer.0.crossattention.self.value"),
+    (lambda d: d.update({"visual_encoder.norm.weight": torch.zeros(32)}), "visual_encoder.norm.weight"),
+])
+def test_dape_problems_are_named(checkpoint, tmp_path, change, named):
+    _, path = checkpoint
+    dape = dape_checkpoint(CFG)
+    change(dape)
+    torch.save(dape, tmp_path / "DAPE.pth")
+    with pytest.raises(CheckpointError, match=named.replace(".", r"\.")):
+        RAMTagger.from_checkpoint(path, tmp_path / "DAPE.pth", config=CFG)
+
+
+def test_position_tables_are_resized_by_an_interpolating_bicubic_spline():
+    """A cubic polynomial of the offsets is reproduced exactly at RAM's resampled offsets.
+
+    Offsets past the outermost source offset take its value (FITPACK clamps, as under RAM's
+    ``interp2d``): with 7 → 11 the bisection stops at q = 1.5 and the sources end at ±4.75.
+    """
+    source, target = 7, 11  # window 4 → window 6
+    nodes = _ram_source_offsets(source, target)
+    poly = lambda y, x, h: 0.3 + 0.1 * x - 0.05 * y + 0.01 * x * y + 0.002 * x**3 - 0.003 * (h + 1) * y**2 * x
+    yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
+    table = torch.tensor(np.stack([poly(yy, xx, h).reshape(-1) for h in range(3)], 1), dtype=torch.float32)
+    out = interpolate_position_table(table, target * target)
+    grid = np.clip(np.arange(-(target // 2), target // 2 + 1, dtype=np.float64), nodes[0], nodes[-1])
+    assert nodes[-1] < target // 2  # the clamped edge is exercised
+    gy, gx = np.meshgrid(grid, grid, indexing="ij")
+    expected = torch.tensor(np.stack([poly(gy, gx, h).reshape(-1) for h in range(3)], 1), dtype=torch.float32)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert interpolate_position_table(table, source * source) is table
+
+
+def _ram_source_offsets(source: int, target: int) -> np.ndarray:
+    """RAM's loader: bisect q so that 1 + q + … + q^(n−1) reaches target // 2, offsets ±cumulative."""
+    lo, hi = 1.01, 1.5
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2
+        if (1 - q ** (source // 2)) / (1 - q) > target // 2:
+            hi = q
+        else:
+            lo = q
+    dis, cur = [], 1.0
+    for i in range(source // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    return np.array([-d for d in reversed(dis)] + [0.0] + dis)
+
+
+def test_checkpoint_with_another_window_size_loads(tmp_path):
+    sd = ram_checkpoint(CFG, captioning=False)
+    key = "visual_encoder.layers.0.blocks.0.attn.relative_position_bias_table"
+    sd[key] = torch.randn(9 * 9, CFG.num_heads[0])  # trained with window 5
+    torch.save({"model": sd}, tmp_path / "w5.pth")
+    state = RAMTagger.from_checkpoint(tmp_path / "w5.pth", config=CFG).state_dict()
+    torch.testing.assert_close(state[key], interpolate_position_table(sd[key], 7 * 7))
+
+
+def test_tags_preprocessing_thresholds_and_protocol(checkpoint):
+    _, path = checkpoint
+    model = RAMTagger.from_checkpoint(path, config=CFG)
+    assert isinstance(model, Tagger)
+    image = torch.rand(1, 3, CFG.image_size, CFG.image_size, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(model.preprocess(image), (image - mean) / std)
+    assert model.preprocess(torch.rand(2, 3, 37, 90)).shape == (2, 3, CFG.image_size, CFG.image_size)
+    probabilities = torch.zeros(2, CFG.num_classes)
+    probabilities[0, [5, 2]] = model.thresholds[[5, 2]] + 1e-3
+    probabilities[0, 7] = model.thresholds[7]  # RAM keeps strictly greater only
+    probabilities[1] = 1.0
+    tags = model.tags_from_probabilities(probabilities)
+    assert tags[0] == [model.vocabulary[2], model.vocabulary[5]]
+    assert tags[1] == [t for t, limit in zip(model.vocabulary, model.thresholds.tolist()) if limit < 1.0]
+    assert len(tags[1]) < len(model.vocabulary)  # some of RAM's thresholds are 1: never tagged
+    batch = torch.rand(2, 3, 50, 70, generator=torch.Generator().manual_seed(1))
+    expected = model.tags_from_probabilities(torch.sigmoid(model.tag_logits(model.preprocess(batch))))
+    assert model(batch) == model.tags(batch) == expected
+
+
+def test_save_and_load_pretrained_round_trip(checkpoint, pixels, tmp_path):
+    _, path = checkpoint
+    model = RAMTagger.from_checkpoint(path, config=CFG)
+    model.save_pretrained(tmp_path / "tagger")
+    assert is_ram_folder(tmp_path / "tagger")
+    loaded = RAMTagger.from_pretrained(tmp_path / "tagger")
+    assert loaded.config == CFG and loaded.vocabulary == model.vocabulary
+    assert torch.equal(loaded.thresholds, model.thresholds)
+    with torch.no_grad():
+        assert torch.equal(loaded.tag_logits(pixels), model.tag_logits(pixels))

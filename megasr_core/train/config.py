@@ -1,7 +1,7 @@
 """Training configuration: dataclasses with documented defaults, read from YAML or TOML files.
 
 Defaults follow the paper (Sec. 4.1) and SeeSR: Adam, lr 2.5e-5, batch 16, 512² crops, empty
-prompt half of the time. Unknown keys are an error (a typo must not silently train wrong).
+prompt half of the time, HR tags as the prompt, flipped and USM-sharpened HR crops. Unknown keys are an error (a typo must not silently train wrong).
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ class MegaSRTrainConfig:
     #: exponential moving average of the trainable weights (e.g. 0.9999); None = off
     ema_decay: float | None = None
     empty_prompt_probability: float = 0.5
+    #: prompt = tags of the HR crop (no quality suffix: that is for inference); False = always empty
     use_tags: bool = True
+    #: mirror half the HR crops (basicsr's use_hflip)
+    use_hflip: bool = True
+    #: USM-sharpen the HR targets, and degrade the LR from them (Real-ESRGAN/SeeSR use_usm)
+    use_usm: bool = True
     checkpoint_every: int = 5000
     checkpoints_to_keep: int = 3
     validate_every: int = 5000

@@ -5,6 +5,11 @@ connectors and projections and the MSFM); the VAE, text encoder, UNet base and t
 extractors stay frozen. Mixed precision, gradient accumulation and multi-GPU come from
 ``accelerate``; checkpoints hold the optimizer, the RNG states and the step, so a resumed run
 continues exactly. Validation upscales degraded validation crops and logs PSNR/SSIM (Y).
+
+The recipe is SeeSR's: the prompt is the tags of the HR crop (the ground truth, as SeeSR's
+``make_tags.py`` tags it, not the degraded input), without the inference-time quality suffix
+"clean, high-resolution, 8k"; HR crops are mirrored half of the time and USM-sharpened, and the
+LR is degraded from the sharpened HR (``megasr_core.data``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, RandomSampler
 
-from ..data import PairedImageDataset
+from ..data import PairedImageDataset, USMConfig
 from ..extractors import tags_to_prompt
 from ..metrics import psnr_y, ssim_y
 from ..pipelines import MegaSRPipeline
@@ -31,6 +36,11 @@ from .config import MegaSRTrainConfig, save_config
 
 log = logging.getLogger("megasr.train")
 STATE_FILE = "trainer_state.json"
+
+
+def training_prompt(tags: list[str]) -> str:
+    """The tags alone: SeeSR adds "clean, high-resolution, 8k" only at inference."""
+    return tags_to_prompt(tags, suffix="")
 
 
 class EMA:
@@ -74,7 +84,8 @@ class MegaSRTrainer:
         self.trainable = self.denoiser.parameter_groups().trainable
         self.optimizer = torch.optim.Adam(list(self.trainable.values()), lr=config.learning_rate,
                                           betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
-        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed)
+        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed,
+                                          hflip=config.use_hflip, usm=USMConfig() if config.use_usm else None)
         self.denoiser, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
         self.step = 0
@@ -102,11 +113,20 @@ class MegaSRTrainer:
 
     # ------------------------------------------------------------------ one step
     @torch.no_grad()
-    def _condition(self, lr: torch.Tensor, hr_size: tuple[int, int]):
+    def _hr_tags(self, hr: torch.Tensor) -> list[list[str]]:
+        """Tags of the HR crops: SeeSR tags the ground truth, so the prompt names what should appear."""
+        extractors = self.pipeline.extractors
+        if not self.config.use_tags or extractors is None or "tagger" not in extractors.available:
+            return [[] for _ in range(hr.shape[0])]
+        return extractors(hr.to(extractors.dtype), enabled=["tagger"]).tags
+
+    @torch.no_grad()
+    def _condition(self, lr: torch.Tensor, hr: torch.Tensor):
+        """Guidance and image tokens from the LR (as at inference); the prompt from the HR's tags."""
         pipe = self.pipeline
-        guidance, tokens, tags = pipe.extract_guidance(lr, hr_size, with_tags=self.config.use_tags)
+        guidance, tokens, _ = pipe.extract_guidance(lr, tuple(hr.shape[-2:]), with_tags=False)
         keep = torch.rand(lr.shape[0], generator=self.noise_generator) >= self.config.empty_prompt_probability
-        prompts = [tags_to_prompt(t) if k else "" for t, k in zip(tags, keep.tolist())]
+        prompts = [training_prompt(t) if k else "" for t, k in zip(self._hr_tags(hr), keep.tolist())]
         text = pipe._encode_text(prompts)
         return guidance, tokens, text
 
@@ -122,7 +142,7 @@ class MegaSRTrainer:
             latents = latents + posterior.std * torch.randn(latents.shape, generator=self.noise_generator).to(device)
         latents = latents * pipe.vae.config.scaling_factor
         control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-        guidance, tokens, text = self._condition(lr, tuple(hr.shape[-2:]))
+        guidance, tokens, text = self._condition(lr, hr)
         noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
         timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=self.noise_generator).to(device)
@@ -204,7 +224,8 @@ class MegaSRTrainer:
         """
         from ..pipelines.image_processing import to_pil
 
-        dataset = PairedImageDataset(self.config.val_data, crop_size=self.config.crop_size, seed=12345)
+        # The true HR (no USM, no flip), as benchmarks measure it.
+        dataset = PairedImageDataset(self.config.val_data, crop_size=self.config.crop_size, seed=12345, hflip=False, usm=None)
         self.denoiser.eval()
         psnrs, ssims = [], []
         try:

@@ -176,8 +176,35 @@ def assemble_from_sd2(
     scheduler.save_pretrained(output / "scheduler")
     if extractors is not None:
         shutil.copytree(Path(extractors), output / EXTRACTORS_DIR, dirs_exist_ok=True)
+        settle_clip_token_space(output / EXTRACTORS_DIR / "clip", denoiser.config.image_embed_dim)
     write_model_index(output)
     return output
+
+
+def settle_clip_token_space(clip_directory: Path, image_embed_dim: int) -> str | None:
+    """Record which CLIP tokens the CSM takes (``tokens.json``) in an upstream CLIP folder.
+
+    An upstream folder has no ``tokens.json``; the connector width says which space fits:
+    CLIP's projection width → projected tokens, the vision tower's width → hidden states.
+    """
+    from .extractors.clip_image import TOKENS_FILE
+
+    config_file = clip_directory / "config.json"
+    if not config_file.is_file() or (clip_directory / TOKENS_FILE).is_file():
+        return None
+    config = json.loads(config_file.read_text())
+    vision = config.get("vision_config", config)
+    if "vision_config" in config and config.get("projection_dim") == image_embed_dim:
+        space = "projected"
+    elif vision.get("hidden_size") == image_embed_dim:
+        space = "hidden"
+    else:
+        raise ValueError(
+            f"{clip_directory}: CLIP gives {vision.get('hidden_size')}-wide hidden or {config.get('projection_dim')}-wide "
+            f"projected tokens, but the CSM connectors take {image_embed_dim}"
+        )
+    (clip_directory / TOKENS_FILE).write_text(json.dumps({"token_space": space}) + "\n")
+    return space
 
 
 def describe(directory: str | Path) -> dict[str, Any]:

@@ -1,9 +1,17 @@
-"""CLIP image tokens (DAGE_CLIP) for the CSM: the vision tower's last hidden states.
+"""CLIP image tokens (DAGE_CLIP) for the CSM, in CLIP's joint image-text embedding space.
+
+The paper encodes LR images "into the same high-dimensional embedding space as textual tags"
+(Sec. 3.3) and the CSM's connector then maps "from the CLIP image embedding space to the
+diffusion text embedding space" (Sec. 3.4). That space is CLIP's projected one, so by default
+(``token_space="projected"``) every token of the vision tower's last layer goes through the
+tower's final LayerNorm and ``visual_projection``: ``B×257×1024`` for ViT-H/14 at 224 (CLS +
+16×16 patches). ``token_space="hidden"`` gives the raw last hidden states (``B×257×1280``), what
+weights folders written before this choice hold (a folder without ``tokens.json`` loads so).
 
 Loads a transformers ``CLIPModel`` folder (vision and text towers, e.g. the laion2B ViT-H/14
-release; the tagger needs the text tower) or a vision-only ``CLIPVisionModel`` folder. For
-ViT-H/14 at 224 the tokens are ``B×257×1280`` (CLS + 16×16 patches). Preprocessing as OpenCLIP
-does it, in torch: bicubic resize of the short side to 224, centre crop, CLIP mean/std.
+release; projected tokens and the zero-shot tagger need both) or a vision-only
+``CLIPVisionModel`` folder (hidden tokens only). Preprocessing as OpenCLIP does it, in torch:
+bicubic resize of the short side to 224, centre crop, CLIP mean/std.
 """
 
 from __future__ import annotations
@@ -23,6 +31,10 @@ from .base import (
 from ..utils import DeviceDtypeMixin
 
 
+TOKEN_SPACES = ("projected", "hidden")
+TOKENS_FILE = "tokens.json"
+
+
 class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
     """LR images → CLIP image tokens ``B×N×D``; also the projected image embedding for tagging."""
 
@@ -33,11 +45,25 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         model: CLIPModel | CLIPVisionModel,
         mean: tuple[float, ...] = CLIP_MEAN,
         std: tuple[float, ...] = CLIP_STD,
+        token_space: str = "projected",
     ) -> None:
         super().__init__()
         self.model = model
         self.mean, self.std = tuple(mean), tuple(std)
         self.image_size = int(self.vision_config.image_size)
+        if token_space not in TOKEN_SPACES:
+            raise ValueError(f"token_space must be one of {', '.join(TOKEN_SPACES)}, got {token_space!r}")
+        if token_space == "projected" and not self.has_text_tower:
+            raise ValueError("projected CLIP tokens need a full CLIPModel (its visual_projection); "
+                             "a vision-only model gives token_space='hidden'")
+        self.token_space = token_space
+
+    @property
+    def token_dim(self) -> int:
+        """Width of the tokens :meth:`forward` returns (what the CSM connectors take)."""
+        if self.token_space == "projected":
+            return int(self.base_model.config.projection_dim)
+        return int(self.vision_config.hidden_size)
 
     @property
     def vision_config(self) -> CLIPVisionConfig:
@@ -59,9 +85,10 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         return (self.image_size // int(self.vision_config.patch_size)) ** 2 + 1
 
     @classmethod
-    def from_config(cls, config: CLIPConfig | CLIPVisionConfig) -> "CLIPImageEncoder":
-        model = CLIPModel(config) if isinstance(config, CLIPConfig) else CLIPVisionModel(config)
-        return cls(model)
+    def from_config(cls, config: CLIPConfig | CLIPVisionConfig, token_space: str | None = None) -> "CLIPImageEncoder":
+        if isinstance(config, CLIPConfig):
+            return cls(CLIPModel(config), token_space=token_space or "projected")
+        return cls(CLIPVisionModel(config), token_space=token_space or "hidden")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "CLIPImageEncoder":
@@ -70,11 +97,14 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         model_cls = CLIPModel if isinstance(config, CLIPConfig) else CLIPVisionModel
         model = model_cls.from_pretrained(directory)
         mean, std, _ = read_preprocessing(directory, CLIP_MEAN, CLIP_STD)
-        return cls(model, mean=mean, std=std)
+        tokens_file = directory / TOKENS_FILE
+        token_space = json.loads(tokens_file.read_text())["token_space"] if tokens_file.is_file() else "hidden"
+        return cls(model, mean=mean, std=std, token_space=token_space)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.base_model.save_pretrained(directory)
+        (directory / TOKENS_FILE).write_text(json.dumps({"token_space": self.token_space}) + "\n")
         (directory / PREPROCESSOR_FILE).write_text(
             json.dumps({"image_mean": list(self.mean), "image_std": list(self.std),
                         "crop_size": {"height": self.image_size, "width": self.image_size},
@@ -96,9 +126,16 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
     def vision_outputs(self, pixel_values: torch.Tensor, output_hidden_states: bool = False):
         return self._vision()(pixel_values=pixel_values, output_hidden_states=output_hidden_states)
 
+    def tokens(self, outputs) -> torch.Tensor:
+        """The CSM's tokens from the vision tower's outputs, in this encoder's token space."""
+        hidden = outputs.last_hidden_state
+        if self.token_space == "hidden":
+            return hidden
+        return self.base_model.visual_projection(self._vision().post_layernorm(hidden))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Image tokens e_i: the vision tower's last hidden states ``B×N×D``."""
-        return self.vision_outputs(self.preprocess(images)).last_hidden_state
+        """Image tokens e_i ``B×N×token_dim`` (see the module notes for the token space)."""
+        return self.tokens(self.vision_outputs(self.preprocess(images)))
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """L2-normalized projected image embeddings ``B×P`` (needs a full CLIPModel)."""

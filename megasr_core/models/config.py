@@ -23,8 +23,8 @@ class MegaSRConfig:
 
     Attributes:
         preset: name of the preset the base shapes came from (informational).
-        image_embed_dim: width of the CLIP image tokens fed to the CSM connectors
-            (1280 for ViT-H/14).
+        image_embed_dim: width of the CLIP image tokens fed to the CSM connectors (1024 for
+            ViT-H/14's projected tokens; 1280 for its raw hidden states).
         num_image_tokens: number of CLIP image tokens (257 for ViT-H/14 at 224); informational,
             the CSM accepts any token count.
         use_csm: install the customized semantics module (paper: CISM^2). Off = "w/o CSM".
@@ -37,7 +37,7 @@ class MegaSRConfig:
     """
 
     preset: str = "custom"
-    image_embed_dim: int = 1280
+    image_embed_dim: int = 1024
     num_image_tokens: int = 257
     use_csm: bool = True
     use_guidance: bool = True

@@ -86,7 +86,8 @@ SD2_BASE = Preset(
     name="sd2-base",
     unet=SD2_UNET,
     controlnet_conditioning_channels=(16, 32, 96, 256),
-    megasr=MegaSRConfig(preset="sd2-base", image_embed_dim=1280, num_image_tokens=257),
+    # CLIP ViT-H/14 tokens in CLIP's projected (joint) space: 257 × 1024 (see extractors/clip_image.py).
+    megasr=MegaSRConfig(preset="sd2-base", image_embed_dim=1024, num_image_tokens=257),
     vae=SD2_VAE,
     text_encoder={
         # OpenCLIP ViT-H/14 text tower as SD2 ships it: 24 layers upstream, the last one
@@ -127,7 +128,7 @@ TINY = Preset(
     controlnet_conditioning_channels=(8, 16, 16, 32),
     megasr=MegaSRConfig(
         preset="tiny",
-        image_embed_dim=48,
+        image_embed_dim=32,  # the tiny CLIP's projection_dim
         num_image_tokens=17,
         msfm_hidden_channels=16,
         msfm_attention_hidden=8,

@@ -136,7 +136,7 @@ class MegaSRPipeline(DiffusionPipeline):
             problems.append(f"text encoder width {self.text_encoder.config.hidden_size} ≠ UNet cross-attention {unet.cross_attention_dim}")
         clip = self.extractors.clip if self.extractors is not None else None
         if clip is not None and self.denoiser.config.use_csm:
-            width = clip.vision_config.hidden_size
+            width = clip.token_dim
             if width != self.denoiser.config.image_embed_dim:
                 problems.append(f"CLIP tokens are {width} wide, the CSM expects {self.denoiser.config.image_embed_dim}")
         if problems:

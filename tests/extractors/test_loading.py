@@ -31,7 +31,7 @@ def test_load_all_and_run(weights_dir, photos):
     assert not any(p.requires_grad for p in extractors.parameters())
     with torch.inference_mode():
         out = extractors(photos["odd"])
-    assert out.image_tokens.shape == (1, 17, 48) and len(out.tags) == 1
+    assert out.image_tokens.shape == (1, 17, 32) and len(out.tags) == 1
 
 
 def test_load_a_subset(weights_dir, photos):

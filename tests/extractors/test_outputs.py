@@ -22,7 +22,7 @@ def test_maps_match_the_input_size_and_range(tiny_extractors, photos, photo):
         assert value.dtype == torch.float32
         assert torch.isfinite(value).all()
         assert value.min() >= 0 and value.max() <= 1, name
-    assert out.image_tokens.shape == (batch, 17, 48)
+    assert out.image_tokens.shape == (batch, 17, 32)
     assert len(out.tags) == batch
     assert set(out.maps()) == {"hed", "depth", "seg"}
 

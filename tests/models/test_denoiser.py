@@ -133,7 +133,7 @@ def test_set_attn_processor_keeps_csm(tiny_base):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"image_embeds": torch.zeros(3, 17, 48)}, "image_embeds"),
+        ({"image_embeds": torch.zeros(3, 17, 32)}, "image_embeds"),
         ({"guidance": {"hed": torch.zeros(2, 3, 128, 128)}}, "guidance\\['hed'\\]"),
         ({"guidance": {"edges": torch.zeros(2, 1, 8, 8)}}, "unknown guidance keys"),
         ({"guidance": {"depth": torch.zeros(2, 1, 64, 64), "seg": torch.zeros(2, 3, 32, 32)}}, "share H×W"),

@@ -50,12 +50,12 @@ def test_sd2_base_shapes_match_reference():
     assert config["block_out_channels"] == (320, 640, 1280, 1280)
     assert config["cross_attention_dim"] == 1024
     assert config["attention_head_dim"] == (5, 10, 20, 20)
-    assert get_preset("sd2-base").megasr.image_embed_dim == 1280
+    assert get_preset("sd2-base").megasr.image_embed_dim == 1024
 
 
 def test_sd2_base_csm_connectors_map_clip_tokens_to_block_width(sd2_meta):
     block = sd2_meta.unet.down_blocks[0].attentions[0].transformer_blocks[0]
-    assert block.csm.connector.in_features == 1280
+    assert block.csm.connector.in_features == 1024
     assert block.csm.connector.out_features == 1024
     assert block.csm.proj.out_features == 320
     # UNet shares its frozen text attention; the ControlNet keeps a frozen copy of its own.

@@ -40,6 +40,7 @@ def weights_init_tiny(
     directory: Annotated[Path, typer.Argument(help="Folder to write (must be empty unless --force).")],
     seed: Annotated[int, typer.Option(help="Seed of the random initialization.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder.")] = False,
+    ram_tagger: Annotated[bool, typer.Option("--ram-tagger", help="A tiny random RAM tagger instead of the CLIP fallback.")] = False,
 ) -> None:
     """Write a complete random-initialized `tiny` weights directory (for tests and demos; untrained)."""
     from megasr_core.weights import init_tiny
@@ -48,6 +49,10 @@ def weights_init_tiny(
         path = init_tiny(directory, seed=seed, overwrite=force)
     except FileExistsError as exc:
         _fail(str(exc))
+    if ram_tagger:
+        from megasr_core.extractors.guidance import tiny_random_ram
+
+        tiny_random_ram(seed).save_pretrained(path / "extractors" / "tagger")
     typer.echo(f"wrote untrained tiny MegaSR weights to {path}")
 
 
@@ -90,16 +95,42 @@ def weights_assemble(
     overlay: Annotated[Optional[Path], typer.Option(help="Trained MegaSR overlay checkpoint (.safetensors).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for freshly initialized modules (no overlay).")] = 0,
     extractors: Annotated[Optional[Path], typer.Option(help="Extractor folder (hed/, depth/, segmentation/, clip/, tagger/).")] = None,
+    ram: Annotated[Optional[Path], typer.Option(help="RAM's ram_swin_large_14m.pth: becomes extractors/tagger/.")] = None,
+    dape: Annotated[Optional[Path], typer.Option(help="SeeSR's DAPE.pth, merged into RAM (needs --ram).")] = None,
 ) -> None:
     """Build a MegaSR weights directory from SD2-base (and a trained overlay, if any)."""
     from megasr_core.models import WeightsError
     from megasr_core.weights import assemble_from_sd2
 
+    if dape is not None and ram is None:
+        _fail("--dape needs --ram")
     try:
         path = assemble_from_sd2(sd2, output, overlay=overlay, seed=seed, extractors=extractors)
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         _fail(str(exc))
+    if ram is not None:
+        _install_ram(path / "extractors", ram, dape)
     typer.echo(f"wrote MegaSR weights to {path}")
+
+
+@weights_app.command("install-ram")
+def weights_install_ram(
+    directory: Annotated[Path, typer.Argument(help="A MegaSR weights directory.")],
+    ram: Annotated[Path, typer.Option(help="RAM's ram_swin_large_14m.pth.")],
+    dape: Annotated[Optional[Path], typer.Option(help="SeeSR's DAPE.pth, merged into RAM.")] = None,
+) -> None:
+    """Put RAM (+ DAPE) into an existing weights directory's extractors/tagger/ (replaces the CLIP fallback)."""
+    _install_ram(directory / "extractors", ram, dape)
+
+
+def _install_ram(extractors_dir: Path, ram: Path, dape: Optional[Path]) -> None:
+    from megasr_core.extractors.guidance import install_ram_tagger
+
+    try:
+        install_ram_tagger(extractors_dir, ram, dape)
+    except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
+        _fail(str(exc))
+    typer.echo(f"wrote the RAM tagger{' with DAPE' if dape else ''} to {extractors_dir / 'tagger'}")
 
 
 @weights_app.command("export-overlay")

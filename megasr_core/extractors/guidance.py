@@ -10,11 +10,14 @@ Directory layout (``<weights>/extractors/``)::
     depth/          transformers DepthAnythingForDepthEstimation (+ lora/ adapter, merged at load)
     segmentation/   transformers Mask2FormerForUniversalSegmentation
     clip/           transformers CLIPModel (+ tokenizer files; + lora/ adapter, merged at load)
-    tagger/         tagger.json, tags.txt, thresholds.txt (RAM's vocabulary when absent)
+    tagger/         RAM (+ DAPE, merged): tagger.json of type "ram" + model.safetensors, tags.txt,
+                    thresholds.txt. Without it, the CLIP zero-shot fallback (tagger.json of type
+                    "clip-zero-shot" or nothing; RAM's vocabulary when absent) over clip/.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +33,13 @@ from .depth import DepthExtractor
 from .hed import HEDExtractor
 from .lora import ADAPTER_DIR, load_lora, merge_lora
 from .presets import ExtractorPreset, tiny_preset
+from .ram import RAMConfig, RAMTagger, is_ram_folder
 from .segmentation import SegmentationExtractor
 from .tagger import CLIPZeroShotTagger, Tagger
 
 NAMES = ("hed", "depth", "segmentation", "clip", "tagger")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -43,6 +49,8 @@ class GuidanceOutput:
     seg: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
     tags: list[list[str]] | None = None
+    #: which tagger produced ``tags`` ("ram" or "clip-zero-shot"), for logs and job records
+    tagger: str | None = None
 
     def maps(self) -> dict[str, torch.Tensor]:
         """The ``guidance`` dict of :class:`MegaSRDenoiser` (absent signals left out)."""
@@ -66,8 +74,13 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
         self.depth = depth
         self.segmentation = segmentation
         self.clip = clip  # the tagger may use it even when image tokens are not enabled
-        self.tagger = tagger  # shares the CLIP towers; not a submodule of its own
+        self.tagger = tagger  # RAM is a submodule; the CLIP fallback shares the CLIP towers
         self.enabled = tuple(n for n in NAMES if n in set(self.available if enabled is None else enabled))
+
+    @property
+    def tagger_name(self) -> str | None:
+        """``"ram"``, ``"clip-zero-shot"`` (the fallback), or None without a tagger."""
+        return None if self.tagger is None else getattr(self.tagger, "name", type(self.tagger).__name__)
 
     @property
     def available(self) -> tuple[str, ...]:
@@ -94,6 +107,8 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
             output.image_tokens = self.clip(images)
         if "tagger" in wanted:
             output.tags = self.tagger(images)
+            output.tagger = self.tagger_name
+            logger.debug("tags by %s for %d image(s)", output.tagger, len(output.tags))
         return output
 
     def parameter_counts(self) -> dict[str, int]:
@@ -142,15 +157,21 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
             parts["depth"] = _with_merged_lora(DepthExtractor.from_pretrained(directory / "depth"), directory / "depth")
         if "segmentation" in wanted and (directory / "segmentation").is_dir():
             parts["segmentation"] = SegmentationExtractor.from_pretrained(directory / "segmentation")
-        if ("clip" in wanted or "tagger" in wanted) and (directory / "clip").is_dir():
+        tagger_dir = directory / "tagger"
+        if "tagger" in wanted and is_ram_folder(tagger_dir):
+            parts["tagger"] = RAMTagger.from_pretrained(tagger_dir)
+        clip_fallback = "tagger" in wanted and "tagger" not in parts
+        if ("clip" in wanted or clip_fallback) and (directory / "clip").is_dir():
             clip = _with_merged_lora(CLIPImageEncoder.from_pretrained(directory / "clip"), directory / "clip")
             parts["clip"] = clip
-            if "tagger" in wanted:
+            if clip_fallback:
                 if not clip.has_text_tower:
                     raise ValueError(f"{directory / 'clip'} has no text tower: the tagger needs a full CLIPModel")
                 tokenizer = CLIPTokenizer.from_pretrained(directory / "clip")
-                tagger_dir = directory / "tagger"
                 parts["tagger"] = CLIPZeroShotTagger.from_pretrained(tagger_dir if tagger_dir.is_dir() else None, clip, tokenizer)
+        if "tagger" in parts:
+            fallback = "" if isinstance(parts["tagger"], RAMTagger) else f" (fallback: no RAM model in {tagger_dir})"
+            logger.info("tagger: %s%s", getattr(parts["tagger"], "name", "?"), fallback)
         extractors = cls(**parts, enabled=wanted)
         extractors.eval().requires_grad_(False)
         return extractors.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
@@ -162,7 +183,9 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
             part = getattr(self, name)
             if part is not None:
                 part.save_pretrained(directory / name)
-        if isinstance(self.tagger, CLIPZeroShotTagger):
+        if isinstance(self.tagger, RAMTagger):
+            self.tagger.save_pretrained(directory / "tagger")
+        elif isinstance(self.tagger, CLIPZeroShotTagger):
             self.tagger.save_pretrained(directory / "tagger")
             self.tagger.tokenizer.save_pretrained(directory / "clip")
 
@@ -175,9 +198,34 @@ def _with_merged_lora(extractor, folder: Path):
     return extractor
 
 
-def init_tiny_extractors(directory: str | Path, tokenizer: CLIPTokenizer, seed: int = 0) -> GuidanceExtractors:
-    """Write random-initialized tiny extractors (every one, with the RAM tagger) to ``directory``."""
+def init_tiny_extractors(directory: str | Path, tokenizer: CLIPTokenizer, seed: int = 0,
+                         ram_tagger: bool = False) -> GuidanceExtractors:
+    """Write random-initialized tiny extractors (every one) to ``directory``.
+
+    The tagger is the CLIP zero-shot fallback over RAM's vocabulary, or with ``ram_tagger`` a
+    tiny random :class:`RAMTagger` (same code paths as RAM, small dims).
+    """
     torch.manual_seed(seed)
     extractors = GuidanceExtractors.from_preset(tiny_preset(), tokenizer=tokenizer)
+    if ram_tagger:
+        extractors.tagger = tiny_random_ram(seed)
     extractors.save_pretrained(directory)
     return extractors
+
+
+def tiny_random_ram(seed: int = 0) -> RAMTagger:
+    """A tiny RAM with random label embeddings (RAM starts them at zero: every tag would score alike)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("cpu"):
+        tagger = RAMTagger(RAMConfig.tiny())
+    with torch.no_grad():
+        tagger.label_embed.copy_(torch.randn(tagger.label_embed.shape, generator=generator))
+    return tagger.eval().requires_grad_(False)
+
+
+def install_ram_tagger(extractors_dir: str | Path, ram_path: str | Path, dape_path: str | Path | None = None,
+                       config: RAMConfig | None = None) -> RAMTagger:
+    """Convert RAM's release (+ DAPE, merged) into ``<extractors>/tagger/``; it then replaces the fallback."""
+    tagger = RAMTagger.from_checkpoint(ram_path, dape_path, config=config)
+    tagger.save_pretrained(Path(extractors_dir) / "tagger")
+    return tagger

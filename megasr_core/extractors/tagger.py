@@ -52,7 +52,9 @@ def load_vocabulary(directory: str | Path | None = None) -> tuple[list[str], tor
 
 
 class CLIPZeroShotTagger:
-    """Zero-shot multi-label tagging with a CLIP model's image and text towers."""
+    """Zero-shot multi-label tagging with a CLIP model's image and text towers (RAM's fallback)."""
+
+    name = "clip-zero-shot"
 
     def __init__(
         self,

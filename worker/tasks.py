@@ -175,7 +175,8 @@ class BatchRun:
                                 OOM_TILE_SIZES[tile_index + 1])
                     self.execute(group, tile_index + 1)
                     return
-            elif len(group) > 1 and kind != "fatal" and not isinstance(exc, PipelineCancelled):
+            elif len(group) > 1 and kind not in ("fatal", "timeout") and not isinstance(exc, PipelineCancelled):
+                # (A timeout has used up the job's time: re-running would outlive it.)
                 log.warning("batch of %d failed (%s: %s): running its jobs one by one", len(group), type(exc).__name__, exc)
                 for member in group:
                     self.execute([member], tile_index)
@@ -184,6 +185,8 @@ class BatchRun:
                 self.handle_error(member, exc)
             return
         elapsed = time.monotonic() - started
+        extractors = getattr(self.runtime.pipeline, "extractors", None)
+        tagger = getattr(extractors, "tagger_name", None)  # recorded on each job: RAM or the CLIP fallback
         for member, image in zip(group, result.images):
             if image is None:
                 self.finish_canceled(member)
@@ -192,7 +195,7 @@ class BatchRun:
                 fmt = member.record.params.output_format
                 key = output_key(member.id, fmt)
                 self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
-                self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key,
+                self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key, tagger=tagger,
                                  output_width=image.width, output_height=image.height, progress=1.0)
             except TransitionRejected:
                 log.warning("job %s: taken over by another worker; this attempt's result is dropped", member.id)

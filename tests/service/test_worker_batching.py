@@ -209,3 +209,73 @@ def test_out_of_memory_on_one_job_retries_with_fewer_then_smaller_tiles(batching
     # The pair is split first, then each job alone goes 4 tiles per batch → 1 → 64-latent tiles.
     assert injected.calls == [(2, None, 4), (1, None, 4), (1, None, 1), (1, 64, 1), (1, None, 4), (1, None, 1), (1, 64, 1)]
     assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded" for job_id in ids)
+
+
+class FlakyStorage:
+    """The real storage, but reading the named keys fails once each (storage unreachable)."""
+
+    def __init__(self, storage, keys: set[str]) -> None:
+        self.storage, self.failing = storage, set(keys)
+
+    def __getattr__(self, name):
+        return getattr(self.storage, name)
+
+    def get(self, key: str) -> bytes:
+        from service.storage import StorageUnavailable
+
+        if key in self.failing:
+            self.failing.discard(key)
+            raise StorageUnavailable(f"injected: {key} unreachable")
+        return self.storage.get(key)
+
+
+def test_a_claimed_job_with_a_transient_error_is_queued_again_and_finishes(batching):
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=8).json()["id"] for name, size in PHOTOS[:3]]
+    runtime = install_runtime(settings, pipeline)
+    runtime.services.storage = FlakyStorage(runtime.services.storage, {input_key(ids[1])})
+    connection = runtime.services.redis
+    SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+    jobs = client.app.state.services.jobs
+    assert [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids] == ["succeeded"] * 3
+    assert [jobs.get(job_id).attempts for job_id in ids] == [1, 2, 1]
+    assert recorder.calls == [2] * STEPS + [1] * STEPS  # the pair, then the re-queued job alone
+
+
+class FailingPipeline:
+    """The real pipeline's attributes, but every call raises the given error."""
+
+    def __init__(self, pipeline, error: BaseException) -> None:
+        self.pipeline, self.error = pipeline, error
+
+    def __getattr__(self, name):
+        return getattr(self.pipeline, name)
+
+    def __call__(self, images, **kwargs):
+        self.batches.append(len(images))
+        raise self.error
+
+    batches: list[int]
+
+
+@pytest.mark.parametrize("error, code", [
+    (type("JobTimeoutException", (Exception,), {})("job exceeded its timeout"), "timeout"),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), "fatal"),
+])
+def test_timeout_and_fatal_errors_fail_every_job_without_retry(batching, error, code):
+    from worker.tasks import upscale
+
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=9).json()["id"] for name, size in PHOTOS[:2]]
+    failing = FailingPipeline(pipeline, error)
+    failing.batches = []
+    install_runtime(settings, failing)
+    if code == "fatal":
+        with pytest.raises(RuntimeError, match="CUDA error"):  # the process exits for a fresh CUDA context
+            upscale(ids[0])
+    else:
+        upscale(ids[0])
+    jobs = [client.get(f"/v1/jobs/{job_id}").json() for job_id in ids]
+    assert [j["status"] for j in jobs] == ["failed", "failed"]
+    assert {j["error"]["code"] for j in jobs} == {code}
+    assert failing.batches == [2]  # neither is re-run job by job: the time is up / the context is broken

@@ -80,6 +80,7 @@ class JobRecord(BaseModel):
     output_key: str | None = None
     output_width: int | None = None
     output_height: int | None = None
+    tagger: str | None = None  # which tagger made the prompt: "ram" (the paper's) or "clip-zero-shot" (fallback)
     error: JobError | None = None
     attempts: int = 0
     owner: str | None = None  # the worker attempt running it (fencing token)

@@ -60,6 +60,7 @@ class JobView(BaseModel):
     finished_at: datetime | None = None
     input: ImageSize
     output: ImageSize | None = None
+    tagger: str | None = None
     error: JobError | None = None
     result_url: str | None = None
     cancel_requested: bool = False
@@ -73,7 +74,7 @@ def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView
         created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
         input=ImageSize(width=record.input_width, height=record.input_height),
         output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
-        error=record.error,
+        tagger=record.tagger, error=record.error,
         result_url=str(request.url_for("get_result", job_id=record.id)) if record.status == JobStatus.succeeded else None,
         cancel_requested=record.status == JobStatus.running and services.jobs.cancel_requested(record.id),
         params=record.params,

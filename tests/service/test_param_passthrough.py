@@ -69,6 +69,7 @@ def run_job(pipeline, tmp_path_factory, redis_url):
     settings = make_settings(tmp_path_factory.mktemp("passthrough-service"), url)
     image = input_png()
     results: dict[tuple, tuple[bytes, str]] = {}
+    jobs: dict[tuple, dict] = {}  # the job views, for the fields the worker records
 
     def run(fields: dict, fresh: bool = False) -> tuple[bytes, str]:
         key = tuple(sorted(fields.items()))
@@ -81,6 +82,7 @@ def run_job(pipeline, tmp_path_factory, redis_url):
         run_worker(settings, pipeline)  # the only job in the queue
         job = client.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "succeeded", job
+        jobs[key] = job
         for name, value in fields.items():
             assert job["params"][name] == value  # the API stored what was sent
         result = client.get(job["result_url"])
@@ -88,6 +90,7 @@ def run_job(pipeline, tmp_path_factory, redis_url):
         results.setdefault(key, (result.content, result.headers["content-type"]))
         return result.content, result.headers["content-type"]
 
+    run.jobs = jobs
     with TestClient(create_app(settings)) as client:
         yield run
 
@@ -156,3 +159,10 @@ def test_output_format_is_the_stored_encoding(run_job):
     assert lossy.shape == reference.shape == (256, 256)
     mse = float(np.mean((lossy - reference) ** 2))
     assert 0 < mse and 10 * np.log10(255**2 / mse) > 35
+
+
+def test_the_job_records_which_tagger_ran(run_job, pipeline):
+    """The worker writes the tagger's name on the job (the tiny weights have the CLIP fallback, no RAM)."""
+    run_job(BASE)
+    job = run_job.jobs[tuple(sorted(BASE.items()))]
+    assert job["tagger"] == pipeline.extractors.tagger_name == "clip-zero-shot"

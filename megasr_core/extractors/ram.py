@@ -167,14 +167,15 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
                  thresholds: torch.Tensor | None = None) -> None:
         super().__init__()
         self.config = config = config or RAMConfig()
-        if tags is None:
-            tags, thresholds = load_vocabulary()
-        if thresholds is None or len(tags) != len(thresholds) or len(tags) != config.num_classes:
-            raise ValueError(f"RAM needs {config.num_classes} tags with one threshold each, "
-                             f"got {len(tags)} tags and {None if thresholds is None else len(thresholds)} thresholds")
+        # On the CPU even under ``with torch.device("cuda" or "meta")``: probabilities are compared there.
+        with torch.device("cpu"):
+            if tags is None:
+                tags, thresholds = load_vocabulary()
+            if thresholds is None or len(tags) != len(thresholds) or len(tags) != config.num_classes:
+                raise ValueError(f"RAM needs {config.num_classes} tags with one threshold each, got {len(tags)} "
+                                 f"tags and {None if thresholds is None else len(thresholds)} thresholds")
+            self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
         self.vocabulary = list(tags)
-        # On the CPU even under ``with torch.device("cuda")``: probabilities are compared there.
-        self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device="cpu")
         self.visual_encoder = SwinEncoder(config.image_size, config.patch_size, config.embed_dim, config.depths,
                                           config.num_heads, config.window_size, config.mlp_ratio)
         self.image_proj = nn.Linear(self.visual_encoder.num_features, config.embed_width)

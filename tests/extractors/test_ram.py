@@ -36,14 +36,18 @@ def stage_geometry(cfg: RAMConfig) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def ram_checkpoint(cfg: RAMConfig, seed: int = 0, captioning: bool = True) -> dict[str, torch.Tensor]:
+def ram_checkpoint(cfg: RAMConfig, seed: int = 0, captioning: bool = True, meta: bool = False) -> dict[str, torch.Tensor]:
+    """Random tensors under RAM's key names (``meta``: shapes only, for the full-size layout)."""
     g = torch.Generator().manual_seed(seed)
 
+    def randn(*size: int) -> torch.Tensor:
+        return torch.empty(*size, device="meta") if meta else torch.randn(*size, generator=g)
+
     def lin(out_f: int, in_f: int) -> torch.Tensor:
-        return torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+        return randn(out_f, in_f) / math.sqrt(in_f)
 
     def vec(n: int, mean: float = 0.0, std: float = 0.1) -> torch.Tensor:
-        return mean + std * torch.randn(n, generator=g)
+        return mean + std * randn(n)
 
     sd: dict[str, torch.Tensor] = {}
 
@@ -56,29 +60,29 @@ def ram_checkpoint(cfg: RAMConfig, seed: int = 0, captioning: bool = True) -> di
         sd[f"{name}.weight"], sd[f"{name}.bias"] = vec(n, 1.0, 0.2), vec(n)
 
     ve = "visual_encoder"
-    sd[f"{ve}.patch_embed.proj.weight"] = torch.randn(cfg.embed_dim, 3, cfg.patch_size, cfg.patch_size, generator=g) / cfg.patch_size
+    sd[f"{ve}.patch_embed.proj.weight"] = randn(cfg.embed_dim, 3, cfg.patch_size, cfg.patch_size) / cfg.patch_size
     sd[f"{ve}.patch_embed.proj.bias"] = vec(cfg.embed_dim)
     norm(f"{ve}.patch_embed.norm", cfg.embed_dim)
     for i, (dim, res, window, heads) in enumerate(stage_geometry(cfg)):
         for j in range(cfg.depths[i]):
             b = f"{ve}.layers.{i}.blocks.{j}"
             norm(f"{b}.norm1", dim)
-            sd[f"{b}.attn.relative_position_bias_table"] = torch.randn((2 * window - 1) ** 2, heads, generator=g)
-            sd[f"{b}.attn.relative_position_index"] = torch.randint(0, 5, (window**2, window**2), generator=g)
+            sd[f"{b}.attn.relative_position_bias_table"] = randn((2 * window - 1) ** 2, heads)
+            sd[f"{b}.attn.relative_position_index"] = randn(window**2, window**2).long()
             linear(f"{b}.attn.qkv", 3 * dim, dim)
             linear(f"{b}.attn.proj", dim, dim)
             norm(f"{b}.norm2", dim)
             linear(f"{b}.mlp.fc1", int(dim * cfg.mlp_ratio), dim)
             linear(f"{b}.mlp.fc2", dim, int(dim * cfg.mlp_ratio))
             if j % 2 == 1 and res > window:  # RAM saves its shifted blocks' masks: garbage must be ignored
-                sd[f"{b}.attn_mask"] = torch.randn((res // window) ** 2, window**2, window**2, generator=g)
+                sd[f"{b}.attn_mask"] = randn((res // window) ** 2, window**2, window**2)
         if i < len(cfg.depths) - 1:
             norm(f"{ve}.layers.{i}.downsample.norm", 4 * dim)
             linear(f"{ve}.layers.{i}.downsample.reduction", 2 * dim, 4 * dim, bias=False)
     width = cfg.embed_dim * 2 ** (len(cfg.depths) - 1)
     norm(f"{ve}.norm", width)
     linear("image_proj", cfg.embed_width, width)
-    sd["label_embed"] = torch.randn(cfg.num_classes, cfg.embed_width, generator=g)
+    sd["label_embed"] = randn(cfg.num_classes, cfg.embed_width)
     linear("wordvec_proj", cfg.head_hidden, cfg.embed_width)
     for k in range(cfg.head_layers):
         p = f"tagging_head.encoder.layer.{k}"
@@ -94,7 +98,7 @@ def ram_checkpoint(cfg: RAMConfig, seed: int = 0, captioning: bool = True) -> di
     if captioning:  # RAM's captioning half: present in the release, unused for tags
         linear("tag_encoder.encoder.layer.0.attention.self.query", 6, 6)
         linear("tag_encoder.encoder.layer.0.crossattention.self.key", 6, 4)
-        sd["tag_encoder.embeddings.word_embeddings.weight"] = torch.randn(10, 6, generator=g)
+        sd["tag_encoder.embeddings.word_embeddings.weight"] = randn(10, 6)
         linear("text_decoder.bert.encoder.layer.0.output.dense", 6, 6)
         sd["text_decoder.cls.predictions.bias"] = vec(10)
     return sd
@@ -422,3 +426,21 @@ def test_save_and_load_pretrained_round_trip(checkpoint, pixels, tmp_path):
     assert torch.equal(loaded.thresholds, model.thresholds)
     with torch.no_grad():
         assert torch.equal(loaded.tag_logits(pixels), model.tag_logits(pixels))
+
+
+def test_real_config_has_rams_shapes():
+    """ram_swin_large_14m: Swin-L (192, [2, 2, 18, 2], [6, 12, 24, 48], window 12) at 384², Q2L 768/4 heads."""
+    with torch.device("meta"):
+        model = RAMTagger()
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in _real_layout_shapes().items()}
+    pixels = torch.empty(2, 3, 384, 384, device="meta")
+    assert model.image_embeds(pixels).shape == (2, 145, 512)
+    assert model.tag_logits(pixels).shape == (2, 4585)
+    assert sum(v.numel() for v in model.state_dict().values()) == 212_117_045
+
+
+def _real_layout_shapes() -> dict[str, torch.Tensor]:
+    """RAM's layout at full size, from this file's checkpoint builder (shapes only)."""
+    sd = ram_checkpoint(RAMConfig(), captioning=False, meta=True)
+    return {k: v for k, v in sd.items() if not k.endswith(("relative_position_index", "attn_mask"))}

@@ -444,3 +444,18 @@ def _real_layout_shapes() -> dict[str, torch.Tensor]:
     """RAM's layout at full size, from this file's checkpoint builder (shapes only)."""
     sd = ram_checkpoint(RAMConfig(), captioning=False, meta=True)
     return {k: v for k, v in sd.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+
+
+@pytest.mark.parametrize("shape", [(200, 500, 3), (30, 41, 3)])
+def test_resize_matches_rams_pil_transform(shape):
+    """RAM's ``get_transform``: PIL ``Resize((S, S))`` (bilinear, antialiased when shrinking) on 8-bit images."""
+    from PIL import Image
+
+    model = RAMTagger(CFG)
+    array = (np.random.default_rng(0).random(shape) * 255).astype(np.uint8)
+    size = (CFG.image_size, CFG.image_size)
+    pil = np.asarray(Image.fromarray(array).resize(size, Image.BILINEAR), dtype=np.float64) / 255
+    normalized = model.preprocess(torch.from_numpy(array).permute(2, 0, 1)[None].float() / 255)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ours = (normalized * std + mean)[0].permute(1, 2, 0).double().numpy()
+    assert np.abs(ours - pil).max() < 1.0 / 255  # PIL rounds to 8 bits; we do not

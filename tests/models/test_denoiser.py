@@ -67,8 +67,21 @@ def test_guidance_maps_of_any_resolution_are_resized(tiny_base):
     perturb_zero_init(model)
     inputs = make_inputs(seed=0)
     small = {k: torch.nn.functional.interpolate(v, size=(37, 53)) for k, v in inputs["guidance"].items()}
-    out = model(**{**inputs, "guidance": small})
-    assert out.shape == inputs["latents"].shape and torch.isfinite(out).all()
+    batch = inputs["latents"].shape[0]
+    conditioning = model.prepare_conditioning(inputs["image_embeds"], small, batch)
+    rest = {k: v for k, v in inputs.items() if k not in ("image_embeds", "guidance")}
+    out = model(**rest, conditioning=conditioning)
+    without = model(**{**inputs, "guidance": None})
+    assert not torch.allclose(out, without)  # the small maps were used
+    # Every block got the maps at its own resolution: antialiased bilinear from 37×53.
+    latent = inputs["latents"].shape[-1]
+    sizes = {(h, w) for (_name, h, w, _dtype) in conditioning._resized}
+    assert {(latent // 2**i, latent // 2**i) for i in range(3)} <= sizes
+    depth_seg = torch.cat([small["depth"], small["seg"]], dim=1)
+    for (name, h, w, _dtype), resized in conditioning._resized.items():
+        source = small["hed"] if name == "hed" else depth_seg
+        expected = torch.nn.functional.interpolate(source, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        torch.testing.assert_close(resized, expected)
 
 
 @torch.no_grad()

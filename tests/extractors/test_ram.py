@@ -9,6 +9,7 @@ architecture, not read from the model.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -459,3 +460,27 @@ def test_resize_matches_rams_pil_transform(shape):
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     ours = (normalized * std + mean)[0].permute(1, 2, 0).double().numpy()
     assert np.abs(ours - pil).max() < 1.0 / 255  # PIL rounds to 8 bits; we do not
+
+
+def test_trained_captioning_lora_on_the_tied_layers_is_flagged(checkpoint, tmp_path, caplog):
+    """SeeSR's RAM ties the head to tag_encoder's lowest layers; a non-zero LoRA there is warned about."""
+    _, path = checkpoint
+    key = "tag_encoder.encoder.layer.1.crossattention.self.key.lora_B"
+    for value, warned in ((torch.zeros(6, RANK), False), (torch.ones(6, RANK), True)):
+        dape = {**dape_checkpoint(CFG), key: value}
+        torch.save(dape, tmp_path / "DAPE.pth")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="megasr_core.extractors.ram_checkpoint"):
+            RAMTagger.from_checkpoint(path, tmp_path / "DAPE.pth", config=CFG)
+        assert (key in caplog.text) is warned
+
+
+def test_loads_in_bfloat16(checkpoint, pixels):
+    _, path = checkpoint
+    full = RAMTagger.from_checkpoint(path, config=CFG)
+    half = RAMTagger.from_checkpoint(path, config=CFG, dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and half.thresholds.dtype == torch.float32
+    with torch.no_grad():
+        low, high = half.tag_logits(pixels).float(), full.tag_logits(pixels)
+    assert torch.corrcoef(torch.stack([low.flatten(), high.flatten()]))[0, 1] > 0.99
+    assert half.probabilities(torch.rand(1, 3, 20, 30)).dtype == torch.float32

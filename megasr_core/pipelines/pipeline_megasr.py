@@ -246,6 +246,7 @@ class MegaSRPipeline(DiffusionPipeline):
         tile_overlap: int = 8,
         vae_tile_size: int = 1024,
         controlnet_scale: float = 1.0,
+        start_timestep: int | None = 999,
         max_cached_tiles: int = 16,
         tile_batch_size: int = 4,
         callback: Callable[[int, int], None] | None = None,
@@ -266,6 +267,10 @@ class MegaSRPipeline(DiffusionPipeline):
                 when the latent is larger than 128 (1024 px), ``0`` = never tile.
             tile_overlap: latent overlap between tiles.
             vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
+            start_timestep: the LRE start noises the upscaled LR's VAE latent to this timestep
+                (SeeSR's ``start_steps``: 999, nearly pure noise), then the normal schedule runs
+                from its first timestep; it may not be below that first timestep. ``None`` =
+                noise to the schedule's first timestep (981 for 50 steps).
             max_cached_tiles: keep each tile's guidance modulation across steps up to this many
                 tiles (memory grows with the image beyond it, so it is recomputed instead).
             tile_batch_size: latent tiles run together in one model batch (faster on a GPU;
@@ -289,6 +294,7 @@ class MegaSRPipeline(DiffusionPipeline):
             self._check_parameters(value, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        self._check_start_timestep(start_timestep, num_inference_steps)
         if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
             raise ValueError(f"tile_batch_size must be a positive integer, got {tile_batch_size!r}")
         generators = _generators(generator, seed, count)
@@ -313,8 +319,8 @@ class MegaSRPipeline(DiffusionPipeline):
 
                 outputs, batch_prompts, dropped = self._upscale_batch(
                     batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
-                    color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, max_cached_tiles, tile_batch_size,
-                    step_done, should_cancel, is_cancelled, timer,
+                    color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, start_timestep, max_cached_tiles,
+                    tile_batch_size, step_done, should_cancel, is_cancelled, timer,
                 )
                 done_steps += num_inference_steps
                 for index, text in batch_prompts.items():
@@ -348,6 +354,21 @@ class MegaSRPipeline(DiffusionPipeline):
         if not isinstance(vae_tile_size, int) or vae_tile_size < 64:
             raise ValueError(f"vae_tile_size must be at least 64 pixels, got {vae_tile_size!r}")
 
+    def _check_start_timestep(self, start_timestep: int | None, steps: int) -> None:
+        """``start_timestep`` is None or an integer from the schedule's first timestep to the last training timestep.
+
+        Noising below the first timestep would leave the first steps denoising noise that is not there.
+        """
+        if start_timestep is None:
+            return
+        last = self.scheduler.config.num_train_timesteps - 1
+        if isinstance(start_timestep, bool) or not isinstance(start_timestep, int) or not 0 <= start_timestep <= last:
+            raise ValueError(f"start_timestep must be None or an integer from 0 to {last}, got {start_timestep!r}")
+        self.scheduler.set_timesteps(steps)
+        first = int(self.scheduler.timesteps[0])
+        if start_timestep < first:
+            raise ValueError(f"start_timestep {start_timestep} is below the first of the {steps} scheduler timesteps ({first})")
+
     def geometry(self, size: tuple[int, int], scale: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(target, work, bucket) as (height, width) for an LR image of ``size`` = (width, height).
 
@@ -378,7 +399,8 @@ class MegaSRPipeline(DiffusionPipeline):
     def _upscale_batch(
         self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, user_prompts: list[str],
         negative_prompt: str, generators: list[torch.Generator], color_fix_method: str, tile_size: int | None,
-        tile_overlap: int, vae_tile_size: int, controlnet_scale: float, max_cached_tiles: int, tile_batch_size: int,
+        tile_overlap: int, vae_tile_size: int, controlnet_scale: float, start_timestep: int | None, max_cached_tiles: int,
+        tile_batch_size: int,
         step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None,
         is_cancelled: Callable[[int], bool] | None, timer: _StageTimer,
     ) -> tuple[dict[int, Image.Image], dict[int, str], list[int]]:
@@ -401,13 +423,15 @@ class MegaSRPipeline(DiffusionPipeline):
             do_cfg = guidance_scale > 1.0
             positive = self._encode_text(prompts)
             negative = self._encode_text([negative_prompt] * len(items)) if do_cfg else None
-        # 6. LRE start: the VAE latent of the upscaled LR, noised to the first timestep.
+        # 6. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
+        # None = the first timestep); the schedule then runs from its own first timestep.
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
+        start = timesteps[:1] if start_timestep is None else torch.tensor([start_timestep], device=device)
         with timer.stage("vae_encode"):
             latents = self._encode_image(control.to(dtype), vae_tile_size, gens)
             noise = _randn(latents.shape, gens).to(device, latents.dtype)
-            latents = self.scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(items)))
+            latents = self.scheduler.add_noise(latents, noise, start.repeat(len(items)))
         # 7. Denoising loop with classifier-free guidance, tiled when large.
         height, width = latents.shape[-2:]
         # Auto: one pass up to a 128-latent side (1024 px); beyond it SeeSR's 96-latent tiles. (A

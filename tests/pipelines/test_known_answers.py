@@ -28,16 +28,17 @@ STEPS, SEED = 2, 0
 SUFFIX = "clean, high-resolution, 8k"
 
 
-def lre_start_timestep(scheduler_config, num_inference_steps: int) -> int:
-    """The timestep the LRE start noises the VAE latent to, as the pipeline documents it.
-
-    Today (README step 6): the first timestep of the DDPM schedule ("leading" spacing with
-    ``steps_offset``: 981 for 50 steps, 501 for 2). Issue 11 moves the start to t = 999 (SeeSR's
-    ``start_steps``, REFERENCE.md); when it lands, change this one function to ``return 999``.
-    """
+def first_ddpm_timestep(scheduler_config, num_inference_steps: int) -> int:
+    """DDPM "leading" spacing with ``steps_offset``: (N−1)·(1000 // N) + 1 (981 for 50 steps, 501 for 2)."""
     assert scheduler_config.timestep_spacing == "leading"
     step = scheduler_config.num_train_timesteps // num_inference_steps
     return (num_inference_steps - 1) * step + scheduler_config.steps_offset
+
+
+def lre_start_timestep(scheduler_config, num_inference_steps: int) -> int:
+    """The timestep the LRE start noises the VAE latent to by default: t = 999, SeeSR's
+    ``start_steps`` (REFERENCE.md, issue 11), whatever the number of steps."""
+    return 999
 
 
 def alphas_cumprod(scheduler_config) -> torch.Tensor:
@@ -240,16 +241,38 @@ def test_lre_start_is_the_noised_vae_latent_of_the_bicubic_lr(live, lr_image, cf
     expected = math.sqrt(abar[t]) * z.double() + math.sqrt(1 - abar[t]) * eps.double()
     for half in cfg_run["denoiser_in"][0]["latents"]:
         torch.testing.assert_close(half.double(), expected[0], rtol=0, atol=1e-5)
-    # Teeth: another timestep (here the schedule's last, t = 1) gives a clearly different start.
-    other = math.sqrt(abar[1]) * z.double() + math.sqrt(1 - abar[1]) * eps.double()
+    # Teeth: another timestep (here the schedule's first, 501) gives a clearly different start.
+    first = first_ddpm_timestep(config, STEPS)
+    other = math.sqrt(abar[first]) * z.double() + math.sqrt(1 - abar[first]) * eps.double()
     assert (other - expected).abs().max() > 1e-2
 
 
+def test_lre_start_none_noises_to_the_first_ddpm_timestep(live, lr_image):
+    """``start_timestep=None``: z_T = √ᾱ_t·z + √(1−ᾱ_t)·ε at the schedule's first timestep (the old behaviour)."""
+    _, rec = run(live, lr_image, stop_after_steps=1, start_timestep=None)
+    abar = alphas_cumprod(live.scheduler.config)
+    t = first_ddpm_timestep(live.scheduler.config, STEPS)
+    (z, eps, timesteps), = rec["add_noise"]
+    assert timesteps.tolist() == [t]
+    expected = math.sqrt(abar[t]) * z.double() + math.sqrt(1 - abar[t]) * eps.double()
+    for half in rec["denoiser_in"][0]["latents"]:
+        torch.testing.assert_close(half.double(), expected[0], rtol=0, atol=1e-5)
+    assert int(rec["denoiser_in"][0]["timestep"]) == t
+
+
+@pytest.mark.parametrize("value", [1000, -1, 2.5, True, 500])
+def test_lre_start_timestep_is_checked(pipeline, lr_image, value):
+    """Integers 0..999 only, and not below the first of the scheduler's timesteps (501 for 2 steps)."""
+    with pytest.raises(ValueError, match="start_timestep"):
+        pipeline(lr_image, num_inference_steps=STEPS, start_timestep=value, seed=0)
+
+
 def test_first_denoising_step_runs_at_the_first_ddpm_timestep(live, cfg_run):
-    """DDPM "leading" spacing: t_0 = (N−1)·(1000 // N) + 1 (981 for N = 50, 501 for N = 2)."""
+    """DDPM "leading" spacing: t_0 = (N−1)·(1000 // N) + 1 (981 for N = 50, 501 for N = 2), whatever the LRE start."""
     config = live.scheduler.config
     expected = (STEPS - 1) * (config.num_train_timesteps // STEPS) + config.steps_offset
     assert int(cfg_run["denoiser_in"][0]["timestep"]) == expected
+    assert lre_start_timestep(config, STEPS) != expected  # the start noise level and the first step differ
 
 
 def test_ddpm_alphas_cumprod_matches_the_schedule_formula(pipeline):

@@ -106,9 +106,7 @@ def clip_representations(extractor, outputs) -> tuple[list[torch.Tensor], torch.
     listed with the intermediate ones: it is (or directly feeds) the final tokens, and listing it
     too made the loss count the last layer twice.
     """
-    tokens = getattr(extractor, "tokens", None)  # encoders without a token space give the last hidden state
-    final = tokens(outputs) if tokens is not None else outputs.last_hidden_state
-    return list(outputs.hidden_states[1:-1]), final
+    return list(outputs.hidden_states[1:-1]), extractor.tokens(outputs)
 
 
 def representations(kind: str, extractor, images: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -11,16 +11,24 @@ from megasr_core.data import USMConfig
 from megasr_core.train import MegaSRTrainConfig, MegaSRTrainer
 
 
-class RecordingTagger:
-    """Stands in for the tagger (a plain callable, like the zero-shot tagger): records what it is
-    shown and names each image by its mean."""
+class Recorder:
+    """Records what the loaded tagger (RAM or the CLIP fallback) is shown; names each image by its mean."""
 
     def __init__(self) -> None:
         self.seen: list[torch.Tensor] = []
 
-    def __call__(self, images: torch.Tensor) -> list[list[str]]:
+    def tags(self, images: torch.Tensor) -> list[list[str]]:
         self.seen.append(images.detach().clone())
         return [["cat", f"level {image.mean().item():.4f}"] for image in images]
+
+
+def record(trainer, monkeypatch) -> tuple[Recorder, list[str]]:
+    """Patch the tagger's class call (works for module and plain taggers) and the text encoding."""
+    recorder, prompts = Recorder(), []
+    monkeypatch.setattr(type(trainer.pipeline.extractors.tagger), "__call__", lambda self, images: recorder.tags(images))
+    encode = trainer.pipeline._encode_text
+    monkeypatch.setattr(trainer.pipeline, "_encode_text", lambda texts: prompts.extend(texts) or encode(texts))
+    return recorder, prompts
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +47,7 @@ def make(tiny_weights, hr_folder, tmp_path, **changes) -> MegaSRTrainer:
 
 def test_prompts_are_the_hr_tags_without_the_quality_suffix(tiny_weights, hr_folder, tmp_path, monkeypatch):
     trainer = make(tiny_weights, hr_folder, tmp_path)
-    tagger, prompts = RecordingTagger(), []
-    monkeypatch.setattr(trainer.pipeline.extractors, "tagger", tagger)
-    encode = trainer.pipeline._encode_text
-    monkeypatch.setattr(trainer.pipeline, "_encode_text", lambda texts: prompts.extend(texts) or encode(texts))
+    tagger, prompts = record(trainer, monkeypatch)
     batch = {k: torch.stack([trainer.dataset[i][k] for i in range(2)]) for k in ("lr", "hr")}
     trainer._model_inputs(batch)
     (seen,) = tagger.seen  # the tagger ran once, on the HR crops (not the 16×16 LR)
@@ -53,10 +58,7 @@ def test_prompts_are_the_hr_tags_without_the_quality_suffix(tiny_weights, hr_fol
 
 def test_empty_prompts_and_no_tags(tiny_weights, hr_folder, tmp_path, monkeypatch):
     trainer = make(tiny_weights, hr_folder, tmp_path, use_tags=False)
-    tagger, prompts = RecordingTagger(), []
-    monkeypatch.setattr(trainer.pipeline.extractors, "tagger", tagger)
-    encode = trainer.pipeline._encode_text
-    monkeypatch.setattr(trainer.pipeline, "_encode_text", lambda texts: prompts.extend(texts) or encode(texts))
+    tagger, prompts = record(trainer, monkeypatch)
     batch = {k: torch.stack([trainer.dataset[i][k] for i in range(2)]) for k in ("lr", "hr")}
     trainer._model_inputs(batch)
     assert tagger.seen == [] and prompts == ["", ""]

@@ -133,3 +133,18 @@ def test_dataset_sharpens_the_hr_by_default_and_degrades_the_sharpened_hr(hr_fol
     default = PairedImageDataset(files, crop_size=64, seed=0, hflip=False)[0]
     torch.testing.assert_close(default["hr"], usm_sharpen(plain["hr"][None])[0])
     assert not torch.equal(default["lr"], plain["lr"])  # the LR comes from the sharpened HR
+
+
+@pytest.mark.parametrize("flags, hflip, usm", [([], True, USMConfig()), (["--no-usm", "--no-hflip"], False, None)])
+def test_cli_make_pairs_writes_the_dataset_items(hr_folder, tmp_path, flags, hflip, usm):
+    from typer.testing import CliRunner
+
+    from megasr_core.cli import app
+
+    result = CliRunner().invoke(app, ["data", "make-pairs", str(hr_folder), "-o", str(tmp_path), "--crop-size", "64", *flags])
+    assert result.exit_code == 0, result.output
+    item = PairedImageDataset([hr_folder], crop_size=64, seed=0, hflip=hflip, usm=usm)[0]
+    for kind in ("hr", "lr"):
+        (path,) = (tmp_path / kind).iterdir()
+        written = torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255).permute(2, 0, 1)
+        assert (written - item[kind]).abs().max() <= 0.5 / 255 + 1e-6

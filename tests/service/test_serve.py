@@ -67,3 +67,54 @@ def test_serve_refuses_a_public_address_without_keys(tmp_path):
     result = subprocess.run([str(Path(sys.executable).with_name("megasr")), "serve", "--host", "0.0.0.0"],
                             env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "without API keys" in result.stderr
+
+
+def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_path, redis_url, tiny_pipeline):
+    """MEGASR_REDIS_URL set: no embedded Valkey, no in-process worker; jobs wait for `megasr worker`."""
+    from rq import Queue
+    from rq.worker import SimpleWorker
+
+    from tests.service.test_api import make_settings
+    from worker.runtime import install_runtime
+
+    settings = make_settings(tmp_path, redis_url)
+    port = free_port()
+    env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": redis_url,
+           "MEGASR_STORAGE_URL": settings.storage_url, "MEGASR_QUEUE_NAME": settings.queue_name}
+    env.pop("MEGASR_API_KEYS", None)
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen([str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.5)
+        response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
+                              data={"steps": "1", "seed": "1"}, timeout=30)
+        assert response.status_code == 202, response.text
+        job_url = response.headers["location"]
+        time.sleep(3)  # an in-process worker would have started it by now
+        assert httpx.get(job_url, timeout=10).json()["status"] == "queued"
+        assert not (tmp_path / "home" / "valkey").exists()  # no embedded Valkey was started
+        runtime = install_runtime(settings, tiny_pipeline)  # a separate worker on the same Redis,
+        runtime.start_background(lease_interval_s=1)  # renewing its lease as `megasr worker` does
+        try:
+            connection = runtime.services.redis
+            SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+        finally:
+            runtime.stop()
+        job = httpx.get(job_url, timeout=10).json()
+        assert job["status"] == "succeeded", job
+        assert httpx.get(job["result_url"], timeout=30).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -75,10 +75,6 @@ class _Batch:
     items: list[_Item]
     padded: tuple[int, int]  # the bucket: every item's work size padded to the model's multiple
 
-    @property
-    def indices(self) -> list[int]:
-        return [item.index for item in self.items]
-
 
 class _StageTimer:
     """Wall-clock seconds per stage; with ``sync`` the GPU is synchronized at each boundary."""
@@ -290,8 +286,7 @@ class MegaSRPipeline(DiffusionPipeline):
         count = len(sources)
         scales = _per_image("scale", scale, count)
         prompts_in = _per_image("prompt", prompt, count)
-        for value in scales:
-            self._check_parameters(value, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
+        self._check_parameters(scales, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         self._check_start_timestep(start_timestep, num_inference_steps)
@@ -338,9 +333,10 @@ class MegaSRPipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ steps
     @staticmethod
-    def _check_parameters(scale, steps, guidance_scale, color_fix_method, tile_size, tile_overlap, vae_tile_size) -> None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
-            raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {scale!r}")
+    def _check_parameters(scales, steps, guidance_scale, color_fix_method, tile_size, tile_overlap, vae_tile_size) -> None:
+        for scale in scales:
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
+                raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {scale!r}")
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
         if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= 50:

@@ -125,6 +125,16 @@ def attention_ref(attn, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- capture
+def run_with_hooks(handles: list, run) -> None:
+    """``run()`` without gradients, then remove the hooks whatever happened."""
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def capture(model, paths: list[str], run) -> dict[str, dict[str, torch.Tensor]]:
     """Raw output (before the MSFM hook) and final output (after it) of each Transformer2DModel."""
     seen: dict[str, dict[str, torch.Tensor]] = {p: {} for p in paths}
@@ -140,12 +150,7 @@ def capture(model, paths: list[str], run) -> dict[str, dict[str, torch.Tensor]]:
         block = module(model, path)
         handles.append(block.register_forward_hook(grab(path, "raw"), prepend=True))
         handles.append(block.register_forward_hook(grab(path, "out")))
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(handles, run)
     return seen
 
 
@@ -202,12 +207,7 @@ def capture_block(model, path: str, run) -> dict[str, torch.Tensor]:
         block.attn2.register_forward_hook(lambda _m, _a, out: seen.setdefault("attn2", out.clone())),
         block.ff.register_forward_pre_hook(lambda _m, args: seen.setdefault("ff_in", args[0].clone())),
     ]
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_hooks(handles, run)
     return seen
 
 

@@ -1,16 +1,23 @@
-"""Real services for the service tests: SeaweedFS (S3) and Valkey (Redis), on free ports."""
+"""Real services for the service tests: SeaweedFS (S3) and Valkey (Redis) on free ports, a fresh
+Valkey database per test where counters matter, and a loopback webhook receiver."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+import redis
 
 
 def free_port(also_free_offset: int | None = None) -> int:
@@ -97,3 +104,67 @@ def redis_url(tmp_path_factory):
         yield server.connection_url
     finally:
         server.stop()
+
+
+# Databases 1-15 of the session's Valkey, handed out in turn; database 0 is the other service tests'.
+_DATABASES = itertools.cycle(range(1, 16))
+#: the result TTL of the ``store`` fixture's JobStore
+STORE_RESULT_TTL_S = 600
+
+
+def fresh_database_url(redis_url: str) -> str:
+    """A URL of a Valkey database of its own, emptied first: no keys or counters of other tests."""
+    url = f"{redis_url}/{next(_DATABASES)}"
+    with redis.Redis.from_url(url) as client:
+        client.flushdb()
+    return url
+
+
+@pytest.fixture()
+def db_url(redis_url) -> str:
+    return fresh_database_url(redis_url)
+
+
+@pytest.fixture()
+def store(db_url):
+    """A JobStore on a fresh database."""
+    from service.jobs import JobStore
+
+    client = redis.Redis.from_url(db_url)
+    yield JobStore(client, result_ttl_s=STORE_RESULT_TTL_S)
+    client.close()
+
+
+class Delivery(NamedTuple):
+    at: float  # time.time() when the request arrived
+    status: int  # what the receiver answered
+    headers: dict[str, str]
+    body: bytes
+
+
+class WebhookReceiver:
+    """A real HTTP server on 127.0.0.1 that records every POST; ``respond(n)`` is the status of the n-th."""
+
+    def __init__(self, respond: Callable[[int], int]) -> None:
+        self.calls: list[Delivery] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                status = respond(len(receiver.calls))
+                receiver.calls.append(Delivery(time.time(), status, dict(self.headers), body))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 import uuid
 
@@ -13,27 +12,10 @@ from service.app import build_services
 from service.contracts import JobError, JobRecord, JobStatus, UpscaleParams
 from service.jobs import FINISHED_KEY, IDEMPOTENCY_TTL_S, RUNNING_KEY, JobStore, TransitionRejected
 from service.reaper import LOCK_KEY, reap_abandoned
+from tests.service.conftest import STORE_RESULT_TTL_S
 from tests.service.test_api import make_settings
 
-RESULT_TTL_S = 600
-_DATABASES = itertools.cycle(range(1, 16))  # database 0 is the other service tests'
-
-
-@pytest.fixture()
-def db_url(redis_url):
-    """A URL of a Valkey database of its own, emptied first: no keys or counters of other tests."""
-    url = f"{redis_url}/{next(_DATABASES)}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
-@pytest.fixture()
-def store(db_url):
-    client = redis.Redis.from_url(db_url)
-    yield JobStore(client, result_ttl_s=RESULT_TTL_S)
-    client.close()
+RESULT_TTL_S = STORE_RESULT_TTL_S
 
 
 @pytest.fixture()

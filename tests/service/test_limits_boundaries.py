@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import base64
 import io
-import itertools
 import struct
 import time
 import uuid
 import zlib
 
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -20,18 +18,6 @@ from tests.service.test_api import make_settings
 
 MAX_BYTES = 4096
 MAX_PIXELS = 64 * 64
-_DATABASES = itertools.cycle(range(1, 16))  # database 0 is the other service tests'
-
-
-@pytest.fixture()
-def db_url(redis_url):
-    """A URL of a Valkey database of its own, emptied first: no rate counters or quotas of other tests."""
-    url = f"{redis_url}/{next(_DATABASES)}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
 
 @pytest.fixture()
 def client(tmp_path, db_url):

@@ -7,19 +7,18 @@ does), one job at a time, on the tiny weights; results come back through ``GET /
 from __future__ import annotations
 
 import io
-import itertools
 import json
 import shutil
 
 import numpy as np
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 from skimage import data
 
 from service.app import create_app
 from service.contracts import UpscaleParams
+from tests.service.conftest import fresh_database_url
 from tests.service.test_api import make_settings, run_worker
 
 #: a value other than the default for every field that changes pixels (kept cheap: 2 steps)
@@ -34,7 +33,6 @@ NOT_PIXELS = {"output_format": "the encoding: test_output_format_is_the_stored_e
 #: UpscaleParams name → MegaSRPipeline argument
 PIPELINE_ARGUMENT = {"steps": "num_inference_steps"}
 MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff"}
-_DATABASES = itertools.cycle(range(1, 16))  # database 0 is the other service tests'
 
 
 def input_png() -> bytes:
@@ -63,9 +61,7 @@ def pipeline(tiny_weights, tmp_path_factory):
 def run_job(pipeline, tmp_path_factory, redis_url):
     """run(fields) → (result bytes, content type): one job through the API and the worker (cached per fields
     unless ``fresh``)."""
-    url = f"{redis_url}/{next(_DATABASES)}"
-    with redis.Redis.from_url(url) as database:
-        database.flushdb()  # a database of its own: no jobs of other tests in this queue or tenant
+    url = fresh_database_url(redis_url)  # no jobs of other tests in this queue or tenant
     settings = make_settings(tmp_path_factory.mktemp("passthrough-service"), url)
     image = input_png()
     results: dict[tuple, tuple[bytes, str]] = {}

@@ -16,26 +16,35 @@ from tests.service.conftest import free_port
 from tests.service.test_api import png
 
 
-def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
+def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
+    """`megasr serve` on a free port with ``env``, once its /readyz answers 200: (process, base URL)."""
     port = free_port()
+    with log_path.open("wb") as log:  # the child keeps its own handle
+        server = subprocess.Popen([str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
+                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        if server.poll() is not None:
+            raise AssertionError(log_path.read_text()[-2000:])
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() >= deadline:
+            server.kill()
+            server.wait(timeout=30)
+            raise AssertionError("server did not become ready")
+        time.sleep(0.5)
+
+
+def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
     env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_WEIGHTS": str(tiny_weights)}
     for key in ("MEGASR_REDIS_URL", "MEGASR_API_KEYS", "MEGASR_STORAGE_URL"):
         env.pop(key, None)
-    log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen([str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_serve(env, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.5)
         response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
                               data={"steps": "2"}, timeout=30)
         assert response.status_code == 202, response.text
@@ -53,7 +62,6 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
     finally:
         server.terminate()
         server.wait(timeout=30)
-        log.close()
     # The embedded Valkey went down with the server: nothing listens on its port any more.
     import socket
 
@@ -78,25 +86,11 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
     from worker.runtime import install_runtime
 
     settings = make_settings(tmp_path, redis_url)
-    port = free_port()
     env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": redis_url,
            "MEGASR_STORAGE_URL": settings.storage_url, "MEGASR_QUEUE_NAME": settings.queue_name}
     env.pop("MEGASR_API_KEYS", None)
-    log = (tmp_path / "serve.log").open("wb")
-    server = subprocess.Popen([str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
+    server, base = start_serve(env, tmp_path / "serve.log")
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.5)
         response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
                               data={"steps": "1", "seed": "1"}, timeout=30)
         assert response.status_code == 202, response.text
@@ -117,4 +111,3 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
     finally:
         server.terminate()
         server.wait(timeout=30)
-        log.close()

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import itertools
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import pytest
-import redis
 
 from service.config import Settings
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobs import JobStore
 from service.webhooks import DUE_KEY, SIGNATURE_HEADER, WebhookDispatcher, delivery_key, sign, verify
+from tests.service.conftest import WebhookReceiver
 from tests.service.test_api import make_settings
 
 # Known-answer vector, computed outside Python with
@@ -30,57 +26,12 @@ KAT_NEXT_SECOND_HEX = "9b1bcb30e83fc2fa54c652ecff9e5d5cefe6d90a565d7fb6fabd0c8f8
 KAT_BODY_ONLY_HEX = "19b1757350a8f41442f01d7edb7e777cd2910083ba7766db77130a61b37f62b6"  # HMAC(body): NOT the scheme
 
 SECRET = "webhook-vector-secret"
-_DATABASES = itertools.cycle(range(1, 16))  # database 0 is the other service tests'
 
 
 def readme_signature(secret: bytes, timestamp: int, body: bytes) -> str:
     """The README's scheme, written out independently: t=T,v1=hex(HMAC-SHA256(secret, "T." + body))."""
     message = str(timestamp).encode() + b"." + body
     return f"t={timestamp},v1={hmac.new(secret, message, hashlib.sha256).hexdigest()}"
-
-
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that answers every POST with ``status`` and records it."""
-
-    def __init__(self, status: int) -> None:
-        self.calls: list[tuple[float, dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.calls.append((time.time(), dict(self.headers), body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture()
-def db_url(redis_url):
-    """A URL of a Valkey database of its own, emptied first: no deliveries left by other tests."""
-    url = f"{redis_url}/{next(_DATABASES)}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    client.close()
-    return url
-
-
-@pytest.fixture()
-def store(db_url):
-    client = redis.Redis.from_url(db_url)
-    yield JobStore(client, result_ttl_s=600)
-    client.close()
 
 
 def finish_with_webhook(store: JobStore, url: str) -> str:
@@ -117,7 +68,7 @@ def test_changing_only_the_timestamp_changes_the_signature():
 
 def test_the_dispatcher_sends_the_documented_signature(store):
     """A real delivery carries t=<send time>,v1=HMAC(secret, "t." + the exact body received)."""
-    receiver = Receiver(200)
+    receiver = WebhookReceiver(lambda _n: 200)
     try:
         job_id = finish_with_webhook(store, receiver.url)
         (delivery_id,) = [raw.decode() for raw in store.redis.zrange(DUE_KEY, 0, -1)]
@@ -128,7 +79,7 @@ def test_the_dispatcher_sends_the_documented_signature(store):
     finally:
         receiver.close()
     assert len(receiver.calls) == 1
-    _, headers, body = receiver.calls[0]
+    _, _, headers, body = receiver.calls[0]
     header = headers[SIGNATURE_HEADER]
     timestamp = int(header.split(",")[0].removeprefix("t="))
     assert before <= timestamp <= after
@@ -148,7 +99,7 @@ def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
                              webhook_retry_base_s=0.05)
     base = settings.webhook_retry_base_s
     expected_delays = [base * 2**n for n in range(5)]  # 0.05, 0.1, 0.2, 0.4, 0.8
-    receiver = Receiver(500)
+    receiver = WebhookReceiver(lambda _n: 500)
     try:
         finish_with_webhook(store, receiver.url)
         (delivery_id,) = [raw.decode() for raw in store.redis.zrange(DUE_KEY, 0, -1)]
@@ -183,9 +134,9 @@ def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
     assert scheduled[5][3] is None
     assert not store.redis.exists(delivery_key(delivery_id)) and store.redis.zcard(DUE_KEY) == 0
     # The receiver saw the retries no sooner than the schedule allowed.
-    sent_at = [at for at, _, _ in receiver.calls]
+    sent_at = [call.at for call in receiver.calls]
     for gap, delay in zip([b - a for a, b in zip(sent_at, sent_at[1:])], expected_delays):
         assert gap >= delay - 0.01, (gap, delay)
     # Each retry is signed afresh, over the same body.
-    for at, headers, body in receiver.calls:
+    for at, _, headers, body in receiver.calls:
         assert verify(SECRET.encode(), headers[SIGNATURE_HEADER], body, now=at)

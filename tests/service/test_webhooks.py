@@ -3,49 +3,21 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.webhooks import SIGNATURE_HEADER, WebhookDispatcher, check_webhook_url, sign, verify
+from tests.service.conftest import WebhookReceiver
 from tests.service.test_api import make_settings, run_worker, submit
 
 SECRET = "webhook-secret-for-tests"
 
 
-class Receiver:
-    """A real HTTP server on loopback that fails its first request, then accepts."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, dict, bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 500 if not receiver.calls else 200
-                receiver.calls.append((status, dict(self.headers), body))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-
-    def close(self) -> None:
-        self.server.shutdown()
-
-
 @pytest.fixture()
 def receiver():
-    server = Receiver()
+    server = WebhookReceiver(lambda n: 500 if n == 0 else 200)  # fails the first request, then accepts
     yield server
     server.close()
 
@@ -65,8 +37,8 @@ def test_webhook_delivered_signed_and_retried(tmp_path, redis_url, tiny_pipeline
         while len(receiver.calls) < 2 and time.monotonic() < deadline:
             dispatcher.deliver_due()
             time.sleep(0.05)
-    assert [status for status, _, _ in receiver.calls] == [500, 200]
-    _, headers, body = receiver.calls[-1]
+    assert [call.status for call in receiver.calls] == [500, 200]
+    _, _, headers, body = receiver.calls[-1]
     assert verify(SECRET.encode(), headers[SIGNATURE_HEADER], body)
     assert not verify(b"wrong secret", headers[SIGNATURE_HEADER], body)
     event = json.loads(body)
@@ -91,7 +63,7 @@ def test_webhook_on_cancel_and_dispatcher_thread(tmp_path, redis_url, receiver):
                 time.sleep(0.05)
         finally:
             dispatcher.stop()
-    assert json.loads(receiver.calls[-1][2])["status"] == "canceled"
+    assert json.loads(receiver.calls[-1].body)["status"] == "canceled"
 
 
 def test_webhook_urls_are_checked(tmp_path, redis_url):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import signal
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -182,7 +181,6 @@ def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, redis_url, tiny_wei
                 if process is not None and process.poll() is None:
                     process.kill()
                     process.wait(timeout=10)
-        time.sleep(0)  # the processes are gone before the Valkey fixture is torn down
 
 
 class OutOfMemoryUntilTiled:
@@ -246,7 +244,7 @@ class FailingPipeline:
     """The real pipeline's attributes, but every call raises the given error."""
 
     def __init__(self, pipeline, error: BaseException) -> None:
-        self.pipeline, self.error = pipeline, error
+        self.pipeline, self.error, self.batches = pipeline, error, []
 
     def __getattr__(self, name):
         return getattr(self.pipeline, name)
@@ -254,8 +252,6 @@ class FailingPipeline:
     def __call__(self, images, **kwargs):
         self.batches.append(len(images))
         raise self.error
-
-    batches: list[int]
 
 
 @pytest.mark.parametrize("error, code", [
@@ -268,7 +264,6 @@ def test_timeout_and_fatal_errors_fail_every_job_without_retry(batching, error, 
     settings, client, pipeline, recorder = batching
     ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=9).json()["id"] for name, size in PHOTOS[:2]]
     failing = FailingPipeline(pipeline, error)
-    failing.batches = []
     install_runtime(settings, failing)
     if code == "fatal":
         with pytest.raises(RuntimeError, match="CUDA error"):  # the process exits for a fresh CUDA context

@@ -21,13 +21,15 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path):
     assert report["errors"] == {} and report["skipped"] == []
     assert report["settings"]["preset"] == "tiny" and report["environment"]["versions"]["torch"]
     sections = report["sections"]
-    assert set(sections) == {"build", "baseline", "megasr_eager", "denoiser_breakdown", "megasr_large"}
+    assert set(sections) == {"build", "baseline", "megasr_eager", "megasr_cuda_graphs", "denoiser_breakdown", "megasr_large"}
     for batch in ("1", "2"):
         row = sections["megasr_eager"][batch]
         assert row["images_per_s"] > 0 and row["ratio_to_baseline"] > 0
         assert {"extractors", "vae_encode", "denoise", "vae_decode"} <= set(row["stages_s"])
         assert sections["baseline"][batch]["step_median_ms"] > 0
     assert set(sections["denoiser_breakdown"]) == {"1", "2"}
+    graphs = sections["megasr_cuda_graphs"]  # on a CPU: the graphs' static-buffer path, run eagerly
+    assert graphs["graph_shapes"] == 2 and graphs["capture_failure"] is None and graphs["2"]["images_per_s"] > 0
     assert sections["megasr_large"]["tile_batch_4"]["output_size"] == [128, 128]
     assert set(sections["megasr_large"]) == {"tile_batch_4", "tile_batch_1"}
     assert report["summary"]["megasr_over_baseline_batch2"] == sections["megasr_eager"]["2"]["ratio_to_baseline"]

@@ -42,7 +42,8 @@ def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scal
         lr = (max(1, width // scale), max(1, height // scale))
         for batch in batch_sizes:
             images = [Image.fromarray(rng.integers(0, 256, (lr[1], lr[0], 3), dtype=np.uint8)) for _ in range(batch)]
-            pipeline(images, scale=scale, num_inference_steps=1, seed=0, max_batch_size=batch)
+            # Two steps: the first runs eagerly, the second captures the step's CUDA graph (if on).
+            pipeline(images, scale=scale, num_inference_steps=2, seed=0, max_batch_size=batch)
 
 
 class MegaSRWorker(SimpleWorker):

@@ -10,9 +10,12 @@ On random weights of the preset (nothing downloaded) it measures, in this order:
 2. ``megasr_eager``: the whole MegaSR pipeline (extractors, tagger, CSM, MSFM, colour fix) at
    every batch size, with per-stage times, and its ratio to the baseline; ``denoiser_breakdown``:
    one CFG denoiser step with neither, either or both of CSM and MSFM active;
-3. ``megasr_compiled``: the same per compile scope (``blocks``, ``full``), with compile time;
+3. ``megasr_cuda_graphs``: the same with the denoiser step replayed from CUDA graphs;
+   ``cudnn_benchmark``: eager at the largest batch and graphs at batch 1 and the largest, with
+   cuDNN's convolution autotuner on;
 4. ``megasr_large``: one ``large``² output (latent tiling and tiled VAE), with peak memory;
-5. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
+5. ``megasr_compiled``: the same per compile scope (``full``, ``blocks``), with compile time;
+6. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
 
 Sections run while ``budget_s`` lasts (each estimated from what ran before it); a section that
 fails records its error and the rest go on. With ``output`` the JSON is rewritten after each
@@ -349,6 +352,38 @@ class GPUSuite:
             torch._dynamo.reset()
         return rows
 
+    def run_cuda_graphs(self, batches: Sequence[int] | None = None, label: str = "cuda_graphs") -> dict:
+        """MegaSR with CUDA graphs (captured in the warm-up run: its first step is eager)."""
+        from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+        use_cuda_graphs(self.pipeline)
+        graphs = self.pipeline.denoiser_graphs
+        rows: dict[str, Any] = {}
+        try:
+            for batch in batches or self.batches:
+                repeats = self.single_repeats if batch == 1 else 1
+                if self.remaining() < self._estimate(batch, repeats + 1):
+                    rows[str(batch)] = {"skipped": "budget"}
+                    continue
+                rows[str(batch)] = self._megasr(batch, repeats, label)
+            rows["graph_shapes"], rows["static_calls"] = len(graphs.graphs), graphs.static_calls
+            rows["eager_calls"], rows["capture_failure"] = graphs.eager_calls, graphs.failure
+        finally:
+            use_cuda_graphs(self.pipeline, enabled=False)
+        return rows
+
+    def run_cudnn_benchmark(self) -> dict:
+        """cuDNN's autotuner on: eager at the largest batch, graphs at 1 and the largest."""
+        previous = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            top = self.batches[-1]
+            rows = {"eager": {str(top): self._megasr(top, 1, "cudnn_benchmark eager")}}
+            rows["cuda_graphs"] = self.run_cuda_graphs(sorted({1, top}), "cudnn_benchmark graphs")
+            return rows
+        finally:
+            torch.backends.cudnn.benchmark = previous
+
     def run_breakdown(self) -> dict:
         """One CFG denoiser step (prepared conditioning, as the sampler runs it) with each extra on.
 
@@ -429,7 +464,11 @@ class GPUSuite:
         eager, base = s.get("megasr_eager", {}), s.get("baseline", {})
         out: dict[str, Any] = {}
         best_single, best_throughput = None, None
-        for name, rows in [("eager", eager)] + [(f"compiled_{k}", s.get(f"megasr_compiled_{k}", {})) for k in self.scopes]:
+        tuned = s.get("cudnn_benchmark", {})
+        variants = [("eager", eager), ("cuda_graphs", s.get("megasr_cuda_graphs", {})),
+                    ("cudnn_benchmark_eager", tuned.get("eager", {})),
+                    ("cudnn_benchmark_cuda_graphs", tuned.get("cuda_graphs", {}))]
+        for name, rows in variants + [(f"compiled_{k}", s.get(f"megasr_compiled_{k}", {})) for k in self.scopes]:
             one = rows.get("1", {})
             if "total_s" in one:
                 out[f"{name}_single_image_p50_s"] = one["total_s"]
@@ -453,14 +492,14 @@ class GPUSuite:
             return self.result
         self.section("baseline", self.run_baseline)
         self.section("megasr_eager", lambda: self.run_megasr("eager"), self._estimate(1, 3))
+        self.section("megasr_cuda_graphs", self.run_cuda_graphs, self._estimate(1, 3) + 10)
+        if self.device.type == "cuda":
+            self.section("cudnn_benchmark", self.run_cudnn_benchmark, self._estimate(self.batches[-1], 2) + 10)
         self.section("denoiser_breakdown", self.run_breakdown, 20)
+        if self.large:
+            self.section("megasr_large", self.run_large, self._estimate(1, 1, max(1, (self.large // self.size) ** 2)))
         for scope in self.scopes:
             self.section(f"megasr_compiled_{scope}", lambda scope=scope: self.run_compiled(scope), self._estimate(1, 3) + 60)
-            if scope == self.scopes[0] and self.large:
-                tiles = max(1, (self.large // self.size) ** 2)
-                self.section("megasr_large", self.run_large, self._estimate(1, 1, tiles))
-        if self.large and not self.scopes:
-            self.section("megasr_large", self.run_large, self._estimate(1, 1, max(1, (self.large // self.size) ** 2)))
         if self.device.type == "cuda":
             self.section("megasr_channels_last", self.run_channels_last, self._estimate(self.batches[-1], 2))
         self.result["summary"] = self.summary()

@@ -62,6 +62,9 @@ class CSM(nn.Module):
         # Inference cache of the visual keys/values: they depend on the image tokens only, which
         # stay the same for every step of a sampling run (see ``_visual_kv``).
         self._kv_cache: list[tuple[tuple[object, ...], torch.Tensor, torch.Tensor]] = []
+        # Keys/values bound to a token tensor by their owner (a CUDA graph's static buffers),
+        # matched by identity only: the owner refreshes them whenever it refills the tokens.
+        self._pinned: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(
         self,
@@ -93,6 +96,9 @@ class CSM(nn.Module):
         use_cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         key_of = None
         if use_cache:
+            for tokens, key, value in self._pinned:
+                if tokens is image_tokens:
+                    return key, value
             key_of = tuple(_version(t) for t in (image_tokens, self.connector.weight, attn.to_k.weight, attn.to_v.weight))
             for cached in self._kv_cache:
                 if cached[0][0] is image_tokens and cached[0][1:] == key_of:
@@ -125,7 +131,24 @@ class CSM(nn.Module):
             out = out + hidden_states
         return out / attn.rescale_output_factor
 
+    def image_kv(self, host_attn: Attention, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The visual keys/values of ``image_tokens`` (cached, pinned or computed now)."""
+        return self._visual_kv(self.visual_attn if self.visual_attn is not None else host_attn, image_tokens)
+
+    def pin_kv(self, image_tokens: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Use ``key``/``value`` whenever exactly ``image_tokens`` comes (inference only).
+
+        For a caller that keeps both in fixed buffers and refills them together, such as a CUDA
+        graph whose replays must read the keys/values from the addresses it captured.
+        """
+        self.unpin_kv(image_tokens)
+        self._pinned.append((image_tokens, key, value))
+
+    def unpin_kv(self, image_tokens: torch.Tensor) -> None:
+        self._pinned = [entry for entry in self._pinned if entry[0] is not image_tokens]
+
     def clear_cache(self) -> None:
+        """Drop the keys/values cached by the last run (pinned ones stay with their owner)."""
         self._kv_cache = []
 
 

@@ -171,24 +171,30 @@ class _MSFMHook:
         if conditioning is None:
             return None
         sample = output[0] if isinstance(output, tuple) else output.sample
-        size = (sample.shape[-2], sample.shape[-1])
-        hed = conditioning.resized("hed", size, sample.dtype) if self.msfm.hed_saft is not None else None
-        depth_seg = (
-            conditioning.resized("depth_seg", size, sample.dtype) if self.msfm.fusion is not None else None
-        )
-        if hed is None and depth_seg is None:
-            return None
-        if conditioning.reuse_modulation and not torch.is_grad_enabled():
-            key = (id(self.msfm), sample.dtype)
-            if key not in conditioning.modulation_cache:
-                conditioning.modulation_cache[key] = self.msfm.modulation(hed, depth_seg)
-            modulation = conditioning.modulation_cache[key]
+        cache = conditioning.modulation_cache if conditioning.reuse_modulation and not torch.is_grad_enabled() else None
+        key = (id(self.msfm), sample.dtype)
+        if cache is not None and key in cache:  # also how a CUDA graph feeds its static (γ, β)
+            modulation = cache[key]
         else:
-            modulation = self.msfm.modulation(hed, depth_seg)
+            modulation = self.modulation(conditioning, (sample.shape[-2], sample.shape[-1]), sample.dtype)
+            if cache is not None:
+                cache[key] = modulation
+        if modulation is None:
+            return None
         sample = self.msfm.apply(sample, modulation, repeat=conditioning.repeat)
         if isinstance(output, tuple):
             return (sample, *output[1:])
         return Transformer2DModelOutput(sample=sample)
+
+    def modulation(
+        self, conditioning: Any, size: tuple[int, int], dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """This block's (γ, β) from the conditioning's maps at the block's resolution, or ``None``."""
+        hed = conditioning.resized("hed", size, dtype) if self.msfm.hed_saft is not None else None
+        depth_seg = conditioning.resized("depth_seg", size, dtype) if self.msfm.fusion is not None else None
+        if hed is None and depth_seg is None:
+            return None
+        return self.msfm.modulation(hed, depth_seg)
 
 
 def transformer_blocks(model: nn.Module) -> list[tuple[str, Transformer2DModel]]:

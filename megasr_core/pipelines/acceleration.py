@@ -101,6 +101,19 @@ def uncompile_pipeline(pipeline: "MegaSRPipeline") -> None:
     pipeline.compiled_scope = None
 
 
+def use_cuda_graphs(pipeline: "MegaSRPipeline", enabled: bool = True, max_graphs: int = 16) -> None:
+    """Replay the denoiser step from CUDA graphs, one per static shape (see ``denoiser_graphs``).
+
+    On a CPU the same static-buffer path runs eagerly (no capture), which only tests it.
+    Combines with either compile scope: compiled code is captured after its warm-up runs.
+    """
+    from .denoiser_graphs import DenoiserGraphs
+
+    if pipeline.denoiser_graphs is not None:
+        pipeline.denoiser_graphs.reset()
+    pipeline.denoiser_graphs = DenoiserGraphs(pipeline.denoiser, max_graphs=max_graphs) if enabled else None
+
+
 def use_channels_last(pipeline: "MegaSRPipeline") -> None:
     """NHWC weights for the convolutional nets (faster cuDNN convolutions on tensor cores)."""
     for net in (pipeline.denoiser.unet, pipeline.denoiser.controlnet, pipeline.vae):

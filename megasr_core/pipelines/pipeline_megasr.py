@@ -36,6 +36,7 @@ from ..extractors.guidance import NAMES as EXTRACTOR_NAMES
 from ..models import MegaSRDenoiser, get_preset
 from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
+from .denoiser_graphs import DenoiserGraphs
 from .image_processing import ImageInput, InvalidImageError, PreparedImage, load_image, resize_alpha, to_pil
 from .tiling import Tile, blend_tiles, tiles
 
@@ -118,6 +119,8 @@ class MegaSRPipeline(DiffusionPipeline):
             scheduler=scheduler, extractors=extractors,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        #: CUDA graphs of the denoiser step (``acceleration.use_cuda_graphs``); ``None`` = eager
+        self.denoiser_graphs: DenoiserGraphs | None = None
         down_blocks = len(denoiser.unet.config.down_block_types)
         #: pixel multiple the UNet needs: VAE factor × the UNet's downsampling
         self.size_multiple = self.vae_scale_factor * 2 ** (down_blocks - 1)
@@ -484,7 +487,7 @@ class MegaSRPipeline(DiffusionPipeline):
                     if do_cfg:
                         texts = [negative] * count + texts
                     controls = torch.cat([part.pixels(self.vae_scale_factor).crop(control) for part in group]).to(dtype)
-                    eps = self.denoiser(
+                    eps = (self.denoiser_graphs or self.denoiser)(
                         latent_in, t, torch.cat(texts), control_image=torch.cat([controls, controls]) if do_cfg else controls,
                         conditioning=conditioning_for(tuple(group), latent_in.shape[0]),
                         conditioning_scale=controlnet_scale,

@@ -40,6 +40,27 @@ def test_batched_equals_solo_within_fp16_noise(cuda_pipeline, lr_photos):
         assert mean_abs_diff(batched.images[i], solo) <= 2.0, f"image {i}"
 
 
+def test_cuda_graphs_equal_eager_run_after_run(lr_photos):
+    """Captured and replayed steps give the eager images, also for a second conditioning."""
+    from megasr_core.pipelines import MegaSRPipeline
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+    from tests.helpers import perturb_zero_init
+
+    pipe = MegaSRPipeline.from_preset("tiny", device="cuda", torch_dtype=torch.float16)
+    perturb_zero_init(pipe.denoiser)
+    runs = [(lr_photos[:2], [1, 2]), ([lr_photos[1], lr_photos[0]], [5, 6])]
+    eager = [pipe(images, seed=seeds, num_inference_steps=STEPS).images for images, seeds in runs]
+    use_cuda_graphs(pipe)
+    graphs = pipe.denoiser_graphs
+    graphed = [pipe(images, seed=seeds, num_inference_steps=STEPS).images for images, seeds in runs + runs[:1]]
+    assert graphs.failure is None, graphs.failure
+    assert len(graphs.graphs) == 1 and graphs.graphs[next(iter(graphs.graphs))].graph is not None
+    assert graphs.static_calls == 3 * (STEPS - 1)
+    for want, have in zip(eager + eager[:1], graphed):
+        for a, b in zip(want, have):
+            assert mean_abs_diff(a, b) <= 2.0
+
+
 @pytest.mark.parametrize("scope", ["blocks", "full"])
 def test_compiled_equals_eager(cuda_pipeline, lr_photos, scope):
     from megasr_core.pipelines.acceleration import compile_pipeline, uncompile_pipeline

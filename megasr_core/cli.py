@@ -293,7 +293,8 @@ def bench(
     guidance_scale: Annotated[float, typer.Option(help="CFG scale (>1 runs the doubled batch).")] = 5.5,
     suite: Annotated[Optional[str], typer.Option(help="'gpu': the whole GPU suite (baseline, batches, compile, large) in one process.")] = None,
     batches: Annotated[str, typer.Option(help="Suite: batch sizes, comma-separated.")] = "1,4,8",
-    scopes: Annotated[str, typer.Option(help="Suite: compile scopes to time, in order (full, blocks; empty = none).")] = "full,blocks",
+    scopes: Annotated[str, typer.Option(help="Suite: compile scopes to time, in order (full, blocks, full+graphs, blocks+graphs; empty = none).")] = "full,blocks",
+    sections: Annotated[str, typer.Option(help="Suite: run only these sections, comma-separated (build always runs; default: all).")] = "",
     large: Annotated[int, typer.Option(help="Suite: output side of the tiled run (0 = skip).")] = 2048,
     budget_s: Annotated[float, typer.Option(help="Suite: stop starting sections after this many seconds.")] = 420.0,
     output: Annotated[Optional[Path], typer.Option(help="Suite: also write the JSON here (rewritten after each section).")] = None,
@@ -312,6 +313,7 @@ def bench(
             preset=preset or "sd2-base", size=size, scale=scale, steps=steps, guidance_scale=guidance_scale,
             batches=batch_sizes, scopes=[s.strip() for s in scopes.split(",") if s.strip()], large=large or None,
             device=device, dtype=_torch_dtype(dtype), budget_s=budget_s, output=output,
+            sections=[s.strip() for s in sections.split(",") if s.strip()] or None,
             log=lambda message: typer.echo(message, err=True),
         )
         typer.echo(json.dumps(result, indent=2))

@@ -56,3 +56,16 @@ def test_bench_batch_reports_speedup_over_single_runs():
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["batch"] == 2 and report["single_image_runs_s"] > 0
     assert report["batch_speedup"] == round(report["single_image_runs_s"] / report["total_s"], 3)
+
+
+def test_gpu_suite_runs_only_the_chosen_sections(tmp_path):
+    out = tmp_path / "suite.json"
+    result = runner.invoke(app, ["bench", "--suite", "gpu", "--preset", "tiny", "--size", "64", "--steps", "2",
+                                 "--batches", "1", "--scopes", "blocks+graphs", "--large", "0",
+                                 "--sections", "megasr_compiled_blocks+graphs", "--device", "cpu", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["errors"] == {}
+    assert set(report["sections"]) == {"build", "megasr_compiled_blocks+graphs"}
+    row = report["sections"]["megasr_compiled_blocks+graphs"]
+    assert row["compiled_modules"] > 0 and row["1"]["images_per_s"] > 0 and row["capture_failure"] is None

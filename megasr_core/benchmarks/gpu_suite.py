@@ -14,10 +14,11 @@ On random weights of the preset (nothing downloaded) it measures, in this order:
    ``cudnn_benchmark``: eager at the largest batch and graphs at batch 1 and the largest, with
    cuDNN's convolution autotuner on;
 4. ``megasr_large``: one ``large``² output (latent tiling and tiled VAE), with peak memory;
-5. ``megasr_compiled``: the same per compile scope (``full``, ``blocks``), with compile time;
+5. ``megasr_compiled_<scope>``: the same per compile scope (``full``, ``blocks``; ``full+graphs``
+   adds CUDA graphs on top of the compiled code), with compile time;
 6. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
 
-Sections run while ``budget_s`` lasts (each estimated from what ran before it); a section that
+``sections`` picks some of them by name (``build`` always runs). Sections run while ``budget_s`` lasts (each estimated from what ran before it); a section that
 fails records its error and the rest go on. With ``output`` the JSON is rewritten after each
 section, so a run cut short still leaves what it measured.
 """
@@ -193,6 +194,7 @@ class GPUSuite:
         budget_s: float = 420.0,
         output: str | Path | None = None,
         log: Callable[[str], None] | None = None,
+        sections: Sequence[str] | None = None,
     ) -> None:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
@@ -200,6 +202,7 @@ class GPUSuite:
         self.guidance_scale, self.batches, self.scopes = guidance_scale, sorted(set(batches)), list(scopes)
         self.large, self.single_repeats = large, single_repeats
         self.deadline = time.perf_counter() + budget_s
+        self.only = set(sections) | {"build"} if sections else None
         self.output = Path(output) if output else None
         self.log = log or (lambda message: None)
         self.clock = _Clock(self.device)
@@ -230,6 +233,8 @@ class GPUSuite:
             self.output.write_text(json.dumps(self.result, indent=2))
 
     def section(self, name: str, fn: Callable[[], Any], estimate_s: float = 0.0) -> None:
+        if self.only is not None and name not in self.only:
+            return
         if self.remaining() < estimate_s:
             self.result["skipped"].append({"section": name, "reason": f"budget: ~{estimate_s:.0f} s needed, {self.remaining():.0f} s left"})
             self.log(f"[suite] skip {name} (budget)")
@@ -331,12 +336,20 @@ class GPUSuite:
             rows[str(batch)] = self._megasr(batch, repeats, label)
         return rows
 
-    def run_compiled(self, scope: str) -> dict:
-        from megasr_core.pipelines.acceleration import compile_pipeline, uncompile_pipeline
+    def run_compiled(self, spec: str) -> dict:
+        """One compile scope (``full``/``blocks``, ``+graphs`` for CUDA graphs over it); each
+        batch's row is saved as soon as it is measured (compiling takes minutes)."""
+        from megasr_core.pipelines.acceleration import compile_pipeline, uncompile_pipeline, use_cuda_graphs
 
+        scope, _, extra = spec.partition("+")
+        if extra not in ("", "graphs"):
+            raise ValueError(f"compile scope {spec!r}: only '+graphs' may follow the scope")
         torch._dynamo.reset()
         wrapped = compile_pipeline(self.pipeline, scope=scope)
+        if extra:
+            use_cuda_graphs(self.pipeline)
         rows: dict[str, Any] = {"compiled_modules": wrapped}
+        self.result["sections"][f"megasr_compiled_{spec}"] = rows
         order = sorted(self.batches, key=lambda b: (b != 1, -b))  # 1 first, then largest first
         try:
             for batch in order:
@@ -344,10 +357,14 @@ class GPUSuite:
                 if self.remaining() < self._estimate(batch, repeats + 1) + 30:
                     rows[str(batch)] = {"skipped": "budget"}
                     continue
-                rows[str(batch)] = self._megasr(batch, repeats, f"compiled[{scope}]")
+                rows[str(batch)] = self._megasr(batch, repeats, f"compiled[{spec}]")
                 # The warm-up includes compilation of this shape (first call of new shapes).
                 rows[str(batch)]["compile_and_warmup_s"] = rows[str(batch)].pop("warmup_s")
+                if self.pipeline.denoiser_graphs is not None:
+                    rows["capture_failure"] = self.pipeline.denoiser_graphs.failure
+                self._save()
         finally:
+            use_cuda_graphs(self.pipeline, enabled=False)
             uncompile_pipeline(self.pipeline)
             torch._dynamo.reset()
         return rows

@@ -336,6 +336,7 @@ def worker(
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
     compile: Annotated[Optional[str], typer.Option("--compile", help="torch.compile scope: blocks or full (default: $MEGASR_COMPILE, else eager).")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="Jobs per GPU batch (default: $MEGASR_MAX_BATCH, else 8 on CUDA, 1 on CPU).")] = None,
+    cuda_graphs: Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).")] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
     import logging
@@ -346,7 +347,7 @@ def worker(
     from worker.main import prepare, run_worker
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    overrides = {k: v for k, v in (("compile", compile), ("max_batch", max_batch)) if v is not None}
+    overrides = {k: v for k, v in (("compile", compile), ("max_batch", max_batch), ("cuda_graphs", cuda_graphs)) if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits for batch mates")
     compile: Literal["blocks", "full"] | None = Field(None, description="torch.compile scope for workers; unset = eager")
     compile_cache: Path | None = Field(None, description="persistent compile cache (a mounted volume); unset = <home>/compile-cache")
+    cuda_graphs: bool | None = Field(None, description="replay the denoiser step from CUDA graphs; unset = on with CUDA")
     warmup_buckets: str = Field("512x512", description="output sizes (HxW, comma-separated) warmed up per batch size before /readyz")
     home: Path = Field(default_factory=_default_home, description="local data, demo weights, embedded Valkey")
     host: str = "127.0.0.1"

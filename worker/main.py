@@ -63,6 +63,11 @@ def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=
         cache = use_compile_cache(settings.compile_cache or settings.home / "compile-cache")
         compile_pipeline(runtime.pipeline, scope=settings.compile)
         log.info("compiling (%s scope) during warm-up; cache in %s", settings.compile, cache)
+    if settings.cuda_graphs is not False and runtime.pipeline.device.type == "cuda":
+        from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+        use_cuda_graphs(runtime.pipeline)  # captured per shape during the warm-up below
+        log.info("CUDA graphs on for the denoiser step")
     batch_sizes = sorted({1, runtime.max_batch})
     started = time.monotonic()
     warm_up(runtime.pipeline, settings.warmup_sizes() or [(512, 512)], batch_sizes)

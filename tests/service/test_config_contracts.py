@@ -34,6 +34,20 @@ def test_defaults_and_storage_url(tmp_path, monkeypatch):
     assert settings.queue_name == "megasr"
 
 
+@pytest.mark.parametrize(("value", "expected"), [(None, None), ("false", False), ("0", False), ("true", True)])
+def test_worker_speed_settings_from_env(monkeypatch, value, expected):
+    """MEGASR_CUDA_GRAPHS: unset = on with CUDA (None), else an explicit switch; compile scopes."""
+    monkeypatch.delenv("MEGASR_CUDA_GRAPHS", raising=False)
+    if value is not None:
+        monkeypatch.setenv("MEGASR_CUDA_GRAPHS", value)
+    monkeypatch.setenv("MEGASR_COMPILE", "off")
+    settings = Settings()
+    assert settings.cuda_graphs is expected and settings.compile is None
+    monkeypatch.setenv("MEGASR_COMPILE", "fastest")
+    with pytest.raises(ValidationError, match="compile"):
+        Settings()
+
+
 def test_params_defaults_follow_the_paper():
     params = UpscaleParams()
     assert (params.scale, params.steps, params.guidance_scale, params.color_fix) == (4, 50, 5.5, "adain")

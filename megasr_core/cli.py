@@ -293,7 +293,7 @@ def bench(
     guidance_scale: Annotated[float, typer.Option(help="CFG scale (>1 runs the doubled batch).")] = 5.5,
     suite: Annotated[Optional[str], typer.Option(help="'gpu': the whole GPU suite (baseline, batches, compile, large) in one process.")] = None,
     batches: Annotated[str, typer.Option(help="Suite: batch sizes, comma-separated.")] = "1,4,8",
-    scopes: Annotated[str, typer.Option(help="Suite: compile scopes to time, in order (full, blocks, full+graphs, blocks+graphs; empty = none).")] = "full,blocks",
+    scopes: Annotated[str, typer.Option(help="Suite: compile scopes to time, in order (full, blocks, full+graphs, blocks+graphs; empty = none).")] = "full+graphs,blocks",
     sections: Annotated[str, typer.Option(help="Suite: run only these sections, comma-separated (build always runs; default: all).")] = "",
     large: Annotated[int, typer.Option(help="Suite: output side of the tiled run (0 = skip).")] = 2048,
     budget_s: Annotated[float, typer.Option(help="Suite: stop starting sections after this many seconds.")] = 420.0,

@@ -186,7 +186,7 @@ class GPUSuite:
         steps: int = 50,
         guidance_scale: float = 5.5,
         batches: Sequence[int] = (1, 4, 8),
-        scopes: Sequence[str] = ("full", "blocks"),
+        scopes: Sequence[str] = ("full+graphs", "blocks"),
         large: int | None = 2048,
         single_repeats: int = 3,
         device: str | None = None,

@@ -120,3 +120,41 @@ def test_modulation_recomputed_per_step_stays_eager(active_pipeline, photos):
 def test_capture_needs_a_cuda_denoiser(active_pipeline):
     with pytest.raises(ValueError, match="CUDA device"):
         DenoiserGraphs(active_pipeline.denoiser, capture=True)
+
+
+def test_a_failed_capture_leaves_the_denoiser_eager_for_good(active_pipeline, photos, monkeypatch, caplog):
+    pipe = active_pipeline
+    expected = run(pipe, photos[2], 3)
+    graphs = DenoiserGraphs(pipe.denoiser, capture=False)
+
+    def refuse(self, entry, scale):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(DenoiserGraphs, "_capture", refuse)
+    pipe.denoiser_graphs = graphs
+    try:
+        got = run(pipe, photos[2], 3)
+        run(pipe, photos[2], 3)
+    finally:
+        pipe.denoiser_graphs = None
+    assert max_abs_diff(expected[0], got[0]) == 0
+    assert "not permitted" in graphs.failure and "capture failed" in caplog.text
+    assert graphs.graphs == {} and graphs.static_calls == 0 and graphs.eager_calls == 2 * STEPS
+
+
+def test_out_of_memory_while_capturing_reaches_the_caller(active_pipeline, photos, monkeypatch):
+    """The worker halves its batch on OOM; a capture must not swallow that signal."""
+    graphs = DenoiserGraphs(active_pipeline.denoiser, capture=False)
+
+    def out_of_memory(self, entry, scale):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(DenoiserGraphs, "_capture", out_of_memory)
+    active_pipeline.denoiser_graphs = graphs
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            run(active_pipeline, photos[2], 3)
+    finally:
+        active_pipeline.denoiser_graphs = None
+    assert graphs.failure is None and graphs.graphs == {}
+    assert all(m._pinned == [] for m in active_pipeline.denoiser.modules() if isinstance(m, CSM))

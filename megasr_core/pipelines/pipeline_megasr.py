@@ -37,6 +37,7 @@ from ..models import MegaSRDenoiser, get_preset
 from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
 from .denoiser_graphs import DenoiserGraphs
+from .sampling import classifier_free_guidance, guidance_batch, lre_start
 from .image_processing import ImageInput, InvalidImageError, PreparedImage, load_image, resize_alpha, to_pil
 from .tiling import Tile, blend_tiles, tiles
 
@@ -426,11 +427,10 @@ class MegaSRPipeline(DiffusionPipeline):
         # None = the first timestep); the schedule then runs from its own first timestep.
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
-        start = timesteps[:1] if start_timestep is None else torch.tensor([start_timestep], device=device)
         with timer.stage("vae_encode"):
             latents = self._encode_image(control.to(dtype), vae_tile_size, gens)
             noise = _randn(latents.shape, gens).to(device, latents.dtype)
-            latents = self.scheduler.add_noise(latents, noise, start.repeat(len(items)))
+            latents = lre_start(self.scheduler, latents, noise, start_timestep)
         # 7. Denoising loop with classifier-free guidance, tiled when large.
         height, width = latents.shape[-2:]
         # Auto: one pass up to a 128-latent side (1024 px); beyond it SeeSR's 96-latent tiles. (A
@@ -481,20 +481,18 @@ class MegaSRPipeline(DiffusionPipeline):
                     # One model batch for the tiles of ``group``: [negative halves of every tile;
                     # positive halves of every tile], so each tile's images line up with its maps.
                     count = len(group)
-                    crops = torch.cat([part.crop(latents) for part in group])
-                    latent_in = torch.cat([crops, crops]) if do_cfg else crops
+                    latent_in = guidance_batch(torch.cat([part.crop(latents) for part in group]), do_cfg)
                     texts = [positive] * count
                     if do_cfg:
                         texts = [negative] * count + texts
                     controls = torch.cat([part.pixels(self.vae_scale_factor).crop(control) for part in group]).to(dtype)
                     eps = (self.denoiser_graphs or self.denoiser)(
-                        latent_in, t, torch.cat(texts), control_image=torch.cat([controls, controls]) if do_cfg else controls,
+                        latent_in, t, torch.cat(texts), control_image=guidance_batch(controls, do_cfg),
                         conditioning=conditioning_for(tuple(group), latent_in.shape[0]),
                         conditioning_scale=controlnet_scale,
                     )
                     if do_cfg:
-                        uncond, cond = eps.chunk(2)
-                        eps = uncond + guidance_scale * (cond - uncond)
+                        eps = classifier_free_guidance(eps, guidance_scale)
                     return list(eps.chunk(count))
 
                 noise_pred = blend_tiles(latents, tile_list, predict_many=predict_many, group_size=tile_batch_size)

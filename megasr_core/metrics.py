@@ -1,7 +1,9 @@
 """Full-reference quality metrics as the paper reports them: PSNR and SSIM on the Y channel.
 
 Y is ITU-R BT.601 luma of 8-bit RGB (16-235 range), as in the SR literature (and pyiqa's
-``test_y_channel``); SSIM uses an 11×11 Gaussian window with σ = 1.5.
+``test_y_channel`` with ``color_space='ycbcr'``); SSIM uses an 11×11 Gaussian window with σ = 1.5.
+As in pyiqa (whose numbers the paper reports) and MATLAB's ``rgb2ycbcr`` on 8-bit images, SSIM
+sees Y rounded to whole levels and a contrast-structure term clamped at 0; PSNR sees unrounded Y.
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim_y(prediction: torch.Tensor, target: torch.Tensor, crop: int = 0) -> torch.Tensor:
-    """Per-image SSIM on Y (valid-window mean, constants of Wang et al. 2004)."""
-    x, y = rgb_to_y(prediction.float()).double(), rgb_to_y(target.float()).double()
+    """Per-image SSIM on Y rounded to whole levels (valid-window mean, constants of Wang et al. 2004)."""
+    x, y = rgb_to_y(prediction.float()).double().round(), rgb_to_y(target.float()).double().round()
     if crop:
         x, y = x[..., crop:-crop, crop:-crop], y[..., crop:-crop, crop:-crop]
     window = _gaussian_window().to(x)
@@ -43,5 +45,6 @@ def ssim_y(prediction: torch.Tensor, target: torch.Tensor, crop: int = 0) -> tor
     sigma_x = F.conv2d(x * x, window) - mu_x**2
     sigma_y = F.conv2d(y * y, window) - mu_y**2
     sigma_xy = F.conv2d(x * y, window) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * sigma_xy + c2)) / ((mu_x**2 + mu_y**2 + c1) * (sigma_x + sigma_y + c2))
+    contrast_structure = ((2 * sigma_xy + c2) / (sigma_x + sigma_y + c2)).clamp_min(0)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * contrast_structure
     return ssim_map.mean(dim=(1, 2, 3)).float()

@@ -3,7 +3,8 @@
 The references here are written out from the definitions, independently of the code under test:
 Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1] (ITU-R BT.601, range 16-235), and
 SSIM of Wang et al. 2004: 11×11 Gaussian window (σ = 1.5), 'valid' windows, C1 = (0.01·255)²,
-C2 = (0.03·255)², mean of the SSIM map.
+C2 = (0.03·255)², mean of the SSIM map; as pyiqa (and MATLAB on 8-bit images) compute it, SSIM sees
+Y rounded to whole levels and the contrast-structure term clamped at 0.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ from megasr_core.metrics import psnr_y, ssim_y
 def y_bt601(rgb: np.ndarray) -> np.ndarray:
     """H×W×3 RGB in [0, 1] → Y in [16, 235]."""
     return 16.0 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]
+
+
+def y_levels(rgb: np.ndarray) -> np.ndarray:
+    """BT.601 Y rounded to whole levels, what SSIM sees."""
+    return np.round(y_bt601(rgb))
 
 
 def grey_mean(rgb: np.ndarray) -> np.ndarray:
@@ -54,7 +60,8 @@ def ssim_ref(x: np.ndarray, y: np.ndarray, c1: float = (0.01 * 255) ** 2, c2: fl
     var_x = filter_valid(x * x, w) - mu_x**2
     var_y = filter_valid(y * y, w) - mu_y**2
     cov = filter_valid(x * y, w) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    contrast_structure = np.maximum((2 * cov + c2) / (var_x + var_y + c2), 0.0)
+    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * contrast_structure
     return float(ssim_map.mean())
 
 
@@ -95,15 +102,15 @@ def test_psnr_y_matches_bt601_reference_on_noisy_photos(astronaut_pairs, crop):
 
 
 def test_ssim_y_matches_wang_2004_reference_on_noisy_photos(astronaut_pairs):
-    """SSIM (Gaussian 11×11, σ 1.5, C1=(0.01·255)², C2=(0.03·255)², valid mean) on BT.601 Y."""
+    """SSIM (Gaussian 11×11, σ 1.5, C1=(0.01·255)², C2=(0.03·255)², valid mean) on BT.601 Y levels."""
     pred = as_batch(*[p for p, _ in astronaut_pairs])
     true = as_batch(*[t for _, t in astronaut_pairs])
     got = ssim_y(pred, true).double().numpy()
-    expected = [ssim_ref(y_bt601(p), y_bt601(t)) for p, t in astronaut_pairs]
+    expected = [ssim_ref(y_levels(p), y_levels(t)) for p, t in astronaut_pairs]
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     # Teeth: constants ×10 or ×100 move the reference far beyond the tolerance.
     for (p, t), value in zip(astronaut_pairs, expected):
-        assert abs(ssim_ref(y_bt601(p), y_bt601(t), c1=10 * (0.01 * 255) ** 2, c2=10 * (0.03 * 255) ** 2) - value) > 1e-3
+        assert abs(ssim_ref(y_levels(p), y_levels(t), c1=10 * (0.01 * 255) ** 2, c2=10 * (0.03 * 255) ** 2) - value) > 1e-3
 
 
 def test_y_channel_is_bt601_luma_not_plain_grey():
@@ -117,7 +124,7 @@ def test_y_channel_is_bt601_luma_not_plain_grey():
     got_psnr = float(psnr_y(as_batch(distorted), as_batch(clean))[0])
     got_ssim = float(ssim_y(as_batch(distorted), as_batch(clean))[0])
     want_psnr = psnr_ref(y_bt601(distorted), y_bt601(clean))
-    want_ssim = ssim_ref(y_bt601(distorted), y_bt601(clean))
+    want_ssim = ssim_ref(y_levels(distorted), y_levels(clean))
     assert got_psnr == pytest.approx(want_psnr, abs=1e-3)
     assert got_ssim == pytest.approx(want_ssim, abs=1e-4)
     # Teeth: plain grey weighs blue 1/3 instead of 24.966/219 ≈ 0.11, a different answer.
@@ -138,11 +145,11 @@ def test_psnr_of_a_constant_offset_in_one_channel_is_analytic(channel, weight):
 
 
 def test_ssim_of_two_flat_images_is_analytic():
-    """Flat images (σ = 0): SSIM = (2ab + C1)/(a² + b² + C1) with a, b their BT.601 Y levels."""
+    """Flat images (σ = 0): SSIM = (2ab + C1)/(a² + b² + C1) with a, b their BT.601 Y levels (whole numbers)."""
     dark, lighter = 0.0, 0.1
     x = np.full((32, 40, 3), dark)
     y = np.full((32, 40, 3), lighter)
-    a, b = 16.0 + 219.0 * dark, 16.0 + 219.0 * lighter
+    a, b = round(16.0 + 219.0 * dark), round(16.0 + 219.0 * lighter)  # 16 and 37.9 → 38
     c1 = (0.01 * 255) ** 2
     expected = (2 * a * b + c1) / (a * a + b * b + c1)
     got = float(ssim_y(as_batch(x), as_batch(y))[0])

@@ -1,0 +1,14 @@
+"""``megasr eval``: the paper's Table 1 metrics (through pyiqa) on the standard test sets.
+
+Needs the ``[eval]`` extra (pyiqa, torchvision). Modules: ``pairing`` (which files belong
+together), ``metric_weights`` (local weight files, never downloaded), ``scoring`` (pyiqa metrics,
+batched), ``generate`` (MegaSR outputs, bicubic baseline), ``report`` (JSON, Table-1 Markdown),
+``runner`` (one run end to end).
+"""
+
+from .metric_weights import MetricWeightsError
+from .pairing import DATASETS, PairingError
+from .runner import EvalSettings, evaluate
+from .scoring import METRICS, PAPER_METRICS, parse_metrics
+
+__all__ = ["DATASETS", "METRICS", "PAPER_METRICS", "EvalSettings", "MetricWeightsError", "PairingError", "evaluate", "parse_metrics"]

@@ -1,0 +1,153 @@
+"""One evaluation run, as ``megasr eval`` performs it: pair → (super-resolve) → check → score → report.
+
+Everything that can be checked cheaply (folders, pairing, metric weight files) is checked before
+any image is super-resolved, so a missing file fails in seconds rather than after hours.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from PIL import Image
+
+from .generate import bicubic, super_resolve, weights_identity
+from .metric_weights import locate
+from .pairing import Pairing, PairingError, Sample, attach_predictions, pair_dataset, pair_folders
+from .report import markdown_table, summarize
+from .scoring import METRICS, PAPER_METRICS, build_metric, score
+
+
+@dataclass
+class EvalSettings:
+    output: Path
+    pred: Path | None = None
+    gt: Path | None = None
+    lr: Path | None = None
+    dataset: str | None = None
+    root: Path | None = None
+    weights: Path | None = None
+    metrics: list[str] = field(default_factory=lambda: list(PAPER_METRICS))
+    metric_weights: Path | None = None
+    crop_border: int = 0
+    baseline: str | None = None
+    scale: float = 4.0
+    steps: int = 50
+    guidance_scale: float = 5.5
+    seed: int = 0
+    batch_size: int = 1
+    metric_batch_size: int = 4
+    device: str | None = None
+
+
+def _pairing(settings: EvalSettings) -> Pairing:
+    if settings.dataset is not None:
+        _, pairing = pair_dataset(settings.dataset, settings.root)
+        return attach_predictions(pairing, settings.pred) if settings.pred is not None else pairing
+    if settings.pred is None and settings.lr is None:
+        raise PairingError("give --pred DIR (outputs to score), --lr DIR with --weights, or --dataset NAME ROOT")
+    return pair_folders(pred=settings.pred, gt=settings.gt, lr=settings.lr)
+
+
+def _size_checked(samples: list[Sample], skipped: list[dict[str, str]]) -> list[Sample]:
+    """Drop (and list) predictions whose size differs from their ground truth's."""
+    kept = []
+    for sample in samples:
+        try:
+            sizes = [_size(path) for path in (sample.pred, sample.gt) if path is not None]
+        except OSError as exc:  # PIL's UnidentifiedImageError included
+            skipped.append({"file": str(sample.pred), "reason": f"unreadable image: {exc}"})
+            continue
+        if len(sizes) == 2 and sizes[0] != sizes[1]:
+            (pw, ph), (gw, gh) = sizes
+            skipped.append({"file": str(sample.pred), "reason": f"size {pw}×{ph} differs from the ground truth's {gw}×{gh} ({sample.gt})"})
+            continue
+        kept.append(sample)
+    if not kept:
+        raise PairingError("every pair was skipped (see the reasons above); nothing to score")
+    return kept
+
+
+def _size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        return image.size
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in ("megasr", "pyiqa", "torch", "torchvision", "timm"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def evaluate(settings: EvalSettings, log: Callable[[str], None] = lambda _: None) -> dict:
+    """Run one evaluation, write ``eval.json`` and ``eval.md`` into ``settings.output``, return the report."""
+    import torch
+
+    device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pairing = _pairing(settings)
+    samples = pairing.samples
+    has_gt = all(s.gt is not None for s in samples)
+    metrics = [m for m in settings.metrics if has_gt or not METRICS[m].full_reference]
+    notes = []
+    if len(metrics) < len(settings.metrics):
+        notes.append(f"no ground truth: {', '.join(m for m in settings.metrics if m not in metrics)} not computed")
+    if not metrics:
+        raise PairingError("no ground truth, and only full-reference metrics were asked for")
+    if settings.baseline not in (None, "bicubic"):
+        raise PairingError(f"unknown --baseline {settings.baseline!r}; the one baseline is 'bicubic'")
+    if settings.baseline is not None and any(s.lr is None for s in samples):
+        raise PairingError(f"--baseline {settings.baseline} needs the LR images (--lr DIR or --dataset)")
+    for name in metrics:
+        locate(name, settings.metric_weights)  # fail now, not after super-resolving
+
+    settings.output.mkdir(parents=True, exist_ok=True)
+    report: dict = {"dataset": settings.dataset, "weights": None}
+    if samples[0].pred is None:
+        if settings.weights is None:
+            raise PairingError("nothing to score: give --pred DIR, or --weights DIR to super-resolve the LR images")
+        samples, existing = super_resolve(
+            samples, settings.output / "sr", settings.weights, scale=settings.scale, steps=settings.steps,
+            guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size,
+            device=settings.device, log=log,
+        )
+        report["weights"] = weights_identity(settings.weights)
+        report["resumed"] = existing
+    samples = _size_checked(samples, pairing.skipped)
+
+    with tempfile.TemporaryDirectory(prefix="megasr-eval-") as workdir, contextlib.redirect_stdout(sys.stderr):
+        # (pyiqa prints its loading messages on stdout; the report's table is what belongs there)
+        built = {name: build_metric(name, device=device, metric_weights=settings.metric_weights, workdir=Path(workdir),
+                                    crop_border=settings.crop_border) for name in metrics}
+        log(f"scoring {len(samples)} images: {', '.join(metrics)} on {device}")
+        ours = score([(s.key, s.pred, s.gt) for s in samples], built, device=device, batch_size=settings.metric_batch_size)
+        baselines = {}
+        if settings.baseline == "bicubic":
+            upscaled = bicubic(samples, settings.output / "bicubic", scale=settings.scale)
+            scores = score([(s.key, s.pred, s.gt) for s in upscaled], built, device=device, batch_size=settings.metric_batch_size)
+            baselines["bicubic"] = {"metrics": summarize(scores)}
+
+    report.update({
+        "metrics": summarize(ours),
+        "images": len(samples),
+        "files": {s.key: {"pred": str(s.pred), "gt": str(s.gt) if s.gt else None, "lr": str(s.lr) if s.lr else None} for s in samples},
+        "skipped": pairing.skipped,
+        "baselines": baselines,
+        "notes": notes,
+        "versions": _versions(),
+        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}, "device": device,
+                     "psnr_ssim": "pyiqa psnr/ssim, test_y_channel=True, color_space='ycbcr' (BT.601 Y)"},
+    })
+    (settings.output / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (settings.output / "eval.md").write_text(markdown_table(report))
+    return report

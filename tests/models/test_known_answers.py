@@ -198,6 +198,23 @@ def test_msfm_with_cfg_repeat_and_cached_modulation_matches_eq_8_9(model):
             torch.testing.assert_close(out, expected, rtol=0, atol=ATOL, msg=f"{path} call {call}")
 
 
+def test_msfm_called_directly_matches_eq_8_9(model):
+    """``msfm(F, hed, depth_seg)`` (the module's own forward, maps at the block's size) and one
+    SAFT called directly give Eq. 9 too."""
+    msfm = module(model, "unet.down_blocks.1.attentions.0").msfm
+    generator = torch.Generator().manual_seed(11)
+    hidden = torch.randn(2, msfm.norm.num_channels, 8, 8, generator=generator)
+    guidance = {"hed": torch.rand(2, 1, 8, 8, generator=generator), "depth": torch.rand(2, 1, 8, 8, generator=generator),
+                "seg": torch.rand(2, 3, 8, 8, generator=generator)}
+    depth_seg = torch.cat([guidance["depth"], guidance["seg"]], dim=1)
+    with torch.no_grad():
+        direct = msfm(hidden, guidance["hed"], depth_seg)
+        normed = group_norm(hidden, msfm.norm.num_groups, msfm.norm.eps)
+        saft_direct = msfm.hed_saft(normed, guidance["hed"])
+    torch.testing.assert_close(direct, msfm_ref(msfm, hidden, guidance), rtol=0, atol=ATOL)
+    torch.testing.assert_close(saft_direct, saft_ref(msfm.hed_saft, normed, guidance["hed"]), rtol=0, atol=ATOL)
+
+
 def capture_block(model, path: str, run) -> dict[str, torch.Tensor]:
     """A transformer block's cross-attention: h before norm2, attn2's output, the FF's input."""
     block = module(model, path)

@@ -1,13 +1,17 @@
-"""Webhook signatures against a known-answer vector, and the dispatcher's exact retry schedule and final drop."""
+"""Webhook signatures against a known-answer vector, the exact event body, the address check, and the
+dispatcher's retry schedule, final drop, redirects and thread."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 
 from service.config import Settings
 from service.contracts import JobRecord, JobStatus, UpscaleParams
@@ -140,3 +144,151 @@ def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
     # Each retry is signed afresh, over the same body.
     for at, _, headers, body in receiver.calls:
         assert verify(SECRET.encode(), headers[SIGNATURE_HEADER], body, now=at)
+
+
+# ------------------------------------------------------------------ the event body, the URL check, scheduling
+
+
+def test_payload_is_the_documented_event_exactly():
+    """Every field of the README's event, for a succeeded job (with a result link) and a failed one."""
+    from datetime import datetime, timezone
+
+    from service.contracts import JobError
+    from service.webhooks import payload
+
+    created = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    started, finished = created.replace(second=6), created.replace(second=9)
+    done = JobRecord(id="job-7", tenant="t", status=JobStatus.succeeded, params=UpscaleParams(), progress=1.0,
+                     input_key="jobs/job-7/input", input_width=30, input_height=20, output_width=120,
+                     output_height=80, created_at=created, started_at=started, finished_at=finished)
+    assert json.loads(payload(done, "https://sr.example.com/")) == {
+        "id": "job-7", "status": "succeeded", "progress": 1.0, "created_at": "2026-01-02T03:04:05+00:00",
+        "started_at": "2026-01-02T03:04:06+00:00", "finished_at": "2026-01-02T03:04:09+00:00",
+        "input": {"width": 30, "height": 20}, "output": {"width": 120, "height": 80}, "error": None,
+        "result_url": "https://sr.example.com/v1/jobs/job-7/result",
+    }
+    assert json.loads(payload(done, None))["result_url"] is None  # no public URL: no link
+    failed = done.model_copy(update={"status": JobStatus.failed, "progress": 0.5, "output_width": None,
+                                     "output_height": None, "started_at": None,
+                                     "error": JobError(code="bad_image", message="unreadable")})
+    body = json.loads(payload(failed, "https://sr.example.com"))
+    assert body["status"] == "failed" and body["progress"] == 0.5 and body["started_at"] is None
+    assert body["output"] is None and body["result_url"] is None  # a link only for a success
+    assert body["error"] == {"code": "bad_image", "message": "unreadable"}
+
+
+def test_verify_accepts_exactly_the_tolerance_and_no_more():
+    """The timestamp may be off by the tolerance (default 300 s, the README's) in either direction."""
+    header = sign(KAT_SECRET, KAT_TIMESTAMP, KAT_BODY)
+    for offset in (300, -300):
+        assert verify(KAT_SECRET, header, KAT_BODY, now=KAT_TIMESTAMP + offset)
+    for offset in (301, -301):
+        assert not verify(KAT_SECRET, header, KAT_BODY, now=KAT_TIMESTAMP + offset)
+    assert verify(KAT_SECRET, header, KAT_BODY, tolerance_s=10, now=KAT_TIMESTAMP + 10)
+    assert not verify(KAT_SECRET, header, KAT_BODY, tolerance_s=10, now=KAT_TIMESTAMP + 11)
+    assert not verify(KAT_SECRET, "t=notanumber,v1=00", KAT_BODY) and not verify(KAT_SECRET, "v1=00", KAT_BODY)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "10.0.0.1", "192.168.1.1", "169.254.169.254", "224.0.0.1",
+                                     "240.0.0.1", "0.0.0.0", "::1", "fe80::1", "ff02::1"])
+def test_every_non_public_address_class_is_refused(address):
+    """Loopback, private, link-local (cloud metadata), multicast and reserved: each refused on its own."""
+    from service.webhooks import check_webhook_url
+
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(ValueError, match="^webhook_url must point to a public address$"):
+        check_webhook_url(f"http://{host}:8080/hook", allow_private=False)
+    check_webhook_url(f"http://{host}:8080/hook", allow_private=True)  # explicitly allowed
+
+
+def test_a_public_address_passes():
+    from service.webhooks import check_webhook_url
+
+    check_webhook_url("https://8.8.8.8/hook", allow_private=False)
+    check_webhook_url("https://[2001:4860:4860::8888]/hook", allow_private=False)
+
+
+def test_schedule_in_records_the_delivery_due_after_its_delay(store):
+    from service.webhooks import schedule_in
+
+    record = JobRecord(id="job-9", tenant="t", params=UpscaleParams(webhook_url="https://8.8.8.8/hook"),
+                       input_key="jobs/job-9/input", input_width=8, input_height=8)
+    before = time.time()
+    pipe = store.redis.pipeline()
+    schedule_in(pipe, record, delay_s=30.0)
+    pipe.execute()
+    after = time.time()
+    ((raw_id, due),) = store.redis.zrange(DUE_KEY, 0, -1, withscores=True)
+    assert before + 30.0 <= due <= after + 30.0
+    fields = {k.decode(): v.decode() for k, v in store.redis.hgetall(delivery_key(raw_id.decode())).items()}
+    assert fields == {"job_id": "job-9", "url": "https://8.8.8.8/hook", "attempt": "0"}
+
+
+def test_redirects_are_not_followed(store):
+    """A 3xx is a failed attempt, never a request to wherever it points (no SSRF through redirects)."""
+    target = WebhookReceiver(lambda _n: 200)
+    redirecting = RedirectReceiver(target.url)
+    try:
+        finish_with_webhook(store, redirecting.url)
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode())
+        assert dispatcher.deliver_due() == 1
+    finally:
+        redirecting.close()
+        target.close()
+    assert redirecting.hits == 1 and target.calls == []
+    ((raw_id, due),) = store.redis.zrange(DUE_KEY, 0, -1, withscores=True)  # rescheduled as a failure
+    assert store.redis.hget(delivery_key(raw_id.decode()), "attempt") == b"1" and due > time.time()
+
+
+def test_the_dispatcher_thread_delivers_and_survives_errors(store, monkeypatch):
+    receiver = WebhookReceiver(lambda _n: 200)
+    dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode())
+    real, failures = dispatcher.deliver_due, []
+
+    def flaky(limit: int = 50) -> int:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("redis blip")
+        return real(limit)
+
+    monkeypatch.setattr(dispatcher, "deliver_due", flaky)
+    thread = dispatcher.start(interval_s=0.05)
+    try:
+        finish_with_webhook(store, receiver.url)
+        deadline = time.time() + 10
+        while not receiver.calls and time.time() < deadline:
+            time.sleep(0.02)
+    finally:
+        dispatcher.stop()
+        thread.join(timeout=5)
+        receiver.close()
+    assert failures and len(receiver.calls) == 1 and not thread.is_alive()
+    assert thread.name == "megasr-webhooks" and thread.daemon
+
+
+class RedirectReceiver:
+    """An HTTP server that answers every POST with a 302 to ``location``."""
+
+    def __init__(self, location: str) -> None:
+        self.hits = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers["Content-Length"]))
+                outer.hits += 1
+                self.send_response(302)
+                self.send_header("Location", location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

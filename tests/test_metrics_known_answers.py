@@ -113,6 +113,18 @@ def test_ssim_y_matches_wang_2004_reference_on_noisy_photos(astronaut_pairs):
         assert abs(ssim_ref(y_levels(p), y_levels(t), c1=10 * (0.01 * 255) ** 2, c2=10 * (0.03 * 255) ** 2) - value) > 1e-3
 
 
+def test_ssim_y_crop_drops_exactly_the_border(astronaut_pairs):
+    """``crop=c`` scores the image without c pixels on every side: the reference on the cropped Y."""
+    crop = 6
+    pred = as_batch(*[p for p, _ in astronaut_pairs])
+    true = as_batch(*[t for _, t in astronaut_pairs])
+    got = ssim_y(pred, true, crop=crop).double().numpy()
+    inner = (slice(crop, -crop), slice(crop, -crop))
+    expected = [ssim_ref(y_levels(p)[inner], y_levels(t)[inner]) for p, t in astronaut_pairs]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+    assert np.abs(got - ssim_y(pred, true).double().numpy()).max() > 1e-4  # the border really matters here
+
+
 def test_y_channel_is_bt601_luma_not_plain_grey():
     """On a colour photo distorted in one channel only, PSNR/SSIM follow the BT.601 weights of Y."""
     rng = np.random.default_rng(1)

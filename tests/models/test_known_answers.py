@@ -86,7 +86,8 @@ def saft_ref(saft, normed: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor
 def fusion_ref(fusion, maps: torch.Tensor) -> torch.Tensor:
     """Stage 1 (Eq. 8): F_c = channel attention of SiLU(GN(conv(M_c))); F_r = F_c ⊙ M_c."""
     x = conv(maps, fusion.conv)
-    x = silu(group_norm(x, fusion.norm.num_groups, fusion.norm.eps, fusion.norm.weight, fusion.norm.bias))
+    # One group: each image's fused features normalised over all channels and pixels together.
+    x = silu(group_norm(x, 1, fusion.norm.eps, fusion.norm.weight, fusion.norm.bias))
     fc1, fc2 = fusion.channel_attention.fc[0], fusion.channel_attention.fc[2]
     squeezed = x.mean(dim=(-2, -1), keepdim=True)
     gate = torch.sigmoid(conv(silu(conv(squeezed, fc1)), fc2))
@@ -213,6 +214,58 @@ def test_msfm_called_directly_matches_eq_8_9(model):
         saft_direct = msfm.hed_saft(normed, guidance["hed"])
     torch.testing.assert_close(direct, msfm_ref(msfm, hidden, guidance), rtol=0, atol=ATOL)
     torch.testing.assert_close(saft_direct, saft_ref(msfm.hed_saft, normed, guidance["hed"]), rtol=0, atol=ATOL)
+
+
+def test_msfm_norms_are_the_documented_ones(model):
+    """Norm(F) in Eq. 9 is the UNet's GroupNorm (its groups and eps) without affine parameters (SAFT
+    supplies γ/β); stage 1's norm is one group."""
+    for net in (model.unet, model.controlnet):
+        for name, block in net.named_modules():
+            msfm = getattr(block, "msfm", None)
+            if msfm is None:
+                continue
+            assert msfm.norm.num_groups == model.unet.config.norm_num_groups, name
+            assert msfm.norm.eps == model.unet.config.norm_eps and not msfm.norm.affine, name
+            assert msfm.norm.weight is None and msfm.fusion.norm.num_groups == 1, name
+
+
+def test_controlnet_csm_keeps_a_frozen_deep_copy_and_the_unet_csm_shares(tiny_base):
+    """The ControlNet trains attn2, so its CSM attends with a frozen copy taken at installation; the
+    UNet's attn2 is frozen anyway, so its CSM uses attn2 itself (paper Sec. 3.4, csm.py)."""
+    from megasr_core.models.csm import cross_attention_blocks
+
+    denoiser = build_denoiser(tiny_base)
+    blocks = list(cross_attention_blocks(denoiser.controlnet))
+    assert blocks
+    for name, block in blocks:
+        visual = block.csm.visual_attn
+        assert visual is not None and visual is not block.attn2, name
+        for (key, mine), theirs in zip(visual.named_parameters(), block.attn2.parameters()):
+            assert mine.data_ptr() != theirs.data_ptr() and torch.equal(mine, theirs), f"{name}.{key}"
+            assert not mine.requires_grad, f"{name}.{key} must stay frozen"
+    for name, block in cross_attention_blocks(denoiser.unet):
+        assert block.csm.visual_attn is None, name
+
+
+def test_installing_twice_is_refused_and_the_blocks_are_named(tiny_base):
+    from megasr_core.models.conditioning import ConditioningSlot
+    from megasr_core.models.csm import cross_attention_blocks, install_csm
+    from megasr_core.models.msfm import install_msfm, transformer_blocks
+
+    denoiser = build_denoiser(tiny_base)
+    with pytest.raises(RuntimeError, match="already has a CSM installed"):
+        install_csm(denoiser.unet, denoiser.config.image_embed_dim, copy_attention=False)
+    with pytest.raises(RuntimeError, match="already has an MSFM installed"):
+        install_msfm(denoiser.unet, ConditioningSlot(), norm_groups=4, norm_eps=1e-5, use_hed=True, use_depth_seg=True,
+                     hed_channels=1, depth_seg_channels=4, hidden_channels=8, attention_hidden=2)
+    fresh_unet, _ = tiny_base
+    fresh = type(fresh_unet).from_config(fresh_unet.config)
+    expected = [name for name, _ in cross_attention_blocks(fresh)]
+    assert install_csm(fresh, 16, copy_attention=False) == expected and expected
+    expected = [name for name, _ in transformer_blocks(fresh)]
+    kwargs = dict(norm_groups=fresh.config.norm_num_groups, norm_eps=1e-5, use_hed=True, use_depth_seg=True,
+                  hed_channels=1, depth_seg_channels=4, hidden_channels=8, attention_hidden=2)
+    assert install_msfm(fresh, ConditioningSlot(), **kwargs) == expected and expected
 
 
 def capture_block(model, path: str, run) -> dict[str, torch.Tensor]:

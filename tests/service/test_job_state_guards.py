@@ -325,3 +325,24 @@ def test_a_key_whose_job_record_expired_is_taken_over_by_a_new_job(store):
     assert created and second.id != first.id
     assert store.find_idempotent("tenant-a", "order-3").id == second.id
     assert store.redis.ttl("megasr:idem:tenant-a:order-3") > IDEMPOTENCY_TTL_S - 60
+
+
+def test_renewing_a_lease_rewrites_its_owner_and_full_ttl(store):
+    """The running worker's heartbeat: the lease key holds its owner token again for LEASE_TTL_S."""
+    from service.jobs import LEASE_TTL_S
+
+    job_id = queued_job(store)
+    store.start(job_id, "worker-a:1")
+    store.redis.expire(store.lease_key(job_id), 2)  # nearly expired
+    store.renew_lease(job_id, "worker-a:1")
+    assert store.redis.get(store.lease_key(job_id)) == b"worker-a:1"
+    assert LEASE_TTL_S - 2 <= store.redis.ttl(store.lease_key(job_id)) <= LEASE_TTL_S
+
+
+def test_records_due_for_deletion_come_oldest_first_up_to_the_limit(store):
+    from service.jobs import EXPIRY_KEY
+
+    now = time.time()
+    store.redis.zadd(EXPIRY_KEY, {"old": now - 30, "older": now - 60, "future": now + 600})
+    assert store.due_for_deletion() == ["older", "old"]
+    assert store.due_for_deletion(limit=1) == ["older"]

@@ -168,6 +168,8 @@ def test_payload_is_the_documented_event_exactly():
         "result_url": "https://sr.example.com/v1/jobs/job-7/result",
     }
     assert json.loads(payload(done, None))["result_url"] is None  # no public URL: no link
+    raw = payload(done, None)
+    assert raw == json.dumps(json.loads(raw), separators=(",", ":")).encode()  # compact: the signed bytes
     failed = done.model_copy(update={"status": JobStatus.failed, "progress": 0.5, "output_width": None,
                                      "output_height": None, "started_at": None,
                                      "error": JobError(code="bad_image", message="unreadable")})

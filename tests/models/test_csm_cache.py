@@ -72,3 +72,32 @@ def test_no_cache_while_training(tiny_base):
     inputs = make_inputs(seed=2)
     model(**inputs).sum().backward()
     assert all(getattr(b, CSM_ATTR)._kv_cache == [] for _, b in csm_blocks(model.unet) + csm_blocks(model.controlnet))
+
+
+@torch.no_grad()
+def test_pinned_keys_and_values_stand_in_for_exactly_their_tokens(tiny_base):
+    """``pin_kv`` (how a CUDA graph feeds its static buffers): used for that very token tensor only,
+    kept by ``clear_cache``, gone after ``unpin_kv``; ``image_kv`` gives the keys/values in use."""
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    block, csm = first_csm_block(model)
+    attn = csm.visual_attn
+    tokens = torch.randn(2, 5, csm.connector.in_features)
+    other = tokens.clone()
+    key, value = csm.image_kv(block.attn2, tokens)
+    direct_key, direct_value = csm._visual_kv(attn, tokens)
+    assert torch.equal(key, direct_key) and torch.equal(value, direct_value)
+    fake_key, fake_value = torch.zeros_like(key), torch.ones_like(value)
+    csm.pin_kv(tokens, fake_key, fake_value)
+    csm.clear_cache()
+    pinned = csm.image_kv(block.attn2, tokens)
+    assert pinned[0] is fake_key and pinned[1] is fake_value
+    assert torch.equal(csm.image_kv(block.attn2, other)[0], key)  # equal values, another tensor: computed
+    csm.pin_kv(tokens, key, value)  # re-pinning replaces the entry
+    assert len(csm._pinned) == 1 and csm.image_kv(block.attn2, tokens)[0] is key
+    csm.unpin_kv(tokens)
+    assert csm._pinned == [] and csm.image_kv(block.attn2, tokens)[0] is not key
+    _, unet_block = csm_blocks(model.unet)[0]
+    unet_csm = getattr(unet_block, CSM_ATTR)
+    unet_key, _ = unet_csm.image_kv(unet_block.attn2, tokens)  # the UNet's CSM attends with attn2 itself
+    assert torch.equal(unet_key, unet_csm._visual_kv(unet_block.attn2, tokens)[0])

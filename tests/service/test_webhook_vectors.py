@@ -294,3 +294,32 @@ class RedirectReceiver:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def test_deliveries_of_vanished_jobs_are_dropped_and_the_rest_still_sent(store):
+    """A due delivery whose job record expired is deleted, not sent, and does not stop the others;
+    the count is of the deliveries actually attempted."""
+    receiver = WebhookReceiver(lambda _n: 200)
+    try:
+        first = finish_with_webhook(store, receiver.url)
+        second = finish_with_webhook(store, receiver.url)
+        vanished = finish_with_webhook(store, receiver.url)
+        store.redis.delete(store.key(vanished))
+        ids = {store.redis.hget(delivery_key(raw.decode()), "job_id").decode(): raw.decode()
+               for raw in store.redis.zrange(DUE_KEY, 0, -1)}
+        now = time.time()
+        store.redis.zadd(DUE_KEY, {ids[vanished]: now - 30, ids[first]: now - 20, ids[second]: now - 10})
+        assert WebhookDispatcher(store.redis, store, SECRET.encode()).deliver_due() == 2
+    finally:
+        receiver.close()
+    assert sorted(json.loads(call.body)["id"] for call in receiver.calls) == sorted([first, second])
+    assert not store.redis.exists(delivery_key(ids[vanished])) and store.redis.zcard(DUE_KEY) == 0
+
+
+def test_a_job_without_finish_time_still_makes_a_valid_event():
+    from service.webhooks import payload
+
+    running = JobRecord(id="job-1", tenant="t", status=JobStatus.running, params=UpscaleParams(),
+                        input_key="jobs/job-1/input", input_width=8, input_height=8)
+    body = json.loads(payload(running, "https://sr.example.com"))
+    assert body["finished_at"] is None and body["started_at"] is None and body["output"] is None

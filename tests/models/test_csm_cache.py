@@ -82,11 +82,13 @@ def test_pinned_keys_and_values_stand_in_for_exactly_their_tokens(tiny_base):
     perturb_zero_init(model)
     block, csm = first_csm_block(model)
     attn = csm.visual_attn
+    block.attn2.to_k.weight.add_(0.5)  # "trained": the ControlNet's attn2 leaves the CSM's frozen copy
     tokens = torch.randn(2, 5, csm.connector.in_features)
     other = tokens.clone()
     key, value = csm.image_kv(block.attn2, tokens)
     direct_key, direct_value = csm._visual_kv(attn, tokens)
     assert torch.equal(key, direct_key) and torch.equal(value, direct_value)
+    assert not torch.equal(key, csm._visual_kv(block.attn2, tokens)[0])  # the copy, not attn2
     fake_key, fake_value = torch.zeros_like(key), torch.ones_like(value)
     csm.pin_kv(tokens, fake_key, fake_value)
     csm.clear_cache()

@@ -227,7 +227,8 @@ def test_schedule_in_records_the_delivery_due_after_its_delay(store):
 
 
 def test_redirects_are_not_followed(store):
-    """A 3xx is a failed attempt, never a request to wherever it points (no SSRF through redirects)."""
+    """A 3xx is a failed attempt, never a request to wherever it points (no SSRF through redirects).
+    The receiver answers 307, which a client that follows redirects would repeat as a POST."""
     target = WebhookReceiver(lambda _n: 200)
     redirecting = RedirectReceiver(target.url)
     try:
@@ -269,7 +270,7 @@ def test_the_dispatcher_thread_delivers_and_survives_errors(store, monkeypatch):
 
 
 class RedirectReceiver:
-    """An HTTP server that answers every POST with a 302 to ``location``."""
+    """An HTTP server that answers every POST with a 307 to ``location``."""
 
     def __init__(self, location: str) -> None:
         self.hits = 0
@@ -279,7 +280,7 @@ class RedirectReceiver:
             def do_POST(self) -> None:  # noqa: N802
                 self.rfile.read(int(self.headers["Content-Length"]))
                 outer.hits += 1
-                self.send_response(302)
+                self.send_response(307)
                 self.send_header("Location", location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()

@@ -3,7 +3,7 @@
 Reads ``mutmut results --all true`` on stdin. Prints, per mutated module, how many mutants were
 killed (a test failed, or the mutant timed out or crashed the tests) out of those checked, lists
 the survivors, and exits 1 when the killed share of all checked mutants is below
-``--min-killed``. Survivors named in ``--accepted`` (``name: reason`` lines) are listed with their
+``--min-killed``, 2 when it is not but some mutants are still unchecked. Survivors named in ``--accepted`` (``name: reason`` lines) are listed with their
 reason; they still count as survivors.
 """
 
@@ -47,16 +47,17 @@ def main() -> int:
         counts[status] += 1
         if status in SURVIVED:
             survivors.append(name)
-    total_killed = total_checked = 0
+    total_killed = total_checked = total_unchecked = 0
     print(f"{'module':40s} {'killed':>7s} {'checked':>7s} {'%':>6s}  unchecked")
     for module, counts in sorted(per_module.items()):
         killed = sum(counts[s] for s in KILLED)
         checked = killed + sum(counts[s] for s in SURVIVED)
         total_killed, total_checked = total_killed + killed, total_checked + checked
+        total_unchecked += counts["not checked"]
         share = 100 * killed / checked if checked else 0.0
         print(f"{module:40s} {killed:7d} {checked:7d} {share:6.1f}  {counts['not checked']}")
     share = 100 * total_killed / total_checked if total_checked else 0.0
-    print(f"{'all':40s} {total_killed:7d} {total_checked:7d} {share:6.1f}")
+    print(f"{'all':40s} {total_killed:7d} {total_checked:7d} {share:6.1f}  {total_unchecked}")
     if survivors:
         print(f"\nsurvivors ({len(survivors)}):")
         for name in survivors:
@@ -67,6 +68,10 @@ def main() -> int:
     if share < args.min_killed:
         print(f"\nmutation gate FAILED: {share:.1f} % killed < {args.min_killed:.0f} %")
         return 1
+    if total_unchecked:
+        print(f"\nmutation gate INCOMPLETE: {share:.1f} % of the checked mutants killed, "
+              f"{total_unchecked} not checked yet (run again: results are kept in mutants/)")
+        return 2
     print(f"\nmutation gate passed: {share:.1f} % killed >= {args.min_killed:.0f} %")
     return 0
 

@@ -326,9 +326,9 @@ class GPUSuite:
         self.log(f"[suite] {label} batch {batch}: {total:.3f} s, {batch / total:.2f} img/s")
         return row
 
-    def run_megasr(self, label: str) -> dict:
-        rows = {}
-        for batch in self.batches:
+    def run_megasr(self, label: str, batches: Sequence[int] | None = None) -> dict:
+        rows: dict[str, Any] = {}
+        for batch in batches or self.batches:
             repeats = self.single_repeats if batch == 1 else 1
             if self.remaining() < self._estimate(batch, repeats + 1):
                 rows[str(batch)] = {"skipped": "budget"}
@@ -375,14 +375,8 @@ class GPUSuite:
 
         use_cuda_graphs(self.pipeline)
         graphs = self.pipeline.denoiser_graphs
-        rows: dict[str, Any] = {}
         try:
-            for batch in batches or self.batches:
-                repeats = self.single_repeats if batch == 1 else 1
-                if self.remaining() < self._estimate(batch, repeats + 1):
-                    rows[str(batch)] = {"skipped": "budget"}
-                    continue
-                rows[str(batch)] = self._megasr(batch, repeats, label)
+            rows = self.run_megasr(label, batches)
             rows["graph_shapes"], rows["static_calls"] = len(graphs.graphs), graphs.static_calls
             rows["eager_calls"], rows["capture_failure"] = graphs.eager_calls, graphs.failure
         finally:

@@ -143,9 +143,10 @@ class Delivery(NamedTuple):
 
 
 class WebhookReceiver:
-    """A real HTTP server on 127.0.0.1 that records every POST; ``respond(n)`` is the status of the n-th."""
+    """A real HTTP server on 127.0.0.1 that records every POST; ``respond(n)`` is the status of the n-th,
+    sent with ``headers`` (e.g. a ``Location`` for a redirect)."""
 
-    def __init__(self, respond: Callable[[int], int]) -> None:
+    def __init__(self, respond: Callable[[int], int], headers: dict[str, str] | None = None) -> None:
         self.calls: list[Delivery] = []
         receiver = self
 
@@ -155,6 +156,8 @@ class WebhookReceiver:
                 status = respond(len(receiver.calls))
                 receiver.calls.append(Delivery(time.time(), status, dict(self.headers), body))
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..extractors import GuidanceExtractors, tags_to_prompt
+from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, canvas, check_work_bounds
 from ..extractors.guidance import NAMES as EXTRACTOR_NAMES
 from ..models import MegaSRDenoiser, get_preset
 from .color_fix import METHODS as COLOR_FIX_METHODS
@@ -125,6 +126,9 @@ class MegaSRPipeline(DiffusionPipeline):
         down_blocks = len(denoiser.unet.config.down_block_types)
         #: pixel multiple the UNet needs: VAE factor × the UNet's downsampling
         self.size_multiple = self.vae_scale_factor * 2 ** (down_blocks - 1)
+        #: ceiling on output and working-canvas pixels per image (a GPU-memory guard; the API checks
+        #: its own, smaller bound with the same rule before queueing)
+        self.max_output_pixels = DEFAULT_MAX_OUTPUT_PIXELS
         self._check_components()
 
     def _check_components(self) -> None:
@@ -253,6 +257,7 @@ class MegaSRPipeline(DiffusionPipeline):
         should_cancel: Callable[[], bool] | None = None,
         is_cancelled: Callable[[int], bool] | None = None,
         max_pixels: int | None = None,
+        max_output_pixels: int | None = None,
         max_batch_size: int | None = None,
         profile: bool = False,
     ) -> MegaSRPipelineOutput:
@@ -279,6 +284,9 @@ class MegaSRPipeline(DiffusionPipeline):
                 still running; a ``True`` drops that image from its batch (its output is ``None``
                 and its index is listed in ``cancelled``) while the others go on.
             max_pixels: refuse inputs above this many pixels (decompression-bomb guard).
+            max_output_pixels: refuse images whose output or working canvas (short side enlarged
+                to 512) would exceed this many pixels (``WorkBoundsError``, a ``ValueError``);
+                ``None`` = ``self.max_output_pixels``.
             max_batch_size: at most this many images per model batch (default: all that share a
                 size bucket).
             profile: synchronize the GPU between stages so ``timings`` are exact.
@@ -307,6 +315,9 @@ class MegaSRPipeline(DiffusionPipeline):
         results: list[Image.Image | None] = [None] * count
         prompts: list[str] = [""] * count
         cancelled: list[int] = []
+        bound = max_output_pixels if max_output_pixels is not None else self.max_output_pixels
+        for image, image_scale in zip(prepared, scales):
+            check_work_bounds(image.size, image_scale, self.size_multiple, bound)
         batches = self._group(prepared, scales, max_batch_size)
         total_steps = num_inference_steps * len(batches)
         done_steps = 0
@@ -376,12 +387,8 @@ class MegaSRPipeline(DiffusionPipeline):
         that would end below 512 px is enlarged to 512 first); ``bucket`` the work size padded to
         the model's multiple. Images with the same bucket can share a batch.
         """
-        width, height = size
-        target = (max(1, round(height * scale)), max(1, round(width * scale)))
-        work_scale = max(scale, 512 / min(height, width))
-        work = (max(target[0], round(height * work_scale)), max(target[1], round(width * work_scale)))
-        m = self.size_multiple
-        return target, work, (math.ceil(work[0] / m) * m, math.ceil(work[1] / m) * m)
+        sizes = canvas(size, scale, self.size_multiple)  # the rule the API admits jobs by
+        return sizes.target, sizes.work, sizes.bucket
 
     def _group(self, prepared: list[PreparedImage], scales: list[float], max_batch_size: int | None) -> list[_Batch]:
         """Group images by size bucket (first-seen order), at most ``max_batch_size`` per batch."""

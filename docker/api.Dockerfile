@@ -15,7 +15,11 @@ COPY megasr_core /src/megasr_core
 RUN /opt/venv/bin/pip install --no-deps /src
 
 FROM python:3.11.10-slim-bookworm
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MEGASR_HOME=/var/lib/megasr
+# FORWARDED_ALLOW_IPS (read by uvicorn): the proxies whose X-Forwarded-For/-Proto are believed, as
+# addresses or CIDRs. The client address feeds the failed-authentication limit, so no wildcard: set it
+# to your load balancer / ingress range. The app refuses to start without MEGASR_API_KEYS(_FILE)
+# unless MEGASR_ALLOW_ANONYMOUS=1.
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MEGASR_HOME=/var/lib/megasr FORWARDED_ALLOW_IPS=127.0.0.1
 RUN groupadd --system --gid 10001 megasr \
     && useradd --system --uid 10001 --gid megasr --home-dir /var/lib/megasr --create-home megasr
 COPY --from=build /opt/venv /opt/venv
@@ -23,4 +27,4 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
-CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers", "--forwarded-allow-ips", "*"]
+CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]

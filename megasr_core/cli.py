@@ -367,6 +367,7 @@ def serve(
     device: Annotated[Optional[str], typer.Option(help="Device of the in-process worker.")] = None,
 ) -> None:
     """Run the HTTP API. Without MEGASR_REDIS_URL: embedded Valkey, local storage and a worker, in one process."""
+    import ipaddress
     import logging
 
     import uvicorn
@@ -383,9 +384,15 @@ def serve(
         keys = settings.tenant_keys()
     except ValueError as exc:
         _fail(str(exc))
-    if not keys and settings.host not in ("127.0.0.1", "localhost", "::1"):
-        _fail(f"refusing to listen on {settings.host} without API keys: set MEGASR_API_KEYS (or MEGASR_API_KEYS_FILE), "
-              "or bind to 127.0.0.1")
+    try:  # 127.0.0.0/8, ::1, localhost: reachable from this machine only
+        loopback = ipaddress.ip_address(settings.host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = settings.host.lower() == "localhost"
+    if not keys and not settings.allow_anonymous:
+        if not loopback:
+            _fail(f"refusing to listen on {settings.host} without API keys: set MEGASR_API_KEYS (or MEGASR_API_KEYS_FILE), "
+                  "or bind to 127.0.0.1 (MEGASR_ALLOW_ANONYMOUS=1 serves without keys on purpose)")
+        settings = settings.model_copy(update={"allow_anonymous": True})  # loopback: this machine's users only
     valkey = None
     if not settings.redis_url:
         valkey = start_embedded_valkey(settings)
@@ -402,7 +409,10 @@ def serve(
     # that handler an orderly exit so the embedded Valkey below is stopped too.
     signal.signal(signal.SIGTERM, _exit)
     try:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+        # X-Forwarded-For/-Proto count only from MEGASR_FORWARDED_ALLOW_IPS (default 127.0.0.1): the
+        # failed-authentication limit keys on the client address, which nobody else can forge.
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                    proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     finally:
         if valkey is not None:
             valkey.stop()

@@ -28,14 +28,30 @@ def build_services(settings: Settings) -> Services:
     )
 
 
+class InsecureConfiguration(RuntimeError):
+    """The app would serve every caller without an API key, and nobody asked for that."""
+
+
+def refuse_accidental_anonymity(settings: Settings, tenant_keys: dict[str, str]) -> None:
+    """No keys means no authentication at all: only with an explicit ``allow_anonymous``."""
+    if not tenant_keys and not settings.allow_anonymous:
+        raise InsecureConfiguration(
+            "no API keys are configured, so every caller would be served anonymously: set MEGASR_API_KEYS "
+            "(tenant:key,...) or MEGASR_API_KEYS_FILE, or set MEGASR_ALLOW_ANONYMOUS=1 to serve without keys "
+            "on purpose (megasr serve does so itself on 127.0.0.1)"
+        )
+
+
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
-    settings = settings or get_settings()
+    """The API app; refuses (``InsecureConfiguration``) to start without keys unless ``allow_anonymous``."""
+    services = services or build_services(settings or get_settings())
+    refuse_accidental_anonymity(services.settings, services.tenant_keys)
     app = FastAPI(
         title="MegaSR",
         version="0.1.0",
         description="Real-world image super-resolution (MegaSR) as a job queue: submit, poll, fetch.",
     )
-    app.state.services = services or build_services(settings)
+    app.state.services = services
     install_error_handlers(app)
     install_metrics(app, app.state.services)
     app.include_router(health.router)

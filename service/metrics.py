@@ -3,10 +3,16 @@
 Each app has its own registry (several apps can live in one test process). Queue depth and
 finished-job counts are read from Redis at scrape time, so every API replica reports the
 fleet's numbers, whichever worker finished the job.
+
+Label values are bounded whatever clients send: the method is one of a fixed set (else "other")
+and the route is the matched route's template (else "unmatched"), so random methods and paths
+cannot grow the registry. ``/metrics`` itself needs ``MEGASR_METRICS_KEY`` as a bearer token; without
+that key it is served only by an anonymous (loopback development) app.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 
 from fastapi import FastAPI, Request, Response
@@ -14,8 +20,41 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .contracts import JobStatus
-from .deps import Services
+from .deps import BEARER_CHALLENGE, Services, bearer_token, client_address, record_auth_failure, refuse_if_guessing
+from .errors import ApiError
 from .jobs import FINISHED_KEY
+
+METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
+
+
+def method_label(method: str) -> str:
+    """The request method as a label: one of a fixed set, anything else is "other"."""
+    return method if method in METHODS else "other"
+
+
+def route_label(request: Request) -> str:
+    """The matched route's template (``/v1/jobs/{job_id}``), never the raw path."""
+    path = getattr(request.scope.get("route"), "path", None)
+    return path if isinstance(path, str) else "unmatched"
+
+
+def check_metrics_access(request: Request, services: Services) -> None:
+    """Bearer ``MEGASR_METRICS_KEY`` when set; without it, only an anonymous app serves /metrics."""
+    key = services.settings.metrics_key
+    if key is None:
+        if services.tenant_keys:
+            raise ApiError(403, "metrics_disabled",
+                           "/metrics needs MEGASR_METRICS_KEY (sent as a bearer token) when API keys are configured")
+        return
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(401, "unauthorized", "missing metrics key: send 'Authorization: Bearer METRICS_KEY'",
+                       BEARER_CHALLENGE)
+    client = client_address(request)
+    refuse_if_guessing(services, client)
+    if not hmac.compare_digest(key.get_secret_value().encode(), token.encode()):
+        record_auth_failure(services, client)
+        raise ApiError(401, "unauthorized", "invalid metrics key", BEARER_CHALLENGE)
 
 
 class QueueCollector:
@@ -56,13 +95,13 @@ def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:
             status = response.status_code
             return response
         finally:
-            route = request.scope.get("route")
-            path = getattr(route, "path", "unmatched")
-            requests.labels(path, request.method, str(status)).inc()
-            latency.labels(path, request.method).observe(time.perf_counter() - start)
+            route, method = route_label(request), method_label(request.method)
+            requests.labels(route, method, str(status)).inc()
+            latency.labels(route, method).observe(time.perf_counter() - start)
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> Response:
+    def metrics(request: Request) -> Response:
+        check_metrics_access(request, services)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return registry

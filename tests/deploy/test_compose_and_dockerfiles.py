@@ -77,6 +77,23 @@ def test_api_image_has_no_torch():
     assert "service.app:create_app" in text
 
 
+def test_api_image_trusts_forwarded_headers_only_from_loopback():
+    """The API image no longer believes X-Forwarded-For from anyone: uvicorn reads FORWARDED_ALLOW_IPS=127.0.0.1."""
+    text = dockerfiles()["api.Dockerfile"]
+    assert "--forwarded-allow-ips" not in text and '"*"' not in text
+    assert re.search(r"^ENV\s.*\bFORWARDED_ALLOW_IPS=127\.0\.0\.1\b", text, flags=re.M)
+    assert "--proxy-headers" in text
+    api = compose()["services"]["api"]
+    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "${FORWARDED_ALLOW_IPS:-127.0.0.1}"
+
+
+def test_env_example_sets_the_edge_limits_and_a_metrics_key():
+    env_example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                       if line and not line.startswith("#"))
+    assert "change-me" in env_example["MEGASR_METRICS_KEY"]
+    assert int(env_example["MEGASR_RATE_LIMIT_BURST"]) >= 1 and int(env_example["MEGASR_AUTH_FAILURES_PER_MINUTE"]) >= 1
+
+
 def test_dockerignore_keeps_secrets_and_weights_out():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in (".env", ".git", ".venv", "*.safetensors", "weights/"):

@@ -125,6 +125,29 @@ def test_service_monitors_point_at_metrics_ports(rendered):
         assert any(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in matching)
 
 
+def test_metrics_need_the_metrics_key_and_prometheus_sends_it(rendered):
+    """The API reads MEGASR_METRICS_KEY from the Secret; the API's ServiceMonitor sends the same key as a bearer."""
+    _, docs = rendered
+    (api,) = pod_spec(docs, "megasr-api")["containers"]
+    (env,) = [e for e in api["env"] if e["name"] == "MEGASR_METRICS_KEY"]
+    ref = env["valueFrom"]["secretKeyRef"]
+    assert not ref.get("optional", False)
+    (monitor,) = find(docs, "ServiceMonitor", "megasr-api")
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert endpoint["authorization"]["credentials"] == {"name": ref["name"], "key": ref["key"]}
+
+
+def test_api_trusts_forwarded_headers_only_from_named_proxies(rendered):
+    """FORWARDED_ALLOW_IPS is a list of addresses/networks, never "*" (clients would pick their own address)."""
+    import ipaddress
+
+    _, docs = rendered
+    trusted = config(docs)["FORWARDED_ALLOW_IPS"]
+    networks = [ipaddress.ip_network(entry.strip()) for entry in trusted.split(",")]
+    assert networks and all(network.prefixlen >= 8 for network in networks)
+
+
 def test_redis_persists_with_aof(rendered):
     _, docs = rendered
     (redis,) = find(docs, "StatefulSet", "megasr-redis")
@@ -143,6 +166,7 @@ def test_network_policies_default_deny(rendered):
 def test_settings_names_are_the_ones_the_code_reads(rendered):
     _, docs = rendered
     known = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_WEIGHTS_SOURCE"}
+    known |= {"FORWARDED_ALLOW_IPS"}  # uvicorn's own: the trusted proxies of the API image
     used = set(config(docs))
     for kind in ("Deployment",):
         for workload in find(docs, kind):

@@ -31,7 +31,8 @@ def png(width: int = 24, height: int = 16) -> bytes:
 
 def make_settings(tmp_path, redis_url, **changes) -> Settings:
     values = dict(redis_url=redis_url, storage_url=(tmp_path / "data").as_uri(), home=tmp_path,
-                  queue_name=f"test-{uuid.uuid4().hex[:8]}", rate_limit_per_minute=10_000,
+                  queue_name=f"test-{uuid.uuid4().hex[:8]}", rate_limit_per_minute=10_000, rate_limit_burst=10_000,
+                  allow_anonymous=True,
                   max_upload_bytes=2_000_000, max_input_pixels=1_000_000)
     values.update(changes)
     return Settings(**values)

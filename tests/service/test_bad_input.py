@@ -125,7 +125,7 @@ def test_result_before_success_is_409(client):
 
 
 def test_rate_limit_and_queue_quota(tmp_path, redis_url):
-    settings = make_settings(tmp_path, redis_url, rate_limit_per_minute=3, max_queued_per_tenant=100,
+    settings = make_settings(tmp_path, redis_url, rate_limit_per_minute=3, rate_limit_burst=3, max_queued_per_tenant=100,
                              api_keys="ratelimited-tenant-x:ratelimit-key-1")
     headers = {"Authorization": "Bearer ratelimit-key-1"}
     with TestClient(create_app(settings)) as client:

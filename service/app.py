@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from .config import Settings, get_settings
 from .deps import Services
 from .errors import install_error_handlers
+from .hosts import TrustedHosts, allowed_hosts
 from .jobs import JobStore
 from .metrics import install_metrics
 from .queue import JobQueue
@@ -56,4 +57,6 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_metrics(app, app.state.services)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    if (hosts := allowed_hosts(app.state.services.settings)) is not None:
+        app.add_middleware(TrustedHosts, hosts=hosts)
     return app

@@ -1,12 +1,14 @@
 """Validating an uploaded image in the API process (Pillow only: the API never imports torch).
 
 The upload is decoded fully before anything is queued, so nothing malformed reaches a worker:
-size in bytes, format, pixel count (decompression bombs), truncation.
+size in bytes, format, pixel count (decompression bombs), truncation. Only the accepted formats'
+decoders are tried, and any decoder failure is the client's 400, never a 500.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 from dataclasses import dataclass
 
@@ -14,9 +16,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ApiError
 
+log = logging.getLogger(__name__)
+
 #: formats the service accepts, by Pillow's name → MIME type
 ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp",
                     "TIFF": "image/tiff", "GIF": "image/gif"}
+#: formats Pillow reports for files its accepted decoders open: MPO is a phone camera's JPEG
+_SAME_AS = {"MPO": "JPEG"}
 
 
 @dataclass(frozen=True)
@@ -39,11 +45,13 @@ def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pix
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            fmt = image.format or ""
+            try:
+                image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+            except UnidentifiedImageError:
+                raise _unidentified(data) from None
+            fmt = _SAME_AS.get(image.format or "", image.format or "")
             if fmt not in ACCEPTED_FORMATS:
-                raise ApiError(415, "unsupported_image_format",
-                               f"image format {fmt or 'unknown'} is not supported; send {', '.join(ACCEPTED_FORMATS)}")
+                raise _unsupported(fmt)
             width, height = image.size
             if width < 1 or height < 1:
                 raise ApiError(400, "empty_image", f"the image has no pixels ({width}×{height})")
@@ -51,13 +59,52 @@ def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pix
                 raise ApiError(413, "too_many_pixels",
                                f"the image has {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
             image.load()
-            oriented = ImageOps.exif_transpose(image)
+            oriented = _oriented(image)
     except ApiError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, "too_many_pixels", "the image declares too many pixels to decode safely") from None
-    except UnidentifiedImageError:
-        raise ApiError(400, "invalid_image", "the data is not an image in a supported format") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ApiError(400, "invalid_image", f"the image is truncated or corrupt ({exc})") from None
+    except Exception as exc:  # Pillow's decoders raise assorted errors on hostile bytes
+        log.info("undecodable upload: %s: %s", type(exc).__name__, exc)
+        raise ApiError(400, "invalid_image", f"the image cannot be decoded ({type(exc).__name__})") from None
     return CheckedImage(data=data, content_type=ACCEPTED_FORMATS[fmt], width=oriented.width, height=oriented.height)
+
+
+def _oriented(image: Image.Image) -> Image.Image:
+    """The image turned upright by its EXIF orientation; as stored when the EXIF block is broken
+    (the worker's ``open_image`` falls back the same way, so both see the same size)."""
+    try:
+        return ImageOps.exif_transpose(image)
+    except Exception:  # struct.error, KeyError, ... from a corrupt EXIF block
+        return image
+
+
+def _signature_format(data: bytes) -> str | None:
+    """The Pillow format whose file signature ``data`` starts with, by the plug-ins' prefix checks
+    alone (none of their decoders runs), so a known but unaccepted format can be named."""
+    Image.init()
+    prefix = data[:16]
+    for name, (_, accept) in Image.OPEN.items():
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a prefix check that trips over odd bytes names nothing
+            continue
+    return None
+
+
+def _unidentified(data: bytes) -> ApiError:
+    """The error for bytes no accepted decoder could open: corrupt (400) or another format (415)."""
+    fmt = _signature_format(data)
+    if fmt is None:
+        return ApiError(400, "invalid_image", "the data is not an image in a supported format")
+    if fmt in ACCEPTED_FORMATS:
+        return ApiError(400, "invalid_image", f"the {fmt} image is corrupt (its header cannot be read)")
+    return _unsupported(fmt)
+
+
+def _unsupported(fmt: str) -> ApiError:
+    return ApiError(415, "unsupported_image_format",
+                    f"the image looks like {fmt}, a format not supported; send {', '.join(ACCEPTED_FORMATS)}")

@@ -4,15 +4,18 @@
 ``s3://bucket[/prefix]`` talks to AWS S3 or any S3-compatible store (MinIO, SeaweedFS) through
 boto3, with credentials and region from the standard AWS settings and an optional endpoint.
 Missing objects raise :class:`ObjectNotFound`; an unreachable store raises
-:class:`StorageUnavailable` (the API answers 503). No FastAPI here.
+:class:`StorageUnavailable` (the API answers 503). ``get`` reads a whole object (the worker's
+inputs); ``open`` streams one in chunks, so serving a result never holds it in memory. No FastAPI here.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
 
@@ -28,9 +31,23 @@ class ObjectNotFound(StorageError, KeyError):
     pass
 
 
+#: bytes per chunk when streaming an object out
+CHUNK_BYTES = 256 * 1024
+
+
+@dataclass
+class StoredObject:
+    """An object opened for reading: its size in bytes (``None`` if the store did not say) and its
+    content as chunks. Iterate ``chunks`` once; the file or connection closes when it ends."""
+
+    size: int | None
+    chunks: Iterator[bytes]
+
+
 class Storage(Protocol):
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
     def get(self, key: str) -> bytes: ...
+    def open(self, key: str) -> StoredObject: ...
     def delete(self, key: str) -> None: ...
     def exists(self, key: str) -> bool: ...
     def presigned_url(self, key: str, expires_s: int) -> str | None: ...
@@ -73,6 +90,13 @@ class LocalStorage:
             return self._path(key).read_bytes()
         except FileNotFoundError:
             raise ObjectNotFound(key) from None
+
+    def open(self, key: str) -> StoredObject:
+        try:
+            handle = self._path(key).open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise ObjectNotFound(key) from None
+        return StoredObject(size=os.fstat(handle.fileno()).st_size, chunks=_file_chunks(handle))
 
     def delete(self, key: str) -> None:
         path = self._path(key)
@@ -137,6 +161,11 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageUnavailable(f"S3 read failed: {exc}") from None
 
+    def open(self, key: str) -> StoredObject:
+        response = self._call("get_object", key, Key=self._key(key))
+        size = response.get("ContentLength")
+        return StoredObject(size=int(size) if size is not None else None, chunks=_s3_chunks(response["Body"]))
+
     def delete(self, key: str) -> None:
         self._call("delete_object", key, Key=self._key(key))
 
@@ -157,6 +186,24 @@ class S3Storage:
             self._call("head_bucket")
         except ObjectNotFound:
             raise StorageUnavailable(f"S3 bucket {self.bucket!r} does not exist") from None
+
+
+def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:
+    with handle:
+        while chunk := handle.read(CHUNK_BYTES):
+            yield chunk
+
+
+def _s3_chunks(body: Any) -> Iterator[bytes]:
+    """A botocore ``StreamingBody`` in chunks; a broken connection is :class:`StorageUnavailable`."""
+    from botocore.exceptions import BotoCoreError
+
+    try:
+        yield from body.iter_chunks(CHUNK_BYTES)
+    except BotoCoreError as exc:
+        raise StorageUnavailable(f"S3 read failed: {exc}") from None
+    finally:
+        body.close()
 
 
 def storage_from_url(url: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:

@@ -20,6 +20,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 #: default ceiling on decoded pixels (a decompression-bomb guard); callers may pass their own
 DEFAULT_MAX_PIXELS = 64_000_000
+#: the only decoders Pillow may try on files and bytes: photo formats, not Pillow's long tail of
+#: rarely used (and rarely hardened) plug-ins; the same set the service accepts
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 ImageInput = str | Path | bytes | BinaryIO | Image.Image
 
@@ -42,8 +45,12 @@ class PreparedImage:
         return int(self.rgb.shape[-1]), int(self.rgb.shape[-2])
 
 
-def open_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode fully (so truncation is caught here) and apply the EXIF orientation."""
+def open_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+               formats: tuple[str, ...] | None = IMAGE_FORMATS) -> Image.Image:
+    """Decode fully (so truncation is caught here) and apply the EXIF orientation.
+
+    ``formats``: Pillow format names tried on files and bytes (``None`` = every plug-in).
+    """
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -58,7 +65,7 @@ def open_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS) 
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(stream)
+                image = Image.open(stream, formats=formats)
                 _check_pixels(image, max_pixels)
                 image.load()
         except InvalidImageError:

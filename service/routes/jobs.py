@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
+import math
 import uuid
 from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
+from megasr_core.geometry import SD2_SIZE_MULTIPLE, WorkBoundsError, check_work_bounds
+
+from ..body_limits import loads_limited, parse_multipart, read_limited
 from ..contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, UpscaleParams, input_key
 from ..deps import ServicesDep, TenantDep
 from ..errors import ApiError
@@ -23,6 +26,9 @@ from ..jobs import TransitionRejected
 from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
+
+#: body bytes allowed on top of the image: multipart framing and the text parameters
+_FIELDS_OVERHEAD = 64 * 1024
 
 _UPLOAD_SCHEMA = {
     "requestBody": {
@@ -67,6 +73,14 @@ class JobView(BaseModel):
     params: UpscaleParams
 
 
+def _link(request: Request, services: ServicesDep, route: str, job_id: str) -> str:
+    """A link to a route: under ``MEGASR_PUBLIC_URL`` when set, else root-relative. Never built
+    from the request's Host header, which the client controls."""
+    path = request.app.url_path_for(route, job_id=job_id)
+    public_url = services.settings.public_url
+    return f"{public_url.rstrip('/')}{path}" if public_url else f"{request.scope.get('root_path', '')}{path}"
+
+
 def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView:
     position = services.queue.position(record.id) if record.status == JobStatus.queued else None
     return JobView(
@@ -75,38 +89,35 @@ def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView
         input=ImageSize(width=record.input_width, height=record.input_height),
         output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
         tagger=record.tagger, error=record.error,
-        result_url=str(request.url_for("get_result", job_id=record.id)) if record.status == JobStatus.succeeded else None,
+        result_url=_link(request, services, "get_result", record.id) if record.status == JobStatus.succeeded else None,
         cancel_requested=record.status == JobStatus.running and services.jobs.cancel_requested(record.id),
         params=record.params,
     )
 
 
 async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | None, dict[str, Any]]:
-    """The image bytes, their declared type and the raw parameters, from multipart or JSON."""
-    declared_length = request.headers.get("content-length")
-    envelope = max_bytes * 4 // 3 + 64 * 1024  # base64 and multipart overhead
-    if declared_length and declared_length.isdigit() and int(declared_length) > envelope:
-        raise ApiError(413, "upload_too_large", f"the request is {int(declared_length):,} bytes; the image limit is {max_bytes:,}")
+    """The image bytes, their declared type and the raw parameters, from multipart or JSON.
+
+    The body is counted as it arrives (chunked or not) and cut off with a 413 at the image limit
+    plus its encoding's overhead, before anything over it is buffered or spooled.
+    """
+    detail = f" (MEGASR_MAX_UPLOAD_BYTES allows a {max_bytes:,} byte image)"
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
+        form = await parse_multipart(request, max_bytes + _FIELDS_OVERHEAD, max_files=1,
+                                     max_fields=len(UpscaleParams.model_fields) + 1, detail=detail)
         try:
-            form = await request.form(max_files=1, max_fields=len(UpscaleParams.model_fields) + 1)
-        except Exception as exc:  # malformed multipart bodies
-            raise ApiError(400, "invalid_multipart", f"cannot parse the multipart body: {exc}") from None
-        upload = form.get("image")
-        if not isinstance(upload, UploadFile):
-            raise ApiError(422, "invalid_parameters", "image: a file field named 'image' is required")
-        data = await upload.read(max_bytes + 1)
-        fields = {k: v for k, v in form.items() if k != "image"}
-        return data, upload.content_type, fields
+            upload = form.get("image")
+            if not isinstance(upload, UploadFile):
+                raise ApiError(422, "invalid_parameters", "image: a file field named 'image' is required")
+            data = await upload.read(max_bytes + 1)
+            fields = {k: v for k, v in form.items() if k != "image"}
+            return data, upload.content_type, fields
+        finally:
+            await form.close()
     if content_type == "application/json":
-        body = await request.body()
-        if len(body) > envelope:
-            raise ApiError(413, "upload_too_large", f"the request is {len(body):,} bytes; the image limit is {max_bytes:,}")
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+        body = await read_limited(request, 4 * math.ceil(max_bytes / 3) + _FIELDS_OVERHEAD, detail)
+        payload = loads_limited(body)
         if not isinstance(payload, dict):
             raise ApiError(422, "invalid_parameters", "the JSON body must be an object")
         image = payload.pop("image", None)
@@ -115,7 +126,7 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
         header, _, encoded = image.partition(",")
         if not header.endswith(";base64"):
             raise ApiError(422, "invalid_parameters", "image: the data URL must be base64-encoded")
-        if len(encoded) > envelope:
+        if len(encoded) > 4 * math.ceil(max_bytes / 3):  # the base64 length of max_bytes
             raise ApiError(413, "upload_too_large", f"the image is over the {max_bytes:,} byte limit")
         try:
             data = base64.b64decode(encoded, validate=True)
@@ -140,7 +151,7 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
     # Decoding, the storage write and the Redis calls block: keep them off the event loop.
     record, replayed = await run_in_threadpool(_admit, services, tenant, data, declared_type, fields, idempotency_key)
     view = await run_in_threadpool(_view, record, request, services)
-    headers = {"Location": str(request.url_for("get_job", job_id=record.id))}
+    headers = {"Location": _link(request, services, "get_job", record.id)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
@@ -166,6 +177,11 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
     if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
         raise ApiError(422, "invalid_parameters", "Idempotency-Key must be 1 to 200 characters")
     image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels)
+    try:  # the pipeline's own canvas rule, so no admitted job can exhaust a GPU
+        check_work_bounds((image.width, image.height), params.scale, SD2_SIZE_MULTIPLE,
+                          settings.max_output_pixels, settings.max_aspect_ratio)
+    except WorkBoundsError as exc:
+        raise ApiError(422, exc.code, f"{exc} (MEGASR_{exc.setting.upper()})") from None
     existing = services.jobs.find_idempotent(tenant, idempotency_key) if idempotency_key else None
     if existing is not None:
         return existing, True
@@ -199,15 +215,16 @@ def get_job(job_id: str, request: Request, services: ServicesDep, tenant: Tenant
 
 @router.get("/jobs/{job_id}/result", name="get_result", responses={200: {"content": {"image/png": {}}}, 307: {}, 404: {}, 409: {}})
 def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
-    """The result image, or a redirect to a presigned URL when the storage is S3."""
+    """The result image (streamed from storage), or a redirect to a presigned URL when the storage is S3."""
     record = _owned(services, job_id, tenant)
     if record.status != JobStatus.succeeded or record.output_key is None:
         raise ApiError(409, "not_ready", f"job {job_id} is {record.status.value}, not succeeded")
     url = services.storage.presigned_url(record.output_key, services.settings.presign_ttl_s)
     if url:
         return RedirectResponse(url, status_code=307)
-    data = services.storage.get(record.output_key)
-    return Response(data, media_type=CONTENT_TYPES[record.params.output_format])
+    stored = services.storage.open(record.output_key)
+    headers = {"Content-Length": str(stored.size)} if stored.size is not None else None
+    return StreamingResponse(stored.chunks, media_type=CONTENT_TYPES[record.params.output_format], headers=headers)
 
 
 @router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {}, 404: {}, 409: {}})

@@ -48,13 +48,13 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
         response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
                               data={"steps": "2"}, timeout=30)
         assert response.status_code == 202, response.text
-        job_url = response.headers["location"]
+        job_url = base + response.headers["location"]  # links are root-relative without MEGASR_PUBLIC_URL
         deadline = time.monotonic() + 180
         while (job := httpx.get(job_url, timeout=10).json())["status"] not in ("succeeded", "failed", "canceled"):
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["status"] == "succeeded", job
-        result = httpx.get(job["result_url"], timeout=30)
+        result = httpx.get(base + job["result_url"], timeout=30)
         assert Image.open(io.BytesIO(result.content)).size == (80, 48)
         assert (tmp_path / "home" / "valkey").is_dir() and (tmp_path / "home" / "data").is_dir()
         conf = (tmp_path / "home" / "valkey" / "valkey.conf").read_text().splitlines()
@@ -94,7 +94,7 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
         response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
                               data={"steps": "1", "seed": "1"}, timeout=30)
         assert response.status_code == 202, response.text
-        job_url = response.headers["location"]
+        job_url = base + response.headers["location"]  # links are root-relative without MEGASR_PUBLIC_URL
         time.sleep(3)  # an in-process worker would have started it by now
         assert httpx.get(job_url, timeout=10).json()["status"] == "queued"
         assert not (tmp_path / "home" / "valkey").exists()  # no embedded Valkey was started
@@ -107,7 +107,7 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
             runtime.stop()
         job = httpx.get(job_url, timeout=10).json()
         assert job["status"] == "succeeded", job
-        assert httpx.get(job["result_url"], timeout=30).status_code == 200
+        assert httpx.get(base + job["result_url"], timeout=30).status_code == 200
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -57,7 +57,7 @@ def start_local_stack(home: Path):
     valkey.start()
     env = {**os.environ, "MEGASR_REDIS_URL": valkey.connection_url, "MEGASR_HOME": str(home),
            "MEGASR_STORAGE_URL": (home / "data").as_uri(), "MEGASR_RATE_LIMIT_PER_MINUTE": str(10**9),
-           "MEGASR_MAX_QUEUED_PER_TENANT": str(10**9), "MEGASR_QUEUE_NAME": "loadtest"}
+           "MEGASR_MAX_QUEUED_PER_TENANT": str(10**9), "MEGASR_QUEUE_NAME": "loadtest", "MEGASR_ALLOW_ANONYMOUS": "1"}
     env.pop("MEGASR_API_KEYS", None)
     settings = Settings(redis_url=valkey.connection_url, home=home, storage_url=(home / "data").as_uri(),
                         queue_name="loadtest")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.service.conftest import free_port
@@ -108,6 +109,27 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
         job = httpx.get(job_url, timeout=10).json()
         assert job["status"] == "succeeded", job
         assert httpx.get(base + job["result_url"], timeout=30).status_code == 200
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize(("trusted", "same_bucket"), [("127.0.0.1", False), ("192.0.2.1", True)],
+                         ids=["proxy-trusted", "proxy-not-trusted"])
+def test_serve_believes_x_forwarded_for_only_from_trusted_proxies(tmp_path, db_url, trusted, same_bucket):
+    """MEGASR_FORWARDED_ALLOW_IPS: from a trusted proxy (here the loopback peer) the failed-auth limit keys on
+    the forwarded client; from anyone else X-Forwarded-For is ignored, so a client cannot pick fresh addresses."""
+    env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": db_url,
+           "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(), "MEGASR_API_KEYS": "acme:acme-key-0123456789",
+           "MEGASR_AUTH_FAILURES_PER_MINUTE": "2", "MEGASR_FORWARDED_ALLOW_IPS": trusted}
+    server, base = start_serve(env, tmp_path / "serve.log")
+    try:
+        def guess(client_ip: str) -> int:
+            return httpx.get(f"{base}/v1/jobs/x", timeout=10, headers={
+                "Authorization": "Bearer wrong-key-0123456789", "X-Forwarded-For": client_ip}).status_code
+
+        assert [guess("198.51.100.1"), guess("198.51.100.1"), guess("198.51.100.1")] == [401, 401, 429]
+        assert guess("198.51.100.2") == (429 if same_bucket else 401)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -75,7 +75,7 @@ class WorkerRuntime:
         return thread
 
     def start_webhooks(self) -> None:
-        """Deliver webhooks from this process too (its own thread: never blocks a job)."""
+        """Deliver webhooks from this process too (its own threads, a bounded pool: never blocks a job)."""
         from service.webhooks import WebhookDispatcher
 
         settings = self.services.settings
@@ -84,6 +84,8 @@ class WorkerRuntime:
         self._webhooks = WebhookDispatcher(
             self.services.redis, self.services.jobs, settings.webhook_secret.get_secret_value().encode(),
             public_url=settings.public_url, retry_base_s=settings.webhook_retry_base_s,
+            timeout_s=settings.webhook_timeout_s, concurrency=settings.webhook_concurrency,
+            allow_private=settings.webhook_allow_private,
         )
         self._webhooks.start()
 

@@ -74,7 +74,7 @@ def test_the_dispatcher_sends_the_documented_signature(store):
     try:
         job_id = finish_with_webhook(store, receiver.url)
         (delivery_id,) = [raw.decode() for raw in store.redis.zrange(DUE_KEY, 0, -1)]
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode())
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode(), allow_private=True)
         before = int(time.time())
         assert dispatcher.deliver_due() == 1
         after = int(time.time())
@@ -106,7 +106,7 @@ def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
         finish_with_webhook(store, receiver.url)
         (delivery_id,) = [raw.decode() for raw in store.redis.zrange(DUE_KEY, 0, -1)]
         dispatcher = WebhookDispatcher(store.redis, store, settings.webhook_secret.get_secret_value().encode(),
-                                       retry_base_s=settings.webhook_retry_base_s)
+                                       retry_base_s=settings.webhook_retry_base_s, allow_private=True)
         scheduled = []  # (attempt, sent no earlier than, sent no later than, next due time) per failed try
         deadline = time.monotonic() + 30
         while len(receiver.calls) < 6 and time.monotonic() < deadline:
@@ -231,7 +231,7 @@ def test_redirects_are_not_followed(store):
     redirecting = WebhookReceiver(lambda _n: 307, headers={"Location": target.url})
     try:
         finish_with_webhook(store, redirecting.url)
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode())
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode(), allow_private=True)
         assert dispatcher.deliver_due() == 1
     finally:
         redirecting.close()
@@ -243,16 +243,16 @@ def test_redirects_are_not_followed(store):
 
 def test_the_dispatcher_thread_delivers_and_survives_errors(store, monkeypatch):
     receiver = WebhookReceiver(lambda _n: 200)
-    dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode())
-    real, failures = dispatcher.deliver_due, []
+    dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode(), allow_private=True)
+    real, failures = dispatcher.dispatch_due, []
 
-    def flaky(limit: int = 50) -> int:
+    def flaky(limit: int = 50):
         if not failures:
             failures.append(1)
             raise RuntimeError("redis blip")
         return real(limit)
 
-    monkeypatch.setattr(dispatcher, "deliver_due", flaky)
+    monkeypatch.setattr(dispatcher, "dispatch_due", flaky)
     thread = dispatcher.start(interval_s=0.05)
     try:
         finish_with_webhook(store, receiver.url)
@@ -281,7 +281,7 @@ def test_deliveries_of_vanished_jobs_are_dropped_and_the_rest_still_sent(store):
                for raw in store.redis.zrange(DUE_KEY, 0, -1)}
         now = time.time()
         store.redis.zadd(DUE_KEY, {ids[vanished]: now - 30, ids[first]: now - 20, ids[second]: now - 10})
-        assert WebhookDispatcher(store.redis, store, SECRET.encode()).deliver_due() == 2
+        assert WebhookDispatcher(store.redis, store, SECRET.encode(), allow_private=True).deliver_due() == 2
     finally:
         receiver.close()
     assert sorted(json.loads(call.body)["id"] for call in receiver.calls) == sorted([first, second])
@@ -295,3 +295,101 @@ def test_a_job_without_finish_time_still_makes_a_valid_event():
                         input_key="jobs/job-1/input", input_width=8, input_height=8)
     body = json.loads(payload(running, "https://sr.example.com"))
     assert body["finished_at"] is None and body["started_at"] is None and body["output"] is None
+
+
+# ------------------------------------------------------------------ the address policy, vector by vector
+
+# (address, allowed, why): the table of service/webhook_policy.py's rules.
+ADDRESS_VECTORS = [
+    ("100.100.100.200", False, "CGNAT 100.64/10: Alibaba Cloud's metadata service"),
+    ("100.64.0.1", False, "CGNAT, lowest"),
+    ("2002:7f00:1::", False, "6to4 of 127.0.0.1"),
+    ("192.0.0.8", False, "IETF protocol assignments 192.0.0/24 (is_global says yes on Python 3.11)"),
+    ("127.0.0.1", False, "loopback"), ("127.255.255.254", False, "loopback, all of 127/8"),
+    ("10.0.0.1", False, "RFC 1918"), ("10.255.255.255", False, "RFC 1918"),
+    ("172.16.0.1", False, "RFC 1918"), ("192.168.1.1", False, "RFC 1918"),
+    ("169.254.169.254", False, "link-local: AWS/GCP/Azure metadata"),
+    ("0.0.0.0", False, "this host"), ("255.255.255.255", False, "broadcast"),
+    ("198.18.0.1", False, "benchmarking 198.18/15"), ("198.19.255.255", False, "benchmarking, top"),
+    ("240.0.0.1", False, "reserved 240/4"), ("224.0.0.1", False, "multicast"),
+    ("192.0.2.1", False, "documentation"), ("192.88.99.1", False, "6to4 relay anycast"),
+    ("::1", False, "IPv6 loopback"), ("::", False, "unspecified"),
+    ("fc00::1", False, "unique local fc00::/7"), ("fdff:ffff::1", False, "unique local, fd half"),
+    ("fe80::1", False, "link-local"), ("fec0::1", False, "site-local (deprecated)"), ("ff02::1", False, "multicast"),
+    ("::ffff:127.0.0.1", False, "IPv4-mapped loopback"), ("::ffff:169.254.169.254", False, "IPv4-mapped metadata"),
+    ("::127.0.0.1", False, "IPv4-compatible (deprecated): always refused"),
+    ("::8.8.8.8", False, "IPv4-compatible, even of a public address"),
+    ("64:ff9b::7f00:1", False, "NAT64 of 127.0.0.1"), ("64:ff9b::a9fe:a9fe", False, "NAT64 of 169.254.169.254"),
+    ("64:ff9b:1:7f00:0:100::", False, "local-use NAT64 /48 of 127.0.0.1 (RFC 6052 layout)"),
+    ("2001:0:4136:e378:8000:63bf:3fff:fdd2", False, "Teredo (global server and client): always refused"),
+    ("2001:0:7f00:1:8000:0:80ff:fffe", False, "Teredo with server 127.0.0.1, client 127.0.0.1"),
+    ("2001:db8::1", False, "documentation"), ("3fff::1", False, "documentation (2024)"),
+    ("5f00::1", False, "SRv6 SIDs: outside 2000::/3"), ("100::1", False, "discard-only"),
+    ("8.8.8.8", True, "public"), ("1.1.1.1", True, "public"), ("100.128.0.1", True, "just above CGNAT"),
+    ("2606:4700:4700::1111", True, "public IPv6"), ("2001:4860:4860::8888", True, "public IPv6"),
+    ("2002:808:808::", True, "6to4 of 8.8.8.8: reaches only what 8.8.8.8 itself does"),
+    ("::ffff:8.8.8.8", True, "IPv4-mapped public (how dual-stack sockets write IPv4)"),
+    ("64:ff9b::808:808", True, "NAT64 of 8.8.8.8 (what DNS64 answers on IPv6-only networks)"),
+    ("64:ff9b:1:808:8:800::", True, "local-use NAT64 of 8.8.8.8"),
+]
+
+
+@pytest.mark.parametrize(("address", "allowed", "why"), ADDRESS_VECTORS, ids=[v[0] for v in ADDRESS_VECTORS])
+def test_address_policy_vectors(address, allowed, why):
+    """Each vector on its own, through the pure policy function and through the submit-time URL check."""
+    import ipaddress
+
+    from service.webhook_policy import PUBLIC_ONLY, address_allowed, check_webhook_url
+
+    assert address_allowed(ipaddress.ip_address(address)) is allowed, why
+    url = "https://hooks.example.com/x"
+    if allowed:
+        check_webhook_url(url, allow_private=False, resolve=lambda _host, _port: [address])
+    else:
+        with pytest.raises(ValueError, match=f"^{PUBLIC_ONLY}$"):
+            check_webhook_url(url, allow_private=False, resolve=lambda _host, _port: [address])
+    check_webhook_url(url, allow_private=True, resolve=lambda _host, _port: [address])
+
+
+def test_one_refused_address_among_public_ones_refuses_the_url():
+    """A name answering with a public and a private address is refused: the connection could use either."""
+    from service.webhook_policy import check_webhook_url
+
+    with pytest.raises(ValueError, match="public address"):
+        check_webhook_url("https://hooks.example.com/x", allow_private=False,
+                          resolve=lambda _host, _port: ["8.8.8.8", "2606:4700:4700::1111", "10.0.0.7"])
+    with pytest.raises(ValueError, match="does not resolve"):
+        check_webhook_url("https://hooks.example.com/x", allow_private=False, resolve=lambda _host, _port: [])
+
+
+def test_zone_ids_are_dropped_before_the_check():
+    from service.webhook_policy import address_allowed, parse_address
+
+    assert str(parse_address("fe80::1%eth0")) == "fe80::1" and not address_allowed(parse_address("fe80::1%eth0"))
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("ftp://8.8.8.8/x", "must use http or https"),
+    ("file:///etc/passwd", "must use http or https"),
+    ("gopher://8.8.8.8:70/_x", "must use http or https"),
+    ("http://user:pw@8.8.8.8/x", "must not contain credentials"),
+    ("http://user@8.8.8.8/x", "must not contain credentials"),
+    ("http:///x", "must name a host"),
+    ("http://8.8.8.8:99999/x", "not a valid URL"),
+])
+def test_url_rules_hold_even_with_private_addresses_allowed(url, message):
+    from service.webhook_policy import check_webhook_url
+
+    for allow_private in (False, True):
+        with pytest.raises(ValueError, match=message):
+            check_webhook_url(url, allow_private=allow_private)
+
+
+def test_any_port_is_allowed_and_the_resolver_gets_it():
+    from service.webhook_policy import check_webhook_url
+
+    asked = []
+    for url, port in [("http://hooks.example.com:1/x", 1), ("https://hooks.example.com/x", 443),
+                      ("http://hooks.example.com/x", 80), ("https://hooks.example.com:65535/x", 65535)]:
+        check_webhook_url(url, allow_private=False, resolve=lambda host, p: asked.append((host, p)) or ["8.8.8.8"])
+        assert asked[-1] == ("hooks.example.com", port)

@@ -24,13 +24,14 @@ def receiver():
 
 def test_webhook_delivered_signed_and_retried(tmp_path, redis_url, tiny_pipeline, receiver):
     settings = make_settings(tmp_path, redis_url, webhook_secret=SECRET, webhook_allow_private=True,
-                             webhook_retry_base_s=0.05, public_url="https://sr.example.com")
+                             webhook_retry_base_s=0.05, public_url="https://sr.example.com",
+                             allowed_hosts="testserver")  # the TestClient's Host
     with TestClient(create_app(settings)) as client:
         job_id = submit(client, steps=1, webhook_url=receiver.url).json()["id"]
         run_worker(settings, tiny_pipeline)
         services = client.app.state.services
         dispatcher = WebhookDispatcher(services.redis, services.jobs, SECRET.encode(), public_url=settings.public_url,
-                                       retry_base_s=settings.webhook_retry_base_s)
+                                       retry_base_s=settings.webhook_retry_base_s, allow_private=True)
         import time
 
         deadline = time.monotonic() + 10
@@ -52,7 +53,8 @@ def test_webhook_on_cancel_and_dispatcher_thread(tmp_path, redis_url, receiver):
     with TestClient(create_app(settings)) as client:
         job_id = submit(client, webhook_url=receiver.url).json()["id"]
         services = client.app.state.services
-        dispatcher = WebhookDispatcher(services.redis, services.jobs, SECRET.encode(), retry_base_s=0.05)
+        dispatcher = WebhookDispatcher(services.redis, services.jobs, SECRET.encode(), retry_base_s=0.05,
+                                       allow_private=True)
         dispatcher.start(interval_s=0.05)
         try:
             assert client.delete(f"/v1/jobs/{job_id}").status_code == 200

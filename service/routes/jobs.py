@@ -117,7 +117,7 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
             await form.close()
     if content_type == "application/json":
         body = await read_limited(request, 4 * math.ceil(max_bytes / 3) + _FIELDS_OVERHEAD, detail)
-        payload = loads_limited(body)
+        payload = await run_in_threadpool(loads_limited, body)  # up to ~27 MB: off the event loop
         if not isinstance(payload, dict):
             raise ApiError(422, "invalid_parameters", "the JSON body must be an object")
         image = payload.pop("image", None)
@@ -129,7 +129,7 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
         if len(encoded) > 4 * math.ceil(max_bytes / 3):  # the base64 length of max_bytes
             raise ApiError(413, "upload_too_large", f"the image is over the {max_bytes:,} byte limit")
         try:
-            data = base64.b64decode(encoded, validate=True)
+            data = await run_in_threadpool(base64.b64decode, encoded, validate=True)
         except (binascii.Error, ValueError):
             raise ApiError(400, "invalid_base64", "image: the data URL is not valid base64") from None
         return data, header[5:].split(";")[0] or None, payload

@@ -218,8 +218,9 @@ class WebhookDispatcher:
         return True
 
     def send(self, delivery_id: str, url: str, body: bytes) -> tuple[bool, str]:
-        """POST ``body`` once: resolve and check the host now, connect to a checked address, all
-        within the deadline. Returns (success, reason)."""
+        """POST ``body`` once: resolve and check the host now, connect to a checked address. The time
+        spent resolving counts against the deadline (``getaddrinfo`` cannot be interrupted: a hanging
+        resolver is bounded by its own timeout, and the claim's lease covers it). Returns (success, reason)."""
         started = time.monotonic()
         try:
             target = parse_webhook_url(url)

@@ -80,8 +80,11 @@ def test_webhook_urls_are_checked(tmp_path, redis_url):
         assert response.status_code == 422 and "MEGASR_WEBHOOK_SECRET" in response.json()["error"]["message"]
     settings = make_settings(tmp_path, redis_url, webhook_secret=SECRET)
     with TestClient(create_app(settings)) as client:
-        response = submit(client, webhook_url="http://localhost:8080/hook")
-        assert response.status_code == 422 and "public address" in response.json()["error"]["message"]
+        for url in ("http://localhost:8080/hook", "http://100.100.100.200/latest/meta-data/",
+                    "http://[2002:7f00:1::]:8080/hook", "http://192.0.0.8/hook"):  # the last three passed before #13
+            response = submit(client, webhook_url=url)
+            assert response.status_code == 422 and "public address" in response.json()["error"]["message"], url
+            assert response.json()["error"]["code"] == "invalid_parameters"
 
 
 def test_signature_rejects_old_timestamps():

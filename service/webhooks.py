@@ -106,8 +106,6 @@ def payload(record: JobRecord, public_url: str | None) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-
-
 # Claim up to ARGV[3] deliveries due by ARGV[1]: each one's due time becomes ARGV[2], the end of the
 # lease, so no other dispatcher takes it before then, and it is due again by itself if we die.
 CLAIM_SCRIPT = """

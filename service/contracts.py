@@ -95,3 +95,10 @@ def input_key(job_id: str) -> str:
 
 def output_key(job_id: str, fmt: str) -> str:
     return f"jobs/{job_id}/output.{'jpg' if fmt == 'jpeg' else fmt}"
+
+
+def attempt_output_key(job_id: str, owner: str, fmt: str) -> str:
+    """Where one attempt (its owner token) writes its result: a late attempt of a job another
+    attempt has finished writes beside the result, never over it; the record names the one."""
+    attempt = "".join(c if c.isalnum() or c in "-_" else "-" for c in owner)
+    return f"jobs/{job_id}/{attempt}/output.{'jpg' if fmt == 'jpeg' else fmt}"

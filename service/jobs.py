@@ -1,25 +1,40 @@
-"""Job records in Redis: create (idempotently), read per tenant, move through states safely.
+"""Job records in Redis: create (idempotently, within quota), read per tenant, move through states.
 
-Keys (all under ``megasr:``): ``job:<id>`` the record (JSON), ``idem:<tenant>:<key>`` the
-job an idempotency key created, ``cancel:<id>`` a running job's cancel request,
-``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota), ``rate:<tenant>:<minute>``
-the tenant's requests this minute, ``running`` the jobs being run and ``lease:<id>`` each one's
-liveness lease (renewed by its worker every few seconds). State changes are compare-and-set
-transactions, and a running job carries its attempt's ``owner`` token: a job canceled while it
-starts, finished by one worker, or taken over after its worker died is never overwritten by
-another attempt.
+Keys (all under ``megasr:``): ``job:<id>`` the record (JSON), ``idem:<tenant>:<key>`` the job an
+idempotency key created and the hash of its request, ``cancel:<id>`` a running job's cancel
+request, ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota),
+``rate:<tenant>:<minute>`` the tenant's requests this minute, ``running`` the jobs being run and
+``lease:<id>`` each one's liveness lease (renewed by its worker every few seconds),
+``outputs:<id>`` every storage key an attempt wrote a result to (deleted with the job's images).
+
+Every state change is ONE compare-and-set transaction (WATCH, then MULTI/EXEC) over all the keys
+it touches, RQ's included (``service.queue`` writes into the same transaction): create = quota
+check + record + idempotency key + enqueue; start = running + lease + running set; requeue =
+queued + no lease + RQ re-enqueue; finish = final state + every release. A crash between two
+transactions leaves a state ``service.sweeper`` repairs. A running job carries its attempt's
+``owner`` token: a job canceled while it starts, finished by one worker, or taken over after its
+worker died is never overwritten by another attempt.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import redis
+from pydantic import BaseModel
+from redis.client import Pipeline
 
+from . import faults
 from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus
 from .webhooks import schedule_in
+
+if TYPE_CHECKING:
+    from .queue import JobQueue
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 LEASE_TTL_S = 15
@@ -30,6 +45,22 @@ FINISHED_KEY = "megasr:stats:finished"  # finished jobs per final status (metric
 
 class TransitionRejected(RuntimeError):
     """The job is not in a state the requested change may start from."""
+
+
+class QuotaExceeded(RuntimeError):
+    """The tenant already has its maximum of unfinished jobs."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"{limit} unfinished jobs already")
+        self.limit = limit
+
+
+class IdempotencyMismatch(RuntimeError):
+    """An Idempotency-Key was reused with a different request."""
+
+
+#: extra writes a transition adds to its transaction: (pipeline in MULTI mode, the new record)
+Extra = Callable[[Pipeline, JobRecord], None]
 
 
 def _now() -> datetime:
@@ -54,26 +85,78 @@ class JobStore:
     def active_key(tenant: str) -> str:
         return f"megasr:tenant:{tenant}:active"
 
+    @staticmethod
+    def lease_key(job_id: str) -> str:
+        return f"megasr:lease:{job_id}"
+
+    @staticmethod
+    def idempotency_key(tenant: str, key: str) -> str:
+        return f"megasr:idem:{tenant}:{key}"
+
+    @staticmethod
+    def outputs_key(job_id: str) -> str:
+        return f"megasr:outputs:{job_id}"
+
     # ---------------------------------------------------------------- create / read
-    def create(self, record: JobRecord, idempotency_key: str | None = None) -> tuple[JobRecord, bool]:
-        """Store a new job; with an idempotency key already used, return that job (created=False)."""
-        if idempotency_key:
-            idem = f"megasr:idem:{record.tenant}:{idempotency_key}"
-            if not self.redis.set(idem, record.id, nx=True, ex=IDEMPOTENCY_TTL_S):
-                existing_id = self.redis.get(idem)
-                existing = self.get(existing_id.decode()) if existing_id else None
-                if existing is not None:
-                    return existing, False
-                self.redis.set(idem, record.id, ex=IDEMPOTENCY_TTL_S)  # the old job expired
+    def create(
+        self, record: JobRecord, idempotency_key: str | None = None, *, request_hash: str = "",
+        max_active: int | None = None, enqueue: Callable[[Pipeline], None] | None = None,
+    ) -> tuple[JobRecord, bool]:
+        """Store a new job and enqueue it, in one transaction; (record, created).
+
+        With an idempotency key already used for the same request (``request_hash``), return
+        that job (created=False); used for another request, raise :class:`IdempotencyMismatch`.
+        With ``max_active``, raise :class:`QuotaExceeded` when the tenant has that many
+        unfinished jobs: the check and the insert are one transaction (WATCH on the quota set),
+        so concurrent submissions never overshoot. ``enqueue(pipe)`` adds RQ's writes.
+        """
+        active = self.active_key(record.tenant)
+        idem = self.idempotency_key(record.tenant, idempotency_key) if idempotency_key else None
         with self.redis.pipeline() as pipe:
-            pipe.set(self.key(record.id), record.model_dump_json())
-            pipe.sadd(self.active_key(record.tenant), record.id)
-            pipe.execute()
-        return record, True
+            while True:
+                try:
+                    pipe.watch(active, *([idem] if idem else []))
+                    if idem is not None:
+                        existing = self._idempotent(pipe, idem)
+                        if existing is not None:
+                            job, stored_hash = existing
+                            if stored_hash != request_hash:
+                                raise IdempotencyMismatch(
+                                    f"the Idempotency-Key was first used for a different request (job {job.id})")
+                            return job, False
+                    if max_active is not None and int(pipe.scard(active)) >= max_active:
+                        raise QuotaExceeded(max_active)
+                    pipe.multi()
+                    pipe.set(self.key(record.id), record.model_dump_json())
+                    pipe.sadd(active, record.id)
+                    if idem is not None:
+                        pipe.delete(idem)
+                        pipe.hset(idem, mapping={"job": record.id, "request": request_hash})
+                        pipe.expire(idem, IDEMPOTENCY_TTL_S)
+                    if enqueue is not None:
+                        enqueue(pipe)
+                    faults.step("create:exec")
+                    pipe.execute()
+                    return record, True
+                except redis.WatchError:
+                    continue
+
+    def _idempotent(self, client: redis.Redis | Pipeline, idem: str) -> tuple[JobRecord, str] | None:
+        """The live job an idempotency key points to, and the request hash stored with it."""
+        entry = client.hgetall(idem)
+        job_id = entry.get(b"job")
+        raw = client.get(self.key(job_id.decode())) if job_id else None
+        if raw is None:
+            return None  # unused, or its job has expired: the key may be taken again
+        return JobRecord.model_validate_json(raw), entry.get(b"request", b"").decode()
 
     def find_idempotent(self, tenant: str, idempotency_key: str) -> JobRecord | None:
-        job_id = self.redis.get(f"megasr:idem:{tenant}:{idempotency_key}")
-        return self.get(job_id.decode()) if job_id else None
+        found = self.find_idempotent_request(tenant, idempotency_key)
+        return found[0] if found else None
+
+    def find_idempotent_request(self, tenant: str, idempotency_key: str) -> tuple[JobRecord, str] | None:
+        """The job of an idempotency key and the hash of the request that created it."""
+        return self._idempotent(self.redis, self.idempotency_key(tenant, idempotency_key))
 
     def get(self, job_id: str) -> JobRecord | None:
         raw = self.redis.get(self.key(job_id))
@@ -87,6 +170,14 @@ class JobStore:
     def active_count(self, tenant: str) -> int:
         return int(self.redis.scard(self.active_key(tenant)))
 
+    def active_jobs(self) -> Iterator[tuple[str, str]]:
+        """(tenant, job id) of every job in a tenant's quota set: all unfinished jobs."""
+        prefix, suffix = "megasr:tenant:", ":active"
+        for key in self.redis.scan_iter(match=f"{prefix}*{suffix}", count=500):
+            tenant = key.decode()[len(prefix):-len(suffix)]
+            for job_id in self.redis.smembers(key):
+                yield tenant, job_id.decode()
+
     def count_request(self, tenant: str) -> int:
         """Requests of ``tenant`` in the current minute, this one included."""
         key = f"megasr:rate:{tenant}:{int(time.time() // 60)}"
@@ -97,17 +188,17 @@ class JobStore:
         return int(count)
 
     # ---------------------------------------------------------------- transitions
-    @staticmethod
-    def lease_key(job_id: str) -> str:
-        return f"megasr:lease:{job_id}"
-
     def transition(
         self, job_id: str, allowed_from: Iterable[JobStatus], to: JobStatus | None = None,
-        expect_owner: str | None = None, **changes: object,
+        expect_owner: str | None = None, extra: Extra | None = None,
+        derive: Callable[[JobRecord], dict[str, object]] | None = None, step: str = "transition",
+        **changes: object,
     ) -> JobRecord:
         """Atomically change a job that is in one of ``allowed_from`` (optionally to state ``to``).
 
-        With ``expect_owner``, the job must still belong to that attempt.
+        With ``expect_owner``, the job must still belong to that attempt. ``derive(record)``
+        computes changes from the current record; ``extra`` adds writes to the same transaction.
+        A final state also releases everything the job held (lease, quota slot, cancel flag).
         """
         allowed = set(allowed_from)
         key = self.key(job_id)
@@ -123,7 +214,8 @@ class JobStore:
                         raise TransitionRejected(f"job {job_id} is {record.status.value}")
                     if expect_owner is not None and record.owner != expect_owner:
                         raise TransitionRejected(f"job {job_id} was taken over by another attempt")
-                    updated = record.model_copy(update={**changes, **({"status": to} if to else {})})
+                    derived = derive(record) if derive is not None else {}
+                    updated = record.model_copy(update={**derived, **changes, **({"status": to} if to else {})})
                     pipe.multi()
                     pipe.set(key, updated.model_dump_json())
                     if updated.status.is_final:
@@ -135,24 +227,50 @@ class JobStore:
                         pipe.expire(key, self.result_ttl_s)
                         pipe.delete(self.cancel_key(job_id), self.lease_key(job_id))
                         pipe.srem(RUNNING_KEY, job_id)
+                    if extra is not None:
+                        extra(pipe, updated)
+                    faults.step(f"{step}:exec")
                     pipe.execute()
                     return updated
                 except redis.WatchError:
                     continue
 
-    def start(self, job_id: str, owner: str) -> JobRecord:
-        """Mark the job running for the attempt ``owner`` and take its lease."""
-        record = self.get(job_id)
-        attempts = (record.attempts if record else 0) + 1
-        # Only from queued: a job another attempt is running is never started twice (a dead
-        # attempt's job is moved back to queued by the reaper first).
-        updated = self.transition(job_id, [JobStatus.queued], JobStatus.running,
-                                  started_at=_now(), attempts=attempts, progress=0.0, owner=owner)
-        with self.redis.pipeline() as pipe:
+    def start(self, job_id: str, owner: str, extra: Extra | None = None) -> JobRecord:
+        """Mark the job running for the attempt ``owner``, take its lease and join the running set.
+
+        Only from queued: a job another attempt is running is never started twice (a dead
+        attempt's job is moved back to queued by the reaper first). ``extra``: e.g. a batch
+        claim's removal of the job from RQ's queue, in the same transaction.
+        """
+
+        def hold(pipe: Pipeline, record: JobRecord) -> None:
             pipe.set(self.lease_key(job_id), owner, ex=LEASE_TTL_S)
             pipe.sadd(RUNNING_KEY, job_id)
-            pipe.execute()
-        return updated
+            if extra is not None:
+                extra(pipe, record)
+
+        return self.transition(job_id, [JobStatus.queued], JobStatus.running, extra=hold, step="start",
+                               derive=lambda r: {"attempts": r.attempts + 1}, started_at=_now(), progress=0.0,
+                               owner=owner)
+
+    def requeue(self, job_id: str, owner: str | None, queue: "JobQueue | None") -> JobRecord:
+        """Move a running attempt's job back to queued and drop its lease, in one transaction.
+
+        With ``queue``, the job is also put back at the front of RQ's queue in that transaction
+        (the reaper, the sweeper, a batch mate's retry). Without, RQ's own retry of the job it
+        handed the worker re-queues it after the task returns (a crash in between is repaired
+        by the sweeper). ``owner=None``: whichever attempt holds it (none is alive).
+        """
+        stale = queue.fetch(job_id) if queue is not None else None
+
+        def release(pipe: Pipeline, record: JobRecord) -> None:
+            pipe.delete(self.lease_key(job_id))
+            pipe.srem(RUNNING_KEY, job_id)
+            if queue is not None:
+                queue.requeue(job_id, record.tenant, pipe, stale)
+
+        return self.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner=owner, extra=release,
+                               step="requeue", owner=None, progress=0.0)
 
     def renew_lease(self, job_id: str, owner: str) -> None:
         self.redis.set(self.lease_key(job_id), owner, ex=LEASE_TTL_S)
@@ -163,11 +281,14 @@ class JobStore:
         except TransitionRejected:
             pass
 
-    def finish(self, job_id: str, status: JobStatus, owner: str | None = None, **changes: object) -> JobRecord:
+    def finish(self, job_id: str, status: JobStatus, owner: str | None = None, extra: Extra | None = None,
+               **changes: object) -> JobRecord:
+        """Move the job to a final state and release everything it held, in one transaction."""
         if not status.is_final:
             raise ValueError(f"{status} is not a final state")
         allowed = [JobStatus.running] if owner is not None else [JobStatus.queued, JobStatus.running]
-        return self.transition(job_id, allowed, status, expect_owner=owner, finished_at=_now(), **changes)
+        return self.transition(job_id, allowed, status, expect_owner=owner, extra=extra, step="finish",
+                               finished_at=_now(), **changes)
 
     def still_owner(self, job_id: str, owner: str) -> bool:
         record = self.get(job_id)
@@ -184,18 +305,26 @@ class JobStore:
             alive = pipe.execute()
         return [job_id for job_id, live in zip(ids, alive) if not live]
 
+    # ---------------------------------------------------------------- results
+    def note_output(self, job_id: str, storage_key: str) -> None:
+        """Remember a result's storage key before it is written, so that its deletion finds it
+        even when the attempt dies or is fenced out before recording it."""
+        with self.redis.pipeline() as pipe:
+            pipe.sadd(self.outputs_key(job_id), storage_key)
+            pipe.expire(self.outputs_key(job_id), self.result_ttl_s + IDEMPOTENCY_TTL_S)
+            pipe.execute()
+
+    def outputs(self, job_id: str) -> list[str]:
+        return sorted(k.decode() for k in self.redis.smembers(self.outputs_key(job_id)))
+
     def due_for_deletion(self, limit: int = 100) -> list[str]:
         """Finished jobs whose images have outlived the result TTL."""
         return [i.decode() for i in self.redis.zrangebyscore(EXPIRY_KEY, "-inf", time.time(), start=0, num=limit)]
 
     def forget(self, job_id: str) -> None:
-        self.redis.zrem(EXPIRY_KEY, job_id)
-
-    def release(self, job_id: str, owner: str) -> None:
-        """Drop a lease without finishing (the job goes back to the queue for a retry)."""
         with self.redis.pipeline() as pipe:
-            pipe.delete(self.lease_key(job_id))
-            pipe.srem(RUNNING_KEY, job_id)
+            pipe.zrem(EXPIRY_KEY, job_id)
+            pipe.delete(self.outputs_key(job_id))
             pipe.execute()
 
     # ---------------------------------------------------------------- cancel
@@ -204,3 +333,12 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
+
+
+def request_fingerprint(image: bytes, params: BaseModel) -> str:
+    """sha256 of what a submission asks for: the image bytes and the validated parameters
+    (normalized: defaults filled in, keys sorted), bound to an Idempotency-Key."""
+    digest = hashlib.sha256()
+    digest.update(hashlib.sha256(image).digest())
+    digest.update(json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode())
+    return digest.hexdigest()

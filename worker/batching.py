@@ -6,15 +6,15 @@ negative prompt and colour fix (the pipeline shares them across a batch) and the
 bucket: the padded working size, which follows from the input size and the scale. Prompts,
 seeds and scales stay per job.
 
-Claiming is safe against every other worker and the API:
+Claiming is safe against every other worker and the API: in one transaction the job's record
+goes ``queued → running`` with this attempt's owner token and lease (the same compare-and-set
+as a job RQ hands out: a job canceled or taken meanwhile is skipped), and the job leaves RQ's
+queue list and its RQ job is deleted. A worker that popped the same job meanwhile finds no RQ
+job, or a running record, and skips it.
 
-1. the job's record goes ``queued → running`` with this attempt's owner token and lease (the
-   same compare-and-set as a job RQ hands out: a job canceled or taken meanwhile is skipped);
-2. only then is it removed from RQ's queue list and its RQ job deleted, so a worker that dies
-   in between leaves a running job with a lease that expires, which the reaper re-queues.
-
-The head of the queue is always what RQ gives the next worker, and claiming only takes jobs
-from behind it, so a job that batches with nothing is never starved.
+The job RQ gives the next worker (the tenant-fair pick of ``service.fair_queue``) is never a
+claimed one, and claiming only takes jobs that share a batch with one already running, so a
+job that batches with nothing is never starved.
 """
 
 from __future__ import annotations
@@ -24,9 +24,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-
-from rq.exceptions import NoSuchJobError
-from rq.job import Job
 
 from service.contracts import JobRecord, JobStatus
 from service.deps import Services
@@ -69,7 +66,8 @@ class JobClaimer:
             return []
         key = batch_key(first, self.geometry)
         redis, jobs = self.services.redis, self.services.jobs
-        queue_key = self.services.queue.queue.key
+        queue = self.services.queue
+        queue_key = queue.queue.key
         deadline = time.monotonic() + self.wait_s
         skipped: set[str] = {first.id}
         claimed: list[Claimed] = []
@@ -83,16 +81,10 @@ class JobClaimer:
                 if record is None or record.status != JobStatus.queued or batch_key(record, self.geometry) != key:
                     continue
                 owner = new_owner()
-                try:
-                    record = jobs.start(job_id, owner)
+                try:  # running under our lease and out of RQ's queue: one transaction
+                    record = jobs.start(job_id, owner, extra=lambda pipe, _, job_id=job_id: queue.discard(job_id, pipe, None))
                 except TransitionRejected:
                     continue  # canceled, or another worker started it first
-                # Running under our lease now; only then leave RQ's queue (see the module notes).
-                redis.lrem(queue_key, 1, job_id)
-                try:
-                    Job.fetch(job_id, connection=redis).delete()
-                except NoSuchJobError:
-                    pass
                 claimed.append(Claimed(record, owner))
                 if len(claimed) >= wanted:
                     return claimed

@@ -12,20 +12,22 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import signal
 import threading
 from pathlib import Path
 
-from rq import Queue
 from rq.timeouts import TimerDeathPenalty
-from rq.worker import SimpleWorker
 
 from service.config import Settings
+
+from .main import StopOnFatal, make_worker
 
 log = logging.getLogger("megasr.serve")
 
 
-class ThreadWorker(SimpleWorker):
-    """An RQ worker that can live in a thread: no signal handlers, timer-based job timeouts."""
+class ThreadWorker(StopOnFatal):
+    """An RQ worker that can live in a thread: no signal handlers, timer-based job timeouts; it
+    stops after a fatal error like ``megasr worker`` (``worker.main.StopOnFatal``)."""
 
     death_penalty_class = TimerDeathPenalty
 
@@ -107,10 +109,11 @@ def start_worker_thread(settings: Settings, weights: Path, device: str | None = 
 
     def run() -> None:
         runtime = prepare(settings, weights, device=device, dtype=dtype)
-        connection = runtime.services.redis
-        worker = ThreadWorker([Queue(settings.queue_name, connection=connection)], connection=connection,
-                              name=runtime.name)
+        worker = make_worker(ThreadWorker, runtime.services.redis, settings.queue_name, name=runtime.name)
         worker.work(burst=False, logging_level="INFO", with_scheduler=False)
+        if worker.fatal_error is not None:  # the GPU is unusable: stop the server so it is restarted
+            log.critical("the worker thread stopped after a fatal error; shutting the server down")
+            os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=run, name="megasr-worker", daemon=True)
     thread.start()

@@ -31,3 +31,25 @@ def classify(exc: BaseException) -> str:
     if "CUDA error" in message or "cuDNN error" in message or "device-side assert" in message:
         return "fatal"
     return "internal_error"
+
+
+class FatalWorkerError(RuntimeError):
+    """Raised by the task after a fatal error: the worker stops taking jobs and exits non-zero."""
+
+
+#: what a tenant reads for each failure kind: fixed text, never the exception's (which can hold
+#: paths, hostnames or other tenants' data); the exception itself goes to the worker log
+_SAFE_MESSAGES = {
+    "internal_error": "the job failed inside the worker; it was retried {retries} times",
+    "transient": "storage or the job queue was unreachable; the job was retried {retries} times",
+    "out_of_memory": "the GPU ran out of memory, even with the smallest tiles; the job was retried {retries} times",
+    "timeout": "the job ran past the worker's time limit (MEGASR_JOB_TIMEOUT_S)",
+    "fatal": "the worker's GPU failed while running the job; the worker restarts",
+    "invalid_input": "the image or its parameters cannot be processed",
+}
+
+
+def safe_message(kind: str, attempts: int) -> str:
+    """The tenant-facing message of a failure of ``kind`` after ``attempts`` attempts."""
+    template = _SAFE_MESSAGES.get(kind, _SAFE_MESSAGES["internal_error"])
+    return template.format(retries=max(0, attempts - 1))

@@ -6,7 +6,11 @@ the worker is RQ's ``SimpleWorker``: jobs run in the process that holds the mode
 the model is loaded (and compiled, with ``MEGASR_COMPILE``) and every warm-up shape went
 through: batch sizes 1 and ``MEGASR_MAX_BATCH`` at each size of ``MEGASR_WARMUP_BUCKETS``.
 SIGTERM is a warm shutdown: the current batch finishes, no new job is taken, then the process
-exits.
+exits. A fatal error (a broken CUDA context, ``worker.errors``) fails its job and stops the
+worker with exit status :data:`EXIT_FATAL`, so that the orchestrator starts a fresh process
+instead of leaving a "ready" worker that fails every job.
+
+Jobs are dequeued tenant-fair and deserialized from JSON (``service.fair_queue``), never pickle.
 """
 
 from __future__ import annotations
@@ -14,12 +18,17 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any, TypeVar
 
-from rq import Queue
+from redis import Redis
+from rq.job import Job
 from rq.worker import SimpleWorker
 
 from service.config import Settings
+from service.fair_queue import FairQueue
+from service.queue import SERIALIZER
 
+from .errors import FatalWorkerError, classify
 from .runtime import WorkerRuntime, install_runtime
 
 log = logging.getLogger("megasr.worker")
@@ -46,8 +55,44 @@ def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scal
             pipeline(images, scale=scale, num_inference_steps=2, seed=0, max_batch_size=batch)
 
 
-class MegaSRWorker(SimpleWorker):
+#: exit status of a worker stopped by a fatal error (EX_SOFTWARE): restart me
+EXIT_FATAL = 70
+
+
+class StopOnFatal(SimpleWorker):
+    """An in-process RQ worker that stops after a job fails with a fatal error.
+
+    RQ catches every exception of a job and goes on to the next one; after a broken CUDA context
+    every next job would fail too. So the failure handling notes the fatal error, turns off
+    RQ's retry of that job (its record is already failed) and asks the work loop to stop;
+    ``fatal_error`` tells the caller to exit non-zero.
+    """
+
+    fatal_error: BaseException | None = None
+
+    def handle_exception(self, job: Job, *exc_info: Any) -> None:
+        exc = exc_info[1] if len(exc_info) > 1 else None
+        if isinstance(exc, FatalWorkerError) or (isinstance(exc, Exception) and classify(exc) == "fatal"):
+            self.fatal_error = exc
+            self.log.critical("worker %s: fatal error in job %s; stopping so that a fresh process takes over",
+                              self.name, job.id)
+            job.retries_left = 0
+            self._stop_requested = True
+        super().handle_exception(job, *exc_info)
+
+
+class MegaSRWorker(StopOnFatal):
     """RQ's in-process worker with MegaSR's runtime (lease renewal, reaper) around it."""
+
+
+W = TypeVar("W", bound=SimpleWorker)
+
+
+def make_worker(worker_class: type[W], connection: Redis, queue_name: str, name: str | None = None) -> W:
+    """An RQ worker on MegaSR's queue: tenant-fair dequeue, JSON job data (never pickle)."""
+    queue = FairQueue(queue_name, connection=connection, serializer=SERIALIZER)
+    return worker_class([queue], connection=connection, name=name, queue_class=FairQueue,
+                        serializer=SERIALIZER)
 
 
 def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=None,
@@ -80,10 +125,11 @@ def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=
 
 
 def run_worker(runtime: WorkerRuntime, settings: Settings, burst: bool = False) -> None:
-    connection = runtime.services.redis
-    worker = MegaSRWorker([Queue(settings.queue_name, connection=connection)], connection=connection,
-                          name=runtime.name)
+    """Take jobs until SIGTERM (or, with ``burst``, an empty queue); exit EXIT_FATAL after a fatal error."""
+    worker = make_worker(MegaSRWorker, runtime.services.redis, settings.queue_name, name=runtime.name)
     try:
         worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     finally:
         runtime.stop()
+    if worker.fatal_error is not None:
+        raise SystemExit(EXIT_FATAL)

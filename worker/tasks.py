@@ -25,12 +25,13 @@ from typing import Any
 
 from rq import get_current_job
 
-from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, output_key
+from service import faults
+from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, attempt_output_key
 from service.jobs import TransitionRejected
-from service.reaper import MAX_ATTEMPTS
+from service.sweeper import MAX_ATTEMPTS
 
 from .batching import CancelWatch
-from .errors import classify
+from .errors import FatalWorkerError, classify, safe_message
 from .runtime import WorkerRuntime, get_runtime
 
 log = logging.getLogger("megasr.worker")
@@ -81,6 +82,7 @@ def upscale(job_id: str) -> None:
     except TransitionRejected as exc:
         log.info("job %s: not started: %s", job_id, exc)
         return
+    faults.step("task:after_start")
     members = [Member(record, owner, primary=True)]
     runtime.running[job_id] = owner
     started = time.monotonic()
@@ -113,7 +115,7 @@ class BatchRun:
         self.members = members
         self.jobs = runtime.services.jobs
         self.storage = runtime.services.storage
-        self.reraise: BaseException | None = None  # for RQ: the primary's retry, or a fatal error
+        self.reraise: BaseException | None = None  # for RQ: the primary's retry, or FatalWorkerError
 
     def run(self) -> None:
         from megasr_core.pipelines import load_image
@@ -193,8 +195,12 @@ class BatchRun:
                 continue
             try:
                 fmt = member.record.params.output_format
-                key = output_key(member.id, fmt)
+                # This attempt's own key: a presumed-dead attempt that wakes up late writes beside
+                # the finished result, never over it (the record names the result's key).
+                key = attempt_output_key(member.id, member.owner, fmt)
+                self.jobs.note_output(member.id, key)
                 self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
+                faults.step("task:after_output")
                 self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key, tagger=tagger,
                                  output_width=image.width, output_height=image.height, progress=1.0)
             except TransitionRejected:
@@ -214,14 +220,19 @@ class BatchRun:
             log.warning("job %s: taken over by another worker; this attempt stops", member.id)
 
     def handle_error(self, member: Member, exc: BaseException) -> None:
+        """Fail, cancel or retry one member after ``exc``. The tenant sees a code and a fixed
+        message (``worker.errors.safe_message``); the exception goes to this worker's log."""
         from megasr_core.pipelines import InvalidImageError, PipelineCancelled
 
         job_id, owner = member.id, member.owner
         if isinstance(exc, PipelineCancelled):
             self.finish_canceled(member)
             return
-        if isinstance(exc, (InvalidImageError, ValueError)):
-            _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=str(exc)))
+        if isinstance(exc, ValueError):
+            # InvalidImageError's messages are our own, written for users; any other ValueError's are not.
+            message = str(exc) if isinstance(exc, InvalidImageError) else safe_message("invalid_input", 1)
+            log.warning("job %s: invalid input: %s: %s", job_id, type(exc).__name__, exc)
+            _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=message))
             self.runtime.metrics.jobs.labels("failed").inc()
             return
         kind = classify(exc)
@@ -231,21 +242,27 @@ class BatchRun:
         else:
             retries_left = member.record.attempts < MAX_ATTEMPTS
         if kind in ("fatal", "timeout") or not retries_left:
-            _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code=kind, message=f"{type(exc).__name__}: {exc}"))
+            log.error("job %s: failed (%s) after %d attempt(s)", job_id, kind, member.record.attempts,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            _finish_quietly(job_id, JobStatus.failed, owner,
+                            error=JobError(code=kind, message=safe_message(kind, member.record.attempts)))
             self.runtime.metrics.jobs.labels("failed").inc()
-            log.error("job %s: failed (%s): %s: %s", job_id, kind, type(exc).__name__, exc)
             if kind == "fatal":
-                self.reraise = exc  # the process exits; the orchestrator restarts it with a fresh CUDA context
+                # The process exits (worker.main); the orchestrator restarts it with a fresh CUDA context.
+                self.reraise = FatalWorkerError(f"fatal error in job {job_id}: {type(exc).__name__}: {exc}")
+                self.reraise.__cause__ = exc
             return
-        try:  # back to queued for another attempt
-            self.jobs.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner=owner, owner=None, progress=0.0)
-            self.jobs.release(job_id, owner)
-            if not member.primary:
-                self.runtime.services.queue.requeue(job_id)  # a claimed job has no RQ retry of its own
-        except Exception:
-            pass
-        log.warning("job %s: %s error, will retry: %s", job_id, kind, exc)
-        if member.primary and self.reraise is None:
+        log.warning("job %s: %s error, will retry: %s: %s", job_id, kind, type(exc).__name__, exc)
+        try:  # back to queued for another attempt, lease dropped: one transaction
+            # A claimed job has no RQ retry of its own: it goes back to RQ's queue in the same
+            # transaction. The job RQ handed out is re-queued by RQ's Retry once we re-raise.
+            self.jobs.requeue(job_id, owner, None if member.primary else self.runtime.services.queue)
+        except TransitionRejected:
+            return  # canceled or taken over meanwhile: nothing of ours to retry
+        except Exception as requeue_error:  # Redis down: the lease expires and the reaper re-queues it
+            log.warning("job %s: could not re-queue: %s", job_id, requeue_error)
+        faults.step("task:after_requeue")
+        if member.primary and not isinstance(self.reraise, FatalWorkerError):
             time.sleep(RETRY_BACKOFF_S)
             self.reraise = exc  # RQ's Retry runs it again
 

@@ -22,7 +22,7 @@ from ..contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, UpscalePa
 from ..deps import ServicesDep, TenantDep
 from ..errors import ApiError
 from ..images import check_upload
-from ..jobs import TransitionRejected
+from ..jobs import IdempotencyMismatch, QuotaExceeded, TransitionRejected, request_fingerprint
 from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -182,22 +182,53 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
                           settings.max_output_pixels, settings.max_aspect_ratio)
     except WorkBoundsError as exc:
         raise ApiError(422, exc.code, f"{exc} (MEGASR_{exc.setting.upper()})") from None
-    existing = services.jobs.find_idempotent(tenant, idempotency_key) if idempotency_key else None
-    if existing is not None:
-        return existing, True
-    if services.jobs.active_count(tenant) >= settings.max_queued_per_tenant:
-        raise ApiError(429, "queue_quota", f"{settings.max_queued_per_tenant} unfinished jobs already; wait for some to finish",
-                       {"Retry-After": "30"})
+    fingerprint = request_fingerprint(data, params)
+    if idempotency_key is not None:
+        replay = _replay(services, tenant, idempotency_key, fingerprint)
+        if replay is not None:
+            return replay, True
+    quota = settings.max_queued_per_tenant
+    if services.jobs.active_count(tenant) >= quota:  # cheap early answer; create() enforces it atomically
+        raise _quota_error(quota)
     job_id = uuid.uuid4().hex
     record = JobRecord(id=job_id, tenant=tenant, params=params, input_key=input_key(job_id),
                        input_content_type=image.content_type, input_width=image.width, input_height=image.height)
     services.storage.put(record.input_key, image.data, image.content_type)
-    record, created = services.jobs.create(record, idempotency_key)
+    try:  # quota, record, idempotency key and RQ's enqueue: one transaction
+        stored, created = services.jobs.create(
+            record, idempotency_key, request_hash=fingerprint, max_active=quota,
+            enqueue=lambda pipe: services.queue.enqueue(job_id, tenant, pipeline=pipe))
+    except QuotaExceeded:
+        services.storage.delete(record.input_key)
+        raise _quota_error(quota) from None
+    except IdempotencyMismatch as exc:
+        services.storage.delete(record.input_key)
+        raise _mismatch_error(exc) from None
     if not created:  # lost a race with an identical request
-        services.storage.delete(input_key(job_id))
-        return record, True
-    services.queue.enqueue(record.id)
-    return record, False
+        services.storage.delete(record.input_key)
+    return stored, not created
+
+
+def _replay(services: ServicesDep, tenant: str, idempotency_key: str, fingerprint: str) -> JobRecord | None:
+    """The job this Idempotency-Key made for the same request; 422 if it was another request."""
+    found = services.jobs.find_idempotent_request(tenant, idempotency_key)
+    if found is None:
+        return None
+    existing, stored_fingerprint = found
+    if stored_fingerprint != fingerprint:
+        raise _mismatch_error(IdempotencyMismatch(f"the Idempotency-Key was first used for a different request "
+                                                  f"(job {existing.id})"))
+    return existing
+
+
+def _quota_error(quota: int) -> ApiError:
+    return ApiError(429, "queue_quota", f"{quota} unfinished jobs already; wait for some to finish",
+                    {"Retry-After": "30"})
+
+
+def _mismatch_error(exc: IdempotencyMismatch) -> ApiError:
+    return ApiError(422, "idempotency_mismatch",
+                    f"{exc}: an Idempotency-Key may only be retried with the same image and parameters")
 
 
 def _owned(services: ServicesDep, job_id: str, tenant: str) -> JobRecord:
@@ -235,8 +266,9 @@ def cancel_job(job_id: str, request: Request, services: ServicesDep, tenant: Ten
         raise ApiError(409, "already_finished", f"job {job_id} is already {record.status.value}")
     if record.status == JobStatus.queued:
         try:
-            services.queue.cancel_queued(job_id)
-            record = services.jobs.finish(job_id, JobStatus.canceled)
+            # The record's cancel and its removal from RQ's queue: one transaction.
+            record = services.jobs.finish(job_id, JobStatus.canceled, extra=lambda pipe, _:
+                                          services.queue.cancel_queued(job_id, pipe))
             return JSONResponse(_view(record, request, services).model_dump(mode="json"), status_code=200)
         except TransitionRejected:
             record = services.jobs.get(job_id) or record  # a worker picked it up meanwhile

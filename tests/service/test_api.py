@@ -12,12 +12,12 @@ import uuid
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from rq import Queue
 from rq.worker import SimpleWorker
 from skimage import data
 
 from service.app import build_services, create_app
 from service.config import Settings
+from worker.main import make_worker
 from worker.runtime import install_runtime
 
 KEY_A, KEY_B = "alpha-key-123456", "beta-key-1234567"
@@ -53,7 +53,7 @@ def run_worker(settings, pipeline) -> None:
     """Run every queued job in this process, as `megasr worker --burst` would."""
     runtime = install_runtime(settings, pipeline)
     connection = runtime.services.redis
-    SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+    make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
 
 
 def submit(client, image: bytes = None, headers=None, **fields):

@@ -80,8 +80,9 @@ def test_serve_refuses_a_public_address_without_keys(tmp_path):
 
 def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_path, redis_url, tiny_pipeline):
     """MEGASR_REDIS_URL set: no embedded Valkey, no in-process worker; jobs wait for `megasr worker`."""
-    from rq import Queue
     from rq.worker import SimpleWorker
+
+    from worker.main import make_worker
 
     from tests.service.test_api import make_settings
     from worker.runtime import install_runtime
@@ -103,7 +104,7 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
         runtime.start_background(lease_interval_s=1)  # renewing its lease as `megasr worker` does
         try:
             connection = runtime.services.redis
-            SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+            make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
         finally:
             runtime.stop()
         job = httpx.get(job_url, timeout=10).json()

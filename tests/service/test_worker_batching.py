@@ -11,7 +11,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from rq import Queue
 from rq.worker import SimpleWorker
 from skimage import data
 
@@ -19,6 +18,7 @@ from service.app import create_app
 from service.contracts import input_key
 from tests.service.test_api import make_settings, submit
 from tests.service.test_worker_process import start_worker, wait_for, wait_ready
+from worker.main import make_worker
 from worker.runtime import install_runtime
 
 STEPS = 2
@@ -51,7 +51,7 @@ class ModelBatches:
 def run_burst(settings, pipeline) -> "object":
     runtime = install_runtime(settings, pipeline)
     connection = runtime.services.redis
-    SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+    make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
     return runtime
 
 
@@ -233,7 +233,7 @@ def test_a_claimed_job_with_a_transient_error_is_queued_again_and_finishes(batch
     runtime = install_runtime(settings, pipeline)
     runtime.services.storage = FlakyStorage(runtime.services.storage, {input_key(ids[1])})
     connection = runtime.services.redis
-    SimpleWorker([Queue(settings.queue_name, connection=connection)], connection=connection).work(burst=True)
+    make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
     jobs = client.app.state.services.jobs
     assert [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids] == ["succeeded"] * 3
     assert [jobs.get(job_id).attempts for job_id in ids] == [1, 2, 1]

@@ -1,0 +1,122 @@
+"""Repair what a crash between two of a job's transactions can leave behind.
+
+Each state change of a job is atomic (``service.jobs``), but a path of several changes (admit →
+start → write the result → finish; a retry's requeue → RQ's re-push) can stop between two of
+them: the process is SIGKILLed, its node is lost, Redis drops the connection. :func:`sweep`
+walks every unfinished job (the tenants' quota sets) and repairs, each repair one
+compare-and-set transaction that re-checks the condition it fixes:
+
+* ``running`` with no lease (no live attempt): back to the front of the queue, or failed
+  (``worker_lost``) after :data:`MAX_ATTEMPTS`; the reaper does the same for the jobs of the
+  running set, this catches the rest;
+* ``queued`` but nowhere in RQ (not waiting, not popped by a worker, not being started):
+  enqueued again;
+* a quota slot held by a finished or vanished job: released.
+
+It runs where the reaper runs (every worker, ``megasr serve``), under the reaper's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import redis
+
+from . import faults
+from .contracts import JobError, JobRecord, JobStatus
+from .deps import Services
+from .jobs import RUNNING_KEY, TransitionRejected
+
+log = logging.getLogger("megasr.sweeper")
+#: attempts (each lost to a dead worker or a transient error) before a job fails
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class SweepReport:
+    requeued: list[str] = field(default_factory=list)  # running with no live attempt → queued
+    failed: list[str] = field(default_factory=list)  # … after MAX_ATTEMPTS
+    enqueued: list[str] = field(default_factory=list)  # queued but lost by RQ → in RQ's queue again
+    released: list[str] = field(default_factory=list)  # quota slots of finished or missing jobs
+
+    def ids(self) -> list[str]:
+        return [*self.requeued, *self.failed, *self.enqueued, *self.released]
+
+
+def recover_running(services: Services, record: JobRecord, report: SweepReport) -> None:
+    """Requeue (or fail, after MAX_ATTEMPTS) a running job whose attempt is gone."""
+    try:
+        if record.attempts >= MAX_ATTEMPTS:
+            services.jobs.finish(record.id, JobStatus.failed, owner=record.owner, error=JobError(
+                code="worker_lost", message=f"the worker running this job stopped {record.attempts} times"))
+            report.failed.append(record.id)
+            log.warning("job %s: failed after %d lost attempts", record.id, record.attempts)
+        else:
+            services.jobs.requeue(record.id, record.owner, services.queue)
+            report.requeued.append(record.id)
+            log.warning("job %s: no live attempt holds it; queued again", record.id)
+    except TransitionRejected:
+        pass  # it finished or moved on meanwhile
+
+
+def enqueue_if_lost(services: Services, job_id: str) -> bool:
+    """Enqueue a queued job that RQ does not hold; one transaction, re-checked under WATCH."""
+    jobs, queue = services.jobs, services.queue
+    with services.redis.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(jobs.key(job_id), queue.queue.key, queue.intermediate_key, queue.started_key)
+                raw = pipe.get(jobs.key(job_id))
+                record = JobRecord.model_validate_json(raw) if raw else None
+                if record is None or record.status != JobStatus.queued or queue.claimed_by_rq(job_id, pipe):
+                    return False
+                stale = queue.fetch(job_id)
+                pipe.multi()
+                queue.requeue(job_id, record.tenant, pipe, stale)
+                faults.step("sweep:exec")
+                pipe.execute()
+                log.warning("job %s: queued but not in RQ's queue; enqueued again", job_id)
+                return True
+            except redis.WatchError:
+                continue
+
+
+def release_slot_if_done(services: Services, tenant: str, job_id: str) -> bool:
+    """Free a quota slot whose job is final or gone (with what else a finished job holds)."""
+    jobs = services.jobs
+    with services.redis.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(jobs.key(job_id))
+                raw = pipe.get(jobs.key(job_id))
+                record = JobRecord.model_validate_json(raw) if raw else None
+                if record is not None and not record.status.is_final:
+                    return False
+                pipe.multi()
+                pipe.srem(jobs.active_key(tenant), job_id)
+                pipe.delete(jobs.lease_key(job_id))
+                pipe.srem(RUNNING_KEY, job_id)
+                pipe.execute()
+                log.warning("job %s: released the quota slot of a %s job", job_id,
+                            "missing" if record is None else record.status.value)
+                return True
+            except redis.WatchError:
+                continue
+
+
+def sweep(services: Services) -> SweepReport:
+    """One pass over every unfinished job; returns what it repaired."""
+    report = SweepReport()
+    jobs = services.jobs
+    for tenant, job_id in list(jobs.active_jobs()):
+        record = jobs.get(job_id)
+        if record is None or record.status.is_final or record.tenant != tenant:
+            if release_slot_if_done(services, tenant, job_id):
+                report.released.append(job_id)
+        elif record.status == JobStatus.running:
+            if not services.redis.exists(jobs.lease_key(job_id)):
+                recover_running(services, record, report)
+        elif record.status == JobStatus.queued and enqueue_if_lost(services, job_id):
+            report.enqueued.append(job_id)
+    return report

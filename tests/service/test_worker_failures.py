@@ -1,0 +1,114 @@
+"""How the worker fails: fatal errors stop it, tenants read fixed messages, late attempts cannot
+overwrite a result. Real Valkey, real storage, RQ's real worker loop; the pipeline is a stand-in
+that returns or raises what each test needs."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+from PIL import Image
+from rq.worker import SimpleWorker
+
+from service.app import build_services
+from service.contracts import JobStatus
+from service.jobs import TransitionRejected
+from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
+from tests.service.test_api import make_settings
+from tests.service.test_atomic_state import StandIn, admit
+from worker import tasks
+from worker.main import EXIT_FATAL, MegaSRWorker, make_worker, run_worker
+from worker.runtime import install_runtime
+
+CUDA_CRASH = "CUDA error: an illegal memory access was encountered"
+
+
+@pytest.fixture()
+def services(tmp_path, db_url, monkeypatch):
+    monkeypatch.setattr(tasks, "RETRY_BACKOFF_S", 0.0)
+    settings = make_settings(tmp_path, db_url)
+    return settings, build_services(settings)
+
+
+def test_a_fatal_cuda_error_fails_the_job_and_stops_the_worker(services, caplog):
+    settings, svc = services
+    first, second = admit(svc), admit(svc)
+    runtime = install_runtime(settings, StandIn(error=RuntimeError(CUDA_CRASH)), services=svc)
+    with caplog.at_level(logging.ERROR, logger="megasr.worker"), pytest.raises(SystemExit) as exited:
+        run_worker(runtime, settings, burst=True)
+    assert exited.value.code == EXIT_FATAL  # the orchestrator restarts the process
+    failed = svc.jobs.get(first)
+    assert failed.status == JobStatus.failed and failed.error.code == "fatal" and failed.attempts == 1
+    assert "illegal memory access" not in failed.error.message  # the tenant's view
+    assert CUDA_CRASH in caplog.text  # the operator's view
+    assert svc.jobs.get(second).status == JobStatus.queued  # not taken by the broken worker
+    assert svc.queue.depth() == 1 and svc.queue.position(second) == 0  # and the first is not retried
+
+
+def test_the_worker_class_stops_itself_after_a_fatal_error(services):
+    """In-process, without run_worker's exit: the work loop ends after the fatal job."""
+    settings, svc = services
+    ids = [admit(svc) for _ in range(3)]
+    install_runtime(settings, StandIn(error=RuntimeError(CUDA_CRASH)), services=svc)
+    worker = make_worker(MegaSRWorker, svc.redis, settings.queue_name)
+    worker.work(burst=True)
+    assert worker.fatal_error is not None
+    assert [svc.jobs.get(i).status for i in ids] == [JobStatus.failed, JobStatus.queued, JobStatus.queued]
+
+
+def test_tenants_read_a_fixed_message_and_the_worker_log_the_exception(services, caplog):
+    settings, svc = services
+    job_id = admit(svc)
+    secret = RuntimeError("cannot open /srv/megasr/weights/unet.safetensors on gpu-node-17")
+    install_runtime(settings, StandIn(error=secret), services=svc)
+    with caplog.at_level(logging.WARNING, logger="megasr.worker"):
+        make_worker(SimpleWorker, svc.redis, settings.queue_name).work(burst=True)
+    record = svc.jobs.get(job_id)
+    assert record.status == JobStatus.failed and record.attempts == 3
+    assert record.error.code == "internal_error"
+    assert record.error.message == "the job failed inside the worker; it was retried 2 times"
+    assert "gpu-node-17" in caplog.text
+
+
+def test_a_value_error_from_a_library_is_not_shown_but_our_invalid_image_message_is(services):
+    settings, svc = services
+    library, ours = admit(svc), admit(svc)
+    svc.storage.put(svc.jobs.get(ours).input_key, b"GIF89a and then nothing", "image/gif")
+    install_runtime(settings, StandIn(error=ValueError("operands could not be broadcast (3,512,768)")), services=svc)
+    make_worker(SimpleWorker, svc.redis, settings.queue_name).work(burst=True)
+    error = svc.jobs.get(library).error
+    assert error.code == "invalid_input" and error.message == "the image or its parameters cannot be processed"
+    own = svc.jobs.get(ours).error  # megasr_core's InvalidImageError: written for users
+    assert own.code == "invalid_input" and own.message != error.message and "broadcast" not in own.message
+
+
+def test_a_late_attempt_cannot_overwrite_a_finished_output(services):
+    """A is presumed dead and its job finished by B; A wakes up and writes its result: B's stays."""
+    settings, svc = services
+    job_id = admit(svc)
+    runtime = install_runtime(settings, StandIn("red"), services=svc)
+    a = svc.jobs.start(job_id, "worker-a:1")
+    svc.redis.delete(svc.jobs.lease_key(job_id))  # A stops renewing its lease
+    svc.redis.delete(LOCK_KEY)
+    assert reap_abandoned(svc) == [job_id]
+    # B takes the re-queued job through RQ and finishes it (blue).
+    runtime.pipeline = StandIn("blue")
+    make_worker(SimpleWorker, svc.redis, settings.queue_name).work(burst=True)
+    done = svc.jobs.get(job_id)
+    assert done.status == JobStatus.succeeded
+    result = svc.storage.get(done.output_key)
+    # A wakes up with its own (red) result and runs its write-and-finish path.
+    runtime.pipeline = StandIn("red")
+    tasks.BatchRun(runtime, [tasks.Member(a, "worker-a:1", primary=False)]).run()
+    after = svc.jobs.get(job_id)
+    assert after.output_key == done.output_key and svc.storage.get(done.output_key) == result
+    assert Image.open(io.BytesIO(result)).getpixel((0, 0)) == (0, 0, 255)
+    with pytest.raises(TransitionRejected):
+        svc.jobs.finish(job_id, JobStatus.succeeded, owner="worker-a:1")
+    # A's stray file is known, so the result deletion removes it with B's.
+    outputs = svc.jobs.outputs(job_id)
+    assert len(outputs) == 2 and done.output_key in outputs
+    svc.redis.zadd("megasr:expiry", {job_id: 0})
+    assert delete_expired_results(svc) == 1
+    assert not any(svc.storage.exists(key) for key in outputs) and not svc.storage.exists(done.input_key)

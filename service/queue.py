@@ -95,6 +95,15 @@ class JobQueue:
         live = client.zrangebyscore(self.started_key, time.time(), "+inf")
         return any(entry.decode().startswith(prefix) for entry in live)
 
+    def held_ids(self) -> set[str]:
+        """A snapshot of every job id RQ holds (see :meth:`claimed_by_rq`), in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.queue.key, 0, -1)
+            pipe.lrange(self.intermediate_key, 0, -1)
+            pipe.zrangebyscore(self.started_key, time.time(), "+inf")
+            waiting, popped, started = pipe.execute()
+        return {raw.decode() for raw in (*waiting, *popped)} | {raw.decode().partition(":")[0] for raw in started}
+
     def position(self, job_id: str) -> int | None:
         """0-based position in the queue, or None when the job is not waiting.
 

@@ -6,8 +6,9 @@ A running job's worker renews its lease every few seconds (``JobStore.LEASE_TTL_
 Any process running :func:`reap_abandoned` every few seconds — every worker does, and so does
 ``megasr serve`` — puts a job whose lease has expired back at the front of the queue, or fails
 it after :data:`MAX_ATTEMPTS`. With the defaults a killed worker's job is queued again within
-about 20 seconds. The attempt's owner token fences a late, still-alive worker out. Each pass then runs the
-sweeper (``service.sweeper``), which repairs what a crash between two steps left behind.
+about 20 seconds. The attempt's owner token fences a late, still-alive worker out. Every
+``SWEEP_INTERVAL_S`` a pass also runs the sweeper (``service.sweeper``), which repairs what a
+crash between two steps left behind.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from .contracts import JobStatus, input_key, output_key
 from .deps import Services
 from .jobs import RUNNING_KEY
-from .sweeper import MAX_ATTEMPTS, SweepReport, recover_running, sweep
+from .sweeper import MAX_ATTEMPTS, SWEEP_INTERVAL_S, SWEEP_LOCK_KEY, SweepReport, recover_running, sweep
 
 __all__ = ["MAX_ATTEMPTS", "LOCK_KEY", "reap_abandoned", "delete_expired_results"]
 
@@ -37,8 +38,10 @@ def reap_abandoned(services: Services) -> list[str]:
             services.redis.srem(RUNNING_KEY, job_id)
             continue
         recover_running(services, record, report)
-    swept = sweep(services)
-    return list(dict.fromkeys([*report.ids(), *swept.ids()]))
+    handled = report.ids()
+    if services.redis.set(SWEEP_LOCK_KEY, b"1", nx=True, ex=SWEEP_INTERVAL_S):
+        handled += sweep(services).ids()
+    return list(dict.fromkeys(handled))
 
 
 def delete_expired_results(services: Services) -> int:

@@ -13,7 +13,13 @@ compare-and-set transaction that re-checks the condition it fixes:
   enqueued again;
 * a quota slot held by a finished or vanished job: released.
 
-It runs where the reaper runs (every worker, ``megasr serve``), under the reaper's lock.
+It runs where the reaper runs (every worker, ``megasr serve``), at most every
+:data:`SWEEP_INTERVAL_S` across all processes; a pass costs O(unfinished jobs) Redis reads.
+
+One benign race remains: a job whose worker failed transiently goes back to ``queued`` (our
+transaction) a moment before RQ's Retry re-pushes it; if its RQ heartbeat had already expired
+(jobs running over ~90 s on an in-process worker), a sweep in that moment enqueues it too. The
+duplicate entry only makes a worker find the job already started (or final) and skip it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,9 @@ from .jobs import RUNNING_KEY, TransitionRejected
 log = logging.getLogger("megasr.sweeper")
 #: attempts (each lost to a dead worker or a transient error) before a job fails
 MAX_ATTEMPTS = 3
+#: the shortest time between two sweeps (of any process)
+SWEEP_INTERVAL_S = 30
+SWEEP_LOCK_KEY = "megasr:sweeper:lock"
 
 
 @dataclass
@@ -109,7 +118,9 @@ def sweep(services: Services) -> SweepReport:
     """One pass over every unfinished job; returns what it repaired."""
     report = SweepReport()
     jobs = services.jobs
-    for tenant, job_id in list(jobs.active_jobs()):
+    active = list(jobs.active_jobs())
+    held = services.queue.held_ids()  # a snapshot; each repair re-checks its own job under WATCH
+    for tenant, job_id in active:
         record = jobs.get(job_id)
         if record is None or record.status.is_final or record.tenant != tenant:
             if release_slot_if_done(services, tenant, job_id):
@@ -117,6 +128,6 @@ def sweep(services: Services) -> SweepReport:
         elif record.status == JobStatus.running:
             if not services.redis.exists(jobs.lease_key(job_id)):
                 recover_running(services, record, report)
-        elif record.status == JobStatus.queued and enqueue_if_lost(services, job_id):
+        elif record.status == JobStatus.queued and job_id not in held and enqueue_if_lost(services, job_id):
             report.enqueued.append(job_id)
     return report

@@ -301,3 +301,22 @@ def test_a_cancel_killed_inside_its_transaction_leaves_the_job_queued(system):
     assert assert_consistent(services, job_id).status == JobStatus.canceled
     assert services.queue.depth() == 0 and not services.queue.claimed_by_rq(job_id)
     assert services.jobs.active_count("default") == 0
+
+
+def test_the_reaper_pass_runs_the_sweeper_at_most_every_interval(system):
+    """Every worker's reaper loop sweeps too, but one sweep per SWEEP_INTERVAL_S across processes."""
+    from service.reaper import LOCK_KEY, reap_abandoned
+    from service.sweeper import SWEEP_INTERVAL_S, SWEEP_LOCK_KEY
+
+    settings, services = system
+    first, second = admit(services), admit(services)
+    services.redis.lrem(services.queue.queue.key, 0, first)  # RQ lost it
+    assert reap_abandoned(services) == [first]
+    assert 0 < services.redis.ttl(SWEEP_LOCK_KEY) <= SWEEP_INTERVAL_S
+    services.redis.lrem(services.queue.queue.key, 0, second)
+    services.redis.delete(LOCK_KEY)
+    assert reap_abandoned(services) == []  # within the interval: no sweep
+    services.redis.delete(LOCK_KEY, SWEEP_LOCK_KEY)
+    assert reap_abandoned(services) == [second]
+    for job_id in (first, second):
+        assert_consistent(services, job_id)

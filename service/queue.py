@@ -57,16 +57,18 @@ class JobQueue:
 
     def enqueue(self, job_id: str, tenant: str, pipeline: Pipeline | None = None, at_front: bool = False) -> None:
         """Queue the worker task for ``job_id``; inside ``pipeline``'s transaction when given."""
-        pipe = pipeline if pipeline is not None else self.redis.pipeline()
-        if not pipe.explicit_transaction:
-            pipe.multi()
+        if pipeline is None:
+            with self.redis.pipeline() as pipe:
+                self.enqueue(job_id, tenant, pipe, at_front)
+                pipe.execute()
+            return
+        if not pipeline.explicit_transaction:
+            pipeline.multi()
         self.queue.enqueue_call(
             WORKER_TASK, args=(job_id,), job_id=job_id, timeout=self.job_timeout_s,
-            result_ttl=0, failure_ttl=24 * 3600, retry=RETRY, at_front=at_front, pipeline=pipe,
+            result_ttl=0, failure_ttl=24 * 3600, retry=RETRY, at_front=at_front, pipeline=pipeline,
         )
-        self.queue.remember_tenant(pipe, job_id, tenant)
-        if pipeline is None:
-            pipe.execute()
+        self.queue.remember_tenant(pipeline, job_id, tenant)
 
     def requeue(self, job_id: str, tenant: str, pipeline: Pipeline, stale: Job | None) -> None:
         """Put a job back at the front (its attempt died or failed transiently): a fresh RQ job

@@ -39,7 +39,7 @@ class Settings(BaseSettings):
     webhook_secret: SecretStr | None = Field(None, description="HMAC-SHA256 key for webhook signatures")
     webhook_allow_private: bool = Field(False, description="allow webhook URLs on private/loopback addresses")
     webhook_retry_base_s: float = Field(2.0, gt=0)
-    public_url: str | None = Field(None, description="external base URL, for result links in webhooks")
+    public_url: str | None = Field(None, description="external base URL of the API: Location, result_url and webhook links; unset = root-relative links")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_input_pixels: int = Field(2048 * 2048, ge=1)
     queue_name: str = DEFAULT_QUEUE

@@ -12,7 +12,7 @@ import math
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, field_validator
 
 DEFAULT_QUEUE = "megasr"
 #: dotted path RQ imports in the worker (the API never imports it)
@@ -22,6 +22,8 @@ JOB_KEY_PREFIX = "megasr:job:"
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 ColorFix = Literal["adain", "wavelet", "none"]
+#: longest webhook URL a job may carry (the record lives in Redis; browsers cap URLs near here too)
+MAX_WEBHOOK_URL_LENGTH = 2048
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
@@ -50,7 +52,15 @@ class UpscaleParams(BaseModel):
     negative_prompt: Annotated[str, Field(max_length=500)] = "dotted, noise, blur, lowres, smooth"
     color_fix: ColorFix = "adain"
     output_format: OutputFormat = "png"
-    webhook_url: AnyHttpUrl | None = None
+    webhook_url: Annotated[AnyHttpUrl, UrlConstraints(max_length=MAX_WEBHOOK_URL_LENGTH)] | None = None
+
+    @field_validator("scale", "steps", "guidance_scale", "seed", mode="before")
+    @classmethod
+    def _not_boolean(cls, value: object) -> object:
+        # JSON true/false would otherwise pass as 1/0: a client that sends them has a bug to hear about.
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true/false")
+        return value
 
     @field_validator("scale", "guidance_scale")
     @classmethod

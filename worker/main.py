@@ -102,6 +102,7 @@ def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=
         runtime.metrics.serve(metrics_host, metrics_port)  # /healthz answers while loading
     log.info("loading MegaSR weights from %s", weights)
     runtime.pipeline = load_pipeline(weights, device=device, dtype=dtype)
+    runtime.pipeline.max_output_pixels = settings.max_output_pixels  # the API's bound, enforced again here
     if settings.compile:
         from megasr_core.pipelines.acceleration import compile_pipeline, use_compile_cache
 

@@ -82,6 +82,8 @@ CASES = {
     "unknown field": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "strength": 3}), 422, "invalid_parameters"),
     "wrong json type": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "steps": "many"}), 422, "invalid_parameters"),
     "bad webhook url": (lambda c: multipart(c, png(), webhook_url="not a url"), 422, "invalid_parameters"),
+    "steps true": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "steps": True}), 422, "invalid_parameters"),
+    "seed false": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "seed": False}), 422, "invalid_parameters"),
     "idempotency key too long": (lambda c: c.post("/v1/upscale", files={"image": ("a.png", png(), "image/png")},
                                                   headers={"Idempotency-Key": "k" * 300}), 422, "invalid_parameters"),
     # job routes

@@ -68,3 +68,15 @@ def test_statuses_and_keys():
     assert [s.value for s in JobStatus] == ["queued", "running", "succeeded", "failed", "canceled"]
     assert JobStatus.canceled.is_final and not JobStatus.running.is_final
     assert output_key("j", "jpeg") == "jobs/j/output.jpg"
+
+
+def test_webhook_url_length_is_bounded():
+    """The URL is stored in the job record: a megabyte-long one must not get that far."""
+    from pydantic import ValidationError
+
+    from service.contracts import MAX_WEBHOOK_URL_LENGTH, UpscaleParams
+
+    base = "https://hooks.example.com/"
+    UpscaleParams(webhook_url=base + "x" * (MAX_WEBHOOK_URL_LENGTH - len(base)))
+    with pytest.raises(ValidationError, match="at most 2048"):
+        UpscaleParams(webhook_url=base + "x" * (MAX_WEBHOOK_URL_LENGTH - len(base) + 1))

@@ -1,0 +1,19 @@
+"""``worker.main.prepare``: what a worker process sets on its pipeline before it reports ready."""
+
+from __future__ import annotations
+
+from tests.service.test_api import make_settings
+
+
+def test_prepare_applies_the_work_bound_of_the_settings(tmp_path, redis_url, tiny_weights):
+    """The API refuses work above MEGASR_MAX_OUTPUT_PIXELS; the worker's pipeline refuses it again
+    with the same number, not its own default."""
+    from worker.main import prepare
+
+    settings = make_settings(tmp_path, redis_url, max_output_pixels=600 * 600, warmup_buckets="64x64")
+    runtime = prepare(settings, tiny_weights, device="cpu")
+    try:
+        assert runtime.pipeline.max_output_pixels == 600 * 600
+        assert runtime.metrics.is_ready
+    finally:
+        runtime.stop()

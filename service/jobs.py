@@ -2,10 +2,10 @@
 
 Keys (all under ``megasr:``): ``job:<id>`` the record (JSON), ``idem:<tenant>:<key>`` the job an
 idempotency key created and the hash of its request, ``cancel:<id>`` a running job's cancel
-request, ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota),
-``rate:<tenant>:<minute>`` the tenant's requests this minute, ``running`` the jobs being run and
-``lease:<id>`` each one's liveness lease (renewed by its worker every few seconds),
-``outputs:<id>`` every storage key an attempt wrote a result to (deleted with the job's images).
+request, ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota), ``running`` the
+jobs being run and ``lease:<id>`` each one's liveness lease (renewed by its worker every few
+seconds), ``outputs:<id>`` every storage key an attempt wrote a result to (deleted with the
+job's images). Request rates are ``service.rate_limit``'s.
 
 Every state change is ONE compare-and-set transaction (WATCH, then MULTI/EXEC) over all the keys
 it touches, RQ's included (``service.queue`` writes into the same transaction): create = quota
@@ -177,15 +177,6 @@ class JobStore:
             tenant = key.decode()[len(prefix):-len(suffix)]
             for job_id in self.redis.smembers(key):
                 yield tenant, job_id.decode()
-
-    def count_request(self, tenant: str) -> int:
-        """Requests of ``tenant`` in the current minute, this one included."""
-        key = f"megasr:rate:{tenant}:{int(time.time() // 60)}"
-        with self.redis.pipeline() as pipe:
-            pipe.incr(key)
-            pipe.expire(key, 120)
-            count, _ = pipe.execute()
-        return int(count)
 
     # ---------------------------------------------------------------- transitions
     def transition(

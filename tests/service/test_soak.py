@@ -207,7 +207,7 @@ def inject(name: str, down_s: float, pool: WorkerPool, valkey: Valkey, seaweed: 
         fault["down_s"] = round(time.monotonic() - started, 1)
     restored = time.time()
     deadline = Deadline(120)
-    while finishes.last_at() <= restored and not deadline.passed():
+    while finishes.last_at() <= restored and finishes.finished() < JOBS and not deadline.passed():
         time.sleep(0.1)
     fault["next_finish_after_s"] = round(finishes.last_at() - restored, 1) if finishes.last_at() > restored else None
     return fault
@@ -371,7 +371,9 @@ def test_soak_with_worker_redis_and_storage_faults(soak_stack, tmp_path):
     assert figures["finished_counter"] == len(final), f"final transitions != final jobs: {figures}"
     assert figures["queue_depth_end"] == 0, figures
     assert len(faults) == len(FAULTS), f"ran out of time before every fault was injected: {figures}"
-    assert len(succeeded) >= 0.9 * JOBS, f"more than 10 % of the jobs failed: {figures}"
+    # Only the outages may fail jobs (retries used up): at most the batches in flight meanwhile.
+    allowed = JOBS // 10 + 2 * 3 * MAX_BATCH
+    assert figures["failed"] <= allowed, f"{figures['failed']} jobs failed (at most {allowed} expected): {figures}"
 
 
 def _round(value: float | None) -> float | None:

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
+
+
+T = TypeVar("T")
 
 
 class StorageError(RuntimeError):
@@ -186,6 +190,56 @@ class S3Storage:
             self._call("head_bucket")
         except ObjectNotFound:
             raise StorageUnavailable(f"S3 bucket {self.bucket!r} does not exist") from None
+
+
+class PatientStorage:
+    """A store whose reads and writes wait out a short outage instead of failing at once.
+
+    For workers: a job that has already spent GPU time on its result should not fail because
+    the object store restarted for a few seconds (a SeaweedFS or MinIO restart takes 10-20 s).
+    Calls that raise :class:`StorageUnavailable` are retried with exponential back-off until
+    ``patience_s`` has passed, then the last error is raised (the job's own retry policy takes
+    over). Missing keys and invalid keys are not retried. The API does not use it: a request
+    should get its 503 now, not hang.
+    """
+
+    def __init__(self, inner: Storage, patience_s: float = 45.0, first_wait_s: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.inner, self.patience_s, self.first_wait_s, self._sleep = inner, patience_s, first_wait_s, sleep
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        deadline = time.monotonic() + self.patience_s
+        wait = self.first_wait_s
+        while True:
+            try:
+                return call()
+            except StorageUnavailable:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                self._sleep(min(wait, left))
+                wait = min(wait * 2, 8.0)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self._retry(lambda: self.inner.put(key, data, content_type))
+
+    def get(self, key: str) -> bytes:
+        return self._retry(lambda: self.inner.get(key))
+
+    def open(self, key: str) -> StoredObject:
+        return self._retry(lambda: self.inner.open(key))
+
+    def delete(self, key: str) -> None:
+        self._retry(lambda: self.inner.delete(key))
+
+    def exists(self, key: str) -> bool:
+        return self._retry(lambda: self.inner.exists(key))
+
+    def presigned_url(self, key: str, expires_s: int) -> str | None:
+        return self.inner.presigned_url(key, expires_s)
+
+    def ping(self) -> None:
+        self.inner.ping()
 
 
 def _file_chunks(handle: IO[bytes]) -> Iterator[bytes]:

@@ -32,6 +32,8 @@ class WorkerRuntime:
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
     name: str = field(default_factory=lambda: f"worker-{uuid.uuid4().hex[:8]}")
     running: dict[str, str] = field(default_factory=dict)  # job id → owner token, for every job of the batch
+    #: how long a job's storage reads and writes wait out an outage before the job's retry takes over
+    storage_patience_s: float = 45.0
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def new_owner(self) -> str:

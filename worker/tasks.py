@@ -28,6 +28,7 @@ from rq import get_current_job
 from service import faults
 from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, attempt_output_key
 from service.jobs import TransitionRejected
+from service.storage import PatientStorage
 from service.sweeper import MAX_ATTEMPTS
 
 from .batching import CancelWatch
@@ -114,7 +115,8 @@ class BatchRun:
         self.runtime = runtime
         self.members = members
         self.jobs = runtime.services.jobs
-        self.storage = runtime.services.storage
+        # A store restart (10-20 s) must not fail work the GPU has already done.
+        self.storage = PatientStorage(runtime.services.storage, patience_s=runtime.storage_patience_s)
         self.reraise: BaseException | None = None  # for RQ: the primary's retry, or FatalWorkerError
 
     def run(self) -> None:

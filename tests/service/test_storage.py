@@ -69,3 +69,37 @@ def test_storage_from_url(tmp_path, s3_endpoint):
         storage_from_url("ftp://host/x")
     with pytest.raises(ValueError, match="names no bucket"):
         storage_from_url("s3:///prefix")
+
+
+def test_patient_storage_waits_out_an_outage_then_gives_up(tmp_path):
+    """Workers ride out a store restart; a longer outage still surfaces as StorageUnavailable,
+    and a missing object is reported at once."""
+    from service.storage import LocalStorage, ObjectNotFound, PatientStorage, StorageUnavailable
+
+    class Flaky:
+        def __init__(self, inner, failures: int) -> None:
+            self.inner, self.failures, self.calls = inner, failures, 0
+
+        def get(self, key):
+            self.calls += 1
+            if self.calls <= self.failures:
+                raise StorageUnavailable("store restarting")
+            return self.inner.get(key)
+
+    local = LocalStorage(tmp_path)
+    local.put("jobs/a/input", b"pixels")
+    waits: list[float] = []
+    flaky = Flaky(local, failures=4)
+    patient = PatientStorage(flaky, patience_s=60, first_wait_s=0.5, sleep=waits.append)
+    assert patient.get("jobs/a/input") == b"pixels"
+    assert waits == [0.5, 1.0, 2.0, 4.0]  # exponential back-off between the five tries
+
+    always_down = Flaky(local, failures=10**9)
+    with pytest.raises(StorageUnavailable):
+        PatientStorage(always_down, patience_s=0.2, first_wait_s=0.05).get("jobs/a/input")
+    assert always_down.calls >= 2
+
+    missing = Flaky(local, failures=0)
+    with pytest.raises(ObjectNotFound):
+        PatientStorage(missing, patience_s=60, sleep=waits.append).get("jobs/b/input")
+    assert missing.calls == 1

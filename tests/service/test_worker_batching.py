@@ -232,12 +232,27 @@ def test_a_claimed_job_with_a_transient_error_is_queued_again_and_finishes(batch
     ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=8).json()["id"] for name, size in PHOTOS[:3]]
     runtime = install_runtime(settings, pipeline)
     runtime.services.storage = FlakyStorage(runtime.services.storage, {input_key(ids[1])})
+    runtime.storage_patience_s = 0  # an outage longer than the worker waits out
     connection = runtime.services.redis
     make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
     jobs = client.app.state.services.jobs
     assert [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids] == ["succeeded"] * 3
     assert [jobs.get(job_id).attempts for job_id in ids] == [1, 2, 1]
     assert recorder.calls == [2] * STEPS + [1] * STEPS  # the pair, then the re-queued job alone
+
+
+def test_a_short_storage_outage_is_waited_out_inside_the_attempt(batching):
+    """The worker retries the store in place (default patience 45 s): no job is re-queued."""
+    settings, client, pipeline, recorder = batching
+    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=8).json()["id"] for name, size in PHOTOS[:3]]
+    runtime = install_runtime(settings, pipeline)
+    runtime.services.storage = FlakyStorage(runtime.services.storage, {input_key(ids[1])})
+    connection = runtime.services.redis
+    make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)
+    jobs = client.app.state.services.jobs
+    assert [client.get(f"/v1/jobs/{job_id}").json()["status"] for job_id in ids] == ["succeeded"] * 3
+    assert [jobs.get(job_id).attempts for job_id in ids] == [1, 1, 1]
+    assert recorder.calls == [3] * STEPS  # one batch of all three
 
 
 class FailingPipeline:

@@ -20,7 +20,8 @@ def build_services(settings: Settings) -> Services:
     if not settings.redis_url:
         raise ValueError("MEGASR_REDIS_URL is not set (megasr serve starts an embedded Valkey when it is unset)")
     client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
-    storage = storage_from_url(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region)
+    storage = storage_from_url(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
+                               public_endpoint_url=settings.s3_public_url, addressing_style=settings.s3_addressing_style)
     return Services(
         settings=settings, redis=client, storage=storage,
         jobs=JobStore(client, result_ttl_s=settings.result_ttl_s),

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     storage_url: str | None = Field(None, description="file:///path or s3://bucket[/prefix]; unset = local data dir")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, SeaweedFS); unset = AWS")
     s3_region: str | None = None
+    s3_public_url: str | None = Field(None, description="S3 endpoint that result links are signed for (what clients reach); unset = the endpoint above")
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field("auto", description="S3 bucket addressing in requests and links")
     presign_ttl_s: int = Field(3600, ge=60, le=7 * 86400)
     api_keys: SecretStr | None = Field(None, description="tenant:key,tenant:key")
     api_keys_file: Path | None = None

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol, TypeVar
+from typing import IO, Any, Literal, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
 
@@ -124,17 +124,34 @@ class LocalStorage:
             raise StorageUnavailable(f"local storage {self.root} is not writable")
 
 
-class S3Storage:
-    """Objects in an S3 bucket (optionally under a key prefix)."""
+AddressingStyle = Literal["auto", "path", "virtual"]
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None) -> None:
+
+class S3Storage:
+    """Objects in an S3 bucket (optionally under a key prefix).
+
+    Requests are always signed with SigV4: boto3 would otherwise presign with SigV2 in
+    us-east-1, which buckets created since 2020 reject. Result links are signed for
+    ``public_endpoint_url`` when given — the address clients reach the store at (e.g.
+    ``http://localhost:9000`` for a Compose MinIO), which differs from the one the service
+    uses inside its network (``http://minio:9000``); SigV4 signs the host, so a link cannot
+    simply be rewritten afterwards. ``addressing_style``: ``path`` for most self-hosted stores,
+    ``virtual`` for AWS buckets with dots-free names, ``auto`` lets botocore choose.
+    """
+
+    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
+                 public_endpoint_url: str | None = None, addressing_style: AddressingStyle = "auto") -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30)
+        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30,
+                        signature_version="s3v4", s3={"addressing_style": addressing_style})
         self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # Presigning makes no request: a second client only decides which host the links name.
+        self.link_client = (boto3.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+                            if public_endpoint_url else self.client)
 
     def _key(self, key: str) -> str:
         key = _check_key(key)
@@ -181,7 +198,7 @@ class S3Storage:
             return False
 
     def presigned_url(self, key: str, expires_s: int) -> str | None:
-        return self.client.generate_presigned_url(
+        return self.link_client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=expires_s
         )
 
@@ -260,7 +277,8 @@ def _s3_chunks(body: Any) -> Iterator[bytes]:
         body.close()
 
 
-def storage_from_url(url: str, endpoint_url: str | None = None, region: str | None = None) -> Storage:
+def storage_from_url(url: str, endpoint_url: str | None = None, region: str | None = None,
+                     public_endpoint_url: str | None = None, addressing_style: AddressingStyle = "auto") -> Storage:
     """``file:///abs/path`` → :class:`LocalStorage`; ``s3://bucket/prefix`` → :class:`S3Storage`."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -268,5 +286,6 @@ def storage_from_url(url: str, endpoint_url: str | None = None, region: str | No
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"storage URL {url!r} names no bucket")
-        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region)
+        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region,
+                         public_endpoint_url=public_endpoint_url, addressing_style=addressing_style)
     raise ValueError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket[/prefix]")

@@ -10,7 +10,8 @@ from service.config import Settings
 from tests.deploy.conftest import ROOT
 
 KNOWN = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_BUCKET", "MEGASR_WEIGHTS_DIR",
-                                                                        "MEGASR_API_PORT", "MEGASR_WEIGHTS_SOURCE"}
+                                                                        "MEGASR_API_PORT", "MEGASR_WEIGHTS_SOURCE",
+                                                                        "MEGASR_S3_PORT"}
 
 
 def compose() -> dict:
@@ -28,6 +29,18 @@ def test_compose_services_health_and_volumes():
     assert any(v.startswith("redis-data:") for v in services["redis"]["volumes"])
     assert services["api"]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["worker"]["depends_on"]["create-bucket"]["condition"] == "service_completed_successfully"
+
+
+def test_compose_result_links_open_outside_the_compose_network():
+    """Presigned links are signed for an address clients reach (the published MinIO port), not
+    for http://minio:9000, which only resolves inside the compose network."""
+    services = compose()["services"]
+    assert any(str(port).endswith(":9000") for port in services["minio"]["ports"])
+    api = services["api"]["environment"]
+    assert api["MEGASR_S3_ENDPOINT_URL"] == "http://minio:9000"
+    public = api["MEGASR_S3_PUBLIC_URL"]
+    assert "minio" not in public and public.endswith(":9000}")
+    assert api["MEGASR_S3_ADDRESSING_STYLE"] == "path"
 
 
 def test_compose_worker_reserves_a_gpu_and_drains():

@@ -4,6 +4,7 @@ Valkey database per test where counters matter, and a loopback webhook receiver.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -51,8 +52,14 @@ def s3_endpoint(tmp_path_factory):
     ports = {name: free_port(10000) for name in ("master", "volume", "filer")}
     s3_port = free_port(10000)
     log = open(data / "weed.log", "wb")
+    # With an identity configured, SeaweedFS checks every signature (anonymous requests and
+    # links signed for another host are refused), as AWS and MinIO do.
+    s3_config = data / "s3.json"
+    s3_config.write_text(json.dumps({"identities": [{
+        "name": "megasr-test", "credentials": [{"accessKey": "megasr-test", "secretKey": "megasr-test-secret"}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     process = subprocess.Popen(
-        [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={s3_config}",
          f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
          "-s3", f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
          "-master.volumeSizeLimitMB=64", "-volume.max=8"],

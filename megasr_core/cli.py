@@ -58,7 +58,7 @@ def weights_init_tiny(
 
 @weights_app.command("info")
 def weights_info(
-    directory: Annotated[Optional[Path], typer.Argument(help="A MegaSR weights directory.")] = None,
+    directory: Annotated[Optional[str], typer.Argument(help="A MegaSR weights directory or hf://org/name[@revision].")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Describe a preset's shapes instead (built on the meta device).")] = None,
 ) -> None:
     """Print a JSON description: config, parameter counts (base, CSM, MSFM), missing parts."""
@@ -73,7 +73,9 @@ def weights_info(
             info = {"preset": preset, "config": model.config.to_dict(), "parameters": model.parameter_counts(),
                     "extractor_parameters": _extractor_counts(preset)}
         else:
-            info = describe(directory)
+            from megasr_core.hub import resolve_weights_source
+
+            info = describe(resolve_weights_source(directory))
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(info, indent=2))
@@ -184,18 +186,21 @@ def _output_paths(files: list[Path], output: Path, fmt: str | None) -> list[tupl
     return paths
 
 
-def resolve_weights(weights: Path | None) -> Path:
-    """--weights, else $MEGASR_WEIGHTS, else tiny demo weights made on first use (untrained)."""
+def resolve_weights(weights: str | Path | None) -> Path:
+    """--weights, else $MEGASR_WEIGHTS (a folder or a Hub id, see megasr_core.hub), else tiny demo
+    weights made on first use (untrained)."""
     import os
 
+    from megasr_core.hub import resolve_weights_source
     from megasr_core.weights import default_demo_weights, init_tiny, missing_components
 
     if weights is None and os.environ.get("MEGASR_WEIGHTS"):
-        weights = Path(os.environ["MEGASR_WEIGHTS"])
+        weights = os.environ["MEGASR_WEIGHTS"]
     if weights is not None:
-        if not weights.is_dir():
-            _fail(f"weights directory {weights} does not exist")
-        return weights
+        try:
+            return resolve_weights_source(weights)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
     demo = default_demo_weights()
     if missing_components(demo):
         typer.secho(f"no --weights or MEGASR_WEIGHTS: writing tiny demo weights to {demo}", fg=typer.colors.YELLOW, err=True)
@@ -223,7 +228,7 @@ def _torch_dtype(name: str | None):
 def upscale(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (or file, for one input).")],
-    weights: Annotated[Optional[Path], typer.Option(help="MegaSR weights directory (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
     scale: Annotated[float, typer.Option(help="Upscaling factor, 1 to 8.")] = 4.0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.5,
@@ -329,7 +334,7 @@ def bench(
 
 @app.command()
 def worker(
-    weights: Annotated[Optional[Path], typer.Option(help="MegaSR weights directory (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
@@ -363,7 +368,7 @@ def worker(
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default: $MEGASR_HOST or 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: $MEGASR_PORT or 8000).")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="Weights for the in-process worker (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights for the in-process worker: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device of the in-process worker.")] = None,
 ) -> None:
     """Run the HTTP API. Without MEGASR_REDIS_URL: embedded Valkey, local storage and a worker, in one process."""

@@ -154,15 +154,18 @@ class MegaSRPipeline(DiffusionPipeline):
         torch_dtype: torch.dtype | None = None,
         device: str | torch.device | None = None,
         load_extractors: bool = True,
+        revision: str | None = None,
     ) -> "MegaSRPipeline":
-        """Load a MegaSR weights directory (see ``megasr_core.weights``) onto ``device``.
+        """Load MegaSR weights (see ``megasr_core.weights``) onto ``device``.
 
-        Default dtype: float16 on CUDA, float32 elsewhere. Only the extractors the model's
-        switches use are loaded.
+        ``directory`` is a local weights folder or a Hub id (``org/name``, ``hf://org/name[@rev]``;
+        ``revision``: a branch, tag or commit hash), fetched through the Hub cache
+        (``megasr_core.hub``). Default dtype: float16 on CUDA, float32 elsewhere. Only the
+        extractors the model's switches use are loaded.
         """
-        directory = Path(directory)
-        if not directory.is_dir():
-            raise FileNotFoundError(f"weights directory {directory} does not exist")
+        from ..hub import resolve_weights_source
+
+        directory = resolve_weights_source(directory, revision=revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
         denoiser = MegaSRDenoiser.from_pretrained(directory, device=device, torch_dtype=dtype)

@@ -1,0 +1,150 @@
+"""Weights by Hugging Face Hub id (megasr_core.hub), offline from a real Hub cache layout.
+
+The cache is the one huggingface_hub writes (``models--org--name/{blobs,refs,snapshots}``, snapshot
+files linked to content-addressed blobs); ``HF_HUB_OFFLINE=1`` keeps every test off the network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from huggingface_hub.utils import filter_repo_objects
+from PIL import Image
+
+from megasr_core.hub import ALLOW_PATTERNS, WeightsSourceError, parse_hub_source, resolve_weights_source
+
+REPO = "megasr-test/tiny"
+MAIN = "a" * 40  # commit of refs/main
+TAGGED = "b" * 40  # commit of refs/v1 (huggingface_hub stores a ref under the name it was asked for)
+EXTRA = "training/optimizer.bin"  # in the repo, not part of the serving layout
+
+
+def populate_hf_cache(hub_cache: Path, repo_id: str, weights: Path, commit: str, refs: list[str]) -> Path:
+    """Put ``weights`` into ``hub_cache`` as huggingface_hub stores a snapshot; returns the snapshot."""
+    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    files = {p.relative_to(weights).as_posix(): p.read_bytes() for p in weights.rglob("*") if p.is_file()}
+    files[EXTRA] = b"not serving weights"
+    for relative, content in files.items():
+        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        link = snapshot / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    for ref in refs:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory, tiny_weights) -> Path:
+    """An HF_HOME whose cache holds ``REPO`` at two commits: main and tag v1."""
+    home = tmp_path_factory.mktemp("hf_home")
+    populate_hf_cache(home / "hub", REPO, tiny_weights, MAIN, ["main"])
+    populate_hf_cache(home / "hub", REPO, tiny_weights, TAGGED, ["v1"])
+    return home
+
+
+@pytest.fixture
+def offline_hub(hf_home, monkeypatch) -> Path:
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return hf_home / "hub" / f"models--{REPO.replace('/', '--')}"
+
+
+def test_allow_patterns_select_the_weights_layout(tiny_weights):
+    """snapshot_download filters with these patterns: every layout file, nothing else of the repo."""
+    from megasr_core.hub import REQUIRED_DIRS, REQUIRED_FILES
+    from megasr_core.models.config import CONFIG_NAME
+    from megasr_core.weights import COMPONENTS, MODEL_INDEX
+
+    assert set(REQUIRED_DIRS) == set(COMPONENTS) and set(REQUIRED_FILES) == {MODEL_INDEX, CONFIG_NAME}
+    layout = sorted(p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())
+    assert any(name.startswith("extractors/") for name in layout)
+    repo = [*layout, EXTRA, "README.md", ".gitattributes", "sd2/unet/model.safetensors"]
+    assert sorted(filter_repo_objects(repo, allow_patterns=ALLOW_PATTERNS)) == layout
+
+
+def test_parse_hub_sources(tmp_path, monkeypatch):
+    assert str(parse_hub_source("hf://org/name@v2")) == "hf://org/name@v2"
+    assert parse_hub_source(Path("hf://org/name@refs/pr/3")).revision == "refs/pr/3"  # pathlib folds '//'
+    assert parse_hub_source("org/name", revision="main").repo_id == "org/name"
+    assert parse_hub_source(tmp_path) is None
+    existing = tmp_path / "org" / "name"
+    existing.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert parse_hub_source("org/name") is None  # an existing folder wins over a Hub id
+    with pytest.raises(WeightsSourceError, match="pins revision"):
+        parse_hub_source("hf://org/name@v1", revision="v2")
+    with pytest.raises(WeightsSourceError, match="not a Hub weights id"):
+        parse_hub_source("hf://just-a-name")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_weights_source(tmp_path / "nowhere")
+
+
+def test_from_pretrained_by_hub_id_offline(offline_hub):
+    from megasr_core.pipelines import MegaSRPipeline
+
+    pipeline = MegaSRPipeline.from_pretrained(REPO, device="cpu")
+    image = pipeline(Image.new("RGB", (24, 16), (120, 80, 40)), scale=2, num_inference_steps=1, seed=0).images[0]
+    assert image.size == (48, 32)
+    tagged = MegaSRPipeline.from_pretrained(f"hf://{REPO}", revision=TAGGED, device="cpu", load_extractors=False)
+    assert tagged.extractors is None
+
+
+def test_revisions_resolve_to_their_snapshots(offline_hub):
+    snapshots = offline_hub / "snapshots"
+    assert resolve_weights_source(REPO) == snapshots / MAIN
+    assert resolve_weights_source(f"hf://{REPO}@v1") == snapshots / TAGGED
+    assert resolve_weights_source(REPO, revision="v1") == snapshots / TAGGED
+    assert resolve_weights_source(f"hf://{REPO}", revision=TAGGED) == snapshots / TAGGED
+    assert resolve_weights_source(f"hf://{REPO}@{MAIN}") == snapshots / MAIN
+
+
+def test_offline_misses_are_clear_errors(offline_hub):
+    with pytest.raises(WeightsSourceError, match=r"megasr-test/nothing.*not in the Hub cache.*HF_HUB_OFFLINE"):
+        resolve_weights_source("hf://megasr-test/nothing")
+    with pytest.raises(WeightsSourceError, match=r"revision v9 is not in the Hub cache"):
+        resolve_weights_source(REPO, revision="v9")
+
+
+def test_incomplete_snapshot_is_refused(tmp_path, tiny_weights, monkeypatch):
+    populate_hf_cache(tmp_path / "hub", "megasr-test/partial", tiny_weights / "unet", MAIN, ["main"])
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsSourceError, match="not a complete MegaSR weights directory: missing model_index.json"):
+        resolve_weights_source("megasr-test/partial")
+
+
+def megasr(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    script = Path(sys.executable).with_name("megasr")
+    return subprocess.run([str(script), *args], capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+
+
+def test_cli_takes_hub_ids(hf_home, tmp_path):
+    source = tmp_path / "in.png"
+    Image.new("RGB", (20, 12), (30, 160, 90)).save(source)
+    env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "MEGASR_WEIGHTS": ""}
+    ok = megasr("upscale", str(source), "-o", str(tmp_path / "out.png"), "--weights", f"hf://{REPO}@v1",
+                "--steps", "1", "--scale", "2", env=env)
+    assert ok.returncode == 0, ok.stderr
+    with Image.open(tmp_path / "out.png") as image:
+        assert image.size == (40, 24)
+
+    info = megasr("weights", "info", f"hf://{REPO}@{MAIN}", env=env)
+    assert info.returncode == 0, info.stderr
+    assert '"parameters"' in info.stdout
+
+    missing = megasr("upscale", str(source), "-o", str(tmp_path / "o.png"), "--steps", "1",
+                     env={**env, "MEGASR_WEIGHTS": "hf://megasr-test/missing@v3"})
+    assert missing.returncode == 2
+    assert "megasr-test/missing" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
+    assert "Traceback" not in missing.stderr

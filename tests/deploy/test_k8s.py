@@ -101,8 +101,8 @@ def test_keda_scales_workers_on_the_queue_the_code_uses(rendered):
     spec = scaled["spec"]
     assert spec["scaleTargetRef"]["name"] == "megasr-worker"
     assert find(docs, "Deployment", spec["scaleTargetRef"]["name"])
-    assert spec["minReplicaCount"] >= 1 and spec["maxReplicaCount"] >= spec["minReplicaCount"]
-    (trigger,) = spec["triggers"]
+    assert spec["minReplicaCount"] >= 0 and spec["maxReplicaCount"] >= max(1, spec["minReplicaCount"])
+    trigger = spec["triggers"][0]
     assert trigger["type"] == "redis"
     queue = config(docs)["MEGASR_QUEUE_NAME"]
     assert queue == DEFAULT_QUEUE
@@ -111,9 +111,69 @@ def test_keda_scales_workers_on_the_queue_the_code_uses(rendered):
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
+def test_scale_to_zero_never_drops_a_running_job(rendered):
+    """Only with the scale-to-zero component: a running job has left the queue list, so a second
+    trigger on the fleet's running jobs keeps its worker; without it the fleet floor is one worker."""
+    overlay, docs = rendered
+    (scaled,) = find(docs, "ScaledObject")
+    spec = scaled["spec"]
+    if spec["minReplicaCount"] >= 1:
+        assert len(spec["triggers"]) == 1, overlay
+        return
+    assert overlay == "gpu-pool-scale-to-zero"
+    queue, running = spec["triggers"]
+    assert queue["metadata"]["activationListLength"] == "0"  # the first queued job wakes a worker
+    assert running["type"] == "prometheus"
+    assert "megasr_jobs_running" in running["metadata"]["query"]  # the API's gauge (service/metrics.py)
+    assert float(running["metadata"]["activationThreshold"]) < 1 <= float(running["metadata"]["threshold"])
+    assert spec["cooldownPeriod"] >= 600
+
+
+def test_cloud_overlays_pick_one_gpu_nodes(rendered):
+    """A worker uses one GPU: the cloud overlays select 1-GPU machine shapes only."""
+    one_gpu = {"g6.xlarge", "g6.2xlarge", "g5.xlarge", "g5.2xlarge", "g6e.xlarge", "g6e.2xlarge", "p5.4xlarge",
+               "g2-standard-8", "g2-standard-12", "a2-ultragpu-1g", "a3-highgpu-1g"}
+    overlay, docs = rendered
+    if overlay not in ("eks", "gke"):
+        return
+    affinity = pod_spec(docs, "megasr-worker")["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    (term,) = affinity["nodeSelectorTerms"]
+    (expression,) = term["matchExpressions"]
+    assert expression["key"] == "node.kubernetes.io/instance-type" and expression["operator"] == "In"
+    assert expression["values"] and set(expression["values"]) <= one_gpu
+
+
+def test_images_come_from_one_kustomize_entry(rendered):
+    """Every container image is the base kustomization's images: entry (one place to pin a release)."""
+    import yaml
+
+    from tests.deploy.conftest import ROOT
+
+    entries = {e["newName"]: e["newTag"] for e in yaml.safe_load((ROOT / "k8s/base/kustomization.yaml").read_text())["images"]}
+    _, docs = rendered
+    megasr_images = [c["image"] for d in docs if d["kind"] == "Deployment"
+                     for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])
+                     if "megasr" in c["image"]]
+    assert megasr_images
+    for image in megasr_images:
+        name, _, tag = image.rpartition(":")
+        assert entries.get(name) == tag, image
+
+
+def test_dcgm_exporter_is_scraped_where_the_component_is_used(rendered):
+    overlay, docs = rendered
+    monitors = {m["metadata"]["name"]: m for m in find(docs, "ServiceMonitor")}
+    if overlay != "gpu-pool-scale-to-zero":
+        assert "megasr-dcgm-exporter" not in monitors
+        return
+    dcgm = monitors["megasr-dcgm-exporter"]
+    assert dcgm["spec"]["namespaceSelector"]["matchNames"] == ["gpu-operator"]
+    assert dcgm["spec"]["endpoints"][0]["port"] == "gpu-metrics"
+
+
 def test_service_monitors_point_at_metrics_ports(rendered):
     _, docs = rendered
-    monitors = find(docs, "ServiceMonitor")
+    monitors = [m for m in find(docs, "ServiceMonitor") if m["metadata"]["name"] != "megasr-dcgm-exporter"]
     assert {m["metadata"]["name"] for m in monitors} == {"megasr-api", "megasr-worker"}
     services = find(docs, "Service")
     for monitor in monitors:

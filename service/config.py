@@ -60,6 +60,7 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="overall deadline of one webhook delivery")
     webhook_concurrency: int = Field(8, ge=1, le=256, description="webhook deliveries in flight per process")
+    events_max_s: float = Field(900.0, gt=0, le=86400, description="longest a /v1/jobs/{id}/events stream stays open (clients reconnect)")
     weights: Path | None = Field(None, description="MegaSR weights directory for workers")
     max_batch: int | None = Field(None, ge=1, le=64, description="images per GPU batch; unset = 8 on CUDA, 1 on CPU")
     batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits for batch mates")

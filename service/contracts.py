@@ -47,7 +47,8 @@ class UpscaleParams(BaseModel):
     scale: Annotated[float, Field(ge=1, le=8)] = 4
     steps: Annotated[int, Field(ge=1, le=200)] = 50
     guidance_scale: Annotated[float, Field(ge=0, le=20)] = 5.5
-    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    # lt rather than le=2**63 - 1: OpenAPI numbers are floats, and 2**63 is exact as one
+    seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     prompt: Annotated[str, Field(max_length=500)] = ""
     negative_prompt: Annotated[str, Field(max_length=500)] = "dotted, noise, blur, lowres, smooth"
     color_fix: ColorFix = "adain"
@@ -97,6 +98,44 @@ class JobRecord(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    trace_context: dict[str, str] | None = None  # W3C traceparent carrier: the worker continues the API's trace
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class JobView(BaseModel):
+    """What clients see of a job (the API's answers, its event stream and ``service.client``)."""
+
+    id: str
+    status: JobStatus
+    progress: float
+    queue_position: int | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    input: ImageSize
+    output: ImageSize | None = None
+    tagger: str | None = None
+    error: JobError | None = None
+    result_url: str | None = None
+    cancel_requested: bool = False
+    params: UpscaleParams
+
+
+class JobList(BaseModel):
+    """One page of a tenant's jobs, newest first; ``next`` is the cursor of the following page."""
+
+    jobs: list[JobView]
+    next: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error the API answers: ``{"error": {"code", "message"}}``."""
+
+    error: JobError
 
 
 def input_key(job_id: str) -> str:

@@ -8,6 +8,7 @@ from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .config import Settings
 from .errors import ApiError
@@ -18,6 +19,9 @@ from .storage import Storage
 
 DEFAULT_TENANT = "default"
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+#: declares the API key in OpenAPI (Swagger's Authorize); errors stay ours (auto_error=False)
+api_key_scheme = HTTPBearer(auto_error=False, scheme_name="apiKey",
+                            description="An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`")
 
 
 @dataclass
@@ -73,12 +77,15 @@ def record_auth_failure(services: Services, client: str) -> None:
     services.auth_failures.take(client)
 
 
-def get_tenant(request: Request, services: ServicesDep) -> str:
+def get_tenant(
+    request: Request, services: ServicesDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_scheme)],
+) -> str:
     """The tenant of the caller's API key; single-tenant when no keys are configured (allow_anonymous)."""
     if not services.tenant_keys:
         return DEFAULT_TENANT
-    token = bearer_token(request)
-    if token is None:
+    token = credentials.credentials.strip() if credentials is not None else None
+    if not token:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY'", BEARER_CHALLENGE)
     client = client_address(request)
     refuse_if_guessing(services, client)

@@ -5,7 +5,8 @@ idempotency key created and the hash of its request, ``cancel:<id>`` a running j
 request, ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota), ``running`` the
 jobs being run and ``lease:<id>`` each one's liveness lease (renewed by its worker every few
 seconds), ``outputs:<id>`` every storage key an attempt wrote a result to (deleted with the
-job's images). Request rates are ``service.rate_limit``'s.
+job's images), ``tenant:<tenant>:jobs`` the tenant's jobs scored by creation time (listing;
+written with the record, its entries of expired records dropped when a listing meets them). Request rates are ``service.rate_limit``'s.
 
 Every state change is ONE compare-and-set transaction (WATCH, then MULTI/EXEC) over all the keys
 it touches, RQ's included (``service.queue`` writes into the same transaction): create = quota
@@ -21,9 +22,9 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import redis
 from pydantic import BaseModel
@@ -59,6 +60,13 @@ class IdempotencyMismatch(RuntimeError):
     """An Idempotency-Key was reused with a different request."""
 
 
+class ListPosition(NamedTuple):
+    """Where a listing stopped: the last job's creation-time score and id (ties by id)."""
+
+    score: float
+    job_id: str
+
+
 #: extra writes a transition adds to its transaction: (pipeline in MULTI mode, the new record)
 Extra = Callable[[Pipeline, JobRecord], None]
 
@@ -84,6 +92,10 @@ class JobStore:
     @staticmethod
     def active_key(tenant: str) -> str:
         return f"megasr:tenant:{tenant}:active"
+
+    @staticmethod
+    def index_key(tenant: str) -> str:
+        return f"megasr:tenant:{tenant}:jobs"
 
     @staticmethod
     def lease_key(job_id: str) -> str:
@@ -129,6 +141,7 @@ class JobStore:
                     pipe.multi()
                     pipe.set(self.key(record.id), record.model_dump_json())
                     pipe.sadd(active, record.id)
+                    pipe.zadd(self.index_key(record.tenant), {record.id: record.created_at.timestamp()})
                     if idem is not None:
                         pipe.delete(idem)
                         pipe.hset(idem, mapping={"job": record.id, "request": request_hash})
@@ -166,6 +179,47 @@ class JobStore:
         """The job if it exists and belongs to ``tenant``; otherwise None (callers answer 404)."""
         record = self.get(job_id)
         return record if record is not None and record.tenant == tenant else None
+
+    def list_for_tenant(
+        self, tenant: str, limit: int, after: ListPosition | None = None, statuses: Collection[JobStatus] = (),
+    ) -> tuple[list[JobRecord], ListPosition | None]:
+        """A page of the tenant's jobs, newest first, from just after ``after``; (records, position
+        of the last one if more may follow). With ``statuses``, only jobs in one of them.
+
+        Entries whose record has expired are removed from the index on the way.
+        """
+        index = self.index_key(tenant)
+        wanted = set(statuses)
+        page: list[JobRecord] = []
+        position = after
+        batch = max(2 * limit, 50)
+        while True:
+            top = "+inf" if position is None else position.score
+            entries = self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=batch, withscores=True)
+            ids = [(m.decode(), s) for m, s in entries]
+            if position is not None:  # equal scores come in descending member order
+                ids = [(i, s) for i, s in ids if s < position.score or i < position.job_id]
+            if not ids:
+                if len(entries) < batch:
+                    return page, None
+                batch *= 2  # a batch of jobs created in the same microsecond, all already seen
+                continue
+            raws = self.redis.mget([self.key(i) for i, _ in ids])
+            expired = [i for (i, _), raw in zip(ids, raws) if raw is None]
+            if expired:
+                self.redis.zrem(index, *expired)
+            for (job_id, score), raw in zip(ids, raws):
+                position = ListPosition(score, job_id)
+                if raw is None:
+                    continue
+                record = JobRecord.model_validate_json(raw)
+                if record.tenant != tenant or (wanted and record.status not in wanted):
+                    continue
+                page.append(record)
+                if len(page) == limit:
+                    return page, position
+            if len(entries) < batch:
+                return page, None
 
     def active_count(self, tenant: str) -> int:
         return int(self.redis.scard(self.active_key(tenant)))

@@ -1,28 +1,33 @@
-"""``/v1/upscale`` and ``/v1/jobs/{id}``: submit, poll, fetch the result, cancel."""
+"""``/v1/upscale`` and ``/v1/jobs``: submit, list, poll, follow (SSE), fetch the result, cancel."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import math
+import secrets
 import uuid
-from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from megasr_core.geometry import SD2_SIZE_MULTIPLE, WorkBoundsError, check_work_bounds
 
 from ..body_limits import loads_limited, parse_multipart, read_limited
-from ..contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, UpscaleParams, input_key
+from .. import events
+from ..contracts import (CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView,
+                         UpscaleParams, input_key)
 from ..deps import ServicesDep, TenantDep
 from ..errors import ApiError
 from ..images import check_upload
-from ..jobs import IdempotencyMismatch, QuotaExceeded, TransitionRejected, request_fingerprint
+from ..jobs import IdempotencyMismatch, ListPosition, QuotaExceeded, TransitionRejected, request_fingerprint
+from ..logging_setup import bind_log_context
+from ..tracing import carrier, traced
 from ..webhooks import check_webhook_url
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -30,47 +35,45 @@ router = APIRouter(prefix="/v1", tags=["jobs"])
 #: body bytes allowed on top of the image: multipart framing and the text parameters
 _FIELDS_OVERHEAD = 64 * 1024
 
-_UPLOAD_SCHEMA = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {"image": {"type": "string", "format": "binary"},
-                               **{name: {"type": "string"} for name in UpscaleParams.model_fields}},
-            }},
-            "application/json": {"schema": {
-                "type": "object", "required": ["image"],
-                "properties": {"image": {"type": "string", "description": "data:image/...;base64,... URL"},
-                               **{name: {} for name in UpscaleParams.model_fields}},
-            }},
+
+def _param_schemas() -> dict[str, dict]:
+    """UpscaleParams' fields as JSON Schema (types, bounds, enums), "null" dropped: a form field is
+    either sent or not."""
+    schema = UpscaleParams.model_json_schema()
+    properties = {}
+    for name, prop in schema["properties"].items():
+        variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
+        if len(variants) == 1:
+            prop.update(variants[0])
+        elif variants:
+            prop["anyOf"] = variants
+        if prop.get("default", 0) is None:
+            del prop["default"]
+        properties[name] = prop
+    return properties
+
+
+def _upload_schema() -> dict:
+    params = _param_schemas()
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["image"],
+                       "properties": {"image": {"type": "string", "format": "binary"}, **params}},
         },
-    }
-}
+        "application/json": {
+            "schema": {"type": "object", "required": ["image"], "additionalProperties": False,
+                       "properties": {"image": {"type": "string", "description": "data:image/...;base64,... URL"},
+                                      **params}},
+        },
+    }}}
 
 
-class ImageSize(BaseModel):
-    width: int
-    height: int
-
-
-class JobView(BaseModel):
-    """What clients see of a job."""
-
-    id: str
-    status: JobStatus
-    progress: float
-    queue_position: int | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
-    input: ImageSize
-    output: ImageSize | None = None
-    tagger: str | None = None
-    error: JobError | None = None
-    result_url: str | None = None
-    cancel_requested: bool = False
-    params: UpscaleParams
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of these error statuses, each ``{"error": {"code", "message"}}``."""
+    described = {400: "Bad request", 401: "Missing or invalid API key", 404: "No such job (of this tenant)",
+                 409: "Not possible in the job's state", 413: "Upload too large", 415: "Unsupported media type",
+                 422: "Invalid parameters", 429: "Rate limit or queue quota", 503: "Redis or storage unreachable"}
+    return {status: {"model": ErrorResponse, "description": described[status]} for status in statuses}
 
 
 def _link(request: Request, services: ServicesDep, route: str, job_id: str) -> str:
@@ -136,8 +139,8 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field 'image') or application/json")
 
 
-@router.post("/upscale", status_code=202, response_model=JobView, openapi_extra=_UPLOAD_SCHEMA,
-             responses={400: {}, 401: {}, 413: {}, 415: {}, 422: {}, 429: {}, 503: {}})
+@router.post("/upscale", status_code=202, response_model=JobView, openapi_extra=_upload_schema(),
+             operation_id="createUpscaleJob", responses=_errors(400, 401, 413, 415, 422, 429, 503))
 async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Queue an image for super-resolution; answers 202 with the job and its ``Location``."""
     settings = services.settings
@@ -157,6 +160,7 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
     return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
 
 
+@traced("enqueue")  # validation, input upload, record and RQ enqueue; the worker continues this span
 def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str | None, fields: dict[str, Any],
            idempotency_key: str | None) -> tuple[JobRecord, bool]:
     """Validate, store the input, record and enqueue the job; (record, replayed)."""
@@ -182,17 +186,21 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
                           settings.max_output_pixels, settings.max_aspect_ratio)
     except WorkBoundsError as exc:
         raise ApiError(422, exc.code, f"{exc} (MEGASR_{exc.setting.upper()})") from None
-    fingerprint = request_fingerprint(data, params)
+    fingerprint = request_fingerprint(data, params)  # what the client sent: a retry matches it
     if idempotency_key is not None:
         replay = _replay(services, tenant, idempotency_key, fingerprint)
         if replay is not None:
             return replay, True
+    if params.seed is None:  # drawn once and recorded: the job (and any retry of it) is reproducible
+        params = params.model_copy(update={"seed": secrets.randbelow(2**63)})
     quota = settings.max_queued_per_tenant
     if services.jobs.active_count(tenant) >= quota:  # cheap early answer; create() enforces it atomically
         raise _quota_error(quota)
     job_id = uuid.uuid4().hex
+    bind_log_context(job_id=job_id, tenant=tenant)
     record = JobRecord(id=job_id, tenant=tenant, params=params, input_key=input_key(job_id),
-                       input_content_type=image.content_type, input_width=image.width, input_height=image.height)
+                       input_content_type=image.content_type, input_width=image.width, input_height=image.height,
+                       trace_context=carrier(job_id=job_id, tenant=tenant))
     services.storage.put(record.input_key, image.data, image.content_type)
     try:  # quota, record, idempotency key and RQ's enqueue: one transaction
         stored, created = services.jobs.create(
@@ -238,13 +246,66 @@ def _owned(services: ServicesDep, job_id: str, tenant: str) -> JobRecord:
     return record
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, name="get_job", responses={401: {}, 404: {}})
+def _encode_cursor(position: ListPosition) -> str:
+    raw = json.dumps([position.score, position.job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> ListPosition:
+    try:
+        score, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(score, (int, float)) or isinstance(score, bool) or not isinstance(job_id, str):
+            raise ValueError(cursor)
+        return ListPosition(float(score), job_id)
+    except (ValueError, TypeError, binascii.Error):
+        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API returned") from None
+
+
+@router.get("/jobs", response_model=JobList, name="list_jobs", operation_id="listJobs", responses=_errors(401, 422))
+def list_jobs(
+    request: Request, services: ServicesDep, tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
+    cursor: Annotated[str | None, Query(max_length=200, description="the `next` of the previous page")] = None,
+    status: Annotated[list[JobStatus] | None, Query(description="only jobs in these states (repeatable)")] = None,
+) -> JobList:
+    """The caller's jobs, newest first, a page at a time (jobs are kept ``MEGASR_RESULT_TTL_S``
+    after they finish)."""
+    after = _decode_cursor(cursor) if cursor is not None else None
+    records, position = services.jobs.list_for_tenant(tenant, limit, after, status or ())
+    return JobList(jobs=[_view(r, request, services) for r in records],
+                   next=_encode_cursor(position) if position is not None else None)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, name="get_job", operation_id="getJob",
+            responses=_errors(401, 404))
 def get_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> JobView:
     """Status, progress, queue position, times, sizes, error and result link of a job."""
     return _view(_owned(services, job_id, tenant), request, services)
 
 
-@router.get("/jobs/{job_id}/result", name="get_result", responses={200: {"content": {"image/png": {}}}, 307: {}, 404: {}, 409: {}})
+@router.get("/jobs/{job_id}/events", name="stream_job_events", operation_id="streamJobEvents",
+            response_class=StreamingResponse, responses={
+                200: {"description": "Server-Sent Events: `progress` (the job), then `done` (the final job)",
+                      "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}}},
+                **_errors(401, 404)})
+async def stream_job_events(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
+    """Follow a job: its progress as it changes, then its final state, as Server-Sent Events."""
+    await run_in_threadpool(_owned, services, job_id, tenant)
+
+    def load() -> JobView | None:
+        record = services.jobs.get_for_tenant(job_id, tenant)
+        return _view(record, request, services) if record is not None else None
+
+    stream = events.job_events(lambda: run_in_threadpool(load), request.is_disconnected,
+                               max_seconds=services.settings.events_max_s)
+    return StreamingResponse(stream, media_type=events.MEDIA_TYPE, headers=events.HEADERS)
+
+
+@router.get("/jobs/{job_id}/result", name="get_result", operation_id="getJobResult",
+            responses={200: {"description": "The result image",
+                             "content": {t: {"schema": {"type": "string", "format": "binary"}}
+                                         for t in CONTENT_TYPES.values()}},
+                       307: {"description": "Redirect to a presigned storage URL"}, **_errors(401, 404, 409)})
 def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
     """The result image (streamed from storage), or a redirect to a presigned URL when the storage is S3."""
     record = _owned(services, job_id, tenant)
@@ -258,7 +319,9 @@ def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Respons
     return StreamingResponse(stored.chunks, media_type=CONTENT_TYPES[record.params.output_format], headers=headers)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobView, responses={202: {}, 404: {}, 409: {}})
+@router.delete("/jobs/{job_id}", response_model=JobView, operation_id="cancelJob",
+               responses={202: {"model": JobView, "description": "Cancel requested (the job is running)"},
+                          **_errors(401, 404, 409)})
 def cancel_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Cancel: a queued job at once (200), a running one within one denoising step (202)."""
     record = _owned(services, job_id, tenant)

@@ -242,3 +242,17 @@ def test_secrets_are_references_not_values(rendered):
     assert not find(docs, "Secret")  # created out of band, never committed
     data = config(docs)
     assert not [k for k in data if "SECRET" in k or k.endswith("_KEYS")]
+
+
+def test_gke_reaches_cloud_storage_with_hmac_keys(rendered):
+    """boto3 speaks to Cloud Storage's S3 API with an HMAC key (it cannot use Workload Identity):
+    region "auto", SigV4 (always, in service/storage.py), the key from the Secret."""
+    overlay, docs = rendered
+    if overlay != "gke":
+        return
+    data = config(docs)
+    assert data["MEGASR_S3_ENDPOINT_URL"] == "https://storage.googleapis.com"
+    assert data["MEGASR_S3_REGION"] == "auto"
+    (worker,) = pod_spec(docs, "megasr-worker")["containers"]
+    names = {e["name"]: e for e in worker["env"]}
+    assert names["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["key"] == "aws-access-key-id"

@@ -14,11 +14,15 @@ OVERLAYS = sorted(p.name for p in (ROOT / "k8s" / "overlays").iterdir() if (p / 
 
 
 def render(overlay: str) -> list[dict]:
+    return render_path(f"k8s/overlays/{overlay}")
+
+
+def render_path(directory: str) -> list[dict]:
+    """The objects ``kubectl kustomize`` renders from a kustomization directory of the repository."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is required to render the kustomize overlays (it is on the machine image)")
-    result = subprocess.run([kubectl, "kustomize", str(ROOT / "k8s" / "overlays" / overlay)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([kubectl, "kustomize", str(ROOT / directory)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 

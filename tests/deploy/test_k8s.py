@@ -149,7 +149,8 @@ def test_images_come_from_one_kustomize_entry(rendered):
 
     from tests.deploy.conftest import ROOT
 
-    entries = {e["newName"]: e["newTag"] for e in yaml.safe_load((ROOT / "k8s/base/kustomization.yaml").read_text())["images"]}
+    entries = {e["newName"]: e["newTag"]
+               for e in yaml.safe_load((ROOT / "k8s/components/images/kustomization.yaml").read_text())["images"]}
     _, docs = rendered
     megasr_images = [c["image"] for d in docs if d["kind"] == "Deployment"
                      for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])
@@ -256,3 +257,31 @@ def test_gke_reaches_cloud_storage_with_hmac_keys(rendered):
     (worker,) = pod_spec(docs, "megasr-worker")["containers"]
     names = {e["name"]: e for e in worker["env"]}
     assert names["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["key"] == "aws-access-key-id"
+
+
+def test_training_job_is_a_consistent_multi_node_launch():
+    """k8s/training: an Indexed Job of N pods × G GPUs whose accelerate launch agrees with it
+    (machines, processes, rank = completion index, rank 0's stable name), validated strictly."""
+    from tests.deploy.conftest import render_path
+
+    docs = render_path("k8s/training")
+    version = kubernetes_validate.latest_version()
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    (job,) = find(docs, "Job", "megasr-train")
+    (service,) = find(docs, "Service", "megasr-train")
+    spec = job["spec"]
+    assert spec["completionMode"] == "Indexed" and spec["parallelism"] == spec["completions"] >= 2
+    pod = spec["template"]["spec"]
+    assert service["spec"]["clusterIP"] == "None" and pod["subdomain"] == service["metadata"]["name"]
+    (train,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in train["env"]}
+    assert int(env["NUM_MACHINES"]) == spec["completions"]
+    assert int(env["GPUS_PER_MACHINE"]) == train["resources"]["limits"]["nvidia.com/gpu"]
+    assert env["MAIN_ADDRESS"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
+    command = " ".join(train["args"])
+    for flag in ('--num_machines "$NUM_MACHINES"', '--machine_rank "$JOB_COMPLETION_INDEX"',
+                 '--main_process_ip "$MAIN_ADDRESS"', "-m megasr_core.cli train megasr"):
+        assert flag in command
+    assert train["image"].startswith("ghcr.io/") and "megasr-worker" in train["image"]
+    assert train["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]

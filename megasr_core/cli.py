@@ -155,34 +155,48 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 
-def _collect_inputs(inputs: list[Path]) -> list[Path]:
-    files: list[Path] = []
+def _collect_inputs(inputs: list[Path], recursive: bool = False) -> list[tuple[Path, Path]]:
+    """(image, folder relative to its input root) pairs; only folders walked with --recursive have sub-folders."""
+    files: list[tuple[Path, Path]] = []
     for path in inputs:
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            walk = path.rglob("*") if recursive else path.iterdir()
+            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 _fail(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-            files += found
+            files += [(p, p.parent.relative_to(path)) for p in found]
         elif path.is_file():
-            files.append(path)
+            files.append((path, Path()))
         else:
             _fail(f"no such file or folder: {path}")
     return files
 
 
-def _output_paths(files: list[Path], output: Path, fmt: str | None) -> list[tuple[Path, str]]:
+def _output_paths(files: list[tuple[Path, Path]], output: Path, fmt: str | None, suffix: str | None,
+                  scale: float) -> list[tuple[Path, str]]:
+    """Where each input goes. Never onto an input: writing into an input's own folder adds ``_x{scale}``
+    to the names unless --suffix says otherwise (Real-ESRGAN's rule), and a target that still is an
+    input is refused."""
     single_file = len(files) == 1 and not output.is_dir() and output.suffix.lower().lstrip(".") in FORMATS
     if single_file:
-        return [(output, FORMATS[(fmt or output.suffix.lstrip(".")).lower()])]
-    output.mkdir(parents=True, exist_ok=True)
-    chosen = (fmt or "png").lower()
-    suffix = "jpg" if chosen in ("jpeg", "jpg") else chosen
-    names = [f.stem for f in files]
-    paths = []
-    for file, name in zip(files, names):
-        if names.count(name) > 1:  # same stem in two folders: keep them apart
-            name = f"{file.parent.name}_{name}"
-        paths.append((output / f"{name}.{suffix}", FORMATS[chosen]))
+        paths = [(output, FORMATS[(fmt or output.suffix.lstrip(".")).lower()])]
+    else:
+        chosen = (fmt or "png").lower()
+        extension = "jpg" if chosen in ("jpeg", "jpg") else chosen
+        folders = {(output / rel).resolve() for _, rel in files}
+        if suffix is None:
+            suffix = f"_x{scale:g}" if any(file.parent.resolve() in folders for file, _ in files) else ""
+        stems = [(rel, file.stem) for file, rel in files]
+        paths = []
+        for file, rel in files:
+            name = file.stem
+            if stems.count((rel, name)) > 1:  # same stem in two input folders: keep them apart
+                name = f"{file.parent.name}_{name}"
+            paths.append((output / rel / f"{name}{suffix}.{extension}", FORMATS[chosen]))
+    sources = {file.resolve() for file, _ in files}
+    for target, _ in paths:
+        if target.resolve() in sources:
+            _fail(f"refusing to overwrite the input {target}: choose another --output or a --suffix")
     return paths
 
 
@@ -239,12 +253,26 @@ def upscale(
     color_fix: Annotated[str, typer.Option(help="adain, wavelet or none.")] = "adain",
     tile_size: Annotated[Optional[int], typer.Option(help="Latent tile size; 0 disables tiling (default: auto).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", help="png, jpeg or webp (default: from -o, else png).")] = None,
+    suffix: Annotated[Optional[str], typer.Option(help="Added to output names (default: _x{scale} when writing into an input's folder, else none).")] = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Leave outputs that already exist alone.")] = False,
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively; sub-folders are mirrored under the output folder.")] = False,
+    quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
 ) -> None:
     """Super-resolve images with MegaSR."""
     if fmt is not None and fmt.lower() not in FORMATS:
         _fail(f"--format must be png, jpeg or webp, got {fmt!r}")
-    files = _collect_inputs(inputs)
-    targets = _output_paths(files, output, fmt)
+    if suffix is not None and any(sep in suffix for sep in ("/", "\\")):
+        _fail(f"--suffix is part of a file name, got {suffix!r}")
+    files = _collect_inputs(inputs, recursive=recursive)
+    targets = _output_paths(files, output, fmt, suffix, scale)
+    if skip_existing:
+        kept = [(f, t) for f, t in zip(files, targets) if not t[0].exists()]
+        for (file, _), (target, _) in zip(files, targets):
+            if target.exists():
+                typer.echo(f"skipped {file}: {target} exists", err=True)
+        if not kept:
+            return
+        files, targets = [f for f, _ in kept], [t for _, t in kept]
     weights_dir = resolve_weights(weights)
 
     from tqdm.auto import tqdm
@@ -257,7 +285,7 @@ def upscale(
         _fail(str(exc))
     failures = 0
     with tqdm(total=len(files) * steps, unit="step", desc="upscaling") as bar:
-        for file, (target, pil_format) in zip(files, targets):
+        for (file, _), (target, pil_format) in zip(files, targets):
             bar.set_postfix_str(file.name)
             seen = [0]
 
@@ -279,7 +307,7 @@ def upscale(
             if pil_format == "JPEG" and image.mode == "RGBA":
                 image = image.convert("RGB")  # JPEG has no alpha channel
             target.parent.mkdir(parents=True, exist_ok=True)
-            image.save(target, format=pil_format, **({"quality": 95} if pil_format in ("JPEG", "WEBP") else {}))
+            image.save(target, format=pil_format, **({"quality": quality} if pil_format in ("JPEG", "WEBP") else {}))
             tqdm.write(f"{file} → {target} ({image.width}×{image.height})")
     if failures:
         raise typer.Exit(code=1)
@@ -332,6 +360,18 @@ def bench(
     typer.echo(json.dumps(result, indent=2))
 
 
+def _observe(settings, service_name: str) -> None:
+    """Logs (MEGASR_LOG_FORMAT, secrets redacted) and, with MEGASR_OTLP_ENDPOINT, traces."""
+    from service.logging_setup import configure_from_settings
+    from service.tracing import configure_tracing
+
+    configure_from_settings(settings)
+    try:
+        configure_tracing(settings.otlp_endpoint, service_name)
+    except RuntimeError as exc:
+        _fail(str(exc))
+
+
 @app.command()
 def worker(
     weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
@@ -344,19 +384,17 @@ def worker(
     cuda_graphs: Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).")] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
-    import logging
-
     from pydantic import ValidationError
 
     from service.config import Settings
     from worker.main import prepare, run_worker
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides = {k: v for k, v in (("compile", compile), ("max_batch", max_batch), ("cuda_graphs", cuda_graphs)) if v is not None}
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
         _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    _observe(settings, "megasr-worker")
     if not settings.redis_url:
         _fail("MEGASR_REDIS_URL is not set: workers need the Redis the API uses")
     weights_dir = resolve_weights(weights or settings.weights)
@@ -370,21 +408,26 @@ def serve(
     port: Annotated[Optional[int], typer.Option(help="Port (default: $MEGASR_PORT or 8000).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Weights for the in-process worker: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device of the in-process worker.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 for the in-process worker (default: fp16 on CUDA).")] = None,
+    compile: Annotated[Optional[str], typer.Option("--compile", help="torch.compile scope of the in-process worker: blocks or full (default: $MEGASR_COMPILE, else eager).")] = None,
 ) -> None:
     """Run the HTTP API. Without MEGASR_REDIS_URL: embedded Valkey, local storage and a worker, in one process."""
     import ipaddress
-    import logging
 
     import uvicorn
+    from pydantic import ValidationError
 
     from service.app import create_app
     from service.config import Settings
     from worker.embedded import start_embedded_valkey, start_housekeeping, start_worker_thread
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings()
-    updates = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
-    settings = settings.model_copy(update=updates)
+    torch_dtype = _torch_dtype(dtype) if dtype else None  # checked before anything starts (torch only if asked)
+    updates = {k: v for k, v in {"host": host, "port": port, "compile": compile}.items() if v is not None}
+    try:
+        settings = Settings(**updates)
+    except ValidationError as exc:
+        _fail("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    _observe(settings, "megasr-api")
     try:
         keys = settings.tenant_keys()
     except ValueError as exc:
@@ -402,7 +445,7 @@ def serve(
     if not settings.redis_url:
         valkey = start_embedded_valkey(settings)
         settings = settings.model_copy(update={"redis_url": valkey.connection_url})
-        start_worker_thread(settings, resolve_weights(weights or settings.weights), device=device)
+        start_worker_thread(settings, resolve_weights(weights or settings.weights), device=device, dtype=torch_dtype)
     else:
         start_housekeeping(settings)
     import signal
@@ -417,6 +460,7 @@ def serve(
         # X-Forwarded-For/-Proto count only from MEGASR_FORWARDED_ALLOW_IPS (default 127.0.0.1): the
         # failed-authentication limit keys on the client address, which nobody else can forge.
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
+                    log_config=None,  # uvicorn's loggers go through _observe's handler (format, context, redaction)
                     proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
     finally:
         if valkey is not None:

@@ -14,6 +14,7 @@ from .metrics import install_metrics
 from .queue import JobQueue
 from .routes import health, jobs
 from .storage import storage_from_url
+from .tracing import TracingMiddleware
 
 
 def build_services(settings: Settings) -> Services:
@@ -60,4 +61,5 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(jobs.router)
     if (hosts := allowed_hosts(app.state.services.settings)) is not None:
         app.add_middleware(TrustedHosts, hosts=hosts)
+    app.add_middleware(TracingMiddleware)  # outermost: one server span per request (a no-op while tracing is off)
     return app

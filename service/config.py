@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted")
     webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="overall deadline of one webhook delivery")
     webhook_concurrency: int = Field(8, ge=1, le=256, description="webhook deliveries in flight per process")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON objects (job_id, tenant, worker, stage, trace_id)")
+    otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint (needs the [otel] extra); unset = no tracing")
     events_max_s: float = Field(900.0, gt=0, le=86400, description="longest a /v1/jobs/{id}/events stream stays open (clients reconnect)")
     weights: Path | None = Field(None, description="MegaSR weights directory for workers")
     max_batch: int | None = Field(None, ge=1, le=64, description="images per GPU batch; unset = 8 on CUDA, 1 on CPU")

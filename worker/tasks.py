@@ -25,9 +25,10 @@ from typing import Any
 
 from rq import get_current_job
 
-from service import faults
+from service import faults, tracing
 from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, attempt_output_key
 from service.jobs import TransitionRejected
+from service.logging_setup import bind_log_context, fresh_log_context, log_fields
 from service.storage import PatientStorage
 from service.sweeper import MAX_ATTEMPTS
 
@@ -69,11 +70,13 @@ class Member:
         return self.record.id
 
 
+@fresh_log_context  # what this job binds ends with it
 def upscale(job_id: str) -> None:
     """RQ entry point: run one attempt of the job (and of its batch mates), unless it is final or taken."""
     runtime = get_runtime()
     jobs = runtime.services.jobs
     record = jobs.get(job_id)
+    bind_log_context(job_id=job_id, tenant=record and record.tenant, worker=runtime.name, stage="start")
     if record is None or record.status.is_final:
         log.info("job %s: nothing to do (%s)", job_id, "missing" if record is None else record.status.value)
         return
@@ -122,6 +125,7 @@ class BatchRun:
     def run(self) -> None:
         from megasr_core.pipelines import load_image
 
+        bind_log_context(stage="load")
         ready = []
         for member in self.members:
             params = member.record.params
@@ -152,7 +156,8 @@ class BatchRun:
                     if not watch.stopped(member.id):
                         self.jobs.set_progress(member.id, step / total, owner=member.owner)
 
-        started = time.monotonic()
+        started, started_ns = time.monotonic(), time.time_ns()
+        bind_log_context(stage="pipeline")
         self.runtime.metrics.batch_size.observe(len(group))
         try:
             result = self.runtime.pipeline(
@@ -192,27 +197,33 @@ class BatchRun:
         extractors = getattr(self.runtime.pipeline, "extractors", None)
         tagger = getattr(extractors, "tagger_name", None)  # recorded on each job: RAM or the CLIP fallback
         for member, image in zip(group, result.images):
-            if image is None:
-                self.finish_canceled(member)
-                continue
-            try:
-                fmt = member.record.params.output_format
-                # This attempt's own key: a presumed-dead attempt that wakes up late writes beside
-                # the finished result, never over it (the record names the result's key).
-                key = attempt_output_key(member.id, member.owner, fmt)
-                self.jobs.note_output(member.id, key)
-                self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
-                faults.step("task:after_output")
-                self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key, tagger=tagger,
-                                 output_width=image.width, output_height=image.height, progress=1.0)
-            except TransitionRejected:
-                log.warning("job %s: taken over by another worker; this attempt's result is dropped", member.id)
-                continue
-            except Exception as exc:
-                self.handle_error(member, exc)
-                continue
-            self.runtime.metrics.observe(result.timings, elapsed, "succeeded")
-            log.info("job %s: succeeded (%d×%d)", member.id, image.width, image.height)
+            # This job's trace (continued from the API's enqueue span): the batch's stages, then its upload.
+            with log_fields(job_id=member.id, tenant=member.record.tenant, stage="store"), \
+                    tracing.span("worker.job", member.record.trace_context, start_ns=started_ns, job_id=member.id,
+                                 worker=self.runtime.name, batch_size=len(group)):
+                tracing.record_stages(result.timings, started_ns, batch_size=len(group))
+                if image is None:
+                    self.finish_canceled(member)
+                    continue
+                try:
+                    fmt = member.record.params.output_format
+                    # This attempt's own key: a presumed-dead attempt that wakes up late writes beside
+                    # the finished result, never over it (the record names the result's key).
+                    key = attempt_output_key(member.id, member.owner, fmt)
+                    self.jobs.note_output(member.id, key)
+                    with tracing.span("store", job_id=member.id, format=fmt):
+                        self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
+                    faults.step("task:after_output")
+                    self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key, tagger=tagger,
+                                     output_width=image.width, output_height=image.height, progress=1.0)
+                except TransitionRejected:
+                    log.warning("job %s: taken over by another worker; this attempt's result is dropped", member.id)
+                    continue
+                except Exception as exc:
+                    self.handle_error(member, exc)
+                    continue
+                self.runtime.metrics.observe(result.timings, elapsed, "succeeded")
+                log.info("job %s: succeeded (%d×%d)", member.id, image.width, image.height)
 
     def finish_canceled(self, member: Member) -> None:
         if _finish_quietly(member.id, JobStatus.canceled, member.owner):

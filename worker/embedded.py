@@ -19,6 +19,7 @@ from pathlib import Path
 from rq.timeouts import TimerDeathPenalty
 
 from service.config import Settings
+from service.local_workers import LocalWorker, WorkerState, register
 
 from .main import StopOnFatal, make_worker
 
@@ -104,18 +105,42 @@ def start_embedded_valkey(settings: Settings):
 
 
 def start_worker_thread(settings: Settings, weights: Path, device: str | None = None, dtype=None) -> threading.Thread:
-    """Load the pipeline and run jobs in a daemon thread of this process."""
+    """Load the pipeline and run jobs in a daemon thread of this process.
+
+    The thread records its state on a :class:`LocalWorker` the API of the same queue reads
+    (``/readyz`` is 503 until it is ready, and again once it died; ``/metrics`` includes its
+    metrics): see ``service.local_workers``.
+    """
     from .main import prepare
 
+    local = register(LocalWorker(redis_url=settings.redis_url or "", queue=settings.queue_name))
+
     def run() -> None:
-        runtime = prepare(settings, weights, device=device, dtype=dtype)
+        try:
+            runtime = prepare(settings, weights, device=device, dtype=dtype)
+        except BaseException as exc:
+            local.state, local.detail = WorkerState.failed, f"could not load the model: {type(exc).__name__}"
+            log.exception("the worker thread could not load the model from %s; /readyz stays 503", weights)
+            return
+        runtime.metrics.watch(threading.current_thread())
+        local.registry, local.state = runtime.metrics.registry, WorkerState.ready
         worker = make_worker(ThreadWorker, runtime.services.redis, settings.queue_name, name=runtime.name)
-        worker.work(burst=False, logging_level="INFO", with_scheduler=False)
+        try:
+            worker.work(burst=False, logging_level="INFO", with_scheduler=False)
+        except BaseException as exc:
+            local.state, local.detail = WorkerState.failed, f"job loop died: {type(exc).__name__}"
+            log.exception("the worker thread's job loop died; /readyz is 503")
+            raise
+        finally:
+            runtime.stop()
+        local.state = WorkerState.stopped
         if worker.fatal_error is not None:  # the GPU is unusable: stop the server so it is restarted
+            local.state, local.detail = WorkerState.failed, "fatal error"
             log.critical("the worker thread stopped after a fatal error; shutting the server down")
             os.kill(os.getpid(), signal.SIGTERM)
 
     thread = threading.Thread(target=run, name="megasr-worker", daemon=True)
+    local.thread = thread
     thread.start()
     return thread
 

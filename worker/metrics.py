@@ -1,15 +1,27 @@
-"""The worker's own Prometheus metrics and its /metrics, /healthz, /readyz endpoint."""
+"""The worker's own Prometheus metrics and its /metrics, /healthz, /readyz endpoint.
+
+``/healthz`` is liveness: 503 once the thread running the job loop has died, or once the
+background loop (lease renewal, reaper: ``WorkerRuntime.start_background``) has stopped beating
+for :data:`HEARTBEAT_STALE_S`: it stops when the job loop ends, and a worker whose leases lapse
+loses its jobs to others. While the model loads, before any beat, it answers 200.
+"""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
+#: seconds without a heartbeat after which the worker is not alive (the loop beats every 5 s)
+HEARTBEAT_STALE_S = 30.0
+
+
 class WorkerMetrics:
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_stale_s: float = HEARTBEAT_STALE_S) -> None:
         self.registry = CollectorRegistry()
         self.jobs = Counter("megasr_worker_jobs", "Jobs this worker finished, by outcome", ["status"], registry=self.registry)
         self.stage_seconds = Histogram(
@@ -28,6 +40,25 @@ class WorkerMetrics:
         self.gpu_memory = Gauge("megasr_worker_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry)
         self.gpu_memory.set_function(_gpu_memory)
         self.is_ready = False
+        self.heartbeat_stale_s = heartbeat_stale_s
+        self.last_beat: float | None = None  # time.monotonic() of the last heartbeat
+        self.job_loop: threading.Thread | None = None
+
+    def beat(self) -> None:
+        """The background loop is alive (called every few seconds)."""
+        self.last_beat = time.monotonic()
+
+    def watch(self, job_loop: threading.Thread) -> None:
+        """Liveness also requires this thread (the one running the job loop) to be alive."""
+        self.job_loop = job_loop
+
+    def liveness(self) -> tuple[bool, str]:
+        """(alive, why not)."""
+        if self.job_loop is not None and not self.job_loop.is_alive():
+            return False, "the job loop has stopped"
+        if self.last_beat is not None and time.monotonic() - self.last_beat > self.heartbeat_stale_s:
+            return False, f"no heartbeat for {time.monotonic() - self.last_beat:.0f} s"
+        return True, "ok"
 
     def mark_ready(self) -> None:
         self.is_ready = True
@@ -48,7 +79,9 @@ class WorkerMetrics:
                 if self.path == "/metrics":
                     body, status, kind = generate_latest(metrics.registry), 200, CONTENT_TYPE_LATEST
                 elif self.path == "/healthz":
-                    body, status, kind = b'{"status": "ok"}', 200, "application/json"
+                    alive, why = metrics.liveness()
+                    body = json.dumps({"status": "ok"} if alive else {"status": "dead", "reason": why}).encode()
+                    status, kind = (200 if alive else 503), "application/json"
                 elif self.path == "/readyz":
                     ready = metrics.is_ready
                     body = b'{"status": "ready"}' if ready else b'{"status": "loading"}'

@@ -62,6 +62,7 @@ class WorkerRuntime:
             ticks = 0
             while not self._stop.wait(lease_interval_s):
                 ticks += 1
+                self.metrics.beat()  # worker.metrics' /healthz: 503 once these stop
                 try:
                     for job_id, owner in list(self.running.items()):
                         self.services.jobs.renew_lease(job_id, owner)
@@ -72,6 +73,7 @@ class WorkerRuntime:
                 except Exception as exc:  # Redis blips must not kill the thread
                     log.warning("lease/reaper loop: %s", exc)
 
+        self.metrics.beat()
         thread = threading.Thread(target=loop, name="megasr-lease", daemon=True)
         thread.start()
         return thread

@@ -129,6 +129,8 @@ class BatchRun:
         ready = []
         for member in self.members:
             params = member.record.params
+            # The API records a seed on every job (drawn when the client sent none); records from
+            # before it did have none and get one drawn here.
             member.seed = params.seed if params.seed is not None else secrets.randbelow(2**63)
             try:
                 member.image = load_image(self.storage.get(member.record.input_key))

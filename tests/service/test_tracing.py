@@ -72,3 +72,23 @@ def test_without_an_endpoint_tracing_stays_off(tmp_path, redis_url, tiny_pipelin
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
     record = JobStore(redis.Redis.from_url(redis_url), result_ttl_s=60).get(job_id)
     assert record.trace_context is None and tracing.current_trace_id() is None
+
+
+def test_each_job_of_a_batch_keeps_its_own_trace(tmp_path, redis_url, tiny_pipeline, spans):
+    settings = make_settings(tmp_path, redis_url, max_batch=2, batch_wait_ms=0)
+    with TestClient(create_app(settings)) as client:
+        ids = [submit(client, steps=1, seed=seed).json()["id"] for seed in (1, 2)]
+        run_worker(settings, tiny_pipeline)
+        assert all(client.get(f"/v1/jobs/{i}").json()["status"] == "succeeded" for i in ids)
+    finished = spans.get_finished_spans()
+    enqueues = {s.attributes["megasr.job_id"]: s for s in finished if s.name == "enqueue"}
+    jobs = {s.attributes["megasr.job_id"]: s for s in finished if s.name == "worker.job"}
+    assert set(enqueues) == set(jobs) == set(ids)
+    assert enqueues[ids[0]].context.trace_id != enqueues[ids[1]].context.trace_id
+    for job_id in ids:
+        job = jobs[job_id]
+        assert job.attributes["megasr.batch_size"] == 2  # one pipeline call for both
+        assert job.parent.span_id == enqueues[job_id].context.span_id
+        assert job.context.trace_id == enqueues[job_id].context.trace_id
+        stages = [s for s in finished if s.parent is not None and s.parent.span_id == job.context.span_id]
+        assert {"stage.denoise", "store"} <= {s.name for s in stages}

@@ -5,8 +5,9 @@
 FROM python:3.11.10-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY docker/requirements-api.txt /src/docker/requirements-api.txt
-RUN python -m venv /opt/venv && /opt/venv/bin/pip install -r docker/requirements-api.txt
+# The hashed lock of docker/requirements-api.txt (regenerate with docker/lock.sh).
+COPY docker/api.lock.txt /src/docker/api.lock.txt
+RUN python -m venv /opt/venv && /opt/venv/bin/pip install --no-deps --require-hashes -r docker/api.lock.txt
 COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY worker /src/worker

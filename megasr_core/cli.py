@@ -526,7 +526,9 @@ def train_megasr(
     if resume:
         trainer.resume()
     trainer.train()
-    typer.echo(f"trained to step {trainer.step}; checkpoints in {settings.output_dir}/checkpoints")
+    trainer.accelerator.end_training()  # with several processes: leave the process group cleanly
+    if trainer.accelerator.is_main_process:
+        typer.echo(f"trained to step {trainer.step}; checkpoints in {settings.output_dir}/checkpoints")
 
 
 @train_app.command("dage")

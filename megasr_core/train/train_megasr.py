@@ -6,6 +6,12 @@ extractors stay frozen. Mixed precision, gradient accumulation and multi-GPU com
 ``accelerate``; checkpoints hold the optimizer, the RNG states and the step, so a resumed run
 continues exactly. Validation upscales degraded validation crops and logs PSNR/SSIM (Y).
 
+With several processes (``accelerate launch --num_processes N``) each rank trains on its own
+shard of every epoch (a ``DistributedSampler``: the same shuffled order, every N-th image) with
+its own noise, DDP averages the gradients, only the main process writes files, and every
+checkpoint records a SHA-256 digest of the trainable weights per rank, so diverged ranks fail
+loudly instead of silently saving one rank's weights.
+
 The recipe is SeeSR's: the prompt is the tags of the HR crop (the ground truth, as SeeSR's
 ``make_tags.py`` tags it, not the degraded input), without the inference-time quality suffix
 "clean, high-resolution, 8k"; HR crops are mirrored half of the time and USM-sharpened, and the
@@ -15,6 +21,7 @@ LR is degraded from the sharpened HR (``megasr_core.data``).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import shutil
@@ -25,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, RandomSampler
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import PairedImageDataset, USMConfig
 from ..extractors import tags_to_prompt
@@ -36,6 +43,11 @@ from .config import MegaSRTrainConfig, save_config
 
 log = logging.getLogger("megasr.train")
 STATE_FILE = "trainer_state.json"
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed of its own per rank; rank 0 keeps ``seed``, so a single-process run is unchanged."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 
 def training_prompt(tags: list[str]) -> str:
@@ -72,7 +84,12 @@ class MegaSRTrainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
-        set_seed(config.seed)
+        accelerator = self.accelerator
+        # The weights are loaded (DDP also broadcasts rank 0's), so per-rank seeds only vary the draws.
+        set_seed(config.seed, device_specific=True)
+        # Checkpoints hold the plain denoiser's keys (no DDP "module." prefix), whatever the launch.
+        accelerator.register_save_state_pre_hook(self._unwrap_saved_weights)
+        accelerator.register_load_state_pre_hook(self._unwrap_loaded_models)
         device = self.accelerator.device
         self.pipeline = MegaSRPipeline.from_pretrained(config.weights, device=device, torch_dtype=torch.float32)
         self.denoiser = self.pipeline.denoiser
@@ -91,12 +108,24 @@ class MegaSRTrainer:
         self.step = 0
         self.epoch = 0
         self.batches_into_epoch = 0
-        self.noise_generator = torch.Generator().manual_seed(config.seed + 1)
+        self.noise_generator = torch.Generator().manual_seed(rank_seed(config.seed + 1, accelerator.process_index))
+
+    def _unwrap_saved_weights(self, models, weights, output_dir) -> None:
+        """accelerate saves a DDP model's own state dict; save the denoiser's, loadable by one process."""
+        for index in range(len(weights)):  # empty where FSDP/DeepSpeed save the models themselves
+            weights[index] = self.accelerator.unwrap_model(models[index]).state_dict()
+
+    def _unwrap_loaded_models(self, models, input_dir) -> None:
+        """Load those keys into the denoiser inside the DDP wrapper."""
+        models[:] = [self.accelerator.unwrap_model(model) for model in models]
 
     # ------------------------------------------------------------------ data
     def _loader(self) -> DataLoader:
+        """This rank's shard of the epoch: one shuffled order (seed + epoch), every N-th image."""
         self.dataset.set_epoch(self.epoch)
-        sampler = RandomSampler(self.dataset, generator=torch.Generator().manual_seed(self.config.seed + self.epoch))
+        sampler = DistributedSampler(self.dataset, num_replicas=self.accelerator.num_processes,
+                                     rank=self.accelerator.process_index, shuffle=True, seed=self.config.seed)
+        sampler.set_epoch(self.epoch)
         return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=False,
                           num_workers=self.config.num_workers, persistent_workers=False)
 
@@ -182,11 +211,13 @@ class MegaSRTrainer:
     def train(self, max_steps: int | None = None) -> list[float]:
         """Run until ``max_steps`` optimizer steps (the config's by default); returns the losses."""
         target = max_steps or self.config.max_steps
-        self.output.mkdir(parents=True, exist_ok=True)
-        save_config(self.config, self.output / "config.json")
+        if self.accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.output / "config.json")
+        self.accelerator.wait_for_everyone()
         losses = []
         batches = self._batches()
-        started = time.perf_counter()
+        started, first_step = time.perf_counter(), self.step
         while self.step < target:
             loss = self.training_step(next(batches))
             if not self.accelerator.sync_gradients:
@@ -196,7 +227,8 @@ class MegaSRTrainer:
             if self.ema is not None:
                 self.ema.update(self.trainable)
             if self.step % self.config.log_every == 0 or self.step == target:
-                self._log({"step": self.step, "loss": loss, "steps_per_s": self.step / (time.perf_counter() - started)})
+                rate = (self.step - first_step) / (time.perf_counter() - started)
+                self._log({"step": self.step, "loss": loss, "steps_per_s": rate})
             if self.config.val_data and self.step % self.config.validate_every == 0:
                 self._log({"step": self.step, **self.validate()})
             if self.step % self.config.checkpoint_every == 0 or self.step == target:
@@ -247,18 +279,35 @@ class MegaSRTrainer:
         return {"psnr_y": sum(psnrs) / len(psnrs), "ssim_y": sum(ssims) / len(ssims)}
 
     # ------------------------------------------------------------------ checkpoints
+    def weights_digest(self) -> str:
+        """SHA-256 over the trainable parameters (by name, as float32 bytes): equal on every rank."""
+        digest = hashlib.sha256()
+        for name in sorted(self.trainable):
+            digest.update(name.encode())
+            digest.update(self.trainable[name].detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
     def save_checkpoint(self) -> Path:
+        """Save on every rank (accelerate writes the weights once, RNG states per rank); all ranks wait for it."""
         path = self.output / "checkpoints" / f"step-{self.step:08d}"
-        self.accelerator.save_state(str(path))
-        if self.accelerator.is_main_process:
+        accelerator = self.accelerator
+        accelerator.save_state(str(path))
+        # One entry per rank, gathered to the main process (a no-op in a single process).
+        noise_generators = gather_object([self.noise_generator.get_state().tolist()])
+        digests = gather_object([self.weights_digest()])
+        if accelerator.is_main_process:
             state = {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
-                     "noise_generator": self.noise_generator.get_state().tolist()}
+                     "num_processes": accelerator.num_processes, "noise_generators": noise_generators,
+                     "weights_sha256": digests}
             (path / STATE_FILE).write_text(json.dumps(state))
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), path / "ema.pt")
             checkpoints = sorted((self.output / "checkpoints").glob("step-*"))
             for old in checkpoints[: -self.config.checkpoints_to_keep]:
                 shutil.rmtree(old, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        if len(set(digests)) > 1:
+            raise RuntimeError(f"ranks hold different weights at step {self.step} (digests {digests}); see {path}")
         return path
 
     def latest_checkpoint(self) -> Path | None:
@@ -273,7 +322,14 @@ class MegaSRTrainer:
         self.accelerator.load_state(str(path))
         state = json.loads((path / STATE_FILE).read_text())
         self.step, self.epoch, self.batches_into_epoch = state["step"], state["epoch"], state["batches_into_epoch"]
-        self.noise_generator.set_state(torch.tensor(state["noise_generator"], dtype=torch.uint8))
+        generators = state.get("noise_generators") or [state["noise_generator"]]
+        rank, saved_by = self.accelerator.process_index, state.get("num_processes", 1)
+        if saved_by != self.accelerator.num_processes:
+            log.warning("checkpoint %s was written by %d processes, resuming with %d: the data order and noise "
+                        "continue, but not exactly as the original run would have", path, saved_by,
+                        self.accelerator.num_processes)
+        if rank < len(generators):
+            self.noise_generator.set_state(torch.tensor(generators[rank], dtype=torch.uint8))
         if self.ema is not None and (path / "ema.pt").is_file():
             self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
         log.info("resumed from %s at step %d", path, self.step)

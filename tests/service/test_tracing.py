@@ -92,3 +92,38 @@ def test_each_job_of_a_batch_keeps_its_own_trace(tmp_path, redis_url, tiny_pipel
         assert job.context.trace_id == enqueues[job_id].context.trace_id
         stages = [s for s in finished if s.parent is not None and s.parent.span_id == job.context.span_id]
         assert {"stage.denoise", "store"} <= {s.name for s in stages}
+
+
+def test_an_otlp_endpoint_receives_the_spans():
+    """MEGASR_OTLP_ENDPOINT: spans leave over OTLP/HTTP (protobuf) to a collector, here a local HTTP server."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry import trace
+
+    received: list[tuple[str, bytes]] = []
+
+    class Collector(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            received.append((self.path, self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_port}/v1/traces"
+        assert tracing.configure_tracing(endpoint, service_name="megasr-test")
+        with tracing.span("enqueue", job_id="j-otlp"):
+            assert tracing.current_trace_id() is not None
+        assert trace.get_tracer_provider().force_flush(10_000)
+    finally:
+        tracing.configure_tracing(None)
+        server.shutdown()
+    assert received and received[0][0] == "/v1/traces"
+    body = b"".join(b for _, b in received)
+    assert b"enqueue" in body and b"j-otlp" in body and b"megasr-test" in body

@@ -7,7 +7,6 @@ import json
 import threading
 
 import httpx
-import pytest
 
 from service import events
 from service.app import create_app

@@ -84,12 +84,8 @@ class MegaSRTrainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
         )
-        accelerator = self.accelerator
         # The weights are loaded (DDP also broadcasts rank 0's), so per-rank seeds only vary the draws.
         set_seed(config.seed, device_specific=True)
-        # Checkpoints hold the plain denoiser's keys (no DDP "module." prefix), whatever the launch.
-        accelerator.register_save_state_pre_hook(self._unwrap_saved_weights)
-        accelerator.register_load_state_pre_hook(self._unwrap_loaded_models)
         device = self.accelerator.device
         self.pipeline = MegaSRPipeline.from_pretrained(config.weights, device=device, torch_dtype=torch.float32)
         self.denoiser = self.pipeline.denoiser
@@ -108,16 +104,7 @@ class MegaSRTrainer:
         self.step = 0
         self.epoch = 0
         self.batches_into_epoch = 0
-        self.noise_generator = torch.Generator().manual_seed(rank_seed(config.seed + 1, accelerator.process_index))
-
-    def _unwrap_saved_weights(self, models, weights, output_dir) -> None:
-        """accelerate saves a DDP model's own state dict; save the denoiser's, loadable by one process."""
-        for index in range(len(weights)):  # empty where FSDP/DeepSpeed save the models themselves
-            weights[index] = self.accelerator.unwrap_model(models[index]).state_dict()
-
-    def _unwrap_loaded_models(self, models, input_dir) -> None:
-        """Load those keys into the denoiser inside the DDP wrapper."""
-        models[:] = [self.accelerator.unwrap_model(model) for model in models]
+        self.noise_generator = torch.Generator().manual_seed(rank_seed(config.seed + 1, self.accelerator.process_index))
 
     # ------------------------------------------------------------------ data
     def _loader(self) -> DataLoader:

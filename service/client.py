@@ -182,10 +182,10 @@ class MegaSRClient:
         """The job's Server-Sent Events, as jobs (the last one final unless the stream was cut)."""
         return (job for job in self._event_stream(job_id) if job is not None)
 
-    def _event_stream(self, job_id: str) -> Iterator[Job | None]:
-        """The job at each event, None at each keep-alive."""
-        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=httpx.Timeout(self.http.timeout.connect,
-                              read=60.0)) as response:
+    def _event_stream(self, job_id: str, read_timeout: float = 60.0) -> Iterator[Job | None]:
+        """The job at each event, None at each keep-alive (the server sends one every 15 s)."""
+        timeout = httpx.Timeout(self.http.timeout.connect, read=read_timeout)
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
             _raise_for_error(response)
             for event, data in _sse_messages(response.iter_lines()):
                 if event in ("progress", "done"):
@@ -200,26 +200,32 @@ class MegaSRClient:
              raise_on_failure: bool = False) -> Job:
         """Block until the job is final; ``on_progress(job)`` on each change. Follows the event
         stream (reconnecting when it ends early), polling instead if it cannot be opened.
-        ``TimeoutError`` after ``timeout`` seconds (checked at each event and keep-alive)."""
+        ``TimeoutError`` after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         job: Job | None = None
         use_stream = True
         while True:
             if use_stream:
+                # Reads end at the deadline (the stream may stay quiet for up to 15 s between keep-alives).
+                read_timeout = 60.0 if deadline is None else min(60.0, max(0.05, deadline - time.monotonic()))
                 try:
-                    for event in self._event_stream(job_id):
+                    for event in self._event_stream(job_id, read_timeout):
                         if event is not None:
                             job = event
                             if on_progress is not None:
                                 on_progress(job)
                         if deadline is not None and time.monotonic() >= deadline:
                             break
+                except httpx.ReadTimeout:
+                    if deadline is None or time.monotonic() < deadline:
+                        use_stream = False  # silent for a minute: a proxy holding the stream back
                 except (httpx.TransportError, ServiceUnavailableError):
                     use_stream = False  # a proxy that drops long requests, a restart: poll instead
             else:
-                job = self.get(job_id)
-                if on_progress is not None:
-                    on_progress(job)
+                fresh = self.get(job_id)
+                if on_progress is not None and fresh != job:
+                    on_progress(fresh)
+                job = fresh
             if job is not None and job.status.is_final:
                 if raise_on_failure and job.status != JobStatus.succeeded:
                     raise JobFailedError(job)

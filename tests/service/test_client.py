@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import threading
+import time
 
 import httpx
 import pytest
@@ -81,8 +82,10 @@ def test_submit_wait_download_over_a_real_server(settings, tiny_pipeline, tmp_pa
         assert target.read_bytes() == httpx.get(f"{base}{done.result_url}",
                                                 headers={"Authorization": f"Bearer {KEY_A}"}).content
         queued = client.submit(png(), steps=1)
+        started = time.monotonic()
         with pytest.raises(TimeoutError):
             client.wait(queued.id, timeout=1.0)  # no worker left: it stays queued
+        assert time.monotonic() - started < 5  # not at the next keep-alive (15 s)
 
 
 def test_wait_polls_when_the_event_stream_is_unavailable(settings, tiny_pipeline):

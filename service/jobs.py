@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 IDEMPOTENCY_TTL_S = 24 * 3600
 LEASE_TTL_S = 15
+#: how long past the result TTL a job stays in its tenant's list index (no job waits a week in the queue)
+INDEX_SLACK_S = 7 * 24 * 3600
 RUNNING_KEY = "megasr:running"
 EXPIRY_KEY = "megasr:expiry"  # finished job ids scored by when their images are deleted
 FINISHED_KEY = "megasr:stats:finished"  # finished jobs per final status (metrics)
@@ -141,7 +143,13 @@ class JobStore:
                     pipe.multi()
                     pipe.set(self.key(record.id), record.model_dump_json())
                     pipe.sadd(active, record.id)
-                    pipe.zadd(self.index_key(record.tenant), {record.id: record.created_at.timestamp()})
+                    index = self.index_key(record.tenant)
+                    pipe.zadd(index, {record.id: record.created_at.timestamp()})
+                    # The list index forgets what can no longer have a record (listings also drop
+                    # expired entries they meet), and a silent tenant's index expires whole.
+                    horizon = self.result_ttl_s + INDEX_SLACK_S
+                    pipe.zremrangebyscore(index, "-inf", record.created_at.timestamp() - horizon)
+                    pipe.expire(index, int(horizon))
                     if idem is not None:
                         pipe.delete(idem)
                         pipe.hset(idem, mapping={"job": record.id, "request": request_hash})

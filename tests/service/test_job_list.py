@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -100,3 +102,23 @@ def test_index_is_written_in_the_create_transaction(store):
     assert store.redis.zscore(JobStore.index_key("t"), "j1") == pytest.approx(record.created_at.timestamp())
     records, more = store.list_for_tenant("t", 10)
     assert [r.id for r in records] == ["j1"] and more is None
+
+
+def test_the_index_forgets_jobs_no_record_can_outlive_and_expires_when_silent(store):
+    """Tenants that never list their jobs must not grow their index for ever."""
+    from datetime import timedelta
+
+    from service.contracts import JobRecord, UpscaleParams
+    from service.jobs import INDEX_SLACK_S
+
+    def record(job_id: str, age_s: float) -> JobRecord:
+        created = datetime.now(timezone.utc) - timedelta(seconds=age_s)
+        return JobRecord(id=job_id, tenant="t", params=UpscaleParams(), input_key="k", input_width=8, input_height=8,
+                         created_at=created)
+
+    horizon = store.result_ttl_s + INDEX_SLACK_S
+    store.create(record("ancient", horizon + 60))
+    store.create(record("recent", 60))
+    index = JobStore.index_key("t")
+    assert store.redis.zscore(index, "ancient") is None and store.redis.zscore(index, "recent") is not None
+    assert 0 < store.redis.ttl(index) <= horizon

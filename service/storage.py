@@ -148,9 +148,13 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30,
                         signature_version="s3v4", s3={"addressing_style": addressing_style})
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        # A session of its own: boto3's default session resolves credentials once per process and
+        # keeps them, so a store configured later (other credentials in the environment) would
+        # be signed for with stale ones.
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         # Presigning makes no request: a second client only decides which host the links name.
-        self.link_client = (boto3.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+        self.link_client = (session.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
                             if public_endpoint_url else self.client)
 
     def _key(self, key: str) -> str:

@@ -26,7 +26,7 @@ from ..deps import ServicesDep, TenantDep
 from ..errors import ApiError
 from ..images import check_upload
 from ..jobs import IdempotencyMismatch, ListPosition, QuotaExceeded, TransitionRejected, request_fingerprint
-from ..logging_setup import bind_log_context
+from ..logging_setup import bind_log_context, fresh_log_context
 from ..tracing import carrier, traced
 from ..webhooks import check_webhook_url
 
@@ -160,6 +160,7 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
     return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
 
 
+@fresh_log_context  # the job id and tenant it binds end with it, whoever calls it
 @traced("enqueue")  # validation, input upload, record and RQ enqueue; the worker continues this span
 def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str | None, fields: dict[str, Any],
            idempotency_key: str | None) -> tuple[JobRecord, bool]:

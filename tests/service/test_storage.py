@@ -142,3 +142,14 @@ def test_the_app_signs_links_for_megasr_s3_public_url(tmp_path, s3_endpoint):
     url = build_services(settings).storage.presigned_url("jobs/z/output.png", expires_s=60)
     assert urlparse(url).netloc == "files.example.test:9000"
     assert urlparse(url).path == "/megasr/app-links/jobs/z/output.png"  # path-style addressing
+
+
+def test_each_store_resolves_its_credentials_when_it_is_made(s3_endpoint, monkeypatch):
+    """boto3's default session keeps the first credentials it resolved; a store made after the
+    environment changed must sign with the new ones (the soak's own SeaweedFS has its own key)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_endpoint).list_buckets()  # the default session resolves megasr-test
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-else")
+    storage = S3Storage("megasr", endpoint_url=s3_endpoint)
+    assert storage.client._request_signer._credentials.access_key == "someone-else"

@@ -183,7 +183,7 @@ class BatchRun:
                     return
                 if tile_index + 1 < len(OOM_TILE_SIZES):
                     log.warning("job %s: out of GPU memory, retrying with tiles (size, per batch) %s", group[0].id,
-                                OOM_TILE_SIZES[tile_index + 1])
+                                OOM_TILE_SIZES[tile_index + 1])  # pragma: no mutate
                     self.execute(group, tile_index + 1)
                     return
             elif len(group) > 1 and kind not in ("fatal", "timeout") and not isinstance(exc, PipelineCancelled):

@@ -339,6 +339,30 @@ def test_renewing_a_lease_rewrites_its_owner_and_full_ttl(store):
     assert LEASE_TTL_S - 2 <= store.redis.ttl(store.lease_key(job_id)) <= LEASE_TTL_S
 
 
+def test_the_worker_heartbeat_keeps_renewing_the_leases_of_its_running_jobs(tmp_path, db_url):
+    """WorkerRuntime's background loop renews the lease of every job it runs, so a job that runs longer
+    than LEASE_TTL_S is not taken for abandoned; a job it no longer runs is left to expire."""
+    from service.jobs import LEASE_TTL_S
+    from worker.runtime import WorkerRuntime
+
+    services = build_services(make_settings(tmp_path, db_url))
+    jobs = services.jobs
+    mine, gone = running_job(jobs, "worker-a:1"), running_job(jobs, "worker-a:2")
+    runtime = WorkerRuntime(services=services, pipeline=None)
+    runtime.running[mine] = "worker-a:1"
+    for job_id in (mine, gone):
+        jobs.redis.pexpire(jobs.lease_key(job_id), 600)  # nearly run out
+    runtime.start_background(lease_interval_s=0.05, reap_interval_s=3600)
+    try:
+        time.sleep(1.0)
+    finally:
+        runtime.stop()
+    assert jobs.redis.get(jobs.lease_key(mine)) == b"worker-a:1"
+    assert LEASE_TTL_S - 2 <= jobs.redis.ttl(jobs.lease_key(mine)) <= LEASE_TTL_S
+    assert not jobs.redis.exists(jobs.lease_key(gone))
+    assert reap(services) == [gone]
+
+
 def test_records_due_for_deletion_come_oldest_first_up_to_the_limit(store):
     from service.jobs import EXPIRY_KEY
 

@@ -150,3 +150,47 @@ def test_rate_limit_allows_exactly_the_burst_then_one_per_refill(tmp_path, db_ur
         limited = post(client, flat_png(8, 8), headers=headers)
         assert_error(limited, 429, "rate_limited")
         assert 50 <= int(limited.headers["retry-after"]) <= 60
+
+
+# ------------------------------------------------------------------ streamed body limit
+
+
+def streamed_request(body: bytes, chunk: int = 1000, content_length: int | None = None):
+    """A Starlette request whose body arrives in ``chunk``-byte pieces, as a chunked upload does."""
+    from starlette.requests import Request
+
+    pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = [{"type": "http.request", "body": piece, "more_body": i < len(pieces) - 1}
+                for i, piece in enumerate(pieces)]
+
+    async def receive():
+        return messages.pop(0)
+
+    headers = [] if content_length is None else [(b"content-length", str(content_length).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/", "headers": headers}, receive)
+
+
+@pytest.mark.parametrize("chunk", [1000, 4096, 4097])
+def test_a_streamed_body_of_exactly_the_limit_is_read_and_one_byte_more_is_413(chunk):
+    """Without Content-Length the counted stream is the only check: ``limit`` bytes pass, ``limit + 1`` do not."""
+    import asyncio
+
+    from service.body_limits import BodyTooLarge, read_limited
+
+    body = bytes(range(256)) * 16 + b"x"  # 4097 bytes
+    assert asyncio.run(read_limited(streamed_request(body[:MAX_BYTES], chunk), MAX_BYTES)) == body[:MAX_BYTES]
+    with pytest.raises(BodyTooLarge) as refused:
+        asyncio.run(read_limited(streamed_request(body, chunk), MAX_BYTES))
+    assert refused.value.status == 413 and refused.value.limit == MAX_BYTES
+
+
+def test_a_declared_length_of_exactly_the_limit_is_read_and_one_more_is_refused_unread():
+    import asyncio
+
+    from service.body_limits import BodyTooLarge, check_declared_length, read_limited
+
+    body = b"y" * MAX_BYTES
+    check_declared_length(streamed_request(body, content_length=MAX_BYTES), MAX_BYTES)
+    assert asyncio.run(read_limited(streamed_request(body, content_length=MAX_BYTES), MAX_BYTES)) == body
+    with pytest.raises(BodyTooLarge):
+        check_declared_length(streamed_request(b"", content_length=MAX_BYTES + 1), MAX_BYTES)

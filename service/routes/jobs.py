@@ -207,9 +207,9 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
         stored, created = services.jobs.create(
             record, idempotency_key, request_hash=fingerprint, max_active=quota,
             enqueue=lambda pipe: services.queue.enqueue(job_id, tenant, pipeline=pipe))
-    except QuotaExceeded:
+    except QuotaExceeded as exc:  # another request took the last slot since the check above
         services.storage.delete(record.input_key)
-        raise _quota_error(quota) from None
+        raise _quota_error(exc.limit) from None
     except IdempotencyMismatch as exc:
         services.storage.delete(record.input_key)
         raise _mismatch_error(exc) from None

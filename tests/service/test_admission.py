@@ -268,3 +268,25 @@ def test_a_known_unaccepted_format_is_415_by_its_signature(client):
     Image.new("RGB", (8, 8)).save(buffer, format="PPM")
     status, code, message = error(post(client, buffer.getvalue()))
     assert (status, code) == (415, "unsupported_image_format") and "PPM" in message
+
+
+def refusal(data: bytes) -> tuple[int, str, str]:
+    from service.errors import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        check_upload(data, None, MAX_UPLOAD, 10**6)
+    return refused.value.status, refused.value.code, refused.value.message
+
+
+def test_each_kind_of_undecodable_upload_gets_its_own_status_and_message():
+    """Not an image at all: 400; an accepted format with a broken header: 400 naming it; another format: 415
+    naming it and the accepted ones (the messages are the API's documented answers, so they are exact)."""
+    assert refusal(b"not an image at all, but long enough") == (
+        400, "invalid_image", "the data is not an image in a supported format")
+    assert refusal(b"\x89PNG\r\n\x1a\n" + b"\xff" * 40) == (
+        400, "invalid_image", "the PNG image is corrupt (its header cannot be read)")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PPM")
+    assert refusal(buffer.getvalue()) == (
+        415, "unsupported_image_format",
+        "the image looks like PPM, a format not supported; send PNG, JPEG, WEBP, BMP, TIFF, GIF")

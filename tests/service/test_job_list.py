@@ -122,3 +122,46 @@ def test_the_index_forgets_jobs_no_record_can_outlive_and_expires_when_silent(st
     index = JobStore.index_key("t")
     assert store.redis.zscore(index, "ancient") is None and store.redis.zscore(index, "recent") is not None
     assert 0 < store.redis.ttl(index) <= horizon
+
+
+def tenant_record(job_id: str, created: datetime):
+    from service.contracts import JobRecord, UpscaleParams
+
+    return JobRecord(id=job_id, tenant="t", params=UpscaleParams(), input_key="k", input_width=8, input_height=8,
+                     created_at=created)
+
+
+def every_page(store: JobStore, limit: int, statuses=()) -> list[str]:
+    seen, position = [], None
+    for _ in range(100):
+        records, position = store.list_for_tenant("t", limit, position, statuses)
+        seen += [record.id for record in records]
+        if position is None:
+            return seen
+    raise AssertionError("the pages never ended")
+
+
+def test_more_jobs_of_one_microsecond_than_a_read_holds_are_all_listed_once(store):
+    """120 jobs with the same creation time (one index score): pages of 10 walk all of them, each once, in
+    descending id order, although after 50 the first read after the cursor holds only jobs already seen."""
+    created = datetime.now(timezone.utc)
+    ids = [f"job-{n:03d}" for n in range(120)]
+    for job_id in ids:
+        store.create(tenant_record(job_id, created))
+    assert every_page(store, 10) == sorted(ids, reverse=True)
+
+
+def test_a_filter_whose_matches_lie_past_the_first_read_finds_them(store):
+    """60 jobs, the 5 oldest canceled: the first read (50 newest) holds no match, the listing reads on."""
+    from datetime import timedelta
+
+    from service.contracts import JobStatus
+
+    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    ids = [f"job-{n:03d}" for n in range(60)]
+    for n, job_id in enumerate(ids):
+        store.create(tenant_record(job_id, start + timedelta(seconds=n)))
+    for job_id in ids[:5]:
+        store.finish(job_id, JobStatus.canceled)
+    assert every_page(store, 10, [JobStatus.canceled]) == ids[:5][::-1]
+    assert every_page(store, 7) == ids[::-1]

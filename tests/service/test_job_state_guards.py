@@ -381,3 +381,15 @@ def test_a_key_written_before_requests_were_fingerprinted_reads_as_an_empty_hash
     assert store.find_idempotent_request("tenant-a", "old-order") == (first, "")
     again, created = store.create(new_record(), idempotency_key="old-order")
     assert not created and again.id == first.id
+
+
+def test_forgetting_a_job_drops_its_expiry_entry_and_its_list_of_outputs(store):
+    """After its images are deleted, nothing of the job is left to the deleter: no expiry entry, no outputs set."""
+    from service.jobs import EXPIRY_KEY
+
+    job_id = running_job(store)
+    store.note_output(job_id, f"jobs/{job_id}/output-1.png")
+    store.finish(job_id, JobStatus.succeeded, owner="worker-a:1")
+    assert store.redis.zscore(EXPIRY_KEY, job_id) is not None and store.redis.exists(store.outputs_key(job_id))
+    store.forget(job_id)
+    assert store.redis.zscore(EXPIRY_KEY, job_id) is None and not store.redis.exists(store.outputs_key(job_id))

@@ -212,6 +212,27 @@ def test_no_more_deliveries_are_claimed_than_the_pool_can_start(store):
         slow.close()
 
 
+def test_stop_returns_at_once_while_a_delivery_is_in_flight(store):
+    """Shutting a process down does not wait on a slow receiver: stop() returns while the delivery is still
+    being answered, and the delivery itself still ends by its own deadline."""
+    slow = WebhookReceiver(lambda _n: 200, drip_s=0.2, drip_for_s=5)
+    try:
+        finish_with_webhook(store, slow.url)
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=2.0,
+                                       concurrency=1, retry_base_s=60)
+        (future,) = dispatcher.dispatch_due()
+        deadline = time.monotonic() + 5
+        while not slow.calls:
+            assert time.monotonic() < deadline, "the delivery never reached the receiver"
+            time.sleep(0.01)
+        started = time.monotonic()
+        dispatcher.stop()
+        assert time.monotonic() - started < 0.5 and not future.done()
+        future.result(timeout=10)
+    finally:
+        slow.close()
+
+
 # ------------------------------------------------------------------ claims, ids
 
 

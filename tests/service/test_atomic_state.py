@@ -256,6 +256,10 @@ def test_the_reaper_or_sweeper_killed_mid_repair_is_repaired_by_the_next_pass(sy
     assert services.jobs.get(job_id).status == JobStatus.running  # nothing of the half repair landed
     assert sweep(services).requeued == [job_id]
     assert_consistent(services, job_id)
+    # The dead attempt's RQ job left RQ's started registry with it: an expired entry left behind would make
+    # RQ's registry cleanup fail the fresh job that now carries the same id.
+    started = [entry.decode() for entry in services.redis.zrange(services.queue.started_key, 0, -1)]
+    assert not [entry for entry in started if entry.startswith(job_id)]
     finishes_normally(settings, services, job_id)
 
 

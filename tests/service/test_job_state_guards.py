@@ -393,3 +393,14 @@ def test_forgetting_a_job_drops_its_expiry_entry_and_its_list_of_outputs(store):
     assert store.redis.zscore(EXPIRY_KEY, job_id) is not None and store.redis.exists(store.outputs_key(job_id))
     store.forget(job_id)
     assert store.redis.zscore(EXPIRY_KEY, job_id) is None and not store.redis.exists(store.outputs_key(job_id))
+
+
+def test_requeue_is_fenced_to_the_owner_and_drops_the_lease(store):
+    """A transient failure puts the job back: only the attempt that holds it may, and its lease goes with it."""
+    job_id = running_job(store, "worker-a:1")
+    with pytest.raises(TransitionRejected):
+        store.requeue(job_id, "worker-b:1", None)
+    assert store.get(job_id).status == JobStatus.running and store.redis.exists(store.lease_key(job_id))
+    requeued = store.requeue(job_id, "worker-a:1", None)
+    assert requeued.status == JobStatus.queued and requeued.owner is None and requeued.progress == 0.0
+    assert not store.redis.exists(store.lease_key(job_id)) and not store.redis.sismember(RUNNING_KEY, job_id)

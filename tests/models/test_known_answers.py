@@ -26,9 +26,12 @@ from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture()
 def model(tiny_base):
-    """Tiny MegaSR with every zero-init parameter perturbed, and ControlNet text attention "trained"."""
+    """Tiny MegaSR with every zero-init parameter perturbed, and ControlNet text attention "trained".
+
+    Built for each test (0.3 s): mutmut maps a function to the tests during which it ran, so a model
+    shared by the module would tie the CSM's and MSFM's constructors to the first test alone."""
     denoiser = build_denoiser(tiny_base)
     assert perturb_zero_init(denoiser, seed=3, std=0.2) > 0
     g = torch.Generator().manual_seed(11)
@@ -216,7 +219,7 @@ def test_msfm_called_directly_matches_eq_8_9(model):
     torch.testing.assert_close(saft_direct, saft_ref(msfm.hed_saft, normed, guidance["hed"]), rtol=0, atol=ATOL)
 
 
-def test_msfm_norms_are_the_documented_ones(model):
+def test_msfm_norm_is_the_unets_groupnorm_without_affine_parameters(model):
     """Norm(F) in Eq. 9 is the UNet's GroupNorm (its groups and eps) without affine parameters (SAFT
     supplies γ/β); stage 1's norm is one group."""
     for net in (model.unet, model.controlnet):

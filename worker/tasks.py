@@ -247,8 +247,8 @@ class BatchRun:
             # InvalidImageError's messages are our own, written for users; any other ValueError's are not.
             message = str(exc) if isinstance(exc, InvalidImageError) else safe_message("invalid_input", 1)
             log.warning("job %s: invalid input: %s: %s", job_id, type(exc).__name__, exc)
-            _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=message))
-            self.runtime.metrics.jobs.labels("failed").inc()
+            if _finish_quietly(job_id, JobStatus.failed, owner, error=JobError(code="invalid_input", message=message)):
+                self.runtime.metrics.jobs.labels("failed").inc()  # not when the job was taken over meanwhile
             return
         kind = classify(exc)
         if member.primary:
@@ -259,9 +259,9 @@ class BatchRun:
         if kind in ("fatal", "timeout") or not retries_left:
             log.error("job %s: failed (%s) after %d attempt(s)", job_id, kind, member.record.attempts,
                       exc_info=(type(exc), exc, exc.__traceback__))
-            _finish_quietly(job_id, JobStatus.failed, owner,
-                            error=JobError(code=kind, message=safe_message(kind, member.record.attempts)))
-            self.runtime.metrics.jobs.labels("failed").inc()
+            if _finish_quietly(job_id, JobStatus.failed, owner,
+                               error=JobError(code=kind, message=safe_message(kind, member.record.attempts))):
+                self.runtime.metrics.jobs.labels("failed").inc()
             if kind == "fatal":
                 # The process exits (worker.main); the orchestrator restarts it with a fresh CUDA context.
                 self.reraise = FatalWorkerError(f"fatal error in job {job_id}: {type(exc).__name__}: {exc}")

@@ -112,3 +112,84 @@ def test_a_late_attempt_cannot_overwrite_a_finished_output(services):
     svc.redis.zadd("megasr:expiry", {job_id: 0})
     assert delete_expired_results(svc) == 1
     assert not any(svc.storage.exists(key) for key in outputs) and not svc.storage.exists(done.input_key)
+
+
+def finished_count(runtime, status: str) -> float:
+    """This worker's ``megasr_worker_jobs_total`` for one outcome."""
+    return runtime.metrics.registry.get_sample_value("megasr_worker_jobs_total", {"status": status}) or 0.0
+
+
+def attempt(svc, job_id: str, owner: str) -> tasks.Member:
+    """The job started by ``owner`` and handed to a batch as a claimed mate (no RQ retry of its own)."""
+    return tasks.Member(svc.jobs.start(job_id, owner), owner, primary=False)
+
+
+def test_an_invalid_image_reads_its_own_message_and_counts_as_failed(services):
+    """megasr_core's InvalidImageError text reaches the tenant word for word; both failures are counted."""
+    from megasr_core.pipelines import InvalidImageError, load_image
+
+    settings, svc = services
+    library, ours = admit(svc), admit(svc)
+    broken = b"GIF89a and then nothing"
+    svc.storage.put(svc.jobs.get(ours).input_key, broken, "image/gif")
+    runtime = install_runtime(settings, StandIn(error=ValueError("operands could not be broadcast")), services=svc)
+    make_worker(SimpleWorker, svc.redis, settings.queue_name).work(burst=True)
+    with pytest.raises(InvalidImageError) as expected:
+        load_image(broken)
+    assert svc.jobs.get(ours).error.message == str(expected.value)
+    assert finished_count(runtime, "failed") == 2
+
+
+def test_a_cancel_raised_by_the_pipeline_cancels_the_job(services):
+    from megasr_core.pipelines import PipelineCancelled
+
+    settings, svc = services
+    job_id = admit(svc)
+    runtime = install_runtime(settings, StandIn(error=PipelineCancelled("canceled")), services=svc)
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    record = svc.jobs.get(job_id)
+    assert record.status == JobStatus.canceled and record.error is None
+    assert finished_count(runtime, "canceled") == 1
+
+
+@pytest.mark.parametrize("error", [ValueError("bad parameters"), RuntimeError(CUDA_CRASH), RuntimeError("flaky")],
+                         ids=["invalid_input", "fatal", "retry"])
+def test_a_late_attempt_that_fails_leaves_the_new_owners_job_alone(services, error):
+    """A is presumed dead and B runs the job; A's failure (whatever its kind) cannot fail or re-queue B's job."""
+    settings, svc = services
+    job_id = admit(svc)
+    runtime = install_runtime(settings, StandIn(error=error), services=svc)
+    late = attempt(svc, job_id, "worker-a:1")
+    svc.jobs.requeue(job_id, "worker-a:1", None)  # what the reaper does once A's lease ran out
+    svc.jobs.start(job_id, "worker-b:1")
+    run = tasks.BatchRun(runtime, [late])
+    if CUDA_CRASH in str(error):
+        with pytest.raises(tasks.FatalWorkerError):
+            run.run()
+    else:
+        run.run()
+    record = svc.jobs.get(job_id)
+    assert record.status == JobStatus.running and record.owner == "worker-b:1" and record.error is None
+    assert finished_count(runtime, "failed") == 0
+
+
+@pytest.mark.parametrize(("attempts", "status"), [(2, JobStatus.queued), (3, JobStatus.failed)])
+def test_a_claimed_job_is_retried_until_its_third_attempt_fails(services, attempts, status):
+    """A batch mate's retries are ours (not RQ's): after a failed second attempt it goes back to the queue;
+    a failed third attempt fails it, saying it was retried twice."""
+    settings, svc = services
+    job_id = admit(svc)
+    runtime = install_runtime(settings, StandIn(error=RuntimeError("flaky")), services=svc)
+    for n in range(1, attempts):
+        svc.jobs.start(job_id, f"worker-{n}:1")
+        svc.jobs.requeue(job_id, f"worker-{n}:1", None)
+    member = attempt(svc, job_id, f"worker-{attempts}:1")
+    assert member.record.attempts == attempts
+    tasks.BatchRun(runtime, [member]).run()
+    record = svc.jobs.get(job_id)
+    assert record.status == status
+    if status == JobStatus.failed:
+        assert record.error.code == "internal_error"
+        assert record.error.message == "the job failed inside the worker; it was retried 2 times"
+    else:
+        assert record.error is None and svc.queue.position(job_id) == 0

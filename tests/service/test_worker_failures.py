@@ -40,7 +40,7 @@ def test_a_fatal_cuda_error_fails_the_job_and_stops_the_worker(services, caplog)
     assert exited.value.code == EXIT_FATAL  # the orchestrator restarts the process
     failed = svc.jobs.get(first)
     assert failed.status == JobStatus.failed and failed.error.code == "fatal" and failed.attempts == 1
-    assert "illegal memory access" not in failed.error.message  # the tenant's view
+    assert failed.error.message == "the worker's GPU failed while running the job; the worker restarts"  # the tenant's view
     assert CUDA_CRASH in caplog.text  # the operator's view
     assert svc.jobs.get(second).status == JobStatus.queued  # not taken by the broken worker
     assert svc.queue.depth() == 1 and svc.queue.position(second) == 0  # and the first is not retried
@@ -53,7 +53,8 @@ def test_the_worker_class_stops_itself_after_a_fatal_error(services):
     install_runtime(settings, StandIn(error=RuntimeError(CUDA_CRASH)), services=svc)
     worker = make_worker(MegaSRWorker, svc.redis, settings.queue_name)
     worker.work(burst=True)
-    assert worker.fatal_error is not None
+    assert str(worker.fatal_error) == f"fatal error in job {ids[0]}: RuntimeError: {CUDA_CRASH}"
+    assert isinstance(worker.fatal_error.__cause__, RuntimeError) and str(worker.fatal_error.__cause__) == CUDA_CRASH
     assert [svc.jobs.get(i).status for i in ids] == [JobStatus.failed, JobStatus.queued, JobStatus.queued]
 
 

@@ -192,21 +192,25 @@ def test_at_most_64_kib_of_an_endless_answer_is_read(store):
 
 
 def test_no_more_deliveries_are_claimed_than_the_pool_can_start(store):
-    """concurrency=2 and three due deliveries: two are claimed and started, the third stays due for
-    whichever dispatcher has a free thread first."""
+    """concurrency=2 and five due deliveries: two are claimed and started, the others stay due for whichever
+    dispatcher has a free thread first; as threads come free, exactly as many more are claimed."""
     slow = WebhookReceiver(lambda _n: 200, drip_s=0.2, drip_for_s=5)
     try:
-        for _ in range(3):
+        for _ in range(5):
             finish_with_webhook(store, slow.url)
         dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=1.0,
                                        concurrency=2, retry_base_s=60)
         now = time.time()
         futures = dispatcher.dispatch_due()
-        assert len(futures) == 2 and dispatcher.dispatch_due() == []  # the pool is full
+        assert len(futures) == 2
+        assert dispatcher.dispatch_due() == [] and dispatcher.dispatch_due() == []  # the pool is full, and stays so
         scores = sorted(due_ids(store).values())
-        assert scores[0] <= now < scores[1]  # one still due, two leased into the future
-        assert [future.result(timeout=10) for future in futures] == [True, True]
-        assert len(dispatcher.dispatch_due()) == 1  # threads free again: the third one starts
+        assert scores[2] <= now < scores[3]  # three still due, two leased into the future
+        for expected in (2, 1):
+            assert [future.result(timeout=10) for future in futures] == [True] * len(futures)
+            futures = dispatcher.dispatch_due()  # threads free again: as many start as are free
+            assert len(futures) == expected
+        assert [future.result(timeout=10) for future in futures] == [True]
     finally:
         dispatcher.stop()
         slow.close()

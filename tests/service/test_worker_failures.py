@@ -194,3 +194,15 @@ def test_a_claimed_job_is_retried_until_its_third_attempt_fails(services, attemp
         assert record.error.message == "the job failed inside the worker; it was retried 2 times"
     else:
         assert record.error is None and svc.queue.position(job_id) == 0
+
+
+def test_the_job_rq_handed_out_is_queued_again_once_after_a_transient_error(services):
+    """The head job's retry is RQ's own (its Retry re-pushes it): our requeue only resets the record, so the
+    job waits in RQ's queue once, not twice."""
+    settings, svc = services
+    job_id = admit(svc)
+    install_runtime(settings, StandIn(error=RuntimeError("flaky")), services=svc)
+    make_worker(SimpleWorker, svc.redis, settings.queue_name).work(burst=True, max_jobs=1)
+    record = svc.jobs.get(job_id)
+    assert record.status == JobStatus.queued and record.attempts == 1 and record.owner is None
+    assert svc.queue.depth() == 1 and svc.queue.position(job_id) == 0

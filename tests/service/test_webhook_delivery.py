@@ -326,6 +326,50 @@ def test_every_retry_carries_the_same_webhook_id_and_a_signed_timestamp(store):
     assert len({json.loads(call.body)["id"] for call in receiver.calls}) == 1
 
 
+def test_a_delivery_is_a_json_post_naming_megasr_and_its_host(store):
+    """The request's documented headers (names are case-insensitive in HTTP, values are exact)."""
+    receiver = WebhookReceiver(lambda _n: 204)
+    port = receiver.server.server_port
+    try:
+        finish_with_webhook(store, f"http://{HOST}:{port}/hook")
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True,
+                                       resolve=lambda _host, _port: ["127.0.0.1"])
+        assert dispatcher.deliver_due() == 1
+    finally:
+        receiver.close()
+    (call,) = receiver.calls
+    headers = {name.lower(): value for name, value in call.headers.items()}
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"] == "megasr-webhooks/1"
+    assert headers["host"] == f"{HOST}:{port}"
+    assert json.loads(call.body)["status"] == "canceled"
+
+
+def test_a_resolver_slower_than_the_deadline_sends_nothing_and_the_delivery_is_retried(store, caplog):
+    """Resolving counts against the delivery's deadline: past it, nothing is sent and the attempt is a failure."""
+    import logging
+
+    receiver = WebhookReceiver(lambda _n: 204)
+    port = receiver.server.server_port
+
+    def slow_resolver(_host: str, _port: int) -> list[str]:
+        time.sleep(0.6)
+        return ["127.0.0.1"]
+
+    try:
+        finish_with_webhook(store, f"http://{HOST}:{port}/hook")
+        delivery_id = only_delivery(store)
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=0.5,
+                                       retry_base_s=60, resolve=slow_resolver)
+        with caplog.at_level(logging.INFO, logger="megasr.webhooks"):
+            assert dispatcher.deliver_due() == 1
+    finally:
+        receiver.close()
+    assert receiver.calls == []
+    assert attempts(store, delivery_id) == 1 and due_ids(store)[delivery_id] > time.time() + 50  # retried later
+    assert "deadline exceeded while resolving" in caplog.text
+
+
 # ------------------------------------------------------------------ the runtime
 
 

@@ -404,3 +404,12 @@ def test_requeue_is_fenced_to_the_owner_and_drops_the_lease(store):
     requeued = store.requeue(job_id, "worker-a:1", None)
     assert requeued.status == JobStatus.queued and requeued.owner is None and requeued.progress == 0.0
     assert not store.redis.exists(store.lease_key(job_id)) and not store.redis.sismember(RUNNING_KEY, job_id)
+
+
+def test_a_cancel_request_is_a_flag_that_lives_a_day(store):
+    """The flag a running batch polls; it expires on its own if the job's final transition never clears it."""
+    job_id = running_job(store)
+    assert not store.cancel_requested(job_id)
+    store.request_cancel(job_id)
+    assert store.cancel_requested(job_id)
+    assert 24 * 3600 - 2 <= store.redis.ttl(store.cancel_key(job_id)) <= 24 * 3600

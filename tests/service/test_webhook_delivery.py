@@ -285,9 +285,11 @@ def test_a_delivery_claimed_by_a_killed_dispatcher_is_delivered_by_another(store
     assert due_ids(store) == {} and not store.redis.exists(delivery_key(delivery_id))
 
 
-def test_a_late_outcome_does_not_overwrite_the_new_owners(store):
+def test_a_late_outcome_does_not_overwrite_the_new_owners(store, caplog):
     """When a lease ran out and another dispatcher claimed the delivery, the first one's outcome is
-    not recorded: the delivery stays with the new claim."""
+    not recorded: the delivery stays with the new claim. The operator reads which outcome was lost."""
+    import logging
+
     receiver = WebhookReceiver(lambda _n: 200)
     try:
         finish_with_webhook(store, receiver.url)
@@ -297,12 +299,45 @@ def test_a_late_outcome_does_not_overwrite_the_new_owners(store):
         time.sleep(0.1)
         second = WebhookDispatcher(store.redis, store, SECRET, allow_private=True)
         (current,) = second.claim(10)
-        assert first.deliver(stale) is True  # sent (at least once), but the outcome is not its to record
-        assert due_ids(store) == {delivery_id: current.lease_until}
-        assert second.deliver(current) is True
+        with caplog.at_level(logging.WARNING, logger="megasr.webhooks"):
+            assert first.deliver(stale) is True  # sent (at least once), but the outcome is not its to record
+            lost = caplog.text
+            caplog.clear()
+            assert due_ids(store) == {delivery_id: current.lease_until}
+            assert second.deliver(current) is True
     finally:
         receiver.close()
     assert len(receiver.calls) == 2 and due_ids(store) == {}
+    assert f"webhook delivery {delivery_id}: lease ran out before the outcome (done) was recorded" in lost
+    assert "lease ran out" not in caplog.text  # the second one's outcome was recorded
+
+
+@pytest.mark.parametrize(("status", "delivered"), [(199, False), (200, True), (299, True), (300, False)])
+def test_only_a_2xx_answer_counts_as_delivered(store, status, delivered):
+    receiver = WebhookReceiver(lambda _n: status)
+    try:
+        finish_with_webhook(store, receiver.url)
+        delivery_id = only_delivery(store)
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, retry_base_s=60)
+        assert dispatcher.deliver_due() == 1
+    finally:
+        receiver.close()
+    assert len(receiver.calls) == 1
+    assert (delivery_id not in due_ids(store)) == delivered
+
+
+def test_a_refused_connection_is_logged_with_its_error_and_retried(store, caplog):
+    import logging
+
+    from tests.service.conftest import free_port
+
+    finish_with_webhook(store, f"http://127.0.0.1:{free_port()}/hook")  # nothing listens there
+    delivery_id = only_delivery(store)
+    dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, retry_base_s=60)
+    with caplog.at_level(logging.INFO, logger="megasr.webhooks"):
+        assert dispatcher.deliver_due() == 1
+    assert attempts(store, delivery_id) == 1
+    assert "failed (ConnectError: " in caplog.text
 
 
 def test_every_retry_carries_the_same_webhook_id_and_a_signed_timestamp(store):

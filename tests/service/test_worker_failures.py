@@ -153,10 +153,17 @@ def test_a_cancel_raised_by_the_pipeline_cancels_the_job(services):
     assert finished_count(runtime, "canceled") == 1
 
 
-@pytest.mark.parametrize("error", [ValueError("bad parameters"), RuntimeError(CUDA_CRASH), RuntimeError("flaky")],
-                         ids=["invalid_input", "fatal", "retry"])
+def pipeline_cancelled() -> BaseException:
+    from megasr_core.pipelines import PipelineCancelled
+
+    return PipelineCancelled("stopped")
+
+
+@pytest.mark.parametrize("error", [ValueError("bad parameters"), RuntimeError(CUDA_CRASH), RuntimeError("flaky"),
+                                   pipeline_cancelled()], ids=["invalid_input", "fatal", "retry", "canceled"])
 def test_a_late_attempt_that_fails_leaves_the_new_owners_job_alone(services, error):
-    """A is presumed dead and B runs the job; A's failure (whatever its kind) cannot fail or re-queue B's job."""
+    """A is presumed dead and B runs the job; A's failure or stop (whatever its kind) cannot fail, cancel or
+    re-queue B's job."""
     settings, svc = services
     job_id = admit(svc)
     runtime = install_runtime(settings, StandIn(error=error), services=svc)
@@ -171,7 +178,7 @@ def test_a_late_attempt_that_fails_leaves_the_new_owners_job_alone(services, err
         run.run()
     record = svc.jobs.get(job_id)
     assert record.status == JobStatus.running and record.owner == "worker-b:1" and record.error is None
-    assert finished_count(runtime, "failed") == 0
+    assert finished_count(runtime, "failed") == 0 and finished_count(runtime, "canceled") == 0
 
 
 @pytest.mark.parametrize(("attempts", "status"), [(2, JobStatus.queued), (3, JobStatus.failed)])
@@ -206,3 +213,14 @@ def test_the_job_rq_handed_out_is_queued_again_once_after_a_transient_error(serv
     record = svc.jobs.get(job_id)
     assert record.status == JobStatus.queued and record.attempts == 1 and record.owner is None
     assert svc.queue.depth() == 1 and svc.queue.position(job_id) == 0
+
+
+@pytest.mark.parametrize(("fmt", "options"), [("png", {}), ("jpeg", {"quality": 95}), ("webp", {"quality": 95})])
+def test_results_are_encoded_as_documented(fmt, options):
+    """PNG; JPEG and WebP at quality 95 (README, output_format): the bytes Pillow writes with those settings."""
+    import numpy as np
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    expected = io.BytesIO()
+    image.save(expected, format=fmt.upper(), **options)
+    assert tasks._encode(image, fmt) == expected.getvalue()

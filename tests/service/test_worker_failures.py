@@ -201,6 +201,7 @@ def test_a_claimed_job_is_retried_until_its_third_attempt_fails(services, attemp
         assert record.error.message == "the job failed inside the worker; it was retried 2 times"
     else:
         assert record.error is None and svc.queue.position(job_id) == 0
+    assert finished_count(runtime, "failed") == (status == JobStatus.failed)
 
 
 def test_the_job_rq_handed_out_is_queued_again_once_after_a_transient_error(services):

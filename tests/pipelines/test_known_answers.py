@@ -334,3 +334,24 @@ def test_wavelet_fix_keeps_output_high_and_reference_low_frequencies():
     fewer = content.double() - low_pass_reference(content.double(), 4) + low_pass_reference(reference.double(), 4)
     assert (fewer.clamp(0, 1) - expected).abs().max() > 1e-3
     assert (out - content).abs().max() > 1e-2 and (out - reference).abs().max() > 1e-2
+
+
+def test_lre_start_and_guidance_called_directly_match_their_formulas(live):
+    """The two functions of pipelines/sampling.py on their own, for a batch of three: the LRE start at t = 999
+    and at the schedule's first timestep (None), and CFG's ε_neg + s·(ε_pos − ε_neg) on [negative; positive]."""
+    from diffusers import DDPMScheduler
+
+    from megasr_core.pipelines.sampling import classifier_free_guidance, guidance_batch, lre_start
+
+    scheduler = DDPMScheduler.from_config(live.scheduler.config)
+    scheduler.set_timesteps(STEPS)
+    abar = alphas_cumprod(live.scheduler.config)
+    generator = torch.Generator().manual_seed(5)
+    z, eps = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    for start, t in ((999, 999), (None, first_ddpm_timestep(live.scheduler.config, STEPS))):
+        expected = math.sqrt(abar[t]) * z.double() + math.sqrt(1 - abar[t]) * eps.double()
+        torch.testing.assert_close(lre_start(scheduler, z, eps, start).double(), expected, rtol=0, atol=1e-5)
+    negative, positive = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
+    torch.testing.assert_close(classifier_free_guidance(torch.cat([negative, positive]), 7.5),
+                               negative + 7.5 * (positive - negative))
+    assert torch.equal(guidance_batch(z, True), torch.cat([z, z])) and guidance_batch(z, False) is z

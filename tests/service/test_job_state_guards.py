@@ -413,3 +413,19 @@ def test_a_cancel_request_is_a_flag_that_lives_a_day(store):
     store.request_cancel(job_id)
     assert store.cancel_requested(job_id)
     assert 24 * 3600 - 2 <= store.redis.ttl(store.cancel_key(job_id)) <= 24 * 3600
+
+
+def test_progress_is_clamped_to_0_1_and_rounded_to_four_places(store):
+    job_id = running_job(store)
+    for reported, stored in ((1.7, 1.0), (-0.3, 0.0), (0.123456, 0.1235)):
+        store.set_progress(job_id, reported, owner="worker-a:1")
+        assert store.get(job_id).progress == stored
+
+
+def test_a_noted_output_is_remembered_until_the_record_and_its_idempotency_key_are_gone(store):
+    """The outputs set outlives the record by the idempotency TTL, so the deleter still finds every attempt's file."""
+    job_id = running_job(store)
+    store.note_output(job_id, f"jobs/{job_id}/output-a.png")
+    assert store.outputs(job_id) == [f"jobs/{job_id}/output-a.png"]
+    ttl = store.redis.ttl(store.outputs_key(job_id))
+    assert RESULT_TTL_S + IDEMPOTENCY_TTL_S - 2 <= ttl <= RESULT_TTL_S + IDEMPOTENCY_TTL_S

@@ -402,7 +402,7 @@ def test_a_resolver_slower_than_the_deadline_sends_nothing_and_the_delivery_is_r
         receiver.close()
     assert receiver.calls == []
     assert attempts(store, delivery_id) == 1 and due_ids(store)[delivery_id] > time.time() + 50  # retried later
-    assert "deadline exceeded while resolving" in caplog.text
+    assert "failed (deadline exceeded while resolving); retry 1 scheduled" in caplog.text
 
 
 # ------------------------------------------------------------------ the runtime

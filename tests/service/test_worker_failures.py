@@ -225,3 +225,25 @@ def test_results_are_encoded_as_documented(fmt, options):
     expected = io.BytesIO()
     image.save(expected, format=fmt.upper(), **options)
     assert tasks._encode(image, fmt) == expected.getvalue()
+
+
+class SeedRecorder(StandIn):
+    """The stand-in pipeline, remembering the seeds it was given."""
+
+    def __call__(self, images, scale=4, **kwargs):
+        self.seeds = kwargs.get("seed")
+        return super().__call__(images, scale=scale, **kwargs)
+
+
+def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(services):
+    settings, svc = services
+    job_id = admit(svc)
+    legacy = svc.jobs.get(job_id)
+    legacy = legacy.model_copy(update={"params": legacy.params.model_copy(update={"seed": None})})
+    svc.redis.set(svc.jobs.key(job_id), legacy.model_dump_json())
+    pipeline = SeedRecorder("blue")
+    runtime = install_runtime(settings, pipeline, services=svc)
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    assert svc.jobs.get(job_id).status == JobStatus.succeeded
+    (seed,) = pipeline.seeds
+    assert isinstance(seed, int) and 2**32 <= seed < 2**63  # below 2**32 by chance: once in 2**31 runs

@@ -247,3 +247,30 @@ def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(
     assert svc.jobs.get(job_id).status == JobStatus.succeeded
     (seed,) = pipeline.seeds
     assert isinstance(seed, int) and 2**32 <= seed < 2**63  # below 2**32 by chance: once in 2**31 runs
+
+
+class SteppingStandIn(StandIn):
+    """The stand-in pipeline, reporting ``steps`` denoising steps to the worker's progress callback at once."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__("blue")
+        self.steps = steps
+
+    def __call__(self, images, scale=4, callback=None, **kwargs):
+        for step in range(1, self.steps + 1):
+            callback(step, self.steps)
+        return super().__call__(images, scale=scale, **kwargs)
+
+
+def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_step(services, monkeypatch):
+    """Ten steps well within one interval: the first and the last are written, the eight between are not."""
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL_S", 30.0)  # no stall of a loaded machine spans it
+    settings, svc = services
+    job_id = admit(svc)
+    runtime = install_runtime(settings, SteppingStandIn(10), services=svc)
+    written = []
+    real = svc.jobs.set_progress
+    monkeypatch.setattr(svc.jobs, "set_progress", lambda *args, **kwargs: (written.append(args[1]), real(*args, **kwargs)))
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    assert written == [0.1, 1.0]
+    assert svc.jobs.get(job_id).status == JobStatus.succeeded

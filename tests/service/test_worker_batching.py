@@ -162,11 +162,9 @@ def test_out_of_memory_splits_the_batch_in_half(batching):
     assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded" for job_id in ids)
 
 
-def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, redis_url, tiny_weights, monkeypatch):
-    from tests.service.conftest import fresh_database_url
-
-    # A database of its own: the workers' sweeper repairs every job record it finds in it.
-    settings = make_settings(tmp_path, fresh_database_url(redis_url))
+def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, db_url, tiny_weights, monkeypatch):
+    # A database of its own (db_url): the workers' sweeper repairs every job record it finds in it.
+    settings = make_settings(tmp_path, db_url)
     monkeypatch.setenv("MEGASR_MAX_BATCH", "3")
     with TestClient(create_app(settings)) as client:
         ids = [submit(client, image=photo_png(name, size), steps=30, seed=6).json()["id"] for name, size in PHOTOS[:3]]

@@ -14,7 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import free_port, fresh_database_url
+from tests.service.conftest import free_port
 from tests.service.test_api import make_settings, submit
 
 
@@ -54,9 +54,9 @@ def wait_for(client, job_id: str, predicate, timeout: float) -> dict:
 
 
 @pytest.fixture()
-def setup(tmp_path, redis_url, tiny_weights):
-    # A database of its own: the workers' sweeper repairs every job record it finds in it.
-    settings = make_settings(tmp_path, fresh_database_url(redis_url))
+def setup(tmp_path, db_url, tiny_weights):
+    # A database of its own (db_url): the workers' sweeper repairs every job record it finds in it.
+    settings = make_settings(tmp_path, db_url)
     with TestClient(create_app(settings)) as client:
         yield settings, client, tiny_weights, tmp_path
     # any worker left behind is killed by the test itself

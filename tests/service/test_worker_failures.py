@@ -18,6 +18,7 @@ from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
 from tests.service.test_api import make_settings
 from tests.service.test_atomic_state import StandIn, admit
 from worker import tasks
+from worker.batching import CancelWatch
 from worker.main import EXIT_FATAL, MegaSRWorker, make_worker, run_worker
 from worker.runtime import install_runtime
 
@@ -250,16 +251,66 @@ def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(
 
 
 class SteppingStandIn(StandIn):
-    """The stand-in pipeline, reporting ``steps`` denoising steps to the worker's progress callback at once."""
+    """The stand-in pipeline, reporting ``steps`` denoising steps to the worker's progress callback at once;
+    ``before_step`` (step → None) runs before the callback of each step."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, before_step=None) -> None:
         super().__init__("blue")
-        self.steps = steps
+        self.steps, self.before_step = steps, before_step
 
     def __call__(self, images, scale=4, callback=None, **kwargs):
         for step in range(1, self.steps + 1):
+            if self.before_step is not None:
+                self.before_step(step)
             callback(step, self.steps)
         return super().__call__(images, scale=scale, **kwargs)
+
+
+def record_progress(svc, monkeypatch) -> list[float]:
+    """The progress values the worker writes (or tries to), in order."""
+    written: list[float] = []
+    real = svc.jobs.set_progress
+    monkeypatch.setattr(svc.jobs, "set_progress", lambda *args, **kwargs: (written.append(args[1]), real(*args, **kwargs)))
+    return written
+
+
+def watch_every(monkeypatch, interval_s: float) -> None:
+    """The worker's cancel watch re-reads Redis at most every ``interval_s`` (the first check always reads)."""
+    monkeypatch.setattr(tasks, "CancelWatch", lambda services, owners: CancelWatch(services, owners, interval_s=interval_s))
+
+
+def test_no_progress_is_written_for_a_job_once_its_cancel_is_seen(services, monkeypatch):
+    """The cancel arrives before step 3: steps 1 and 2 are written, none after."""
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL_S", 0.0)
+    watch_every(monkeypatch, 0.0)
+    settings, svc = services
+    job_id = admit(svc)
+    cancel_before_3 = lambda step: svc.jobs.request_cancel(job_id) if step == 3 else None  # noqa: E731
+    runtime = install_runtime(settings, SteppingStandIn(10, cancel_before_3), services=svc)
+    written = record_progress(svc, monkeypatch)
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    assert written == [0.1, 0.2]
+
+
+def test_a_late_attempts_progress_leaves_the_new_owners_job_alone(services, monkeypatch):
+    """A is presumed dead and B takes the job before A's step 5, within one interval of A's cancel watch
+    (so A has not seen it yet): A's progress writes are fenced out and B's progress stays."""
+    monkeypatch.setattr(tasks, "PROGRESS_INTERVAL_S", 0.0)
+    watch_every(monkeypatch, 3600.0)
+    settings, svc = services
+    job_id = admit(svc)
+
+    def hand_over_before_5(step: int) -> None:
+        if step == 5:
+            svc.jobs.requeue(job_id, "worker-a:1", None)  # what the reaper does once A's lease ran out
+            svc.jobs.start(job_id, "worker-b:1")
+            svc.jobs.set_progress(job_id, 0.05, owner="worker-b:1")
+
+    runtime = install_runtime(settings, SteppingStandIn(10, hand_over_before_5), services=svc)
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    record = svc.jobs.get(job_id)
+    assert record.status == JobStatus.running and record.owner == "worker-b:1"
+    assert record.progress == 0.05
 
 
 def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_step(services, monkeypatch):
@@ -268,9 +319,7 @@ def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_st
     settings, svc = services
     job_id = admit(svc)
     runtime = install_runtime(settings, SteppingStandIn(10), services=svc)
-    written = []
-    real = svc.jobs.set_progress
-    monkeypatch.setattr(svc.jobs, "set_progress", lambda *args, **kwargs: (written.append(args[1]), real(*args, **kwargs)))
+    written = record_progress(svc, monkeypatch)
     tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
     assert written == [0.1, 1.0]
     assert svc.jobs.get(job_id).status == JobStatus.succeeded

@@ -24,10 +24,26 @@ def module_of(name: str) -> str:
     return match.group(1) if match else name
 
 
+def print_table(rows: list[tuple[str, int, int, int]], markdown: bool) -> None:
+    """One row per module (module, killed, checked, not checked), the last one the total."""
+    if markdown:
+        print("| module | killed | checked | % | not checked yet |\n|---|---:|---:|---:|---:|")
+    else:
+        print(f"{'module':40s} {'killed':>7s} {'checked':>7s} {'%':>6s}  unchecked")
+    for module, killed, checked, unchecked in rows:
+        share = 100 * killed / checked if checked else 0.0
+        if markdown:
+            name = module if module == "all" else f"`{module.replace('.', '/')}.py`"
+            print(f"| {name} | {killed} | {checked} | {share:.1f} | {unchecked} |")
+        else:
+            print(f"{module:40s} {killed:7d} {checked:7d} {share:6.1f}  {unchecked}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--min-killed", type=float, default=90.0)
     parser.add_argument("--accepted", type=Path, help="file of 'mutant: reason' lines for known survivors")
+    parser.add_argument("--markdown", action="store_true", help="print the per-module table as Markdown (file paths)")
     args = parser.parse_args()
     reasons: dict[str, str] = {}
     if args.accepted and args.accepted.is_file():
@@ -47,17 +63,14 @@ def main() -> int:
         counts[status] += 1
         if status in SURVIVED:
             survivors.append(name)
-    total_killed = total_checked = total_unchecked = 0
-    print(f"{'module':40s} {'killed':>7s} {'checked':>7s} {'%':>6s}  unchecked")
+    rows = []
     for module, counts in sorted(per_module.items()):
         killed = sum(counts[s] for s in KILLED)
-        checked = killed + sum(counts[s] for s in SURVIVED)
-        total_killed, total_checked = total_killed + killed, total_checked + checked
-        total_unchecked += counts["not checked"]
-        share = 100 * killed / checked if checked else 0.0
-        print(f"{module:40s} {killed:7d} {checked:7d} {share:6.1f}  {counts['not checked']}")
+        rows.append((module, killed, killed + sum(counts[s] for s in SURVIVED), counts["not checked"]))
+    total_killed, total_checked, total_unchecked = (sum(row[i] for row in rows) for i in (1, 2, 3))
+    rows.append(("all", total_killed, total_checked, total_unchecked))
+    print_table(rows, markdown=args.markdown)
     share = 100 * total_killed / total_checked if total_checked else 0.0
-    print(f"{'all':40s} {total_killed:7d} {total_checked:7d} {share:6.1f}  {total_unchecked}")
     if survivors:
         print(f"\nsurvivors ({len(survivors)}):")
         for name in survivors:

@@ -4,12 +4,14 @@ claims that survive a killed dispatcher, the stable ``webhook-id``, and the runt
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -425,6 +427,44 @@ def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db
     finally:
         runtime.stop()
     assert dispatcher._stop.is_set()
+
+
+def test_the_dispatchers_own_defaults_are_the_settings_defaults():
+    """A dispatcher built without the settings (a script, a test) behaves like the service's."""
+    from service.config import Settings
+
+    defaults = {name: p.default for name, p in inspect.signature(WebhookDispatcher).parameters.items()}
+    for argument, setting in [("retry_base_s", "webhook_retry_base_s"), ("timeout_s", "webhook_timeout_s"),
+                              ("concurrency", "webhook_concurrency"), ("allow_private", "webhook_allow_private")]:
+        assert defaults[argument] == Settings.model_fields[setting].default, argument
+
+
+def test_a_started_dispatcher_looks_for_due_deliveries_every_half_second(store, monkeypatch):
+    """The thread the worker starts: a due delivery waits at most 0.5 s for it; its pool's threads are named."""
+    dispatcher = WebhookDispatcher(store.redis, store, SECRET)
+    passes = []
+    monkeypatch.setattr(dispatcher, "dispatch_due", lambda: passes.append(time.monotonic()))
+    started = time.monotonic()
+    thread = dispatcher.start()
+    try:
+        assert thread.name == "megasr-webhooks" and thread.daemon
+        time.sleep(2.25)
+    finally:
+        dispatcher.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+    assert 3 <= len(passes) <= 4, passes
+    assert 0.45 <= passes[0] - started <= 1.2
+
+
+def test_deliveries_run_on_threads_named_for_webhooks(store):
+    """Thread dumps (py-spy, faulthandler) tell a stuck delivery from the worker's other threads."""
+    dispatcher = WebhookDispatcher(store.redis, store, SECRET)
+    try:
+        name = dispatcher._pool.submit(lambda: threading.current_thread().name).result(timeout=5)
+    finally:
+        dispatcher.stop()
+    assert name.startswith("megasr-webhook_")
 
 
 @pytest.mark.parametrize("allow_private", [False, True])

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import io
 import logging
+import time
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 from rq.worker import SimpleWorker
 
 from service.app import build_services
-from service.contracts import JobStatus
+from service.contracts import JobStatus, attempt_output_key
 from service.jobs import TransitionRejected
 from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
-from tests.service.test_api import make_settings
+from service.routes.jobs import _admit
+from tests.service.test_api import make_settings, png
 from tests.service.test_atomic_state import StandIn, admit
 from worker import tasks
 from worker.batching import CancelWatch
@@ -323,3 +326,140 @@ def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_st
     tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
     assert written == [0.1, 1.0]
     assert svc.jobs.get(job_id).status == JobStatus.succeeded
+
+
+# ------------------------------------------------------------------ how a batch meets the pipeline's errors
+# The stand-in pipeline below records every call, so each of these runs in well under a second; the
+# real-pipeline versions of the same paths are in test_worker_batching.py.
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
+
+
+class Scripted(StandIn):
+    """Records each call's arguments; ``fail(call) -> exception | None`` decides whether a call raises."""
+
+    def __init__(self, fail=None, drop=()) -> None:
+        super().__init__("blue")
+        self.fail, self.drop, self.calls = fail, set(drop), []
+        self.extractors = SimpleNamespace(tagger_name="ram")
+
+    def __call__(self, images, scale=4, **kwargs):
+        call = {"images": len(images), "scale": scale, **kwargs}
+        self.calls.append(call)
+        error = self.fail(call) if self.fail else None
+        if error is not None:
+            raise error
+        out = super().__call__(images, scale=scale)
+        out.images = [None if seed in self.drop else image for seed, image in zip(kwargs["seed"], out.images)]
+        return out
+
+
+def admit_with(svc, **fields) -> str:
+    values = {"steps": "2", **{name: str(value) for name, value in fields.items()}}
+    record, _ = _admit(svc, "default", png(24 + len(svc.jobs.redis.keys("*")) % 3, 16), "image/png", values, None)
+    return record.id
+
+
+def run_batch(settings, svc, pipeline, job_ids: list[str]) -> tasks.BatchRun:
+    runtime = install_runtime(settings, pipeline, services=svc)
+    run = tasks.BatchRun(runtime, [attempt(svc, job_id, f"worker-a:{i}") for i, job_id in enumerate(job_ids)])
+    run.run()
+    return run
+
+
+def statuses(svc, job_ids: list[str]) -> list[JobStatus]:
+    return [svc.jobs.get(job_id).status for job_id in job_ids]
+
+
+def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(services):
+    settings, svc = services
+    shared = {"steps": 3, "guidance_scale": 6.5, "negative_prompt": "grain", "color_fix": "wavelet"}
+    ids = [admit_with(svc, seed=11, prompt="a cat", scale=2, **shared),
+           admit_with(svc, seed=12, prompt="a dog", scale=3.5, **shared)]
+    seen = []
+
+    def cancel_the_second_during_the_call(call: dict) -> None:
+        seen.append([call["is_cancelled"](0), call["is_cancelled"](1)])
+        svc.jobs.request_cancel(ids[1])
+        time.sleep(0.3)  # past the cancel watch's interval
+        seen.append([call["is_cancelled"](0), call["is_cancelled"](1)])
+
+    pipeline = Scripted(cancel_the_second_during_the_call)
+    run_batch(settings, svc, pipeline, ids)
+    (call,) = pipeline.calls
+    assert callable(call.pop("callback")) and callable(call.pop("is_cancelled"))
+    assert call == {"images": 2, "scale": [2.0, 3.5], "prompt": ["a cat", "a dog"], "seed": [11, 12],
+                    "num_inference_steps": 3, "guidance_scale": 6.5, "negative_prompt": "grain", "color_fix": "wavelet",
+                    "tile_size": None, "tile_batch_size": 4, "max_batch_size": 2}
+    assert seen == [[False, False], [False, True]]
+
+
+def test_out_of_memory_halves_the_batch_until_it_fits(services):
+    """Four jobs run out of memory, then each pair: 4 → 2 → 1 + 1, twice; every job still succeeds."""
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed) for seed in (1, 2, 3, 4)]
+    pipeline = Scripted(lambda call: RuntimeError(OOM) if call["images"] > 1 else None)
+    run_batch(settings, svc, pipeline, ids)
+    assert [call["seed"] for call in pipeline.calls] == [[1, 2, 3, 4], [1, 2], [1], [2], [3, 4], [3], [4]]
+    assert {(call["tile_size"], call["tile_batch_size"]) for call in pipeline.calls} == {tasks.OOM_TILE_SIZES[0]}
+    assert statuses(svc, ids) == [JobStatus.succeeded] * 4
+
+
+def test_out_of_memory_alone_tries_each_smaller_tile_setting_then_retries_the_job(services):
+    """One job that never fits: every (tile size, tiles per batch) in turn, then the job goes back to the
+    queue for another attempt (this was its first)."""
+    settings, svc = services
+    (job_id,) = ids = [admit_with(svc, seed=5)]
+    pipeline = Scripted(lambda call: RuntimeError(OOM))
+    runtime = install_runtime(settings, pipeline, services=svc)
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    assert [(call["tile_size"], call["tile_batch_size"]) for call in pipeline.calls] == list(tasks.OOM_TILE_SIZES)
+    assert statuses(svc, ids) == [JobStatus.queued]
+    assert svc.jobs.get(job_id).owner is None
+
+
+def test_a_batch_that_fails_runs_its_jobs_one_by_one_and_only_the_bad_one_fails(services):
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed) for seed in (21, 22, 23)]
+    pipeline = Scripted(lambda call: ValueError("cannot read this image") if 22 in call["seed"] else None)
+    run_batch(settings, svc, pipeline, ids)
+    assert [call["seed"] for call in pipeline.calls] == [[21, 22, 23], [21], [22], [23]]
+    assert statuses(svc, ids) == [JobStatus.succeeded, JobStatus.failed, JobStatus.succeeded]
+    assert svc.jobs.get(ids[1]).error.code == "invalid_input"
+
+
+@pytest.mark.parametrize("kind", ["fatal", "timeout", "cancelled"])
+def test_a_fatal_error_a_timeout_or_a_cancel_is_not_rerun_one_by_one(services, kind):
+    """A fatal error leaves the process unusable, a timeout has used up the jobs' time and a cancel is
+    the tenants' wish: the batch's jobs end together, after one call."""
+    from megasr_core.pipelines import PipelineCancelled
+    from rq.timeouts import JobTimeoutException
+
+    error = {"fatal": RuntimeError(CUDA_CRASH), "timeout": JobTimeoutException("took too long"),
+             "cancelled": PipelineCancelled("canceled")}[kind]
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed) for seed in (31, 32)]
+    pipeline = Scripted(lambda call: error)
+    if kind == "fatal":
+        with pytest.raises(tasks.FatalWorkerError):
+            run_batch(settings, svc, pipeline, ids)
+    else:
+        run_batch(settings, svc, pipeline, ids)
+    assert len(pipeline.calls) == 1
+    expected = JobStatus.canceled if kind == "cancelled" else JobStatus.failed
+    assert statuses(svc, ids) == [expected, expected]
+
+
+def test_a_job_the_pipeline_stopped_is_canceled_and_its_mates_are_stored(services):
+    """The pipeline hands back None for a job it stopped at its cancel: that job is canceled, the others
+    are stored under this attempt's key with their size, the tagger and full progress."""
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed, output_format="webp") for seed in (41, 42)]
+    run = run_batch(settings, svc, Scripted(drop={42}), ids)
+    done, stopped = (svc.jobs.get(job_id) for job_id in ids)
+    assert stopped.status == JobStatus.canceled and stopped.output_key is None
+    assert done.status == JobStatus.succeeded and done.progress == 1.0 and done.tagger == "ram"
+    assert done.output_key == attempt_output_key(done.id, "worker-a:0", "webp")
+    stored = Image.open(io.BytesIO(svc.storage.get(done.output_key)))
+    assert stored.format == "WEBP" and (done.output_width, done.output_height) == stored.size == (4 * 24, 4 * 16)
+    assert finished_count(run.runtime, "succeeded") == 1 and finished_count(run.runtime, "canceled") == 1

@@ -418,13 +418,14 @@ def test_out_of_memory_alone_tries_each_smaller_tile_setting_then_retries_the_jo
     assert svc.jobs.get(job_id).owner is None
 
 
-def test_a_batch_that_fails_runs_its_jobs_one_by_one_and_only_the_bad_one_fails(services):
+@pytest.mark.parametrize("seeds", [(21, 22), (21, 22, 23)])
+def test_a_batch_that_fails_runs_its_jobs_one_by_one_and_only_the_bad_one_fails(services, seeds):
     settings, svc = services
-    ids = [admit_with(svc, seed=seed) for seed in (21, 22, 23)]
+    ids = [admit_with(svc, seed=seed) for seed in seeds]
     pipeline = Scripted(lambda call: ValueError("cannot read this image") if 22 in call["seed"] else None)
     run_batch(settings, svc, pipeline, ids)
-    assert [call["seed"] for call in pipeline.calls] == [[21, 22, 23], [21], [22], [23]]
-    assert statuses(svc, ids) == [JobStatus.succeeded, JobStatus.failed, JobStatus.succeeded]
+    assert [call["seed"] for call in pipeline.calls] == [list(seeds)] + [[seed] for seed in seeds]
+    assert statuses(svc, ids) == [JobStatus.failed if seed == 22 else JobStatus.succeeded for seed in seeds]
     assert svc.jobs.get(ids[1]).error.code == "invalid_input"
 
 

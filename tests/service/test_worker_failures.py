@@ -5,6 +5,7 @@ that returns or raises what each test needs."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from types import SimpleNamespace
@@ -13,9 +14,11 @@ import pytest
 from PIL import Image
 from rq.worker import SimpleWorker
 
+from service import tracing
 from service.app import build_services
 from service.contracts import JobStatus, attempt_output_key
 from service.jobs import TransitionRejected
+from service.logging_setup import configure_logging
 from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
 from service.routes.jobs import _admit
 from tests.service.test_api import make_settings, png
@@ -338,9 +341,9 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 class Scripted(StandIn):
     """Records each call's arguments; ``fail(call) -> exception | None`` decides whether a call raises."""
 
-    def __init__(self, fail=None, drop=()) -> None:
+    def __init__(self, fail=None, drop=(), timings=None) -> None:
         super().__init__("blue")
-        self.fail, self.drop, self.calls = fail, set(drop), []
+        self.fail, self.drop, self.calls, self.timings = fail, set(drop), [], dict(timings or {})
         self.extractors = SimpleNamespace(tagger_name="ram")
 
     def __call__(self, images, scale=4, **kwargs):
@@ -351,6 +354,7 @@ class Scripted(StandIn):
             raise error
         out = super().__call__(images, scale=scale)
         out.images = [None if seed in self.drop else image for seed, image in zip(kwargs["seed"], out.images)]
+        out.timings = self.timings
         return out
 
 
@@ -464,3 +468,80 @@ def test_a_job_the_pipeline_stopped_is_canceled_and_its_mates_are_stored(service
     stored = Image.open(io.BytesIO(svc.storage.get(done.output_key)))
     assert stored.format == "WEBP" and (done.output_width, done.output_height) == stored.size == (4 * 24, 4 * 16)
     assert finished_count(run.runtime, "succeeded") == 1 and finished_count(run.runtime, "canceled") == 1
+
+
+# ------------------------------------------------------------------ what a batch leaves in traces and logs
+
+
+@pytest.fixture()
+def spans():
+    """An in-memory OpenTelemetry exporter, tracing on for one test."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert tracing.configure_tracing(None, provider=provider)
+    yield exporter
+    tracing.configure_tracing(None)
+    provider.shutdown()
+
+
+def test_each_job_of_a_batch_is_a_worker_span_in_its_own_trace_with_the_batchs_stages(services, spans):
+    """Each job's span continues the trace its request started, begins when the batch began, and holds the
+    pipeline's stages laid end to end from there, then its own upload."""
+    settings, svc = services
+    ids, requests = [], {}
+    for seed in (51, 52):
+        with tracing.span("request") as request:
+            ids.append(admit_with(svc, seed=seed))
+        requests[ids[-1]] = request.context
+    before = time.time_ns()
+    run = run_batch(settings, svc, Scripted(timings={"denoise": 0.25, "decode": 0.05}), ids)
+    finished = spans.get_finished_spans()
+    jobs = {span.attributes["megasr.job_id"]: span for span in finished if span.name == "worker.job"}
+    assert set(jobs) == set(ids)
+    (start,) = {job.start_time for job in jobs.values()}
+    assert before <= start <= time.time_ns()
+    for job_id, job in jobs.items():
+        (parent,) = [span for span in finished if span.context.span_id == job.parent.span_id]
+        assert job.context.trace_id == parent.context.trace_id == requests[job_id].trace_id
+        assert parent.attributes["megasr.job_id"] == job_id  # the span that recorded the job's carrier
+        assert job.attributes["megasr.worker"] == run.runtime.name and job.attributes["megasr.batch_size"] == 2
+        children = {span.name: span for span in finished if span.parent and span.parent.span_id == job.context.span_id}
+        assert set(children) == {"stage.denoise", "stage.decode", "store"}
+        denoise, decode = children["stage.denoise"], children["stage.decode"]
+        assert (denoise.start_time, denoise.end_time, decode.end_time) == (start, start + 250_000_000, start + 300_000_000)
+        assert decode.attributes["megasr.batch_size"] == 2
+        assert dict(children["store"].attributes) == {"megasr.job_id": job_id, "megasr.format": "png"}
+
+
+@pytest.fixture()
+def json_log():
+    """The megasr JSON log handler writing into a buffer; the root logger restored afterwards."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    configure_logging("json", stream=stream)
+    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def test_a_jobs_result_line_names_the_job_its_tenant_and_the_store_stage(services, json_log):
+    """Also: each stored job counts the batch's wall time once, and the pipeline's stage times."""
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed) for seed in (61, 62)]
+    started = time.monotonic()
+    run = run_batch(settings, svc, Scripted(timings={"denoise": 0.5, "total": 9.0}), ids)
+    took = time.monotonic() - started
+    sample = run.runtime.metrics.registry.get_sample_value
+    assert sample("megasr_worker_job_seconds_count") == 2 and 0 < sample("megasr_worker_job_seconds_sum") <= 2 * took
+    assert sample("megasr_worker_stage_seconds_sum", {"stage": "denoise"}) == 1.0
+    for job_id in ids:
+        (line,) = [entry for entry in json_log() if entry["message"].startswith(f"job {job_id}: succeeded (")]
+        assert (line["job_id"], line["tenant"], line["stage"]) == (job_id, "default", "store")

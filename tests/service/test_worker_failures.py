@@ -360,7 +360,7 @@ class Scripted(StandIn):
 
 def admit_with(svc, **fields) -> str:
     values = {"steps": "2", **{name: str(value) for name, value in fields.items()}}
-    record, _ = _admit(svc, "default", png(24 + len(svc.jobs.redis.keys("*")) % 3, 16), "image/png", values, None)
+    record, _ = _admit(svc, "default", png(), "image/png", values, None)
     return record.id
 
 
@@ -455,19 +455,66 @@ def test_a_fatal_error_a_timeout_or_a_cancel_is_not_rerun_one_by_one(services, k
     assert statuses(svc, ids) == [expected, expected]
 
 
-def test_a_job_the_pipeline_stopped_is_canceled_and_its_mates_are_stored(services):
-    """The pipeline hands back None for a job it stopped at its cancel: that job is canceled, the others
-    are stored under this attempt's key with their size, the tagger and full progress."""
+def test_a_job_the_pipeline_stopped_is_canceled_and_its_mates_are_stored(services, monkeypatch):
+    """The pipeline hands back None for a job it stopped at its cancel: that job is canceled, the one after
+    it is stored under this attempt's key, as its format's content type, with its size, the tagger and full
+    progress."""
     settings, svc = services
     ids = [admit_with(svc, seed=seed, output_format="webp") for seed in (41, 42)]
-    run = run_batch(settings, svc, Scripted(drop={42}), ids)
-    done, stopped = (svc.jobs.get(job_id) for job_id in ids)
+    put = svc.storage.put
+    types = {}
+    monkeypatch.setattr(svc.storage, "put", lambda key, data, kind: (types.__setitem__(key, kind), put(key, data, kind)))
+    run = run_batch(settings, svc, Scripted(drop={41}), ids)
+    stopped, done = (svc.jobs.get(job_id) for job_id in ids)
     assert stopped.status == JobStatus.canceled and stopped.output_key is None
     assert done.status == JobStatus.succeeded and done.progress == 1.0 and done.tagger == "ram"
-    assert done.output_key == attempt_output_key(done.id, "worker-a:0", "webp")
+    assert done.output_key == attempt_output_key(done.id, "worker-a:1", "webp")
+    assert types == {done.output_key: "image/webp"}
     stored = Image.open(io.BytesIO(svc.storage.get(done.output_key)))
     assert stored.format == "WEBP" and (done.output_width, done.output_height) == stored.size == (4 * 24, 4 * 16)
     assert finished_count(run.runtime, "succeeded") == 1 and finished_count(run.runtime, "canceled") == 1
+
+
+def test_a_result_that_cannot_be_stored_fails_only_its_own_job(services, monkeypatch):
+    """The store refuses the first job's result on its third attempt: that job fails as transient, and the
+    job after it is stored."""
+    from service.storage import StorageUnavailable
+
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed) for seed in (71, 72)]
+    for n in (1, 2):
+        svc.jobs.start(ids[0], f"worker-{n}:1")
+        svc.jobs.requeue(ids[0], f"worker-{n}:1", None)
+    put = svc.storage.put
+
+    def refuse_the_first(key: str, data: bytes, kind: str) -> None:
+        if ids[0] in key:
+            raise StorageUnavailable("the store is down")
+        put(key, data, kind)
+
+    monkeypatch.setattr(svc.storage, "put", refuse_the_first)
+    runtime = install_runtime(settings, Scripted(), services=svc)
+    runtime.storage_patience_s = 0.0
+    tasks.BatchRun(runtime, [attempt(svc, ids[0], "worker-3:1"), attempt(svc, ids[1], "worker-3:2")]).run()
+    failed, done = (svc.jobs.get(job_id) for job_id in ids)
+    assert failed.status == JobStatus.failed and failed.error.code == "transient"
+    assert done.status == JobStatus.succeeded
+
+
+def test_a_job_taken_over_before_its_result_is_recorded_does_not_stop_its_mates(services):
+    """The reaper gives the first job to worker B while the batch runs: A's result for it is dropped (B's
+    job stays running), and the job after it is stored."""
+    settings, svc = services
+    ids = [admit_with(svc, seed=seed) for seed in (81, 82)]
+
+    def hand_the_first_to_b(_call: dict) -> None:
+        svc.jobs.requeue(ids[0], "worker-a:0", None)
+        svc.jobs.start(ids[0], "worker-b:1")
+
+    run_batch(settings, svc, Scripted(hand_the_first_to_b), ids)
+    taken, done = (svc.jobs.get(job_id) for job_id in ids)
+    assert taken.status == JobStatus.running and taken.owner == "worker-b:1" and taken.output_key is None
+    assert done.status == JobStatus.succeeded
 
 
 # ------------------------------------------------------------------ what a batch leaves in traces and logs

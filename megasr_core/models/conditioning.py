@@ -125,10 +125,13 @@ class MegaSRConditioning:
         key = (name, size[0], size[1], dtype)
         cached = self._resized.get(key)
         if cached is None:
-            cached = source.to(dtype)
+            cached = source
             if tuple(cached.shape[-2:]) != tuple(size):
-                # Antialiased bilinear keeps thin edges visible when shrinking 8-64x.
-                cached = F.interpolate(cached, size=size, mode="bilinear", antialias=True, align_corners=False)
+                # Antialiased bilinear keeps thin edges visible when shrinking 8-64x. It runs in float32
+                # and the result is cast: torch has no CPU kernel for it in bfloat16, and fp16 weights
+                # would blur the thinnest edges before the block sees them.
+                cached = F.interpolate(cached.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+            cached = cached.to(dtype)
             self._resized[key] = cached
         return cached
 

@@ -219,6 +219,38 @@ def test_msfm_called_directly_matches_eq_8_9(model):
     torch.testing.assert_close(saft_direct, saft_ref(msfm.hed_saft, normed, guidance["hed"]), rtol=0, atol=ATOL)
 
 
+def test_msfm_leaves_out_a_branch_whose_map_is_missing(model):
+    """With one map given, (γ, β) is that branch's SAFT alone; with none, there is no modulation."""
+    msfm = module(model, "unet.down_blocks.1.attentions.0").msfm
+    generator = torch.Generator().manual_seed(12)
+    hed, depth_seg = torch.rand(2, 1, 8, 8, generator=generator), torch.rand(2, 4, 8, 8, generator=generator)
+    with torch.no_grad():
+        for got, expected in [(msfm.modulation(hed, None), msfm.hed_saft.modulation(hed)),
+                              (msfm.modulation(None, depth_seg), msfm.fused_saft.modulation(msfm.fusion(depth_seg)))]:
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert msfm.modulation(None, None) is None
+
+
+def test_a_half_precision_block_gets_its_maps_in_its_own_dtype(model):
+    """The block's hook resizes the float32 maps to the block's size and dtype (fp16 on a GPU; bfloat16
+    here, which the CPU runs) before the MSFM's layers see them."""
+    from megasr_core.models.conditioning import MegaSRConditioning
+    from megasr_core.models.msfm import _MSFMHook
+
+    block = module(model, "unet.down_blocks.1.attentions.0")
+    (hook,) = [h for h in block._forward_hooks.values() if isinstance(h, _MSFMHook)]
+    generator = torch.Generator().manual_seed(13)
+    conditioning = MegaSRConditioning(hed=torch.rand(1, 1, 32, 32, generator=generator),
+                                      depth_seg=torch.rand(1, 4, 32, 32, generator=generator))
+    block.msfm.to(torch.bfloat16)
+    with torch.no_grad():
+        gamma, beta = hook.modulation(conditioning, (8, 8), torch.bfloat16)
+        expected = block.msfm.modulation(resize(conditioning.hed, (8, 8)).to(torch.bfloat16),
+                                         resize(conditioning.depth_seg, (8, 8)).to(torch.bfloat16))
+    assert gamma.dtype == beta.dtype == torch.bfloat16 and gamma.shape[-2:] == (8, 8)
+    torch.testing.assert_close((gamma, beta), expected, rtol=0.02, atol=0.02)
+
+
 def test_msfm_norm_is_the_unets_groupnorm_without_affine_parameters(model):
     """Norm(F) in Eq. 9 is the UNet's GroupNorm (its groups and eps) without affine parameters (SAFT
     supplies γ/β); stage 1's norm is one group."""

@@ -207,6 +207,18 @@ def jpeg_with_broken_exif() -> bytes:
     return buffer.getvalue()
 
 
+def test_a_phone_photo_is_measured_upright_by_its_exif_orientation(client):
+    """Orientation 6 (the camera held on its side): 40×30 as stored, 30×40 as seen, and the limits and the
+    job's recorded size go by what is seen."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(data.astronaut()).resize((40, 30)).save(buffer, format="JPEG", exif=exif)
+    response = post(client, buffer.getvalue(), "image/jpeg")
+    assert response.status_code == 202, response.text
+    assert response.json()["input"] == {"width": 30, "height": 40}
+
+
 def test_a_jpeg_with_broken_exif_is_queued_unrotated(client):
     response = post(client, jpeg_with_broken_exif(), "image/jpeg")
     assert response.status_code == 202, response.text

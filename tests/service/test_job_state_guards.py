@@ -303,6 +303,20 @@ def test_an_idempotency_key_returns_the_same_job_for_a_day(store):
     assert store.find_idempotent("tenant-b", "order-1").id == other.id
 
 
+def test_a_request_fingerprint_is_stable_across_releases():
+    """An Idempotency-Key lives a day, across rolling upgrades, so the fingerprint's canonical form is
+    fixed: sha256(sha256(image) ‖ the parameters as compact JSON, defaults filled in, keys sorted)."""
+    import hashlib
+
+    from service.jobs import request_fingerprint
+
+    image = b"\x89PNG not really"
+    canonical = ('{"color_fix":"adain","guidance_scale":5.5,"negative_prompt":"dotted, noise, blur, lowres, smooth",'
+                 '"output_format":"png","prompt":"","scale":4.0,"seed":7,"steps":50,"webhook_url":null}')
+    expected = hashlib.sha256(hashlib.sha256(image).digest() + canonical.encode()).hexdigest()
+    assert request_fingerprint(image, UpscaleParams(seed=7)) == expected
+
+
 def test_an_expired_idempotency_key_creates_a_new_job(store):
     """Once the key's TTL has run out, the same key makes a new job."""
     first, _ = store.create(new_record(), idempotency_key="order-2")
@@ -393,6 +407,28 @@ def test_forgetting_a_job_drops_its_expiry_entry_and_its_list_of_outputs(store):
     assert store.redis.zscore(EXPIRY_KEY, job_id) is not None and store.redis.exists(store.outputs_key(job_id))
     store.forget(job_id)
     assert store.redis.zscore(EXPIRY_KEY, job_id) is None and not store.redis.exists(store.outputs_key(job_id))
+
+
+def test_start_takes_a_lease_that_expires_and_runs_the_callers_writes_in_its_transaction(store):
+    """The lease expires on its own after LEASE_TTL_S (so a dead worker's job is reaped); ``extra`` (the
+    batch claim's removal from RQ's queue) gets the transaction and the started record, and its write
+    lands only with the start."""
+    from service.jobs import LEASE_TTL_S
+
+    job_id = queued_job(store)
+    seen = []
+
+    def claim(pipe, record) -> None:
+        seen.append((record.status, record.owner, record.attempts))
+        pipe.set(f"test:claimed:{job_id}", record.owner)
+
+    store.start(job_id, "worker-a:1", extra=claim)
+    assert LEASE_TTL_S - 2 <= store.redis.ttl(store.lease_key(job_id)) <= LEASE_TTL_S
+    assert seen == [(JobStatus.running, "worker-a:1", 1)]
+    assert store.redis.get(f"test:claimed:{job_id}") == b"worker-a:1"
+    with pytest.raises(TransitionRejected):  # not queued any more: nothing of the caller's is written
+        store.start(job_id, "worker-b:1", extra=lambda pipe, record: pipe.set(f"test:claimed:{job_id}", "b"))
+    assert store.redis.get(f"test:claimed:{job_id}") == b"worker-a:1"
 
 
 def test_requeue_is_fenced_to_the_owner_and_drops_the_lease(store):

@@ -269,10 +269,37 @@ def test_only_the_accepted_formats_decoders_run(probe_plugin):
     with pytest.raises(Exception) as err:
         check_upload(b"P6\n4 4\n255\n" + bytes(48), "image/x-portable-pixmap", MAX_UPLOAD, 10**6)
     assert getattr(err.value, "status", None) in (400, 415)
+    # Only the probe claims these bytes: named by its signature check, never decoded by it.
+    assert refusal(b"not an image at all, but long enough")[:2] == (415, "unsupported_image_format")
     with pytest.raises(InvalidImageError):
         open_image(b"not an image at all, but long enough")
     assert check_upload(png(), "image/png", MAX_UPLOAD, 10**6).width == 24
     assert probe_plugin == []
+
+
+def test_a_corrupt_file_of_an_unaccepted_format_is_named_not_decoded():
+    """PPM's own header parser would fail on this (a 400 about a corrupt image); only the accepted formats'
+    decoders run, so the signature names the format instead."""
+    assert refusal(b"P6\nxx")[:2] == (415, "unsupported_image_format")
+
+
+@pytest.mark.parametrize(("data", "max_bytes", "max_pixels", "expected"), [
+    (b"", 10, 10, (400, "empty_image", "the image is empty (0 bytes)")),
+    (bytes(1001), 1000, 10, (413, "upload_too_large", "the upload is 1,001 bytes; the limit is 1,000")),
+    (None, 10**6, 383, (413, "too_many_pixels", "the image has 24×16 = 384 pixels; the limit is 383")),
+])
+def test_each_limit_refusal_says_what_was_sent_and_what_the_limit_is(data, max_bytes, max_pixels, expected):
+    from service.errors import ApiError
+
+    with pytest.raises(ApiError) as refused:
+        check_upload(png() if data is None else data, "image/png", max_bytes, max_pixels)
+    assert (refused.value.status, refused.value.code, refused.value.message) == expected
+
+
+@pytest.mark.parametrize("declared", ["application/octet-stream", "Application/Octet-Stream; name=x.png",
+                                      "image/png; charset=binary", None])
+def test_an_image_sent_as_generic_bytes_or_with_parameters_is_accepted(declared):
+    assert check_upload(png(), declared, MAX_UPLOAD, 10**6).content_type == "image/png"
 
 
 def test_a_known_unaccepted_format_is_415_by_its_signature(client):

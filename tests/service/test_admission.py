@@ -302,6 +302,12 @@ def test_an_image_sent_as_generic_bytes_or_with_parameters_is_accepted(declared)
     assert check_upload(png(), declared, MAX_UPLOAD, 10**6).content_type == "image/png"
 
 
+@pytest.mark.parametrize("size", [(1, 1), (1, 7), (7, 1)])
+def test_a_one_pixel_wide_or_high_image_is_accepted(size):
+    checked = check_upload(png(*size), "image/png", MAX_UPLOAD, 10**6)
+    assert (checked.width, checked.height) == size
+
+
 def test_a_known_unaccepted_format_is_415_by_its_signature(client):
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PPM")

@@ -46,6 +46,11 @@ class CSM(nn.Module):
 
     def __init__(self, attn: Attention, image_embed_dim: int, copy_attention: bool) -> None:
         super().__init__()
+        if attn.spatial_norm is not None or attn.group_norm is not None:
+            # The visual branch attends over precomputed keys/values (see _attend), which skips
+            # these norms: a block that has them (not SD2's) would get wrong maths, so refuse it.
+            raise ValueError("the CSM supports cross-attentions without spatial or group norm (SD2's "
+                             "transformer blocks); this one has one")
         cross_dim = attn.to_k.in_features
         out_dim = attn.to_out[0].out_features
         self.connector = nn.Linear(image_embed_dim, cross_dim)
@@ -66,23 +71,12 @@ class CSM(nn.Module):
         # matched by identity only: the owner refreshes them whenever it refills the tokens.
         self._pinned: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def forward(
-        self,
-        host_attn: Attention,
-        host_processor: object,
-        hidden_states: torch.Tensor,
-        image_tokens: torch.Tensor,
-    ) -> torch.Tensor:
+    def forward(self, host_attn: Attention, hidden_states: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+        """``Linear(CA_frozen(Connector(e_i), F_hidden))`` for ``hidden_states`` of ``B×tokens×C``."""
+        if hidden_states.ndim != 3:
+            raise ValueError(f"the CSM takes B×tokens×C hidden states (a transformer block's); got {hidden_states.ndim}-D")
         attn = self.visual_attn if self.visual_attn is not None else host_attn
-        if hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None:
-            visual = self._attend(attn, hidden_states, *self._visual_kv(attn, image_tokens))
-        else:  # layouts the direct path does not cover: the attention module's own processor
-            tokens = self.connector(image_tokens.to(self.connector.weight.dtype))
-            if self.visual_attn is not None:
-                visual = self.visual_attn(hidden_states, encoder_hidden_states=tokens)
-            else:
-                visual = host_processor(host_attn, hidden_states, encoder_hidden_states=tokens)
-        return self.proj(visual)
+        return self.proj(self._attend(attn, hidden_states, *self._visual_kv(attn, image_tokens)))
 
     def _visual_kv(self, attn: Attention, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the connected image tokens, ``B×heads×N×d``.
@@ -181,7 +175,7 @@ class CSMAttnProcessor:
         text = self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
         if ip_hidden_states is None:
             return text
-        return text + self.csm(attn, self.base, hidden_states, ip_hidden_states)
+        return text + self.csm(attn, hidden_states, ip_hidden_states)
 
 
 def cross_attention_blocks(model: nn.Module) -> Iterator[tuple[str, BasicTransformerBlock]]:

@@ -358,3 +358,38 @@ def test_csm_without_image_tokens_is_the_text_cross_attention_alone(model):
     block = module(model, path)
     expected = attention_ref(block.attn2, layer_norm(seen["h"], block.norm2), inputs["encoder_hidden_states"])
     torch.testing.assert_close(seen["attn2"], expected, rtol=0, atol=ATOL)
+
+
+def test_the_csm_processor_hands_the_text_branch_its_attention_mask(model):
+    """A text mask (as diffusers passes encoder_attention_mask) reaches the block's own processor: masked text
+    tokens drop out of the text branch, with and without image tokens; the visual branch is added on top."""
+    block = module(model, "unet.down_blocks.1.attentions.0.transformer_blocks.0")
+    attn, processor = block.attn2, block.attn2.processor
+    generator = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 64, attn.to_q.in_features, generator=generator)
+    text = torch.randn(2, 5, attn.to_k.in_features, generator=generator)
+    tokens = torch.randn(2, 3, block.csm.connector.in_features, generator=generator)
+    mask = torch.zeros(2, 1, 5)
+    mask[:, :, 3:] = -10000.0  # the last two text tokens are padding
+    with torch.no_grad():
+        masked = processor(attn, x, text, attention_mask=mask)
+        expected = attention_ref(attn, x, text[:, :3])
+        with_tokens = processor(attn, x, text, attention_mask=mask, ip_hidden_states=tokens)
+        visual = block.csm(attn, x, tokens)
+    torch.testing.assert_close(masked, expected, rtol=0, atol=ATOL)
+    assert (masked - attention_ref(attn, x, text)).abs().max() > 10 * ATOL  # the mask matters
+    torch.testing.assert_close(with_tokens, expected + visual, rtol=0, atol=ATOL)
+
+
+def test_the_csm_refuses_what_its_maths_does_not_cover():
+    """Cross-attentions with a spatial or group norm (not SD2's) at installation; hidden states that are not
+    B×tokens×C when called."""
+    from diffusers.models.attention_processor import Attention
+
+    from megasr_core.models.csm import CSM
+
+    with pytest.raises(ValueError, match="without spatial or group norm"):
+        CSM(Attention(32, cross_attention_dim=16, heads=2, dim_head=16, norm_num_groups=8), 8, copy_attention=False)
+    csm = CSM(Attention(32, cross_attention_dim=16, heads=2, dim_head=16), 8, copy_attention=False)
+    with pytest.raises(ValueError, match="B×tokens×C"):
+        csm(Attention(32, cross_attention_dim=16, heads=2, dim_head=16), torch.zeros(1, 32, 4, 4), torch.zeros(1, 3, 8))

@@ -296,6 +296,26 @@ def test_each_limit_refusal_says_what_was_sent_and_what_the_limit_is(data, max_b
     assert (refused.value.status, refused.value.code, refused.value.message) == expected
 
 
+def test_an_image_pillow_calls_a_decompression_bomb_is_refused_before_decoding(monkeypatch):
+    """Pillow's own guard (MAX_IMAGE_PIXELS) fires while the header is read, before our pixel limit."""
+    upload = png()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 24×16 = 384 pixels is over it
+    assert refusal(upload) == (413, "too_many_pixels", "the image declares too many pixels to decode safely")
+
+
+def test_any_other_decoder_error_is_a_400_naming_only_its_type(monkeypatch):
+    """Hostile bytes make decoders raise assorted exceptions (ZeroDivisionError, struct.error…): the client
+    gets a 400 with the exception's type, never its text."""
+    from PIL import PngImagePlugin
+
+    def broken(self):
+        raise ZeroDivisionError("division by zero in /usr/lib/python3/dist-packages/PIL/secret.py")
+
+    upload = png()
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", broken)
+    assert refusal(upload) == (400, "invalid_image", "the image cannot be decoded (ZeroDivisionError)")
+
+
 @pytest.mark.parametrize("declared", ["application/octet-stream", "Application/Octet-Stream; name=x.png",
                                       "image/png; charset=binary", None])
 def test_an_image_sent_as_generic_bytes_or_with_parameters_is_accepted(declared):

@@ -338,7 +338,7 @@ class JobStore:
                **changes: object) -> JobRecord:
         """Move the job to a final state and release everything it held, in one transaction."""
         if not status.is_final:
-            raise ValueError(f"{status} is not a final state")
+            raise ValueError(f"{status.value} is not a final state")
         allowed = [JobStatus.running] if owner is not None else [JobStatus.queued, JobStatus.running]
         return self.transition(job_id, allowed, status, expect_owner=owner, extra=extra, step="finish",
                                finished_at=_now(), **changes)

@@ -103,3 +103,32 @@ def test_pinned_keys_and_values_stand_in_for_exactly_their_tokens(tiny_base):
     unet_csm = getattr(unet_block, CSM_ATTR)
     unet_key, _ = unet_csm.image_kv(unet_block.attn2, tokens)  # the UNet's CSM attends with attn2 itself
     assert torch.equal(unet_key, unet_csm._visual_kv(unet_block.attn2, tokens)[0])
+
+
+@torch.no_grad()
+def test_the_cache_keeps_the_last_four_token_tensors(tiny_base):
+    """A tiled run alternates between its groups of tiles: the last KV_CACHE_ENTRIES token tensors keep their
+    keys/values (found again by identity), an older one is computed anew."""
+    from megasr_core.models.csm import KV_CACHE_ENTRIES
+
+    model = build_denoiser(tiny_base).eval()
+    name, block = csm_blocks(model.unet)[0]
+    csm = getattr(block, CSM_ATTR)
+    tokens = [torch.randn(1, 3, csm.connector.in_features) for _ in range(KV_CACHE_ENTRIES + 1)]
+    first = [csm.image_kv(block.attn2, t) for t in tokens]
+    assert [entry[0][0] for entry in csm._kv_cache] == tokens[1:]
+    for t, (key, value) in zip(tokens[1:], first[1:]):
+        again = csm.image_kv(block.attn2, t)
+        assert again[0] is key and again[1] is value
+    recomputed = csm.image_kv(block.attn2, tokens[0])
+    assert recomputed[0] is not first[0][0] and torch.equal(recomputed[0], first[0][0])
+
+
+@torch.no_grad()
+def test_a_half_precision_csm_takes_float32_image_tokens(tiny_base):
+    """CLIP's tokens come in float32; a bfloat16 (fp16 on a GPU) CSM casts them to its own dtype."""
+    model = build_denoiser(tiny_base).eval()
+    _, block = csm_blocks(model.controlnet)[0]
+    csm = getattr(block, CSM_ATTR).to(torch.bfloat16)
+    key, value = csm.image_kv(block.attn2, torch.randn(1, 3, csm.connector.in_features))
+    assert key.dtype == value.dtype == torch.bfloat16

@@ -133,6 +133,23 @@ def test_replacing_the_csm_processor_is_detected(tiny_base):
         model(**inputs)
 
 
+def test_replacing_a_controlnet_csm_processor_is_detected_and_named(tiny_base):
+    """The check covers the ControlNet's blocks too, and says which block lost its CSM and how to avoid it."""
+    from megasr_core.models.csm import check_csm_processors
+
+    model = build_denoiser(tiny_base)
+    model.controlnet.set_attn_processor(AttnProcessor2_0())
+    with pytest.raises(RuntimeError) as error:
+        model(**make_inputs(seed=0))
+    assert str(error.value) == (
+        "the CSM attention processor of down_blocks.0.attentions.0.transformer_blocks.0.attn2 was replaced "
+        "(now AttnProcessor2_0); use MegaSRDenoiser.set_attn_processor to change attention backends without "
+        "dropping the CSM")
+    check_csm_processors(model.unet)  # without the cached block list, the UNet is walked: still intact
+    with pytest.raises(RuntimeError, match="down_blocks.0.attentions.0"):
+        check_csm_processors(model.controlnet)
+
+
 @torch.no_grad()
 def test_set_attn_processor_keeps_csm(tiny_base):
     model = build_denoiser(tiny_base)

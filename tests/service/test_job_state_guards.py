@@ -133,9 +133,11 @@ def test_unknown_job_and_non_final_finish_are_rejected(store):
     with pytest.raises(TransitionRejected, match="does not exist"):
         store.transition(uuid.uuid4().hex, [JobStatus.queued], JobStatus.running)
     job_id = running_job(store)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^queued is not a final state$"):
         store.finish(job_id, JobStatus.queued, owner="worker-a:1")
     assert store.get(job_id).status == JobStatus.running
+    with pytest.raises(TransitionRejected, match=f"^job {job_id} is running$"):
+        store.start(job_id, "worker-b:1")
 
 
 def test_finish_releases_everything_the_job_held(store):

@@ -303,6 +303,11 @@ def test_an_idempotency_key_returns_the_same_job_for_a_day(store):
     assert created_other and other.id != first.id
     assert store.find_idempotent("tenant-a", "order-1").id == first.id
     assert store.find_idempotent("tenant-b", "order-1").id == other.id
+    from service.jobs import IdempotencyMismatch
+
+    with pytest.raises(IdempotencyMismatch) as mismatch:  # the same key for another request
+        store.create(new_record(), idempotency_key="order-1", request_hash="another request")
+    assert str(mismatch.value) == f"the Idempotency-Key was first used for a different request (job {first.id})"
 
 
 def test_a_request_fingerprint_is_stable_across_releases():

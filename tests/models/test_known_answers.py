@@ -388,8 +388,29 @@ def test_the_csm_refuses_what_its_maths_does_not_cover():
 
     from megasr_core.models.csm import CSM
 
-    with pytest.raises(ValueError, match="without spatial or group norm"):
+    with pytest.raises(ValueError) as refused:
         CSM(Attention(32, cross_attention_dim=16, heads=2, dim_head=16, norm_num_groups=8), 8, copy_attention=False)
+    assert str(refused.value) == ("the CSM supports cross-attentions without spatial or group norm (SD2's transformer "
+                                  "blocks); this one has one")
     csm = CSM(Attention(32, cross_attention_dim=16, heads=2, dim_head=16), 8, copy_attention=False)
     with pytest.raises(ValueError, match="B×tokens×C"):
         csm(Attention(32, cross_attention_dim=16, heads=2, dim_head=16), torch.zeros(1, 32, 4, 4), torch.zeros(1, 3, 8))
+
+
+def test_the_csm_processor_hands_the_wrapped_processor_every_argument(model):
+    """Whatever backend the block had (diffusers' or one set through MegaSRDenoiser.set_attn_processor) gets
+    the call exactly as diffusers made it: temb and any further keyword arguments included."""
+    from megasr_core.models.csm import CSMAttnProcessor
+
+    block = module(model, "unet.down_blocks.1.attentions.0.transformer_blocks.0")
+    calls = []
+
+    def backend(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs):
+        calls.append((attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs))
+        return hidden_states
+
+    processor = CSMAttnProcessor(backend, block.csm)
+    x, text, mask, temb = (torch.zeros(1, 4, 8) for _ in range(4))
+    assert processor(block.attn2, x, text, mask, temb, scale=0.5) is x
+    ((attn, *tensors, kwargs),) = calls
+    assert attn is block.attn2 and all(a is b for a, b in zip(tensors, (x, text, mask, temb))) and kwargs == {"scale": 0.5}

@@ -4,7 +4,6 @@ claims that survive a killed dispatcher, the stable ``webhook-id``, and the runt
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import signal
@@ -429,14 +428,15 @@ def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db
     assert dispatcher._stop.is_set()
 
 
-def test_the_dispatchers_own_defaults_are_the_settings_defaults():
+def test_the_dispatchers_own_defaults_are_the_settings_defaults(store):
     """A dispatcher built without the settings (a script, a test) behaves like the service's."""
     from service.config import Settings
 
-    defaults = {name: p.default for name, p in inspect.signature(WebhookDispatcher).parameters.items()}
+    dispatcher = WebhookDispatcher(store.redis, store, SECRET)
+    dispatcher.stop()
     for argument, setting in [("retry_base_s", "webhook_retry_base_s"), ("timeout_s", "webhook_timeout_s"),
                               ("concurrency", "webhook_concurrency"), ("allow_private", "webhook_allow_private")]:
-        assert defaults[argument] == Settings.model_fields[setting].default, argument
+        assert getattr(dispatcher, argument) == Settings.model_fields[setting].default, argument
 
 
 def test_a_started_dispatcher_looks_for_due_deliveries_every_half_second(store, monkeypatch):

@@ -428,7 +428,7 @@ def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db
     assert dispatcher._stop.is_set()
 
 
-def test_the_dispatchers_own_defaults_are_the_settings_defaults(store):
+def test_a_dispatcher_built_without_settings_takes_the_settings_defaults(store):
     """A dispatcher built without the settings (a script, a test) behaves like the service's."""
     from service.config import Settings
 

@@ -75,8 +75,12 @@ class CSM(nn.Module):
         """``Linear(CA_frozen(Connector(e_i), F_hidden))`` for ``hidden_states`` of ``B×tokens×C``."""
         if hidden_states.ndim != 3:
             raise ValueError(f"the CSM takes B×tokens×C hidden states (a transformer block's); got {hidden_states.ndim}-D")
-        attn = self.visual_attn if self.visual_attn is not None else host_attn
+        attn = self._frozen_attention(host_attn)
         return self.proj(self._attend(attn, hidden_states, *self._visual_kv(attn, image_tokens)))
+
+    def _frozen_attention(self, host_attn: Attention) -> Attention:
+        """CA_frozen: the frozen copy (ControlNet), or the host block's own frozen ``attn2`` (UNet)."""
+        return self.visual_attn if self.visual_attn is not None else host_attn
 
     def _visual_kv(self, attn: Attention, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the connected image tokens, ``B×heads×N×d``.
@@ -127,7 +131,7 @@ class CSM(nn.Module):
 
     def image_kv(self, host_attn: Attention, image_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The visual keys/values of ``image_tokens`` (cached, pinned or computed now)."""
-        return self._visual_kv(self.visual_attn if self.visual_attn is not None else host_attn, image_tokens)
+        return self._visual_kv(self._frozen_attention(host_attn), image_tokens)
 
     def pin_kv(self, image_tokens: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Use ``key``/``value`` whenever exactly ``image_tokens`` comes (inference only).

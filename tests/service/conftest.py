@@ -3,8 +3,10 @@ Valkey database per test where counters matter, and a loopback webhook receiver.
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -141,6 +143,43 @@ def store(db_url):
     client = redis.Redis.from_url(db_url)
     yield JobStore(client, result_ttl_s=STORE_RESULT_TTL_S)
     client.close()
+
+
+@pytest.fixture()
+def captured():
+    """A buffer for the megasr log handler (``configure_logging(..., stream=captured)``); the root
+    logger's handlers and level are restored afterwards."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    yield stream
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+def json_lines(stream: io.StringIO) -> list[dict]:
+    """The JSON log lines written into ``stream``, parsed."""
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+@pytest.fixture()
+def spans():
+    """Tracing on for one test, its spans kept by an in-memory exporter."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service import tracing
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert tracing.configure_tracing(None, provider=provider)
+    yield exporter
+    tracing.configure_tracing(None)
+    provider.shutdown()
 
 
 class Delivery(NamedTuple):

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import base64
-import io
-import json
 import logging
 
 import pytest
@@ -16,28 +14,12 @@ from service.app import create_app
 from service.logging_setup import (bind_log_context, configure_from_settings, configure_logging, fresh_log_context,
                                    log_context, log_fields)
 
+from .conftest import json_lines
 from .test_api import make_settings, png, run_worker, submit
 
 KEY = "k3y-of-acme-0123456789"
 WEBHOOK_SECRET = "whsec-never-print-me"
 REDIS_PASSWORD = "valkey-pass-4242"
-
-
-@pytest.fixture()
-def captured():
-    """The megasr handler writing into a buffer; the root logger restored afterwards."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    stream = io.StringIO()
-    yield stream
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
-def _lines(stream: io.StringIO) -> list[dict]:
-    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
 
 
 def test_json_lines_carry_the_job_context_api_and_worker(tmp_path, redis_url, tiny_pipeline, captured):
@@ -48,7 +30,7 @@ def test_json_lines_carry_the_job_context_api_and_worker(tmp_path, redis_url, ti
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
         run_worker(settings, tiny_pipeline)
-    lines = _lines(captured)
+    lines = json_lines(captured)
     succeeded = [e for e in lines if e["message"].startswith(f"job {job_id}: succeeded (")]
     assert len(succeeded) == 1, lines
     entry = succeeded[0]
@@ -75,7 +57,7 @@ def test_trace_id_joins_logs_to_the_trace(tmp_path, redis_url, tiny_pipeline, ca
             run_worker(settings, tiny_pipeline)
     finally:
         tracing.configure_tracing(None)
-    succeeded = [e for e in _lines(captured) if e["message"].startswith(f"job {job_id}: succeeded")]
+    succeeded = [e for e in json_lines(captured) if e["message"].startswith(f"job {job_id}: succeeded")]
     assert succeeded[0]["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
@@ -124,4 +106,4 @@ def test_secrets_and_image_bytes_are_redacted(tmp_path, captured, fmt):
     assert f"read <{len(image)} bytes> from storage" in text
     assert "data:image/png;base64,<" in text and "cannot reach redis://default:***@valkey" in text
     if fmt == "json":
-        assert len(_lines(captured)) == 6
+        assert len(json_lines(captured)) == 6

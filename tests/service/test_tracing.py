@@ -14,21 +14,6 @@ from .test_api import make_settings, run_worker, submit
 
 pytest.importorskip("opentelemetry.sdk")
 
-from opentelemetry.sdk.trace import TracerProvider  # noqa: E402
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter  # noqa: E402
-
-
-@pytest.fixture()
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    assert tracing.configure_tracing(None, provider=provider)
-    yield exporter
-    tracing.configure_tracing(None)
-    provider.shutdown()
-
 
 def test_a_job_is_one_trace_from_request_to_stored_result(tmp_path, redis_url, tiny_pipeline, spans):
     settings = make_settings(tmp_path, redis_url)

@@ -440,7 +440,7 @@ def test_a_dispatcher_built_without_settings_takes_the_settings_defaults(store):
 
 
 def test_a_started_dispatcher_looks_for_due_deliveries_every_half_second(store, monkeypatch):
-    """The thread the worker starts: a due delivery waits at most 0.5 s for it; its pool's threads are named."""
+    """The thread the worker starts: a due delivery waits at most 0.5 s for it."""
     dispatcher = WebhookDispatcher(store.redis, store, SECRET)
     passes = []
     monkeypatch.setattr(dispatcher, "dispatch_due", lambda: passes.append(time.monotonic()))

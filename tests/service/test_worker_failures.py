@@ -5,7 +5,6 @@ that returns or raises what each test needs."""
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ from service.jobs import TransitionRejected
 from service.logging_setup import configure_logging
 from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
 from service.routes.jobs import _admit
+from tests.service.conftest import json_lines
 from tests.service.test_api import make_settings, png
 from tests.service.test_atomic_state import StandIn, admit
 from worker import tasks
@@ -234,28 +234,6 @@ def test_results_are_encoded_as_documented(fmt, options):
     assert tasks._encode(image, fmt) == expected.getvalue()
 
 
-class SeedRecorder(StandIn):
-    """The stand-in pipeline, remembering the seeds it was given."""
-
-    def __call__(self, images, scale=4, **kwargs):
-        self.seeds = kwargs.get("seed")
-        return super().__call__(images, scale=scale, **kwargs)
-
-
-def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(services):
-    settings, svc = services
-    job_id = admit(svc)
-    legacy = svc.jobs.get(job_id)
-    legacy = legacy.model_copy(update={"params": legacy.params.model_copy(update={"seed": None})})
-    svc.redis.set(svc.jobs.key(job_id), legacy.model_dump_json())
-    pipeline = SeedRecorder("blue")
-    runtime = install_runtime(settings, pipeline, services=svc)
-    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
-    assert svc.jobs.get(job_id).status == JobStatus.succeeded
-    (seed,) = pipeline.seeds
-    assert isinstance(seed, int) and 2**32 <= seed < 2**63  # below 2**32 by chance: once in 2**31 runs
-
-
 class SteppingStandIn(StandIn):
     """The stand-in pipeline, reporting ``steps`` denoising steps to the worker's progress callback at once;
     ``before_step`` (step → None) runs before the callback of each step."""
@@ -373,6 +351,20 @@ def run_batch(settings, svc, pipeline, job_ids: list[str]) -> tasks.BatchRun:
 
 def statuses(svc, job_ids: list[str]) -> list[JobStatus]:
     return [svc.jobs.get(job_id).status for job_id in job_ids]
+
+
+def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(services):
+    settings, svc = services
+    job_id = admit(svc)
+    legacy = svc.jobs.get(job_id)
+    legacy = legacy.model_copy(update={"params": legacy.params.model_copy(update={"seed": None})})
+    svc.redis.set(svc.jobs.key(job_id), legacy.model_dump_json())
+    pipeline = Scripted()
+    runtime = install_runtime(settings, pipeline, services=svc)
+    tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
+    assert svc.jobs.get(job_id).status == JobStatus.succeeded
+    ((seed,),) = [call["seed"] for call in pipeline.calls]
+    assert isinstance(seed, int) and 2**32 <= seed < 2**63  # below 2**32 by chance: once in 2**31 runs
 
 
 def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(services):
@@ -520,22 +512,6 @@ def test_a_job_taken_over_before_its_result_is_recorded_does_not_stop_its_mates(
 # ------------------------------------------------------------------ what a batch leaves in traces and logs
 
 
-@pytest.fixture()
-def spans():
-    """An in-memory OpenTelemetry exporter, tracing on for one test."""
-    pytest.importorskip("opentelemetry.sdk")
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
-    exporter, provider = InMemorySpanExporter(), TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    assert tracing.configure_tracing(None, provider=provider)
-    yield exporter
-    tracing.configure_tracing(None)
-    provider.shutdown()
-
-
 def test_each_job_of_a_batch_is_a_worker_span_in_its_own_trace_with_the_batchs_stages(services, spans):
     """Each job's span continues the trace its request started, begins when the batch began, and holds the
     pipeline's stages laid end to end from there, then its own upload."""
@@ -565,22 +541,9 @@ def test_each_job_of_a_batch_is_a_worker_span_in_its_own_trace_with_the_batchs_s
         assert dict(children["store"].attributes) == {"megasr.job_id": job_id, "megasr.format": "png"}
 
 
-@pytest.fixture()
-def json_log():
-    """The megasr JSON log handler writing into a buffer; the root logger restored afterwards."""
-    root = logging.getLogger()
-    level, handlers = root.level, list(root.handlers)
-    stream = io.StringIO()
-    configure_logging("json", stream=stream)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-    root.setLevel(level)
-
-
-def test_a_jobs_result_line_names_the_job_its_tenant_and_the_store_stage(services, json_log):
+def test_a_jobs_result_line_names_the_job_its_tenant_and_the_store_stage(services, captured):
     """Also: each stored job counts the batch's wall time once, and the pipeline's stage times."""
+    configure_logging("json", stream=captured)
     settings, svc = services
     ids = [admit_with(svc, seed=seed) for seed in (61, 62)]
     started = time.monotonic()
@@ -590,5 +553,5 @@ def test_a_jobs_result_line_names_the_job_its_tenant_and_the_store_stage(service
     assert sample("megasr_worker_job_seconds_count") == 2 and 0 < sample("megasr_worker_job_seconds_sum") <= 2 * took
     assert sample("megasr_worker_stage_seconds_sum", {"stage": "denoise"}) == 1.0
     for job_id in ids:
-        (line,) = [entry for entry in json_log() if entry["message"].startswith(f"job {job_id}: succeeded (")]
+        (line,) = [entry for entry in json_lines(captured) if entry["message"].startswith(f"job {job_id}: succeeded (")]
         assert (line["job_id"], line["tenant"], line["stage"]) == (job_id, "default", "store")

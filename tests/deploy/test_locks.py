@@ -1,5 +1,5 @@
 """The images' hashed locks: they match the Dockerfiles and pyproject, and the worker's set
-actually runs (installed into a clean virtual environment, with the CPU torch of this machine)."""
+actually runs (installed into a clean virtual environment, beside this machine's torch)."""
 
 from __future__ import annotations
 
@@ -64,18 +64,58 @@ def test_locks_cover_what_the_project_asks_for():
     assert names(project["optional-dependencies"]["serve"]) <= names(api_inputs)  # the API image serves
 
 
+def host_torch_closure(provided: set[str]) -> list[str]:
+    """This interpreter's torch and the requirements of it the lock does not provide (a CUDA build's
+    nvidia-* libraries and triton), as distribution names: what the base image brings besides the lock."""
+    from importlib.metadata import distribution
+    from packaging.requirements import Requirement
+
+    names, pending = [], ["torch"]
+    while pending:
+        name = pending.pop()
+        key = name.lower().replace("_", "-")
+        if key in provided or key in names:
+            continue
+        names.append(key)
+        for line in distribution(name).requires or []:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                pending.append(requirement.name)
+    return names
+
+
+def link_distributions(names: list[str], into: Path) -> None:
+    """Symlink every top-level package and metadata folder of these installed distributions into ``into``
+    (a folder the clean venv's path file lists), instead of installing a second multi-GB copy."""
+    from importlib.metadata import distribution
+
+    into.mkdir()
+    for name in names:
+        dist = distribution(name)
+        for top in {Path(str(file)).parts[0] for file in dist.files or []} - {".."}:
+            target = into / top
+            source = Path(str(dist.locate_file(top)))
+            if not target.exists() and source.exists() and not top.endswith(".pth"):
+                target.symlink_to(source)
+
+
 @pytest.mark.slow
 def test_the_worker_lock_installs_and_runs(tmp_path, tiny_weights, redis_url):
-    """A clean venv with the worker lock (hash-checked, from the package index) plus this
-    machine's CPU torch instead of the base image's CUDA torch (the same version would be a
-    multi-GB CUDA download here): a tiny upscale and a worker start-up must work."""
+    """A clean venv with the worker lock (hash-checked, from the package index), on top of the torch
+    the base image would bring, played by this interpreter's torch (linked, not installed: a CUDA
+    build with its libraries is several GB per run): a tiny upscale and a worker start-up must work."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    torch_pin = f"torch=={__import__('torch').__version__.split('+')[0]}"
-    subprocess.run([*pip, torch_pin], check=True, timeout=900)
+    python = str(venv / "bin" / "python")
+    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    provided = set(pins(LOCKS["worker"])) | {"pip", "setuptools"}  # the lock, and what a fresh venv has
+    link_distributions(host_torch_closure(provided), tmp_path / "base-image-torch")
+    (site / "base-image-torch.pth").write_text(f"{tmp_path / 'base-image-torch'}\n")
+    pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "--no-deps", "--require-hashes", "-r", str(LOCKS["worker"])], check=True, timeout=900)
     subprocess.run([*pip, "--no-deps", str(ROOT)], check=True, timeout=600)
+    assert "torch" not in {path.name for path in site.iterdir()}  # the linked one, not a fresh install
     check = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "check"], capture_output=True, text=True)
     assert check.returncode == 0 or "torch" in check.stdout, check.stdout  # only the swapped torch may be reported
 

@@ -47,12 +47,55 @@ def weed_binary() -> str:
     return str(candidate) if candidate.exists() else (shutil.which("weed") or "weed")
 
 
+def weed_command(data: Path, ports: dict[str, int], *extra: str) -> list[str]:
+    """``weed server`` with its S3 gateway, on loopback and the given ports (master, volume, filer, s3).
+
+    Volumes are small, and the free-space floor is absolute: weed's default floor, 1 % of the disk,
+    turns every volume read-only on a large, fairly full disk (puts then hang and fail with
+    InternalError) although the tests write only megabytes.
+    """
+    return [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            "-s3", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-master.volumeSizeLimitMB=64", "-volume.max=8", "-volume.minFreeSpace=256MiB", *extra]
+
+
+def wait_until_writable(client, bucket: str, process: subprocess.Popen, data: Path, timeout: float) -> None:
+    """Until ``bucket`` exists and an object can be written and read back (the gateway answers, and
+    creates buckets, before the volume server takes writes); else RuntimeError saying why."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            try:
+                client.create_bucket(Bucket=bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            client.put_object(Bucket=bucket, Key="readiness-probe", Body=b"1")
+            client.get_object(Bucket=bucket, Key="readiness-probe")["Body"].read()
+            return
+        except Exception as exc:
+            if process.poll() is not None or time.monotonic() > deadline:
+                free_mib = shutil.disk_usage(data).free // 2**20
+                tail = "".join((data / "weed.log").read_text(errors="replace").splitlines(keepends=True)[-15:])
+                raise RuntimeError(f"SeaweedFS in {data} does not take writes ({exc!r}); {free_mib} MiB free "
+                                   f"on its disk; the end of weed.log:\n{tail}") from None
+            time.sleep(0.3)
+
+
+def s3_client(endpoint: str, **credentials: str):
+    """A boto3 client that gives up on a request within seconds (for readiness polls)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 1}, read_timeout=10,
+                                                                   connect_timeout=5), **credentials)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint(tmp_path_factory):
     """A SeaweedFS server with its S3 gateway; yields the endpoint URL; stopped afterwards."""
     data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port(10000) for name in ("master", "volume", "filer")}
-    s3_port = free_port(10000)
+    ports = {name: free_port(10000) for name in ("master", "volume", "filer", "s3")}
     log = open(data / "weed.log", "wb")
     # With an identity configured, SeaweedFS checks every signature (anonymous requests and
     # links signed for another host are refused), as AWS and MinIO do.
@@ -60,30 +103,13 @@ def s3_endpoint(tmp_path_factory):
     s3_config.write_text(json.dumps({"identities": [{
         "name": "megasr-test", "credentials": [{"accessKey": "megasr-test", "secretKey": "megasr-test-secret"}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    process = subprocess.Popen(
-        [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.config={s3_config}",
-         f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-         "-s3", f"-s3.port={s3_port}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-         "-master.volumeSizeLimitMB=64", "-volume.max=8"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    endpoint = f"http://127.0.0.1:{s3_port}"
+    process = subprocess.Popen(weed_command(data, ports, f"-s3.config={s3_config}"), stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ACCESS_KEY_ID": "megasr-test", "AWS_SECRET_ACCESS_KEY": "megasr-test-secret",
                        "AWS_DEFAULT_REGION": "us-east-1"})
     try:
-        import boto3
-
-        client = boto3.client("s3", endpoint_url=endpoint)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client.create_bucket(Bucket="megasr")
-                break
-            except Exception:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start; see {data / 'weed.log'}") from None
-                time.sleep(0.5)
+        wait_until_writable(s3_client(endpoint), "megasr", process, data, timeout=90)
         yield endpoint
     finally:
         process.terminate()

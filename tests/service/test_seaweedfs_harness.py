@@ -57,6 +57,9 @@ def test_a_port_taken_before_weed_binds_it_costs_a_retry_on_fresh_ports(tmp_path
         assert client.get_object(Bucket="retried", Key="readiness-probe")["Body"].read() == b"1"
     finally:
         harness.stop_process(process)
+        harness.remove_weed_sockets(ports)
+    left = [path for port in [*first.values(), *ports.values()] for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
+    assert not left
 
 
 def test_a_restart_on_a_taken_port_fails_once_and_names_the_port(tmp_path):

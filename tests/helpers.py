@@ -46,3 +46,13 @@ def perturb_zero_init(model: torch.nn.Module, seed: int = 1, std: float = 0.1) -
                 param.copy_(torch.randn(param.shape, generator=g) * std)
                 touched += 1
     return touched
+
+
+def assert_same_outputs(loaded: torch.nn.Module, original: torch.nn.Module, inputs: dict) -> None:
+    """``loaded`` (from files, with its state already checked equal) computes what ``original`` does.
+
+    Equal to float rounding, not bitwise: loaded tensors are views into the file's buffer at 8-byte
+    offsets, and some one-thread CPU kernels sum in another order on such unaligned data.
+    """
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs), original(**inputs), rtol=0, atol=1e-5)

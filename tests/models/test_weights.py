@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megasr_core.models import MegaSRConfig, MegaSRDenoiser, WeightsError
-from tests.helpers import TINY, build_denoiser, make_inputs, perturb_zero_init
+from tests.helpers import TINY, assert_same_outputs, build_denoiser, make_inputs, perturb_zero_init
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -32,9 +32,7 @@ def test_save_load_round_trip_is_exact(trained, tmp_path):
     loaded = MegaSRDenoiser.from_pretrained(tmp_path).eval()
     assert loaded.config == trained.config
     assert_same_state(trained, loaded)
-    inputs = make_inputs(seed=3)
-    with torch.no_grad():
-        assert torch.equal(loaded(**inputs), trained(**inputs))
+    assert_same_outputs(loaded, trained, make_inputs(seed=3))
     # Trainable flags survive loading.
     assert {n for n, p in loaded.named_parameters() if p.requires_grad} == set(trained.parameter_groups().trainable)
 
@@ -101,9 +99,7 @@ def test_overlay_holds_only_megasr_and_trained_keys_and_rebuilds_the_model(tiny_
     rebuilt = MegaSRDenoiser.from_unet_pretrained(tmp_path / "sd2" / "unet", overlay=path).eval()
     assert rebuilt.config == trained.config
     assert_same_state(trained, rebuilt)
-    inputs = make_inputs(seed=4)
-    with torch.no_grad():
-        assert torch.equal(rebuilt(**inputs), trained(**inputs))
+    assert_same_outputs(rebuilt, trained, make_inputs(seed=4))
     # Loading into an existing model (copying values) works too.
     fresh = build_denoiser(tiny_base)
     fresh.load_overlay(path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from megasr_core.pipelines.acceleration import compile_pipeline, uncompile_pipeline, use_compile_cache
 

@@ -17,6 +17,14 @@ def client_for(endpoint: str):
     return harness.s3_client(endpoint, **CREDENTIALS)
 
 
+@pytest.fixture(autouse=True)
+def weed_credentials(monkeypatch):
+    """weed's S3 gateway takes an identity from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` when they are
+    set (the session's S3 fixture sets its own): the servers started here get the harness's pair."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDENTIALS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDENTIALS["aws_secret_access_key"])
+
+
 def test_weed_gets_eight_distinct_free_ports_below_the_ephemeral_range():
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     ports = harness.weed_ports()

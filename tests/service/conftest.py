@@ -137,23 +137,17 @@ def start_weed(data: Path, client_for: Callable[[str], object], bucket: str, *ex
             return process, chosen
         except WeedExited as exc:
             failures.append(str(exc))
-            remove_weed_sockets(chosen)
+            stop_weed(process, chosen)
         except BaseException:
-            stop_process(process)
+            stop_weed(process, chosen)
             raise
     raise RuntimeError(f"SeaweedFS exited before it took writes, {len(failures)} times:\n" + "\n".join(failures))
 
 
-def remove_weed_sockets(ports: dict[str, int]) -> None:
-    """Delete the Unix sockets weed leaves in /tmp for these ports (``seaweedfs-<server>-[grpc-]<port>.sock``;
-    only two of them have a flag to put them elsewhere)."""
-    for port in ports.values():
-        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
-            path.unlink(missing_ok=True)
-
-
-def stop_process(process: subprocess.Popen, crash: bool = False, grace: float = 5) -> None:
-    """SIGKILL with ``crash`` (an outage, no goodbye), else SIGTERM and SIGKILL after ``grace`` seconds."""
+def stop_weed(process: subprocess.Popen, ports: dict[str, int], crash: bool = False, grace: float = 5) -> None:
+    """SIGKILL with ``crash`` (an outage, no goodbye), else SIGTERM and SIGKILL after ``grace`` seconds; then
+    delete the Unix sockets weed leaves in /tmp for its ports (``seaweedfs-<server>-[grpc-]<port>.sock``, only
+    two of which have a flag to put them elsewhere)."""
     if crash:
         process.kill()
     else:
@@ -163,6 +157,9 @@ def stop_process(process: subprocess.Popen, crash: bool = False, grace: float = 
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=10)
+    for port in ports.values():
+        for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
+            path.unlink(missing_ok=True)
 
 
 def s3_client(endpoint: str, **credentials: str):
@@ -192,8 +189,7 @@ def s3_endpoint(tmp_path_factory):
         try:
             yield f"http://127.0.0.1:{ports['s3']}"
         finally:
-            stop_process(process, grace=15)
-            remove_weed_sockets(ports)
+            stop_weed(process, ports, grace=15)
     finally:
         for key, value in saved.items():
             if value is None:

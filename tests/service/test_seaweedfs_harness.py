@@ -64,8 +64,7 @@ def test_a_port_taken_before_weed_binds_it_costs_a_retry_on_fresh_ports(tmp_path
         client = client_for(f"http://127.0.0.1:{ports['s3']}")
         assert client.get_object(Bucket="retried", Key="readiness-probe")["Body"].read() == b"1"
     finally:
-        harness.stop_process(process)
-        harness.remove_weed_sockets(ports)
+        harness.stop_weed(process, ports)
     left = [path for port in [*first.values(), *ports.values()] for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
     assert not left
 

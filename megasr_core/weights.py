@@ -1,16 +1,19 @@
-"""The MegaSR weights directory: layout, tiny random weights, assembly from upstream SD2-base.
+"""The weights directory: layout, tiny random weights, assembly from upstream releases.
 
 Layout (DESIGN.md)::
 
     model_index.json   diffusers pipeline index (components and their classes)
-    megasr.json        MegaSRConfig (preset, switches)
-    unet/ controlnet/  MegaSRDenoiser.save_pretrained
-    vae/ text_encoder/ tokenizer/ scheduler/   SD2's components in diffusers/transformers format
-    extractors/        guidance extractors (megasr_core.extractors.guidance documents the layout)
+    megasr.json        the family and its config (MegaSRConfig: preset, switches; SeeSRConfig)
+    unet/ controlnet/  the denoiser's save_pretrained (SeeSR families: SeeSR's own layout)
+    vae/ text_encoder/ tokenizer/ scheduler/   SD2's (or sd-turbo's) components, diffusers format
+    extractors/        guidance extractors (megasr_core.extractors.guidance documents the layout);
+                       SeeSR families hold only tagger/ (RAM + DAPE)
 
 Nothing here downloads: ``init_tiny`` writes random weights of the ``tiny`` preset for tests
 and demos; ``assemble_from_sd2`` turns a local copy of ``stabilityai/stable-diffusion-2-base``
-(plus an optional trained overlay) into a MegaSR directory.
+(plus an optional trained overlay) into a MegaSR directory; ``assemble_seesr`` turns SeeSR's
+release (its ``unet/`` and ``controlnet/``), SD2-base or sd-turbo and RAM (+ DAPE) into a SeeSR
+or SeeSR-Turbo directory.
 """
 
 from __future__ import annotations
@@ -26,10 +29,15 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .extractors.guidance import NAMES as EXTRACTOR_NAMES
-from .extractors.guidance import init_tiny_extractors
-from .models.config import CONFIG_NAME, MegaSRConfig
+from .extractors.guidance import init_tiny_extractors, install_ram_tagger, tiny_random_ram
+from .extractors.ram import RAMConfig
+from .families import MEGASR, SEESR, SEESR_TURBO, get_family
+from .identity import TINY_REASON
+from .models.config import CONFIG_NAME, MegaSRConfig, SeeSRConfig, load_model_config
 from .models.denoiser import MegaSRDenoiser
+from .models.loading import load_denoiser
 from .models.presets import get_preset
+from .models.seesr import SeeSRDenoiser
 
 MODEL_INDEX = "model_index.json"
 PIPELINE_CLASS = "MegaSRPipeline"
@@ -43,6 +51,10 @@ COMPONENTS: dict[str, tuple[str, str]] = {
 }
 TINY_MARKER = "tiny_random_weights"
 EXTRACTORS_DIR = "extractors"
+#: what sd-turbo's scheduler config changes in SD2's (SeeSR-Turbo samples with DDPM built from it)
+TURBO_SCHEDULER: dict[str, Any] = {"timestep_spacing": "trailing"}
+#: what a diffusers base folder (SD2-base, sd-turbo) must hold to give a SeeSR folder its parts
+_BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 def write_model_index(directory: Path) -> None:
@@ -95,8 +107,9 @@ def write_tiny_tokenizer(directory: Path) -> CLIPTokenizer:
     return tokenizer
 
 
-def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """Write a complete random-initialized ``tiny`` weights directory (tests, demos; untrained)."""
+def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False, family: str = MEGASR) -> Path:
+    """Write a complete random-initialized ``tiny`` weights directory of a family (tests, demos; untrained)."""
+    get_family(family)
     directory = Path(directory)
     if directory.exists() and any(directory.iterdir()):
         if not overwrite:
@@ -105,8 +118,8 @@ def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False) -> 
     directory.mkdir(parents=True, exist_ok=True)
     preset = get_preset("tiny")
     torch.manual_seed(seed)
-    denoiser = MegaSRDenoiser.from_preset("tiny")
-    # Untrained MegaSR modules would contribute exactly zero; give them small random values so
+    denoiser = MegaSRDenoiser.from_preset("tiny") if family == MEGASR else SeeSRDenoiser.from_preset("tiny", family=family)
+    # Zero-initialized modules would contribute exactly zero; give them small random values so
     # the tiny model exercises every path (documented: these weights are for tests only).
     _randomize_zero_init(denoiser, seed)
     denoiser.config = denoiser.config.replace(extra={**denoiser.config.extra, TINY_MARKER: True})
@@ -115,18 +128,25 @@ def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False) -> 
     text_config = CLIPTextConfig(**preset.text_encoder)
     CLIPTextModel(text_config).save_pretrained(directory / "text_encoder")
     tokenizer = write_tiny_tokenizer(directory / "tokenizer")
-    DDPMScheduler(**preset.scheduler).save_pretrained(directory / "scheduler")
-    init_tiny_extractors(directory / EXTRACTORS_DIR, tokenizer, seed=seed)
+    DDPMScheduler(**{**preset.scheduler, **(TURBO_SCHEDULER if family == SEESR_TURBO else {})}).save_pretrained(directory / "scheduler")
+    if family == MEGASR:
+        init_tiny_extractors(directory / EXTRACTORS_DIR, tokenizer, seed=seed)
+    else:  # SeeSR reads RAM's tags and image embeddings, nothing else
+        tiny_random_ram(seed).save_pretrained(directory / EXTRACTORS_DIR / "tagger")
     write_model_index(directory)
     return directory
 
 
-def _randomize_zero_init(denoiser: MegaSRDenoiser, seed: int, std: float = 0.02) -> None:
+def _randomize_zero_init(denoiser: MegaSRDenoiser | SeeSRDenoiser, seed: int, std: float = 0.02) -> None:
+    """Small random values for the parameters that start at zero: MegaSR's CSM projections and
+    MSFM γ/β, and the ControlNet's output convolutions."""
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in denoiser.named_parameters():
             leaf = name.rsplit(".", 2)[-2]
-            if leaf in ("proj", "gamma", "beta") and (".csm." in name or ".msfm." in name):
+            megasr_module = leaf in ("proj", "gamma", "beta") and (".csm." in name or ".msfm." in name)
+            controlnet_output = name.startswith(("controlnet.controlnet_down_blocks.", "controlnet.controlnet_mid_block."))
+            if megasr_module or (controlnet_output and denoiser.family != MEGASR):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
@@ -140,9 +160,9 @@ def default_demo_weights() -> Path:
 
 
 def is_tiny_random(directory: str | Path) -> bool:
-    """Whether ``directory`` holds the untrained tiny demo weights."""
+    """Whether ``directory`` holds the untrained tiny demo weights (of any family)."""
     try:
-        return bool(MegaSRConfig.load(directory).extra.get(TINY_MARKER))
+        return bool(load_model_config(directory).extra.get(TINY_MARKER))
     except FileNotFoundError:
         return False
 
@@ -207,16 +227,85 @@ def settle_clip_token_space(clip_directory: Path, image_embed_dim: int) -> str |
     return space
 
 
+def assemble_seesr(
+    seesr_directory: str | Path,
+    base_directory: str | Path,
+    output: str | Path,
+    ram: str | Path,
+    dape: str | Path | None = None,
+    family: str = SEESR,
+    ram_config: RAMConfig | None = None,
+) -> Path:
+    """Build a SeeSR or SeeSR-Turbo directory from the public releases, as SeeSR's test scripts load them.
+
+    ``seesr_directory`` holds SeeSR's ``unet/`` and ``controlnet/``; ``base_directory`` is a
+    diffusers copy of ``stabilityai/stable-diffusion-2-base`` (``seesr``) or of
+    ``stabilityai/sd-turbo`` (``seesr-turbo``: its UNet weights, with only the image attentions
+    taken from SeeSR's UNet). VAE, text encoder and tokenizer are copied from the base; the
+    scheduler is DDPM with the base's settings (sd-turbo's trailing timesteps). RAM's
+    ``ram_swin_large_14m.pth`` (+ SeeSR's ``DAPE.pth``, merged) becomes ``extractors/tagger/``.
+    """
+    if family not in SeeSRConfig.FAMILIES:
+        raise ValueError(f"assemble_seesr builds {' or '.join(SeeSRConfig.FAMILIES)}, not {family!r}")
+    seesr_directory, base_directory, output = Path(seesr_directory), Path(base_directory), Path(output)
+    missing = [c for c in ("unet", "controlnet") if not (seesr_directory / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{seesr_directory} is not a SeeSR release folder: missing {', '.join(missing)}/")
+    missing = [c for c in _BASE_PARTS if not (base_directory / c).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{base_directory} is not a diffusers SD2-base / sd-turbo folder: missing {', '.join(missing)}")
+    if not Path(ram).is_file():
+        raise FileNotFoundError(f"RAM checkpoint {ram} not found")
+    if dape is not None and not Path(dape).is_file():
+        raise FileNotFoundError(f"DAPE checkpoint {dape} not found")
+    config = SeeSRConfig(family=family, preset="sd2-base")
+    denoiser = SeeSRDenoiser.from_parts(
+        seesr_directory / "unet", seesr_directory / "controlnet", config,
+        base_unet_directory=base_directory / "unet" if family == SEESR_TURBO else None,
+    )
+    output.mkdir(parents=True, exist_ok=True)
+    denoiser.save_pretrained(output)
+    for component in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(base_directory / component, output / component, dirs_exist_ok=True)
+    DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(output / "scheduler")
+    tagger = install_ram_tagger(output / EXTRACTORS_DIR, ram, dape, config=ram_config)
+    if tagger.config.embed_width != denoiser.config.image_embed_dim:
+        raise ValueError(f"RAM's image embeddings are {tagger.config.embed_width} wide, SeeSR's image attentions "
+                         f"take {denoiser.config.image_embed_dim}")
+    write_model_index(output)
+    return output
+
+
 def describe(directory: str | Path) -> dict[str, Any]:
-    """What a weights directory holds: config, parameter counts, missing components."""
+    """What a weights directory holds: family, whether it is trained (and what is random),
+    config, parameter counts, missing components."""
     directory = Path(directory)
-    denoiser = MegaSRDenoiser.from_pretrained(directory)
+    denoiser = load_denoiser(directory)
     extractors_dir = directory / EXTRACTORS_DIR
+    tiny = is_tiny_random(directory)
+    reasons = [TINY_REASON] if tiny else denoiser.untrained_reasons()
     return {
         "directory": str(directory),
+        "family": denoiser.family,
+        "trained": not reasons,
+        "untrained_reasons": reasons,
+        "random": ["every weight (tiny preset)"] if tiny else random_parts(denoiser),
         "config": denoiser.config.to_dict(),
-        "tiny_random": is_tiny_random(directory),
+        "tiny_random": tiny,
         "missing_components": missing_components(directory),
         "extractors": [n for n in EXTRACTOR_NAMES if (extractors_dir / n).is_dir()],
         "parameters": denoiser.parameter_counts(),
     }
+
+
+def random_parts(denoiser: MegaSRDenoiser | SeeSRDenoiser) -> list[str]:
+    """The parts of a denoiser that still hold their initialization (untrained), by name."""
+    from .models.untrained import CONTROLNET_UNTRAINED
+
+    reasons = denoiser.untrained_reasons()
+    parts = []
+    if CONTROLNET_UNTRAINED in reasons:
+        parts.append("controlnet: a copy of the UNet with zero output convolutions")
+    if any(reason.startswith("MegaSR modules") for reason in reasons):
+        parts.append("unet and controlnet csm/msfm: zero-initialized MegaSR modules")
+    return parts

@@ -48,6 +48,8 @@ class GuidanceOutput:
     depth: torch.Tensor | None = None
     seg: torch.Tensor | None = None
     image_tokens: torch.Tensor | None = None
+    #: RAM's image embeddings ``B×(1+L)×512`` (SeeSR's image-attention tokens), when asked for
+    ram_embeds: torch.Tensor | None = None
     tags: list[list[str]] | None = None
     #: which tagger produced ``tags`` ("ram" or "clip-zero-shot"), for logs and job records
     tagger: str | None = None
@@ -86,8 +88,12 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
     def available(self) -> tuple[str, ...]:
         return tuple(name for name in NAMES if getattr(self, name) is not None)
 
-    def forward(self, images: torch.Tensor, enabled: Iterable[str] | None = None) -> GuidanceOutput:
-        """Run the extractors named in ``enabled`` (default: ``self.enabled``) on LR images in [0, 1]."""
+    def forward(self, images: torch.Tensor, enabled: Iterable[str] | None = None,
+                ram_embeds: bool = False) -> GuidanceOutput:
+        """Run the extractors named in ``enabled`` (default: ``self.enabled``) on LR images in [0, 1].
+
+        ``ram_embeds``: also return RAM's image embeddings (the tagger must be RAM and enabled).
+        """
         wanted = set(self.enabled if enabled is None else enabled)
         unknown = wanted - set(NAMES)
         if unknown:
@@ -105,8 +111,14 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
             output.seg = self.segmentation(images)
         if "clip" in wanted:
             output.image_tokens = self.clip(images)
+        if ram_embeds and ("tagger" not in wanted or not isinstance(self.tagger, RAMTagger)):
+            raise ValueError(f"RAM's image embeddings need the RAM tagger (extractors/tagger/); this one is "
+                             f"{self.tagger_name or 'missing'}")
         if "tagger" in wanted:
-            output.tags = self.tagger(images)
+            if ram_embeds:
+                output.tags, output.ram_embeds = self.tagger.tags_and_embeds(images)
+            else:
+                output.tags = self.tagger(images)
             output.tagger = self.tagger_name
             logger.debug("tags by %s for %d image(s)", output.tagger, len(output.tags))
         return output

@@ -193,7 +193,9 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
 
     def tag_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Normalized ``B×3×S×S`` → ``B×num_classes`` logits, before the sigmoid."""
-        image = self.image_embeds(pixel_values)
+        return self._logits(self.image_embeds(pixel_values))
+
+    def _logits(self, image: torch.Tensor) -> torch.Tensor:
         queries = F.relu(self.wordvec_proj(self.label_embed))
         hidden = self.tagging_head(queries.unsqueeze(0).expand(image.shape[0], -1, -1), image)
         return self.fc(hidden).squeeze(-1)
@@ -216,6 +218,13 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
 
     def tags(self, images: torch.Tensor) -> list[list[str]]:
         return self.tags_from_probabilities(self.probabilities(images))
+
+    @torch.no_grad()
+    def tags_and_embeds(self, images: torch.Tensor) -> tuple[list[list[str]], torch.Tensor]:
+        """Tags and the image embeddings ``B×(1+L)×512`` they came from, in one pass (SeeSR conditions
+        its image cross-attentions on these embeddings, ``generate_image_embeds``)."""
+        embeds = self.image_embeds(self.preprocess(images))
+        return self.tags_from_probabilities(torch.sigmoid(self._logits(embeds).float())), embeds
 
     def __call__(self, images: torch.Tensor) -> list[list[str]]:
         """The ``Tagger`` protocol (replaces ``nn.Module.__call__``: call ``tag_logits`` for tensors)."""

@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import CLIPTokenizer
 
+from ..families import tags_to_prompt  # noqa: F401  (re-exported: the prompt rule lives with the families)
 from .clip_image import CLIPImageEncoder
 
 TAGS_FILE = "tags.txt"
@@ -147,9 +148,3 @@ class CLIPZeroShotTagger:
                 raise ValueError(f"{directory}: unknown tagger type {kind!r}")
         tags, thresholds = load_vocabulary(directory)
         return cls(encoder, tokenizer, tags, thresholds, **settings)
-
-
-def tags_to_prompt(tags: Sequence[str], user_prompt: str = "", suffix: str = "clean, high-resolution, 8k") -> str:
-    """SeeSR's prompt: ``"{tags}, {user prompt}, clean, high-resolution, 8k"`` (empty parts dropped)."""
-    parts = [", ".join(tags), user_prompt.strip(), suffix]
-    return ", ".join(p for p in parts if p)

@@ -1,11 +1,13 @@
 """MegaSR networks: the SD2 UNet + ControlNet with the CSM and MSFM modules installed."""
 
 from .conditioning import GUIDANCE_CHANNELS, ConditioningSlot, MegaSRConditioning
-from .config import MegaSRConfig
+from .config import MegaSRConfig, SeeSRConfig, load_model_config
 from .csm import CSM, CSMAttnProcessor, install_csm
 from .denoiser import MegaSRDenoiser, ParameterGroups, is_megasr_key, is_trainable_key
+from .loading import Denoiser, denoiser_class, load_denoiser
 from .msfm import MSFM, SAFT, ChannelAttention, DepthSegFusion, install_msfm
 from .presets import PRESETS, Preset, get_preset
+from .seesr import SeeSRDenoiser, install_image_attentions
 from .state_dicts import WeightsError
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "ChannelAttention",
     "ConditioningSlot",
     "DepthSegFusion",
+    "Denoiser",
     "GUIDANCE_CHANNELS",
     "MSFM",
     "MegaSRConditioning",
@@ -23,10 +26,16 @@ __all__ = [
     "ParameterGroups",
     "Preset",
     "SAFT",
+    "SeeSRConfig",
+    "SeeSRDenoiser",
     "WeightsError",
+    "denoiser_class",
     "get_preset",
+    "install_image_attentions",
     "install_csm",
     "install_msfm",
     "is_megasr_key",
     "is_trainable_key",
+    "load_denoiser",
+    "load_model_config",
 ]

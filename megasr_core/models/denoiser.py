@@ -24,12 +24,13 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from .conditioning import ConditioningSlot, MegaSRConditioning
+from .conditioning import ConditioningSlot, MegaSRConditioning, check_control_image
 from ..utils import DeviceDtypeMixin
 from .config import MegaSRConfig
 from .csm import CSM, IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, csm_blocks, install_csm
 from .msfm import install_msfm
 from .presets import get_preset
+from .untrained import CONTROLNET_UNTRAINED, all_zero, controlnet_untrained
 from .state_dicts import (
     MEGASR_MODULES_NAME,
     WEIGHTS_NAME,
@@ -37,6 +38,7 @@ from .state_dicts import (
     check_state_dict,
     read_model_dir,
     read_safetensors_metadata,
+    load_assign,
     read_weights,
     write_safetensors,
 )
@@ -108,6 +110,27 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
         self.apply_trainable_flags()
         # Found once: checked at every forward without walking every module of both nets.
         self._csm_blocks = csm_blocks(unet) + csm_blocks(controlnet)
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def extractors_needed(self) -> tuple[str, ...]:
+        """Extractors this model's switches consume, in the extractors' order (the tagger always
+        feeds the prompt)."""
+        config = self.config
+        wanted = ["hed"] if config.hed_enabled else []
+        if config.depth_seg_enabled:
+            wanted += ["depth", "segmentation"]
+        if config.use_csm:
+            wanted.append("clip")
+        return (*wanted, "tagger")
+
+    @property
+    def image_token_source(self) -> str | None:
+        """Where the CSM's image tokens come from: the degradation-aware CLIP (``None`` without a CSM)."""
+        return "clip" if self.config.use_csm else None
 
     def clear_caches(self) -> None:
         """Drop the CSMs' cached image keys/values (a sampler calls this when a run ends)."""
@@ -187,7 +210,7 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
         config = config or MegaSRConfig()
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_directory))
-        _load_assign(unet, read_model_dir(unet_directory), f"UNet weights in {unet_directory}")
+        load_assign(unet, read_model_dir(unet_directory), f"UNet weights in {unet_directory}")
         if overlay is not None:
             # The overlay carries the whole trained ControlNet: build it empty, fill it from there.
             controlnet_config = overlay_controlnet_config(overlay)
@@ -198,7 +221,7 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
             controlnet_directory = Path(controlnet_directory)
             with torch.device("meta"):
                 controlnet = ControlNetModel.from_config(ControlNetModel.load_config(controlnet_directory))
-            _load_assign(controlnet, read_model_dir(controlnet_directory), f"ControlNet weights in {controlnet_directory}")
+            load_assign(controlnet, read_model_dir(controlnet_directory), f"ControlNet weights in {controlnet_directory}")
         else:
             controlnet = ControlNetModel.from_unet(
                 unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels)
@@ -234,13 +257,8 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
             conditioning: the result of :meth:`prepare_conditioning`, instead of ``image_embeds``
                 and ``guidance``; a sampler prepares it once and reuses it at every step.
         """
-        if control_image is None:
-            raise ValueError("control_image (the upscaled LR image, B×3×H×W in [0, 1]) is required")
+        check_control_image(self.controlnet, latents, control_image)
         batch = latents.shape[0]
-        factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
-        expected = (batch, self.controlnet.config.conditioning_channels, latents.shape[-2] * factor, latents.shape[-1] * factor)
-        if tuple(control_image.shape) != expected:
-            raise ValueError(f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}")
         if conditioning is None:
             conditioning = self.prepare_conditioning(image_embeds, guidance, batch, reuse_modulation=False)
         elif image_embeds is not None or guidance is not None:
@@ -343,6 +361,14 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
         counts["total"]["trainable"] = self.parameter_groups().counts()["trainable"]
         return counts
 
+    def untrained_reasons(self) -> list[str]:
+        """Why these weights cannot super-resolve (empty when every part was trained)."""
+        reasons = [CONTROLNET_UNTRAINED] if controlnet_untrained(self.controlnet) else []
+        added = [p for n, p in self.named_parameters() if _is_zero_init(n)]
+        if all_zero(added):
+            reasons.append("MegaSR modules untrained (CSM and MSFM still zero): plain SD2-base output")
+        return reasons
+
     def cross_attention_block_names(self) -> dict[str, list[str]]:
         return {net: [n for n, _ in cross_attention_blocks(getattr(self, net))] for net in NETWORKS}
 
@@ -401,8 +427,13 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
             raise WeightsError(f"overlay {path}: tensors left uninitialized: {', '.join(leftovers[:12])}")
 
     def _load_full(self, state: dict[str, torch.Tensor], what: str) -> None:
-        _load_assign(self, state, what)
+        load_assign(self, state, what)
         self.apply_trainable_flags()
+
+
+def _is_zero_init(name: str) -> bool:
+    """MegaSR's parameters that start at zero: the CSM projections and the SAFT γ/β convolutions."""
+    return ".csm.proj." in name or (".msfm." in name and (".gamma." in name or ".beta." in name))
 
 
 def overlay_config(path: str | Path) -> MegaSRConfig:
@@ -432,16 +463,3 @@ def _check_controlnet_fits_unet(controlnet_config: Mapping, unet_config: Mapping
     bad = [f for f in _SHARED_SHAPE_FIELDS if norm(controlnet_config.get(f)) != norm(unet_config.get(f))]
     if bad:
         raise WeightsError(f"{what}: ControlNet does not fit this UNet (differs in {', '.join(bad)})")
-
-
-def _load_assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
-    """Strictly load ``state`` into a (possibly meta-device) module, taking over its tensors."""
-    expected = module.state_dict()
-    check_state_dict({k: v.shape for k, v in expected.items()}, state, what)
-    flags = {n: p.requires_grad for n, p in module.named_parameters()}
-    module.load_state_dict(state, strict=True, assign=True)
-    for name, param in module.named_parameters():
-        param.requires_grad_(flags.get(name, True))
-    leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
-    if leftovers:
-        raise WeightsError(f"{what}: tensors left uninitialized: {', '.join(leftovers[:12])}")

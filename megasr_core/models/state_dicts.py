@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 MEGASR_MODULES_NAME = "megasr_modules.safetensors"
@@ -105,3 +106,16 @@ def read_safetensors_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), framework="pt") as handle:
         return dict(handle.metadata() or {})
+
+
+def load_assign(module: nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strictly load ``state`` into a (possibly meta-device) module, taking over its tensors."""
+    expected = module.state_dict()
+    check_state_dict({k: v.shape for k, v in expected.items()}, state, what)
+    flags = {n: p.requires_grad for n, p in module.named_parameters()}
+    module.load_state_dict(state, strict=True, assign=True)
+    for name, param in module.named_parameters():
+        param.requires_grad_(flags.get(name, True))
+    leftovers = [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise WeightsError(f"{what}: tensors left uninitialized: {', '.join(leftovers[:12])}")

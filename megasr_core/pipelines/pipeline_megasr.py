@@ -1,5 +1,10 @@
 """``MegaSRPipeline``: a real photo in, its super-resolved version out (paper Sec. 4.1).
 
+One sampler for every model family (``megasr_core.families``): the weights folder's family
+picks the denoiser (MegaSR's, or SeeSR's for ``seesr`` / ``seesr-turbo``), the extractors it
+needs, its prompt string and its defaults (steps, guidance, tiling); everything else below is
+shared.
+
 LR → EXIF orientation, modes, alpha split → SeeSR's small-input rule and bicubic ×scale →
 padding to the model's multiple → guidance extractors on the LR → prompt from tags → LRE start
 (the noised VAE latent of the upscaled LR) → DDPM steps with classifier-free guidance (tiled
@@ -31,10 +36,11 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from ..extractors import GuidanceExtractors, tags_to_prompt
+from ..extractors import GuidanceExtractors
+from ..families import MEGASR, SEESR_TURBO, ModelFamily, get_family
 from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, canvas, check_work_bounds
-from ..extractors.guidance import NAMES as EXTRACTOR_NAMES
-from ..models import MegaSRDenoiser, get_preset
+from ..identity import TINY_REASON, ModelIdentity, weights_label
+from ..models import Denoiser, MegaSRDenoiser, SeeSRDenoiser, get_preset, load_denoiser
 from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
 from .denoiser_graphs import DenoiserGraphs
@@ -45,8 +51,6 @@ from .tiling import Tile, blend_tiles, tiles
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
 MAX_STEPS = 1000
-AUTO_TILE = 96  # latent tile side used when an image is too large for one pass
-AUTO_TILE_ABOVE = 128  # latent side above which tiling switches on
 
 
 class PipelineCancelled(RuntimeError):
@@ -101,14 +105,15 @@ class _StageTimer:
 
 
 class MegaSRPipeline(DiffusionPipeline):
-    """MegaSR super-resolution: SD2-base + ControlNet with CSM and MSFM, guided by five extractors."""
+    """Diffusion super-resolution: MegaSR (SD2-base + ControlNet with CSM and MSFM, guided by five
+    extractors) or, by its weights' family, SeeSR / SeeSR-Turbo (RAM image cross-attentions)."""
 
     _optional_components = ["extractors"]
     model_cpu_offload_seq = "text_encoder->denoiser->vae"
 
     def __init__(
         self,
-        denoiser: MegaSRDenoiser,
+        denoiser: Denoiser,
         vae: AutoencoderKL,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
@@ -129,7 +134,14 @@ class MegaSRPipeline(DiffusionPipeline):
         #: ceiling on output and working-canvas pixels per image (a GPU-memory guard; the API checks
         #: its own, smaller bound with the same rule before queueing)
         self.max_output_pixels = DEFAULT_MAX_OUTPUT_PIXELS
+        #: which model this is and whether it is trained (set by the constructors below)
+        self.identity: ModelIdentity | None = None
         self._check_components()
+
+    @property
+    def family(self) -> ModelFamily:
+        """The model family: its prompt rule and sampling defaults."""
+        return get_family(self.denoiser.family)
 
     def _check_components(self) -> None:
         unet = self.denoiser.unet.config
@@ -138,11 +150,21 @@ class MegaSRPipeline(DiffusionPipeline):
             problems.append(f"VAE has {self.vae.config.latent_channels} latent channels, UNet takes {unet.in_channels}")
         if self.text_encoder.config.hidden_size != unet.cross_attention_dim:
             problems.append(f"text encoder width {self.text_encoder.config.hidden_size} ≠ UNet cross-attention {unet.cross_attention_dim}")
+        source = self.denoiser.image_token_source
         clip = self.extractors.clip if self.extractors is not None else None
-        if clip is not None and self.denoiser.config.use_csm:
+        if clip is not None and source == "clip":
             width = clip.token_dim
             if width != self.denoiser.config.image_embed_dim:
                 problems.append(f"CLIP tokens are {width} wide, the CSM expects {self.denoiser.config.image_embed_dim}")
+        if source == "ram" and self.extractors is not None:
+            tagger = self.extractors.tagger
+            if self.extractors.tagger_name != "ram":
+                problems.append(f"{self.family.title} attends to RAM's image embeddings, but the tagger is "
+                                f"{self.extractors.tagger_name or 'missing'}: put RAM (+ DAPE) in extractors/tagger/ "
+                                "(megasr weights install-ram)")
+            elif tagger.config.embed_width != self.denoiser.config.image_embed_dim:
+                problems.append(f"RAM's embeddings are {tagger.config.embed_width} wide, the image attentions take "
+                                f"{self.denoiser.config.image_embed_dim}")
         if problems:
             raise ValueError("incompatible pipeline components: " + "; ".join(problems))
 
@@ -156,32 +178,39 @@ class MegaSRPipeline(DiffusionPipeline):
         load_extractors: bool = True,
         revision: str | None = None,
     ) -> "MegaSRPipeline":
-        """Load MegaSR weights (see ``megasr_core.weights``) onto ``device``.
+        """Load a weights folder of any family (see ``megasr_core.weights``) onto ``device``.
 
         ``directory`` is a local weights folder or a Hub id (``org/name``, ``hf://org/name[@rev]``;
         ``revision``: a branch, tag or commit hash), fetched through the Hub cache
         (``megasr_core.hub``). Default dtype: float16 on CUDA, float32 elsewhere. Only the
-        extractors the model's switches use are loaded.
+        extractors the model uses are loaded; SeeSR's RAM runs in float32, as SeeSR runs it.
         """
         from ..hub import resolve_weights_source
+        from ..weights import is_tiny_random
 
         directory = resolve_weights_source(directory, revision=revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = torch_dtype or (torch.float16 if device.type == "cuda" else torch.float32)
-        denoiser = MegaSRDenoiser.from_pretrained(directory, device=device, torch_dtype=dtype)
+        denoiser = load_denoiser(directory, device=device, torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(directory / "vae", torch_dtype=dtype).to(device)
         text_encoder = CLIPTextModel.from_pretrained(directory / "text_encoder", torch_dtype=dtype).to(device)
         tokenizer = CLIPTokenizer.from_pretrained(directory / "tokenizer")
         scheduler = DDPMScheduler.from_pretrained(directory / "scheduler")
         extractors = None
         if load_extractors and (directory / "extractors").is_dir():
-            wanted = _extractors_for(denoiser)
+            wanted = denoiser.extractors_needed
             present = [n for n in wanted if n == "tagger" or (directory / "extractors" / n).is_dir()]
-            extractors = GuidanceExtractors.from_pretrained(directory / "extractors", enabled=present, device=device, torch_dtype=dtype)
+            extractor_dtype = torch.float32 if denoiser.image_token_source == "ram" else dtype
+            extractors = GuidanceExtractors.from_pretrained(directory / "extractors", enabled=present, device=device,
+                                                            torch_dtype=extractor_dtype)
         for module in (vae, text_encoder):
             module.eval().requires_grad_(False)
         denoiser.eval().requires_grad_(False)
-        return cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
+        pipeline = cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
+        reasons = [TINY_REASON] if is_tiny_random(directory) else denoiser.untrained_reasons()
+        pipeline.identity = ModelIdentity(denoiser.family, weights_label(directory), str(dtype).removeprefix("torch."),
+                                          tuple(reasons), extractors.tagger_name if extractors is not None else None)
+        return pipeline
 
     @classmethod
     def from_preset(
@@ -191,35 +220,49 @@ class MegaSRPipeline(DiffusionPipeline):
         torch_dtype: torch.dtype = torch.float32,
         with_extractors: bool = True,
         seed: int = 0,
+        family: str = MEGASR,
     ) -> "MegaSRPipeline":
-        """Random-initialized pipeline of a preset's shapes (benchmarks; nothing downloaded).
+        """Random-initialized pipeline of a preset's shapes and a family (benchmarks; nothing downloaded).
 
         Token ids come from a small byte-level tokenizer, valid for any text-encoder vocabulary.
+        SeeSR families get a random RAM of the preset's size as their only extractor; SeeSR-Turbo
+        gets sd-turbo's scheduler settings (trailing timesteps).
         """
         import tempfile
 
-        from ..extractors import real_preset, tiny_preset
-        from ..weights import write_tiny_tokenizer
+        from ..extractors import RAMConfig, RAMTagger, real_preset, tiny_preset
+        from ..weights import TURBO_SCHEDULER, write_tiny_tokenizer
 
         preset = get_preset(name)
+        get_family(family)
         torch.manual_seed(seed)
         device = torch.device(device)
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer = write_tiny_tokenizer(Path(tmp))
         with torch.device(device):
-            denoiser = MegaSRDenoiser.from_preset(name)
+            if family == MEGASR:
+                denoiser: Denoiser = MegaSRDenoiser.from_preset(name)
+            else:
+                denoiser = SeeSRDenoiser.from_preset(name, family=family)
             vae = AutoencoderKL(**preset.vae)
             text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
             extractors = None
-            if with_extractors:
+            if with_extractors and family == MEGASR:
                 extractor_preset = tiny_preset() if name == "tiny" else real_preset()
                 extractors = GuidanceExtractors.from_preset(extractor_preset, tokenizer=tokenizer)
-        scheduler = DDPMScheduler(**preset.scheduler)
+            elif with_extractors:
+                extractors = GuidanceExtractors(tagger=RAMTagger(RAMConfig.tiny() if name == "tiny" else RAMConfig()))
+        scheduler = DDPMScheduler(**{**preset.scheduler, **(TURBO_SCHEDULER if family == SEESR_TURBO else {})})
         pipeline = cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
         pipeline.to(device, torch_dtype)
+        if extractors is not None and denoiser.image_token_source == "ram":
+            extractors.to(dtype=torch.float32)
         for module in (denoiser, vae, text_encoder, extractors):
             if module is not None:
                 module.eval().requires_grad_(False)
+        pipeline.identity = ModelIdentity(family, f"random {name} preset", str(torch_dtype).removeprefix("torch."),
+                                          (f"random weights of the {name} preset",),
+                                          extractors.tagger_name if extractors is not None else None)
         return pipeline
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> None:  # type: ignore[override]
@@ -242,16 +285,16 @@ class MegaSRPipeline(DiffusionPipeline):
         self,
         images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage],
         scale: float | Sequence[float] = 4,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         prompt: str | Sequence[str] = "",
         negative_prompt: str = DEFAULT_NEGATIVE_PROMPT,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         seed: int | Sequence[int] | None = None,
         color_fix: str = "adain",
         tile_size: int | None = None,
-        tile_overlap: int = 8,
-        vae_tile_size: int = 1024,
+        tile_overlap: int | None = None,
+        vae_tile_size: int | None = None,
         controlnet_scale: float = 1.0,
         start_timestep: int | None = 999,
         max_cached_tiles: int = 16,
@@ -266,15 +309,21 @@ class MegaSRPipeline(DiffusionPipeline):
     ) -> MegaSRPipelineOutput:
         """Super-resolve ``images`` (paths, bytes, files, PIL images or ``load_image`` results) by ``scale``.
 
+        ``None`` for ``num_inference_steps``, ``guidance_scale``, ``tile_overlap`` and
+        ``vae_tile_size`` means the family's default (``self.family.defaults``: MegaSR and SeeSR 50
+        steps at CFG 5.5, SeeSR-Turbo 2 steps at CFG 1, i.e. without classifier-free guidance).
+
         Args:
             scale, prompt: one value for every image, or a list with one per image.
             seed: an int (every image gets its own generator seeded with it, so an image's output
                 does not depend on its batch mates) or a list with one seed per image.
             generator: one generator shared by all images (drawn in image order), or one per image.
-            tile_size: latent tile side (pixels / 8); ``None`` = 96-latent tiles (SeeSR's) only
-                when the latent is larger than 128 (1024 px), ``0`` = never tile.
-            tile_overlap: latent overlap between tiles.
-            vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger.
+            tile_size: latent tile side (pixels / 8); ``None`` = the family's tiles when its rule
+                asks for them (MegaSR: 96-latent tiles above a 128-latent side, i.e. 1024 px;
+                SeeSR: 96-latent tiles above 96² latent pixels), ``0`` = never tile.
+            tile_overlap: latent overlap between tiles (MegaSR 8, SeeSR 4, SeeSR-Turbo 32).
+            vae_tile_size: the VAE encodes/decodes in tiles of this many pixels when larger
+                (default: MegaSR 1024; SeeSR encodes in 1024-px and decodes in 1792-px tiles).
             start_timestep: the LRE start noises the upscaled LR's VAE latent to this timestep
                 (SeeSR's ``start_steps``: 999, nearly pure noise), then the normal schedule runs
                 from its first timestep; it may not be below that first timestep. ``None`` =
@@ -294,14 +343,19 @@ class MegaSRPipeline(DiffusionPipeline):
                 size bucket).
             profile: synchronize the GPU between stages so ``timings`` are exact.
         """
-        # 1. Check the parameters (before touching any image).
+        # 1. Check the parameters (before touching any image); the family fills in what is not given.
+        defaults = self.family.defaults
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        tile_overlap = defaults.tile_overlap if tile_overlap is None else tile_overlap
+        vae_tiles = (defaults.vae_encode_tile, defaults.vae_decode_tile) if vae_tile_size is None else (vae_tile_size,) * 2
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         if not sources:
             raise InvalidImageError("no images given")
         count = len(sources)
         scales = _per_image("scale", scale, count)
         prompts_in = _per_image("prompt", prompt, count)
-        self._check_parameters(scales, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tile_size)
+        self._check_parameters(scales, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tiles[0])
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
             raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
         self._check_start_timestep(start_timestep, num_inference_steps)
@@ -332,7 +386,7 @@ class MegaSRPipeline(DiffusionPipeline):
 
                 outputs, batch_prompts, dropped = self._upscale_batch(
                     batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
-                    color_fix, tile_size, tile_overlap, vae_tile_size, controlnet_scale, start_timestep, max_cached_tiles,
+                    color_fix, tile_size, tile_overlap, vae_tiles, controlnet_scale, start_timestep, max_cached_tiles,
                     tile_batch_size, step_done, should_cancel, is_cancelled, timer,
                 )
                 done_steps += num_inference_steps
@@ -409,7 +463,7 @@ class MegaSRPipeline(DiffusionPipeline):
     def _upscale_batch(
         self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, user_prompts: list[str],
         negative_prompt: str, generators: list[torch.Generator], color_fix_method: str, tile_size: int | None,
-        tile_overlap: int, vae_tile_size: int, controlnet_scale: float, start_timestep: int | None, max_cached_tiles: int,
+        tile_overlap: int, vae_tiles: tuple[int, int], controlnet_scale: float, start_timestep: int | None, max_cached_tiles: int,
         tile_batch_size: int,
         step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None,
         is_cancelled: Callable[[int], bool] | None, timer: _StageTimer,
@@ -429,7 +483,7 @@ class MegaSRPipeline(DiffusionPipeline):
             guidance, image_tokens, tags = self._run_extractors(items, batch.padded)
         # 5. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs [negative, positive].
         with timer.stage("text_encoding"):
-            prompts = [tags_to_prompt(t, user_prompts[item.index]) for t, item in zip(tags, items)]
+            prompts = [self.family.prompt(t, user_prompts[item.index]) for t, item in zip(tags, items)]
             do_cfg = guidance_scale > 1.0
             positive = self._encode_text(prompts)
             negative = self._encode_text([negative_prompt] * len(items)) if do_cfg else None
@@ -438,14 +492,16 @@ class MegaSRPipeline(DiffusionPipeline):
         self.scheduler.set_timesteps(steps, device=device)
         timesteps = self.scheduler.timesteps
         with timer.stage("vae_encode"):
-            latents = self._encode_image(control.to(dtype), vae_tile_size, gens)
+            latents = self._encode_image(control.to(dtype), vae_tiles[0], gens)
             noise = _randn(latents.shape, gens).to(device, latents.dtype)
             latents = lre_start(self.scheduler, latents, noise, start_timestep)
         # 7. Denoising loop with classifier-free guidance, tiled when large.
         height, width = latents.shape[-2:]
-        # Auto: one pass up to a 128-latent side (1024 px); beyond it SeeSR's 96-latent tiles. (A
-        # threshold at the tile size itself would run two near-full tiles for a 97-latent image.)
-        tile = tile_size if tile_size is not None else (AUTO_TILE if max(height, width) > AUTO_TILE_ABOVE else 0)
+        # Auto: the family's rule. MegaSR: one pass up to a 128-latent side (1024 px), beyond it
+        # 96-latent tiles (a threshold at the tile size itself would run two near-full tiles for a
+        # 97-latent image). SeeSR: 96-latent tiles once the latent has more than 96² pixels.
+        defaults = self.family.defaults
+        tile = tile_size if tile_size is not None else (defaults.tile_size if defaults.needs_tiling(height, width) else 0)
         tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
         repeat = 2 if do_cfg else 1
         # Conditioning per group of tiles, with the maps once for both CFG halves. Kept across steps (each
@@ -511,7 +567,7 @@ class MegaSRPipeline(DiffusionPipeline):
                 step_done(index + 1, steps)
         # 8. VAE decode (tiled when large).
         with timer.stage("vae_decode"):
-            decoded = self._decode_latents(latents, vae_tile_size)
+            decoded = self._decode_latents(latents, vae_tiles[1])
         # 9. Per image: crop, colour fix against its upscaled LR, exact output size, alpha.
         with timer.stage("postprocess"):
             outputs: dict[int, Image.Image] = {}
@@ -528,22 +584,29 @@ class MegaSRPipeline(DiffusionPipeline):
         return outputs, {item.index: p for item, p in zip(items, prompts)}, dropped
 
     def extract_guidance(self, lr: torch.Tensor, size: tuple[int, int], with_tags: bool = True):
-        """Guidance maps resized to ``size``, CLIP image tokens and tags of LR images in [0, 1].
+        """Guidance maps resized to ``size``, image tokens and tags of LR images in [0, 1].
 
-        Only the extractors the denoiser's switches consume run. Shared by sampling and training.
+        Only the extractors the denoiser consumes run. The image tokens are CLIP's (MegaSR's CSM)
+        or RAM's image embeddings (SeeSR), as the denoiser's ``image_token_source`` says; RAM's
+        stay in float32, as SeeSR feeds them. Shared by sampling and training.
         """
-        config = self.denoiser.config
+        config, source = self.denoiser.config, self.denoiser.image_token_source
         if self.extractors is None:
+            if source == "ram":
+                raise ValueError(f"{self.family.title} needs RAM's image embeddings, but no extractors are loaded")
             return {}, None, [[] for _ in range(lr.shape[0])]
-        wanted = [n for n in _extractors_for(self.denoiser) if n in self.extractors.available]
-        if not with_tags:
+        wanted = [n for n in self.denoiser.extractors_needed if n in self.extractors.available]
+        if not with_tags and source != "ram":
             wanted = [n for n in wanted if n != "tagger"]
-        out = self.extractors(lr.to(self.extractors.dtype), enabled=wanted)
+        out = self.extractors(lr.to(self.extractors.dtype), enabled=wanted, ram_embeds=source == "ram")
         guidance = {
             key: F.interpolate(value.float(), size=size, mode="bilinear", align_corners=False).to(self.denoiser.dtype)
             for key, value in out.maps().items() if key in config.guidance_keys
         }
-        tokens = out.image_tokens.to(self.denoiser.dtype) if (out.image_tokens is not None and config.use_csm) else None
+        if source == "ram":
+            tokens = out.ram_embeds
+        else:
+            tokens = out.image_tokens.to(self.denoiser.dtype) if (out.image_tokens is not None and source == "clip") else None
         tags = out.tags if out.tags is not None else [[] for _ in range(lr.shape[0])]
         return guidance, tokens, tags
 
@@ -600,19 +663,6 @@ class MegaSRPipeline(DiffusionPipeline):
         self._configure_vae_tiling(pixels, vae_tile_size)
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((image.float() + 1) / 2).clamp(0, 1)
-
-
-def _extractors_for(denoiser: MegaSRDenoiser) -> list[str]:
-    """Extractors a denoiser's switches consume (the tagger always feeds the prompt)."""
-    config = denoiser.config
-    wanted = {"tagger"}
-    if config.hed_enabled:
-        wanted.add("hed")
-    if config.depth_seg_enabled:
-        wanted.update({"depth", "segmentation"})
-    if config.use_csm:
-        wanted.add("clip")
-    return [n for n in EXTRACTOR_NAMES if n in wanted]
 
 
 def _per_image(name: str, value: Any, count: int) -> list[Any]:

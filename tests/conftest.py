@@ -96,3 +96,20 @@ def tiny_pipeline(tiny_weights):
     from megasr_core.pipelines import MegaSRPipeline
 
     return MegaSRPipeline.from_pretrained(tiny_weights, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_seesr_weights(tmp_path_factory):
+    """Tiny random SeeSR and SeeSR-Turbo weights directories, by family, made once."""
+    from megasr_core.weights import init_tiny
+
+    root = tmp_path_factory.mktemp("seesr-weights")
+    return {family: init_tiny(root / family, family=family) for family in ("seesr", "seesr-turbo")}
+
+
+@pytest.fixture(scope="session")
+def seesr_pipelines(tiny_seesr_weights):
+    """The tiny SeeSR and SeeSR-Turbo pipelines on the CPU, by family, loaded once."""
+    from megasr_core.pipelines import MegaSRPipeline
+
+    return {family: MegaSRPipeline.from_pretrained(path, device="cpu") for family, path in tiny_seesr_weights.items()}

@@ -127,7 +127,8 @@ def count_lost(settings, job_ids: list[str]) -> int:
     lost = 0
     for job_id in job_ids:
         record = services.jobs.get(job_id)
-        if record is None or not services.storage.exists(record.input_key) or services.queue.position(job_id) is None:
+        if (record is None or not services.storage.exists(record.input_key)
+                or services.queue_for(record.model).position(job_id) is None):
             lost += 1
     return lost
 

@@ -12,7 +12,7 @@ from .hosts import TrustedHosts, allowed_hosts
 from .jobs import JobStore
 from .metrics import install_metrics
 from .queue import JobQueue
-from .routes import health, jobs, web
+from .routes import health, jobs, models, web
 from .storage import storage_from_url
 from .tracing import TracingMiddleware
 
@@ -26,7 +26,8 @@ def build_services(settings: Settings) -> Services:
     return Services(
         settings=settings, redis=client, storage=storage,
         jobs=JobStore(client, result_ttl_s=settings.result_ttl_s),
-        queue=JobQueue(client, settings.queue_name, settings.job_timeout_s),
+        queues={name: JobQueue(client, settings.queue_for(name), settings.job_timeout_s)
+                for name in settings.served_models()},
         tenant_keys=settings.tenant_keys(),
     )
 
@@ -60,6 +61,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     install_metrics(app, app.state.services)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(models.router)
     app.include_router(web.router)
     app.mount(web.STATIC_PREFIX, web.WebAssets(), name="static")
     if (hosts := allowed_hosts(app.state.services.settings)) is not None:

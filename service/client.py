@@ -3,7 +3,8 @@
     from service.client import MegaSRClient
 
     with MegaSRClient("http://127.0.0.1:8000", api_key="...") as client:
-        job = client.submit("photo.png", scale=4, steps=30)
+        print([m.name for m in client.models()])  # GET /v1/models: the default first
+        job = client.submit("photo.png", scale=4, steps=30)  # model="..." picks another served model
         job = client.wait(job.id, on_progress=lambda j: print(f"{j.status.value} {j.progress:.0%}"))
         client.download(job.id, "photo-x4.png")
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from .contracts import JobList, JobStatus, JobView
+from .contracts import JobList, JobStatus, JobView, ModelList, ServedModel
 
 #: what :meth:`MegaSRClient.submit` returns and :meth:`MegaSRClient.wait` reports
 Job = JobView
@@ -139,10 +140,18 @@ class MegaSRClient:
         _raise_for_error(response)
         return response
 
+    # ------------------------------------------------------------------ models
+    def models(self) -> list[ServedModel]:
+        """The models this API serves, the default first (``GET /v1/models``): family, weights,
+        whether trained, default steps and guidance, workers serving it now."""
+        return ModelList.model_validate(self._request("GET", "/v1/models").json()).models
+
     # ------------------------------------------------------------------ jobs
-    def submit(self, image: str | os.PathLike | bytes, *, idempotency_key: str | None = None,
-               **params: Any) -> Job:
-        """Queue an image (a path or its bytes) with ``UpscaleParams`` (scale, steps, seed, ...)."""
+    def submit(self, image: str | os.PathLike | bytes, *, model: str | None = None,
+               idempotency_key: str | None = None, **params: Any) -> Job:
+        """Queue an image (a path or its bytes) for ``model`` (None: the default one, see
+        :meth:`models`) with ``UpscaleParams`` (scale, steps, seed, ...)."""
+        params["model"] = model
         if isinstance(image, bytes):
             name, data = "image", image
         else:
@@ -235,6 +244,15 @@ class MegaSRClient:
             if not use_stream:
                 time.sleep(self.poll_interval_s if deadline is None
                            else max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
+
+    def upscale(self, image: str | os.PathLike | bytes, output: str | os.PathLike, *, model: str | None = None,
+                timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any) -> Job:
+        """Submit, wait and download in one call: the finished job (``model_info`` says which model
+        ran it); :class:`JobFailedError` if it failed or was canceled."""
+        job = self.submit(image, model=model, **params)
+        job = self.wait(job.id, on_progress=on_progress, timeout=timeout, raise_on_failure=True)
+        self.download(job.id, output)
+        return job
 
     def download(self, job_id: str, path: str | os.PathLike) -> Path:
         """Write the result image to ``path`` (following a presigned-URL redirect); the path."""

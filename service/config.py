@@ -9,6 +9,7 @@ can come from ``MEGASR_API_KEYS`` or, better for Kubernetes/Docker secrets, a fi
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -16,7 +17,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .contracts import DEFAULT_QUEUE
+from .contracts import DEFAULT_MODEL, DEFAULT_QUEUE, MODEL_NAME_PATTERN
 
 
 def _default_home() -> Path:
@@ -45,6 +46,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_input_pixels: int = Field(2048 * 2048, ge=1)
     queue_name: str = DEFAULT_QUEUE
+    model: str | None = Field(None, description="the model a worker serves; in the API, the default model when "
+                                                "MEGASR_MODELS is unset (unset: 'default')")
+    models: str | None = Field(None, description="comma-separated models the API routes to; the first is the default")
     job_timeout_s: int = Field(1800, ge=10)
     result_ttl_s: int = Field(24 * 3600, ge=60)
     max_queued_per_tenant: int = Field(100, ge=1)
@@ -81,6 +85,26 @@ class Settings(BaseSettings):
             raise ValueError("queue_name must be a non-empty word")
         return value
 
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        return _model_name(value.strip(), "MEGASR_MODEL")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: str | None) -> str | None:
+        names = [name.strip() for name in (value or "").split(",") if name.strip()]
+        if not names:
+            return None
+        for name in names:
+            _model_name(name, "MEGASR_MODELS")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"MEGASR_MODELS names {', '.join(repeated)} more than once")
+        return ",".join(names)
+
     @field_validator("compile", mode="before")
     @classmethod
     def _compile(cls, value: object) -> object:
@@ -102,6 +126,25 @@ class Settings(BaseSettings):
             height, _, width = entry.lower().partition("x")
             sizes.append((int(height), int(width)))
         return sizes
+
+    def served_models(self) -> list[str]:
+        """The models the API routes to, the default first: MEGASR_MODELS, else MEGASR_MODEL (or 'default')."""
+        return self.models.split(",") if self.models else [self.worker_model]
+
+    @property
+    def default_model(self) -> str:
+        """The model of a request that names none."""
+        return self.served_models()[0]
+
+    @property
+    def worker_model(self) -> str:
+        """The model a worker serves (its queue: :meth:`queue_for`)."""
+        return self.model or DEFAULT_MODEL
+
+    def queue_for(self, model: str) -> str:
+        """The RQ queue of a model's jobs: ``queue_name`` for the model named 'default' (every
+        single-model deployment keeps its queue, and KEDA its list), ``<queue_name>-<model>`` else."""
+        return self.queue_name if model == DEFAULT_MODEL else f"{self.queue_name}-{model}"
 
     @property
     def data_dir(self) -> Path:
@@ -131,6 +174,13 @@ class Settings(BaseSettings):
                 raise ValueError("MEGASR_API_KEYS entries must look like tenant:key with keys of 8+ characters")
             keys[key.strip()] = tenant.strip()
         return keys
+
+
+def _model_name(name: str, setting: str) -> str:
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise ValueError(f"{setting}: {name!r} is not a model name (1-63 of a-z, 0-9, '.', '_', '-'; "
+                         "starting with a letter or digit)")
+    return name
 
 
 @lru_cache

@@ -1,8 +1,10 @@
 """The typed boundary between the API and the worker: job parameters, states, records, names.
 
 The API validates requests into :class:`UpscaleParams`, stores a :class:`JobRecord` in Redis
-and enqueues :data:`WORKER_TASK` on :data:`DEFAULT_QUEUE`; the worker reads the same record.
-No torch here: the API process never imports it.
+and enqueues :data:`WORKER_TASK` on the queue of the job's model (``Settings.queue_for``: the
+model :data:`DEFAULT_MODEL` uses :data:`DEFAULT_QUEUE`); the worker reads the same record and
+writes the :class:`ModelInfo` of the model that ran it. No torch here: the API process never
+imports it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from typing import Annotated, Literal
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, field_validator
 
 DEFAULT_QUEUE = "megasr"
+#: the name of the one model of a deployment that names none (``MEGASR_MODEL``/``MEGASR_MODELS`` unset)
+DEFAULT_MODEL = "default"
+#: what a model name may look like: it becomes part of a queue name and of Redis keys
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 #: dotted path RQ imports in the worker (the API never imports it)
 WORKER_TASK = "worker.tasks.upscale"
 #: Redis key prefix of job records (RQ keeps its own ``rq:`` keys)
@@ -25,6 +31,7 @@ ColorFix = Literal["adain", "wavelet", "none"]
 #: longest webhook URL a job may carry (the record lives in Redis; browsers cap URLs near here too)
 MAX_WEBHOOK_URL_LENGTH = 2048
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="a model this deployment serves (GET /v1/models)")]
 
 
 class JobStatus(str, enum.Enum):
@@ -44,9 +51,12 @@ class UpscaleParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    #: None: the deployment's default model; the API stores the name it resolved
+    model: ModelName | None = None
     scale: Annotated[float, Field(ge=1, le=8)] = 4
-    steps: Annotated[int, Field(ge=1, le=200)] = 50
-    guidance_scale: Annotated[float, Field(ge=0, le=20)] = 5.5
+    #: None: the model's own default (GET /v1/models: ``default_steps``, ``default_guidance_scale``)
+    steps: Annotated[int, Field(ge=1, le=200, description="denoising steps; omitted: the model's default")] | None = None
+    guidance_scale: Annotated[float, Field(ge=0, le=20, description="classifier-free guidance; omitted: the model's default")] | None = None
     # lt rather than le=2**63 - 1: OpenAPI numbers are floats, and 2**63 is exact as one
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     prompt: Annotated[str, Field(max_length=500)] = ""
@@ -65,8 +75,8 @@ class UpscaleParams(BaseModel):
 
     @field_validator("scale", "guidance_scale")
     @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
 
@@ -76,6 +86,22 @@ class JobError(BaseModel):
     message: str
 
 
+class ModelInfo(BaseModel):
+    """A served model as the worker that loaded it describes it: ``name`` (what requests route
+    by) and ``megasr_core.identity.ModelIdentity.to_dict()`` (family, weights, whether trained)."""
+
+    name: str
+    family: str
+    title: str
+    weights: str
+    dtype: str
+    tagger: str | None = None
+    trained: bool
+    untrained_reason: str | None = None
+    default_steps: int
+    default_guidance_scale: float
+
+
 class JobRecord(BaseModel):
     """A job as stored in Redis (metadata only: images live in storage)."""
 
@@ -83,6 +109,10 @@ class JobRecord(BaseModel):
     tenant: str
     status: JobStatus = JobStatus.queued
     params: UpscaleParams
+    #: the model it was routed to (the API resolves a missing ``params.model`` to the default)
+    model: str = DEFAULT_MODEL
+    #: the model that ran it, written by that worker when the job finishes after a run
+    model_info: ModelInfo | None = None
     progress: float = 0.0
     input_key: str
     input_content_type: str = "application/octet-stream"
@@ -111,6 +141,8 @@ class JobView(BaseModel):
 
     id: str
     status: JobStatus
+    model: str
+    model_info: ModelInfo | None = None
     progress: float
     queue_position: int | None = None
     created_at: datetime
@@ -130,6 +162,30 @@ class JobList(BaseModel):
 
     jobs: list[JobView]
     next: str | None = None
+
+
+class ServedModel(BaseModel):
+    """A model this deployment routes requests to (``GET /v1/models``). The identity fields are
+    what its workers announced (``service.models_registry``): null until one has."""
+
+    name: str
+    default: bool = Field(description="the model of a request that names none")
+    workers: int = Field(description="workers serving it now")
+    family: str | None = None
+    title: str | None = None
+    weights: str | None = None
+    dtype: str | None = None
+    tagger: str | None = None
+    trained: bool | None = None
+    untrained_reason: str | None = None
+    default_steps: int | None = None
+    default_guidance_scale: float | None = None
+
+
+class ModelList(BaseModel):
+    """Every served model, the default first."""
+
+    models: list[ServedModel]
 
 
 class ErrorResponse(BaseModel):

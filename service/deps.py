@@ -30,7 +30,8 @@ class Services:
     redis: redis.Redis
     storage: Storage
     jobs: JobStore
-    queue: JobQueue
+    #: the RQ queue of every served model (``Settings.served_models``), by model name
+    queues: dict[str, JobQueue]
     tenant_keys: dict[str, str]
     #: submissions per tenant (MEGASR_RATE_LIMIT_PER_MINUTE refill, MEGASR_RATE_LIMIT_BURST at once)
     request_rate: TokenBucket = field(init=False)
@@ -43,6 +44,20 @@ class Services:
                                         settings.rate_limit_burst)
         self.auth_failures = TokenBucket(self.redis, "megasr:bucket:authfail", settings.auth_failures_per_minute,
                                          settings.auth_failures_per_minute)
+
+    @property
+    def queue(self) -> JobQueue:
+        """The default model's queue. A worker's own is ``queue_for(settings.worker_model)``."""
+        return self.queue_for(self.settings.default_model)
+
+    def queue_for(self, model: str) -> JobQueue:
+        """The queue of a model's jobs, served here or not: the reaper and the sweeper of any
+        process put a job back on its own model's queue (``Settings.queue_for``)."""
+        queue = self.queues.get(model)
+        if queue is None:
+            queue = self.queues.setdefault(model, JobQueue(self.redis, self.settings.queue_for(model),
+                                                           self.settings.job_timeout_s))
+        return queue
 
 
 def get_services(request: Request) -> Services:

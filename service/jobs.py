@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from redis.client import Pipeline
 
 from . import faults
-from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus
+from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus, ModelInfo
 from .webhooks import schedule_in
 
 if TYPE_CHECKING:
@@ -335,10 +335,14 @@ class JobStore:
             pass
 
     def finish(self, job_id: str, status: JobStatus, owner: str | None = None, extra: Extra | None = None,
-               **changes: object) -> JobRecord:
-        """Move the job to a final state and release everything it held, in one transaction."""
+               model_info: ModelInfo | None = None, **changes: object) -> JobRecord:
+        """Move the job to a final state and release everything it held, in one transaction.
+
+        ``model_info``: the model that ran it (the worker's), kept in the record."""
         if not status.is_final:
             raise ValueError(f"{status.value} is not a final state")
+        if model_info is not None:
+            changes["model_info"] = model_info
         allowed = [JobStatus.running] if owner is not None else [JobStatus.queued, JobStatus.running]
         return self.transition(job_id, allowed, status, expect_owner=owner, extra=extra, step="finish",
                                finished_at=_now(), **changes)
@@ -388,10 +392,24 @@ class JobStore:
         return bool(self.redis.exists(self.cancel_key(job_id)))
 
 
+#: what a request that names no model hashes for steps and guidance it leaves out: the defaults of
+#: the releases before models, so a key keeps matching its request across a rolling upgrade
+_LEGACY_SAMPLING = {"steps": 50, "guidance_scale": 5.5}
+
+
 def request_fingerprint(image: bytes, params: BaseModel) -> str:
     """sha256 of what a submission asks for: the image bytes and the validated parameters
-    (normalized: defaults filled in, keys sorted), bound to an Idempotency-Key."""
+    (normalized: defaults filled in, keys sorted), bound to an Idempotency-Key.
+
+    A request that names no model hashes exactly as before models existed (no ``model`` key,
+    left-out steps and guidance as 50 and 5.5; an Idempotency-Key lives a day, across upgrades);
+    one that names a model hashes the name and what it left out as null.
+    """
+    fields = params.model_dump(mode="json")
+    if "model" in fields and fields["model"] is None:
+        del fields["model"]
+        fields.update({name: value for name, value in _LEGACY_SAMPLING.items() if fields.get(name, value) is None})
     digest = hashlib.sha256()
     digest.update(hashlib.sha256(image).digest())
-    digest.update(json.dumps(params.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode())
+    digest.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()

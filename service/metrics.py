@@ -81,7 +81,9 @@ class QueueCollector:
         running = GaugeMetricFamily("megasr_jobs_running", "Jobs a worker is running now (all workers)")
         finished = CounterMetricFamily("megasr_jobs_finished", "Jobs that reached a final status", labels=["status"])
         try:
-            depth.add_metric([self.services.queue.name], self.services.queue.depth())
+            for model in self.services.settings.served_models():  # one series per model's queue
+                queue = self.services.queue_for(model)
+                depth.add_metric([queue.name], queue.depth())
             running.add_metric([], float(self.services.redis.scard(RUNNING_KEY)))
             counts = self.services.redis.hgetall(FINISHED_KEY)
             for status in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled):
@@ -101,9 +103,10 @@ class LocalWorkerCollector:
 
     def collect(self):
         settings = self.services.settings
-        for worker in local_workers.serving(settings.redis_url, settings.queue_name):
-            if worker.registry is not None:
-                yield from worker.registry.collect()
+        for model in settings.served_models():
+            for worker in local_workers.serving(settings.redis_url, settings.queue_for(model)):
+                if worker.registry is not None:
+                    yield from worker.registry.collect()
 
 
 def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:

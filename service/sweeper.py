@@ -10,7 +10,7 @@ compare-and-set transaction that re-checks the condition it fixes:
   (``worker_lost``) after :data:`MAX_ATTEMPTS`; the reaper does the same for the jobs of the
   running set, this catches the rest;
 * ``queued`` but nowhere in RQ (not waiting, not popped by a worker, not being started):
-  enqueued again;
+  enqueued again, on its model's queue (``Settings.queue_for``);
 * a quota slot held by a finished or vanished job: released.
 
 It runs where the reaper runs (every worker, ``megasr serve``), at most every
@@ -62,16 +62,17 @@ def recover_running(services: Services, record: JobRecord, report: SweepReport) 
             report.failed.append(record.id)
             log.warning("job %s: failed after %d lost attempts", record.id, record.attempts)
         else:
-            services.jobs.requeue(record.id, record.owner, services.queue)
+            services.jobs.requeue(record.id, record.owner, services.queue_for(record.model))
             report.requeued.append(record.id)
             log.warning("job %s: no live attempt holds it; queued again", record.id)
     except TransitionRejected:
         pass  # it finished or moved on meanwhile
 
 
-def enqueue_if_lost(services: Services, job_id: str) -> bool:
-    """Enqueue a queued job that RQ does not hold; one transaction, re-checked under WATCH."""
-    jobs, queue = services.jobs, services.queue
+def enqueue_if_lost(services: Services, job_id: str, model: str) -> bool:
+    """Enqueue a queued job that RQ does not hold on its model's queue (a job's model never
+    changes); one transaction, re-checked under WATCH."""
+    jobs, queue = services.jobs, services.queue_for(model)
     with services.redis.pipeline() as pipe:
         while True:
             try:
@@ -119,7 +120,7 @@ def sweep(services: Services) -> SweepReport:
     report = SweepReport()
     jobs = services.jobs
     active = list(jobs.active_jobs())
-    held = services.queue.held_ids()  # a snapshot; each repair re-checks its own job under WATCH
+    held: dict[str, set[str]] = {}  # per model's queue, a snapshot; each repair re-checks its job under WATCH
     for tenant, job_id in active:
         record = jobs.get(job_id)
         if record is None or record.status.is_final or record.tenant != tenant:
@@ -128,6 +129,9 @@ def sweep(services: Services) -> SweepReport:
         elif record.status == JobStatus.running:
             if not services.redis.exists(jobs.lease_key(job_id)):
                 recover_running(services, record, report)
-        elif record.status == JobStatus.queued and job_id not in held and enqueue_if_lost(services, job_id):
-            report.enqueued.append(job_id)
+        elif record.status == JobStatus.queued:
+            if record.model not in held:
+                held[record.model] = services.queue_for(record.model).held_ids()
+            if job_id not in held[record.model] and enqueue_if_lost(services, job_id, record.model):
+                report.enqueued.append(job_id)
     return report

@@ -93,6 +93,8 @@ def payload(record: JobRecord, public_url: str | None) -> bytes:
     body = {
         "id": record.id,
         "status": record.status.value,
+        "model": record.model,
+        "model_info": record.model_info.model_dump(mode="json") if record.model_info else None,
         "progress": record.progress,
         "created_at": record.created_at.isoformat(),
         "started_at": record.started_at.isoformat() if record.started_at else None,

@@ -6,6 +6,8 @@ negative prompt and colour fix (the pipeline shares them across a batch) and the
 bucket: the padded working size, which follows from the input size and the scale. Prompts,
 seeds and scales stay per job.
 
+Only the worker's own queue (its model's) is scanned: a batch never mixes models.
+
 Claiming is safe against every other worker and the API: in one transaction the job's record
 goes ``queued → running`` with this attempt's owner token and lease (the same compare-and-set
 as a job RQ hands out: a job canceled or taken meanwhile is skipped), and the job leaves RQ's
@@ -25,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from service.contracts import JobRecord, JobStatus
+from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.deps import Services
 from service.jobs import TransitionRejected
+from service.queue import JobQueue
 
 log = logging.getLogger("megasr.worker")
 #: how many queued jobs one look at the queue inspects
@@ -37,11 +40,22 @@ POLL_INTERVAL_S = 0.005
 Geometry = Callable[[tuple[int, int], float], tuple[tuple[int, int], tuple[int, int], tuple[int, int]]]
 
 
-def batch_key(record: JobRecord, geometry: Geometry) -> tuple[Any, ...]:
-    """What jobs must share to run in one pipeline call."""
+def sampling(params: UpscaleParams, defaults: tuple[int, float] | None) -> tuple[int | None, float | None]:
+    """A job's (steps, guidance scale), the model's ``defaults`` where it left them out (None:
+    the pipeline decides, as it does for its family)."""
+    steps, guidance = params.steps, params.guidance_scale
+    if defaults is not None:
+        steps = defaults[0] if steps is None else steps
+        guidance = defaults[1] if guidance is None else guidance
+    return steps, guidance
+
+
+def batch_key(record: JobRecord, geometry: Geometry, defaults: tuple[int, float] | None = None) -> tuple[Any, ...]:
+    """What jobs must share to run in one pipeline call (left-out steps and guidance count as the
+    model's ``defaults``: a job that names them batches with one that does not)."""
     params = record.params
     bucket = geometry((record.input_width, record.input_height), params.scale)[2]
-    return (params.steps, params.guidance_scale, params.negative_prompt, params.color_fix, bucket)
+    return (*sampling(params, defaults), params.negative_prompt, params.color_fix, bucket)
 
 
 @dataclass
@@ -53,20 +67,24 @@ class Claimed:
 class JobClaimer:
     """Finds and claims queued jobs compatible with one already running on this worker."""
 
-    def __init__(self, services: Services, geometry: Geometry, max_batch: int, wait_s: float) -> None:
+    def __init__(self, services: Services, geometry: Geometry, max_batch: int, wait_s: float,
+                 queue: JobQueue | None = None, defaults: tuple[int, float] | None = None) -> None:
         self.services = services
         self.geometry = geometry
         self.max_batch = max_batch
         self.wait_s = wait_s
+        #: the worker's own queue (its model's); jobs of other models are never batch mates
+        self.queue = queue if queue is not None else services.queue_for(services.settings.worker_model)
+        self.defaults = defaults
 
     def claim(self, first: JobRecord, new_owner: Callable[[], str]) -> list[Claimed]:
         """Claim up to ``max_batch - 1`` jobs like ``first``, waiting at most ``wait_s`` for them."""
         wanted = self.max_batch - 1
         if wanted <= 0:
             return []
-        key = batch_key(first, self.geometry)
+        key = batch_key(first, self.geometry, self.defaults)
         redis, jobs = self.services.redis, self.services.jobs
-        queue = self.services.queue
+        queue = self.queue
         queue_key = queue.queue.key
         deadline = time.monotonic() + self.wait_s
         skipped: set[str] = {first.id}
@@ -78,7 +96,8 @@ class JobClaimer:
                     continue
                 skipped.add(job_id)
                 record = jobs.get(job_id)
-                if record is None or record.status != JobStatus.queued or batch_key(record, self.geometry) != key:
+                if (record is None or record.status != JobStatus.queued or record.model != first.model
+                        or batch_key(record, self.geometry, self.defaults) != key):
                     continue
                 owner = new_owner()
                 try:  # running under our lease and out of RQ's queue: one transaction

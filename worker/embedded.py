@@ -14,6 +14,7 @@ import os
 import secrets
 import signal
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from rq.timeouts import TimerDeathPenalty
@@ -22,6 +23,7 @@ from service.config import Settings
 from service.local_workers import LocalWorker, WorkerState, register
 
 from .main import StopOnFatal, make_worker
+from .runtime import WorkerRuntime
 
 log = logging.getLogger("megasr.serve")
 
@@ -104,16 +106,18 @@ def start_embedded_valkey(settings: Settings):
     return server
 
 
-def start_worker_thread(settings: Settings, weights: Path, device: str | None = None, dtype=None) -> threading.Thread:
-    """Load the pipeline and run jobs in a daemon thread of this process.
+def start_worker_thread(settings: Settings, weights: Path, device: str | None = None, dtype=None,
+                        on_loaded: Callable[[WorkerRuntime], None] | None = None) -> threading.Thread:
+    """Load the pipeline and run jobs of ``settings.worker_model`` in a daemon thread of this process.
 
     The thread records its state on a :class:`LocalWorker` the API of the same queue reads
     (``/readyz`` is 503 until it is ready, and again once it died; ``/metrics`` includes its
-    metrics): see ``service.local_workers``.
+    metrics): see ``service.local_workers``. ``on_loaded(runtime)`` runs once the model is
+    ready, before the first job (``megasr serve`` warns there about untrained weights).
     """
     from .main import prepare
 
-    local = register(LocalWorker(redis_url=settings.redis_url or "", queue=settings.queue_name))
+    local = register(LocalWorker(redis_url=settings.redis_url or "", queue=settings.queue_for(settings.worker_model)))
 
     def run() -> None:
         try:
@@ -122,9 +126,14 @@ def start_worker_thread(settings: Settings, weights: Path, device: str | None = 
             local.state, local.detail = WorkerState.failed, f"could not load the model: {type(exc).__name__}"
             log.exception("the worker thread could not load the model from %s; /readyz stays 503", weights)
             return
+        if on_loaded is not None:
+            try:
+                on_loaded(runtime)
+            except Exception:  # a message that failed must not stop the worker
+                log.exception("on_loaded failed")
         runtime.metrics.watch(threading.current_thread())
         local.registry, local.state = runtime.metrics.registry, WorkerState.ready
-        worker = make_worker(ThreadWorker, runtime.services.redis, settings.queue_name, name=runtime.name)
+        worker = make_worker(ThreadWorker, runtime.services.redis, runtime.queue.name, name=runtime.name)
         try:
             worker.work(burst=False, logging_level="INFO", with_scheduler=False)
         except BaseException as exc:

@@ -11,6 +11,9 @@ worker with exit status :data:`EXIT_FATAL`, so that the orchestrator starts a fr
 instead of leaving a "ready" worker that fails every job.
 
 Jobs are dequeued tenant-fair and deserialized from JSON (``service.fair_queue``), never pickle.
+A worker serves one model, ``MEGASR_MODEL`` (unset: ``default``), from that model's queue
+(``Settings.queue_for``); once ready it announces it (``service.models_registry``), and it
+warns at start when the weights are untrained.
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ W = TypeVar("W", bound=SimpleWorker)
 
 
 def make_worker(worker_class: type[W], connection: Redis, queue_name: str, name: str | None = None) -> W:
-    """An RQ worker on MegaSR's queue: tenant-fair dequeue, JSON job data (never pickle)."""
+    """An RQ worker on one of MegaSR's queues (a model's: ``Settings.queue_for``): tenant-fair
+    dequeue, JSON job data (never pickle)."""
     queue = FairQueue(queue_name, connection=connection, serializer=SERIALIZER)
     return worker_class([queue], connection=connection, name=name, queue_class=FairQueue,
                         serializer=SERIALIZER)
@@ -98,11 +102,13 @@ def make_worker(worker_class: type[W], connection: Redis, queue_name: str, name:
 def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=None,
             metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> WorkerRuntime:
     runtime = install_runtime(settings, pipeline=None)
+    runtime.metrics.model = {"name": runtime.model_name}
     if metrics_port is not None:
         runtime.metrics.serve(metrics_host, metrics_port)  # /healthz answers while loading
-    log.info("loading MegaSR weights from %s", weights)
+    log.info("loading weights for model %s from %s", runtime.model_name, weights)
     runtime.pipeline = load_pipeline(weights, device=device, dtype=dtype)
     runtime.pipeline.max_output_pixels = settings.max_output_pixels  # the API's bound, enforced again here
+    log_identity(runtime)
     if settings.compile:
         from megasr_core.pipelines.acceleration import compile_pipeline, use_compile_cache
 
@@ -119,15 +125,29 @@ def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=
     warm_up(runtime.pipeline, settings.warmup_sizes() or [(512, 512)], batch_sizes)
     log.info("warmed up batch sizes %s at %s in %.1f s", batch_sizes, settings.warmup_buckets, time.monotonic() - started)
     runtime.metrics.mark_ready()
+    runtime.announce()  # GET /v1/models counts this worker from now on (renewed by the background loop)
     runtime.start_background()
     runtime.start_webhooks()
-    log.info("worker %s ready on queue %s", runtime.name, settings.queue_name)
+    log.info("worker %s ready: model %s on queue %s", runtime.name, runtime.model_name, runtime.queue.name)
     return runtime
+
+
+def log_identity(runtime: WorkerRuntime) -> None:
+    """Say which model was loaded, and loudly when its weights are untrained (noise, not super-resolution)."""
+    info = runtime.model_info()
+    if info is None:
+        return
+    runtime.metrics.model = info.model_dump(mode="json")
+    log.info("model %s: %s (%s), weights %s, %s, %s", info.name, info.title, info.family, info.weights, info.dtype,
+             "trained" if info.trained else "UNTRAINED")
+    warning = runtime.pipeline.identity.warning()
+    if warning is not None:
+        log.warning("%s", warning)
 
 
 def run_worker(runtime: WorkerRuntime, settings: Settings, burst: bool = False) -> None:
     """Take jobs until SIGTERM (or, with ``burst``, an empty queue); exit EXIT_FATAL after a fatal error."""
-    worker = make_worker(MegaSRWorker, runtime.services.redis, settings.queue_name, name=runtime.name)
+    worker = make_worker(MegaSRWorker, runtime.services.redis, runtime.queue.name, name=runtime.name)
     try:
         worker.work(burst=burst, logging_level="INFO", with_scheduler=False)
     finally:

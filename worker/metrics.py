@@ -3,7 +3,8 @@
 ``/healthz`` is liveness: 503 once the thread running the job loop has died, or once the
 background loop (lease renewal, reaper: ``WorkerRuntime.start_background``) has stopped beating
 for :data:`HEARTBEAT_STALE_S`: it stops when the job loop ends, and a worker whose leases lapse
-loses its jobs to others. While the model loads, before any beat, it answers 200.
+loses its jobs to others. While the model loads, before any beat, it answers 200. ``/readyz``
+says which model the worker serves (``{"status", "model": ModelInfo}``), untrained or not.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class WorkerMetrics:
         self.heartbeat_stale_s = heartbeat_stale_s
         self.last_beat: float | None = None  # time.monotonic() of the last heartbeat
         self.job_loop: threading.Thread | None = None
+        #: the model this worker serves: its name, then its ``ModelInfo`` once loaded (in /readyz)
+        self.model: dict | None = None
 
     def beat(self) -> None:
         """The background loop is alive (called every few seconds)."""
@@ -84,7 +87,8 @@ class WorkerMetrics:
                     status, kind = (200 if alive else 503), "application/json"
                 elif self.path == "/readyz":
                     ready = metrics.is_ready
-                    body = b'{"status": "ready"}' if ready else b'{"status": "loading"}'
+                    answer = {"status": "ready" if ready else "loading", **({"model": metrics.model} if metrics.model else {})}
+                    body = json.dumps(answer).encode()
                     status, kind = (200 if ready else 503), "application/json"
                 else:
                     body, status, kind = b'{"error": {"code": "not_found", "message": "no such path"}}', 404, "application/json"

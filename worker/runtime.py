@@ -1,8 +1,10 @@
 """What a worker process holds for its whole life: services, the pipeline, its current job.
 
 The pipeline is loaded once (fp16 on CUDA) before the worker takes jobs; tasks reach it here.
-A background thread renews the leases of the jobs being run (all of a batch) and re-queues the
-jobs of dead workers (``service.reaper``).
+A worker serves one model, ``MEGASR_MODEL`` (``Settings.worker_model``), from that model's
+queue. A background thread renews the leases of the jobs being run (all of a batch), re-queues
+the jobs of dead workers (``service.reaper``) and, once the worker is ready, announces the
+model it serves (``service.models_registry``: ``GET /v1/models``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from service import models_registry
 from service.app import build_services
 from service.config import Settings
+from service.contracts import ModelInfo
 from service.deps import Services
+from service.queue import JobQueue
 from service.reaper import delete_expired_results, reap_abandoned
 
 from .batching import JobClaimer
@@ -35,9 +40,51 @@ class WorkerRuntime:
     #: how long a job's storage reads and writes wait out an outage before the job's retry takes over
     storage_patience_s: float = 45.0
     _stop: threading.Event = field(default_factory=threading.Event)
+    _announced: bool = False
+    _announce_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def new_owner(self) -> str:
         return f"{self.name}:{uuid.uuid4().hex[:8]}"
+
+    @property
+    def model_name(self) -> str:
+        return self.services.settings.worker_model
+
+    @property
+    def queue(self) -> JobQueue:
+        """This worker's queue: its model's (``Settings.queue_for``)."""
+        return self.services.queue_for(self.model_name)
+
+    def model_info(self) -> ModelInfo | None:
+        """The model this worker runs, as jobs record it and ``/v1/models`` shows it (None before
+        the pipeline is loaded, or for a pipeline that does not say what it is)."""
+        identity = getattr(self.pipeline, "identity", None)
+        if identity is None:
+            return None
+        return ModelInfo(name=self.model_name, **identity.to_dict())
+
+    def sampling_defaults(self) -> tuple[int, float] | None:
+        """The model's default (steps, guidance scale), for jobs that leave them out."""
+        identity = getattr(self.pipeline, "identity", None)
+        return None if identity is None else (identity.default_steps, identity.default_guidance_scale)
+
+    def announce(self) -> None:
+        """Tell the API this worker serves its model; the background loop repeats it while ready."""
+        info = self.model_info()
+        if info is None:
+            return
+        with self._announce_lock:  # never after stop() withdrew it
+            if self._stop.is_set():
+                return
+            models_registry.announce(self.services.redis, info, self.name)
+            self._announced = True
+
+    def withdraw(self) -> None:
+        """Stop being counted as a worker of the model (on a clean stop; a killed one just expires)."""
+        with self._announce_lock:
+            if self._announced:
+                self._announced = False
+                models_registry.withdraw(self.services.redis, self.model_name, self.name)
 
     @property
     def max_batch(self) -> int:
@@ -53,10 +100,12 @@ class WorkerRuntime:
         if self.max_batch <= 1 or self.pipeline is None:
             return None
         return JobClaimer(self.services, self.pipeline.geometry, self.max_batch,
-                          self.services.settings.batch_wait_ms / 1000)
+                          self.services.settings.batch_wait_ms / 1000, queue=self.queue,
+                          defaults=self.sampling_defaults())
 
     def start_background(self, lease_interval_s: float = 5.0, reap_interval_s: float = 5.0) -> threading.Thread:
-        """Renew the current job's lease and reap dead workers' jobs, until :meth:`stop`."""
+        """Renew the current job's lease, announce the model (once ready) and reap dead workers'
+        jobs, until :meth:`stop`."""
 
         def loop() -> None:
             ticks = 0
@@ -66,6 +115,8 @@ class WorkerRuntime:
                 try:
                     for job_id, owner in list(self.running.items()):
                         self.services.jobs.renew_lease(job_id, owner)
+                    if self.metrics.is_ready:
+                        self.announce()
                     if ticks * lease_interval_s >= reap_interval_s:
                         ticks = 0
                         reap_abandoned(self.services)
@@ -95,6 +146,10 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self._stop.set()
+        try:
+            self.withdraw()
+        except Exception as exc:  # Redis down: the announcement expires by itself
+            log.warning("could not withdraw the model announcement: %s", exc)
         if getattr(self, "_webhooks", None) is not None:
             self._webhooks.stop()
 

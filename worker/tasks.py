@@ -4,7 +4,9 @@ RQ hands the worker one job. The worker starts it, claims queued jobs that can s
 (``worker.batching``; up to ``MEGASR_MAX_BATCH``, waiting ``MEGASR_BATCH_WAIT_MS`` for them),
 and runs them all in one pipeline call: per-job seeds, prompts and scales, throttled progress
 for each, and a cancel check per job at every step (a canceled job leaves the batch, the others
-go on). Each result is written to storage and its record finished under its own owner token.
+go on). Steps and guidance a job left out are the model's defaults (its family's). Each result is
+written to storage and its record finished under its own owner token, with the worker's
+``ModelInfo`` (``record.model_info``: which model ran it, and whether it is trained).
 
 Failures stay with their job: an unreadable image fails only its own job before the batch
 runs; out of GPU memory halves the batch (then shrinks the tiles of a single job); any other
@@ -32,7 +34,7 @@ from service.logging_setup import bind_log_context, fresh_log_context, log_field
 from service.storage import PatientStorage
 from service.sweeper import MAX_ATTEMPTS
 
-from .batching import CancelWatch
+from .batching import CancelWatch, sampling
 from .errors import FatalWorkerError, classify, safe_message
 from .runtime import WorkerRuntime, get_runtime
 
@@ -147,6 +149,7 @@ class BatchRun:
         from megasr_core.pipelines import PipelineCancelled
 
         params = group[0].record.params  # steps, guidance, negative prompt, colour fix: shared by the batch
+        steps, guidance = sampling(params, self.runtime.sampling_defaults())  # left out: the model's defaults
         watch = CancelWatch(self.runtime.services, {m.id: m.owner for m in group})
         last = [0.0]
 
@@ -165,7 +168,7 @@ class BatchRun:
             result = self.runtime.pipeline(
                 [m.image for m in group], scale=[m.record.params.scale for m in group],
                 prompt=[m.record.params.prompt for m in group], seed=[m.seed for m in group],
-                num_inference_steps=params.steps, guidance_scale=params.guidance_scale,
+                num_inference_steps=steps, guidance_scale=guidance,
                 negative_prompt=params.negative_prompt, color_fix=params.color_fix,
                 tile_size=OOM_TILE_SIZES[tile_index][0], tile_batch_size=OOM_TILE_SIZES[tile_index][1],
                 callback=progress,
@@ -217,7 +220,8 @@ class BatchRun:
                         self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
                     faults.step("task:after_output")
                     self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key, tagger=tagger,
-                                     output_width=image.width, output_height=image.height, progress=1.0)
+                                     model_info=self.runtime.model_info(), output_width=image.width,
+                                     output_height=image.height, progress=1.0)
                 except TransitionRejected:
                     log.warning("job %s: taken over by another worker; this attempt's result is dropped", member.id)
                     continue
@@ -271,7 +275,7 @@ class BatchRun:
         try:  # back to queued for another attempt, lease dropped: one transaction
             # A claimed job has no RQ retry of its own: it goes back to RQ's queue in the same
             # transaction. The job RQ handed out is re-queued by RQ's Retry once we re-raise.
-            self.jobs.requeue(job_id, owner, None if member.primary else self.runtime.services.queue)
+            self.jobs.requeue(job_id, owner, None if member.primary else self.runtime.services.queue_for(member.record.model))
         except TransitionRejected:
             return  # canceled or taken over meanwhile: nothing of ours to retry
         except Exception as requeue_error:  # Redis down: the lease expires and the reaper re-queues it
@@ -283,8 +287,11 @@ class BatchRun:
 
 
 def _finish_quietly(job_id: str, status: JobStatus, owner: str, **changes) -> bool:
+    """Finish one of this worker's attempts (recording the model that ran it); False when the
+    job has moved on meanwhile (canceled, taken over)."""
+    runtime = get_runtime()
     try:
-        get_runtime().services.jobs.finish(job_id, status, owner=owner, **changes)
+        runtime.services.jobs.finish(job_id, status, owner=owner, model_info=runtime.model_info(), **changes)
         return True
     except TransitionRejected:
         return False

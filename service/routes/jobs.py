@@ -20,6 +20,7 @@ from megasr_core.geometry import SD2_SIZE_MULTIPLE, WorkBoundsError, check_work_
 
 from ..body_limits import loads_limited, parse_multipart, read_limited
 from .. import events
+from ..config import Settings
 from ..contracts import (CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView,
                          UpscaleParams, input_key)
 from ..deps import ServicesDep, TenantDep
@@ -85,9 +86,11 @@ def _link(request: Request, services: ServicesDep, route: str, job_id: str) -> s
 
 
 def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView:
-    position = services.queue.position(record.id) if record.status == JobStatus.queued else None
+    queue = services.queue_for(record.model)
+    position = queue.position(record.id) if record.status == JobStatus.queued else None
     return JobView(
-        id=record.id, status=record.status, progress=record.progress, queue_position=position,
+        id=record.id, status=record.status, model=record.model, model_info=record.model_info,
+        progress=record.progress, queue_position=position,
         created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
         input=ImageSize(width=record.input_width, height=record.input_height),
         output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
@@ -172,6 +175,7 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "parameters"
         raise ApiError(422, "invalid_parameters", f"{where}: {first.get('msg', 'invalid')}") from None
+    model = _resolve_model(settings, params.model)
     if params.webhook_url is not None:
         if settings.webhook_secret is None:
             raise ApiError(422, "invalid_parameters", "webhook_url: webhooks are off (MEGASR_WEBHOOK_SECRET is not set)")
@@ -194,19 +198,20 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
             return replay, True
     if params.seed is None:  # drawn once and recorded: the job (and any retry of it) is reproducible
         params = params.model_copy(update={"seed": secrets.randbelow(2**63)})
+    params = params.model_copy(update={"model": model})  # the record says where it was routed
     quota = settings.max_queued_per_tenant
     if services.jobs.active_count(tenant) >= quota:  # cheap early answer; create() enforces it atomically
         raise _quota_error(quota)
     job_id = uuid.uuid4().hex
     bind_log_context(job_id=job_id, tenant=tenant)
-    record = JobRecord(id=job_id, tenant=tenant, params=params, input_key=input_key(job_id),
+    record = JobRecord(id=job_id, tenant=tenant, params=params, model=model, input_key=input_key(job_id),
                        input_content_type=image.content_type, input_width=image.width, input_height=image.height,
                        trace_context=carrier(job_id=job_id, tenant=tenant))
     services.storage.put(record.input_key, image.data, image.content_type)
     try:  # quota, record, idempotency key and RQ's enqueue: one transaction
         stored, created = services.jobs.create(
             record, idempotency_key, request_hash=fingerprint, max_active=quota,
-            enqueue=lambda pipe: services.queue.enqueue(job_id, tenant, pipeline=pipe))
+            enqueue=lambda pipe: services.queue_for(model).enqueue(job_id, tenant, pipeline=pipe))
     except QuotaExceeded as exc:  # another request took the last slot since the check above
         services.storage.delete(record.input_key)
         raise _quota_error(exc.limit) from None
@@ -216,6 +221,16 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
     if not created:  # lost a race with an identical request
         services.storage.delete(record.input_key)
     return stored, not created
+
+
+def _resolve_model(settings: Settings, name: str | None) -> str:
+    """The served model a request names, or the default one; 422 ``unknown_model`` otherwise."""
+    served = settings.served_models()
+    if name is None:
+        return served[0]
+    if name not in served:
+        raise ApiError(422, "unknown_model", f"model {name!r} is not served here; served models: {', '.join(served)}")
+    return name
 
 
 def _replay(services: ServicesDep, tenant: str, idempotency_key: str, fingerprint: str) -> JobRecord | None:
@@ -331,8 +346,9 @@ def cancel_job(job_id: str, request: Request, services: ServicesDep, tenant: Ten
     if record.status == JobStatus.queued:
         try:
             # The record's cancel and its removal from RQ's queue: one transaction.
+            queue = services.queue_for(record.model)
             record = services.jobs.finish(job_id, JobStatus.canceled, extra=lambda pipe, _:
-                                          services.queue.cancel_queued(job_id, pipe))
+                                          queue.cancel_queued(job_id, pipe))
             return JSONResponse(_view(record, request, services).model_dump(mode="json"), status_code=200)
         except TransitionRejected:
             record = services.jobs.get(job_id) or record  # a worker picked it up meanwhile

@@ -91,6 +91,24 @@ export class Api {
     return (await this.request(`v1/jobs/${encodeURIComponent(id)}/result`)).blob();
   }
 
+  /**
+   * The models this deployment serves (GET /v1/models), or null where the server has no model
+   * list (an older API). Each: {name, default, family, title, weights, trained, untrained_reason,
+   * default_steps, default_guidance_scale, ...}; the identity fields are null until a worker of
+   * that model has announced itself.
+   */
+  async models() {
+    let body;
+    try {
+      body = await this.json("v1/models");
+    } catch (error) {
+      if (error instanceof ApiProblem && (error.status === 404 || error.status === 405)) return null;
+      throw error;
+    }
+    const models = Array.isArray(body?.models) ? body.models : [];
+    return models.filter((model) => model && typeof model.name === "string" && model.name);
+  }
+
   /** The tenant's recent jobs, or null where the server has no job list. */
   async recentJobs(limit = 20) {
     try {

@@ -1,4 +1,5 @@
-// The upload page: API key, uploads with parameters, live progress, before/after, recent jobs.
+// The upload page: API key, model choice, uploads with parameters, live progress, before/after,
+// recent jobs. Every surface says which model ran and warns when its weights are untrained.
 import { Api, ApiProblem, FINAL } from "./api.js";
 
 const KEY_STORAGE = "megasr.apiKey";
@@ -18,6 +19,7 @@ keyInput.addEventListener("change", () => {
   const key = keyInput.value.trim();
   if (key) sessionStorage.setItem(KEY_STORAGE, key);
   else sessionStorage.removeItem(KEY_STORAGE);
+  loadModels({ restart: true });
   refreshJobList();
 });
 
@@ -59,15 +61,20 @@ form.addEventListener("submit", async (event) => {
     showError("Choose at least one image first.");
     return;
   }
+  // Empty fields are not sent (api.submit drops them): the server then applies the chosen
+  // model's own defaults for steps and guidance. The model is sent only where there is a choice.
   const params = {
+    model: models.length > 1 ? modelSelect.value : "",
     scale: $("#scale").value,
     steps: $("#steps").value,
+    guidance_scale: $("#guidance-scale").value,
     seed: $("#seed").value,
     output_format: $("#output-format").value,
   };
   const button = $("#submit");
   button.disabled = true;
   const problems = [];
+  let staleModels = false;
   try {
     for (const file of chosen) {
       try {
@@ -75,11 +82,13 @@ form.addEventListener("submit", async (event) => {
         track(view, file);
       } catch (error) {
         problems.push(`${file.name}: ${explain(error)}`);
+        if (error instanceof ApiProblem && error.code === "unknown_model") staleModels = true;
       }
     }
   } finally {
     button.disabled = false;
   }
+  if (staleModels) loadModels();  // the served models changed since the page asked
   showError(problems.join("\n"));
   refreshJobList();
 });
@@ -127,6 +136,30 @@ function render(card, view) {
   if (typeof view.progress === "number") progress.value = Math.round(view.progress * 100);
   if (status === "succeeded") progress.value = 100;
   $(".cancel", card).hidden = FINAL.has(status);
+  showJobModel(card, view, status);
+}
+
+/** The card's model line: the model that ran it once known, else the model it was sent to. */
+function showJobModel(card, view, status) {
+  if (typeof view.model === "string") card.dataset.model = view.model;
+  if (view.model_info && typeof view.model_info === "object") card.modelInfo = view.model_info;
+  const info = card.modelInfo;
+  const line = $(".job-model", card);
+  if (info) {
+    line.textContent = `Model: ${ranOn(info)}`;
+  } else if (card.dataset.model) {
+    line.textContent = `Model: ${modelLabel(card.dataset.model)}${FINAL.has(status) ? "" : " (requested)"}`;
+  }
+  line.hidden = !line.textContent;
+  const untrained = status === "succeeded" && info?.trained === false;
+  const mark = $(".job-untrained", card);
+  mark.textContent = untrained
+    ? `Made by untrained weights (${info.untrained_reason || "no reason given"}): this is not a real super-resolution.`
+    : "";
+  mark.hidden = !untrained;
+  card.classList.toggle("untrained", untrained);
+  const title = info?.title || info?.name || "MegaSR";
+  $(".after", card).alt = `After (${title} result${untrained ? ", untrained weights" : ""})`;
 }
 
 function showJobError(card, message) {
@@ -138,6 +171,7 @@ function showJobError(card, message) {
 async function finish(card, view, beforeUrl) {
   render(card, view);
   refreshJobList();
+  if (models.some((model) => !announced(model))) loadModels();
   if (view.status === "failed") {
     showJobError(card, `The job failed: ${view.error?.message ?? "no reason given"}`);
     return;
@@ -204,22 +238,160 @@ async function refreshJobList() {
     const row = document.createElement("tr");
     row.dataset.jobId = job.id;
     const size = job.output ? `${job.output.width}×${job.output.height}` : `${job.input.width}×${job.input.height}`;
-    for (const [text, code] of [[job.id.slice(0, 12), true], [job.status, false], [size, false],
-                                [new Date(job.created_at).toLocaleString(), false]]) {
-      const cell = document.createElement("td");
-      if (code) {
-        const element = document.createElement("code");
-        element.textContent = text;
-        element.title = job.id;
-        cell.append(element);
-      } else {
-        cell.textContent = text;
-      }
-      row.append(cell);
-    }
+    const id = element("code", job.id.slice(0, 12));
+    id.title = job.id;
+    row.append(cell(id), cell(job.status), modelCell(job), cell(size),
+               cell(new Date(job.created_at).toLocaleString()));
     return row;
   }));
 }
 
-$("#refresh").addEventListener("click", refreshJobList);
+function element(tag, text, className) {
+  const node = document.createElement(tag);
+  node.textContent = text;
+  if (className) node.className = className;
+  return node;
+}
+
+function cell(content) {
+  const node = document.createElement("td");
+  node.append(content);
+  return node;
+}
+
+/** A job's model in the list: the one that ran it (marked when untrained), else the one asked for. */
+function modelCell(job) {
+  const node = cell(job.model_info ? ranOn(job.model_info) : job.model ? modelLabel(job.model) : "—");
+  node.className = "model-cell";
+  node.dataset.testid = "job-list-model";
+  if (job.model_info?.trained === false) {
+    const badge = element("span", "untrained", "badge warning");
+    badge.title = job.model_info.untrained_reason || "untrained weights";
+    node.append(" ", badge);
+  }
+  return node;
+}
+
+// ---- Models: GET /v1/models, the selector, the untrained-weights banner, the defaults ----
+
+const modelSelect = $("#model-select");
+const modelChoice = $("#model-choice");
+const modelInfo = $("#model-info");
+const banner = $("#untrained-banner");
+/** The served models as the server last listed them; empty when unknown (the page then sends no model). */
+let models = [];
+let modelRequests = 0;
+const modelRetry = { timer: 0, delay: 3000 };
+
+/** Whether a worker of this model has announced its identity (weights, whether trained, defaults). */
+function announced(model) {
+  return typeof model.trained === "boolean";
+}
+
+/** "SeeSR (fast)": a served model's title and name; one of them where they differ only in case. */
+function modelLabel(name) {
+  const title = models.find((candidate) => candidate.name === name)?.title;
+  if (!title) return name;
+  return title.toLowerCase() === name.toLowerCase() ? title : `${title} (${name})`;
+}
+
+/** "SeeSR · weights tiny-seesr": what a model_info says ran. */
+function ranOn(info) {
+  const title = info.title || info.name || "unknown model";
+  return info.weights ? `${title} · weights ${info.weights}` : title;
+}
+
+function chosenModel() {
+  if (models.length > 1) return models.find((model) => model.name === modelSelect.value) ?? null;
+  return models[0] ?? null;
+}
+
+async function loadModels({ restart = false } = {}) {
+  const request = ++modelRequests;
+  clearTimeout(modelRetry.timer);
+  if (restart) modelRetry.delay = 3000;
+  let list;
+  let problem = null;
+  try {
+    list = await api.models();
+  } catch (error) {
+    problem = error;
+  }
+  if (request !== modelRequests) return;  // a newer request answers instead
+  models = list ?? [];
+  showModels(list === null ? "none" : problem);
+  // Until every model's worker has announced itself, ask again now and then (backing off).
+  if (!problem && models.some((model) => !announced(model))) {
+    modelRetry.timer = setTimeout(loadModels, modelRetry.delay);
+    modelRetry.delay = Math.min(modelRetry.delay * 2, 60_000);
+  }
+}
+
+/** The selector (several models), the model line, the banner and the defaults for the models now known. */
+function showModels(problem) {
+  const previous = modelSelect.value;
+  if (models.length > 1) {
+    modelSelect.replaceChildren(...models.map((model) => {
+      const option = element("option", modelLabel(model.name) + (model.trained === false ? " — untrained" : ""));
+      option.value = model.name;
+      return option;
+    }));
+    const fallback = models.find((model) => model.default) ?? models[0];
+    modelSelect.value = models.some((model) => model.name === previous) ? previous : fallback.name;
+  } else {
+    modelSelect.replaceChildren();
+  }
+  modelChoice.hidden = models.length < 2;
+  if (problem === "none") {
+    modelInfo.textContent = "This server does not list its models; uploads use its default model.";
+  } else if (problem) {
+    modelInfo.textContent = problem instanceof ApiProblem && problem.status === 401 && !keyInput.value.trim()
+      ? "Enter your API key to see which models this server runs."
+      : `The list of models is unavailable (${explain(problem)}); uploads use the server's default model.`;
+  }
+  showChosenModel(problem ? null : undefined);
+}
+
+/** The line about the chosen model, the untrained-weights banner and the parameter placeholders. */
+function showChosenModel(fixedText) {
+  const model = chosenModel();
+  if (fixedText === undefined) {
+    let text = "";
+    if (model) {
+      const prefix = models.length > 1 ? "" : `Model: ${modelLabel(model.name)} · `;
+      text = announced(model)
+        ? `${prefix}weights ${model.weights ?? "unknown"}${model.dtype ? ` (${model.dtype})` : ""}` +
+          (model.trained ? " · trained" : " · untrained")
+        : `${prefix}no worker has announced this model yet, so its weights are not known`;
+    }
+    modelInfo.textContent = text;
+  }
+  modelInfo.hidden = !modelInfo.textContent;
+
+  // The banner is an alert: rewritten only when what it says changes, so it is announced once.
+  const untrained = model?.trained === false;
+  const reason = (model?.untrained_reason || "no reason given").replace(/[.\s]+$/, "");
+  const warning = untrained
+    ? ` ${model.title || model.name}${model.weights ? ` (${model.weights})` : ""} is not trained: ${reason}. ` +
+      "Its results are not a real super-resolution."
+    : "";
+  if (banner.dataset.warning !== warning) {
+    banner.dataset.warning = warning;
+    banner.replaceChildren(...(untrained ? [element("strong", "Untrained weights."), warning] : []));
+  }
+  banner.hidden = !untrained;
+
+  const steps = model?.default_steps;
+  const guidance = model?.default_guidance_scale;
+  $("#steps").placeholder = Number.isFinite(steps) ? `${steps} (default)` : "model default";
+  $("#guidance-scale").placeholder = Number.isFinite(guidance) ? `${guidance} (default)` : "model default";
+}
+
+modelSelect.addEventListener("change", () => showChosenModel());
+
+$("#refresh").addEventListener("click", () => {
+  refreshJobList();
+  loadModels({ restart: true });
+});
+loadModels();
 if (keyInput.value.trim()) refreshJobList();

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from rq.worker import SimpleWorker
 
+from megasr_core.identity import ModelIdentity
 from service import faults
 from service.app import build_services, create_app
 from service.contracts import JobRecord, JobStatus, UpscaleParams
@@ -130,7 +131,9 @@ def test_a_mismatch_found_inside_the_create_transaction_is_refused(store):
 
 class StandIn:
     """The pipeline's calling convention, without a model: each image comes back 4× larger in
-    ``colour``, or the call raises ``error``."""
+    ``colour``, or the call raises ``error``. Its ``identity`` is a real one (of no weights)."""
+
+    identity = ModelIdentity("megasr", "stand-in", "float32", ("a stand-in pipeline, no model",))
 
     def __init__(self, colour: str = "red", error: BaseException | None = None) -> None:
         self.colour, self.error = colour, error

@@ -57,7 +57,7 @@ def test_progress_then_done_over_a_real_server(tmp_path, db_url, tiny_pipeline):
 
 
 def view(status: JobStatus, progress: float = 0.0) -> JobView:
-    return JobView(id="j", status=status, progress=progress, created_at="2026-01-01T00:00:00Z",
+    return JobView(id="j", status=status, model="default", progress=progress, created_at="2026-01-01T00:00:00Z",
                    input=ImageSize(width=8, height=8), params=UpscaleParams())
 
 

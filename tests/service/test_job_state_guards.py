@@ -322,6 +322,9 @@ def test_a_request_fingerprint_is_stable_across_releases():
                  '"output_format":"png","prompt":"","scale":4.0,"seed":7,"steps":50,"webhook_url":null}')
     expected = hashlib.sha256(hashlib.sha256(image).digest() + canonical.encode()).hexdigest()
     assert request_fingerprint(image, UpscaleParams(seed=7)) == expected
+    # Naming a model is another request (what a key was first used for stays bound to it).
+    named = request_fingerprint(image, UpscaleParams(seed=7, model="seesr-turbo"))
+    assert named not in (expected, request_fingerprint(image, UpscaleParams(seed=7, model="seesr-turbo", steps=50)))
 
 
 def test_an_expired_idempotency_key_creates_a_new_job(store):

@@ -29,7 +29,8 @@ VARIANTS = {"scale": 3, "steps": 1, "guidance_scale": 1.0, "seed": 8, "prompt": 
             "negative_prompt": "cartoon", "color_fix": "none", "output_format": "jpeg"}
 #: fields that do not change the pixels, and where they are covered
 NOT_PIXELS = {"output_format": "the encoding: test_output_format_is_the_stored_encoding",
-              "webhook_url": "delivery only: tests/service/test_webhooks.py"}
+              "webhook_url": "delivery only: tests/service/test_webhooks.py",
+              "model": "which model runs it: tests/service/test_model_routing.py"}
 #: UpscaleParams name → MegaSRPipeline argument
 PIPELINE_ARGUMENT = {"steps": "num_inference_steps"}
 MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff"}
@@ -106,7 +107,7 @@ def pixels_of(image) -> np.ndarray:
 def test_the_cases_cover_every_field_of_the_contract():
     """BASE and VARIANTS name every UpscaleParams field (a new field fails here until it is tested) and avoid defaults."""
     assert set(UpscaleParams.model_fields) == set(BASE) | set(NOT_PIXELS)
-    assert set(VARIANTS) == set(UpscaleParams.model_fields) - {"webhook_url"}
+    assert set(VARIANTS) == set(UpscaleParams.model_fields) - {"webhook_url", "model"}
     for name, value in BASE.items():
         assert value != UpscaleParams.model_fields[name].default, name
     assert VARIANTS["output_format"] != UpscaleParams.model_fields["output_format"].default

@@ -46,6 +46,13 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
         env.pop(key, None)
     server, base = start_serve(env, tmp_path / "serve.log")
     try:
+        # It serves the one model it loaded, named after its family, and says the weights are untrained.
+        [model] = httpx.get(f"{base}/v1/models", timeout=10).json()["models"]
+        assert (model["name"], model["default"], model["workers"], model["family"]) == ("megasr", True, 1, "megasr")
+        assert model["trained"] is False and "tiny demo weights" in model["untrained_reason"]
+        ready = httpx.get(f"{base}/readyz", timeout=10).json()
+        assert ready["models"] == [{"name": "megasr", "family": "megasr", "trained": False, "workers": 1}]
+        assert "weights tiny are UNTRAINED" in (tmp_path / "serve.log").read_text()
         response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
                               data={"steps": "2"}, timeout=30)
         assert response.status_code == 202, response.text
@@ -55,6 +62,7 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
             assert time.monotonic() < deadline, job
             time.sleep(0.5)
         assert job["status"] == "succeeded", job
+        assert job["model"] == job["model_info"]["name"] == "megasr" and job["model_info"]["trained"] is False
         result = httpx.get(base + job["result_url"], timeout=30)
         assert Image.open(io.BytesIO(result.content)).size == (80, 48)
         assert (tmp_path / "home" / "valkey").is_dir() and (tmp_path / "home" / "data").is_dir()

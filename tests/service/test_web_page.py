@@ -1,11 +1,18 @@
 """The page at ``/`` in a real browser (Playwright driving Debian's Chromium) against a real
 ``megasr serve``: uvicorn, embedded Valkey, local storage and the in-process worker on the tiny
-weights. Set MEGASR_SCREENSHOT_DIR=docs/screenshots to refresh the README's screenshots."""
+weights; and, for the model selector, a ``megasr serve`` routing to two models (tiny SeeSR and
+SeeSR-Turbo), each with its own ``megasr worker``. Set MEGASR_SCREENSHOT_DIR=docs/screenshots to
+refresh the README's screenshots."""
 
 from __future__ import annotations
 
 import io
+import json
 import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -14,6 +21,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
+from megasr_core.identity import TINY_REASON
+from tests.service.conftest import fresh_database_url
 from tests.service.test_serve import start_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,6 +55,57 @@ def server(tmp_path_factory, tiny_weights):
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+#: the two models of the ``two_models`` server, the default first: name → (family, title, default steps, guidance)
+TWO_MODELS = {"seesr": ("seesr", "SeeSR", 50, 5.5), "seesr-turbo": ("seesr-turbo", "SeeSR-Turbo", 2, 1.0)}
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, redis_url):
+    """`megasr serve` routing to two models (MEGASR_MODELS, ``seesr`` the default), each served by its
+    own `megasr worker` on tiny weights of its family, over a database of the session's Valkey and one
+    local store: its base URL, once both workers have announced their models."""
+    from megasr_core.weights import init_tiny
+
+    home = tmp_path_factory.mktemp("web-models")
+    (home / "data").mkdir()
+    common = {**os.environ, "MEGASR_HOME": str(home / "home"), "MEGASR_REDIS_URL": fresh_database_url(redis_url),
+              "MEGASR_STORAGE_URL": (home / "data").as_uri(), "MEGASR_API_KEYS": f"webtenant:{KEY}",
+              "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS), "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost"}
+    for name in ("MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS", "MEGASR_WEIGHTS", "MEGASR_MODEL", "MEGASR_MODELS"):
+        common.pop(name, None)
+    workers = []
+    api = None
+    try:
+        for name, (family, *_) in TWO_MODELS.items():
+            weights = init_tiny(home / f"tiny-{name}", family=family)
+            with (home / f"worker-{name}.log").open("wb") as log:
+                workers.append(subprocess.Popen(
+                    [str(Path(sys.executable).with_name("megasr")), "worker", "--device", "cpu"],
+                    env={**common, "MEGASR_MODEL": name, "MEGASR_WEIGHTS": str(weights),
+                         "MEGASR_WARMUP_BUCKETS": "64x64"},  # the tests' images are small
+                    stdout=log, stderr=subprocess.STDOUT))
+        api, base = start_serve({**common, "MEGASR_MODELS": ",".join(TWO_MODELS)}, home / "serve.log")
+        deadline = time.monotonic() + 240
+        while True:
+            for name, worker in zip(TWO_MODELS, workers):
+                assert worker.poll() is None, (home / f"worker-{name}.log").read_text()[-3000:]
+            listed = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+            if all(model["workers"] and model["trained"] is not None for model in listed["models"]):
+                break
+            assert time.monotonic() < deadline, listed
+            time.sleep(0.5)
+        yield base
+    finally:
+        for process in [*workers, *([api] if api else [])]:
+            process.terminate()
+        for process in [*workers, *([api] if api else [])]:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)
 
 
 @pytest.fixture()
@@ -86,6 +146,24 @@ def screenshot(page, name: str, tmp_path: Path) -> None:
     page.screenshot(path=str(folder / name))
 
 
+def open_with_key(page, base: str) -> None:
+    """The page, with the test key typed in (as a person would: the field's change event)."""
+    page.goto(f"{base}/")
+    page.get_by_test_id("api-key").fill(KEY)
+    page.get_by_test_id("api-key").dispatch_event("change")
+
+
+def upload_fields(request) -> dict[str, str]:
+    """The form fields (not the image) of a multipart POST the page sent."""
+    body = request.post_data_buffer.decode("latin-1")
+    return {name: value.strip() for name, value in
+            re.findall(r'name="([^"]+)"\r\n\r\n([^\r]*)\r\n', body)}
+
+
+def job(base: str, job_id: str) -> dict:
+    return httpx.get(f"{base}/v1/jobs/{job_id}", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).json()
+
+
 def test_page_and_assets_need_no_key_and_carry_a_csp(server):
     page = httpx.get(f"{server}/", timeout=10)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
@@ -123,6 +201,16 @@ def test_upload_progress_compare_download_cancel_list_and_errors(server, browser
     assert page.get_by_test_id("api-key").input_value() == KEY
     assert page.evaluate("sessionStorage.getItem('megasr.apiKey')") == KEY
 
+    # One model served (the tiny MegaSR weights, named "megasr" after their family): no selector, its name and weights
+    # shown, and a banner saying the weights are untrained, and why; its defaults as placeholders.
+    banner = page.get_by_test_id("untrained-banner")
+    banner.filter(has_text=TINY_REASON).wait_for()
+    assert banner.get_attribute("role") in ("alert", "status") and "MegaSR" in banner.inner_text()
+    assert page.get_by_test_id("model-info").inner_text() == "Model: MegaSR · weights tiny (float32) · untrained"
+    assert page.get_by_test_id("model-select").is_hidden()
+    assert page.locator("#steps").get_attribute("placeholder") == "50 (default)"
+    assert page.locator("#guidance-scale").get_attribute("placeholder") == "5.5 (default)"
+
     # Dropped files are chosen like picked ones (several at once).
     page.locator("#drop-zone").evaluate("""zone => {
         const files = new DataTransfer();
@@ -146,6 +234,11 @@ def test_upload_progress_compare_download_cancel_list_and_errors(server, browser
     assert result.get_attribute("src").startswith("blob:")
     assert first.get_by_test_id("progress").evaluate("p => p.value") == 100
     assert first.get_by_test_id("cancel").is_hidden()
+    # The result says which model made it, and that its weights are untrained.
+    assert first.get_by_test_id("job-model").inner_text() == "Model: MegaSR · weights tiny"
+    assert first.get_by_test_id("result-untrained").is_visible()
+    assert TINY_REASON in first.get_by_test_id("result-untrained").inner_text()
+    assert result.get_attribute("alt") == "After (MegaSR result, untrained weights)"
 
     # Progress came from the job's event stream where the server has one, else from polling.
     job_path = f"/v1/jobs/{first.get_attribute('data-job-id')}"
@@ -208,6 +301,9 @@ def test_upload_progress_compare_download_cancel_list_and_errors(server, browser
         for job_id in job_ids:
             job_list.locator(f'tr[data-job-id="{job_id}"]').wait_for()
         assert "canceled" in job_list.locator(f'tr[data-job-id="{job_ids[0]}"]').inner_text()
+        done = job_list.locator(f'tr[data-job-id="{job_ids[2]}"]').get_by_test_id("job-list-model")
+        assert done.inner_text() == "MegaSR · weights tiny untrained"
+        assert done.locator(".badge").get_attribute("title") == TINY_REASON
     else:
         page.locator("#job-list-note", has_text="no job list yet").wait_for()
 
@@ -234,3 +330,141 @@ def test_upload_progress_compare_download_cancel_list_and_errors(server, browser
     assert page.locator(".job").count() == 3  # refused uploads made no cards
     unexpected = [p for p in page.problems if "status of 4" not in p]  # the 4xx answers above are logged
     assert not unexpected, unexpected
+
+
+def test_two_models_selector_defaults_banner_and_the_chosen_model_is_sent(two_models, browser_page, tmp_path):
+    page = browser_page
+    open_with_key(page, two_models)
+
+    # A labelled selector of both models (title and name), on the default one.
+    select = page.get_by_label("Model", exact=True)
+    select.wait_for()
+    assert select.get_attribute("data-testid") == "model-select"
+    assert select.locator("option").all_inner_texts() == [
+        f"{title} — untrained" for _, title, *_ in TWO_MODELS.values()]
+    assert select.input_value() == "seesr"
+    banner = page.get_by_test_id("untrained-banner")
+    assert banner.is_visible() and TINY_REASON in banner.inner_text()
+    assert "SeeSR (tiny-seesr)" in banner.inner_text()
+    assert page.locator("#steps").get_attribute("placeholder") == "50 (default)"
+    assert page.locator("#guidance-scale").get_attribute("placeholder") == "5.5 (default)"
+
+    # By keyboard to the other model: the banner, the model line and the defaults follow it.
+    select.focus()
+    page.keyboard.press("ArrowDown")
+    assert select.input_value() == "seesr-turbo"
+    banner.filter(has_text="SeeSR-Turbo (tiny-seesr-turbo)").wait_for()
+    assert TINY_REASON in banner.inner_text()
+    assert page.get_by_test_id("model-info").inner_text() == "weights tiny-seesr-turbo (float32) · untrained"
+    assert page.locator("#steps").get_attribute("placeholder") == "2 (default)"
+    assert page.locator("#guidance-scale").get_attribute("placeholder") == "1 (default)"
+    page.evaluate("window.scrollTo(0, 0)")
+    screenshot(page, "web-page-models.png", tmp_path)
+
+    # The upload names the chosen model and leaves steps and guidance to its defaults.
+    page.get_by_test_id("file-input").set_input_files(str(photo(tmp_path / "astronaut.png", PHOTO_SIZE)))
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/upscale")) as sent:
+        page.get_by_test_id("submit").click()
+    fields = upload_fields(sent.value)
+    assert fields["model"] == "seesr-turbo" and "steps" not in fields and "guidance_scale" not in fields, fields
+    card = page.locator(".job").first
+    card.get_by_test_id("job-model").filter(has_text="SeeSR-Turbo").wait_for()
+    card.get_by_test_id("result-image").wait_for(timeout=240_000)
+    assert card.get_by_test_id("job-model").inner_text() == "Model: SeeSR-Turbo · weights tiny-seesr-turbo"
+    assert TINY_REASON in card.get_by_test_id("result-untrained").inner_text()
+    ran = job(two_models, card.get_attribute("data-job-id"))
+    assert ran["model"] == "seesr-turbo" and ran["model_info"]["family"] == "seesr-turbo", ran
+    assert ran["params"].get("steps") in (None, 2) and ran["params"].get("guidance_scale") in (None, 1.0), ran
+    page.evaluate("window.scrollTo(0, 0)")
+    screenshot(page, "web-page-models-result.png", tmp_path)
+
+    # The default model again: its job is routed to it.
+    select.select_option("seesr")
+    page.locator("#steps").fill("2")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/upscale")) as sent:
+        page.get_by_test_id("submit").click()
+    assert upload_fields(sent.value)["model"] == "seesr"
+    page.wait_for_function("() => document.querySelectorAll('.job').length === 2")
+    second = page.locator(".job").first
+    second.get_by_test_id("result-image").wait_for(timeout=240_000)
+    assert second.get_by_test_id("job-model").inner_text() == "Model: SeeSR · weights tiny-seesr"
+    assert job(two_models, second.get_attribute("data-job-id"))["model"] == "seesr"
+
+    # The recent-jobs list says which model ran each job.
+    page.locator("#refresh").click()
+    rows = page.get_by_test_id("job-list")
+    rows.locator(f'tr[data-job-id="{ran["id"]}"]').get_by_test_id("job-list-model").filter(
+        has_text="SeeSR-Turbo · weights tiny-seesr-turbo").wait_for()
+    assert not [p for p in page.problems if "status of 4" not in p], page.problems
+
+
+@pytest.mark.parametrize("failure", ["error", "unreachable", "missing"])
+def test_page_uploads_without_a_model_list(server, browser_page, tmp_path, failure):
+    page = browser_page
+
+    def models(route):
+        if failure == "unreachable":
+            route.abort()
+        else:
+            status = 500 if failure == "error" else 404
+            route.fulfill(status=status, content_type="application/json",
+                          body=json.dumps({"error": {"code": "internal", "message": "models are down"}}))
+
+    page.route("**/v1/models", models)
+    open_with_key(page, server)
+    info = page.get_by_test_id("model-info")
+    info.filter(has_text="default model").wait_for()
+    assert page.get_by_test_id("model-select").is_hidden() and page.get_by_test_id("untrained-banner").is_hidden()
+    assert page.locator("#steps").get_attribute("placeholder") == "model default"
+
+    page.get_by_test_id("file-input").set_input_files(str(photo(tmp_path / "astronaut.png", PHOTO_SIZE)))
+    page.locator("#steps").fill("2")
+    with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/upscale")) as sent:
+        page.get_by_test_id("submit").click()
+    assert "model" not in upload_fields(sent.value)
+    card = page.locator(".job").first
+    card.get_by_test_id("result-image").wait_for(timeout=240_000)
+    # The job itself still says which model ran it.
+    assert card.get_by_test_id("job-model").inner_text() == "Model: MegaSR · weights tiny"
+    assert card.get_by_test_id("result-untrained").is_visible()
+    assert page.get_by_test_id("error").is_hidden()
+
+
+def test_model_list_is_shown_as_text_and_trained_models_have_no_banner(server, browser_page, tmp_path):
+    """What /v1/models says is data, never markup; trained weights get no banner, unannounced ones
+    say so; a model named default is preselected. (The list is stubbed: no trained weights here.)"""
+    page = browser_page
+    hostile = '<img src=x onerror="window.pwned=1">'
+    served = {"models": [
+        {"name": "real", "default": False, "workers": 1, "family": "seesr", "title": "SeeSR",
+         "weights": "hf://org/seesr@0123456789ab", "dtype": "float16", "tagger": "ram", "trained": True,
+         "untrained_reason": None, "default_steps": 50, "default_guidance_scale": 5.5},
+        {"name": "evil", "default": True, "workers": 1, "family": "seesr", "title": hostile,
+         "weights": f"w{hostile}", "dtype": "float16", "tagger": "ram", "trained": False,
+         "untrained_reason": f"because {hostile}", "default_steps": 20, "default_guidance_scale": 3.0},
+        {"name": "later", "default": False, "workers": 0, "family": None, "title": None, "weights": None,
+         "dtype": None, "tagger": None, "trained": None, "untrained_reason": None, "default_steps": None,
+         "default_guidance_scale": None},
+    ]}
+    page.route("**/v1/models", lambda route: route.fulfill(status=200, content_type="application/json",
+                                                           body=json.dumps(served)))
+    open_with_key(page, server)
+    select = page.get_by_test_id("model-select")
+    select.wait_for()
+    assert select.input_value() == "evil"  # the default, though not listed first
+    banner = page.get_by_test_id("untrained-banner")
+    assert banner.is_visible()
+    assert f"{hostile} (w{hostile}) is not trained: because {hostile}." in banner.inner_text()
+    assert banner.locator("img").count() == 0 and select.locator("img").count() == 0
+    assert select.locator("option").all_inner_texts() == ["SeeSR (real)", f"{hostile} (evil) — untrained", "later"]
+    assert page.locator("#steps").get_attribute("placeholder") == "20 (default)"
+
+    select.select_option("real")
+    banner.wait_for(state="hidden")
+    assert page.get_by_test_id("model-info").inner_text() == "weights hf://org/seesr@0123456789ab (float16) · trained"
+    select.select_option("later")
+    assert banner.is_hidden()
+    assert "no worker has announced this model yet" in page.get_by_test_id("model-info").inner_text()
+    assert page.locator("#steps").get_attribute("placeholder") == "model default"
+    assert page.evaluate("window.pwned") is None
+    assert not [p for p in page.problems if "status of 4" not in p], page.problems

@@ -160,7 +160,8 @@ def test_payload_is_the_documented_event_exactly():
                      input_key="jobs/job-7/input", input_width=30, input_height=20, output_width=120,
                      output_height=80, created_at=created, started_at=started, finished_at=finished)
     assert json.loads(payload(done, "https://sr.example.com/")) == {
-        "id": "job-7", "status": "succeeded", "progress": 1.0, "created_at": "2026-01-02T03:04:05+00:00",
+        "id": "job-7", "status": "succeeded", "model": "default", "model_info": None,
+        "progress": 1.0, "created_at": "2026-01-02T03:04:05+00:00",
         "started_at": "2026-01-02T03:04:06+00:00", "finished_at": "2026-01-02T03:04:09+00:00",
         "input": {"width": 30, "height": 20}, "output": {"width": 120, "height": 80}, "error": None,
         "result_url": "https://sr.example.com/v1/jobs/job-7/result",
@@ -175,6 +176,12 @@ def test_payload_is_the_documented_event_exactly():
     assert body["status"] == "failed" and body["progress"] == 0.5 and body["started_at"] is None
     assert body["output"] is None and body["result_url"] is None  # a link only for a success
     assert body["error"] == {"code": "bad_image", "message": "unreadable"}
+    from megasr_core.identity import ModelIdentity
+    from service.contracts import ModelInfo
+
+    ran = ModelInfo(name="turbo", **ModelIdentity("seesr-turbo", "w", "float16", ("untrained",)).to_dict())
+    body = json.loads(payload(done.model_copy(update={"model": "turbo", "model_info": ran}), None))
+    assert body["model"] == "turbo" and body["model_info"] == ran.model_dump(mode="json")  # which model ran it
 
 
 def test_verify_accepts_exactly_the_tolerance_and_no_more():

@@ -34,3 +34,35 @@ def rendered(request) -> tuple[str, list[dict]]:
 
 def find(docs: list[dict], kind: str, name: str | None = None) -> list[dict]:
     return [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    """A label selector (``matchLabels``; an empty one selects every pod, as in a NetworkPolicy) or
+    a Service's bare selector mapping (an empty one selects nothing) against an object's labels."""
+    assert "matchExpressions" not in selector, "matchExpressions are not modelled here"
+    if "matchLabels" in selector or not selector:
+        return selector.get("matchLabels", {}).items() <= labels.items()
+    return selector.items() <= labels.items()
+
+
+def workers(docs: list[dict]) -> list[dict]:
+    """The GPU worker Deployments: megasr-worker and every model component's megasr-worker-<model>."""
+    return [d for d in find(docs, "Deployment")
+            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+
+
+def effective_env(docs: list[dict], container: dict) -> dict[str, str | None]:
+    """The container's environment: its ConfigMaps (envFrom, later ones win), then its own ``env``
+    (a value from a Secret or a field reads as None)."""
+    env: dict[str, str | None] = {}
+    for source in container.get("envFrom", []):
+        (configmap,) = find(docs, "ConfigMap", source["configMapRef"]["name"])
+        env.update(configmap["data"])
+    for entry in container.get("env", []):
+        env[entry["name"]] = entry.get("value")
+    return env
+
+
+def container(deployment: dict, name: str) -> dict:
+    (found,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == name]
+    return found

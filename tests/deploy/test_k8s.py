@@ -7,7 +7,7 @@ import pytest
 
 from service.config import Settings
 from service.contracts import DEFAULT_QUEUE
-from tests.deploy.conftest import OVERLAYS, find
+from tests.deploy.conftest import OVERLAYS, find, workers
 
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}
 
@@ -42,29 +42,36 @@ def config(docs) -> dict:
     return configmap["data"]
 
 
+def worker_pod_specs(docs) -> list[tuple[str, dict]]:
+    """(name, pod spec) of every worker Deployment: megasr-worker and each model's (test_models.py)."""
+    found = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in workers(docs)]
+    assert found
+    return found
+
+
 def test_worker_runs_on_the_gpu_pool(rendered):
     overlay, docs = rendered
-    spec = pod_spec(docs, "megasr-worker")
-    (worker,) = spec["containers"]
-    assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1
-    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
-    assert spec.get("nodeSelector"), f"{overlay}: the worker must select the GPU pool"
+    for name, spec in worker_pod_specs(docs):
+        (worker,) = spec["containers"]
+        assert worker["resources"]["limits"]["nvidia.com/gpu"] == 1, name
+        assert worker["resources"]["requests"]["nvidia.com/gpu"] == 1, name
+        assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"]), name
+        assert spec.get("nodeSelector"), f"{overlay}: {name} must select the GPU pool"
 
 
 def test_worker_probes_grace_and_weights(rendered):
     _, docs = rendered
-    spec = pod_spec(docs, "megasr-worker")
-    (worker,) = spec["containers"]
-    startup = worker["startupProbe"]
-    assert startup["httpGet"]["path"] == "/readyz"
-    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # time to load weights
-    assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert spec["terminationGracePeriodSeconds"] > int(config(docs)["MEGASR_JOB_TIMEOUT_S"])
-    (init,) = spec["initContainers"]
-    assert init["command"][-1] == "worker.fetch_weights"
-    assert any(m["mountPath"] == "/weights" for m in init["volumeMounts"])
+    for _, spec in worker_pod_specs(docs):
+        (worker,) = spec["containers"]
+        startup = worker["startupProbe"]
+        assert startup["httpGet"]["path"] == "/readyz"
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 600  # time to load weights
+        assert worker["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert worker["livenessProbe"]["httpGet"]["path"] == "/healthz"
+        assert spec["terminationGracePeriodSeconds"] > int(config(docs)["MEGASR_JOB_TIMEOUT_S"])
+        (init,) = spec["initContainers"]
+        assert init["command"][-1] == "worker.fetch_weights"
+        assert any(m["mountPath"] == "/weights" for m in init["volumeMounts"])
     assert config(docs)["MEGASR_WEIGHTS"] == "/weights"
 
 
@@ -95,38 +102,41 @@ def test_pods_run_as_non_root_with_read_only_roots(rendered):
 
 
 def test_keda_scales_workers_on_the_queue_the_code_uses(rendered):
+    """Every worker Deployment has one ScaledObject on a Redis list of the queue the code uses; which
+    list belongs to which model (Settings.queue_for) is test_models.py's pairing check."""
     _, docs = rendered
-    (scaled,) = find(docs, "ScaledObject")
-    assert scaled["apiVersion"] == "keda.sh/v1alpha1"
-    spec = scaled["spec"]
-    assert spec["scaleTargetRef"]["name"] == "megasr-worker"
-    assert find(docs, "Deployment", spec["scaleTargetRef"]["name"])
-    assert spec["minReplicaCount"] >= 0 and spec["maxReplicaCount"] >= max(1, spec["minReplicaCount"])
-    trigger = spec["triggers"][0]
-    assert trigger["type"] == "redis"
+    scaled_objects = find(docs, "ScaledObject")
+    targets = sorted(s["spec"]["scaleTargetRef"]["name"] for s in scaled_objects)
+    assert targets == sorted(d["metadata"]["name"] for d in workers(docs))
     queue = config(docs)["MEGASR_QUEUE_NAME"]
     assert queue == DEFAULT_QUEUE
-    assert trigger["metadata"]["listName"] == f"rq:queue:{queue}"
-    assert int(trigger["metadata"]["listLength"]) >= 1 and trigger["metadata"]["address"]
-    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    for scaled in scaled_objects:
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        spec = scaled["spec"]
+        assert spec["minReplicaCount"] >= 0 and spec["maxReplicaCount"] >= max(1, spec["minReplicaCount"])
+        trigger = spec["triggers"][0]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == f"rq:queue:{queue}" or trigger["metadata"]["listName"].startswith(f"rq:queue:{queue}-")
+        assert int(trigger["metadata"]["listLength"]) >= 1 and trigger["metadata"]["address"]
+        assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
 
 
 def test_scale_to_zero_never_drops_a_running_job(rendered):
     """Only with the scale-to-zero component: a running job has left the queue list, so a second
     trigger on the fleet's running jobs keeps its worker; without it the fleet floor is one worker."""
     overlay, docs = rendered
-    (scaled,) = find(docs, "ScaledObject")
-    spec = scaled["spec"]
-    if spec["minReplicaCount"] >= 1:
-        assert len(spec["triggers"]) == 1, overlay
-        return
-    assert overlay == "gpu-pool-scale-to-zero"
-    queue, running = spec["triggers"]
-    assert queue["metadata"]["activationListLength"] == "0"  # the first queued job wakes a worker
-    assert running["type"] == "prometheus"
-    assert "megasr_jobs_running" in running["metadata"]["query"]  # the API's gauge (service/metrics.py)
-    assert float(running["metadata"]["activationThreshold"]) < 1 <= float(running["metadata"]["threshold"])
-    assert spec["cooldownPeriod"] >= 600
+    for scaled in find(docs, "ScaledObject"):
+        spec = scaled["spec"]
+        if spec["minReplicaCount"] >= 1:
+            assert len(spec["triggers"]) == 1, overlay
+            continue
+        assert overlay == "gpu-pool-scale-to-zero"
+        queue, running = spec["triggers"]
+        assert queue["metadata"]["activationListLength"] == "0"  # the first queued job wakes a worker
+        assert running["type"] == "prometheus"
+        assert "megasr_jobs_running" in running["metadata"]["query"]  # the API's gauge (service/metrics.py)
+        assert float(running["metadata"]["activationThreshold"]) < 1 <= float(running["metadata"]["threshold"])
+        assert spec["cooldownPeriod"] >= 600
 
 
 def test_cloud_overlays_pick_one_gpu_nodes(rendered):

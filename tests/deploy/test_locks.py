@@ -138,4 +138,4 @@ def test_the_worker_lock_installs_and_runs(tmp_path, tiny_weights, redis_url):
     started = subprocess.run([megasr, "worker", "--burst", "--device", "cpu"], env=worker_env, capture_output=True,
                              text=True, timeout=600)
     assert started.returncode == 0, started.stderr[-3000:]
-    assert "ready on queue" in started.stderr
+    assert "ready: model default on queue megasr" in started.stderr  # no MEGASR_MODEL: the default model's queue

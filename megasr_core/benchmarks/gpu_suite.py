@@ -13,10 +13,14 @@ On random weights of the preset (nothing downloaded) it measures, in this order:
 3. ``megasr_cuda_graphs``: the same with the denoiser step replayed from CUDA graphs;
    ``cudnn_benchmark``: eager at the largest batch and graphs at batch 1 and the largest, with
    cuDNN's convolution autotuner on;
-4. ``megasr_large``: one ``large``² output (latent tiling and tiled VAE), with peak memory;
-5. ``megasr_compiled_<scope>``: the same per compile scope (``full``, ``blocks``; ``full+graphs``
+4. ``seesr_eager``, ``seesr_cuda_graphs``, ``seesr_turbo_eager``, ``seesr_turbo_cuda_graphs``:
+   the paper's baseline SeeSR (at the suite's steps and CFG) and SeeSR-Turbo (2 steps, no CFG) at
+   batch 1 and the largest batch, eager and with CUDA graphs (``family_sections``), before the
+   long sections so that a budget cut still leaves them measured;
+5. ``megasr_large``: one ``large``² output (latent tiling and tiled VAE), with peak memory;
+6. ``megasr_compiled_<scope>``: the same per compile scope (``full``, ``blocks``; ``full+graphs``
    adds CUDA graphs on top of the compiled code), with compile time;
-6. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
+7. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
 
 ``sections`` picks some of them by name (``build`` always runs). Sections run while ``budget_s`` lasts (each estimated from what ran before it); a section that
 fails records its error and the rest go on. With ``output`` the JSON is rewritten after each
@@ -34,10 +38,15 @@ import traceback
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+
+from .family_sections import FAMILY_SECTIONS, FamilyBench, family_summary
+
+if TYPE_CHECKING:
+    from megasr_core.pipelines import MegaSRPipeline
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")  # in scikit-image's wheel on every version
 
@@ -213,6 +222,7 @@ class GPUSuite:
                 "preset": preset, "output_size": size, "input_size": size // scale, "scale": scale, "steps": steps,
                 "guidance_scale": guidance_scale, "batches": self.batches, "compile_scopes": self.scopes,
                 "large_output_size": large, "dtype": str(self.dtype).replace("torch.", ""), "budget_s": budget_s,
+                "single_repeats": single_repeats,
                 "weights": "random (timing only)",
             },
             "sections": {},
@@ -255,9 +265,9 @@ class GPUSuite:
         self.result.setdefault("section_seconds", {})[name] = round(time.perf_counter() - start, 1)
         self._save()
 
-    def _estimate(self, images: int, runs: int = 1, tiles: int = 1) -> float:
+    def _estimate(self, images: int, runs: int = 1, tiles: int = 1, steps: int | None = None) -> float:
         per_step = self._per_image_step_s or 0.05
-        return runs * self.steps * per_step * max(1, images) * tiles * 1.2 + 5
+        return runs * (self.steps if steps is None else steps) * per_step * max(1, images) * tiles * 1.2 + 5
 
     # -------------------------------------------------------------- sections
     def build(self) -> dict:
@@ -302,15 +312,29 @@ class GPUSuite:
         return rows
 
     def _megasr(self, batch: int, repeats: int, label: str) -> dict:
-        """Warm-up, ``repeats`` timed runs (median), then one synchronized run for the stages."""
+        return self.time_pipeline(self.pipeline, batch, repeats, label)
+
+    def time_pipeline(self, pipeline: MegaSRPipeline, batch: int, repeats: int, label: str, *, steps: int | None = None,
+                      guidance_scale: float | None = None, baseline: bool = True) -> dict:
+        """Warm-up, ``repeats`` timed runs (median), then one synchronized run for the stages.
+
+        ``steps``/``guidance_scale`` default to the suite's; ``baseline`` adds the ratio to the plain
+        SD2 + ControlNet row of the same batch (meaningful only at the same steps and CFG). On a CPU
+        nothing runs asynchronously, so stage timing costs nothing and the last timed run gives the
+        stages (no extra run).
+        """
+        steps = self.steps if steps is None else steps
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
         images = _photos(batch, self.size // self.scale)
-        kwargs = {"scale": self.scale, "guidance_scale": self.guidance_scale, "seed": list(range(batch))}
-        warm_s, _ = self.clock.time(lambda: self.pipeline(images, num_inference_steps=2, **kwargs))
+        kwargs = {"scale": self.scale, "guidance_scale": guidance_scale, "seed": list(range(batch))}
+        warm_s, _ = self.clock.time(lambda: pipeline(images, num_inference_steps=2, **kwargs))
         self.clock.reset_peak()
-        totals = [self.clock.time(lambda: self.pipeline(images, num_inference_steps=self.steps, **kwargs))[0]
-                  for _ in range(repeats)]
+        staged_in_run = self.device.type != "cuda"
+        runs = [self.clock.time(lambda: pipeline(images, num_inference_steps=steps, profile=staged_in_run, **kwargs))
+                for _ in range(repeats)]
+        totals = [seconds for seconds, _ in runs]
         peak = self.clock.peak_gib()
-        staged = self.pipeline(images, num_inference_steps=self.steps, profile=True, **kwargs)
+        staged = runs[-1][1] if staged_in_run else pipeline(images, num_inference_steps=steps, profile=True, **kwargs)
         total = statistics.median(totals)
         row = {
             "total_s": round(total, 4), "total_runs_s": [round(t, 4) for t in totals],
@@ -319,7 +343,7 @@ class GPUSuite:
             "stages_s": {k: v for k, v in staged.timings.items() if k not in ("total", "denoise_step_median")},
             "warmup_s": round(warm_s, 2), "peak_memory_gib": peak,
         }
-        base = (self.result["sections"].get("baseline") or {}).get(str(batch))
+        base = (self.result["sections"].get("baseline") or {}).get(str(batch)) if baseline else None
         if base:
             row["ratio_to_baseline"] = round(total / base["total_s"], 3)
             row["overhead_vs_baseline_pct"] = round(100 * (total / base["total_s"] - 1), 1)
@@ -399,9 +423,12 @@ class GPUSuite:
         """One CFG denoiser step (prepared conditioning, as the sampler runs it) with each extra on.
 
         Attributes MegaSR's per-step cost: plain ControlNet + UNet (the installed modules idle),
-        CSM only, MSFM only, both; at batch 1 (launch-bound) and the largest batch.
+        CSM only, MSFM only, both; at batch 1 (launch-bound) and the largest batch. The median of
+        15 steps after 3 warm-ups on a GPU (tens of ms each); of 2 on a CPU, where the tiny
+        preset's steps take seconds and only the bookkeeping is under test.
         """
         pipe, rows = self.pipeline, {}
+        warmups, repeats = (3, 15) if self.device.type == "cuda" else (0, 2)
         lr = self.size // self.scale
         height, width = (v // pipe.vae_scale_factor for v in pipe.geometry((lr, lr), self.scale)[2])
         config = pipe.denoiser.config
@@ -428,12 +455,13 @@ class GPUSuite:
                     with torch.inference_mode():
                         pipe.denoiser(latents, timestep, text, control_image=control, conditioning=conditioning)
 
-                for _ in range(3):
+                for _ in range(warmups):
                     step()
-                samples = [self.clock.time(step)[0] for _ in range(15)]
+                samples = [self.clock.time(step)[0] for _ in range(repeats)]
                 row[f"{name}_ms"] = round(1000 * statistics.median(samples), 2)
             row["csm_extra_ms"] = round(row["csm_ms"] - row["plain_ms"], 2)
             row["msfm_extra_ms"] = round(row["msfm_ms"] - row["plain_ms"], 2)
+            row["steps_timed"] = repeats
             rows[str(batch)] = row
         return rows
 
@@ -470,6 +498,16 @@ class GPUSuite:
             for net in (self.pipeline.denoiser.unet, self.pipeline.denoiser.controlnet, self.pipeline.vae):
                 net.to(memory_format=torch.contiguous_format)
 
+    def run_families(self) -> None:
+        """SeeSR's and SeeSR-Turbo's sections (``family_sections``), one family's pipeline at a time."""
+        for family, names in FAMILY_SECTIONS.items():
+            bench = FamilyBench(self, family)
+            try:
+                for name, fn in zip(names, (bench.eager, bench.cuda_graphs)):
+                    self.section(name, fn, bench.estimate_s())
+            finally:
+                bench.release()
+
     def summary(self) -> dict:
         s = self.result["sections"]
         eager, base = s.get("megasr_eager", {}), s.get("baseline", {})
@@ -494,7 +532,8 @@ class GPUSuite:
         for name, row in s.get("megasr_large", {}).items():
             if "total_s" in row:
                 out[f"large_{name}_total_s"], out[f"large_{name}_peak_memory_gib"] = row["total_s"], row["peak_memory_gib"]
-        out["best_single_image_s"], out["best_images_per_s"] = best_single, best_throughput
+        out["best_single_image_s"], out["best_images_per_s"] = best_single, best_throughput  # MegaSR's
+        out.update(family_summary(s, self.batches[-1]))
         return out
 
     def run(self) -> dict:
@@ -507,6 +546,7 @@ class GPUSuite:
         if self.device.type == "cuda":
             self.section("cudnn_benchmark", self.run_cudnn_benchmark, self._estimate(self.batches[-1], 2) + 10)
         self.section("denoiser_breakdown", self.run_breakdown, 20)
+        self.run_families()
         if self.large:
             self.section("megasr_large", self.run_large, self._estimate(1, 1, max(1, (self.large // self.size) ** 2)))
         for scope in self.scopes:

@@ -2,8 +2,9 @@
 
 Needs the ``[eval]`` extra (pyiqa, torchvision). Modules: ``pairing`` (which files belong
 together), ``metric_weights`` (local weight files, never downloaded), ``scoring`` (pyiqa metrics,
-batched), ``generate`` (MegaSR outputs, bicubic baseline), ``report`` (JSON, Table-1 Markdown),
-``runner`` (one run end to end).
+batched), ``models`` (the models compared: output folders, column labels), ``generate`` (each
+model's outputs, of any family; bicubic baseline), ``paper`` (Table 1's SeeSR and MegaSR figures),
+``report`` (JSON, Table-1 Markdown), ``runner`` (one run end to end).
 """
 
 from .metric_weights import MetricWeightsError

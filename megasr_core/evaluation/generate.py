@@ -1,4 +1,4 @@
-"""The images to score: MegaSR outputs (batched, resumable) and the bicubic baseline.
+"""The images to score: each model's outputs (batched, resumable) and the bicubic baseline.
 
 Outputs are named by sample key, written to a temporary name and renamed, so an interrupted run
 leaves only complete files and the next run skips exactly those.
@@ -10,7 +10,9 @@ import hashlib
 import json
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -28,22 +30,42 @@ def _save(image: Image.Image, target: Path) -> None:
     partial.replace(target)
 
 
-def super_resolve(samples: list[Sample], folder: Path, weights: Path, *, scale: float = 4, steps: int = 50,
-                  guidance_scale: float = 5.5, seed: int = 0, batch_size: int = 1, device: str | None = None,
-                  dtype=None, log: Callable[[str], None] = lambda _: None) -> tuple[list[Sample], int]:
+@dataclass
+class Generated:
+    """One model's outputs and what produced them (the report's column for that model)."""
+
+    samples: list[Sample]  # with ``pred`` set
+    resumed: int  # outputs already on disk, skipped
+    identity: dict[str, Any]  # ``ModelIdentity.to_dict()``: family, title, weights label, trained
+    steps: int  # as sampled: the family's default unless the caller chose
+    guidance_scale: float
+
+
+def super_resolve(samples: list[Sample], folder: Path, weights: Path, *, scale: float = 4, steps: int | None = None,
+                  guidance_scale: float | None = None, seed: int = 0, batch_size: int = 1, device: str | None = None,
+                  dtype=None, log: Callable[[str], None] = lambda _: None) -> Generated:
     """Super-resolve every sample's LR into ``folder`` (skipping outputs already there).
 
-    Returns the samples with ``pred`` set and how many were skipped as already done. Every image gets
-    its own generator seeded with ``seed``, so an output does not depend on its batch mates.
+    ``steps``/``guidance_scale`` ``None`` take the weights' family defaults (SeeSR-Turbo: 2 steps,
+    no CFG). The model is loaded even when every output exists, so the report always states which
+    model and settings made them. Every image gets its own generator seeded with ``seed``, so an
+    output does not depend on its batch mates.
     """
+    import torch
+
+    from megasr_core.pipelines import MegaSRPipeline
+
     todo = [s for s in samples if not output_path(folder, s).is_file()]
     done = len(samples) - len(todo)
     if done:
         log(f"{done} of {len(samples)} outputs already in {folder}: skipped")
-    if todo:
-        from megasr_core.pipelines import MegaSRPipeline
-
-        pipeline = MegaSRPipeline.from_pretrained(weights, torch_dtype=dtype, device=device)
+    pipeline = MegaSRPipeline.from_pretrained(weights, torch_dtype=dtype, device=device)
+    try:
+        identity = pipeline.identity.to_dict()
+        defaults = pipeline.family.defaults
+        steps = defaults.steps if steps is None else steps
+        guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
+        log(f"{identity['title']} ({identity['weights']}): {steps} steps, CFG {guidance_scale:g}")
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             result = pipeline([str(s.lr) for s in batch], scale=scale, num_inference_steps=steps,
@@ -51,7 +73,13 @@ def super_resolve(samples: list[Sample], folder: Path, weights: Path, *, scale: 
             for sample, image in zip(batch, result.images):
                 _save(image, output_path(folder, sample))
             log(f"super-resolved {min(start + batch_size, len(todo))}/{len(todo)}")
-    return [Sample(s.key, s.lr, s.gt, output_path(folder, s)) for s in samples], done
+    finally:
+        device_type = pipeline.device.type
+        del pipeline  # the next model gets the memory
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+    outputs = [Sample(s.key, s.lr, s.gt, output_path(folder, s)) for s in samples]
+    return Generated(outputs, done, identity, steps, float(guidance_scale))
 
 
 def bicubic(samples: list[Sample], folder: Path, scale: float = 4) -> list[Sample]:

@@ -1,21 +1,19 @@
 """Evaluation reports: the JSON record and a Markdown table in the layout of the paper's Table 1.
 
-``PAPER_MEGASR`` is the MegaSR column of Table 1 (MegaSR paper, Sec. 4.2), transcribed per test
-set; DPED-iPhone has no ground truth, so the paper reports only no-reference metrics there.
+Columns, left to right: the paper's SeeSR and MegaSR figures for the test set (``paper``), the
+bicubic baseline when asked for, then one column per evaluated model (labelled by family title
+and weights, "untrained" where it is), or "Ours" for ``--pred`` outputs.
 """
 
 from __future__ import annotations
 
 import math
 
+from .paper import PAPER_MEGASR, PAPER_SEESR, paper_figures
 from .scoring import METRICS
 
-PAPER_MEGASR: dict[str, dict[str, float]] = {
-    "realsr": {"psnr": 23.49, "ssim": 0.6903, "lpips": 0.3072, "niqe": 5.3795, "maniqa": 0.5574, "musiq": 70.0251, "clipiqa": 0.6790},
-    "drealsr": {"psnr": 25.74, "ssim": 0.7367, "lpips": 0.3258, "niqe": 6.6276, "maniqa": 0.5098, "musiq": 64.1473, "clipiqa": 0.6853},
-    "div2k-val": {"psnr": 22.05, "ssim": 0.5664, "lpips": 0.3157, "niqe": 4.8258, "maniqa": 0.5074, "musiq": 68.7602, "clipiqa": 0.6892},
-    "dped-iphone": {"niqe": 6.7751, "maniqa": 0.4653, "musiq": 56.3767, "clipiqa": 0.6201},
-}
+__all__ = ["DATASET_LABELS", "PAPER_MEGASR", "PAPER_SEESR", "markdown_table", "summarize"]
+
 DATASET_LABELS = {"realsr": "RealSR", "drealsr": "DRealSR", "div2k-val": "DIV2K-Val", "dped-iphone": "DPED-iPhone"}
 
 
@@ -31,26 +29,46 @@ def _format(name: str, value: float | None) -> str:
     return f"{value:.2f}" if name in ("psnr", "musiq") else f"{value:.4f}"
 
 
-def markdown_table(report: dict) -> str:
-    """Table 1's layout: one row per metric (↑/↓), columns for the paper's MegaSR, a baseline, ours."""
-    dataset = report.get("dataset")
-    paper = PAPER_MEGASR.get(dataset or "", {})
-    label = DATASET_LABELS.get(dataset or "", "—")
-    columns = []
-    if paper:
-        columns.append(("MegaSR (paper)", {k: {"mean": v} for k, v in paper.items()}))
+def _cell(text: str) -> str:
+    """A table cell's text: a ``|`` in a folder name would split the column."""
+    return text.replace("|", "\\|")
+
+
+def _columns(report: dict) -> list[tuple[str, dict]]:
+    columns = [(f"{method} (paper)", {k: {"mean": v} for k, v in figures.items()})
+               for method, figures in paper_figures(report.get("dataset")).items()]
     for name, block in report.get("baselines", {}).items():
         columns.append((name.capitalize(), block["metrics"]))
-    columns.append(("Ours", report["metrics"]))
-    header = "| Dataset | Metric | " + " | ".join(c for c, _ in columns) + " |"
-    lines = [header, "|" + "---|" * (2 + len(columns))]
-    for i, name in enumerate(report["metrics"]):
-        spec = METRICS[name]
-        cells = [_format(name, block.get(name, {}).get("mean")) for _, block in columns]
-        lines.append(f"| {label if i == 0 else ''} | {spec.label}{'↓' if spec.lower_better else '↑'} | " + " | ".join(cells) + " |")
+    models = report.get("models") or []
+    columns += [(model["label"], model["metrics"]) for model in models] or [("Ours", report["metrics"])]
+    return columns
+
+
+def _notes(report: dict) -> list[str]:
     notes = [f"{report['images']} images scored"]
     if report.get("skipped"):
         notes.append(f"{len(report['skipped'])} skipped (listed in the JSON report)")
     if report.get("settings", {}).get("crop_border"):
         notes.append(f"PSNR/SSIM with {report['settings']['crop_border']} border pixels cropped")
-    return "\n".join(lines) + "\n\n" + "; ".join(notes) + ".\n"
+    for model in report.get("models") or []:
+        steps = model["steps"]
+        note = f"{model['label']}: {steps} step{'' if steps == 1 else 's'}, CFG {model['guidance_scale']:g}"
+        if not model["trained"]:
+            note += f"; UNTRAINED ({model['untrained_reason']}), its numbers are not a super-resolution result"
+        notes.append(note)
+    if paper_figures(report.get("dataset")):
+        notes.append("(paper): the MegaSR paper's Table 1 on the full test set")
+    return notes
+
+
+def markdown_table(report: dict) -> str:
+    """Table 1's layout: one row per metric (↑/↓), one column per method (see the module docstring)."""
+    label = DATASET_LABELS.get(report.get("dataset") or "", "—")
+    columns = _columns(report)
+    header = "| Dataset | Metric | " + " | ".join(_cell(c) for c, _ in columns) + " |"
+    lines = [header, "|" + "---|" * (2 + len(columns))]
+    for i, name in enumerate(report["metrics"]):
+        spec = METRICS[name]
+        cells = [_format(name, block.get(name, {}).get("mean")) for _, block in columns]
+        lines.append(f"| {label if i == 0 else ''} | {spec.label}{'↓' if spec.lower_better else '↑'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {_cell(n)}" for n in _notes(report)) + "\n"

@@ -18,9 +18,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from .generate import bicubic, super_resolve, weights_identity
+from megasr_core.hub import resolve_weights_source
+
+from .generate import Generated, bicubic, super_resolve, weights_identity
 from .metric_weights import locate
+from .models import ModelRun, column_labels, plan_models
 from .pairing import Pairing, PairingError, Sample, attach_predictions, pair_dataset, pair_folders
+from .paper import paper_figures
 from .report import markdown_table, summarize
 from .scoring import METRICS, PAPER_METRICS, build_metric, score
 
@@ -33,14 +37,15 @@ class EvalSettings:
     lr: Path | None = None
     dataset: str | None = None
     root: Path | None = None
-    weights: Path | None = None
+    #: weights to super-resolve with, one report column each: folders or Hub ids (``megasr_core.hub``)
+    weights: list[str | Path] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: list(PAPER_METRICS))
     metric_weights: Path | None = None
     crop_border: int = 0
     baseline: str | None = None
     scale: float = 4.0
-    steps: int = 50
-    guidance_scale: float = 5.5
+    steps: int | None = None  # None: each model's family default
+    guidance_scale: float | None = None
     seed: int = 0
     batch_size: int = 1
     metric_batch_size: int = 4
@@ -58,7 +63,7 @@ def _pairing(settings: EvalSettings) -> Pairing:
 
 def _size_checked(samples: list[Sample], skipped: list[dict[str, str]]) -> list[Sample]:
     """Drop (and list) predictions whose size differs from their ground truth's."""
-    kept = []
+    kept: list[Sample] = []
     for sample in samples:
         try:
             sizes = [_size(path) for path in (sample.pred, sample.gt) if path is not None]
@@ -73,6 +78,21 @@ def _size_checked(samples: list[Sample], skipped: list[dict[str, str]]) -> list[
     if not kept:
         raise PairingError("every pair was skipped (see the reasons above); nothing to score")
     return kept
+
+
+def _common(per_model: list[list[Sample]], skipped: list[dict[str, str]]) -> list[list[Sample]]:
+    """Every model's checked samples, kept only where all models have one, so the columns score the
+    same images; an image dropped for one model is listed as skipped for the others."""
+    checked = [_size_checked(samples, skipped) for samples in per_model]
+    keys = set.intersection(*({s.key for s in samples} for samples in checked))
+    for samples in checked:
+        for sample in samples:
+            if sample.key not in keys:
+                skipped.append({"file": str(sample.pred), "reason": "another model's output for this image was skipped, "
+                                                                    "so no column scores it"})
+    if not keys:
+        raise PairingError("no image has a usable output from every model; nothing to score")
+    return [[s for s in samples if s.key in keys] for samples in checked]
 
 
 def _size(path: Path) -> tuple[int, int]:
@@ -112,42 +132,79 @@ def evaluate(settings: EvalSettings, log: Callable[[str], None] = lambda _: None
         locate(name, settings.metric_weights)  # fail now, not after super-resolving
 
     settings.output.mkdir(parents=True, exist_ok=True)
-    report: dict = {"dataset": settings.dataset, "weights": None}
+    generated: list[tuple[ModelRun, Generated]] = []
     if samples[0].pred is None:
-        if settings.weights is None:
-            raise PairingError("nothing to score: give --pred DIR, or --weights DIR to super-resolve the LR images")
-        samples, existing = super_resolve(
-            samples, settings.output / "sr", settings.weights, scale=settings.scale, steps=settings.steps,
-            guidance_scale=settings.guidance_scale, seed=settings.seed, batch_size=settings.batch_size,
-            device=settings.device, log=log,
-        )
-        report["weights"] = weights_identity(settings.weights)
-        report["resumed"] = existing
-    samples = _size_checked(samples, pairing.skipped)
+        generated = _super_resolve_all(settings, samples, log)
+        per_model = _common([g.samples for _, g in generated], pairing.skipped)
+    else:
+        per_model = [_size_checked(samples, pairing.skipped)]
+    samples = per_model[0]
 
     with tempfile.TemporaryDirectory(prefix="megasr-eval-") as workdir, contextlib.redirect_stdout(sys.stderr):
         # (pyiqa prints its loading messages on stdout; the report's table is what belongs there)
         built = {name: build_metric(name, device=device, metric_weights=settings.metric_weights, workdir=Path(workdir),
                                     crop_border=settings.crop_border) for name in metrics}
-        log(f"scoring {len(samples)} images: {', '.join(metrics)} on {device}")
-        ours = score([(s.key, s.pred, s.gt) for s in samples], built, device=device, batch_size=settings.metric_batch_size)
+
+        def scored(items: list[Sample]) -> dict:
+            return summarize(score([(s.key, s.pred, s.gt) for s in items], built, device=device,
+                                   batch_size=settings.metric_batch_size))
+
+        log(f"scoring {len(samples)} images × {len(per_model)} model(s): {', '.join(metrics)} on {device}")
+        columns = [scored(items) for items in per_model]
         baselines = {}
         if settings.baseline == "bicubic":
-            upscaled = bicubic(samples, settings.output / "bicubic", scale=settings.scale)
-            scores = score([(s.key, s.pred, s.gt) for s in upscaled], built, device=device, batch_size=settings.metric_batch_size)
-            baselines["bicubic"] = {"metrics": summarize(scores)}
+            baselines["bicubic"] = {"metrics": scored(bicubic(samples, settings.output / "bicubic", scale=settings.scale))}
 
-    report.update({
-        "metrics": summarize(ours),
+    labels = column_labels([run for run, _ in generated], [result.identity for _, result in generated])
+    models = [_model_entry(label, run, result, metrics_)
+              for label, (run, result), metrics_ in zip(labels, generated, columns)]
+    report: dict = {
+        "dataset": settings.dataset,
+        # the first (or only) model's, as before several models could run: "models" has them all
+        "weights": models[0]["weights"] if models else None,
+        **({"resumed": models[0]["resumed"]} if models else {}),
+        "metrics": columns[0],
+        "models": models,
         "images": len(samples),
         "files": {s.key: {"pred": str(s.pred), "gt": str(s.gt) if s.gt else None, "lr": str(s.lr) if s.lr else None} for s in samples},
         "skipped": pairing.skipped,
         "baselines": baselines,
+        "paper_table1": paper_figures(settings.dataset),
         "notes": notes,
         "versions": _versions(),
-        "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}, "device": device,
+        "settings": {**{k: _jsonable(v) for k, v in asdict(settings).items()}, "device": device,
                      "psnr_ssim": "pyiqa psnr/ssim, test_y_channel=True, color_space='ycbcr' (BT.601 Y)"},
-    })
+    }
     (settings.output / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (settings.output / "eval.md").write_text(markdown_table(report))
     return report
+
+
+def _super_resolve_all(settings: EvalSettings, samples: list[Sample], log: Callable[[str], None]) -> list[tuple[ModelRun, Generated]]:
+    """Every ``--weights`` model's outputs, one model at a time (each is unloaded before the next)."""
+    if not settings.weights:
+        raise PairingError("nothing to score: give --pred DIR, or --weights DIR to super-resolve the LR images")
+    folders = [resolve_weights_source(source) for source in settings.weights]  # Hub ids: downloaded now
+    return [(run, super_resolve(samples, run.outputs, run.weights, scale=settings.scale, steps=settings.steps,
+                                guidance_scale=settings.guidance_scale, seed=settings.seed,
+                                batch_size=settings.batch_size, device=settings.device, log=log))
+            for run in plan_models(folders, settings.output)]
+
+
+def _model_entry(label: str, run: ModelRun, result: Generated, metrics: dict) -> dict:
+    """One model's block of the report: who it is, how it sampled, where its outputs are, its scores."""
+    identity = result.identity
+    return {
+        "label": label, "family": identity["family"], "title": identity["title"],
+        "weights_label": identity["weights"], "trained": identity["trained"], "untrained_reason": identity["untrained_reason"],
+        "identity": identity, "weights": weights_identity(run.weights), "outputs": str(run.outputs),
+        "resumed": result.resumed, "steps": result.steps, "guidance_scale": result.guidance_scale, "metrics": metrics,
+    }
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value

@@ -16,10 +16,9 @@ from typer.testing import CliRunner
 
 from megasr_core.cli import app
 from megasr_core.metrics import psnr_y, ssim_y
-from tests.evaluation.helpers import blurred, jpeg, noisy
+from tests.evaluation.helpers import blurred
 
 runner = CliRunner()
-DEGRADE = {"astronaut": lambda im: blurred(im, 1.5), "chelsea": lambda im: noisy(im, 12.0), "coffee": lambda im: jpeg(im, 20)}
 
 
 def run(*args: str):
@@ -31,19 +30,6 @@ def fails_cleanly(result, *phrases: str) -> None:
     assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
     for phrase in phrases:
         assert phrase in result.output, result.output
-
-
-@pytest.fixture()
-def folders(tmp_path, photos) -> dict[str, Path]:
-    """gt/ (128² photos), pred/ (blurred, noisy, JPEG copies), lr/ (32² bicubic downscales)."""
-    out = {name: tmp_path / name for name in ("gt", "pred", "lr")}
-    for folder in out.values():
-        folder.mkdir()
-    for name, photo in photos.items():
-        photo.save(out["gt"] / f"{name}.png")
-        DEGRADE[name](photo).save(out["pred"] / f"{name}.png")
-        photo.resize((32, 32), Image.Resampling.BICUBIC).save(out["lr"] / f"{name}.png")
-    return out
 
 
 def tensor(path: Path) -> torch.Tensor:
@@ -120,7 +106,9 @@ def test_dataset_realsr_pairs_by_its_naming(tmp_path, photos, offline):
     assert [s["reason"] for s in report["skipped"]] == ["no matching GT file"]
     assert "Canon_extra_LR4.png" in result.output  # skips are listed on the console too
     table = (out / "eval.md").read_text()
-    assert "| RealSR | PSNR↑ | 23.49 |" in table and "| SSIM↑ | 0.6903 |" in table  # the paper's MegaSR row beside ours
+    # the paper's SeeSR and MegaSR columns beside ours
+    assert "| SeeSR (paper) | MegaSR (paper) | Ours |" in table
+    assert "| RealSR | PSNR↑ | 23.60 | 23.49 |" in table and "| SSIM↑ | 0.6947 | 0.6903 |" in table
 
 
 def test_no_reference_only_set_skips_full_reference_metrics(tmp_path, photos, offline):
@@ -133,7 +121,7 @@ def test_no_reference_only_set_skips_full_reference_metrics(tmp_path, photos, of
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
     assert list(report["metrics"]) == ["niqe"] and "psnr" in report["notes"][0]
-    assert "| DPED-iPhone | NIQE↓ | 6.7751 |" in (out / "eval.md").read_text()
+    assert "| DPED-iPhone | NIQE↓ | 6.7261 | 6.7751 |" in (out / "eval.md").read_text()  # SeeSR, MegaSR (paper)
 
 
 def test_missing_folder_is_a_clear_error(folders, tmp_path):

@@ -89,6 +89,16 @@ def test_info_reports_untrained_parts_of_an_assembled_megasr(releases, tmp_path)
     assert any("ControlNet untrained" in r for r in info["untrained_reasons"])
     assert any("plain SD2-base output" in r for r in info["untrained_reasons"])
     assert len(info["random"]) == 2
+    # upscaling with it works, and says so loudly
+    from PIL import Image
+    from skimage import data
+
+    Image.fromarray(data.chelsea()).resize((24, 16)).save(tmp_path / "cat.png")
+    result = megasr("upscale", tmp_path / "cat.png", "--weights", tmp_path / "m", "--steps", "1", "-o", tmp_path / "out",
+                    "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "UNTRAINED" in result.stderr and "plain SD2-base output" in result.stderr
+    assert (tmp_path / "out" / "cat.png").is_file()
 
 
 @pytest.mark.parametrize("family", ["megasr", "seesr", "seesr-turbo"])

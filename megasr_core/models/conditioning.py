@@ -151,13 +151,3 @@ class ConditioningSlot:
             yield conditioning
         finally:
             self.current = None
-
-
-def check_control_image(controlnet: torch.nn.Module, latents: torch.Tensor, control_image: torch.Tensor | None) -> None:
-    """The ControlNet condition must be the upscaled LR at the latents' pixel size: ``B×3×8h×8w``."""
-    if control_image is None:
-        raise ValueError("control_image (the upscaled LR image, B×3×H×W in [0, 1]) is required")
-    factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
-    expected = (latents.shape[0], controlnet.config.conditioning_channels, latents.shape[-2] * factor, latents.shape[-1] * factor)
-    if tuple(control_image.shape) != expected:
-        raise ValueError(f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}")

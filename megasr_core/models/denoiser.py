@@ -24,7 +24,8 @@ import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from .conditioning import ConditioningSlot, MegaSRConditioning, check_control_image
+from .conditioning import ConditioningSlot, MegaSRConditioning
+from .controlnet_step import check_control_image, controlnet_then_unet
 from ..utils import DeviceDtypeMixin
 from .config import MegaSRConfig
 from .csm import CSM, IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, csm_blocks, install_csm
@@ -270,24 +271,8 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
         if conditioning.image_tokens is not None:
             attention_kwargs = {IMAGE_TOKENS_KWARG: conditioning.image_tokens}
         with self.slot.use(conditioning):
-            down, mid = self.controlnet(
-                latents,
-                timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                controlnet_cond=control_image.to(latents.dtype),
-                conditioning_scale=conditioning_scale,
-                cross_attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )
-            return self.unet(
-                latents,
-                timestep,
-                encoder_hidden_states=encoder_hidden_states,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-                cross_attention_kwargs=attention_kwargs,
-                return_dict=False,
-            )[0]
+            return controlnet_then_unet(self.unet, self.controlnet, latents, timestep, encoder_hidden_states,
+                                        control_image, conditioning_scale, attention_kwargs)
 
     def prepare_conditioning(
         self,

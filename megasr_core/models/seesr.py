@@ -34,7 +34,8 @@ from torch import nn
 
 from ..families import SEESR
 from ..utils import DeviceDtypeMixin
-from .conditioning import MegaSRConditioning, check_control_image
+from .conditioning import MegaSRConditioning
+from .controlnet_step import check_control_image, controlnet_then_unet
 from .config import CONFIG_NAME, SeeSRConfig
 from .csm import IMAGE_TOKENS_KWARG
 from .presets import get_preset
@@ -225,17 +226,8 @@ class SeeSRDenoiser(DeviceDtypeMixin, nn.Module):
         if tokens is None or tokens.shape[0] != latents.shape[0]:
             raise ValueError(f"SeeSR needs RAM image embeddings for each of the {latents.shape[0]} latents, got "
                              f"{None if tokens is None else tuple(tokens.shape)}")
-        attention_kwargs = {IMAGE_TOKENS_KWARG: tokens.to(latents.dtype)}
-        down, mid = self.controlnet(
-            latents, timestep, encoder_hidden_states=encoder_hidden_states,
-            controlnet_cond=control_image.to(latents.dtype), conditioning_scale=conditioning_scale,
-            cross_attention_kwargs=attention_kwargs, return_dict=False,
-        )
-        return self.unet(
-            latents, timestep, encoder_hidden_states=encoder_hidden_states,
-            down_block_additional_residuals=down, mid_block_additional_residual=mid,
-            cross_attention_kwargs=attention_kwargs, return_dict=False,
-        )[0]
+        return controlnet_then_unet(self.unet, self.controlnet, latents, timestep, encoder_hidden_states, control_image,
+                                    conditioning_scale, {IMAGE_TOKENS_KWARG: tokens.to(latents.dtype)})
 
     def prepare_conditioning(
         self,

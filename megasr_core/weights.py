@@ -283,7 +283,7 @@ def describe(directory: str | Path) -> dict[str, Any]:
     denoiser = load_denoiser(directory)
     extractors_dir = directory / EXTRACTORS_DIR
     tiny = is_tiny_random(directory)
-    reasons = [TINY_REASON] if tiny else denoiser.untrained_reasons()
+    reasons = untrained_reasons(directory, denoiser)
     return {
         "directory": str(directory),
         "family": denoiser.family,
@@ -296,6 +296,12 @@ def describe(directory: str | Path) -> dict[str, Any]:
         "extractors": [n for n in EXTRACTOR_NAMES if (extractors_dir / n).is_dir()],
         "parameters": denoiser.parameter_counts(),
     }
+
+
+def untrained_reasons(directory: str | Path, denoiser: MegaSRDenoiser | SeeSRDenoiser) -> list[str]:
+    """Why a folder's weights cannot super-resolve: the tiny demo marker, else what the loaded
+    denoiser's still zero-initialized parts say (empty when trained)."""
+    return [TINY_REASON] if is_tiny_random(directory) else denoiser.untrained_reasons()
 
 
 def random_parts(denoiser: MegaSRDenoiser | SeeSRDenoiser) -> list[str]:

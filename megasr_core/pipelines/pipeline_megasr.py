@@ -39,7 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from ..extractors import GuidanceExtractors
 from ..families import MEGASR, SEESR_TURBO, ModelFamily, get_family
 from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, canvas, check_work_bounds
-from ..identity import TINY_REASON, ModelIdentity, weights_label
+from ..identity import ModelIdentity, weights_label
 from ..models import Denoiser, MegaSRDenoiser, SeeSRDenoiser, get_preset, load_denoiser
 from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
@@ -186,7 +186,7 @@ class MegaSRPipeline(DiffusionPipeline):
         extractors the model uses are loaded; SeeSR's RAM runs in float32, as SeeSR runs it.
         """
         from ..hub import resolve_weights_source
-        from ..weights import is_tiny_random
+        from ..weights import untrained_reasons
 
         directory = resolve_weights_source(directory, revision=revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -207,9 +207,9 @@ class MegaSRPipeline(DiffusionPipeline):
             module.eval().requires_grad_(False)
         denoiser.eval().requires_grad_(False)
         pipeline = cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
-        reasons = [TINY_REASON] if is_tiny_random(directory) else denoiser.untrained_reasons()
         pipeline.identity = ModelIdentity(denoiser.family, weights_label(directory), str(dtype).removeprefix("torch."),
-                                          tuple(reasons), extractors.tagger_name if extractors is not None else None)
+                                          tuple(untrained_reasons(directory, denoiser)),
+                                          extractors.tagger_name if extractors is not None else None)
         return pipeline
 
     @classmethod

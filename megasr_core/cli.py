@@ -308,11 +308,15 @@ def resolve_weights(weights: str | Path | None) -> Path:
     return demo
 
 
-def _warn_if_untrained(pipeline, weights_dir: Path) -> None:
-    """The loaded model's untrained warning (the demo weights already had theirs from resolve_weights)."""
+def _announce_model(pipeline, weights_dir: Path) -> None:
+    """Name the model that will run, and warn when its weights are untrained (the demo weights
+    already had their warning from resolve_weights)."""
     from megasr_core.weights import default_demo_weights
 
-    warning = pipeline.identity.warning() if pipeline.identity is not None else None
+    identity = pipeline.identity
+    typer.echo(f"model: {identity.title} (weights {identity.weights}, {identity.dtype}"
+               f"{'' if identity.trained else ', untrained'})", err=True)
+    warning = identity.warning()
     if warning and Path(weights_dir).resolve() != default_demo_weights().resolve():
         typer.secho(warning, fg=typer.colors.YELLOW, err=True)
 
@@ -373,7 +377,7 @@ def upscale(
         pipeline = MegaSRPipeline.from_pretrained(weights_dir, torch_dtype=_torch_dtype(dtype), device=device)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
-    _warn_if_untrained(pipeline, weights_dir)
+    _announce_model(pipeline, weights_dir)
     total_steps = steps if steps is not None else pipeline.identity.default_steps
     failures = 0
     with tqdm(total=len(files) * total_steps, unit="step", desc="upscaling") as bar:

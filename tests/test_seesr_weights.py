@@ -97,6 +97,7 @@ def test_info_reports_untrained_parts_of_an_assembled_megasr(releases, tmp_path)
     result = megasr("upscale", tmp_path / "cat.png", "--weights", tmp_path / "m", "--steps", "1", "-o", tmp_path / "out",
                     "--device", "cpu")
     assert result.exit_code == 0, result.output
+    assert "model: MegaSR (weights m, float32, untrained)" in result.stderr
     assert "UNTRAINED" in result.stderr and "plain SD2-base output" in result.stderr
     assert (tmp_path / "out" / "cat.png").is_file()
 

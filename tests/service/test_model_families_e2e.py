@@ -60,7 +60,8 @@ def photo(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_upscale_runs_each_assembled_family(weights, photo, tmp_path, family):
     steps = ["--steps", "2"] if family == "seesr" else []  # Turbo runs its own 2 steps
-    run("upscale", photo, "--weights", weights[family], "-o", tmp_path, "--device", "cpu", "--seed", "1", *steps)
+    result = run("upscale", photo, "--weights", weights[family], "-o", tmp_path, "--device", "cpu", "--seed", "1", *steps)
+    assert f"model: {FAMILIES[family]} (weights {family}, float32)" in result.stderr and "UNTRAINED" not in result.stderr
     with Image.open(tmp_path / "cat.png") as image:
         assert image.size == (128, 84)
 

@@ -47,7 +47,7 @@ BUGS: tuple[PlantedBug, ...] = (
                "negative, positive = prediction.chunk(2)", "positive, negative = prediction.chunk(2)",
                ("tests/pipelines/test_known_answers.py",)),
     PlantedBug("worker_drops_guidance_scale", "worker/tasks.py",
-               "guidance_scale=params.guidance_scale,", "", PASSTHROUGH),
+               "guidance_scale=guidance,", "", PASSTHROUGH),
     PlantedBug("worker_drops_prompt", "worker/tasks.py",
                "prompt=[m.record.params.prompt for m in group], ", "", PASSTHROUGH),
     PlantedBug("worker_drops_negative_prompt", "worker/tasks.py",

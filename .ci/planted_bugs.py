@@ -80,7 +80,7 @@ BUGS: tuple[PlantedBug, ...] = (
                "return record if record is not None and record.tenant == tenant else None", "return record",
                ("tests/service/test_api.py",)),
     PlantedBug("reaper_never_requeues", "service/sweeper.py",
-               "services.jobs.requeue(record.id, record.owner, services.queue)", "pass", STATE),
+               "services.jobs.requeue(record.id, record.owner, services.queue_for(record.model))", "pass", STATE),
     PlantedBug("lease_never_renewed", "worker/runtime.py",
                "self.services.jobs.renew_lease(job_id, owner)", "pass", STATE),
 )

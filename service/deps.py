@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import ipaddress
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -19,6 +21,7 @@ from .storage import Storage
 
 DEFAULT_TENANT = "default"
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+KEY_PREFIX_CHARS = 8  # a wrong key counts against the bucket of its first characters (keys have 8+)
 #: declares the API key in OpenAPI (Swagger's Authorize); errors stay ours (auto_error=False)
 api_key_scheme = HTTPBearer(auto_error=False, scheme_name="apiKey",
                             description="An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`")
@@ -35,8 +38,10 @@ class Services:
     tenant_keys: dict[str, str]
     #: submissions per tenant (MEGASR_RATE_LIMIT_PER_MINUTE refill, MEGASR_RATE_LIMIT_BURST at once)
     request_rate: TokenBucket = field(init=False)
-    #: wrong keys per client address (MEGASR_AUTH_FAILURES_PER_MINUTE)
+    #: wrong keys per client address (MEGASR_AUTH_FAILURES_PER_MINUTE); IPv6 clients per /64
     auth_failures: TokenBucket = field(init=False)
+    #: wrong keys per presented-key prefix (same budget): address rotation does not reset it
+    auth_failures_by_key: TokenBucket = field(init=False)
 
     def __post_init__(self) -> None:
         settings = self.settings
@@ -44,6 +49,8 @@ class Services:
                                         settings.rate_limit_burst)
         self.auth_failures = TokenBucket(self.redis, "megasr:bucket:authfail", settings.auth_failures_per_minute,
                                          settings.auth_failures_per_minute)
+        self.auth_failures_by_key = TokenBucket(self.redis, "megasr:bucket:authfail-key",
+                                                settings.auth_failures_per_minute, settings.auth_failures_per_minute)
 
     @property
     def queue(self) -> JobQueue:
@@ -68,8 +75,22 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 
 def client_address(request: Request) -> str:
-    """The caller's address: the peer, or what a trusted proxy forwarded (uvicorn's proxy headers)."""
-    return request.client.host if request.client else "unknown"
+    """The caller's address, the subject of its failed-auth bucket.
+
+    uvicorn's proxy headers (``--proxy-headers``, ``FORWARDED_ALLOW_IPS``) have already replaced the
+    peer by the first untrusted hop of ``X-Forwarded-For`` read from the right, so addresses a client
+    prepends itself are never used. IPv6 clients count per /64 (one site's allocation: rotating
+    inside it resets nothing); anything that is not an address is hashed (a bounded Redis key)."""
+    host = request.client.host if request.client else ""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return "name:" + hashlib.sha256(host.encode()).hexdigest()[:24] if host else "unknown"
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def bearer_token(request: Request) -> str | None:
@@ -79,39 +100,57 @@ def bearer_token(request: Request) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def refuse_if_guessing(services: Services, client: str) -> None:
-    """429 for a client whose failed-authentication budget is spent, before any key is compared."""
-    decision = services.auth_failures.peek(client)
-    if not decision.allowed:
-        raise ApiError(429, "too_many_auth_failures",
-                       f"too many failed authentications from this address; retry in {decision.retry_after_header} s",
-                       {"Retry-After": decision.retry_after_header})
+def presented_key_subject(services: Services, token: str) -> str:
+    """The bucket of a wrong key: a keyed hash of its first :data:`KEY_PREFIX_CHARS` characters. Keyed
+    with the configured keys, so Redis never holds a guessable digest of a near-miss (a typo's prefix is
+    a real key's prefix); a guesser that rotates addresses keeps spending one prefix's budget."""
+    secret = hashlib.sha256("\n".join(sorted(services.tenant_keys)).encode()).digest()
+    return hmac.new(secret, token[:KEY_PREFIX_CHARS].encode(), hashlib.sha256).hexdigest()[:32]
 
 
-def record_auth_failure(services: Services, client: str) -> None:
+def refuse_if_guessing(services: Services, client: str, token: str) -> None:
+    """429 for a wrong key once its client's or its key prefix's failed-auth budget is spent.
+
+    Called only after the key was found wrong: a valid key is never refused for failures, so neither
+    a neighbour behind the same address (NAT, a proxy) nor a stranger can lock a tenant out."""
+    for bucket, subject, what in ((services.auth_failures, client, "this address"),
+                                  (services.auth_failures_by_key, presented_key_subject(services, token), "this key")):
+        decision = bucket.peek(subject)
+        if not decision.allowed:
+            raise ApiError(429, "too_many_auth_failures",
+                           f"too many failed authentications from {what}; retry in {decision.retry_after_header} s",
+                           {"Retry-After": decision.retry_after_header})
+
+
+def record_auth_failure(services: Services, client: str, token: str) -> None:
+    """Count a wrong key against its client and its key prefix."""
     services.auth_failures.take(client)
+    services.auth_failures_by_key.take(presented_key_subject(services, token))
 
 
 def get_tenant(
     request: Request, services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_scheme)],
 ) -> str:
-    """The tenant of the caller's API key; single-tenant when no keys are configured (allow_anonymous)."""
+    """The tenant of the caller's API key; single-tenant when no keys are configured (allow_anonymous).
+
+    The key is checked first: a valid key is always served. Only a wrong key meets the failed-auth
+    limit (429 once spent, else 401, counted); a missing key is a plain 401, never counted."""
     if not services.tenant_keys:
         return DEFAULT_TENANT
     token = credentials.credentials.strip() if credentials is not None else None
     if not token:
         raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY'", BEARER_CHALLENGE)
-    client = client_address(request)
-    refuse_if_guessing(services, client)
     tenant = None
     for key, owner in services.tenant_keys.items():  # compare against every key: constant time
         if hmac.compare_digest(key.encode(), token.encode()):
             tenant = owner
-    if tenant is None:
-        record_auth_failure(services, client)
-        raise ApiError(401, "unauthorized", "invalid API key", BEARER_CHALLENGE)
-    return tenant
+    if tenant is not None:
+        return tenant
+    client = client_address(request)
+    refuse_if_guessing(services, client, token)
+    record_auth_failure(services, client, token)
+    raise ApiError(401, "unauthorized", "invalid API key", BEARER_CHALLENGE)
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]

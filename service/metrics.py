@@ -56,10 +56,10 @@ def check_metrics_access(request: Request, services: Services) -> None:
     if token is None:
         raise ApiError(401, "unauthorized", "missing metrics key: send 'Authorization: Bearer METRICS_KEY'",
                        BEARER_CHALLENGE)
-    client = client_address(request)
-    refuse_if_guessing(services, client)
-    if not hmac.compare_digest(key.get_secret_value().encode(), token.encode()):
-        record_auth_failure(services, client)
+    if not hmac.compare_digest(key.get_secret_value().encode(), token.encode()):  # the key first: never locked out
+        client = client_address(request)
+        refuse_if_guessing(services, client, token)
+        record_auth_failure(services, client, token)
         raise ApiError(401, "unauthorized", "invalid metrics key", BEARER_CHALLENGE)
 
 

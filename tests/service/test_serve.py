@@ -133,12 +133,12 @@ def test_serve_believes_x_forwarded_for_only_from_trusted_proxies(tmp_path, db_u
            "MEGASR_AUTH_FAILURES_PER_MINUTE": "2", "MEGASR_FORWARDED_ALLOW_IPS": trusted}
     server, base = start_serve(env, tmp_path / "serve.log")
     try:
-        def guess(client_ip: str) -> int:
+        def guess(client_ip: str, n: int) -> int:  # a new key prefix each time: only the client's bucket is shared
             return httpx.get(f"{base}/v1/jobs/x", timeout=10, headers={
-                "Authorization": "Bearer wrong-key-0123456789", "X-Forwarded-For": client_ip}).status_code
+                "Authorization": f"Bearer {n}-wrong-key-0123456789", "X-Forwarded-For": client_ip}).status_code
 
-        assert [guess("198.51.100.1"), guess("198.51.100.1"), guess("198.51.100.1")] == [401, 401, 429]
-        assert guess("198.51.100.2") == (429 if same_bucket else 401)
+        assert [guess("198.51.100.1", 1), guess("198.51.100.1", 2), guess("198.51.100.1", 3)] == [401, 401, 429]
+        assert guess("198.51.100.2", 4) == (429 if same_bucket else 401)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -4,12 +4,14 @@
 ``s3://bucket[/prefix]`` talks to AWS S3 or any S3-compatible store (MinIO, SeaweedFS) through
 boto3, with credentials and region from the standard AWS settings and an optional endpoint.
 Missing objects raise :class:`ObjectNotFound`; an unreachable store raises
-:class:`StorageUnavailable` (the API answers 503). ``get`` reads a whole object (the worker's
+:class:`StorageUnavailable` and a full one :class:`StorageFull` (the API answers 503; workers
+wait, then retry). ``get`` reads a whole object (the worker's
 inputs); ``open`` streams one in chunks, so serving a result never holds it in memory. No FastAPI here.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -31,8 +33,19 @@ class StorageUnavailable(StorageError):
     """The store cannot be reached or refused the request for reasons other than a missing key."""
 
 
+class StorageFull(StorageUnavailable):
+    """The store refused a write for lack of space or quota: storage trouble, not a bug of the job."""
+
+
 class ObjectNotFound(StorageError, KeyError):
     pass
+
+
+#: local write errors that mean the disk (or the user's quota) is full
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+#: S3 error codes (and HTTP statuses) of a store that is full or over quota: AWS/Ceph, MinIO, HTTP 507
+_S3_FULL_CODES = frozenset({"QuotaExceeded", "InsufficientStorage", "XMinioStorageFull",
+                            "XMinioAdminBucketQuotaExceeded", "507"})
 
 
 #: bytes per chunk when streaming an object out
@@ -77,17 +90,24 @@ class LocalStorage:
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        except OSError as exc:
+            if (trouble := _storage_trouble(exc, key)) is None:
+                raise
+            raise trouble from exc
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             Path(tmp).unlink(missing_ok=True)
-            raise
+            if (trouble := _storage_trouble(exc, key)) is None:
+                raise
+            raise trouble from exc
 
     def get(self, key: str) -> bytes:
         try:
@@ -122,6 +142,16 @@ class LocalStorage:
     def ping(self) -> None:
         if not os.access(self.root, os.W_OK):
             raise StorageUnavailable(f"local storage {self.root} is not writable")
+
+
+def _storage_trouble(exc: BaseException, key: str) -> StorageUnavailable | None:
+    """A failed local write as storage trouble when the disk is full or read-only; None otherwise."""
+    errno_ = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if errno_ in _FULL_ERRNOS:
+        return StorageFull(f"local storage is full writing {key!r}: {os.strerror(errno_)}")
+    if errno_ == errno.EROFS:
+        return StorageUnavailable(f"local storage is read-only writing {key!r}")
+    return None
 
 
 AddressingStyle = Literal["auto", "path", "virtual"]
@@ -170,6 +200,9 @@ class S3Storage:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound"):
                 raise ObjectNotFound(key or "") from None
+            status = str(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            if code in _S3_FULL_CODES or status == "507":
+                raise StorageFull(f"S3 {method} refused: {code or status}, the store is full") from None
             raise StorageUnavailable(f"S3 {method} failed: {code or exc}") from None
         except BotoCoreError as exc:
             raise StorageUnavailable(f"S3 unreachable: {exc}") from None

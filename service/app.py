@@ -12,6 +12,7 @@ from .hosts import TrustedHosts, allowed_hosts
 from .jobs import JobStore
 from .metrics import install_metrics
 from .queue import JobQueue
+from .redis_health import warn_without_persistence
 from .routes import health, jobs, models, web
 from .storage import storage_from_url
 from .tracing import TracingMiddleware
@@ -59,6 +60,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.services = services
     install_error_handlers(app)
     install_metrics(app, app.state.services)
+    warn_without_persistence(app.state.services.redis)  # accepted jobs die with a Redis that keeps nothing
     app.include_router(health.router)
     app.include_router(jobs.router)
     app.include_router(models.router)

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     max_output_pixels: int = Field(4096 * 4096, ge=64 * 64,
                                    description="largest output and working canvas (pixels) a job may ask for")
     max_aspect_ratio: float = Field(16.0, ge=1, description="largest long side / short side of an input image")
+    storage_min_free_mb: int = Field(1024, ge=0, description="local storage: /readyz is not ready with less free "
+                                                             "space than this (MiB); 0 = no floor")
     allow_anonymous: bool = Field(False, description="serve without API keys (megasr serve sets it on loopback)")
     metrics_key: SecretStr | None = Field(None, description="bearer key for /metrics; unset = /metrics only when anonymous")
     allowed_hosts: str | None = Field(None, description="Host headers accepted (comma-separated); unset = any, or the host of public_url")

@@ -29,6 +29,7 @@ from .contracts import JobStatus
 from .deps import BEARER_CHALLENGE, Services, bearer_token, client_address, record_auth_failure, refuse_if_guessing
 from .errors import ApiError
 from .jobs import FINISHED_KEY, RUNNING_KEY
+from .redis_health import redis_persistence
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -95,6 +96,21 @@ class QueueCollector:
         yield finished
 
 
+class RedisPersistenceCollector:
+    """``megasr_redis_persistence_enabled``: 1 with AOF or RDB snapshots, 0 with neither (a Redis
+    restart loses the accepted jobs); no sample while Redis cannot say (``service.redis_health``)."""
+
+    def __init__(self, services: Services) -> None:
+        self.services = services
+
+    def collect(self):
+        persisted = redis_persistence(self.services.redis)
+        if persisted is not None:
+            yield GaugeMetricFamily("megasr_redis_persistence_enabled",
+                                    "Whether Redis keeps accepted jobs across a restart (AOF or RDB)",
+                                    value=float(persisted))
+
+
 class LocalWorkerCollector:
     """The metrics of the workers running in this process for the app's queue (``megasr serve``)."""
 
@@ -118,6 +134,7 @@ def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:
     )
     registry.register(QueueCollector(services))
     registry.register(LocalWorkerCollector(services))
+    registry.register(RedisPersistenceCollector(services))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     Gauge("megasr_build_info", "The running MegaSR version (always 1)", ["version"],

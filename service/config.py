@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .contracts import DEFAULT_MODEL, DEFAULT_QUEUE, MODEL_NAME_PATTERN
+from .decode_budget import DEFAULT_MAX_DECODE_SECONDS, DEFAULT_MAX_JPEG_SCANS
 
 
 def _default_home() -> Path:
@@ -45,6 +46,10 @@ class Settings(BaseSettings):
     public_url: str | None = Field(None, description="external base URL of the API: Location, result_url and webhook links; unset = root-relative links")
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_input_pixels: int = Field(2048 * 2048, ge=1)
+    max_jpeg_scans: int = Field(DEFAULT_MAX_JPEG_SCANS, ge=1,
+                                description="most scans (progressive passes) a JPEG input may have")
+    max_decode_seconds: float = Field(DEFAULT_MAX_DECODE_SECONDS, gt=0, le=600,
+                                      description="CPU seconds one input's decode may take (API admission and worker)")
     queue_name: str = DEFAULT_QUEUE
     model: str | None = Field(None, description="the model a worker serves; in the API, the default model when "
                                                 "MEGASR_MODELS is unset (unset: 'default')")

@@ -1,19 +1,27 @@
 """Validating an uploaded image in the API process (Pillow only: the API never imports torch).
 
 The upload is decoded fully before anything is queued, so nothing malformed reaches a worker:
-size in bytes, format, pixel count (decompression bombs), truncation. Only the accepted formats'
-decoders are tried, and any decoder failure is the client's 400, never a 500.
+size in bytes, format, pixel count (decompression bombs), truncation, and what the decode may
+cost (``service.decode_budget``: JPEG scans counted before decoding, CPU time while decoding).
+Only the accepted formats' decoders are tried, and any decoder failure is the client's 400,
+never a 500.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import warnings
 from dataclasses import dataclass
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .decode_budget import (
+    DEFAULT_MAX_DECODE_SECONDS,
+    DEFAULT_MAX_JPEG_SCANS,
+    BudgetedReader,
+    DecodeRefused,
+    check_jpeg_scans,
+)
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -33,8 +41,10 @@ class CheckedImage:
     height: int
 
 
-def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pixels: int) -> CheckedImage:
-    """Decode ``data`` completely; raise :class:`ApiError` (400/413/415) if it is not acceptable."""
+def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pixels: int, *,
+                 max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+                 max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS) -> CheckedImage:
+    """Decode ``data`` completely; raise :class:`ApiError` (400/413/415/422) if it is not acceptable."""
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -43,10 +53,12 @@ def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pix
     if declared and not (declared.startswith("image/") or declared == "application/octet-stream"):
         raise ApiError(415, "unsupported_media_type", f"expected an image, got content type {declared!r}")
     try:
+        check_jpeg_scans(data, max_jpeg_scans)  # before any decoder runs
+        reader = BudgetedReader(data, max_decode_seconds)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             try:
-                image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+                image = Image.open(reader, formats=list(ACCEPTED_FORMATS))
             except UnidentifiedImageError:
                 raise _unidentified(data) from None
             fmt = _SAME_AS.get(image.format or "", image.format or "")
@@ -59,9 +71,12 @@ def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pix
                 raise ApiError(413, "too_many_pixels",
                                f"the image has {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
             image.load()
+            reader.check()  # formats decoded in one call (WebP, libtiff) are not stopped, only refused
             oriented = _oriented(image)
     except ApiError:
         raise
+    except DecodeRefused as exc:
+        raise ApiError(422, exc.code, str(exc)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ApiError(413, "too_many_pixels", "the image declares too many pixels to decode safely") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:

@@ -125,7 +125,7 @@ class BatchRun:
         self.reraise: BaseException | None = None  # for RQ: the primary's retry, or FatalWorkerError
 
     def run(self) -> None:
-        from megasr_core.pipelines import load_image
+        from .input_image import load_input
 
         bind_log_context(stage="load")
         ready = []
@@ -135,7 +135,8 @@ class BatchRun:
             # before it did have none and get one drawn here.
             member.seed = params.seed if params.seed is not None else secrets.randbelow(2**63)
             try:
-                member.image = load_image(self.storage.get(member.record.input_key))
+                # the API's decode budgets again (worker.input_image): no minutes of CPU on one input
+                member.image = load_input(self.storage.get(member.record.input_key), self.runtime.services.settings)
                 ready.append(member)
             except Exception as exc:  # an unreadable image fails its job; a storage error retries it
                 self.handle_error(member, exc)

@@ -185,7 +185,8 @@ def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str |
             raise ApiError(422, "invalid_parameters", f"webhook_url: {exc}") from None
     if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
         raise ApiError(422, "invalid_parameters", "Idempotency-Key must be 1 to 200 characters")
-    image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels)
+    image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels,
+                         max_jpeg_scans=settings.max_jpeg_scans, max_decode_seconds=settings.max_decode_seconds)
     try:  # the pipeline's own canvas rule, so no admitted job can exhaust a GPU
         check_work_bounds((image.width, image.height), params.scale, SD2_SIZE_MULTIPLE,
                           settings.max_output_pixels, settings.max_aspect_ratio)

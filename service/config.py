@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     rate_limit_per_minute: int = Field(120, ge=1, description="token-bucket refill per tenant (requests per minute)")
     rate_limit_burst: int = Field(20, ge=1, description="token-bucket size per tenant: requests allowed at once")
     auth_failures_per_minute: int = Field(10, ge=1, description="failed authentications allowed per client IP per minute")
+    read_rate_limit_per_minute: int = Field(600, ge=1, description="token-bucket refill per tenant for GETs (per minute)")
+    read_rate_limit_burst: int = Field(120, ge=1, description="token-bucket size per tenant for GETs: reads at once")
+    max_concurrent_reads_per_tenant: int = Field(8, ge=1, description="GETs of one tenant in flight per API process; "
+                                                 "the next one gets 429 too_many_concurrent_reads")
     max_output_pixels: int = Field(4096 * 4096, ge=64 * 64,
                                    description="largest output and working canvas (pixels) a job may ask for")
     max_aspect_ratio: float = Field(16.0, ge=1, description="largest long side / short side of an input image")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Annotated
 
 import redis
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from .config import Settings
@@ -17,6 +19,7 @@ from .errors import ApiError
 from .jobs import JobStore
 from .queue import JobQueue
 from .rate_limit import TokenBucket
+from .request_limits import ReadSlots
 from .storage import Storage
 
 DEFAULT_TENANT = "default"
@@ -38,6 +41,10 @@ class Services:
     tenant_keys: dict[str, str]
     #: submissions per tenant (MEGASR_RATE_LIMIT_PER_MINUTE refill, MEGASR_RATE_LIMIT_BURST at once)
     request_rate: TokenBucket = field(init=False)
+    #: GETs per tenant (MEGASR_READ_RATE_LIMIT_PER_MINUTE refill, MEGASR_READ_RATE_LIMIT_BURST at once)
+    read_rate: TokenBucket = field(init=False)
+    #: GETs per tenant in flight in this process (MEGASR_MAX_CONCURRENT_READS_PER_TENANT)
+    read_slots: ReadSlots = field(init=False)
     #: wrong keys per client address (MEGASR_AUTH_FAILURES_PER_MINUTE); IPv6 clients per /64
     auth_failures: TokenBucket = field(init=False)
     #: wrong keys per presented-key prefix (same budget): address rotation does not reset it
@@ -47,6 +54,9 @@ class Services:
         settings = self.settings
         self.request_rate = TokenBucket(self.redis, "megasr:bucket:submit", settings.rate_limit_per_minute,
                                         settings.rate_limit_burst)
+        self.read_rate = TokenBucket(self.redis, "megasr:bucket:read", settings.read_rate_limit_per_minute,
+                                     settings.read_rate_limit_burst)
+        self.read_slots = ReadSlots(settings.max_concurrent_reads_per_tenant)
         self.auth_failures = TokenBucket(self.redis, "megasr:bucket:authfail", settings.auth_failures_per_minute,
                                          settings.auth_failures_per_minute)
         self.auth_failures_by_key = TokenBucket(self.redis, "megasr:bucket:authfail-key",
@@ -154,3 +164,20 @@ def get_tenant(
 
 
 TenantDep = Annotated[str, Depends(get_tenant)]
+
+
+async def limit_reads(services: ServicesDep, tenant: TenantDep) -> AsyncIterator[None]:
+    """A GET's per-tenant limits: a slot among the tenant's in-flight reads of this process, taken on
+    the event loop before the handler holds a pool thread (429 ``too_many_concurrent_reads``), then a
+    token of its read bucket (429 ``rate_limited``). The slot is given back when the handler ends."""
+    slot = services.read_slots.acquire(tenant)
+    try:
+        rate = await run_in_threadpool(services.read_rate.take, tenant)
+        if not rate.allowed:
+            settings = services.settings
+            raise ApiError(429, "rate_limited", f"over {settings.read_rate_limit_per_minute} reads a minute (bursts "
+                           f"of {settings.read_rate_limit_burst}); retry in {rate.retry_after_header} s",
+                           {"Retry-After": rate.retry_after_header})
+        yield
+    finally:
+        slot.release()

@@ -6,7 +6,9 @@ request, ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota), 
 jobs being run and ``lease:<id>`` each one's liveness lease (renewed by its worker every few
 seconds), ``outputs:<id>`` every storage key an attempt wrote a result to (deleted with the
 job's images), ``tenant:<tenant>:jobs`` the tenant's jobs scored by creation time (listing;
-written with the record, its entries of expired records dropped when a listing meets them). Request rates are ``service.rate_limit``'s.
+written with the record, its entries of expired records dropped when a listing meets them),
+``tenant:<tenant>:status:<status>`` the same per status (the status filter; moved in the transaction
+that changes the status). Request rates are ``service.rate_limit``'s.
 
 Every state change is ONE compare-and-set transaction (WATCH, then MULTI/EXEC) over all the keys
 it touches, RQ's included (``service.queue`` writes into the same transaction): create = quota
@@ -20,6 +22,7 @@ worker died is never overwritten by another attempt.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
@@ -41,6 +44,9 @@ IDEMPOTENCY_TTL_S = 24 * 3600
 LEASE_TTL_S = 15
 #: how long past the result TTL a job stays in its tenant's list index (no job waits a week in the queue)
 INDEX_SLACK_S = 7 * 24 * 3600
+#: index entries one listing may walk, per index and per job asked for: expired entries in the way
+#: make a short page with a cursor (each is dropped when met) rather than an unbounded scan
+LIST_SCAN_FACTOR = 4
 RUNNING_KEY = "megasr:running"
 EXPIRY_KEY = "megasr:expiry"  # finished job ids scored by when their images are deleted
 FINISHED_KEY = "megasr:stats:finished"  # finished jobs per final status (metrics)
@@ -100,6 +106,10 @@ class JobStore:
         return f"megasr:tenant:{tenant}:jobs"
 
     @staticmethod
+    def status_index_key(tenant: str, status: JobStatus) -> str:
+        return f"megasr:tenant:{tenant}:status:{status.value}"
+
+    @staticmethod
     def lease_key(job_id: str) -> str:
         return f"megasr:lease:{job_id}"
 
@@ -143,13 +153,8 @@ class JobStore:
                     pipe.multi()
                     pipe.set(self.key(record.id), record.model_dump_json())
                     pipe.sadd(active, record.id)
-                    index = self.index_key(record.tenant)
-                    pipe.zadd(index, {record.id: record.created_at.timestamp()})
-                    # The list index forgets what can no longer have a record (listings also drop
-                    # expired entries they meet), and a silent tenant's index expires whole.
-                    horizon = self.result_ttl_s + INDEX_SLACK_S
-                    pipe.zremrangebyscore(index, "-inf", record.created_at.timestamp() - horizon)
-                    pipe.expire(index, int(horizon))
+                    self._index(pipe, self.index_key(record.tenant), record)
+                    self._index(pipe, self.status_index_key(record.tenant, record.status), record)
                     if idem is not None:
                         pipe.delete(idem)
                         pipe.hset(idem, mapping={"job": record.id, "request": request_hash})
@@ -161,6 +166,14 @@ class JobStore:
                     return record, True
                 except redis.WatchError:
                     continue
+
+    def _index(self, pipe: Pipeline, index: str, record: JobRecord) -> None:
+        """Add the job to a list index (scored by creation time). An index forgets what can no longer
+        have a record (listings also drop expired entries they meet), and a silent tenant's expires whole."""
+        horizon = self.result_ttl_s + INDEX_SLACK_S
+        pipe.zadd(index, {record.id: record.created_at.timestamp()})
+        pipe.zremrangebyscore(index, "-inf", min(record.created_at.timestamp(), time.time()) - horizon)
+        pipe.expire(index, int(horizon))
 
     def _idempotent(self, client: redis.Redis | Pipeline, idem: str) -> tuple[JobRecord, str] | None:
         """The live job an idempotency key points to, and the request hash stored with it."""
@@ -194,40 +207,68 @@ class JobStore:
         """A page of the tenant's jobs, newest first, from just after ``after``; (records, position
         of the last one if more may follow). With ``statuses``, only jobs in one of them.
 
-        Entries whose record has expired are removed from the index on the way.
+        Reads the per-status indexes of ``statuses`` (merged), else the tenant's index: at most
+        ``LIST_SCAN_FACTOR * (limit + 1)`` entries of each (plus ties at the cursor's score),
+        whatever the history. Entries whose record has expired are removed on the way; when they use
+        up that budget the page is short and still has a position to go on from.
         """
-        index = self.index_key(tenant)
+        keys = [self.status_index_key(tenant, s) for s in dict.fromkeys(statuses)] or [self.index_key(tenant)]
         wanted = set(statuses)
         page: list[JobRecord] = []
         position = after
-        batch = max(2 * limit, 50)
-        while True:
-            top = "+inf" if position is None else position.score
-            entries = self.redis.zrevrangebyscore(index, top, "-inf", start=0, num=batch, withscores=True)
-            ids = [(m.decode(), s) for m, s in entries]
-            if position is not None:  # equal scores come in descending member order
-                ids = [(i, s) for i, s in ids if s < position.score or i < position.job_id]
-            if not ids:
-                if len(entries) < batch:
-                    return page, None
-                batch *= 2  # a batch of jobs created in the same microsecond, all already seen
-                continue
-            raws = self.redis.mget([self.key(i) for i, _ in ids])
-            expired = [i for (i, _), raw in zip(ids, raws) if raw is None]
-            if expired:
-                self.redis.zrem(index, *expired)
-            for (job_id, score), raw in zip(ids, raws):
+        budget = LIST_SCAN_FACTOR * (limit + 1)
+        skipped = 0  # entries met without a record to list: each round reads as many more
+        while budget > 0:
+            count = min(limit + 1, limit - len(page) + 1 + skipped, budget)
+            entries = self._next_entries(keys, position, count)
+            budget -= max(len(entries), 1)
+            raws = self.redis.mget([self.key(job_id) for _, job_id, _ in entries]) if entries else []
+            expired: dict[str, list[str]] = {}
+            for (score, job_id, index), raw in zip(entries, raws):
+                record = JobRecord.model_validate_json(raw) if raw is not None else None
+                if record is not None and record.tenant == tenant and (not wanted or record.status in wanted):
+                    if len(page) == limit:
+                        return page, position  # one more follows
+                    page.append(record)
+                else:
+                    skipped += 1
+                    if record is None:
+                        expired.setdefault(index, []).append(job_id)
                 position = ListPosition(score, job_id)
-                if raw is None:
-                    continue
-                record = JobRecord.model_validate_json(raw)
-                if record.tenant != tenant or (wanted and record.status not in wanted):
-                    continue
-                page.append(record)
-                if len(page) == limit:
-                    return page, position
-            if len(entries) < batch:
-                return page, None
+            for index, job_ids in expired.items():
+                self.redis.zrem(index, *job_ids)
+            if len(entries) < count:
+                return page, None  # every index is read to its end
+        return page, position
+
+    def _next_entries(self, keys: list[str], after: ListPosition | None, count: int) -> list[tuple[float, str, str]]:
+        """The first ``count`` entries (score, job id, index) after ``after`` across the indexes ``keys``,
+        newest first, ties by descending id (the order of ZREVRANGE); O(count + ties) per index."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            if after is None:
+                for key in keys:
+                    pipe.zrevrange(key, 0, count - 1, withscores=True)
+            else:  # the range starts at the cursor's score inclusive: skip the ties up to its id
+                for key in keys:
+                    pipe.zcount(key, after.score, after.score)
+                ties = pipe.execute()
+                for key, tied in zip(keys, ties):
+                    pipe.zrevrangebyscore(key, after.score, "-inf", start=0, num=count + int(tied), withscores=True)
+            ranges = pipe.execute()
+        runs = []
+        for key, found in zip(keys, ranges):
+            run = [(score, member.decode(), key) for member, score in found]
+            if after is not None:
+                run = [e for e in run if e[0] < after.score or e[1] < after.job_id]
+            runs.append(run[:count])
+        merged: list[tuple[float, str, str]] = []
+        for entry in heapq.merge(*runs, key=lambda e: (e[0], e[1]), reverse=True):
+            if merged and merged[-1][1] == entry[1]:
+                continue  # in two indexes for a moment (a mixed-version upgrade): listed once
+            merged.append(entry)
+            if len(merged) == count:
+                break
+        return merged
 
     def active_count(self, tenant: str) -> int:
         return int(self.redis.scard(self.active_key(tenant)))
@@ -271,6 +312,9 @@ class JobStore:
                     updated = record.model_copy(update={**derived, **changes, **({"status": to} if to else {})})
                     pipe.multi()
                     pipe.set(key, updated.model_dump_json())
+                    if updated.status != record.status:  # the status filter's index moves with it
+                        pipe.zrem(self.status_index_key(record.tenant, record.status), job_id)
+                        self._index(pipe, self.status_index_key(updated.tenant, updated.status), updated)
                     if updated.status.is_final:
                         pipe.hincrby(FINISHED_KEY, updated.status.value, 1)
                         pipe.zadd(EXPIRY_KEY, {job_id: time.time() + self.result_ttl_s})

@@ -10,7 +10,7 @@ import secrets
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from pydantic import ValidationError
@@ -23,7 +23,7 @@ from .. import events
 from ..config import Settings
 from ..contracts import (CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView,
                          UpscaleParams, input_key)
-from ..deps import ServicesDep, TenantDep
+from ..deps import ServicesDep, TenantDep, limit_reads
 from ..errors import ApiError
 from ..images import check_upload
 from ..jobs import IdempotencyMismatch, ListPosition, QuotaExceeded, TransitionRejected, request_fingerprint
@@ -268,17 +268,27 @@ def _encode_cursor(position: ListPosition) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def _refuse_constant(name: str) -> float:
+    """``parse_constant`` for cursors: NaN and ±Infinity are no position (Python's json takes them)."""
+    raise ValueError(f"{name} in a cursor")
+
+
 def _decode_cursor(cursor: str) -> ListPosition:
     try:
-        score, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        score, job_id = json.loads(raw, parse_constant=_refuse_constant)
         if not isinstance(score, (int, float)) or isinstance(score, bool) or not isinstance(job_id, str):
             raise ValueError(cursor)
-        return ListPosition(float(score), job_id)
+        position = ListPosition(float(score), job_id)
+        if not math.isfinite(position.score):  # 1e999 parses as inf
+            raise ValueError(cursor)
+        return position
     except (ValueError, TypeError, binascii.Error):
         raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API returned") from None
 
 
-@router.get("/jobs", response_model=JobList, name="list_jobs", operation_id="listJobs", responses=_errors(401, 422))
+@router.get("/jobs", response_model=JobList, name="list_jobs", operation_id="listJobs",
+            dependencies=[Depends(limit_reads)], responses=_errors(401, 422, 429))
 def list_jobs(
     request: Request, services: ServicesDep, tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
@@ -294,7 +304,7 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=JobView, name="get_job", operation_id="getJob",
-            responses=_errors(401, 404))
+            dependencies=[Depends(limit_reads)], responses=_errors(401, 404, 429))
 def get_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> JobView:
     """Status, progress, queue position, times, sizes, error and result link of a job."""
     return _view(_owned(services, job_id, tenant), request, services)
@@ -322,7 +332,8 @@ async def stream_job_events(job_id: str, request: Request, services: ServicesDep
             responses={200: {"description": "The result image",
                              "content": {t: {"schema": {"type": "string", "format": "binary"}}
                                          for t in CONTENT_TYPES.values()}},
-                       307: {"description": "Redirect to a presigned storage URL"}, **_errors(401, 404, 409)})
+                       307: {"description": "Redirect to a presigned storage URL"}, **_errors(401, 404, 409, 429)},
+            dependencies=[Depends(limit_reads)])
 def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
     """The result image (streamed from storage), or a redirect to a presigned URL when the storage is S3."""
     record = _owned(services, job_id, tenant)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
 from .. import models_registry
 from ..contracts import ErrorResponse, ModelList, ServedModel
-from ..deps import ServicesDep, TenantDep
+from ..deps import ServicesDep, TenantDep, limit_reads
 
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", response_model=ModelList, operation_id="listModels",
+@router.get("/models", response_model=ModelList, operation_id="listModels", dependencies=[Depends(limit_reads)],
             responses={401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-                       429: {"model": ErrorResponse, "description": "Too many failed authentications"},
+                       429: {"model": ErrorResponse, "description": "Too many failed authentications, reads or reads in flight"},
                        503: {"model": ErrorResponse, "description": "Redis unreachable"}})
 def list_models(services: ServicesDep, tenant: TenantDep) -> ModelList:
     """The served models, the default first: each one's family, weights, whether it is trained

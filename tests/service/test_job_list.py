@@ -86,7 +86,11 @@ def test_expired_records_are_skipped_and_dropped_from_the_index(client):
 
 def test_cursor_and_limit_are_checked(client):
     submitted(client, 1)
-    for cursor in ("nonsense", "W10", "WyJ4IiwxXQ"):  # not base64 JSON, [], ["x", 1]
+    import base64
+
+    not_finite = [base64.urlsafe_b64encode(f'[{n},"x"]'.encode()).decode().rstrip("=")
+                  for n in ("NaN", "Infinity", "-Infinity", "1e999", "-1E400")]
+    for cursor in ("nonsense", "W10", "WyJ4IiwxXQ", *not_finite):  # not base64 JSON, [], ["x", 1], no number
         response = client.get("/v1/jobs", params={"cursor": cursor}, headers=A)
         assert response.status_code == 422, cursor
         assert response.json()["error"]["code"] == "invalid_cursor"

@@ -28,4 +28,6 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --start-period=10s \
     CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
-CMD ["uvicorn", "service.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000", "--proxy-headers"]
+# uvicorn with --proxy-headers, the connection limits (MEGASR_HEADER_TIMEOUT_S, MEGASR_KEEPALIVE_TIMEOUT_S,
+# MEGASR_MAX_CONNECTIONS) and the megasr log handler: the same server options as `megasr serve`.
+CMD ["python", "-m", "service.api_server", "--host", "0.0.0.0", "--port", "8000"]

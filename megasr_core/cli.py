@@ -519,6 +519,7 @@ def serve(
     from megasr_core.families import read_family
     from service.app import create_app
     from service.config import Settings
+    from service.server_options import uvicorn_options
     from worker.embedded import start_embedded_valkey, start_housekeeping, start_worker_thread
 
     torch_dtype = _torch_dtype(dtype) if dtype else None  # checked before anything starts (torch only if asked)
@@ -571,9 +572,10 @@ def serve(
     try:
         # X-Forwarded-For/-Proto count only from MEGASR_FORWARDED_ALLOW_IPS (default 127.0.0.1): the
         # failed-authentication limit keys on the client address, which nobody else can forge.
+        # uvicorn_options: header/keep-alive deadlines and the connection cap, as in the API image, and
+        # log_config=None: uvicorn's loggers go through _observe's handler (format, context, redaction).
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    log_config=None,  # uvicorn's loggers go through _observe's handler (format, context, redaction)
-                    proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips)
+                    proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips, **uvicorn_options(settings))
     finally:
         if valkey is not None:
             valkey.stop()

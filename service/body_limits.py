@@ -9,6 +9,7 @@ its nesting depth before :func:`json.loads` sees it, so hostile JSON is a 400, n
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncGenerator
@@ -18,6 +19,7 @@ from starlette.datastructures import FormData
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 
+from .config import Settings
 from .errors import ApiError
 
 #: deepest JSON nesting accepted (the API's bodies are flat objects)
@@ -46,10 +48,40 @@ def check_declared_length(request: Request, limit: int, detail: str = "") -> Non
         raise BodyTooLarge(limit, detail)
 
 
+class BodyStalled(ApiError):
+    """408: no byte of the request body arrived for ``timeout_s`` (a slow-body client holds a connection)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(408, "body_timeout", f"the request body stalled for {timeout_s:g} s; send it at a steady pace",
+                         headers={"Connection": "close"})
+
+
+def _idle_timeout_s(request: Request) -> float:
+    """``MEGASR_BODY_IDLE_TIMEOUT_S`` of the app serving ``request`` (the settings' default outside an app)."""
+    services = getattr(getattr(request.scope.get("app"), "state", None), "services", None)
+    if services is None:
+        return Settings.model_fields["body_idle_timeout_s"].default
+    return services.settings.body_idle_timeout_s
+
+
+async def _steady(request: Request, timeout_s: float) -> AsyncGenerator[bytes, None]:
+    """``request.stream()``, raising :class:`BodyStalled` when the next chunk takes over ``timeout_s``."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise BodyStalled(timeout_s) from None
+        yield chunk
+
+
 async def limited_stream(request: Request, limit: int, detail: str = "") -> AsyncGenerator[bytes, None]:
-    """The body's chunks, raising :class:`BodyTooLarge` as soon as more than ``limit`` bytes arrived."""
+    """The body's chunks, raising :class:`BodyTooLarge` as soon as more than ``limit`` bytes arrived and
+    :class:`BodyStalled` when it stalls for ``MEGASR_BODY_IDLE_TIMEOUT_S``."""
     received = 0
-    async for chunk in request.stream():
+    async for chunk in _steady(request, _idle_timeout_s(request)):
         received += len(chunk)
         if received > limit:
             raise BodyTooLarge(limit, detail)

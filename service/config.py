@@ -88,6 +88,13 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=_default_home, description="local data, demo weights, embedded Valkey")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    header_timeout_s: float = Field(10.0, gt=0, le=300, description="longest a client may take to send a request's "
+                                    "headers (from connecting, or from the end of the previous response)")
+    body_idle_timeout_s: float = Field(30.0, gt=0, le=600, description="longest a request body may stall between "
+                                       "two chunks before the request ends with 408")
+    keepalive_timeout_s: int = Field(5, ge=1, le=300, description="idle keep-alive connections close after this")
+    max_connections: int = Field(1000, ge=1, description="open connections per API process; more are answered 503 "
+                                 "and closed at once")
 
     @field_validator("queue_name")
     @classmethod

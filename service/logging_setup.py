@@ -8,7 +8,10 @@ per job and batch) and the ``trace_id`` of the current OpenTelemetry span when t
 
 Nothing secret reaches the output: the configured API keys, webhook secret and metrics key are
 replaced wherever they appear, passwords in URLs (``redis://:pw@host``) and bearer tokens are
-masked, ``data:`` URLs and ``bytes`` arguments (image data) are reduced to their length.
+masked, ``data:`` URLs and ``bytes`` arguments (image data) are reduced to their length. A secret is
+masked however a URL encodes it (percent-encoded, wholly or in part, ``+`` for spaces), so a key
+pasted into a query string does not reach the access log. asyncio's flood of accept errors at the
+file-descriptor limit is thinned to one record per ``ACCEPT_ERROR_LOG_INTERVAL_S``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import json
 import logging
 import re
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
@@ -26,6 +30,8 @@ from typing import Any, Literal, ParamSpec, TypeVar
 
 CONTEXT_FIELDS = ("job_id", "tenant", "worker", "stage", "trace_id")
 MASK = "***"
+#: at most one "socket.accept() out of system resource" record per this many seconds
+ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
 _context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("megasr_log_context", default={})
 _handler: logging.Handler | None = None
@@ -68,8 +74,23 @@ def fresh_log_context(function: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def _hex_byte(byte: int) -> str:
+    """A regex for ``byte`` as two hex digits in either case."""
+    return "".join(f"[{c.lower()}{c}]" if c.isalpha() else c for c in f"{byte:02X}")
+
+
+def _any_encoding(secret: str) -> str:
+    """A regex for ``secret`` as sent or logged in a URL: each character as itself or percent-encoded (any case,
+    also double-encoded ``%2541``), a space also as ``+``, so partly encoded copies match too."""
+    parts = []
+    for char in secret:
+        encoded = "".join(f"%(?:25)*{_hex_byte(b)}" for b in char.encode())
+        parts.append(f"(?:{re.escape(char)}|{encoded}{'|[+]' if char == ' ' else ''})")
+    return "".join(parts)
+
+
 class Redactor:
-    """Masks secrets and image bytes in log text."""
+    """Masks secrets (in any URL encoding) and image bytes in log text."""
 
     _URL_PASSWORD = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*:)[^@\s/]+(?P<at>@)")
     _BEARER = re.compile(r"(?i)\b(?P<head>bearer\s+|x-api-key[\"']?\s*[:=]\s*[\"']?)[^\s\"',;]+")
@@ -78,10 +99,11 @@ class Redactor:
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         # Longest first, so a secret that contains another is masked whole.
         self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+        self._secrets = re.compile("|".join(map(_any_encoding, self.secrets))) if self.secrets else None
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, MASK)
+        if self._secrets is not None:
+            text = self._secrets.sub(MASK, text)
         text = self._URL_PASSWORD.sub(rf"\g<head>{MASK}\g<at>", text)
         text = self._BEARER.sub(rf"\g<head>{MASK}", text)
         return self._DATA_URL.sub(lambda m: f"data:{m['type']}{m['params']},<{len(m[0])} characters>", text)
@@ -149,6 +171,47 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
+class AcceptErrorThrottle(logging.Filter):
+    """Lets one asyncio "socket.accept() out of system resource" record through per ``interval_s``.
+
+    Out of file descriptors (EMFILE/ENFILE), asyncio logs that error with a traceback for every
+    connection in the listen backlog and again on each retry: thousands of lines a second, which
+    fill the disk and bury everything else while the server is already in trouble. The record that
+    passes says how many were dropped since the last one."""
+
+    MESSAGE = "socket.accept() out of system resource"
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self._last: float | None = None
+        self._suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(self.MESSAGE):
+            return True
+        now = self.clock()
+        if self._last is not None and now - self._last < self.interval_s:
+            self._suppressed += 1
+            return False
+        if self._suppressed:
+            first, newline, rest = record.msg.partition("\n")
+            record.msg = (f"{first} ({self._suppressed} more since {now - self._last:.0f} s ago not logged; "
+                          f"the process is out of file descriptors){newline}{rest}")
+        self._last, self._suppressed = now, 0
+        return True
+
+
+def throttle_accept_errors(interval_s: float = ACCEPT_ERROR_LOG_INTERVAL_S) -> AcceptErrorThrottle:
+    """Install (or replace) the :class:`AcceptErrorThrottle` of the ``asyncio`` logger."""
+    asyncio_logger = logging.getLogger("asyncio")
+    for old in [f for f in asyncio_logger.filters if isinstance(f, AcceptErrorThrottle)]:
+        asyncio_logger.removeFilter(old)
+    throttle = AcceptErrorThrottle(interval_s)
+    asyncio_logger.addFilter(throttle)
+    return throttle
+
+
 def settings_secrets(settings: Any) -> list[str]:
     """The secret values of ``settings``: API keys, webhook secret, metrics key, passwords in the Redis URL."""
     from urllib.parse import urlsplit
@@ -186,6 +249,7 @@ def configure_logging(fmt: Literal["text", "json"] = "text", *, level: int = log
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    throttle_accept_errors()
     _handler = handler
     return handler
 

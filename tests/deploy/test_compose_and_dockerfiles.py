@@ -7,6 +7,7 @@ import re
 import yaml
 
 from service.config import Settings
+from tests.deploy.compose import project
 from tests.deploy.conftest import ROOT
 
 KNOWN = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_BUCKET", "MEGASR_WEIGHTS_DIR",
@@ -89,7 +90,15 @@ def test_api_image_has_no_torch():
     packages = [line.split(">")[0].split("=")[0].strip() for line in lines if line and not line.startswith("#")]
     assert packages and not [p for p in packages if p in ("torch", "diffusers", "transformers")]
     assert "--no-deps" in text
-    assert "service.app:create_app" in text
+    assert re.search(r'^CMD \["python", "-m", "service.api_server"', text, flags=re.M)
+
+
+def test_every_api_launch_path_runs_the_api_server_command():
+    """The connection limits (header and keep-alive deadlines, the connection cap) live in service.api_server's
+    uvicorn options: Compose runs the image's command as is (tests/service/test_connections.py runs it)."""
+    for files in (["docker-compose.yml"], ["docker-compose.yml", "docker-compose.models.yml"]):
+        api = project([ROOT / name for name in files])["services"]["api"]
+        assert "command" not in api and "entrypoint" not in api, files
 
 
 def test_api_image_trusts_forwarded_headers_only_from_loopback():
@@ -97,7 +106,7 @@ def test_api_image_trusts_forwarded_headers_only_from_loopback():
     text = dockerfiles()["api.Dockerfile"]
     assert "--forwarded-allow-ips" not in text and '"*"' not in text
     assert re.search(r"^ENV\s.*\bFORWARDED_ALLOW_IPS=127\.0\.0\.1\b", text, flags=re.M)
-    assert "--proxy-headers" in text
+    assert "proxy_headers=True" in (ROOT / "service" / "api_server.py").read_text()  # the image's command
     api = compose()["services"]["api"]
     assert api["environment"]["FORWARDED_ALLOW_IPS"] == "${FORWARDED_ALLOW_IPS:-127.0.0.1}"
 

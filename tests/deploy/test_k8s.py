@@ -80,6 +80,7 @@ def test_api_probes_scaling_and_disruption(rendered):
     (api,) = pod_spec(docs, "megasr-api")["containers"]
     assert api["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert api["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert "command" not in api and "args" not in api  # the image's service.api_server, with its connection limits
     assert api["resources"]["requests"] and api["resources"]["limits"]
     (hpa,) = find(docs, "HorizontalPodAutoscaler", "megasr-api")
     assert hpa["spec"]["minReplicas"] >= 2

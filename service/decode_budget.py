@@ -6,8 +6,9 @@ Two rules, shared by the API's admission (``service.images``) and the worker's i
 - **JPEG scans.** A progressive JPEG's decoder walks every block of the image once per scan,
   so a small file that repeats one scan thousands of times costs minutes of CPU. Real encoders
   write about 10 scans (libjpeg's progressive script) to a few dozen (mozjpeg's optimised ones);
-  libtiff stops its own JPEG decoder at 100. :func:`count_jpeg_scans` counts the SOS markers by
-  walking the marker segments before any decoder runs.
+  libtiff stops its own JPEG decoder at 100. :func:`check_jpeg_scans` counts the SOS markers by
+  walking the marker segments before any decoder runs; it also refuses files of absurdly many
+  segments, which would cost the walk (and Pillow's own marker parser) seconds of Python.
 - **Decode time.** Pillow's decoders cannot be interrupted from Python, but for PNG, JPEG, GIF
   and BMP its ``ImageFile.load`` reads the file in chunks (or, for Python decoders such as BMP's
   RLE, byte by byte) between calls into the decoder. :class:`BudgetedReader` is the file object
@@ -48,24 +49,28 @@ class DecodeRefused(Exception):
         self.code = code
 
 
-def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
-    """The number of scans (SOS markers) of the first image in a JPEG file, up to its EOI.
+def jpeg_structure(data: bytes, max_scans: int | None = None, max_segments: int | None = None) -> tuple[int, int]:
+    """(scans, marker segments) of the first image in a JPEG file, up to its EOI.
 
     Walks SOI, then each marker segment by its length; after a scan's header, the next marker
     is found by a regular-expression search, which steps over the entropy-coded data (with its
     0xFF00 stuffing and RST markers) in C. Garbage between segments is skipped as libjpeg does.
-    Stops counting past ``stop_after``. Linear in the file's size; a truncated file counts what
-    it has (the decoder reports the truncation).
+    Stops once either count is past its limit, so a file of millions of tiny segments costs no
+    more Python steps than the limits allow. A truncated file counts what it has (the decoder
+    reports the truncation).
     """
     if not data.startswith(b"\xff\xd8"):
-        return 0
-    scans, pos, end = 0, 2, len(data)
+        return 0, 0
+    scans, segments, pos, end = 0, 0, 2, len(data)
     while pos < end:
         found = _MARKER.search(data, pos)
         if found is None:
             break
         code, pos = data[found.end() - 1], found.end()
         if code == _EOI:
+            break
+        segments += 1
+        if max_segments is not None and segments > max_segments:
             break
         if code in (_SOI, _TEM):  # no length follows
             continue
@@ -77,20 +82,37 @@ def count_jpeg_scans(data: bytes, stop_after: int | None = None) -> int:
         pos += length
         if code == _SOS:
             scans += 1
-            if stop_after is not None and scans > stop_after:
+            if max_scans is not None and scans > max_scans:
                 break
-    return scans
+    return scans, segments
+
+
+def count_jpeg_scans(data: bytes) -> int:
+    """The number of scans (SOS markers) of the first image in a JPEG file."""
+    return jpeg_structure(data)[0]
+
+
+def max_jpeg_segments(max_scans: int) -> int:
+    """Marker segments a JPEG may have: a few per scan (its DHT, DRI, COM) and up to 1,000 more
+    for metadata (an ICC profile is at most 255 APP2 chunks, extended XMP a few hundred APP1)."""
+    return 1_000 + 4 * max_scans
 
 
 def check_jpeg_scans(data: bytes, max_scans: int) -> None:
-    """Raise :class:`DecodeRefused` (``too_many_scans``) for a JPEG with more than ``max_scans`` scans."""
+    """Raise :class:`DecodeRefused` for a JPEG with more than ``max_scans`` scans
+    (``too_many_scans``) or more marker segments than :func:`max_jpeg_segments` (``too_many_segments``)."""
     if not data.startswith(JPEG_SIGNATURE):
         return
-    scans = count_jpeg_scans(data, stop_after=max_scans)
+    segment_limit = max_jpeg_segments(max_scans)
+    scans, segments = jpeg_structure(data, max_scans=max_scans, max_segments=segment_limit)
     if scans > max_scans:
         raise DecodeRefused("too_many_scans",
                             f"the JPEG has more than {max_scans} scans (progressive passes); real encoders "
                             f"write far fewer, and each one costs a pass over every pixel (MEGASR_MAX_JPEG_SCANS)")
+    if segments > segment_limit:
+        raise DecodeRefused("too_many_segments",
+                            f"the JPEG has more than {segment_limit:,} marker segments; real encoders write "
+                            f"far fewer (the limit is 1,000 + 4 × MEGASR_MAX_JPEG_SCANS)")
 
 
 class BudgetedReader(io.BytesIO):

@@ -17,7 +17,7 @@ from rq.worker import SimpleWorker
 
 from service.app import build_services, create_app
 from service.contracts import JobStatus
-from service.decode_budget import count_jpeg_scans
+from service.decode_budget import count_jpeg_scans, jpeg_structure
 from service.errors import ApiError
 from service.images import check_upload
 from service.logging_setup import log_fields
@@ -130,8 +130,20 @@ def test_scans_are_counted_across_stuffing_restart_markers_and_repeats():
     small_bomb = scan_bomb(size=64, copies=300)
     assert count_jpeg_scans(small_bomb) == 306
     Image.open(io.BytesIO(small_bomb)).load()  # the bomb is a JPEG Pillow decodes: only its cost is wrong
-    assert count_jpeg_scans(small_bomb, stop_after=100) == 101
+    assert jpeg_structure(small_bomb, max_scans=100)[0] == 101
     assert count_jpeg_scans(b"\x89PNG\r\n\x1a\n") == 0
+
+
+def test_a_jpeg_of_a_million_empty_segments_is_refused_without_walking_them_all():
+    """4 MB of empty COM segments: seconds of Python for a full walk (and for Pillow's own
+    marker parser); the walk stops at its segment limit instead."""
+    photo = encoded(Image.linear_gradient("L"), "JPEG")
+    flood = photo[:2] + b"\xff\xfe\x00\x02" * 1_000_000 + photo[2:]
+    started = time.thread_time()
+    with pytest.raises(ApiError) as refused:
+        check_upload(flood, "image/jpeg", 20 * 1024 * 1024, 4096 * 4096)
+    assert (refused.value.status, refused.value.code) == (422, "too_many_segments")
+    assert time.thread_time() - started < 0.5
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF", "GIF"])

@@ -1,7 +1,7 @@
 """The one place that decides what an exception means for a job: retry, fail, or exit.
 
-* ``transient`` — storage unreachable or full (``StorageFull``: ENOSPC, EDQUOT, an S3 quota), Redis
-  unreachable or refusing writes (out of memory, a read-only replica): RQ retries the job later;
+* ``transient`` — storage unreachable or full (``StorageFull``: ENOSPC, EDQUOT, an S3 quota; the
+  worker's ``PatientStorage`` waits these out first) or Redis unreachable: RQ retries the job later;
 * ``out_of_memory`` — CUDA OOM: free the cache, retry with smaller tiles, then as transient;
 * ``timeout`` — the job ran past ``MEGASR_JOB_TIMEOUT_S``: failed, not retried;
 * ``fatal`` — a broken CUDA context: the job fails and the process should exit so the
@@ -18,9 +18,7 @@ def classify(exc: BaseException) -> str:
     try:
         import redis
 
-        redis_errors: tuple[type[BaseException], ...] = (
-            redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, redis.exceptions.OutOfMemoryError,
-            redis.exceptions.ReadOnlyError, redis.exceptions.MasterDownError)
+        redis_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
     except ImportError:  # pragma: no cover
         redis_errors = ()
     if isinstance(exc, StorageUnavailable) or isinstance(exc, redis_errors):
@@ -44,7 +42,7 @@ class FatalWorkerError(RuntimeError):
 #: paths, hostnames or other tenants' data); the exception itself goes to the worker log
 _SAFE_MESSAGES = {
     "internal_error": "the job failed inside the worker; it was retried {retries} times",
-    "transient": "storage or the job queue was unreachable or full; the job was retried {retries} times",
+    "transient": "storage was unreachable or full, or the job queue unreachable; the job was retried {retries} times",
     "out_of_memory": "the GPU ran out of memory, even with the smallest tiles; the job was retried {retries} times",
     "timeout": "the job ran past the worker's time limit (MEGASR_JOB_TIMEOUT_S)",
     "fatal": "the worker's GPU failed while running the job; the worker restarts",

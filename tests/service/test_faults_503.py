@@ -239,3 +239,4 @@ def test_a_disk_that_stays_full_fails_the_job_as_transient(full_store_services):
     run_worker(settings, services, patience_s=0.2)  # (also: RQ stops in 60 s, not at once, after a run under ~0.1 s)
     record = services.jobs.get(job_id)
     assert record.status == JobStatus.failed and record.error.code == "transient" and record.attempts == 3
+    assert record.error.message.startswith("storage was unreachable or full")  # what the tenant reads

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON objects (job_id, tenant, worker, stage, trace_id)")
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint (needs the [otel] extra); unset = no tracing")
     events_max_s: float = Field(900.0, gt=0, le=86400, description="longest a /v1/jobs/{id}/events stream stays open (clients reconnect)")
+    max_event_streams_per_tenant: int = Field(20, ge=1, description="open event streams per tenant and API process; "
+                                                                   "the next one gets 429 too_many_streams")
+    max_event_streams: int = Field(800, ge=1, description="open event streams per API process (all tenants; below "
+                                   "MEGASR_MAX_CONNECTIONS, so probes still get in); the next one gets 503 too_many_streams")
     weights: Path | None = Field(None, description="MegaSR weights directory for workers")
     max_batch: int | None = Field(None, ge=1, le=64, description="images per GPU batch; unset = 8 on CUDA, 1 on CPU")
     batch_wait_ms: int = Field(20, ge=0, le=5000, description="how long a worker waits for batch mates")

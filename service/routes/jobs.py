@@ -86,8 +86,16 @@ def _link(request: Request, services: ServicesDep, route: str, job_id: str) -> s
 
 
 def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView:
-    queue = services.queue_for(record.model)
-    position = queue.position(record.id) if record.status == JobStatus.queued else None
+    position = services.queue_for(record.model).position(record.id) if record.status == JobStatus.queued else None
+    cancel = record.status == JobStatus.running and services.jobs.cancel_requested(record.id)
+    return _view_of(record, request, services, position, cancel)
+
+
+def _view_of(record: JobRecord, request: Request, services: ServicesDep, queue_position: int | None,
+             cancel_requested: bool) -> JobView:
+    """The view of a record whose queue position and cancel flag were read already (the event
+    poller reads them for all streams at once); no Redis calls, so safe on the event loop."""
+    position = queue_position if record.status == JobStatus.queued else None
     return JobView(
         id=record.id, status=record.status, model=record.model, model_info=record.model_info,
         progress=record.progress, queue_position=position,
@@ -96,7 +104,7 @@ def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView
         output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
         tagger=record.tagger, error=record.error,
         result_url=_link(request, services, "get_result", record.id) if record.status == JobStatus.succeeded else None,
-        cancel_requested=record.status == JobStatus.running and services.jobs.cancel_requested(record.id),
+        cancel_requested=record.status == JobStatus.running and cancel_requested,
         params=record.params,
     )
 
@@ -314,18 +322,33 @@ def get_job(job_id: str, request: Request, services: ServicesDep, tenant: Tenant
             response_class=StreamingResponse, responses={
                 200: {"description": "Server-Sent Events: `progress` (the job), then `done` (the final job)",
                       "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}}},
-                **_errors(401, 404)})
+                **_errors(401, 404, 429, 503)})
 async def stream_job_events(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
-    """Follow a job: its progress as it changes, then its final state, as Server-Sent Events."""
-    await run_in_threadpool(_owned, services, job_id, tenant)
+    """Follow a job: its progress as it changes, then its final state, as Server-Sent Events
+    (``MEGASR_MAX_EVENT_STREAMS_PER_TENANT`` open at once per API process, then 429)."""
+    record = await run_in_threadpool(_owned, services, job_id, tenant)
+    streams = events.event_streams(request.app, services.settings, services.redis)
+    slot = streams.slots.acquire(tenant)  # 429/503 too_many_streams; given back by on_close
+    follow = streams.poller.follow(job_id, services.queue_for(record.model).queue.key)
+    last: tuple[object, JobView | None] = (None, None)  # a view is built once per change, not per wake-up
 
-    def load() -> JobView | None:
-        record = services.jobs.get_for_tenant(job_id, tenant)
-        return _view(record, request, services) if record is not None else None
+    async def load() -> JobView | None:
+        nonlocal last
+        snapshot = await follow.latest()
+        if snapshot is not last[0]:
+            found = snapshot.record
+            view = None if found is None or found.tenant != tenant else _view_of(
+                found, request, services, snapshot.position, snapshot.cancel_requested)
+            last = (snapshot, view)
+        return last[1]
 
-    stream = events.job_events(lambda: run_in_threadpool(load), request.is_disconnected,
-                               max_seconds=services.settings.events_max_s)
-    return StreamingResponse(stream, media_type=events.MEDIA_TYPE, headers=events.HEADERS)
+    def on_close() -> None:
+        follow.close()
+        slot.release()
+
+    stream = events.job_events(load, request.is_disconnected, max_seconds=services.settings.events_max_s,
+                               wait=follow.wait_change)
+    return events.EventStreamResponse(stream, on_close)
 
 
 @router.get("/jobs/{job_id}/result", name="get_result", operation_id="getJobResult",

@@ -112,3 +112,30 @@ def test_a_finished_job_answers_done_at_once(tmp_path, db_url):
         assert client.get("/v1/jobs/nope/events").status_code == 404
         client.app.state.services.redis.delete(JobStore.key(job["id"]))
         assert client.get(f"/v1/jobs/{job['id']}/events").status_code == 404
+        streams = client.app.state.event_streams  # the finished stream gave its slot back
+        assert streams.slots.open_count() == 0 and streams.poller.followed == 0
+
+
+def test_events_carry_the_view_that_get_answers(tmp_path, db_url):
+    """The shared poller reads the queue position and the cancel flag as GET /v1/jobs/{id} does."""
+    settings = make_settings(tmp_path, db_url)
+    app = create_app(settings)
+    services = app.state.services
+    with live_server(app) as base, httpx.Client(base_url=base, timeout=30) as http:
+        submit(http, steps=1)
+        job = submit(http, steps=1).json()
+        url = f"/v1/jobs/{job['id']}"
+        with http.stream("GET", f"{url}/events") as response:
+            messages = _sse_messages(response.iter_lines())
+            first = json.loads(next(messages)[1])
+            assert first["queue_position"] == 1 and first == http.get(url).json()
+            running = services.jobs.get(job["id"]).model_copy(update={"status": JobStatus.running, "progress": 0.25})
+            with services.redis.pipeline() as pipe:  # started, and its cancel asked for: one transaction
+                pipe.set(JobStore.key(job["id"]), running.model_dump_json())
+                pipe.set(JobStore.cancel_key(job["id"]), 1)
+                pipe.execute()
+            seen = json.loads(next(messages)[1])
+            while seen["status"] != "running":
+                seen = json.loads(next(messages)[1])
+            assert seen["cancel_requested"] is True and seen["queue_position"] is None
+            assert seen == http.get(url).json()

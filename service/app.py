@@ -56,6 +56,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         version="0.1.0",
         description="Real-world image super-resolution (MegaSR) as a job queue: submit, poll, fetch.",
         docs_url=None,  # routes.web serves /docs with vendored Swagger UI assets (no CDN)
+        redoc_url=None,  # ReDoc would load a CDN script onto the origin whose page keeps the key
     )
     app.state.services = services
     install_error_handlers(app)
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.include_router(models.router)
     app.include_router(web.router)
     app.mount(web.STATIC_PREFIX, web.WebAssets(), name="static")
+    app.add_middleware(web.HtmlSecurityHeaders)  # a CSP on every HTML answer, whichever route made it
     if (hosts := allowed_hosts(app.state.services.settings)) is not None:
         app.add_middleware(TrustedHosts, hosts=hosts)
     app.add_middleware(TracingMiddleware)  # outermost: one server span per request (a no-op while tracing is off)

@@ -17,9 +17,10 @@ RUN /opt/venv/bin/pip install --no-deps /src
 
 FROM python:3.11.10-slim-bookworm
 # FORWARDED_ALLOW_IPS (read by uvicorn): the proxies whose X-Forwarded-For/-Proto are believed, as
-# addresses or CIDRs. The client address feeds the failed-authentication limit, so no wildcard: set it
-# to your load balancer / ingress range. The app refuses to start without MEGASR_API_KEYS(_FILE)
-# unless MEGASR_ALLOW_ANONYMOUS=1.
+# addresses or CIDRs. uvicorn takes the client as the first X-Forwarded-For address, from the right,
+# that is not one of them, so the proxy must append to the header. The client address feeds the
+# failed-authentication limit (wrong keys only), so no wildcard: set it to your load balancer /
+# ingress range. The app refuses to start without MEGASR_API_KEYS(_FILE) unless MEGASR_ALLOW_ANONYMOUS=1.
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 MEGASR_HOME=/var/lib/megasr FORWARDED_ALLOW_IPS=127.0.0.1
 RUN groupadd --system --gid 10001 megasr \
     && useradd --system --uid 10001 --gid megasr --home-dir /var/lib/megasr --create-home megasr

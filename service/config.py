@@ -73,8 +73,16 @@ class Settings(BaseSettings):
     metrics_key: SecretStr | None = Field(None, description="bearer key for /metrics; unset = /metrics only when anonymous")
     allowed_hosts: str | None = Field(None, description="Host headers accepted (comma-separated); unset = any, or the host of public_url")
     forwarded_allow_ips: str = Field("127.0.0.1", description="proxies whose X-Forwarded-For/-Proto are trusted")
-    webhook_timeout_s: float = Field(10.0, gt=0, le=120, description="overall deadline of one webhook delivery")
+    webhook_timeout_s: float = Field(5.0, gt=0, le=120, description="overall deadline of one webhook delivery")
     webhook_concurrency: int = Field(8, ge=1, le=256, description="webhook deliveries in flight per process")
+    webhook_tenant_concurrency: int = Field(2, ge=1, le=256, description="one tenant's webhook deliveries in flight "
+                                                                         "per process")
+    webhook_circuit_failures: int = Field(5, ge=1, description="attempts in a row that do not reach a tenant's "
+                                                               "webhook host before its deliveries there wait")
+    webhook_circuit_cooldown_s: float = Field(60.0, gt=0, le=86400, description="how long those deliveries wait "
+                                                                                "before the host is tried again")
+    webhook_max_pending_per_tenant: int = Field(500, ge=1, description="webhook deliveries waiting per tenant; "
+                                                                       "newer ones over it are dropped (logged, counted)")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or JSON objects (job_id, tenant, worker, stage, trace_id)")
     otlp_endpoint: str | None = Field(None, description="OTLP/HTTP traces endpoint (needs the [otel] extra); unset = no tracing")
     events_max_s: float = Field(900.0, gt=0, le=86400, description="longest a /v1/jobs/{id}/events stream stays open (clients reconnect)")

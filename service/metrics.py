@@ -30,6 +30,7 @@ from .deps import BEARER_CHALLENGE, Services, bearer_token, client_address, reco
 from .errors import ApiError
 from .jobs import FINISHED_KEY, RUNNING_KEY
 from .redis_health import redis_persistence
+from .webhooks import DROPPED_KEY
 
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
@@ -81,6 +82,8 @@ class QueueCollector:
         depth = GaugeMetricFamily("megasr_queue_depth", "Jobs waiting in the queue", labels=["queue"])
         running = GaugeMetricFamily("megasr_jobs_running", "Jobs a worker is running now (all workers)")
         finished = CounterMetricFamily("megasr_jobs_finished", "Jobs that reached a final status", labels=["status"])
+        dropped = CounterMetricFamily("megasr_webhooks_dropped", "Webhook deliveries given up (fleet-wide): over a "
+                                      "tenant's backlog cap, or after the last attempt", labels=["reason"])
         try:
             for model in self.services.settings.served_models():  # one series per model's queue
                 queue = self.services.queue_for(model)
@@ -89,11 +92,15 @@ class QueueCollector:
             counts = self.services.redis.hgetall(FINISHED_KEY)
             for status in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled):
                 finished.add_metric([status.value], float(counts.get(status.value.encode(), 0)))
+            given_up = self.services.redis.hgetall(DROPPED_KEY)
+            for reason in ("backlog", "attempts"):
+                dropped.add_metric([reason], float(given_up.get(reason.encode(), 0)))
         except Exception:  # Redis down: scrape still answers, without these series
             return
         yield depth
         yield running
         yield finished
+        yield dropped
 
 
 class RedisPersistenceCollector:

@@ -141,6 +141,9 @@ class WorkerRuntime:
             public_url=settings.public_url, retry_base_s=settings.webhook_retry_base_s,
             timeout_s=settings.webhook_timeout_s, concurrency=settings.webhook_concurrency,
             allow_private=settings.webhook_allow_private,
+            tenant_concurrency=settings.webhook_tenant_concurrency, circuit_failures=settings.webhook_circuit_failures,
+            circuit_cooldown_s=settings.webhook_circuit_cooldown_s,
+            max_pending_per_tenant=settings.webhook_max_pending_per_tenant,
         )
         self._webhooks.start()
 

@@ -415,7 +415,9 @@ def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db
     from worker.runtime import WorkerRuntime
 
     settings = make_settings(tmp_path, db_url, webhook_secret="s", webhook_timeout_s=3.5, webhook_concurrency=3,
-                             webhook_allow_private=True, webhook_retry_base_s=0.25, public_url="https://sr.example")
+                             webhook_allow_private=True, webhook_retry_base_s=0.25, public_url="https://sr.example",
+                             webhook_tenant_concurrency=4, webhook_circuit_failures=7, webhook_circuit_cooldown_s=9.5,
+                             webhook_max_pending_per_tenant=33)
     runtime = WorkerRuntime(services=build_services(settings), pipeline=None)
     runtime.start_webhooks()
     try:
@@ -423,6 +425,8 @@ def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db
         assert (dispatcher.timeout_s, dispatcher.concurrency, dispatcher.allow_private) == (3.5, 3, True)
         assert (dispatcher.retry_base_s, dispatcher.public_url, dispatcher.secret) == (0.25, "https://sr.example", b"s")
         assert dispatcher._pool._max_workers == 3
+        assert (dispatcher.tenant_concurrency, dispatcher.circuit_failures) == (4, 7)
+        assert (dispatcher.circuit_cooldown_s, dispatcher.max_pending_per_tenant) == (9.5, 33)
     finally:
         runtime.stop()
     assert dispatcher._stop.is_set()
@@ -435,7 +439,11 @@ def test_a_dispatcher_built_without_settings_takes_the_settings_defaults(store):
     dispatcher = WebhookDispatcher(store.redis, store, SECRET)
     dispatcher.stop()
     for argument, setting in [("retry_base_s", "webhook_retry_base_s"), ("timeout_s", "webhook_timeout_s"),
-                              ("concurrency", "webhook_concurrency"), ("allow_private", "webhook_allow_private")]:
+                              ("concurrency", "webhook_concurrency"), ("allow_private", "webhook_allow_private"),
+                              ("tenant_concurrency", "webhook_tenant_concurrency"),
+                              ("circuit_failures", "webhook_circuit_failures"),
+                              ("circuit_cooldown_s", "webhook_circuit_cooldown_s"),
+                              ("max_pending_per_tenant", "webhook_max_pending_per_tenant")]:
         assert getattr(dispatcher, argument) == Settings.model_fields[setting].default, argument
 
 

@@ -216,7 +216,7 @@ def test_a_public_address_passes():
 
 
 def test_schedule_in_records_the_delivery_due_after_its_delay(store):
-    from service.webhooks import schedule_in
+    from service.webhooks import PENDING_PREFIX, circuit_id, schedule_in
 
     record = JobRecord(id="job-9", tenant="t", params=UpscaleParams(webhook_url="https://8.8.8.8/hook"),
                        input_key="jobs/job-9/input", input_width=8, input_height=8)
@@ -228,7 +228,9 @@ def test_schedule_in_records_the_delivery_due_after_its_delay(store):
     ((raw_id, due),) = store.redis.zrange(DUE_KEY, 0, -1, withscores=True)
     assert before + 30.0 <= due <= after + 30.0
     fields = {k.decode(): v.decode() for k, v in store.redis.hgetall(delivery_key(raw_id.decode())).items()}
-    assert fields == {"job_id": "job-9", "url": "https://8.8.8.8/hook", "attempt": "0"}
+    assert fields == {"job_id": "job-9", "url": "https://8.8.8.8/hook", "attempt": "0", "tenant": "t",
+                      "circuit": circuit_id("t", "https://8.8.8.8/hook")}
+    assert store.redis.zrange(PENDING_PREFIX + "t", 0, -1) == [raw_id]  # counted in the tenant's backlog
 
 
 def test_redirects_are_not_followed(store):
@@ -288,7 +290,9 @@ def test_deliveries_of_vanished_jobs_are_dropped_and_the_rest_still_sent(store):
                for raw in store.redis.zrange(DUE_KEY, 0, -1)}
         now = time.time()
         store.redis.zadd(DUE_KEY, {ids[vanished]: now - 30, ids[first]: now - 20, ids[second]: now - 10})
-        assert WebhookDispatcher(store.redis, store, SECRET.encode(), allow_private=True).deliver_due() == 2
+        dispatcher = WebhookDispatcher(store.redis, store, SECRET.encode(), allow_private=True,
+                                       tenant_concurrency=3)  # all three at once (one tenant's)
+        assert dispatcher.deliver_due() == 2
     finally:
         receiver.close()
     assert sorted(json.loads(call.body)["id"] for call in receiver.calls) == sorted([first, second])

@@ -72,7 +72,7 @@ async def _steady(request: Request, timeout_s: float) -> AsyncGenerator[bytes, N
             chunk = await asyncio.wait_for(chunks.__anext__(), timeout_s)
         except StopAsyncIteration:
             return
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise BodyStalled(timeout_s) from None
         yield chunk
 

@@ -80,7 +80,7 @@ class GuardedH11Protocol(H11Protocol):
         self._head_timer = None
         if self.cycle is self._waiting_after and not self.transport.is_closing():
             logger.debug("closed a connection from %s: no complete request head within %g s (MEGASR_HEADER_TIMEOUT_S)",
-                        "%s:%d" % self.client if self.client else "?", self.header_timeout_s)
+                        "{}:{}".format(*self.client) if self.client else "?", self.header_timeout_s)
             self.transport.close()
 
 

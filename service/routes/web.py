@@ -10,9 +10,8 @@ CDN onto the origin whose page keeps the key in ``sessionStorage``).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from html import escape
+from pathlib import Path
 
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse

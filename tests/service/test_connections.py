@@ -74,7 +74,8 @@ def get(sock: socket.socket, path: str = "/healthz") -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -166,17 +167,23 @@ def test_keys_are_masked_in_the_access_log_in_any_url_encoding(tmp_path, db_url)
 def test_the_accept_error_throttle_passes_one_record_per_interval_with_a_count(captured):
     now = [100.0]
     throttle = AcceptErrorThrottle(interval_s=10, clock=lambda: now[0])
-    log = logging.Logger("asyncio")  # asyncio's name, apart from the process's logger tree
+    log = logging.getLogger("tests.accept_error_throttle")  # a logger of its own, not the root's handlers
+    log.propagate = False
+    handler = logging.StreamHandler(captured)
     log.addFilter(throttle)
-    log.addHandler(logging.StreamHandler(captured))
-    for step in range(50):  # five seconds of a flood, 10 a second
-        try:
-            raise OSError(24, "Too many open files")
-        except OSError as exc:
-            log.error("socket.accept() out of system resource\nsocket: <socket>", exc_info=exc)
-        log.error("Task exception was never retrieved")  # other asyncio errors pass untouched
-        now[0] += 0.1 if step < 49 else 10
-    log.error("socket.accept() out of system resource\nsocket: <socket>")
+    log.addHandler(handler)
+    try:
+        for step in range(50):  # five seconds of a flood, 10 a second
+            try:
+                raise OSError(24, "Too many open files")
+            except OSError as exc:
+                log.error("socket.accept() out of system resource\nsocket: <socket>", exc_info=exc)
+            log.error("Task exception was never retrieved")  # other asyncio errors pass untouched
+            now[0] += 0.1 if step < 49 else 10
+        log.error("socket.accept() out of system resource\nsocket: <socket>")
+    finally:
+        log.removeFilter(throttle)
+        log.removeHandler(handler)
     text = captured.getvalue()
     assert text.count("socket.accept() out of system resource") == 2 and text.count("OSError: [Errno 24]") == 1
     assert text.count("Task exception was never retrieved") == 50

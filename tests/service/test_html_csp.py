@@ -47,7 +47,7 @@ def test_every_html_answer_carries_the_csp_and_runs_no_inline_script(app):
             response = client.get(path)
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/html"), path
             assert_page_headers(response)
-            scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", response.text, flags=re.S)
+            scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", response.text, flags=re.DOTALL)
             assert scripts and all(re.search(r'\bsrc="(?!https?:|//)[^"]+"', attributes) and not body.strip()
                                    for attributes, body in scripts), path  # own files only, nothing inline
         assert_page_headers(client.get("/an-html-route"))

@@ -242,8 +242,8 @@ def test_forty_filtered_listings_over_100k_records_leave_health_and_other_tenant
             assert [job["id"] for job in response.json()["jobs"]] == running[:20]
         seen, cursor = [], None
         while True:  # every running job, each once, newest first, through the cursor
-            page = httpx.get(f"{base}/v1/jobs", headers=A, timeout=10,
-                             params={"status": ["running", "queued"], "limit": 30, **({"cursor": cursor} if cursor else {})}).json()
+            params = {"status": ["running", "queued"], "limit": 30, **({"cursor": cursor} if cursor else {})}
+            page = httpx.get(f"{base}/v1/jobs", headers=A, params=params, timeout=10).json()
             seen += [job["id"] for job in page["jobs"]]
             if (cursor := page["next"]) is None:
                 break

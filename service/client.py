@@ -230,6 +230,10 @@ class MegaSRClient:
                         use_stream = False  # silent for a minute: a proxy holding the stream back
                 except (httpx.TransportError, ServiceUnavailableError):
                     use_stream = False  # a proxy that drops long requests, a restart: poll instead
+                except RateLimitedError as exc:
+                    if exc.code != "too_many_streams":
+                        raise
+                    use_stream = False  # this key's streams are all taken: polling needs none
             else:
                 fresh = self.get(job_id)
                 if on_progress is not None and fresh != job:

@@ -104,3 +104,18 @@ def test_wait_polls_when_the_event_stream_is_unavailable(settings, tiny_pipeline
         done = client.wait(job.id, timeout=30)
         assert done.status == JobStatus.succeeded
         assert paths[-2:] == [f"/v1/jobs/{job.id}/events", f"/v1/jobs/{job.id}"]
+
+
+def test_wait_polls_when_the_tenants_event_streams_are_all_taken(tmp_path, db_url, tiny_pipeline):
+    """429 too_many_streams (MEGASR_MAX_EVENT_STREAMS_PER_TENANT) is no error for wait(): it polls."""
+    settings = make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False,
+                             max_event_streams_per_tenant=1)
+    with TestClient(create_app(settings)) as http:
+        client = MegaSRClient(api_key=KEY_A, http=http, poll_interval_s=0.05)
+        held, job = client.submit(png(), steps=1), client.submit(png(), steps=1)
+        with http.stream("GET", f"/v1/jobs/{held.id}/events", headers={"Authorization": f"Bearer {KEY_A}"}) as open_:
+            assert open_.status_code == 200  # the tenant's one stream, held open
+            refused = http.get(f"/v1/jobs/{job.id}/events", headers={"Authorization": f"Bearer {KEY_A}"})
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+            run_worker(settings, tiny_pipeline)
+            assert client.wait(job.id, timeout=30).status == JobStatus.succeeded

@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
+@pytest.mark.planted
 def test_every_bug_of_the_audit_is_caught_by_its_tests(tmp_path):
     """The audit's bugs (CFG halves swapped, parameters dropped on the way to the pipeline, SAFT on F instead of
     Norm(F), the job guards, the webhook HMAC, off-by-one limits, SSIM constants, the CSM's zero projection, the

@@ -245,7 +245,9 @@ def soak_stack(tmp_path, tiny_weights, monkeypatch):
             redis_url=valkey.url, storage_url=storage_url, s3_endpoint_url=seaweed.endpoint, home=tmp_path,
             queue_name=queue, allow_anonymous=True, metrics_key=METRICS_KEY, webhook_secret=WEBHOOK_SECRET,
             webhook_allow_private=True, max_queued_per_tenant=100_000, rate_limit_per_minute=1_000_000,
-            rate_limit_burst=1_000_000,
+            rate_limit_burst=1_000_000,  # one client submits everything: no tenant limits
+            read_rate_limit_per_minute=1_000_000, read_rate_limit_burst=1_000_000,
+            max_concurrent_reads_per_tenant=1_000,
         )
         api = ApiServer(create_app(settings))
         api.start()

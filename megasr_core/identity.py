@@ -60,7 +60,7 @@ class ModelIdentity:
         if self.trained:
             return None
         return (f"warning: the {self.title} weights {self.weights} are UNTRAINED ({self.untrained_reason}), so the "
-                "output is not a real super-resolution. See the README, 'Real output today'.")
+                "output is not a real super-resolution. See docs/weights.md, 'Real output today'.")
 
 
 def weights_label(directory: str | Path) -> str:

@@ -27,7 +27,7 @@ def _default_home() -> Path:
 
 
 class Settings(BaseSettings):
-    """Every knob of the service; see the README's configuration table."""
+    """Every knob of the service; see docs/configuration.md."""
 
     model_config = SettingsConfigDict(env_prefix="MEGASR_", extra="ignore")
 

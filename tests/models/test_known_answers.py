@@ -4,7 +4,7 @@ Each test runs the tiny denoiser with its zero-initialized parameters perturbed 
 are not identities), captures one block's input and output with hooks, and recomputes that
 output from the block's parameters with explicit tensor maths: no call into the code under test.
 
-MSFM as README/msfm.py read Eq. 8-9:
+MSFM as docs/model.md and msfm.py read Eq. 8-9:
     M_c = depth ⊕ seg at the block's resolution;  F_r = CA(SiLU(GN_1(Conv(M_c)))) ⊙ M_c
     SAFT(F, g) = Norm(F) ⊙ γ(g) + β(g),  γ, β = Conv(SiLU(Conv(g)))
     F' = F + SAFT(F, M_h) + SAFT(F, F_r)

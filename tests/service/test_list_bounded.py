@@ -121,7 +121,7 @@ def test_expired_entries_cost_a_short_page_not_an_unbounded_scan(store):
 
 
 def test_jobs_from_before_the_status_indexes_appear_under_a_filter_once_they_change_state(store):
-    """What README says of an upgrade: the status filter knows a job from its next state change on."""
+    """What CHANGELOG.md's upgrade notes say: the status filter knows a job from its next state change on."""
     old = record("pre", datetime.now(timezone.utc))
     store.redis.set(JobStore.key(old.id), old.model_dump_json())  # the layout of the previous release
     store.redis.zadd(JobStore.index_key("t"), {old.id: old.created_at.timestamp()})

@@ -2,7 +2,7 @@
 ``megasr serve``: uvicorn, embedded Valkey, local storage and the in-process worker on the tiny
 weights; and, for the model selector, a ``megasr serve`` routing to two models (tiny SeeSR and
 SeeSR-Turbo), each with its own ``megasr worker``. Set MEGASR_SCREENSHOT_DIR=docs/screenshots to
-refresh the README's screenshots."""
+refresh the screenshots that docs/api.md shows."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ SECRET = "webhook-vector-secret"
 
 
 def readme_signature(secret: bytes, timestamp: int, body: bytes) -> str:
-    """The README's scheme, written out independently: t=T,v1=hex(HMAC-SHA256(secret, "T." + body))."""
+    """The scheme of docs/api.md (Webhooks), written out independently: t=T,v1=hex(HMAC-SHA256(secret, "T." + body))."""
     message = str(timestamp).encode() + b"." + body
     return f"t={timestamp},v1={hmac.new(secret, message, hashlib.sha256).hexdigest()}"
 
@@ -96,7 +96,7 @@ def test_the_dispatcher_sends_the_documented_signature(store):
 
 def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
     """A receiver that always fails gets 6 tries, base·2^n apart (n = 0..4), then the delivery is dropped."""
-    assert Settings.model_fields["webhook_retry_base_s"].default == 2.0  # README: MEGASR_WEBHOOK_RETRY_BASE_S = 2
+    assert Settings.model_fields["webhook_retry_base_s"].default == 2.0  # docs/configuration.md: MEGASR_WEBHOOK_RETRY_BASE_S = 2
     settings = make_settings(tmp_path, db_url, webhook_secret=SECRET, webhook_allow_private=True,
                              webhook_retry_base_s=0.05)
     base = settings.webhook_retry_base_s
@@ -148,7 +148,7 @@ def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
 
 
 def test_payload_is_the_documented_event_exactly():
-    """Every field of the README's event, for a succeeded job (with a result link) and a failed one."""
+    """Every field of the documented event (docs/api.md, Webhooks), for a succeeded job (with a result link) and a failed one."""
     from datetime import datetime, timezone
 
     from service.contracts import JobError
@@ -185,7 +185,7 @@ def test_payload_is_the_documented_event_exactly():
 
 
 def test_verify_accepts_exactly_the_tolerance_and_no_more():
-    """The timestamp may be off by the tolerance (default 300 s, the README's) in either direction."""
+    """The timestamp may be off by the tolerance (default 300 s) in either direction."""
     header = sign(KAT_SECRET, KAT_TIMESTAMP, KAT_BODY)
     for offset in (300, -300):
         assert verify(KAT_SECRET, header, KAT_BODY, now=KAT_TIMESTAMP + offset)

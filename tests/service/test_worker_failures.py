@@ -230,7 +230,7 @@ def test_the_job_rq_handed_out_is_queued_again_once_after_a_transient_error(serv
 
 @pytest.mark.parametrize(("fmt", "options"), [("png", {}), ("jpeg", {"quality": 95}), ("webp", {"quality": 95})])
 def test_results_are_encoded_as_documented(fmt, options):
-    """PNG; JPEG and WebP at quality 95 (README, output_format): the bytes Pillow writes with those settings."""
+    """PNG; JPEG and WebP at quality 95 (docs/api.md, output_format): the bytes Pillow writes with those settings."""
     import numpy as np
 
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))

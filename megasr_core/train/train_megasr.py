@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import PairedImageDataset, USMConfig
 from ..extractors import tags_to_prompt
-from ..metrics import psnr_y, ssim_y
+from ..image_quality import psnr_y, ssim_y
 from ..pipelines import MegaSRPipeline
 from .config import MegaSRTrainConfig, save_config
 

@@ -21,7 +21,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import CLIPTokenizer
 
-from ..families import tags_to_prompt  # noqa: F401  (re-exported: the prompt rule lives with the families)
 from .clip_image import CLIPImageEncoder
 
 TAGS_FILE = "tags.txt"

@@ -39,6 +39,7 @@ EXTRACTORS_DIR = "extractors"
 #: what sd-turbo's scheduler config changes in SD2's (SeeSR-Turbo samples with DDPM built from it)
 TURBO_SCHEDULER: dict[str, Any] = {"timestep_spacing": "trailing"}
 
+
 def write_model_index(directory: Path) -> None:
     index: dict[str, Any] = {"_class_name": PIPELINE_CLASS, "_diffusers_version": diffusers.__version__}
     index.update({name: list(spec) for name, spec in COMPONENTS.items()})
@@ -51,7 +52,6 @@ def missing_components(directory: str | Path) -> list[str]:
     missing = [name for name in (MODEL_INDEX, CONFIG_NAME) if not (directory / name).is_file()]
     missing += [name for name in COMPONENTS if not (directory / name).is_dir()]
     return missing
-
 
 
 def default_demo_weights() -> Path:
@@ -69,4 +69,3 @@ def is_tiny_random(directory: str | Path) -> bool:
         return bool(load_model_config(directory).extra.get(TINY_MARKER))
     except FileNotFoundError:
         return False
-

@@ -100,4 +100,3 @@ def _randomize_zero_init(denoiser: MegaSRDenoiser | SeeSRDenoiser, seed: int, st
             controlnet_output = name.startswith(("controlnet.controlnet_down_blocks.", "controlnet.controlnet_mid_block."))
             if megasr_module or (controlnet_output and denoiser.family != MEGASR):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
-

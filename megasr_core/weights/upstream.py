@@ -134,4 +134,3 @@ def assemble_seesr(
                          f"take {denoiser.config.image_embed_dim}")
     write_model_index(output)
     return output
-

@@ -70,7 +70,7 @@ BUGS: tuple[PlantedBug, ...] = (
                "if received > limit:", "if received >= limit:", LIMITS),
     PlantedBug("declared_length_limit_off_by_one", "service/body_limits.py",
                "int(declared) > limit", "int(declared) >= limit", LIMITS),
-    PlantedBug("ssim_constants_times_ten", "megasr_core/metrics.py",
+    PlantedBug("ssim_constants_times_ten", "megasr_core/image_quality.py",
                "c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2", "c1, c2 = (0.1 * 255) ** 2, (0.3 * 255) ** 2",
                ("tests/test_metrics_known_answers.py",)),
     PlantedBug("csm_projection_not_zero_initialised", "megasr_core/models/csm.py",

@@ -10,7 +10,7 @@ from .deps import Services
 from .errors import install_error_handlers
 from .hosts import TrustedHosts, allowed_hosts
 from .jobs import JobStore
-from .metrics import install_metrics
+from .prometheus import install_metrics
 from .queue import JobQueue
 from .redis_health import warn_without_persistence
 from .routes import health, jobs, models, web

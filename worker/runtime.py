@@ -24,7 +24,7 @@ from service.queue import JobQueue
 from service.reaper import delete_expired_results, reap_abandoned
 
 from .batching import JobClaimer
-from .metrics import WorkerMetrics
+from .status_server import WorkerMetrics
 
 log = logging.getLogger("megasr.worker")
 _RUNTIME: "WorkerRuntime | None" = None

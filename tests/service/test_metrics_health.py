@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from service import local_workers
 from service.app import create_app
 from service.local_workers import LocalWorker, WorkerState
-from service.metrics import package_version
+from service.prometheus import package_version
 from tests.service.conftest import free_port
 from tests.service.test_api import make_settings, submit
-from worker.metrics import WorkerMetrics
+from worker.status_server import WorkerMetrics
 
 
 def sample(text: str, name: str) -> float:

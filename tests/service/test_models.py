@@ -26,7 +26,7 @@ from tests.service.test_api import KEY_A, make_settings, png, submit
 from tests.service.test_atomic_state import StandIn
 from worker.batching import batch_key, sampling
 from worker.main import make_worker
-from worker.metrics import WorkerMetrics
+from worker.status_server import WorkerMetrics
 from worker.runtime import install_runtime
 
 MODELS = "seesr,seesr-turbo"

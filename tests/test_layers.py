@@ -384,7 +384,8 @@ def test_fastapi_or_the_app_in_the_worker_or_the_job_system_is_found_even_lazily
 def test_a_module_level_import_of_the_service_from_the_core_is_found(tmp_path):
     root = _tree(tmp_path, {
         "megasr_core/cli/__init__.py": "import worker.main\ndef serve():\n    import service.app\n",
-        "megasr_core/weights.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from service import config\n",
+        "megasr_core/weights.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                  "    from service import config\n",
     })
     assert core_imports_of_the_service(all_imports(root)) == ["megasr_core.cli:1 imports worker.main"]
 

@@ -153,7 +153,8 @@ def _replay(services: Services, tenant: str, idempotency_key: str, fingerprint: 
 
 
 def _quota_refusal(quota: int) -> Refused:
-    return Refused(429, "queue_quota", f"{quota} unfinished jobs already; wait for some to finish", {"Retry-After": "30"})
+    return Refused(429, "queue_quota", f"{quota} unfinished jobs already; wait for some to finish",
+                   {"Retry-After": "30"})
 
 
 def _mismatch_refusal(exc: IdempotencyMismatch) -> Refused:

@@ -91,5 +91,6 @@ class FairQueue(Queue):
                 return queue_key, job_id
         result = super().lpop(queue_keys, timeout, connection=connection)
         if result is not None:
-            connection.hdel(fair_tenants_key(result[0].decode() if isinstance(result[0], bytes) else result[0]), result[1])
+            popped_from = result[0].decode() if isinstance(result[0], bytes) else result[0]
+            connection.hdel(fair_tenants_key(popped_from), result[1])
         return result

@@ -116,7 +116,7 @@ def get(url: str) -> tuple[int, dict]:
 
 
 def test_worker_healthz_turns_503_when_the_heartbeat_stops(settings):
-    from service.app import build_services
+    from service.jobsystem.services import build_services
     from worker.runtime import WorkerRuntime
 
     runtime = WorkerRuntime(services=build_services(settings), pipeline=None,

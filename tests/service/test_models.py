@@ -19,8 +19,8 @@ from megasr_core.identity import TINY_REASON, ModelIdentity
 from service import models_registry
 from service.app import create_app
 from service.contracts import JobRecord, ModelInfo, UpscaleParams
-from service.reaper import reap_abandoned
-from service.sweeper import sweep
+from service.jobsystem.reaper import reap_abandoned
+from service.jobsystem.sweeper import sweep
 from tests.service.conftest import free_port
 from tests.service.test_api import KEY_A, make_settings, png, submit
 from tests.service.test_atomic_state import StandIn

@@ -19,7 +19,9 @@ or SeeSR-Turbo directory.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from .extractors.guidance import NAMES as EXTRACTOR_NAMES
 from .extractors.guidance import init_tiny_extractors, install_ram_tagger, tiny_random_ram
 from .extractors.ram import RAMConfig
 from .families import MEGASR, SEESR, SEESR_TURBO, get_family
+from .hub import resolve_weights_source
 from .identity import TINY_REASON
 from .models.config import CONFIG_NAME, MegaSRConfig, SeeSRConfig, load_model_config
 from .models.denoiser import MegaSRDenoiser
@@ -152,11 +155,33 @@ def _randomize_zero_init(denoiser: MegaSRDenoiser | SeeSRDenoiser, seed: int, st
 
 def default_demo_weights() -> Path:
     """Where the CLI and server keep the tiny demo weights ($MEGASR_HOME, else the user cache)."""
-    import os
-
     home = os.environ.get("MEGASR_HOME")
     base = Path(home) if home else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "megasr"
     return base / "tiny-demo"
+
+
+#: The variable that names the weights when no ``--weights`` is given: a folder or a Hub id.
+WEIGHTS_ENV = "MEGASR_WEIGHTS"
+
+
+def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = lambda message: None) -> Path:
+    """The weights folder to load: ``weights``, else ``$MEGASR_WEIGHTS`` (a folder or a Hub id, fetched by
+    ``megasr_core.hub.resolve_weights_source``), else the tiny demo weights, written on first use.
+
+    The demo weights are random and untrained: ``warn`` hears that (and when they are being written).
+    Raises ``FileNotFoundError`` or ``ValueError`` for a source that does not resolve.
+    """
+    if weights is None and os.environ.get(WEIGHTS_ENV):
+        weights = os.environ[WEIGHTS_ENV]
+    if weights is not None:
+        return resolve_weights_source(weights)
+    demo = default_demo_weights()
+    if missing_components(demo):
+        warn(f"no --weights or {WEIGHTS_ENV}: writing tiny demo weights to {demo}")
+        init_tiny(demo, overwrite=True)
+    warn("warning: using the tiny demo weights: they are random and UNTRAINED, so the output is not a "
+         f"real super-resolution. Pass --weights or set {WEIGHTS_ENV} for a trained model.")
+    return demo
 
 
 def is_tiny_random(directory: str | Path) -> bool:

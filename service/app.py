@@ -5,6 +5,7 @@ from __future__ import annotations
 import redis
 from fastapi import FastAPI
 
+from .anonymity import refuse_accidental_anonymity
 from .config import Settings, get_settings
 from .deps import Services
 from .errors import install_error_handlers
@@ -31,20 +32,6 @@ def build_services(settings: Settings) -> Services:
                 for name in settings.served_models()},
         tenant_keys=settings.tenant_keys(),
     )
-
-
-class InsecureConfiguration(RuntimeError):
-    """The app would serve every caller without an API key, and nobody asked for that."""
-
-
-def refuse_accidental_anonymity(settings: Settings, tenant_keys: dict[str, str]) -> None:
-    """No keys means no authentication at all: only with an explicit ``allow_anonymous``."""
-    if not tenant_keys and not settings.allow_anonymous:
-        raise InsecureConfiguration(
-            "no API keys are configured, so every caller would be served anonymously: set MEGASR_API_KEYS "
-            "(tenant:key,...) or MEGASR_API_KEYS_FILE, or set MEGASR_ALLOW_ANONYMOUS=1 to serve without keys "
-            "on purpose (megasr serve does so itself on 127.0.0.1)"
-        )
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:

@@ -99,7 +99,8 @@ def upscale(
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing", help="Leave outputs that already exist alone.")] = False,
     recursive: Annotated[bool, typer.Option(
-        "--recursive", "-r", help="Walk folders recursively; sub-folders are mirrored under the output folder.")] = False,
+        "--recursive", "-r",
+        help="Walk folders recursively; sub-folders are mirrored under the output folder.")] = False,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
 ) -> None:
     """Super-resolve images with MegaSR."""

@@ -15,7 +15,8 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
-from .app import InsecureConfiguration, create_app
+from .anonymity import InsecureConfiguration
+from .app import create_app
 from .config import Settings
 from .logging_setup import configure_from_settings
 from .server_options import uvicorn_options

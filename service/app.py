@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from .anonymity import refuse_accidental_anonymity
 from .config import Settings, get_settings
 from .errors import install_error_handlers
 from .hosts import TrustedHosts, allowed_hosts
@@ -17,20 +18,6 @@ from .redis_health import warn_without_persistence
 from .request_limits import ReadSlots
 from .routes import health, jobs, models, web
 from .tracing import TracingMiddleware
-
-
-class InsecureConfiguration(RuntimeError):
-    """The app would serve every caller without an API key, and nobody asked for that."""
-
-
-def refuse_accidental_anonymity(settings: Settings, tenant_keys: dict[str, str]) -> None:
-    """No keys means no authentication at all: only with an explicit ``allow_anonymous``."""
-    if not tenant_keys and not settings.allow_anonymous:
-        raise InsecureConfiguration(
-            "no API keys are configured, so every caller would be served anonymously: set MEGASR_API_KEYS "
-            "(tenant:key,...) or MEGASR_API_KEYS_FILE, or set MEGASR_ALLOW_ANONYMOUS=1 to serve without keys "
-            "on purpose (megasr serve does so itself on 127.0.0.1)"
-        )
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:

@@ -74,7 +74,7 @@ def test_without_weights_the_demo_weights_are_made_with_a_warning(tmp_path):
 
 
 def test_bench_prints_json():
-    result = runner.invoke(app, ["bench", "--preset", "tiny", "--size", "128", "--steps", "2", "--device", "cpu"])
+    result = runner.invoke(app, ["bench", "pipeline", "--preset", "tiny", "--size", "128", "--steps", "2", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout[result.stdout.index("{"):])
     assert report["steps"] == 2 and report["output_size"] == 128

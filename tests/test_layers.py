@@ -37,7 +37,7 @@ FOUNDATION = frozenset({
     "service", "service.config", "service.contracts", "service.storage", "service.logging_setup",
     "service.tracing", "service.faults", "service.decode_budget", "service.rate_limit", "service.webhooks",
     "service.webhook_http", "service.webhook_policy", "service.models_registry", "service.redis_health",
-    "service.local_workers", "service.client",
+    "service.local_workers", "service.client", "service.anonymity",
 })
 #: the HTTP layer at service/'s top level (``service.routes.*`` is HTTP by prefix)
 HTTP = frozenset({
@@ -45,8 +45,8 @@ HTTP = frozenset({
     "service.event_poller", "service.hosts", "service.http_protocol", "service.images", "service.prometheus",
     "service.probes", "service.request_limits", "service.stream_slots", "service.server_options",
 })
-#: processes' entry points besides the CLI (``megasr_core.cli*``)
-ENTRY = frozenset({"service.api_server"})
+#: processes' entry points besides the CLI (``megasr_core.cli*``): the API server, the API load benchmark
+ENTRY = frozenset({"service.api_server", "megasr_core.benchmarks.load_api"})
 
 #: what the worker and the job system never import, at any level
 FORBIDDEN = ("fastapi", "starlette", "service.app", "service.deps", "service.routes")
@@ -54,7 +54,7 @@ FORBIDDEN = ("fastapi", "starlette", "service.app", "service.deps", "service.rou
 
 def floor_of(module: str) -> str | None:
     """The floor of a module of this repository, or None when no rule places it."""
-    if module == "megasr_core.cli" or module.startswith("megasr_core.cli."):
+    if module == "megasr_core.cli" or module.startswith("megasr_core.cli.") or module in ENTRY:
         return ENTRY_FLOOR
     if module == "megasr_core" or module.startswith("megasr_core."):
         return CORE

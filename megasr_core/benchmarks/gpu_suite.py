@@ -1,7 +1,7 @@
 """The GPU benchmark suite: one process, one JSON, everything issue #10 asks to be measured.
 
-    megasr bench --suite gpu --output gpu_suite.json           # on a GPU: sd2-base, 512², 50 steps
-    megasr bench --suite gpu --preset tiny --size 128 --steps 2 --batches 1,2 --device cpu
+    megasr bench gpu --output gpu_suite.json           # on a GPU: sd2-base, 512², 50 steps
+    megasr bench gpu --preset tiny --size 128 --steps 2 --batches 1,2 --device cpu
 
 On random weights of the preset (nothing downloaded) it measures, in this order:
 

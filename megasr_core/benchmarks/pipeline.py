@@ -1,4 +1,4 @@
-"""The whole-pipeline benchmark behind ``megasr bench``: per-stage times on random weights.
+"""The whole-pipeline benchmark behind ``megasr bench pipeline``: per-stage times on random weights.
 
 Builds a preset with random weights (nothing downloaded), upscales a real photo (scikit-image's
 astronaut when installed, else random pixels) once to warm up and once measured with the GPU

@@ -1,6 +1,6 @@
 """Speed paths for a loaded pipeline: ``torch.compile`` scopes, channels_last, a persistent cache.
 
-Two compile scopes, chosen by measurement (``megasr bench --suite gpu`` times both):
+Two compile scopes, chosen by measurement (``megasr bench gpu`` times both):
 
 - ``blocks`` (regional): every ``ResnetBlock2D`` and ``BasicTransformerBlock`` (with its CSM) of
   the UNet and the ControlNet is compiled on its own. Blocks of one class share their compiled

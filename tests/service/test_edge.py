@@ -13,7 +13,8 @@ import redis
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import InsecureConfiguration, create_app
+from service.anonymity import InsecureConfiguration
+from service.app import create_app
 from service.prometheus import METHODS
 from service.rate_limit import TokenBucket
 from tests.service.test_api import make_settings, png, submit

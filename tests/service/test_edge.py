@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import InsecureConfiguration, create_app
 from service.metrics import METHODS
 from service.rate_limit import TokenBucket
-from tests.service.test_api import make_settings, png, submit
+from tests.service.helpers import make_settings, png, submit
 
 # ------------------------------------------------------------------ metric labels
 

@@ -18,7 +18,7 @@ from rq.worker import SimpleWorker
 from service.app import create_app
 from service.fair_queue import FairQueue, tenants_key
 from service.queue import SERIALIZER, JobQueue
-from tests.service.test_api import make_settings, submit
+from tests.service.helpers import make_settings, submit
 from worker.main import make_worker
 
 

@@ -12,8 +12,8 @@ from service.app import build_services
 from service.contracts import JobError, JobRecord, JobStatus, UpscaleParams
 from service.jobs import FINISHED_KEY, IDEMPOTENCY_TTL_S, RUNNING_KEY, JobStore, TransitionRejected
 from service.reaper import LOCK_KEY, reap_abandoned
-from tests.service.conftest import STORE_RESULT_TTL_S
-from tests.service.test_api import make_settings
+from tests.service.helpers import STORE_RESULT_TTL_S
+from tests.service.helpers import make_settings
 
 RESULT_TTL_S = STORE_RESULT_TTL_S
 

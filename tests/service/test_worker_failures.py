@@ -20,9 +20,9 @@ from service.jobs import TransitionRejected
 from service.logging_setup import configure_logging, log_fields
 from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
 from service.routes.jobs import _admit
-from tests.service.conftest import json_lines
-from tests.service.test_api import make_settings, png
-from tests.service.test_atomic_state import StandIn, admit
+from tests.service.helpers import json_lines
+from tests.service.helpers import make_settings, png
+from tests.service.helpers import StandIn, admit
 from worker import tasks
 from worker.batching import CancelWatch
 from worker.main import EXIT_FATAL, MegaSRWorker, make_worker, run_worker

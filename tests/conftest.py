@@ -39,10 +39,10 @@ def pytest_collection_modifyitems(config, items):
 MUTATION_LEFT_OUT = {
     # The service tests run the pipeline too (a job's image), but they compare it with the same mutated
     # pipeline: they cannot see a wrong equation, only a crash.
-    "megasr_core.": ("tests/service/",),
+    "megasr_core.": ("tests/service/", "tests/worker/"),
     # The worker's batching tests and the pass-through tests submit jobs through the API and the store, but
     # check the worker; the store, admission and webhook code has tests of its own.
-    "service.": ("tests/service/test_worker_batching.py", "tests/service/test_param_passthrough.py"),
+    "service.": ("tests/worker/test_batching.py", "tests/service/test_param_passthrough.py"),
 }
 
 

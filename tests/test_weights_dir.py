@@ -19,7 +19,7 @@ from megasr_core.weights import (
     is_tiny_random,
     missing_components,
 )
-from tests.helpers import make_inputs
+from tests.models.helpers import make_inputs
 
 
 @pytest.fixture(scope="module")

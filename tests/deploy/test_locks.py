@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import ROOT
+from tests.deploy.manifests import ROOT
 
 LOCKS = {"api": ROOT / "docker" / "api.lock.txt", "worker": ROOT / "docker" / "worker.lock.txt"}
 

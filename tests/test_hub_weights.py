@@ -8,7 +8,6 @@ Hub's error headers (``HF_ENDPOINT``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -22,32 +21,11 @@ from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 from megasr_core.weights.hub import ALLOW_PATTERNS, WeightsSourceError, parse_hub_source, resolve_weights_source
+from tests.hub_cache import EXTRA, populate_hf_cache
 
 REPO = "megasr-test/tiny"
 MAIN = "a" * 40  # commit of refs/main
 TAGGED = "b" * 40  # commit of refs/v1 (huggingface_hub stores a ref under the name it was asked for)
-EXTRA = "training/optimizer.bin"  # in the repo, not part of the serving layout
-
-
-def populate_hf_cache(hub_cache: Path, repo_id: str, weights: Path, commit: str, refs: list[str]) -> Path:
-    """Put ``weights`` into ``hub_cache`` as huggingface_hub stores a snapshot; returns the snapshot."""
-    repo = hub_cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    files = {p.relative_to(weights).as_posix(): p.read_bytes() for p in weights.rglob("*") if p.is_file()}
-    files[EXTRA] = b"not serving weights"
-    for relative, content in files.items():
-        blob = repo / "blobs" / hashlib.sha256(content).hexdigest()
-        blob.parent.mkdir(parents=True, exist_ok=True)
-        blob.write_bytes(content)
-        link = snapshot / relative
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.relpath(blob, link.parent))
-    for ref in refs:
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
-
-
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory, tiny_weights) -> Path:
     """An HF_HOME whose cache holds ``REPO`` at two commits: main and tag v1."""

@@ -1,6 +1,6 @@
 """Known answers for PSNR/SSIM on the Y channel (megasr_core.image_quality), recomputed in numpy.
 
-The references here are written out from the definitions, independently of the code under test:
+The references (tests/quality_references.py) are written out from the definitions, independently of the code under test:
 Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1] (ITU-R BT.601, range 16-235), and
 SSIM of Wang et al. 2004: 11×11 Gaussian window (σ = 1.5), 'valid' windows, C1 = (0.01·255)²,
 C2 = (0.03·255)², mean of the SSIM map; as pyiqa (and MATLAB on 8-bit images) compute it, SSIM sees
@@ -14,55 +14,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from numpy.lib.stride_tricks import sliding_window_view
 from skimage import data
 
 from megasr_core.image_quality import psnr_y, ssim_y
-
-
-# ---------------------------------------------------------------- references (numpy, float64)
-def y_bt601(rgb: np.ndarray) -> np.ndarray:
-    """H×W×3 RGB in [0, 1] → Y in [16, 235]."""
-    return 16.0 + 65.481 * rgb[..., 0] + 128.553 * rgb[..., 1] + 24.966 * rgb[..., 2]
-
-
-def y_levels(rgb: np.ndarray) -> np.ndarray:
-    """BT.601 Y rounded to whole levels, what SSIM sees."""
-    return np.round(y_bt601(rgb))
-
-
-def grey_mean(rgb: np.ndarray) -> np.ndarray:
-    """The wrong luma: plain mean of the channels on the 0-255 scale (used to show the tests have teeth)."""
-    return rgb.mean(axis=-1) * 255.0
-
-
-def psnr_ref(x: np.ndarray, y: np.ndarray) -> float:
-    mse = np.mean((x - y) ** 2)
-    return 10.0 * math.log10(255.0**2 / mse)
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
-    ax = np.arange(size, dtype=np.float64) - (size - 1) / 2.0
-    g = np.exp(-(ax**2) / (2.0 * sigma**2))
-    w = np.outer(g, g)
-    return w / w.sum()
-
-
-def filter_valid(image: np.ndarray, window: np.ndarray) -> np.ndarray:
-    """'valid' 2-D filtering: every full window position, weighted sum."""
-    patches = sliding_window_view(image, window.shape)
-    return np.einsum("ijkl,kl->ij", patches, window)
-
-
-def ssim_ref(x: np.ndarray, y: np.ndarray, c1: float = (0.01 * 255) ** 2, c2: float = (0.03 * 255) ** 2) -> float:
-    w = gaussian_window()
-    mu_x, mu_y = filter_valid(x, w), filter_valid(y, w)
-    var_x = filter_valid(x * x, w) - mu_x**2
-    var_y = filter_valid(y * y, w) - mu_y**2
-    cov = filter_valid(x * y, w) - mu_x * mu_y
-    contrast_structure = np.maximum((2 * cov + c2) / (var_x + var_y + c2), 0.0)
-    ssim_map = (2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1) * contrast_structure
-    return float(ssim_map.mean())
+from tests.quality_references import grey_mean, psnr_ref, ssim_ref, y_bt601, y_levels
 
 
 def as_batch(*images: np.ndarray) -> torch.Tensor:

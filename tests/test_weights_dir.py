@@ -15,7 +15,7 @@ from megasr_core.weights.layout import COMPONENTS, is_tiny_random, missing_compo
 from megasr_core.weights.summary import describe
 from megasr_core.weights.tiny import init_tiny
 from megasr_core.weights.upstream import assemble_from_sd2
-from tests.helpers import make_inputs
+from tests.models.helpers import make_inputs
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import yaml
 
 from service.config import Settings
 from tests.deploy.compose import project
-from tests.deploy.conftest import ROOT
+from tests.deploy.manifests import ROOT
 
 KNOWN = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_BUCKET", "MEGASR_WEIGHTS_DIR",
                                                                         "MEGASR_API_PORT", "MEGASR_WEIGHTS_SOURCE",

@@ -7,7 +7,7 @@ import pytest
 
 from service.config import Settings
 from service.contracts import DEFAULT_QUEUE
-from tests.deploy.conftest import OVERLAYS, find, workers
+from tests.deploy.manifests import OVERLAYS, find, workers
 
 CUSTOM_KINDS = {"ScaledObject", "ServiceMonitor"}
 
@@ -158,7 +158,7 @@ def test_images_come_from_one_kustomize_entry(rendered):
     """Every container image is the base kustomization's images: entry (one place to pin a release)."""
     import yaml
 
-    from tests.deploy.conftest import ROOT
+    from tests.deploy.manifests import ROOT
 
     entries = {e["newName"]: e["newTag"]
                for e in yaml.safe_load((ROOT / "k8s/components/images/kustomization.yaml").read_text())["images"]}
@@ -273,7 +273,7 @@ def test_gke_reaches_cloud_storage_with_hmac_keys(rendered):
 def test_training_job_is_a_consistent_multi_node_launch():
     """k8s/training: an Indexed Job of N pods × G GPUs whose accelerate launch agrees with it
     (machines, processes, rank = completion index, rank 0's stable name), validated strictly."""
-    from tests.deploy.conftest import render_path
+    from tests.deploy.manifests import render_path
 
     docs = render_path("k8s/training")
     version = kubernetes_validate.latest_version()

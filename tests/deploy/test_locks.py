@@ -11,8 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.conftest import ROOT
-from tests.service.conftest import redis_url  # noqa: F401 (the real Valkey the worker start-up connects to)
+from tests.deploy.manifests import ROOT
 
 LOCKS = {"api": ROOT / "docker" / "api.lock.txt", "worker": ROOT / "docker" / "worker.lock.txt"}
 
@@ -131,7 +130,7 @@ def test_the_worker_lock_installs_and_runs(tmp_path, tiny_weights, redis_url):
     assert upscale.returncode == 0, upscale.stderr[-3000:]
     assert Image.open(next((tmp_path / "out").iterdir())).size == (32, 24)
 
-    from tests.service.conftest import fresh_database_url
+    from tests.harness.valkey import fresh_database_url
 
     worker_env = {**env, "MEGASR_REDIS_URL": fresh_database_url(redis_url), "MEGASR_WEIGHTS": str(tiny_weights),
                   "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(), "MEGASR_WARMUP_BUCKETS": "64x64"}

@@ -23,7 +23,7 @@ import yaml
 
 from service.config import Settings
 from tests.deploy import compose
-from tests.deploy.conftest import (
+from tests.deploy.manifests import (
     OVERLAYS,
     ROOT,
     container,

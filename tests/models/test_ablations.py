@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megasr_core.models import MegaSRConfig
-from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import build_denoiser, make_inputs, perturb_zero_init
 
 
 def keys(model) -> list[str]:

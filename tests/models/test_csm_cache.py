@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from megasr_core.models.csm import CSM, CSM_ATTR, csm_blocks
-from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import build_denoiser, make_inputs, perturb_zero_init
 
 
 def first_csm_block(model):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from tests.helpers import TINY, build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import TINY, build_denoiser, make_inputs, perturb_zero_init
 
 
 def plain_diffusers(tiny_base, inputs: dict) -> torch.Tensor:

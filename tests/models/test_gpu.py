@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import build_denoiser, make_inputs, perturb_zero_init
 
 pytestmark = pytest.mark.gpu
 

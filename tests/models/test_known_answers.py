@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import build_denoiser, make_inputs, perturb_zero_init
 
 ATOL = 1e-5
 

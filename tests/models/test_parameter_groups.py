@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.helpers import build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import build_denoiser, make_inputs, perturb_zero_init
 
 
 def test_groups_partition_parameters_and_follow_the_paper(tiny_base):

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megasr_core.models import MegaSRConfig, MegaSRDenoiser, WeightsError
-from tests.helpers import TINY, assert_same_outputs, build_denoiser, make_inputs, perturb_zero_init
+from tests.models.helpers import TINY, assert_same_outputs, build_denoiser, make_inputs, perturb_zero_init
 
 
 def assert_same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:

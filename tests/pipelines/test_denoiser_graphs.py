@@ -19,7 +19,7 @@ from megasr_core.models.csm import CSM
 from megasr_core.pipelines import MegaSRPipeline
 from megasr_core.pipelines.acceleration import use_cuda_graphs
 from megasr_core.pipelines.denoiser_graphs import DenoiserGraphs
-from tests.helpers import perturb_zero_init
+from tests.models.helpers import perturb_zero_init
 
 STEPS = 3
 

@@ -44,7 +44,7 @@ def test_cuda_graphs_equal_eager_run_after_run(lr_photos):
     """Captured and replayed steps give the eager images, also for a second conditioning."""
     from megasr_core.pipelines import MegaSRPipeline
     from megasr_core.pipelines.acceleration import use_cuda_graphs
-    from tests.helpers import perturb_zero_init
+    from tests.models.helpers import perturb_zero_init
 
     pipe = MegaSRPipeline.from_preset("tiny", device="cuda", torch_dtype=torch.float16)
     perturb_zero_init(pipe.denoiser)

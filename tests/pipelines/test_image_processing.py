@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from megasr_core.pipelines import InvalidImageError, load_image, to_pil
-from tests.pipelines.conftest import exif_rotated_jpeg, png_bytes, sixteen_bit_png
+from tests.pipelines.images import exif_rotated_jpeg, png_bytes, sixteen_bit_png
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "1", "YCbCr"])

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from megasr_core.pipelines import InvalidImageError, PipelineCancelled
-from tests.pipelines.conftest import exif_rotated_jpeg, png_bytes, sixteen_bit_png
+from tests.pipelines.images import exif_rotated_jpeg, png_bytes, sixteen_bit_png
 
 FAST = {"num_inference_steps": 2, "seed": 0}
 

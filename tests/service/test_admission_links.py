@@ -11,7 +11,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.storage import CHUNK_BYTES, LocalStorage, ObjectNotFound, S3Storage, StoredObject
-from tests.service.test_api import make_settings, png, run_worker, submit
+from tests.service.helpers import make_settings, png, run_worker, submit
 
 EVIL = {"Host": "evil.example"}
 

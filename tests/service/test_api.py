@@ -9,57 +9,16 @@ import time
 import urllib.request
 import uuid
 
-import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from rq.worker import SimpleWorker
-from skimage import data
 
 from service.app import create_app
 from service.jobsystem.services import build_services
 from service.config import Settings
 from worker.main import make_worker
+from tests.harness.ports import free_port
+from tests.service.helpers import KEY_A, KEY_B, make_settings, png, run_worker, submit
 from worker.runtime import install_runtime
-
-KEY_A, KEY_B = "alpha-key-123456", "beta-key-1234567"
-
-
-def png(width: int = 24, height: int = 16) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(data.astronaut()).resize((width, height)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def make_settings(tmp_path, redis_url, **changes) -> Settings:
-    values = dict(redis_url=redis_url, storage_url=(tmp_path / "data").as_uri(), home=tmp_path,
-                  queue_name=f"test-{uuid.uuid4().hex[:8]}", rate_limit_per_minute=10_000, rate_limit_burst=10_000,
-                  allow_anonymous=True,
-                  max_upload_bytes=2_000_000, max_input_pixels=1_000_000)
-    values.update(changes)
-    return Settings(**values)
-
-
-@pytest.fixture()
-def settings(tmp_path, redis_url):
-    return make_settings(tmp_path, redis_url)
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
-
-
-def run_worker(settings, pipeline) -> None:
-    """Run every queued job in this process, as `megasr worker --burst` would."""
-    runtime = install_runtime(settings, pipeline)
-    connection = runtime.services.redis
-    make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
-
-
-def submit(client, image: bytes = None, headers=None, **fields):
-    files = {"image": ("photo.png", image if image is not None else png(), "image/png")}
-    return client.post("/v1/upscale", files=files, data={k: str(v) for k, v in fields.items()}, headers=headers or {})
 
 
 def test_multipart_flow_with_local_storage(client, settings, tiny_pipeline):
@@ -162,8 +121,6 @@ def test_health_ready_and_openapi(client):
 
 
 def test_not_ready_when_storage_is_down(tmp_path, redis_url):
-    from tests.service.conftest import free_port
-
     settings = make_settings(tmp_path, redis_url, storage_url="s3://megasr", s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
@@ -173,8 +130,6 @@ def test_not_ready_when_storage_is_down(tmp_path, redis_url):
 
 
 def test_redis_down_is_503(tmp_path):
-    from tests.service.conftest import free_port
-
     settings = make_settings(tmp_path, f"redis://127.0.0.1:{free_port()}/0")
     with TestClient(create_app(settings)) as client:
         response = submit(client)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import threading
 import uuid
-from types import SimpleNamespace
 
 import pytest
 import redis
@@ -16,7 +15,6 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from rq.worker import SimpleWorker
 
-from megasr_core.identity import ModelIdentity
 from service import faults
 from service.app import create_app
 from service.jobsystem.services import build_services
@@ -25,7 +23,7 @@ from service.jobsystem.keys import RUNNING_KEY
 from service.jobsystem.store import JobStore, QuotaExceeded
 from service.routes.jobs import _admit
 from service.jobsystem.sweeper import sweep
-from tests.service.test_api import make_settings, png, submit
+from tests.service.helpers import StandIn, admit, make_settings, png, submit
 from worker import tasks
 from worker.main import make_worker
 from worker.runtime import install_runtime
@@ -131,22 +129,6 @@ def test_a_mismatch_found_inside_the_create_transaction_is_refused(store):
 # ------------------------------------------------------------------ fault injection
 
 
-class StandIn:
-    """The pipeline's calling convention, without a model: each image comes back 4× larger in
-    ``colour``, or the call raises ``error``. Its ``identity`` is a real one (of no weights)."""
-
-    identity = ModelIdentity("megasr", "stand-in", "float32", ("a stand-in pipeline, no model",))
-
-    def __init__(self, colour: str = "red", error: BaseException | None = None) -> None:
-        self.colour, self.error = colour, error
-
-    def __call__(self, images, scale=4, **kwargs):
-        if self.error is not None:
-            raise self.error
-        return SimpleNamespace(images=[Image.new("RGB", (im.size[0] * 4, im.size[1] * 4), self.colour) for im in images],
-                               timings={})
-
-
 class DyingWorker(SimpleWorker):
     """A worker whose process 'dies' at a :class:`faults.Crash`: RQ's failure bookkeeping (its
     retry, the registries) never runs, as after a SIGKILL."""
@@ -163,12 +145,6 @@ def system(tmp_path, db_url, monkeypatch):
     settings = make_settings(tmp_path, db_url, max_queued_per_tenant=QUOTA)
     services = build_services(settings)
     return settings, services
-
-
-def admit(services) -> str:
-    record, replayed = _admit(services, "default", png(), "image/png", {"steps": "2", "seed": "1"}, None)
-    assert not replayed
-    return record.id
 
 
 def work(settings, services, pipeline, worker_class=SimpleWorker) -> None:

@@ -10,8 +10,8 @@ import httpx
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.live_server import live_server
-from tests.service.test_api import make_settings
+from tests.harness.live_server import live_server
+from tests.service.helpers import make_settings
 
 KEY = "tenant-key-0123456789"
 METRICS_KEY = "metrics-key-0123456789"

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from tests.service.test_api import make_settings, png
+from tests.service.helpers import make_settings, png
 
 
 def zero_width_png() -> bytes:
@@ -33,10 +33,8 @@ def data_url(raw: bytes, mime: str = "image/png") -> str:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, redis_url):
-    settings = make_settings(tmp_path_factory.mktemp("bad"), redis_url, max_upload_bytes=300_000, max_input_pixels=1_000_000)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def settings(tmp_path_factory, redis_url):
+    return make_settings(tmp_path_factory.mktemp("bad"), redis_url, max_upload_bytes=300_000, max_input_pixels=1_000_000)
 
 
 def multipart(client, image=b"", content_type="image/png", **fields):

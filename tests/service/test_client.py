@@ -15,8 +15,8 @@ from service.app import create_app
 from service.client import (AuthenticationError, ConflictError, InvalidRequestError, MegaSRClient, MegaSRError,
                             NotFoundError)
 from service.contracts import JobStatus
-from tests.service.live_server import live_server
-from tests.service.test_api import KEY_A, KEY_B, make_settings, png, run_worker
+from tests.harness.live_server import live_server
+from tests.service.helpers import KEY_A, KEY_B, make_settings, png, run_worker
 
 
 @pytest.fixture()

@@ -25,8 +25,8 @@ import uvicorn
 from service.app import create_app
 from service.logging_setup import AcceptErrorThrottle, configure_logging
 from service.server_options import uvicorn_options
-from tests.service.conftest import free_port
-from tests.service.test_api import make_settings
+from tests.harness.ports import free_port
+from tests.service.helpers import make_settings
 
 #: the tests' deadlines: short, so the suite stays fast, and far from the 5 s a broken guard would hang for
 TIMEOUT_S = 0.5

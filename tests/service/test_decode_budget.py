@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import skimage
-from fastapi.testclient import TestClient
 from PIL import Image
 from rq.worker import SimpleWorker
 
@@ -22,8 +21,8 @@ from service.decode_budget import count_jpeg_scans, jpeg_structure
 from service.errors import ApiError
 from service.images import check_upload
 from service.logging_setup import log_fields
-from tests.service.test_api import make_settings
-from tests.service.test_atomic_state import StandIn, admit
+from tests.service.helpers import make_settings
+from tests.service.helpers import StandIn, admit
 from worker import tasks
 from worker.main import make_worker
 from worker.runtime import install_runtime
@@ -62,11 +61,9 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, redis_url):
-    settings = make_settings(tmp_path_factory.mktemp("budget"), redis_url, max_upload_bytes=4_000_000,
-                             max_input_pixels=2048 * 2048, max_decode_seconds=0.25)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def settings(tmp_path_factory, redis_url):
+    return make_settings(tmp_path_factory.mktemp("budget"), redis_url, max_upload_bytes=4_000_000,
+                         max_input_pixels=2048 * 2048, max_decode_seconds=0.25)
 
 
 def post(client, image: bytes, name: str):

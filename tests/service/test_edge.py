@@ -17,7 +17,7 @@ from service.anonymity import InsecureConfiguration
 from service.app import create_app
 from service.prometheus import METHODS
 from service.rate_limit import TokenBucket
-from tests.service.test_api import make_settings, png, submit
+from tests.service.helpers import make_settings, png, submit
 
 # ------------------------------------------------------------------ metric labels
 

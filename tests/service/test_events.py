@@ -13,8 +13,8 @@ from service.app import create_app
 from service.client import _sse_messages
 from service.contracts import ImageSize, JobStatus, JobView, UpscaleParams
 from service.jobsystem.store import JobStore
-from tests.service.live_server import live_server
-from tests.service.test_api import KEY_A, KEY_B, make_settings, run_worker, submit
+from tests.harness.live_server import live_server
+from tests.service.helpers import KEY_A, KEY_B, make_settings, run_worker, submit
 
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}

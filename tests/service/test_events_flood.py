@@ -17,8 +17,8 @@ from service.app import create_app
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.services import Services
 from service.jobsystem.store import JobStore
-from tests.service.live_server import live_server
-from tests.service.test_api import KEY_A, KEY_B, make_settings
+from tests.harness.live_server import live_server
+from tests.service.helpers import KEY_A, KEY_B, make_settings
 
 STREAMS = 600
 JOBS = 30  # STREAMS / JOBS streams follow each job: the poller reads each job once per tick

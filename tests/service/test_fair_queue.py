@@ -19,7 +19,7 @@ from service.app import create_app
 from service.jobsystem.fair_queue import FairQueue
 from service.jobsystem.keys import fair_tenants_key
 from service.jobsystem.queue import SERIALIZER, JobQueue
-from tests.service.test_api import make_settings, submit
+from tests.service.helpers import make_settings, submit
 from worker.main import make_worker
 
 

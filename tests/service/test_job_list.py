@@ -5,21 +5,18 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.jobsystem.store import JobStore
-from tests.service.test_api import KEY_A, KEY_B, make_settings, submit
+from tests.service.helpers import KEY_A, KEY_B, make_settings, submit
 
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}
 
 
 @pytest.fixture()
-def client(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def settings(tmp_path, db_url):
+    return make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False)
 
 
 def submitted(client, count: int, headers=A) -> list[str]:

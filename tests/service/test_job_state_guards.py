@@ -13,8 +13,8 @@ from service.contracts import JobError, JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.keys import FINISHED_KEY, REAPER_LOCK_KEY, RUNNING_KEY
 from service.jobsystem.reaper import reap_abandoned
 from service.jobsystem.store import IDEMPOTENCY_TTL_S, JobStore, TransitionRejected
-from tests.service.conftest import STORE_RESULT_TTL_S
-from tests.service.test_api import make_settings
+from tests.service.helpers import STORE_RESULT_TTL_S
+from tests.service.helpers import make_settings
 
 RESULT_TTL_S = STORE_RESULT_TTL_S
 

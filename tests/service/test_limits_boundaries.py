@@ -13,16 +13,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from tests.service.test_api import make_settings
+from tests.service.helpers import make_settings
 
 MAX_BYTES = 4096
 MAX_PIXELS = 64 * 64
 
 @pytest.fixture()
-def client(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, max_upload_bytes=MAX_BYTES, max_input_pixels=MAX_PIXELS)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def settings(tmp_path, db_url):
+    return make_settings(tmp_path, db_url, max_upload_bytes=MAX_BYTES, max_input_pixels=MAX_PIXELS)
 
 
 def tenant_client(tmp_path, db_url, **limits) -> tuple[TestClient, dict[str, str]]:

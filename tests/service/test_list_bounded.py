@@ -16,9 +16,9 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.store import LIST_SCAN_FACTOR, JobStore
-from tests.service.conftest import free_port
-from tests.service.live_server import live_server
-from tests.service.test_api import KEY_A, KEY_B, make_settings
+from tests.harness.ports import free_port
+from tests.harness.live_server import live_server
+from tests.service.helpers import KEY_A, KEY_B, make_settings
 
 A = {"Authorization": f"Bearer {KEY_A}"}
 B = {"Authorization": f"Bearer {KEY_B}"}

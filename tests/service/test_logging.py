@@ -14,8 +14,8 @@ from service.app import create_app
 from service.logging_setup import (bind_log_context, configure_from_settings, configure_logging, fresh_log_context,
                                    log_context, log_fields)
 
-from .conftest import json_lines
-from .test_api import make_settings, png, run_worker, submit
+from tests.service.helpers import json_lines
+from tests.service.helpers import make_settings, png, run_worker, submit
 
 KEY = "k3y-of-acme-0123456789"
 WEBHOOK_SECRET = "whsec-never-print-me"

@@ -10,15 +10,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fastapi.testclient import TestClient
 
 from service import local_workers
-from service.app import create_app
 from service.local_workers import LocalWorker, WorkerState
 from service.prometheus import package_version
-from tests.service.conftest import free_port
-from tests.service.test_api import make_settings, submit
 from worker.status_server import WorkerMetrics
+from tests.harness.ports import free_port
+from tests.service.helpers import make_settings, submit
 
 
 def sample(text: str, name: str) -> float:
@@ -31,12 +29,6 @@ def sample(text: str, name: str) -> float:
 @pytest.fixture()
 def settings(tmp_path, db_url):
     return make_settings(tmp_path, db_url)
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
 
 
 @pytest.fixture()

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from tests.service.conftest import fresh_database_url
-from tests.service.test_serve import start_serve
+from tests.harness.valkey import fresh_database_url
+from tests.harness.processes import start_serve
 from tests.upstream_layouts import write_releases
 
 MEGASR = str(Path(sys.executable).with_name("megasr"))

@@ -13,7 +13,7 @@ from skimage import data
 
 from megasr_core.identity import TINY_REASON
 from service.app import create_app
-from tests.service.test_api import make_settings, submit
+from tests.service.helpers import make_settings, submit
 from worker.main import make_worker
 from worker.runtime import install_runtime
 

@@ -21,9 +21,9 @@ from service.app import create_app
 from service.contracts import JobRecord, ModelInfo, UpscaleParams
 from service.jobsystem.reaper import reap_abandoned
 from service.jobsystem.sweeper import sweep
-from tests.service.conftest import free_port
-from tests.service.test_api import KEY_A, make_settings, png, submit
-from tests.service.test_atomic_state import StandIn
+from tests.harness.ports import free_port
+from tests.service.helpers import KEY_A, make_settings, png, submit
+from tests.service.helpers import StandIn
 from worker.batching import batch_key, sampling
 from worker.main import make_worker
 from worker.status_server import WorkerMetrics
@@ -49,12 +49,6 @@ class TurboStandIn(StandIn):
 @pytest.fixture()
 def settings(tmp_path, db_url):
     return make_settings(tmp_path, db_url, models=MODELS)
-
-
-@pytest.fixture()
-def client(settings):
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
 
 
 def info(name: str = "seesr-turbo", identity: ModelIdentity = TurboStandIn.identity) -> ModelInfo:

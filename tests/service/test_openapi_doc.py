@@ -8,14 +8,12 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.contracts import UpscaleParams
-from tests.service.test_api import KEY_A, make_settings, run_worker, submit
+from tests.service.helpers import KEY_A, make_settings, run_worker, submit
 
 
 @pytest.fixture()
-def client(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A}", allow_anonymous=False)
-    with TestClient(create_app(settings)) as test_client:
-        yield test_client
+def settings(tmp_path, db_url):
+    return make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A}", allow_anonymous=False)
 
 
 def test_operation_ids_are_stable_names(client):

@@ -24,7 +24,7 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 
 from service.app import create_app
-from tests.service.test_api import make_settings, png, submit
+from tests.service.helpers import make_settings, png, submit
 
 FUZZ_KEY = "fuzz-key-0123456789"
 AUTH = {"Authorization": f"Bearer {FUZZ_KEY}"}

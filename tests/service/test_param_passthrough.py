@@ -18,8 +18,8 @@ from skimage import data
 
 from service.app import create_app
 from service.contracts import UpscaleParams
-from tests.service.conftest import fresh_database_url
-from tests.service.test_api import make_settings, run_worker
+from tests.harness.valkey import fresh_database_url
+from tests.service.helpers import make_settings, run_worker
 
 #: a value other than the default for every field that changes pixels (kept cheap: 2 steps)
 BASE = {"scale": 2, "steps": 2, "guidance_scale": 3.0, "seed": 7, "prompt": "a red brick wall",

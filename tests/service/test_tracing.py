@@ -10,7 +10,7 @@ from service import tracing
 from service.app import create_app
 from service.jobsystem.store import JobStore
 
-from .test_api import make_settings, run_worker, submit
+from tests.service.helpers import make_settings, run_worker, submit
 
 pytest.importorskip("opentelemetry.sdk")
 

@@ -9,7 +9,7 @@ from skimage import data
 from megasr_core.pipelines import MegaSRPipeline
 from megasr_core.train import MegaSRTrainConfig, MegaSRTrainer
 from service.app import create_app
-from tests.service.test_api import make_settings, run_worker, submit
+from tests.service.helpers import make_settings, run_worker, submit
 
 
 def test_worker_serves_an_exported_training_run(tmp_path, redis_url, tiny_weights):

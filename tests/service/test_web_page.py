@@ -22,8 +22,8 @@ from PIL import Image
 from skimage import data
 
 from megasr_core.identity import TINY_REASON
-from tests.service.conftest import fresh_database_url
-from tests.service.test_serve import start_serve
+from tests.harness.valkey import fresh_database_url
+from tests.harness.processes import start_serve
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "web-page-key-0123456789"

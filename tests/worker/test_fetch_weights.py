@@ -26,7 +26,7 @@ def test_fetch_a_weights_directory_from_s3(s3_endpoint, tiny_weights, tmp_path):
 
 def test_fetch_a_weights_directory_from_the_hub_cache_offline(tiny_weights, tmp_path, monkeypatch, capsys):
     """hf:// sources: with HF_HUB_OFFLINE the layout's files come from the Hub cache (HF_HOME)."""
-    from tests.test_hub_weights import EXTRA, populate_hf_cache
+    from tests.hub_cache import EXTRA, populate_hf_cache
     from worker.fetch_weights import main
 
     commit = "c" * 40

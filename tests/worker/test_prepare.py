@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.service.test_api import make_settings
+from tests.service.helpers import make_settings
 
 
 def test_prepare_applies_the_work_bound_of_the_settings(tmp_path, redis_url, tiny_weights):

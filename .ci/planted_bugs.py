@@ -57,9 +57,9 @@ BUGS: tuple[PlantedBug, ...] = (
     PlantedBug("msfm_saft_on_f_not_norm_f", "megasr_core/models/msfm.py",
                "normed = self.norm(hidden)", "normed = hidden",
                ("tests/models/test_known_answers.py",)),
-    PlantedBug("job_cas_without_state_check", "service/jobs.py",
+    PlantedBug("job_cas_without_state_check", "service/jobsystem/store.py",
                "if record.status not in allowed:", "if False:", STATE),
-    PlantedBug("job_cas_without_owner_fence", "service/jobs.py",
+    PlantedBug("job_cas_without_owner_fence", "service/jobsystem/store.py",
                "if expect_owner is not None and record.owner != expect_owner:", "if False:", STATE),
     PlantedBug("webhook_hmac_over_body_only", "service/webhooks.py",
                'hmac.new(secret, f"{timestamp}.".encode() + body,', "hmac.new(secret, body,",
@@ -70,17 +70,18 @@ BUGS: tuple[PlantedBug, ...] = (
                "if received > limit:", "if received >= limit:", LIMITS),
     PlantedBug("declared_length_limit_off_by_one", "service/body_limits.py",
                "int(declared) > limit", "int(declared) >= limit", LIMITS),
-    PlantedBug("ssim_constants_times_ten", "megasr_core/metrics.py",
+    PlantedBug("ssim_constants_times_ten", "megasr_core/image_quality.py",
                "c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2", "c1, c2 = (0.1 * 255) ** 2, (0.3 * 255) ** 2",
                ("tests/test_metrics_known_answers.py",)),
     PlantedBug("csm_projection_not_zero_initialised", "megasr_core/models/csm.py",
                "nn.init.zeros_(self.proj.weight)\n        nn.init.zeros_(self.proj.bias)", "pass",
                ("tests/models/test_known_answers.py", "tests/models/test_weights.py")),
-    PlantedBug("tenant_check_removed", "service/jobs.py",
+    PlantedBug("tenant_check_removed", "service/jobsystem/store.py",
                "return record if record is not None and record.tenant == tenant else None", "return record",
                ("tests/service/test_api.py",)),
-    PlantedBug("reaper_never_requeues", "service/sweeper.py",
-               "services.jobs.requeue(record.id, record.owner, services.queue_for(record.model))", "pass", STATE),
+    PlantedBug("reaper_never_requeues", "service/jobsystem/sweeper.py",
+               "lifecycle.requeue(services.jobs, services.queue_for(record.model), record.id, record.owner)", "pass",
+               STATE),
     PlantedBug("lease_never_renewed", "worker/runtime.py",
                "self.services.jobs.renew_lease(job_id, owner)", "pass", STATE),
 )
@@ -104,7 +105,7 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout_s: float) -> tuple[int
     """pytest on ``tests`` inside ``tree``: (exit code, first failing test, output tail)."""
     env = {**os.environ, "PYTHONPATH": str(tree), "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("MUTANT_UNDER_TEST", None)
-    command = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    command = [sys.executable, "-m", "pytest", "-n", "0", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
     try:
         done = subprocess.run(command, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -19,14 +19,15 @@ _EXPORTS = {
     "MegaSRDenoiser": "megasr_core.models",
     "MegaSRPipeline": "megasr_core.pipelines",
     "PipelineCancelled": "megasr_core.pipelines",
-    "WeightsError": "megasr_core.models",
+    "WeightsError": "megasr_core.weights.files",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]
 
 if TYPE_CHECKING:
-    from .models import MegaSRConfig, MegaSRDenoiser, WeightsError
+    from .models import MegaSRConfig, MegaSRDenoiser
     from .pipelines import InvalidImageError, MegaSRPipeline, PipelineCancelled
+    from .weights.files import WeightsError
 
 
 def __getattr__(name: str) -> Any:

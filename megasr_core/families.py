@@ -1,7 +1,7 @@
 """Model families: what a weights folder holds and how its model is sampled. Pure Python, no torch.
 
 A weights folder's ``megasr.json`` names its family. The family decides the denoiser class
-(``megasr_core.models.loading``), the conditioning the pipeline prepares, the prompt string and
+(``megasr_core.weights.loading``), the conditioning the pipeline prepares, the prompt string and
 the sampling defaults; the sampler, batching, graphs, tiling, colour fix, service and eval are
 shared by all of them.
 

@@ -1,37 +1,23 @@
-"""``create_app``: assemble the FastAPI app from settings (routers, error handlers, services)."""
+"""``create_app``: assemble the FastAPI app from settings (routers, error handlers, services).
+
+The services themselves (Redis, storage, the job store and queues) are the job system's
+(``service.jobsystem.services``); this module only puts the HTTP layer around them.
+"""
 
 from __future__ import annotations
 
-import redis
 from fastapi import FastAPI
 
 from .anonymity import refuse_accidental_anonymity
 from .config import Settings, get_settings
-from .deps import Services
 from .errors import install_error_handlers
 from .hosts import TrustedHosts, allowed_hosts
-from .jobs import JobStore
-from .metrics import install_metrics
-from .queue import JobQueue
+from .jobsystem.services import Services, build_services
+from .prometheus import install_metrics
 from .redis_health import warn_without_persistence
+from .request_limits import ReadSlots
 from .routes import health, jobs, models, web
-from .storage import storage_from_url
 from .tracing import TracingMiddleware
-
-
-def build_services(settings: Settings) -> Services:
-    if not settings.redis_url:
-        raise ValueError("MEGASR_REDIS_URL is not set (megasr serve starts an embedded Valkey when it is unset)")
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30)
-    storage = storage_from_url(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region,
-                               public_endpoint_url=settings.s3_public_url, addressing_style=settings.s3_addressing_style)
-    return Services(
-        settings=settings, redis=client, storage=storage,
-        jobs=JobStore(client, result_ttl_s=settings.result_ttl_s),
-        queues={name: JobQueue(client, settings.queue_for(name), settings.job_timeout_s)
-                for name in settings.served_models()},
-        tenant_keys=settings.tenant_keys(),
-    )
 
 
 def create_app(settings: Settings | None = None, services: Services | None = None) -> FastAPI:
@@ -46,6 +32,8 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         redoc_url=None,  # ReDoc would load a CDN script onto the origin whose page keeps the key
     )
     app.state.services = services
+    #: GETs per tenant in flight in this process (MEGASR_MAX_CONCURRENT_READS_PER_TENANT): ``deps.limit_reads``
+    app.state.read_slots = ReadSlots(services.settings.max_concurrent_reads_per_tenant)
     install_error_handlers(app)
     install_metrics(app, app.state.services)
     warn_without_persistence(app.state.services.redis)  # accepted jobs die with a Redis that keeps nothing

@@ -23,8 +23,6 @@ DEFAULT_MODEL = "default"
 MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 #: dotted path RQ imports in the worker (the API never imports it)
 WORKER_TASK = "worker.tasks.upscale"
-#: Redis key prefix of job records (RQ keeps its own ``rq:`` keys)
-JOB_KEY_PREFIX = "megasr:job:"
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 ColorFix = Literal["adain", "wavelet", "none"]

@@ -1,4 +1,5 @@
-"""FastAPI dependencies: the shared services of the app and the caller's tenant."""
+"""FastAPI dependencies: the shared services of the app (``service.jobsystem.services``), the
+caller's tenant (its API key, with the failed-authentication limits) and a GET's read limits."""
 
 from __future__ import annotations
 
@@ -6,21 +7,15 @@ import hashlib
 import hmac
 import ipaddress
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Annotated
 
-import redis
 from fastapi import Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from .config import Settings
 from .errors import ApiError
-from .jobs import JobStore
-from .queue import JobQueue
-from .rate_limit import TokenBucket
+from .jobsystem.services import Services
 from .request_limits import ReadSlots
-from .storage import Storage
 
 DEFAULT_TENANT = "default"
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
@@ -28,53 +23,6 @@ KEY_PREFIX_CHARS = 8  # a wrong key counts against the bucket of its first chara
 #: declares the API key in OpenAPI (Swagger's Authorize); errors stay ours (auto_error=False)
 api_key_scheme = HTTPBearer(auto_error=False, scheme_name="apiKey",
                             description="An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`")
-
-
-@dataclass
-class Services:
-    settings: Settings
-    redis: redis.Redis
-    storage: Storage
-    jobs: JobStore
-    #: the RQ queue of every served model (``Settings.served_models``), by model name
-    queues: dict[str, JobQueue]
-    tenant_keys: dict[str, str]
-    #: submissions per tenant (MEGASR_RATE_LIMIT_PER_MINUTE refill, MEGASR_RATE_LIMIT_BURST at once)
-    request_rate: TokenBucket = field(init=False)
-    #: GETs per tenant (MEGASR_READ_RATE_LIMIT_PER_MINUTE refill, MEGASR_READ_RATE_LIMIT_BURST at once)
-    read_rate: TokenBucket = field(init=False)
-    #: GETs per tenant in flight in this process (MEGASR_MAX_CONCURRENT_READS_PER_TENANT)
-    read_slots: ReadSlots = field(init=False)
-    #: wrong keys per client address (MEGASR_AUTH_FAILURES_PER_MINUTE); IPv6 clients per /64
-    auth_failures: TokenBucket = field(init=False)
-    #: wrong keys per presented-key prefix (same budget): address rotation does not reset it
-    auth_failures_by_key: TokenBucket = field(init=False)
-
-    def __post_init__(self) -> None:
-        settings = self.settings
-        self.request_rate = TokenBucket(self.redis, "megasr:bucket:submit", settings.rate_limit_per_minute,
-                                        settings.rate_limit_burst)
-        self.read_rate = TokenBucket(self.redis, "megasr:bucket:read", settings.read_rate_limit_per_minute,
-                                     settings.read_rate_limit_burst)
-        self.read_slots = ReadSlots(settings.max_concurrent_reads_per_tenant)
-        self.auth_failures = TokenBucket(self.redis, "megasr:bucket:authfail", settings.auth_failures_per_minute,
-                                         settings.auth_failures_per_minute)
-        self.auth_failures_by_key = TokenBucket(self.redis, "megasr:bucket:authfail-key",
-                                                settings.auth_failures_per_minute, settings.auth_failures_per_minute)
-
-    @property
-    def queue(self) -> JobQueue:
-        """The default model's queue. A worker's own is ``queue_for(settings.worker_model)``."""
-        return self.queue_for(self.settings.default_model)
-
-    def queue_for(self, model: str) -> JobQueue:
-        """The queue of a model's jobs, served here or not: the reaper and the sweeper of any
-        process put a job back on its own model's queue (``Settings.queue_for``)."""
-        queue = self.queues.get(model)
-        if queue is None:
-            queue = self.queues.setdefault(model, JobQueue(self.redis, self.settings.queue_for(model),
-                                                           self.settings.job_timeout_s))
-        return queue
 
 
 def get_services(request: Request) -> Services:
@@ -166,11 +114,16 @@ def get_tenant(
 TenantDep = Annotated[str, Depends(get_tenant)]
 
 
-async def limit_reads(services: ServicesDep, tenant: TenantDep) -> AsyncIterator[None]:
+def get_read_slots(request: Request) -> ReadSlots:
+    return request.app.state.read_slots
+
+
+async def limit_reads(services: ServicesDep, tenant: TenantDep,
+                      read_slots: Annotated[ReadSlots, Depends(get_read_slots)]) -> AsyncIterator[None]:
     """A GET's per-tenant limits: a slot among the tenant's in-flight reads of this process, taken on
     the event loop before the handler holds a pool thread (429 ``too_many_concurrent_reads``), then a
     token of its read bucket (429 ``rate_limited``). The slot is given back when the handler ends."""
-    slot = services.read_slots.acquire(tenant)
+    slot = read_slots.acquire(tenant)
     try:
         rate = await run_in_threadpool(services.read_rate.take, tenant)
         if not rate.allowed:

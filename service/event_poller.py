@@ -30,7 +30,7 @@ import redis
 from pydantic import ValidationError
 
 from .contracts import JobRecord, JobStatus
-from .jobs import JobStore
+from .jobsystem.keys import cancel_key, job_key
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +192,8 @@ class JobPoller:
         queue since the last tick, whose position was not asked for); runs in the poller's thread."""
         with self.redis.pipeline(transaction=False) as pipe:
             for target in targets:
-                pipe.get(JobStore.key(target.job_id))
-                pipe.exists(JobStore.cancel_key(target.job_id))
+                pipe.get(job_key(target.job_id))
+                pipe.exists(cancel_key(target.job_id))
                 if target.want_position:
                     pipe.lpos(target.queue_key, target.job_id)
             replies = iter(pipe.execute())

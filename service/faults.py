@@ -4,7 +4,7 @@ Production code calls :func:`step` between the steps of a path whose crash would
 half done (e.g. ``"task:after_output"`` between writing a result and recording it). Normally
 it does nothing; a test installs a hook with :func:`crash_at` that raises :class:`Crash` — a
 ``BaseException``, so no ``except Exception`` on the way absorbs it, like a SIGKILL — and then
-checks that the sweeper (``service.sweeper``) brings the job back to a consistent state.
+checks that the sweeper (``service.jobsystem.sweeper``) brings the job back to a consistent state.
 """
 
 from __future__ import annotations

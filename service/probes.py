@@ -32,8 +32,8 @@ from typing import Any
 import redis.asyncio
 
 from . import models_registry
-from .deps import Services
 from .errors import redis_refusal
+from .jobsystem.services import Services
 from .storage import LocalStorage, StorageFull
 
 #: longest any one check may take: under the API's probe timeout (3 s in k8s/base/api.yaml)

@@ -85,7 +85,7 @@ def tiny_base() -> tuple[UNet2DConditionModel, ControlNetModel]:
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
     """A complete tiny weights directory (denoiser, VAE, text encoder, extractors), made once."""
-    from megasr_core.weights import init_tiny
+    from megasr_core.weights.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("weights") / "tiny")
 
@@ -101,7 +101,7 @@ def tiny_pipeline(tiny_weights):
 @pytest.fixture(scope="session")
 def tiny_seesr_weights(tmp_path_factory):
     """Tiny random SeeSR and SeeSR-Turbo weights directories, by family, made once."""
-    from megasr_core.weights import init_tiny
+    from megasr_core.weights.tiny import init_tiny
 
     root = tmp_path_factory.mktemp("seesr-weights")
     return {family: init_tiny(root / family, family=family) for family in ("seesr", "seesr-turbo")}

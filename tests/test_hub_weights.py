@@ -1,4 +1,4 @@
-"""Weights by Hugging Face Hub id (megasr_core.hub), offline from a real Hub cache layout.
+"""Weights by Hugging Face Hub id (megasr_core.weights.hub), offline from a real Hub cache layout.
 
 The cache is the one huggingface_hub writes (``models--org--name/{blobs,refs,snapshots}``, snapshot
 files linked to content-addressed blobs); ``HF_HUB_OFFLINE=1`` keeps the tests off the network. The
@@ -21,7 +21,7 @@ import pytest
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-from megasr_core.hub import ALLOW_PATTERNS, WeightsSourceError, parse_hub_source, resolve_weights_source
+from megasr_core.weights.hub import ALLOW_PATTERNS, WeightsSourceError, parse_hub_source, resolve_weights_source
 
 REPO = "megasr-test/tiny"
 MAIN = "a" * 40  # commit of refs/main
@@ -67,9 +67,9 @@ def offline_hub(hf_home, monkeypatch) -> Path:
 
 def test_allow_patterns_select_the_weights_layout(tiny_weights):
     """snapshot_download filters with these patterns: every layout file, nothing else of the repo."""
-    from megasr_core.hub import REQUIRED_DIRS, REQUIRED_FILES
+    from megasr_core.weights.hub import REQUIRED_DIRS, REQUIRED_FILES
     from megasr_core.models.config import CONFIG_NAME
-    from megasr_core.weights import COMPONENTS, MODEL_INDEX
+    from megasr_core.weights.layout import COMPONENTS, MODEL_INDEX
 
     assert set(REQUIRED_DIRS) == set(COMPONENTS) and set(REQUIRED_FILES) == {MODEL_INDEX, CONFIG_NAME}
     layout = sorted(p.relative_to(tiny_weights).as_posix() for p in tiny_weights.rglob("*") if p.is_file())

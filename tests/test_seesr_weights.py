@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from megasr_core.cli import app
 from megasr_core.models import SeeSRDenoiser
 from megasr_core.pipelines import MegaSRPipeline
-from megasr_core.weights import describe, init_tiny
+from megasr_core.weights.summary import describe
+from megasr_core.weights.tiny import init_tiny
 from tests.upstream_layouts import write_releases
 
 runner = CliRunner()

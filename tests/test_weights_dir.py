@@ -11,14 +11,10 @@ from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from megasr_core.models import MegaSRDenoiser
-from megasr_core.weights import (
-    COMPONENTS,
-    assemble_from_sd2,
-    describe,
-    init_tiny,
-    is_tiny_random,
-    missing_components,
-)
+from megasr_core.weights.layout import COMPONENTS, is_tiny_random, missing_components
+from megasr_core.weights.summary import describe
+from megasr_core.weights.tiny import init_tiny
+from megasr_core.weights.upstream import assemble_from_sd2
 from tests.helpers import make_inputs
 
 

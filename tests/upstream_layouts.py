@@ -22,7 +22,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from megasr_core.extractors import RAMConfig
 from megasr_core.models import get_preset
-from megasr_core.weights import write_tiny_tokenizer
+from megasr_core.weights.tiny import write_tiny_tokenizer
 from tests.extractors.test_ram import dape_checkpoint, ram_checkpoint
 from tests.models.seesr_release import tiny_networks, write_seesr_release
 

@@ -14,7 +14,7 @@ as a job RQ hands out: a job canceled or taken meanwhile is skipped), and the jo
 queue list and its RQ job is deleted. A worker that popped the same job meanwhile finds no RQ
 job, or a running record, and skips it.
 
-The job RQ gives the next worker (the tenant-fair pick of ``service.fair_queue``) is never a
+The job RQ gives the next worker (the tenant-fair pick of ``service.jobsystem.fair_queue``) is never a
 claimed one, and claiming only takes jobs that share a batch with one already running, so a
 job that batches with nothing is never starved.
 """
@@ -28,9 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from service.contracts import JobRecord, JobStatus, UpscaleParams
-from service.deps import Services
-from service.jobs import TransitionRejected
-from service.queue import JobQueue
+from service.jobsystem import keys, lifecycle
+from service.jobsystem.queue import JobQueue
+from service.jobsystem.services import Services
+from service.jobsystem.store import TransitionRejected
 
 log = logging.getLogger("megasr.worker")
 #: how many queued jobs one look at the queue inspects
@@ -83,15 +84,12 @@ class JobClaimer:
         if wanted <= 0:
             return []
         key = batch_key(first, self.geometry, self.defaults)
-        redis, jobs = self.services.redis, self.services.jobs
-        queue = self.queue
-        queue_key = queue.queue.key
+        jobs, queue = self.services.jobs, self.queue
         deadline = time.monotonic() + self.wait_s
         skipped: set[str] = {first.id}
         claimed: list[Claimed] = []
         while True:
-            for raw in redis.lrange(queue_key, 0, SCAN_DEPTH - 1):
-                job_id = raw.decode()
+            for job_id in queue.waiting_ids(SCAN_DEPTH):
                 if job_id in skipped:
                     continue
                 skipped.add(job_id)
@@ -101,7 +99,7 @@ class JobClaimer:
                     continue
                 owner = new_owner()
                 try:  # running under our lease and out of RQ's queue: one transaction
-                    record = jobs.start(job_id, owner, extra=lambda pipe, _, job_id=job_id: queue.discard(job_id, pipe, None))
+                    record = lifecycle.claim(jobs, queue, job_id, owner)
                 except TransitionRejected:
                     continue  # canceled, or another worker started it first
                 claimed.append(Claimed(record, owner))
@@ -127,12 +125,11 @@ class CancelWatch:
         self._stopped: set[str] = set()
 
     def _refresh(self) -> None:
-        jobs = self.services.jobs
         ids = [job_id for job_id in self.owners if job_id not in self._stopped]
         with self.services.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
-                pipe.exists(jobs.cancel_key(job_id))
-                pipe.get(jobs.key(job_id))
+                pipe.exists(keys.cancel_key(job_id))
+                pipe.get(keys.job_key(job_id))
             answers = pipe.execute()
         for index, job_id in enumerate(ids):
             cancel, raw = answers[2 * index], answers[2 * index + 1]

@@ -156,7 +156,7 @@ def start_worker_thread(settings: Settings, weights: Path, device: str | None = 
 
 def start_housekeeping(settings: Settings) -> None:
     """Reaper and webhook dispatcher for an API-only process."""
-    from service.app import build_services
+    from service.jobsystem.services import build_services
 
     from .runtime import WorkerRuntime
 

@@ -5,7 +5,7 @@ init container's job).
     python -m worker.fetch_weights --source hf://org/name@v1.0 --dest /weights
 
 S3: copies every object under the prefix. Hub: ``snapshot_download(local_dir=dest)`` of the
-layout's files (``megasr_core.hub``; ``HF_TOKEN`` for private or gated repos); with
+layout's files (``megasr_core.weights.hub``; ``HF_TOKEN`` for private or gated repos); with
 ``HF_HUB_OFFLINE=1`` the snapshot is copied from the Hub cache (``HF_HOME``) instead. Either way
 files already present are kept (so a restarted pod on the same volume does not download again),
 each file is written atomically, and the layout is checked last, so a half-copied directory never
@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from megasr_core.hub import ALLOW_PATTERNS, HubWeights, download, hub_offline, missing_parts, parse_hub_source
+from megasr_core.weights.hub import ALLOW_PATTERNS, HubWeights, download, hub_offline, missing_parts, parse_hub_source
 
 
 def fetch(source: str, dest: Path, endpoint_url: str | None = None) -> int:

@@ -10,7 +10,7 @@ exits. A fatal error (a broken CUDA context, ``worker.errors``) fails its job an
 worker with exit status :data:`EXIT_FATAL`, so that the orchestrator starts a fresh process
 instead of leaving a "ready" worker that fails every job.
 
-Jobs are dequeued tenant-fair and deserialized from JSON (``service.fair_queue``), never pickle.
+Jobs are dequeued tenant-fair and deserialized from JSON (``service.jobsystem.fair_queue``), never pickle.
 A worker serves one model, ``MEGASR_MODEL`` (unset: ``default``), from that model's queue
 (``Settings.queue_for``); once ready it announces it (``service.models_registry``), and it
 warns at start when the weights are untrained.
@@ -28,8 +28,8 @@ from rq.job import Job
 from rq.worker import SimpleWorker
 
 from service.config import Settings
-from service.fair_queue import FairQueue
-from service.queue import SERIALIZER
+from service.jobsystem.fair_queue import FairQueue
+from service.jobsystem.queue import SERIALIZER
 
 from .errors import FatalWorkerError, classify
 from .runtime import WorkerRuntime, install_runtime

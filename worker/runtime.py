@@ -3,7 +3,7 @@
 The pipeline is loaded once (fp16 on CUDA) before the worker takes jobs; tasks reach it here.
 A worker serves one model, ``MEGASR_MODEL`` (``Settings.worker_model``), from that model's
 queue. A background thread renews the leases of the jobs being run (all of a batch), re-queues
-the jobs of dead workers (``service.reaper``) and, once the worker is ready, announces the
+the jobs of dead workers (``service.jobsystem.reaper``) and, once the worker is ready, announces the
 model it serves (``service.models_registry``: ``GET /v1/models``).
 """
 
@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service import models_registry
-from service.app import build_services
 from service.config import Settings
 from service.contracts import ModelInfo
-from service.deps import Services
-from service.queue import JobQueue
-from service.reaper import delete_expired_results, reap_abandoned
+from service.jobsystem.queue import JobQueue
+from service.jobsystem.reaper import delete_expired_results, reap_abandoned
+from service.jobsystem.services import Services, build_services
 
 from .batching import JobClaimer
-from .metrics import WorkerMetrics
+from .status_server import WorkerMetrics
 
 log = logging.getLogger("megasr.worker")
 _RUNTIME: "WorkerRuntime | None" = None
@@ -111,7 +110,7 @@ class WorkerRuntime:
             ticks = 0
             while not self._stop.wait(lease_interval_s):
                 ticks += 1
-                self.metrics.beat()  # worker.metrics' /healthz: 503 once these stop
+                self.metrics.beat()  # worker.status_server's /healthz: 503 once these stop
                 try:
                     for job_id, owner in list(self.running.items()):
                         self.services.jobs.renew_lease(job_id, owner)

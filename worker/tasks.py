@@ -29,10 +29,11 @@ from rq import get_current_job
 
 from service import faults, tracing
 from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, attempt_output_key
-from service.jobs import TransitionRejected
+from service.jobsystem import lifecycle
+from service.jobsystem.store import TransitionRejected
+from service.jobsystem.sweeper import MAX_ATTEMPTS
 from service.logging_setup import bind_log_context, fresh_log_context, log_fields
 from service.storage import PatientStorage
-from service.sweeper import MAX_ATTEMPTS
 
 from .batching import CancelWatch, sampling
 from .errors import FatalWorkerError, classify, safe_message
@@ -276,7 +277,10 @@ class BatchRun:
         try:  # back to queued for another attempt, lease dropped: one transaction
             # A claimed job has no RQ retry of its own: it goes back to RQ's queue in the same
             # transaction. The job RQ handed out is re-queued by RQ's Retry once we re-raise.
-            self.jobs.requeue(job_id, owner, None if member.primary else self.runtime.services.queue_for(member.record.model))
+            if member.primary:
+                self.jobs.requeue(job_id, owner, None)
+            else:
+                lifecycle.requeue(self.jobs, self.runtime.services.queue_for(member.record.model), job_id, owner)
         except TransitionRejected:
             return  # canceled or taken over meanwhile: nothing of ours to retry
         except Exception as requeue_error:  # Redis down: the lease expires and the reaper re-queues it

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from megasr_core.extractors import GuidanceExtractors, real_preset, tiny_preset
-from megasr_core.weights import write_tiny_tokenizer
+from megasr_core.weights.tiny import write_tiny_tokenizer
 
 
 def run(preset: str, size: int, batch: int, device: str, dtype: str, iters: int) -> dict:

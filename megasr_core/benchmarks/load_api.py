@@ -130,7 +130,7 @@ async def run_level(url: str, clients: int, per_client: int, headers: dict, payl
 
 
 def count_lost(settings, job_ids: list[str]) -> int:
-    from service.app import build_services
+    from service.jobsystem.services import build_services
 
     services = build_services(settings)
     lost = 0

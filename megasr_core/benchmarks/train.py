@@ -23,7 +23,7 @@ def run(preset: str, crop: int, batch: int, steps: int, mixed_precision: str, ch
     from skimage import data
 
     from megasr_core.train import MegaSRTrainConfig, MegaSRTrainer
-    from megasr_core.weights import init_tiny
+    from megasr_core.weights.tiny import init_tiny
 
     if preset != "tiny":
         raise SystemExit("only --preset tiny builds offline; for sd2-base pass a weights directory via the trainer")

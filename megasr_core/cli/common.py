@@ -47,8 +47,8 @@ def torch_dtype(name: str | None):
 
 
 def resolve_weights(weights: str | Path | None) -> Path:
-    """``megasr_core.weights.resolve_weights``, its warnings in yellow and its errors as ``fail``."""
-    from megasr_core.weights import resolve_weights as resolve
+    """``megasr_core.weights.choice.resolve_weights``, its warnings in yellow and its errors as ``fail``."""
+    from megasr_core.weights.choice import resolve_weights as resolve
 
     try:
         return resolve(weights, warn=warn)

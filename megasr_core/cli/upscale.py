@@ -64,7 +64,7 @@ def output_paths(files: list[tuple[Path, Path]], output: Path, fmt: str | None, 
 def announce_model(pipeline, weights_dir: Path) -> None:
     """Name the model that will run, and warn when its weights are untrained (the demo weights
     already had their warning from resolve_weights)."""
-    from megasr_core.weights import default_demo_weights
+    from megasr_core.weights.layout import default_demo_weights
 
     identity = pipeline.identity
     typer.echo(f"model: {identity.title} (weights {identity.weights}, {identity.dtype}"

@@ -24,7 +24,7 @@ def weights_init_tiny(
 ) -> None:
     """Write a complete random-initialized `tiny` weights directory (for tests and demos; untrained)."""
     from megasr_core.families import FAMILIES, get_family
-    from megasr_core.weights import init_tiny
+    from megasr_core.weights.tiny import init_tiny
 
     if family not in FAMILIES:
         fail(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -51,7 +51,7 @@ def weights_info(
     """Print a JSON description: family, whether trained (and what is random), config, parameter counts, missing parts."""
     from megasr_core.families import MEGASR, get_family
     from megasr_core.models import MegaSRDenoiser, SeeSRDenoiser, WeightsError
-    from megasr_core.weights import describe
+    from megasr_core.weights.summary import describe
 
     if (directory is None) == (preset is None):
         fail("give either a DIRECTORY or --preset NAME")
@@ -67,7 +67,7 @@ def weights_info(
             info = {"preset": preset, "family": family, "config": model.config.to_dict(),
                     "parameters": model.parameter_counts(), "extractor_parameters": extractor_counts}
         else:
-            from megasr_core.hub import resolve_weights_source
+            from megasr_core.weights.hub import resolve_weights_source
 
             info = describe(resolve_weights_source(directory))
     except (FileNotFoundError, ValueError, WeightsError) as exc:
@@ -117,7 +117,7 @@ def weights_assemble(
     """Build a weights directory: MegaSR from SD2-base (+ a trained overlay), or SeeSR / SeeSR-Turbo from their releases."""
     from megasr_core.families import FAMILIES, MEGASR
     from megasr_core.models import WeightsError
-    from megasr_core.weights import assemble_from_sd2, assemble_seesr
+    from megasr_core.weights.upstream import assemble_from_sd2, assemble_seesr
 
     if family not in FAMILIES:
         fail(f"--family must be one of {', '.join(FAMILIES)}, got {family!r}")
@@ -173,7 +173,7 @@ def _ram_config(path: Optional[Path]):
 def _report_assembled(path: Path) -> None:
     """Say what was written and, loudly, when it cannot super-resolve (untrained parts)."""
     from megasr_core.families import get_family
-    from megasr_core.weights import describe
+    from megasr_core.weights.summary import describe
 
     info = describe(path)
     typer.echo(f"wrote {get_family(info['family']).title} weights to {path}")

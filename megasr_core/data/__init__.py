@@ -1,6 +1,6 @@
-"""Training data: Real-ESRGAN degradations and (LR, HR) pair datasets.
+"""Training data: Real-ESRGAN degradations, USM sharpening and (LR, HR) pair datasets.
 
-The folder also holds vendored data files (RAM's tag vocabulary; see README.md here).
+Runtime data files (RAM's tag vocabulary, NIQE's parameters) live in ``megasr_core.assets``.
 """
 
 from .datasets import PairedImageDataset, list_images, make_pairs, random_hflip

@@ -115,7 +115,7 @@ def niqe_parameters_mat(directory: Path) -> Path:
     import numpy as np
     import scipy.io
 
-    with resources.files("megasr_core.data").joinpath("niqe_pris_params.npz").open("rb") as handle:
+    with resources.files("megasr_core.assets").joinpath("niqe_pris_params.npz").open("rb") as handle:
         params = np.load(handle)
         mat = {"mu_prisparam": params["mu_pris_param"], "cov_prisparam": params["cov_pris_param"],
                "gaussian_window": params["gaussian_window"]}

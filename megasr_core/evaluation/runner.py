@@ -18,7 +18,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from megasr_core.hub import resolve_weights_source
+from megasr_core.weights.hub import resolve_weights_source
 
 from .generate import Generated, bicubic, super_resolve, weights_identity
 from .metric_weights import locate
@@ -37,7 +37,7 @@ class EvalSettings:
     lr: Path | None = None
     dataset: str | None = None
     root: Path | None = None
-    #: weights to super-resolve with, one report column each: folders or Hub ids (``megasr_core.hub``)
+    #: weights to super-resolve with, one report column each: folders or Hub ids (``megasr_core.weights.hub``)
     weights: list[str | Path] = field(default_factory=list)
     metrics: list[str] = field(default_factory=lambda: list(PAPER_METRICS))
     metric_weights: Path | None = None

@@ -13,7 +13,7 @@ from .lora import attach_lora, has_lora, load_lora, merge_lora, save_lora
 from .presets import ExtractorPreset, real_preset, tiny_preset
 from .ram import RAMConfig, RAMTagger
 from .segmentation import Mask2FormerBackend, SegmentationBackend, SegmentationExtractor, class_palette
-from .tagger import CLIPZeroShotTagger, Tagger, load_vocabulary, tags_to_prompt
+from .tagger import CLIPZeroShotTagger, Tagger, load_vocabulary
 
 __all__ = [
     "CLIPImageEncoder",
@@ -43,6 +43,5 @@ __all__ = [
     "merge_lora",
     "real_preset",
     "save_lora",
-    "tags_to_prompt",
     "tiny_preset",
 ]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.state_dicts import check_state_dict, read_weights, write_safetensors
+from ..weights.files import check_state_dict, read_weights, write_safetensors
 from .base import Extractor, native_size, resize
 
 UPSTREAM_FILE = "ControlNetHED.pth"

@@ -2,7 +2,7 @@
 
 RAM has no maintained package, so the default :class:`CLIPZeroShotTagger` tags zero-shot with
 the CLIP towers over RAM's 4,585-tag vocabulary and per-tag thresholds (vendored in
-``megasr_core/data``). A tag's score is the probability that "a photo of a {tag}." describes
+``megasr_core/assets``). A tag's score is the probability that "a photo of a {tag}." describes
 the image better than the neutral "a photo.":
 
     p(tag) = sigmoid(logit_scale · (cos(image, tag prompt) − cos(image, neutral prompt)))
@@ -21,7 +21,6 @@ from typing import Protocol, runtime_checkable
 import torch
 from transformers import CLIPTokenizer
 
-from ..families import tags_to_prompt  # noqa: F401  (re-exported: the prompt rule lives with the families)
 from .clip_image import CLIPImageEncoder
 
 TAGS_FILE = "tags.txt"
@@ -42,9 +41,9 @@ def load_vocabulary(directory: str | Path | None = None) -> tuple[list[str], tor
         tags_text = (Path(directory) / TAGS_FILE).read_text(encoding="utf-8")
         thresholds_text = (Path(directory) / THRESHOLDS_FILE).read_text(encoding="utf-8")
     else:
-        data = resources.files("megasr_core") / "data"
-        tags_text = (data / "ram_tag_list.txt").read_text(encoding="utf-8")
-        thresholds_text = (data / "ram_tag_list_threshold.txt").read_text(encoding="utf-8")
+        assets = resources.files("megasr_core.assets")
+        tags_text = (assets / "ram_tag_list.txt").read_text(encoding="utf-8")
+        thresholds_text = (assets / "ram_tag_list_threshold.txt").read_text(encoding="utf-8")
     tags = [line.strip() for line in tags_text.splitlines() if line.strip()]
     thresholds = [float(line) for line in thresholds_text.splitlines() if line.strip()]
     if len(tags) != len(thresholds):

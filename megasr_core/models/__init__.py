@@ -1,14 +1,13 @@
 """MegaSR networks: the SD2 UNet + ControlNet with the CSM and MSFM modules installed."""
 
+from ..weights.files import WeightsError
 from .conditioning import GUIDANCE_CHANNELS, ConditioningSlot, MegaSRConditioning
 from .config import MegaSRConfig, SeeSRConfig, load_model_config
 from .csm import CSM, CSMAttnProcessor, install_csm
 from .denoiser import MegaSRDenoiser, ParameterGroups, is_megasr_key, is_trainable_key
-from .loading import Denoiser, denoiser_class, load_denoiser
 from .msfm import MSFM, SAFT, ChannelAttention, DepthSegFusion, install_msfm
 from .presets import PRESETS, Preset, get_preset
 from .seesr import SeeSRDenoiser, install_image_attentions
-from .state_dicts import WeightsError
 
 __all__ = [
     "CSM",
@@ -16,7 +15,6 @@ __all__ = [
     "ChannelAttention",
     "ConditioningSlot",
     "DepthSegFusion",
-    "Denoiser",
     "GUIDANCE_CHANNELS",
     "MSFM",
     "MegaSRConditioning",
@@ -29,13 +27,11 @@ __all__ = [
     "SeeSRConfig",
     "SeeSRDenoiser",
     "WeightsError",
-    "denoiser_class",
     "get_preset",
     "install_image_attentions",
     "install_csm",
     "install_msfm",
     "is_megasr_key",
     "is_trainable_key",
-    "load_denoiser",
     "load_model_config",
 ]

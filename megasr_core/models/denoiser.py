@@ -32,7 +32,7 @@ from .csm import CSM, IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors
 from .msfm import install_msfm
 from .presets import get_preset
 from .untrained import CONTROLNET_UNTRAINED, all_zero, controlnet_untrained
-from .state_dicts import (
+from ..weights.files import (
     MEGASR_MODULES_NAME,
     WEIGHTS_NAME,
     WeightsError,

@@ -39,7 +39,7 @@ from .controlnet_step import check_control_image, controlnet_then_unet
 from .config import CONFIG_NAME, SeeSRConfig
 from .csm import IMAGE_TOKENS_KWARG
 from .presets import get_preset
-from .state_dicts import WEIGHTS_NAME, WeightsError, load_assign, read_model_dir, write_safetensors
+from ..weights.files import WEIGHTS_NAME, WeightsError, load_assign, read_model_dir, write_safetensors
 from .untrained import CONTROLNET_UNTRAINED, controlnet_untrained
 
 NETWORKS = ("unet", "controlnet")

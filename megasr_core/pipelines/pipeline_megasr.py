@@ -40,7 +40,8 @@ from ..extractors import GuidanceExtractors
 from ..families import MEGASR, SEESR_TURBO, ModelFamily, get_family
 from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, canvas, check_work_bounds
 from ..identity import ModelIdentity, weights_label
-from ..models import Denoiser, MegaSRDenoiser, SeeSRDenoiser, get_preset, load_denoiser
+from ..models import MegaSRDenoiser, SeeSRDenoiser, get_preset
+from ..weights.loading import Denoiser, load_denoiser
 from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
 from .denoiser_graphs import DenoiserGraphs
@@ -182,11 +183,11 @@ class MegaSRPipeline(DiffusionPipeline):
 
         ``directory`` is a local weights folder or a Hub id (``org/name``, ``hf://org/name[@rev]``;
         ``revision``: a branch, tag or commit hash), fetched through the Hub cache
-        (``megasr_core.hub``). Default dtype: float16 on CUDA, float32 elsewhere. Only the
+        (``megasr_core.weights.hub``). Default dtype: float16 on CUDA, float32 elsewhere. Only the
         extractors the model uses are loaded; SeeSR's RAM runs in float32, as SeeSR runs it.
         """
-        from ..hub import resolve_weights_source
-        from ..weights import untrained_reasons
+        from ..weights.hub import resolve_weights_source
+        from ..weights.summary import untrained_reasons
 
         directory = resolve_weights_source(directory, revision=revision)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -231,7 +232,8 @@ class MegaSRPipeline(DiffusionPipeline):
         import tempfile
 
         from ..extractors import RAMConfig, RAMTagger, real_preset, tiny_preset
-        from ..weights import TURBO_SCHEDULER, write_tiny_tokenizer
+        from ..weights.layout import TURBO_SCHEDULER
+        from ..weights.tiny import write_tiny_tokenizer
 
         preset = get_preset(name)
         get_family(family)
@@ -267,7 +269,7 @@ class MegaSRPipeline(DiffusionPipeline):
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> None:  # type: ignore[override]
         """Write the MegaSR weights layout (``megasr_core.weights``)."""
-        from ..weights import EXTRACTORS_DIR, write_model_index
+        from ..weights.layout import EXTRACTORS_DIR, write_model_index
 
         directory = Path(directory)
         self.denoiser.save_pretrained(directory)

@@ -36,8 +36,8 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ..data import PairedImageDataset, USMConfig
-from ..extractors import tags_to_prompt
-from ..metrics import psnr_y, ssim_y
+from ..families import tags_to_prompt
+from ..image_quality import psnr_y, ssim_y
 from ..pipelines import MegaSRPipeline
 from .config import MegaSRTrainConfig, save_config
 

@@ -6,30 +6,23 @@ import base64
 import binascii
 import json
 import math
-import secrets
-import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
-from pydantic import ValidationError
 from starlette.datastructures import UploadFile
-
-from megasr_core.geometry import SD2_SIZE_MULTIPLE, WorkBoundsError, check_work_bounds
 
 from ..body_limits import loads_limited, parse_multipart, read_limited
 from .. import events
-from ..config import Settings
-from ..contracts import (CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView,
-                         UpscaleParams, input_key)
+from ..contracts import CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView, UpscaleParams
 from ..deps import ServicesDep, TenantDep, limit_reads
 from ..errors import ApiError
 from ..images import check_upload
-from ..jobs import IdempotencyMismatch, ListPosition, QuotaExceeded, TransitionRejected, request_fingerprint
-from ..logging_setup import bind_log_context, fresh_log_context
-from ..tracing import carrier, traced
-from ..webhooks import check_webhook_url
+from ..jobsystem import admission, lifecycle
+from ..jobsystem.store import ListPosition, TransitionRejected
+from ..logging_setup import fresh_log_context
+from ..tracing import traced
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -175,93 +168,15 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
 @traced("enqueue")  # validation, input upload, record and RQ enqueue; the worker continues this span
 def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str | None, fields: dict[str, Any],
            idempotency_key: str | None) -> tuple[JobRecord, bool]:
-    """Validate, store the input, record and enqueue the job; (record, replayed)."""
+    """Validate, store the input, record and enqueue the job (``service.jobsystem.admission``); (record, replayed)."""
     settings = services.settings
     try:
-        params = UpscaleParams.model_validate(fields)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ())) or "parameters"
-        raise ApiError(422, "invalid_parameters", f"{where}: {first.get('msg', 'invalid')}") from None
-    model = _resolve_model(settings, params.model)
-    if params.webhook_url is not None:
-        if settings.webhook_secret is None:
-            raise ApiError(422, "invalid_parameters", "webhook_url: webhooks are off (MEGASR_WEBHOOK_SECRET is not set)")
-        try:
-            check_webhook_url(str(params.webhook_url), settings.webhook_allow_private)
-        except ValueError as exc:
-            raise ApiError(422, "invalid_parameters", f"webhook_url: {exc}") from None
-    if idempotency_key is not None and not (1 <= len(idempotency_key) <= 200):
-        raise ApiError(422, "invalid_parameters", "Idempotency-Key must be 1 to 200 characters")
-    image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels,
-                         max_jpeg_scans=settings.max_jpeg_scans, max_decode_seconds=settings.max_decode_seconds)
-    try:  # the pipeline's own canvas rule, so no admitted job can exhaust a GPU
-        check_work_bounds((image.width, image.height), params.scale, SD2_SIZE_MULTIPLE,
-                          settings.max_output_pixels, settings.max_aspect_ratio)
-    except WorkBoundsError as exc:
-        raise ApiError(422, exc.code, f"{exc} (MEGASR_{exc.setting.upper()})") from None
-    fingerprint = request_fingerprint(data, params)  # what the client sent: a retry matches it
-    if idempotency_key is not None:
-        replay = _replay(services, tenant, idempotency_key, fingerprint)
-        if replay is not None:
-            return replay, True
-    if params.seed is None:  # drawn once and recorded: the job (and any retry of it) is reproducible
-        params = params.model_copy(update={"seed": secrets.randbelow(2**63)})
-    params = params.model_copy(update={"model": model})  # the record says where it was routed
-    quota = settings.max_queued_per_tenant
-    if services.jobs.active_count(tenant) >= quota:  # cheap early answer; create() enforces it atomically
-        raise _quota_error(quota)
-    job_id = uuid.uuid4().hex
-    bind_log_context(job_id=job_id, tenant=tenant)
-    record = JobRecord(id=job_id, tenant=tenant, params=params, model=model, input_key=input_key(job_id),
-                       input_content_type=image.content_type, input_width=image.width, input_height=image.height,
-                       trace_context=carrier(job_id=job_id, tenant=tenant))
-    services.storage.put(record.input_key, image.data, image.content_type)
-    try:  # quota, record, idempotency key and RQ's enqueue: one transaction
-        stored, created = services.jobs.create(
-            record, idempotency_key, request_hash=fingerprint, max_active=quota,
-            enqueue=lambda pipe: services.queue_for(model).enqueue(job_id, tenant, pipeline=pipe))
-    except QuotaExceeded as exc:  # another request took the last slot since the check above
-        services.storage.delete(record.input_key)
-        raise _quota_error(exc.limit) from None
-    except IdempotencyMismatch as exc:
-        services.storage.delete(record.input_key)
-        raise _mismatch_error(exc) from None
-    if not created:  # lost a race with an identical request
-        services.storage.delete(record.input_key)
-    return stored, not created
-
-
-def _resolve_model(settings: Settings, name: str | None) -> str:
-    """The served model a request names, or the default one; 422 ``unknown_model`` otherwise."""
-    served = settings.served_models()
-    if name is None:
-        return served[0]
-    if name not in served:
-        raise ApiError(422, "unknown_model", f"model {name!r} is not served here; served models: {', '.join(served)}")
-    return name
-
-
-def _replay(services: ServicesDep, tenant: str, idempotency_key: str, fingerprint: str) -> JobRecord | None:
-    """The job this Idempotency-Key made for the same request; 422 if it was another request."""
-    found = services.jobs.find_idempotent_request(tenant, idempotency_key)
-    if found is None:
-        return None
-    existing, stored_fingerprint = found
-    if stored_fingerprint != fingerprint:
-        raise _mismatch_error(IdempotencyMismatch(f"the Idempotency-Key was first used for a different request "
-                                                  f"(job {existing.id})"))
-    return existing
-
-
-def _quota_error(quota: int) -> ApiError:
-    return ApiError(429, "queue_quota", f"{quota} unfinished jobs already; wait for some to finish",
-                    {"Retry-After": "30"})
-
-
-def _mismatch_error(exc: IdempotencyMismatch) -> ApiError:
-    return ApiError(422, "idempotency_mismatch",
-                    f"{exc}: an Idempotency-Key may only be retried with the same image and parameters")
+        params, model = admission.check_request(settings, fields, idempotency_key)
+        image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels,
+                             max_jpeg_scans=settings.max_jpeg_scans, max_decode_seconds=settings.max_decode_seconds)
+        return admission.admit(services, tenant, data, image, params, model, idempotency_key)
+    except admission.Refused as exc:
+        raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
 
 
 def _owned(services: ServicesDep, job_id: str, tenant: str) -> JobRecord:
@@ -381,9 +296,7 @@ def cancel_job(job_id: str, request: Request, services: ServicesDep, tenant: Ten
     if record.status == JobStatus.queued:
         try:
             # The record's cancel and its removal from RQ's queue: one transaction.
-            queue = services.queue_for(record.model)
-            record = services.jobs.finish(job_id, JobStatus.canceled, extra=lambda pipe, _:
-                                          queue.cancel_queued(job_id, pipe))
+            record = lifecycle.cancel_queued(services.jobs, services.queue_for(record.model), job_id)
             return JSONResponse(_view(record, request, services).model_dump(mode="json"), status_code=200)
         except TransitionRejected:
             record = services.jobs.get(job_id) or record  # a worker picked it up meanwhile

@@ -135,7 +135,7 @@ def test_scale_to_zero_never_drops_a_running_job(rendered):
         queue, running = spec["triggers"]
         assert queue["metadata"]["activationListLength"] == "0"  # the first queued job wakes a worker
         assert running["type"] == "prometheus"
-        assert "megasr_jobs_running" in running["metadata"]["query"]  # the API's gauge (service/metrics.py)
+        assert "megasr_jobs_running" in running["metadata"]["query"]  # the API's gauge (service/prometheus.py)
         assert float(running["metadata"]["activationThreshold"]) < 1 <= float(running["metadata"]["threshold"])
         assert spec["cooldownPeriod"] >= 600
 

@@ -38,7 +38,7 @@ def folders(tmp_path, photos) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def family_weights(tmp_path_factory):
     """Make tiny (random, untrained) weights of a family once per session: ``family_weights("seesr")``."""
-    from megasr_core.weights import init_tiny
+    from megasr_core.weights.tiny import init_tiny
 
     made: dict[str, Path] = {}
 

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from megasr_core.cli import app
-from megasr_core.metrics import psnr_y, ssim_y
+from megasr_core.image_quality import psnr_y, ssim_y
 from tests.evaluation.helpers import blurred
 
 runner = CliRunner()

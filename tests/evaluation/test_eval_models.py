@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from megasr_core.cli import app
 from megasr_core.evaluation.models import column_label, column_labels, plan_models
 from megasr_core.identity import TINY_REASON
-from megasr_core.metrics import psnr_y
+from megasr_core.image_quality import psnr_y
 from megasr_core.pipelines import MegaSRPipeline
 
 runner = CliRunner()

@@ -1,4 +1,4 @@
-"""NIQE runs from the vendored BasicSR parameters (megasr_core/data/niqe_pris_params.npz), offline."""
+"""NIQE runs from the vendored BasicSR parameters (megasr_core/assets/niqe_pris_params.npz), offline."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.evaluation.helpers import blurred, noisy
 
 def test_vendored_parameters_are_package_data():
     """Found through importlib.resources (so an installed package has them, not only this checkout)."""
-    with resources.files("megasr_core.data").joinpath("niqe_pris_params.npz").open("rb") as handle:
+    with resources.files("megasr_core.assets").joinpath("niqe_pris_params.npz").open("rb") as handle:
         params = np.load(handle)
         assert params["mu_pris_param"].shape == (1, 36)
         assert params["cov_pris_param"].shape == (36, 36)

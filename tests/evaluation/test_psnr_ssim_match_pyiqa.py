@@ -1,4 +1,4 @@
-"""Our hand-written PSNR/SSIM on Y (megasr_core.metrics) equal pyiqa's ycbcr-Y metrics on real photos."""
+"""Our hand-written PSNR/SSIM on Y (megasr_core.image_quality) equal pyiqa's ycbcr-Y metrics on real photos."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ pyiqa = pytest.importorskip("pyiqa", reason="the [eval] extra")
 import numpy as np
 import torch
 
-from megasr_core.metrics import psnr_y, ssim_y
+from megasr_core.image_quality import psnr_y, ssim_y
 from tests.evaluation.helpers import blurred, jpeg, noisy
 
 DEGRADATIONS = {

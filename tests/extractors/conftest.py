@@ -8,7 +8,7 @@ import torch
 from skimage import data
 
 from megasr_core.extractors import GuidanceExtractors, tiny_preset
-from megasr_core.weights import write_tiny_tokenizer
+from megasr_core.weights.tiny import write_tiny_tokenizer
 
 
 def to_tensor(array: np.ndarray) -> torch.Tensor:

@@ -10,7 +10,7 @@ from transformers import CLIPVisionConfig
 
 from megasr_core.extractors import tiny_preset
 from megasr_core.extractors.clip_image import TOKENS_FILE, CLIPImageEncoder
-from megasr_core.weights import settle_clip_token_space
+from megasr_core.weights.upstream import settle_clip_token_space
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megasr_core.extractors import GuidanceExtractors, attach_lora, save_lora
-from megasr_core.weights import init_tiny
+from megasr_core.weights.tiny import init_tiny
 
 
 @pytest.fixture(scope="module")

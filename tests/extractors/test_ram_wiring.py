@@ -12,7 +12,7 @@ from megasr_core.cli import app
 from megasr_core.extractors import GuidanceExtractors, RAMTagger
 from megasr_core.extractors.guidance import init_tiny_extractors, install_ram_tagger, tiny_random_ram
 from megasr_core.extractors.ram import RAMConfig
-from megasr_core.weights import write_tiny_tokenizer
+from megasr_core.weights.tiny import write_tiny_tokenizer
 
 from .test_ram import dape_checkpoint, ram_checkpoint
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from megasr_core.extractors import CLIPZeroShotTagger, load_vocabulary, tags_to_prompt
+from megasr_core.extractors import CLIPZeroShotTagger, load_vocabulary
+from megasr_core.families import tags_to_prompt
 
 
 def test_ram_vocabulary_is_vendored():

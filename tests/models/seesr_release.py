@@ -91,7 +91,7 @@ def write_seesr_release(directory: Path, seed: int = 0, width: int = RAM_WIDTH, 
 
 def load_release_for_reference(directory: Path):
     """The release's networks without any hook: plain diffusers models + image transformers by block."""
-    from megasr_core.models.state_dicts import read_model_dir
+    from megasr_core.weights.files import read_model_dir
 
     nets = {}
     for name, cls in (("unet", UNet2DConditionModel), ("controlnet", ControlNetModel)):

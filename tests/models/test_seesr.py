@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megasr_core.models import SeeSRConfig, SeeSRDenoiser, WeightsError, load_denoiser
+from megasr_core.models import SeeSRConfig, SeeSRDenoiser, WeightsError
+from megasr_core.weights.loading import load_denoiser
 from megasr_core.models.seesr import IMAGE_ATTENTIONS
 from megasr_core.pipelines.denoiser_graphs import DenoiserGraphs
 from tests.models.seesr_release import RAM_WIDTH, TINY, load_release_for_reference, reference_noise, write_seesr_release

@@ -237,7 +237,7 @@ def db_url(redis_url) -> str:
 @pytest.fixture()
 def store(db_url):
     """A JobStore on a fresh database."""
-    from service.jobs import JobStore
+    from service.jobsystem.store import JobStore
 
     client = redis.Redis.from_url(db_url)
     yield JobStore(client, result_ttl_s=STORE_RESULT_TTL_S)

@@ -15,7 +15,8 @@ from PIL import Image
 from rq.worker import SimpleWorker
 from skimage import data
 
-from service.app import build_services, create_app
+from service.app import create_app
+from service.jobsystem.services import build_services
 from service.config import Settings
 from worker.main import make_worker
 from worker.runtime import install_runtime
@@ -205,7 +206,7 @@ def test_metrics_are_exposed_and_parseable(client, settings, tiny_pipeline):
 
 
 def test_results_are_deleted_after_their_ttl(tmp_path, redis_url, tiny_pipeline):
-    from service.reaper import delete_expired_results
+    from service.jobsystem.reaper import delete_expired_results
 
     settings = make_settings(tmp_path, redis_url, result_ttl_s=60)
     with TestClient(create_app(settings)) as client:

@@ -18,11 +18,13 @@ from rq.worker import SimpleWorker
 
 from megasr_core.identity import ModelIdentity
 from service import faults
-from service.app import build_services, create_app
+from service.app import create_app
+from service.jobsystem.services import build_services
 from service.contracts import JobRecord, JobStatus, UpscaleParams
-from service.jobs import RUNNING_KEY, JobStore, QuotaExceeded
+from service.jobsystem.keys import RUNNING_KEY
+from service.jobsystem.store import JobStore, QuotaExceeded
 from service.routes.jobs import _admit
-from service.sweeper import sweep
+from service.jobsystem.sweeper import sweep
 from tests.service.test_api import make_settings, png, submit
 from worker import tasks
 from worker.main import make_worker
@@ -111,7 +113,7 @@ def test_an_idempotency_key_replays_only_the_same_request(tmp_path, db_url):
 
 def test_a_mismatch_found_inside_the_create_transaction_is_refused(store):
     """The race: the key appeared between the route's look-up and the insert, for another request."""
-    from service.jobs import IdempotencyMismatch
+    from service.jobsystem.store import IdempotencyMismatch
 
     def record() -> JobRecord:
         job_id = uuid.uuid4().hex
@@ -313,8 +315,9 @@ def test_a_cancel_killed_inside_its_transaction_leaves_the_job_queued(system):
 
 def test_the_reaper_pass_runs_the_sweeper_at_most_every_interval(system):
     """Every worker's reaper loop sweeps too, but one sweep per SWEEP_INTERVAL_S across processes."""
-    from service.reaper import LOCK_KEY, reap_abandoned
-    from service.sweeper import SWEEP_INTERVAL_S, SWEEP_LOCK_KEY
+    from service.jobsystem.keys import REAPER_LOCK_KEY, SWEEP_LOCK_KEY
+    from service.jobsystem.reaper import reap_abandoned
+    from service.jobsystem.sweeper import SWEEP_INTERVAL_S
 
     settings, services = system
     first, second = admit(services), admit(services)
@@ -322,9 +325,9 @@ def test_the_reaper_pass_runs_the_sweeper_at_most_every_interval(system):
     assert reap_abandoned(services) == [first]
     assert 0 < services.redis.ttl(SWEEP_LOCK_KEY) <= SWEEP_INTERVAL_S
     services.redis.lrem(services.queue.queue.key, 0, second)
-    services.redis.delete(LOCK_KEY)
+    services.redis.delete(REAPER_LOCK_KEY)
     assert reap_abandoned(services) == []  # within the interval: no sweep
-    services.redis.delete(LOCK_KEY, SWEEP_LOCK_KEY)
+    services.redis.delete(REAPER_LOCK_KEY, SWEEP_LOCK_KEY)
     assert reap_abandoned(services) == [second]
     for job_id in (first, second):
         assert_consistent(services, job_id)

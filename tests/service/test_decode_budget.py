@@ -15,7 +15,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from rq.worker import SimpleWorker
 
-from service.app import build_services, create_app
+from service.app import create_app
+from service.jobsystem.services import build_services
 from service.contracts import JobStatus
 from service.decode_budget import count_jpeg_scans, jpeg_structure
 from service.errors import ApiError

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.anonymity import InsecureConfiguration
 from service.app import create_app
-from service.metrics import METHODS
+from service.prometheus import METHODS
 from service.rate_limit import TokenBucket
 from tests.service.test_api import make_settings, png, submit
 

@@ -12,7 +12,7 @@ from service import events
 from service.app import create_app
 from service.client import _sse_messages
 from service.contracts import ImageSize, JobStatus, JobView, UpscaleParams
-from service.jobs import JobStore
+from service.jobsystem.store import JobStore
 from tests.service.live_server import live_server
 from tests.service.test_api import KEY_A, KEY_B, make_settings, run_worker, submit
 

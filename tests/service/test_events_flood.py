@@ -15,8 +15,8 @@ import redis
 
 from service.app import create_app
 from service.contracts import JobRecord, JobStatus, UpscaleParams
-from service.deps import Services
-from service.jobs import JobStore
+from service.jobsystem.services import Services
+from service.jobsystem.store import JobStore
 from tests.service.live_server import live_server
 from tests.service.test_api import KEY_A, KEY_B, make_settings
 

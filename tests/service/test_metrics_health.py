@@ -15,10 +15,10 @@ from fastapi.testclient import TestClient
 from service import local_workers
 from service.app import create_app
 from service.local_workers import LocalWorker, WorkerState
-from service.metrics import package_version
+from service.prometheus import package_version
 from tests.service.conftest import free_port
 from tests.service.test_api import make_settings, submit
-from worker.metrics import WorkerMetrics
+from worker.status_server import WorkerMetrics
 
 
 def sample(text: str, name: str) -> float:
@@ -116,7 +116,7 @@ def get(url: str) -> tuple[int, dict]:
 
 
 def test_worker_healthz_turns_503_when_the_heartbeat_stops(settings):
-    from service.app import build_services
+    from service.jobsystem.services import build_services
     from worker.runtime import WorkerRuntime
 
     runtime = WorkerRuntime(services=build_services(settings), pipeline=None,

@@ -19,14 +19,14 @@ from megasr_core.identity import TINY_REASON, ModelIdentity
 from service import models_registry
 from service.app import create_app
 from service.contracts import JobRecord, ModelInfo, UpscaleParams
-from service.reaper import reap_abandoned
-from service.sweeper import sweep
+from service.jobsystem.reaper import reap_abandoned
+from service.jobsystem.sweeper import sweep
 from tests.service.conftest import free_port
 from tests.service.test_api import KEY_A, make_settings, png, submit
 from tests.service.test_atomic_state import StandIn
 from worker.batching import batch_key, sampling
 from worker.main import make_worker
-from worker.metrics import WorkerMetrics
+from worker.status_server import WorkerMetrics
 from worker.runtime import install_runtime
 
 MODELS = "seesr,seesr-turbo"

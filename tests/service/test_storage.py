@@ -133,7 +133,7 @@ def test_patient_storage_waits_out_an_outage_then_gives_up(tmp_path):
 def test_the_app_signs_links_for_megasr_s3_public_url(tmp_path, s3_endpoint):
     from urllib.parse import urlparse
 
-    from service.app import build_services
+    from service.jobsystem.services import build_services
     from service.config import Settings
 
     settings = Settings(redis_url="redis://127.0.0.1:1/0", storage_url="s3://megasr/app-links", home=tmp_path,

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from service import tracing
 from service.app import create_app
-from service.jobs import JobStore
+from service.jobsystem.store import JobStore
 
 from .test_api import make_settings, run_worker, submit
 

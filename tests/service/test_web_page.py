@@ -66,7 +66,7 @@ def two_models(tmp_path_factory, redis_url):
     """`megasr serve` routing to two models (MEGASR_MODELS, ``seesr`` the default), each served by its
     own `megasr worker` on tiny weights of its family, over a database of the session's Valkey and one
     local store: its base URL, once both workers have announced their models."""
-    from megasr_core.weights import init_tiny
+    from megasr_core.weights.tiny import init_tiny
 
     home = tmp_path_factory.mktemp("web-models")
     (home / "data").mkdir()

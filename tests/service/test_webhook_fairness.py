@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.app import create_app
 from service.config import Settings
 from service.contracts import JobRecord, JobStatus, UpscaleParams
-from service.jobs import JobStore
+from service.jobsystem.store import JobStore
 from service.webhooks import (
     DROPPED_KEY,
     DUE_KEY,

@@ -13,7 +13,7 @@ import pytest
 
 from service.config import Settings
 from service.contracts import JobRecord, JobStatus, UpscaleParams
-from service.jobs import JobStore
+from service.jobsystem.store import JobStore
 from service.webhooks import DUE_KEY, SIGNATURE_HEADER, WebhookDispatcher, delivery_key, sign, verify
 from tests.service.conftest import WebhookReceiver
 from tests.service.test_api import make_settings

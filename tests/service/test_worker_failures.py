@@ -14,11 +14,12 @@ from PIL import Image
 from rq.worker import SimpleWorker
 
 from service import tracing
-from service.app import build_services
+from service.jobsystem.services import build_services
 from service.contracts import JobStatus, attempt_output_key
-from service.jobs import TransitionRejected
+from service.jobsystem.store import TransitionRejected
 from service.logging_setup import configure_logging, log_fields
-from service.reaper import LOCK_KEY, delete_expired_results, reap_abandoned
+from service.jobsystem.keys import REAPER_LOCK_KEY
+from service.jobsystem.reaper import delete_expired_results, reap_abandoned
 from service.routes.jobs import _admit
 from tests.service.conftest import json_lines
 from tests.service.test_api import make_settings, png
@@ -102,7 +103,7 @@ def test_a_late_attempt_cannot_overwrite_a_finished_output(services):
     runtime = install_runtime(settings, StandIn("red"), services=svc)
     a = svc.jobs.start(job_id, "worker-a:1")
     svc.redis.delete(svc.jobs.lease_key(job_id))  # A stops renewing its lease
-    svc.redis.delete(LOCK_KEY)
+    svc.redis.delete(REAPER_LOCK_KEY)
     assert reap_abandoned(svc) == [job_id]
     # B takes the re-queued job through RQ and finishes it (blue).
     runtime.pipeline = StandIn("blue")

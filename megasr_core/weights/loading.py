@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ..families import MEGASR, read_family
-from .denoiser import MegaSRDenoiser
-from .seesr import SeeSRDenoiser
+from ..models.denoiser import MegaSRDenoiser
+from ..models.seesr import SeeSRDenoiser
 
 Denoiser = MegaSRDenoiser | SeeSRDenoiser
 

@@ -22,6 +22,8 @@ from redis.client import Pipeline
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from .keys import fair_clock_key, fair_served_key, fair_tenants_key
+
 #: how many queued entries one dequeue looks at to pick the next tenant
 SCAN_DEPTH = 100
 
@@ -46,18 +48,10 @@ return best
 """
 
 
-def tenants_key(queue_key: str) -> str:
-    return f"megasr:fair:{queue_key}:tenant"
-
-
-def served_key(queue_key: str) -> str:
-    return f"megasr:fair:{queue_key}:served"
-
-
 def _fair_pop(connection: Redis, queue_key: str, destination: str | None) -> bytes | None:
     script = connection.register_script(_FAIR_POP)
-    return script(keys=[queue_key, destination or "", tenants_key(queue_key), served_key(queue_key),
-                        served_key(queue_key) + ":clock"], args=[SCAN_DEPTH])
+    return script(keys=[queue_key, destination or "", fair_tenants_key(queue_key), fair_served_key(queue_key),
+                        fair_clock_key(queue_key)], args=[SCAN_DEPTH])
 
 
 class FairQueue(Queue):
@@ -69,10 +63,10 @@ class FairQueue(Queue):
 
     def remember_tenant(self, pipe: Pipeline | Redis, job_id: str, tenant: str) -> None:
         """Record whose job this is (call in the transaction that enqueues it)."""
-        pipe.hset(tenants_key(self.key), job_id, tenant)
+        pipe.hset(fair_tenants_key(self.key), job_id, tenant)
 
     def forget_tenant(self, pipe: Pipeline | Redis, job_id: str) -> None:
-        pipe.hdel(tenants_key(self.key), job_id)
+        pipe.hdel(fair_tenants_key(self.key), job_id)
 
     @classmethod
     def lmove(cls, connection: Redis, queue_key: str, timeout: int | None):
@@ -84,7 +78,7 @@ class FairQueue(Queue):
             return queue_key, job_id
         result = super().lmove(connection, queue_key, timeout)  # empty: block until a job arrives
         if result is not None:
-            connection.hdel(tenants_key(queue_key), result[1])
+            connection.hdel(fair_tenants_key(queue_key), result[1])
         return result
 
     @classmethod
@@ -97,5 +91,6 @@ class FairQueue(Queue):
                 return queue_key, job_id
         result = super().lpop(queue_keys, timeout, connection=connection)
         if result is not None:
-            connection.hdel(tenants_key(result[0].decode() if isinstance(result[0], bytes) else result[0]), result[1])
+            popped_from = result[0].decode() if isinstance(result[0], bytes) else result[0]
+            connection.hdel(fair_tenants_key(popped_from), result[1])
         return result

@@ -1,41 +1,36 @@
 """Job records in Redis: create (idempotently, within quota), read per tenant, move through states.
 
-Keys (all under ``megasr:``): ``job:<id>`` the record (JSON), ``idem:<tenant>:<key>`` the job an
-idempotency key created and the hash of its request, ``cancel:<id>`` a running job's cancel
-request, ``tenant:<tenant>:active`` the tenant's unfinished jobs (queue quota), ``running`` the
-jobs being run and ``lease:<id>`` each one's liveness lease (renewed by its worker every few
-seconds), ``outputs:<id>`` every storage key an attempt wrote a result to (deleted with the
-job's images), ``tenant:<tenant>:jobs`` the tenant's jobs scored by creation time (listing;
-written with the record, its entries of expired records dropped when a listing meets them),
-``tenant:<tenant>:status:<status>`` the same per status (the status filter; moved in the transaction
-that changes the status). Request rates are ``service.rate_limit``'s.
+The keys are :mod:`service.jobsystem.keys`': the record, the idempotency keys, cancel requests,
+each tenant's quota set and listing indexes, the running set and its leases, the storage keys of
+every attempt's outputs. Request rates are ``service.rate_limit``'s.
 
 Every state change is ONE compare-and-set transaction (WATCH, then MULTI/EXEC) over all the keys
-it touches, RQ's included (``service.queue`` writes into the same transaction): create = quota
-check + record + idempotency key + enqueue; start = running + lease + running set; requeue =
-queued + no lease + RQ re-enqueue; finish = final state + every release. A crash between two
-transactions leaves a state ``service.sweeper`` repairs. A running job carries its attempt's
-``owner`` token: a job canceled while it starts, finished by one worker, or taken over after its
-worker died is never overwritten by another attempt.
+it touches, RQ's included (``service.jobsystem.queue`` writes into the same transaction; the moves
+that touch both are ``service.jobsystem.lifecycle``'s): create = quota check + record +
+idempotency key + enqueue; start = running + lease + running set; requeue = queued + no lease +
+RQ re-enqueue; finish = final state + every release. A crash between two transactions leaves a
+state ``service.jobsystem.sweeper`` repairs. A running job carries its attempt's ``owner`` token:
+a job canceled while it starts, finished by one worker, or taken over after its worker died is
+never overwritten by another attempt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
-import json
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, NamedTuple
 
 import redis
-from pydantic import BaseModel
 from redis.client import Pipeline
 
-from . import faults
-from .contracts import JOB_KEY_PREFIX, JobRecord, JobStatus, ModelInfo
-from .webhooks import schedule_in
+from service import faults
+from service.contracts import JobRecord, JobStatus, ModelInfo
+from service.webhooks import schedule_in
+
+from . import keys
+from .keys import EXPIRY_KEY, FINISHED_KEY, RUNNING_KEY
 
 if TYPE_CHECKING:
     from .queue import JobQueue
@@ -47,9 +42,6 @@ INDEX_SLACK_S = 7 * 24 * 3600
 #: index entries one listing may walk, per index and per job asked for: expired entries in the way
 #: make a short page with a cursor (each is dropped when met) rather than an unbounded scan
 LIST_SCAN_FACTOR = 4
-RUNNING_KEY = "megasr:running"
-EXPIRY_KEY = "megasr:expiry"  # finished job ids scored by when their images are deleted
-FINISHED_KEY = "megasr:stats:finished"  # finished jobs per final status (metrics)
 
 
 class TransitionRejected(RuntimeError):
@@ -88,38 +80,15 @@ class JobStore:
         self.redis = client
         self.result_ttl_s = result_ttl_s
 
-    # ---------------------------------------------------------------- keys
-    @staticmethod
-    def key(job_id: str) -> str:
-        return JOB_KEY_PREFIX + job_id
-
-    @staticmethod
-    def cancel_key(job_id: str) -> str:
-        return f"megasr:cancel:{job_id}"
-
-    @staticmethod
-    def active_key(tenant: str) -> str:
-        return f"megasr:tenant:{tenant}:active"
-
-    @staticmethod
-    def index_key(tenant: str) -> str:
-        return f"megasr:tenant:{tenant}:jobs"
-
-    @staticmethod
-    def status_index_key(tenant: str, status: JobStatus) -> str:
-        return f"megasr:tenant:{tenant}:status:{status.value}"
-
-    @staticmethod
-    def lease_key(job_id: str) -> str:
-        return f"megasr:lease:{job_id}"
-
-    @staticmethod
-    def idempotency_key(tenant: str, key: str) -> str:
-        return f"megasr:idem:{tenant}:{key}"
-
-    @staticmethod
-    def outputs_key(job_id: str) -> str:
-        return f"megasr:outputs:{job_id}"
+    # ---------------------------------------------------------------- keys (service.jobsystem.keys)
+    key = staticmethod(keys.job_key)
+    cancel_key = staticmethod(keys.cancel_key)
+    active_key = staticmethod(keys.active_key)
+    index_key = staticmethod(keys.index_key)
+    status_index_key = staticmethod(keys.status_index_key)
+    lease_key = staticmethod(keys.lease_key)
+    idempotency_key = staticmethod(keys.idempotency_key)
+    outputs_key = staticmethod(keys.outputs_key)
 
     # ---------------------------------------------------------------- create / read
     def create(
@@ -275,7 +244,7 @@ class JobStore:
 
     def active_jobs(self) -> Iterator[tuple[str, str]]:
         """(tenant, job id) of every job in a tenant's quota set: all unfinished jobs."""
-        prefix, suffix = "megasr:tenant:", ":active"
+        prefix, suffix = keys.ACTIVE_PREFIX, keys.ACTIVE_SUFFIX
         for key in self.redis.scan_iter(match=f"{prefix}*{suffix}", count=500):
             tenant = key.decode()[len(prefix):-len(suffix)]
             for job_id in self.redis.smembers(key):
@@ -434,26 +403,3 @@ class JobStore:
 
     def cancel_requested(self, job_id: str) -> bool:
         return bool(self.redis.exists(self.cancel_key(job_id)))
-
-
-#: what a request that names no model hashes for steps and guidance it leaves out: the defaults of
-#: the releases before models, so a key keeps matching its request across a rolling upgrade
-_LEGACY_SAMPLING = {"steps": 50, "guidance_scale": 5.5}
-
-
-def request_fingerprint(image: bytes, params: BaseModel) -> str:
-    """sha256 of what a submission asks for: the image bytes and the validated parameters
-    (normalized: defaults filled in, keys sorted), bound to an Idempotency-Key.
-
-    A request that names no model hashes exactly as before models existed (no ``model`` key,
-    left-out steps and guidance as 50 and 5.5; an Idempotency-Key lives a day, across upgrades);
-    one that names a model hashes the name and what it left out as null.
-    """
-    fields = params.model_dump(mode="json")
-    if "model" in fields and fields["model"] is None:
-        del fields["model"]
-        fields.update({name: value for name, value in _LEGACY_SAMPLING.items() if fields.get(name, value) is None})
-    digest = hashlib.sha256()
-    digest.update(hashlib.sha256(image).digest())
-    digest.update(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode())
-    return digest.hexdigest()

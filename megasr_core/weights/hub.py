@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-#: The MegaSR weights layout (``megasr_core.weights``): what a complete folder must hold.
+#: The MegaSR weights layout (``megasr_core.weights.layout``): what a complete folder must hold.
 REQUIRED_FILES = ("model_index.json", "megasr.json")
 REQUIRED_DIRS = ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL_DIRS = ("extractors",)

@@ -5,9 +5,9 @@ Re-queue the jobs of workers that died mid-job (SIGKILL, lost node, OOM-killer):
 A running job's worker renews its lease every few seconds (``JobStore.LEASE_TTL_S`` = 15 s).
 Any process running :func:`reap_abandoned` every few seconds — every worker does, and so does
 ``megasr serve`` — puts a job whose lease has expired back at the front of the queue, or fails
-it after :data:`MAX_ATTEMPTS`. With the defaults a killed worker's job is queued again within
+it after ``sweeper.MAX_ATTEMPTS``. With the defaults a killed worker's job is queued again within
 about 20 seconds. The attempt's owner token fences a late, still-alive worker out. Every
-``SWEEP_INTERVAL_S`` a pass also runs the sweeper (``service.sweeper``), which repairs what a
+``SWEEP_INTERVAL_S`` a pass also runs the sweeper (``service.jobsystem.sweeper``), which repairs what a
 crash between two steps left behind.
 """
 
@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import logging
 
-from .contracts import JobStatus, input_key, output_key
-from .deps import Services
-from .jobs import RUNNING_KEY
-from .sweeper import MAX_ATTEMPTS, SWEEP_INTERVAL_S, SWEEP_LOCK_KEY, SweepReport, recover_running, sweep
+from service.contracts import JobStatus, input_key, output_key
 
-__all__ = ["MAX_ATTEMPTS", "LOCK_KEY", "reap_abandoned", "delete_expired_results"]
+from .keys import REAPER_LOCK_KEY, RUNNING_KEY, SWEEP_LOCK_KEY
+from .services import Services
+from .sweeper import SWEEP_INTERVAL_S, SweepReport, recover_running, sweep
+
+__all__ = ["reap_abandoned", "delete_expired_results"]
 
 log = logging.getLogger("megasr.reaper")
-LOCK_KEY = "megasr:reaper:lock"
 
 
 def reap_abandoned(services: Services) -> list[str]:
-    """Requeue (or fail) every job whose lease expired, then sweep (``service.sweeper``);
+    """Requeue (or fail) every job whose lease expired, then sweep (``service.jobsystem.sweeper``);
     returns the ids handled."""
-    if not services.redis.set(LOCK_KEY, b"1", nx=True, ex=5):
+    if not services.redis.set(REAPER_LOCK_KEY, b"1", nx=True, ex=5):
         return []  # another process is reaping right now
     report = SweepReport()
     for job_id in services.jobs.abandoned():

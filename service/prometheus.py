@@ -26,9 +26,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import local_workers
 from .contracts import JobStatus
-from .deps import BEARER_CHALLENGE, Services, bearer_token, client_address, record_auth_failure, refuse_if_guessing
+from .deps import BEARER_CHALLENGE, bearer_token, client_address, record_auth_failure, refuse_if_guessing
 from .errors import ApiError
-from .jobs import FINISHED_KEY, RUNNING_KEY
+from .jobsystem.services import Services
+from .jobsystem.keys import FINISHED_KEY, RUNNING_KEY
 from .redis_health import redis_persistence
 from .webhooks import DROPPED_KEY
 

@@ -1,6 +1,6 @@
 """Repair what a crash between two of a job's transactions can leave behind.
 
-Each state change of a job is atomic (``service.jobs``), but a path of several changes (admit →
+Each state change of a job is atomic (``service.jobsystem.store``), but a path of several changes (admit →
 start → write the result → finish; a retry's requeue → RQ's re-push) can stop between two of
 them: the process is SIGKILLed, its node is lost, Redis drops the connection. :func:`sweep`
 walks every unfinished job (the tenants' quota sets) and repairs, each repair one
@@ -29,17 +29,19 @@ from dataclasses import dataclass, field
 
 import redis
 
-from . import faults
-from .contracts import JobError, JobRecord, JobStatus
-from .deps import Services
-from .jobs import RUNNING_KEY, TransitionRejected
+from service import faults
+from service.contracts import JobError, JobRecord, JobStatus
+
+from . import lifecycle
+from .keys import RUNNING_KEY
+from .services import Services
+from .store import TransitionRejected
 
 log = logging.getLogger("megasr.sweeper")
 #: attempts (each lost to a dead worker or a transient error) before a job fails
 MAX_ATTEMPTS = 3
 #: the shortest time between two sweeps (of any process)
 SWEEP_INTERVAL_S = 30
-SWEEP_LOCK_KEY = "megasr:sweeper:lock"
 
 
 @dataclass
@@ -62,7 +64,7 @@ def recover_running(services: Services, record: JobRecord, report: SweepReport) 
             report.failed.append(record.id)
             log.warning("job %s: failed after %d lost attempts", record.id, record.attempts)
         else:
-            services.jobs.requeue(record.id, record.owner, services.queue_for(record.model))
+            lifecycle.requeue(services.jobs, services.queue_for(record.model), record.id, record.owner)
             report.requeued.append(record.id)
             log.warning("job %s: no live attempt holds it; queued again", record.id)
     except TransitionRejected:

@@ -3,8 +3,8 @@
 RQ keeps its own ``rq:`` keys; the job's RQ id is the MegaSR job id. The API never imports the
 worker: the task is named by :data:`service.contracts.WORKER_TASK`. Every write here can go
 into the caller's MULTI/EXEC transaction (``pipeline=``), so a job's record and its place in
-RQ's queue change together or not at all (``service.jobs``). Jobs are stored as JSON, never
-pickled (:class:`service.fair_queue.FairQueue`).
+RQ's queue change together or not at all (``service.jobsystem.lifecycle``). Jobs are stored as
+JSON, never pickled (:class:`service.jobsystem.fair_queue.FairQueue`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from rq.job import Job
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from .contracts import WORKER_TASK
+from service.contracts import WORKER_TASK
+
 from .fair_queue import FairQueue
 
 #: retries for transient failures (storage down, CUDA out of memory); immediate, because the
@@ -105,6 +106,10 @@ class JobQueue:
             pipe.zrangebyscore(self.started_key, time.time(), "+inf")
             waiting, popped, started = pipe.execute()
         return {raw.decode() for raw in (*waiting, *popped)} | {raw.decode().partition(":")[0] for raw in started}
+
+    def waiting_ids(self, limit: int) -> list[str]:
+        """The ids of the first ``limit`` jobs waiting in RQ's list, head first (a worker's batch scan)."""
+        return [raw.decode() for raw in self.redis.lrange(self.queue.key, 0, limit - 1)]
 
     def position(self, job_id: str) -> int | None:
         """0-based position in the queue, or None when the job is not waiting.

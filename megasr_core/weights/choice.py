@@ -1,0 +1,38 @@
+"""Which weights a command loads: the one rule behind ``megasr upscale``, ``serve`` and ``worker``.
+
+``--weights``, else ``$MEGASR_WEIGHTS`` (a folder or a Hub id, made a local folder by ``hub``),
+else the tiny demo weights, written on first use: random and untrained, and said so.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .hub import resolve_weights_source
+from .layout import default_demo_weights, missing_components
+
+#: The variable that names the weights when no ``--weights`` is given: a folder or a Hub id.
+WEIGHTS_ENV = "MEGASR_WEIGHTS"
+
+
+def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = lambda message: None) -> Path:
+    """The weights folder to load: ``weights``, else ``$MEGASR_WEIGHTS``, else the tiny demo weights.
+
+    The demo weights are random and untrained: ``warn`` hears that (and when they are being written).
+    Raises ``FileNotFoundError`` or ``ValueError`` for a source that does not resolve.
+    """
+    if weights is None and os.environ.get(WEIGHTS_ENV):
+        weights = os.environ[WEIGHTS_ENV]
+    if weights is not None:
+        return resolve_weights_source(weights)
+    demo = default_demo_weights()
+    if missing_components(demo):
+        from .tiny import init_tiny  # torch and the networks: only when the demo weights are written
+
+        warn(f"no --weights or {WEIGHTS_ENV}: writing tiny demo weights to {demo}")
+        init_tiny(demo, overwrite=True)
+    warn("warning: using the tiny demo weights: they are random and UNTRAINED, so the output is not a "
+         f"real super-resolution. Pass --weights or set {WEIGHTS_ENV} for a trained model.")
+    return demo

@@ -45,7 +45,7 @@ HTTP = frozenset({
     "service.event_poller", "service.hosts", "service.http_protocol", "service.images", "service.prometheus",
     "service.probes", "service.request_limits", "service.stream_slots", "service.server_options",
 })
-#: processes' entry points besides the CLI (``megasr_core.cli*``); the API load benchmark starts the app
+#: processes' entry points besides the CLI (``megasr_core.cli*``): the API server, the API load benchmark
 ENTRY = frozenset({"service.api_server", "megasr_core.benchmarks.load_api"})
 
 #: what the worker and the job system never import, at any level

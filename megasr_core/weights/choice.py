@@ -1,7 +1,7 @@
-"""Which weights a command loads: the one rule behind ``megasr upscale``, ``serve`` and ``worker``.
+"""Which weights folder a command loads: the one policy the CLI's upscale, serve and worker share.
 
-``--weights``, else ``$MEGASR_WEIGHTS`` (a folder or a Hub id, made a local folder by ``hub``),
-else the tiny demo weights, written on first use: random and untrained, and said so.
+``--weights``, else ``$MEGASR_WEIGHTS`` (a folder or a Hub id), else the tiny demo weights, written
+on first use and announced as untrained.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ WEIGHTS_ENV = "MEGASR_WEIGHTS"
 
 
 def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = lambda message: None) -> Path:
-    """The weights folder to load: ``weights``, else ``$MEGASR_WEIGHTS``, else the tiny demo weights.
+    """The weights folder to load: ``weights``, else ``$MEGASR_WEIGHTS`` (a folder or a Hub id, fetched by
+    :func:`megasr_core.weights.hub.resolve_weights_source`), else the tiny demo weights, written on first use.
 
     The demo weights are random and untrained: ``warn`` hears that (and when they are being written).
     Raises ``FileNotFoundError`` or ``ValueError`` for a source that does not resolve.
@@ -29,7 +30,7 @@ def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = la
         return resolve_weights_source(weights)
     demo = default_demo_weights()
     if missing_components(demo):
-        from .tiny import init_tiny  # torch and the networks: only when the demo weights are written
+        from .tiny import init_tiny  # torch and diffusers: only when the demo weights must be written
 
         warn(f"no --weights or {WEIGHTS_ENV}: writing tiny demo weights to {demo}")
         init_tiny(demo, overwrite=True)

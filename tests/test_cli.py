@@ -58,3 +58,11 @@ def test_info_errors_are_clear(tmp_path):
     assert result.exit_code == 2 and "DIRECTORY or --preset" in result.output
     result = runner.invoke(app, ["weights", "info", "--preset", "nope"])
     assert result.exit_code == 2 and "unknown preset" in result.output
+
+
+def test_loading_the_cli_loads_neither_torch_nor_the_service():
+    """Commands import what they run when they run: `megasr --help` needs no torch and no [serve] extra."""
+    code = ("import sys, megasr_core.cli; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'service', 'worker', 'fastapi'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert result.stdout.strip() == "[]"

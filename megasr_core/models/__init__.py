@@ -3,7 +3,8 @@
 from .conditioning import GUIDANCE_CHANNELS, ConditioningSlot, MegaSRConditioning
 from .config import MegaSRConfig, SeeSRConfig, load_model_config
 from .csm import CSM, CSMAttnProcessor, install_csm
-from .denoiser import MegaSRDenoiser, ParameterGroups, is_megasr_key, is_trainable_key
+from .denoiser import MegaSRDenoiser, ParameterGroups, is_trainable_key
+from .denoiser_io import is_megasr_key
 from .loading import Denoiser, denoiser_class, load_denoiser
 from .msfm import MSFM, SAFT, ChannelAttention, DepthSegFusion, install_msfm
 from .presets import PRESETS, Preset, get_preset

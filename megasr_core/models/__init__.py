@@ -4,7 +4,8 @@ from ..weights.files import WeightsError
 from .conditioning import GUIDANCE_CHANNELS, ConditioningSlot, MegaSRConditioning
 from .config import MegaSRConfig, SeeSRConfig, load_model_config
 from .csm import CSM, CSMAttnProcessor, install_csm
-from .denoiser import MegaSRDenoiser, ParameterGroups, is_megasr_key, is_trainable_key
+from .denoiser import MegaSRDenoiser, ParameterGroups, is_trainable_key
+from .denoiser_io import is_megasr_key
 from .msfm import MSFM, SAFT, ChannelAttention, DepthSegFusion, install_msfm
 from .presets import PRESETS, Preset, get_preset
 from .seesr import SeeSRDenoiser, install_image_attentions

@@ -1,57 +1,36 @@
 """``MegaSRDenoiser``: SD2 UNet + ControlNet with MegaSR's CSM and MSFM installed.
 
-One ``nn.Module`` holding the two diffusers models as ``.unet`` and ``.controlnet``. Every
-original state-dict key is unchanged (real SD2-base weights load as they are); MegaSR's modules
-live under new keys containing ``.csm.`` or ``.msfm.``.
-
-Weights layout written by :meth:`MegaSRDenoiser.save_pretrained`::
-
-    megasr.json                                   MegaSRConfig
-    unet/config.json                              diffusers UNet2DConditionModel config
-    unet/diffusion_pytorch_model.safetensors      base UNet keys only (a valid diffusers folder)
-    unet/megasr_modules.safetensors               the UNet's CSM/MSFM keys
-    controlnet/...                                the same for the ControlNet
+One ``nn.Module`` holding the two diffusers models as ``.unet`` and ``.controlnet``: its
+construction, forward pass and parameter groups. Loading and saving (the weights folder, the
+overlay checkpoint) are in ``denoiser_io.py``, mixed in through :class:`MegaSRWeightsIO`.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from torch import nn
 
-from .conditioning import ConditioningSlot, MegaSRConditioning
-from .controlnet_step import check_control_image, controlnet_then_unet
 from ..utils import DeviceDtypeMixin
+from .conditioning import ConditioningSlot, MegaSRConditioning
 from .config import MegaSRConfig
-from .csm import CSM, IMAGE_TOKENS_KWARG, CSMAttnProcessor, check_csm_processors, cross_attention_blocks, csm_blocks, install_csm
+from .controlnet_step import check_control_image, controlnet_then_unet
+from .csm import (
+    CSM,
+    IMAGE_TOKENS_KWARG,
+    CSMAttnProcessor,
+    check_csm_processors,
+    cross_attention_blocks,
+    csm_blocks,
+    install_csm,
+)
+from .denoiser_io import NETWORKS, MegaSRWeightsIO, is_megasr_key
 from .msfm import install_msfm
 from .presets import get_preset
 from .untrained import CONTROLNET_UNTRAINED, all_zero, controlnet_untrained
-from ..weights.files import (
-    MEGASR_MODULES_NAME,
-    WEIGHTS_NAME,
-    WeightsError,
-    check_state_dict,
-    read_model_dir,
-    read_safetensors_metadata,
-    load_assign,
-    read_weights,
-    write_safetensors,
-)
-
-NETWORKS = ("unet", "controlnet")
-OVERLAY_FORMAT = "megasr-overlay"
-
-
-def is_megasr_key(name: str) -> bool:
-    """Whether a parameter/state-dict name belongs to a module MegaSR added."""
-    parts = name.split(".")
-    return "csm" in parts or "msfm" in parts
 
 
 def is_trainable_key(name: str) -> bool:
@@ -80,7 +59,7 @@ class ParameterGroups:
         }
 
 
-class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
+class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
     """Noise prediction of MegaSR (paper Eq. 4): ε_θ(z_t, t, e_t, e_i, guidance, LR)."""
 
     def __init__(self, unet: UNet2DConditionModel, controlnet: ControlNetModel, config: MegaSRConfig) -> None:
@@ -161,76 +140,6 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
             )
             model = cls(unet, controlnet, config)
         return model if dtype is None else model.to(dtype=dtype)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        directory: str | Path,
-        device: str | torch.device | None = None,
-        torch_dtype: torch.dtype | None = None,
-    ) -> "MegaSRDenoiser":
-        """Load a directory written by :meth:`save_pretrained` (strict: every key must match)."""
-        directory = Path(directory)
-        config = MegaSRConfig.load(directory)
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(directory / "unet"))
-            controlnet = ControlNetModel.from_config(ControlNetModel.load_config(directory / "controlnet"))
-            model = cls(unet, controlnet, config)
-        state: dict[str, torch.Tensor] = {}
-        for net in NETWORKS:
-            base = read_model_dir(directory / net)
-            modules_file = directory / net / MEGASR_MODULES_NAME
-            extra = read_weights([modules_file]) if modules_file.is_file() else {}
-            overlap = sorted(set(base) & set(extra))
-            if overlap:
-                raise WeightsError(f"{directory / net}: keys in both weight files: {', '.join(overlap[:12])}")
-            state.update({f"{net}.{k}": v for k, v in (base | extra).items()})
-        model._load_full(state, what=str(directory))
-        return model.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
-
-    @classmethod
-    def from_unet_pretrained(
-        cls,
-        unet_directory: str | Path,
-        config: MegaSRConfig | None = None,
-        controlnet_directory: str | Path | None = None,
-        overlay: str | Path | None = None,
-        device: str | torch.device | None = None,
-        torch_dtype: torch.dtype | None = None,
-        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
-    ) -> "MegaSRDenoiser":
-        """Build from a diffusers-format SD2 ``unet/`` folder (e.g. stable-diffusion-2-base).
-
-        The ControlNet is initialized from the UNet (or loaded from ``controlnet_directory``),
-        MegaSR's modules are freshly initialized. With an ``overlay`` checkpoint the ControlNet
-        and MegaSR's modules come from it instead (its config too, unless ``config`` is given).
-        """
-        unet_directory = Path(unet_directory)
-        if overlay is not None:
-            config = config or overlay_config(overlay)
-        config = config or MegaSRConfig()
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_directory))
-        load_assign(unet, read_model_dir(unet_directory), f"UNet weights in {unet_directory}")
-        if overlay is not None:
-            # The overlay carries the whole trained ControlNet: build it empty, fill it from there.
-            controlnet_config = overlay_controlnet_config(overlay)
-            _check_controlnet_fits_unet(controlnet_config, unet.config, str(overlay))
-            with torch.device("meta"):
-                controlnet = ControlNetModel.from_config(controlnet_config)
-        elif controlnet_directory is not None:
-            controlnet_directory = Path(controlnet_directory)
-            with torch.device("meta"):
-                controlnet = ControlNetModel.from_config(ControlNetModel.load_config(controlnet_directory))
-            load_assign(controlnet, read_model_dir(controlnet_directory), f"ControlNet weights in {controlnet_directory}")
-        else:
-            controlnet = ControlNetModel.from_unet(
-                unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels)
-            )
-        model = cls(unet, controlnet, config)
-        if overlay is not None:
-            model.load_overlay(overlay, assign=True)
-        return model.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -357,94 +266,7 @@ class MegaSRDenoiser(DeviceDtypeMixin, nn.Module):
     def cross_attention_block_names(self) -> dict[str, list[str]]:
         return {net: [n for n, _ in cross_attention_blocks(getattr(self, net))] for net in NETWORKS}
 
-    # ------------------------------------------------------------------ weights
-    def save_pretrained(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory)
-        for net in NETWORKS:
-            model = getattr(self, net)
-            model.save_config(directory / net)
-            state = model.state_dict()
-            base = {k: v for k, v in state.items() if not is_megasr_key(k)}
-            extra = {k: v for k, v in state.items() if is_megasr_key(k)}
-            write_safetensors(directory / net / f"{WEIGHTS_NAME}.safetensors", base, {"format": "pt"})
-            if extra:
-                write_safetensors(directory / net / MEGASR_MODULES_NAME, extra, {"format": "pt"})
-
-    def overlay_state_dict(self) -> dict[str, torch.Tensor]:
-        """MegaSR's own keys and every trained key: UNet CSM/MSFM and the whole ControlNet."""
-        return {k: v for k, v in self.state_dict().items() if k.startswith("controlnet.") or is_megasr_key(k)}
-
-    def save_overlay(self, path: str | Path) -> Path:
-        """Write the small checkpoint that, with a vanilla SD2-base UNet, rebuilds this model."""
-        path = Path(path)
-        metadata = {
-            "format": OVERLAY_FORMAT,
-            "megasr_config": json.dumps(self.config.to_dict(), sort_keys=True),
-            "controlnet_config": json.dumps(dict(self.controlnet.config), default=list, sort_keys=True),
-        }
-        write_safetensors(path, self.overlay_state_dict(), metadata)
-        return path
-
-    def load_overlay(self, path: str | Path, assign: bool = False) -> None:
-        """Replace MegaSR's modules and the ControlNet with an overlay's values (strict).
-
-        ``assign=True`` takes over the file's tensors (for modules built on the meta device).
-        """
-        path = Path(path)
-        theirs = overlay_config(path)
-        ours = self.config
-        structural = lambda c: {k: v for k, v in c.to_dict().items() if k not in ("preset", "extra")}  # noqa: E731
-        if structural(theirs) != structural(ours):
-            diff = sorted(k for k in structural(ours) if structural(ours)[k] != structural(theirs).get(k))
-            raise WeightsError(f"{path}: overlay was made for a different MegaSR config (differs in {', '.join(diff)})")
-        state = read_weights([path])
-        expected = {k: v.shape for k, v in self.overlay_state_dict().items()}
-        check_state_dict(expected, state, f"overlay {path}")
-        if not assign:
-            self.load_state_dict(state, strict=False)
-            return
-        self.load_state_dict(state, strict=False, assign=True)
-        self.apply_trainable_flags()
-        leftovers = [n for n, t in self.state_dict().items() if t.is_meta]
-        if leftovers:
-            raise WeightsError(f"overlay {path}: tensors left uninitialized: {', '.join(leftovers[:12])}")
-
-    def _load_full(self, state: dict[str, torch.Tensor], what: str) -> None:
-        load_assign(self, state, what)
-        self.apply_trainable_flags()
-
 
 def _is_zero_init(name: str) -> bool:
     """MegaSR's parameters that start at zero: the CSM projections and the SAFT γ/β convolutions."""
     return ".csm.proj." in name or (".msfm." in name and (".gamma." in name or ".beta." in name))
-
-
-def overlay_config(path: str | Path) -> MegaSRConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"overlay checkpoint {path} not found")
-    metadata = read_safetensors_metadata(path)
-    if metadata.get("format") != OVERLAY_FORMAT or "megasr_config" not in metadata:
-        raise WeightsError(f"{path} is not a MegaSR overlay checkpoint (missing format metadata)")
-    return MegaSRConfig.from_dict(json.loads(metadata["megasr_config"]))
-
-
-def overlay_controlnet_config(path: str | Path) -> dict:
-    metadata = read_safetensors_metadata(Path(path))
-    if "controlnet_config" not in metadata:
-        raise WeightsError(f"{path} has no ControlNet config in its metadata")
-    return json.loads(metadata["controlnet_config"])
-
-
-_SHARED_SHAPE_FIELDS = ("block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim", "in_channels")
-
-
-def _check_controlnet_fits_unet(controlnet_config: Mapping, unet_config: Mapping, what: str) -> None:
-    def norm(value: object) -> object:
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    bad = [f for f in _SHARED_SHAPE_FIELDS if norm(controlnet_config.get(f)) != norm(unet_config.get(f))]
-    if bad:
-        raise WeightsError(f"{what}: ControlNet does not fit this UNet (differs in {', '.join(bad)})")

@@ -5,15 +5,17 @@ picks the denoiser (MegaSR's, or SeeSR's for ``seesr`` / ``seesr-turbo``), the e
 needs, its prompt string and its defaults (steps, guidance, tiling); everything else below is
 shared.
 
-LR → EXIF orientation, modes, alpha split → SeeSR's small-input rule and bicubic ×scale →
-padding to the model's multiple → guidance extractors on the LR → prompt from tags → LRE start
-(the noised VAE latent of the upscaled LR) → DDPM steps with classifier-free guidance (tiled
-with Gaussian blending when large) → VAE decode (tiled when large) → colour fix → crop to
-exactly ``W·s × H·s`` → alpha back on.
+The steps are the numbered comments of ``MegaSRPipeline.__call__``, each one method call or a
+few lines: check the inputs (``check_inputs``) → decode the LR (EXIF orientation, modes, alpha
+split) → batches by size bucket → SeeSR's small-input rule and bicubic ×scale, padded to the
+model's multiple → guidance extractors on the LR → prompt from tags → LRE start (the noised VAE
+latent of the upscaled LR) → DDPM steps with classifier-free guidance (tiled with Gaussian
+blending when large) → VAE decode (tiled when large) → colour fix, exactly ``W·s × H·s``, alpha
+back on.
 
 Images whose padded working size falls in the same size bucket (a multiple of 64 px for SD2)
-run as one batch, whatever their own size and scale; each image has its own random generator,
-so an image comes out the same whether it runs alone or in a batch. ``callback(step, total)``
+run as one batch, whatever their own size and scale (``batching``); each image has its own
+random generator, so an image comes out the same whether it runs alone or in a batch. ``callback(step, total)``
 fires after every step; ``should_cancel()`` is checked before every step and raises
 :class:`PipelineCancelled`; ``is_cancelled(index)`` drops one image from its batch instead.
 """
@@ -21,14 +23,12 @@ fires after every step; ``should_cancel()`` is checked before every step and rai
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline
@@ -42,12 +42,32 @@ from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, canvas, check_work_bounds
 from ..identity import ModelIdentity, weights_label
 from ..models import MegaSRDenoiser, SeeSRDenoiser, get_preset
 from ..weights.loading import Denoiser, load_denoiser
+from .batching import (
+    Batch,
+    BatchItem,
+    RunningBatch,
+    extractor_groups,
+    group_by_bucket,
+    image_generators,
+    pad_to,
+    per_image,
+    randn_per_image,
+)
 from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
 from .denoiser_graphs import DenoiserGraphs
+from .image_processing import (
+    DEFAULT_MAX_PIXELS,
+    ImageInput,
+    InvalidImageError,
+    PreparedImage,
+    load_image,
+    resize_alpha,
+    to_pil,
+)
 from .sampling import classifier_free_guidance, guidance_batch, lre_start
-from .image_processing import ImageInput, InvalidImageError, PreparedImage, load_image, resize_alpha, to_pil
 from .tiling import Tile, blend_tiles, tiles
+from .timing import StageTimer
 
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 MIN_SCALE, MAX_SCALE = 1.0, 8.0
@@ -67,42 +87,32 @@ class MegaSRPipelineOutput(BaseOutput):
 
 
 @dataclass(frozen=True)
-class _Item:
-    """One image of a batch and its output geometry."""
+class CheckedInputs:
+    """The arguments of one call after ``check_inputs``: the family's defaults filled in, one value per image."""
 
-    index: int  # position in the caller's list
-    lr: torch.Tensor  # 3×h×w in [0, 1]
-    target: tuple[int, int]  # output (height, width) = round(h·s), round(w·s)
-    work: tuple[int, int]  # size the model works at (≥ target by SeeSR's small-input rule)
+    sources: list[Any]  # what ``images`` named, one entry per image
+    scales: list[float]
+    prompts: list[str]  # the user's prompt per image
+    generators: list[torch.Generator]
+    steps: int
+    guidance_scale: float
+    negative_prompt: str
+    color_fix: str
+    tile_size: int | None  # None = the family's rule
+    tile_overlap: int
+    vae_tiles: tuple[int, int]  # VAE (encode, decode) tile sides in pixels
+    controlnet_scale: float
+    start_timestep: int | None
+    max_cached_tiles: int
+    tile_batch_size: int
+    max_pixels: int
+    max_output_pixels: int
+    max_batch_size: int | None
 
-
-@dataclass(frozen=True)
-class _Batch:
-    """Images that share a size bucket run together: each is padded to ``padded``, then cropped back."""
-
-    items: list[_Item]
-    padded: tuple[int, int]  # the bucket: every item's work size padded to the model's multiple
-
-
-class _StageTimer:
-    """Wall-clock seconds per stage; with ``sync`` the GPU is synchronized at each boundary."""
-
-    def __init__(self, device: torch.device, sync: bool) -> None:
-        self.sync = sync and device.type == "cuda"
-        self.device = device
-        self.stages: dict[str, float] = {}
-        self.steps: list[float] = []
-
-    def now(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize(self.device)
-        return time.perf_counter()
-
-    @contextmanager
-    def stage(self, name: str):
-        start = self.now()
-        yield
-        self.stages[name] = self.stages.get(name, 0.0) + self.now() - start
+    @property
+    def do_cfg(self) -> bool:
+        """Whether classifier-free guidance runs (a model batch of [negative, positive] halves)."""
+        return self.guidance_scale > 1.0
 
 
 class MegaSRPipeline(DiffusionPipeline):
@@ -345,99 +355,167 @@ class MegaSRPipeline(DiffusionPipeline):
                 size bucket).
             profile: synchronize the GPU between stages so ``timings`` are exact.
         """
-        # 1. Check the parameters (before touching any image); the family fills in what is not given.
+        # 1. Check every argument before touching any image; the family fills in what is not given.
+        inputs = self.check_inputs(
+            images, scale, num_inference_steps, guidance_scale, prompt, negative_prompt, generator, seed, color_fix,
+            tile_size, tile_overlap, vae_tile_size, controlnet_scale, start_timestep, max_cached_tiles,
+            tile_batch_size, max_pixels, max_output_pixels, max_batch_size,
+        )
+        timer = StageTimer(self.device, sync=profile)
+        # 2. Decode the inputs (orientation, modes, alpha); refuse any whose work would exceed the bound.
+        with timer.stage("decode_inputs"):
+            prepared = self._decode_inputs(inputs)
+        # 3. Batches: images whose padded working size (their bucket) is the same run together.
+        batches = group_by_bucket(prepared, inputs.scales, self.geometry, inputs.max_batch_size)
+        results: list[Image.Image | None] = [None] * len(prepared)
+        prompts: list[str] = [""] * len(prepared)
+        cancelled: list[int] = []
+        total_steps = inputs.steps * len(batches)
+        try:
+            for batch_number, batch in enumerate(batches):
+                done_steps = batch_number * inputs.steps
+                # 4. Bicubic ×scale per image (the ControlNet condition and the colour reference), padded to
+                # the bucket. The padding sits bottom/right, so cropping gives each image back.
+                with timer.stage("preprocess"):
+                    control = self._upscale_lr(batch)
+                # 5. Guidance extractors on the LR (batched over images of one LR size).
+                with timer.stage("extractors"):
+                    guidance, image_tokens, tags = self._run_extractors(batch.items, batch.padded)
+                run = RunningBatch(list(batch.items), [inputs.generators[item.index] for item in batch.items],
+                                   control, guidance, image_tokens)
+                # 6. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs [negative, positive].
+                with timer.stage("text_encoding"):
+                    run.prompts = [self.family.prompt(t, inputs.prompts[item.index])
+                                   for t, item in zip(tags, run.items)]
+                    run.positive, run.negative = self._encode_prompts(run.prompts, inputs)
+                # 7. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
+                # None = the first timestep); the schedule then runs from its own first timestep.
+                self.scheduler.set_timesteps(inputs.steps, device=self.device)
+                with timer.stage("vae_encode"):
+                    run.latents = self._lre_start(run, inputs)
+                # 8. Denoising loop with classifier-free guidance, tiled when large. Before every step
+                # ``should_cancel`` may stop the call and ``is_cancelled`` may drop images from the batch.
+                tile_list = self._denoising_tiles(run.latents, inputs)
+                with timer.stage("denoise"):
+                    for index, t in enumerate(self.scheduler.timesteps):
+                        if should_cancel is not None and should_cancel():
+                            raise PipelineCancelled(f"cancelled before step {index + 1} of {inputs.steps}")
+                        cancelled += run.drop_cancelled(is_cancelled)
+                        if not run.items:
+                            break
+                        step_start = timer.now()
+                        run.latents = self._denoise_step(run, t, tile_list, inputs)
+                        timer.steps.append(timer.now() - step_start)
+                        if callback is not None:
+                            callback(done_steps + index + 1, total_steps)
+                if not run.items:  # every image of the batch was cancelled: nothing to decode
+                    # (as before: the batch's images paired with the prompts of those running at the last step)
+                    for item, text in zip(batch.items, run.prompts):
+                        prompts[item.index] = text
+                    continue
+                # 9. VAE decode (tiled when large).
+                with timer.stage("vae_decode"):
+                    decoded = self._decode_latents(run.latents, inputs.vae_tiles[1])
+                # 10. Per image: crop, colour fix against its upscaled LR, exact output size, alpha.
+                with timer.stage("postprocess"):
+                    for item, image in self._postprocess(run, decoded, prepared, inputs.color_fix):
+                        results[item.index] = image
+                for item, text in zip(run.items, run.prompts):
+                    prompts[item.index] = text
+        finally:
+            self.denoiser.clear_caches()  # the CSMs' cached image keys/values of this call
+        return MegaSRPipelineOutput(images=results, prompts=prompts, timings=timer.timings(),
+                                    cancelled=sorted(cancelled))
+
+    # ------------------------------------------------------------------ 1. check_inputs
+    def check_inputs(
+        self,
+        images: ImageInput | PreparedImage | Sequence[ImageInput | PreparedImage],
+        scale: float | Sequence[float],
+        num_inference_steps: int | None,
+        guidance_scale: float | None,
+        prompt: str | Sequence[str],
+        negative_prompt: str,
+        generator: torch.Generator | Sequence[torch.Generator] | None,
+        seed: int | Sequence[int] | None,
+        color_fix: str,
+        tile_size: int | None,
+        tile_overlap: int | None,
+        vae_tile_size: int | None,
+        controlnet_scale: float,
+        start_timestep: int | None,
+        max_cached_tiles: int,
+        tile_batch_size: int,
+        max_pixels: int | None,
+        max_output_pixels: int | None,
+        max_batch_size: int | None,
+    ) -> CheckedInputs:
+        """Check every argument of :meth:`__call__` (``ValueError``; ``InvalidImageError`` for no images).
+
+        Returns them with the family's defaults filled in and one scale, prompt and generator per image.
+        """
         defaults = self.family.defaults
-        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        steps = defaults.steps if num_inference_steps is None else num_inference_steps
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         tile_overlap = defaults.tile_overlap if tile_overlap is None else tile_overlap
-        vae_tiles = (defaults.vae_encode_tile, defaults.vae_decode_tile) if vae_tile_size is None else (vae_tile_size,) * 2
+        vae_tiles = ((defaults.vae_encode_tile, defaults.vae_decode_tile) if vae_tile_size is None
+                     else (vae_tile_size, vae_tile_size))
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         if not sources:
             raise InvalidImageError("no images given")
-        count = len(sources)
-        scales = _per_image("scale", scale, count)
-        prompts_in = _per_image("prompt", prompt, count)
-        self._check_parameters(scales, num_inference_steps, guidance_scale, color_fix, tile_size, tile_overlap, vae_tiles[0])
-        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
-            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
-        self._check_start_timestep(start_timestep, num_inference_steps)
-        if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
-            raise ValueError(f"tile_batch_size must be a positive integer, got {tile_batch_size!r}")
-        generators = _generators(generator, seed, count)
-        timer = _StageTimer(self.device, sync=profile)
-        start = time.perf_counter()
-        # 2. Decode the inputs: orientation, modes, alpha.
-        with timer.stage("decode_inputs"):
-            limit = max_pixels if max_pixels is not None else 64_000_000
-            prepared = [source if isinstance(source, PreparedImage) else load_image(source, max_pixels=limit)
-                        for source in sources]
-        results: list[Image.Image | None] = [None] * count
-        prompts: list[str] = [""] * count
-        cancelled: list[int] = []
-        bound = max_output_pixels if max_output_pixels is not None else self.max_output_pixels
-        for image, image_scale in zip(prepared, scales):
-            check_work_bounds(image.size, image_scale, self.size_multiple, bound)
-        batches = self._group(prepared, scales, max_batch_size)
-        total_steps = num_inference_steps * len(batches)
-        done_steps = 0
-        try:
-            for batch in batches:
-                def step_done(step: int, _total: int, offset: int = done_steps) -> None:
-                    if callback is not None:
-                        callback(offset + step, total_steps)
-
-                outputs, batch_prompts, dropped = self._upscale_batch(
-                    batch, prepared, num_inference_steps, guidance_scale, prompts_in, negative_prompt, generators,
-                    color_fix, tile_size, tile_overlap, vae_tiles, controlnet_scale, start_timestep, max_cached_tiles,
-                    tile_batch_size, step_done, should_cancel, is_cancelled, timer,
-                )
-                done_steps += num_inference_steps
-                for index, text in batch_prompts.items():
-                    prompts[index] = text
-                for index, image in outputs.items():
-                    results[index] = image
-                cancelled.extend(dropped)
-        finally:
-            self.denoiser.clear_caches()  # the CSMs' cached image keys/values of this call
-        timings = {k: round(v, 4) for k, v in timer.stages.items()}
-        if timer.steps:
-            timings["denoise_step_median"] = round(float(np.median(timer.steps)), 4)
-        timings["total"] = round(time.perf_counter() - start, 4)
-        return MegaSRPipelineOutput(images=results, prompts=prompts, timings=timings, cancelled=sorted(cancelled))
-
-    # ------------------------------------------------------------------ steps
-    @staticmethod
-    def _check_parameters(scales, steps, guidance_scale, color_fix_method, tile_size, tile_overlap, vae_tile_size) -> None:
-        for scale in scales:
-            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or not MIN_SCALE <= scale <= MAX_SCALE:
-                raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {scale!r}")
+        scales = per_image("scale", scale, len(sources))
+        prompts = per_image("prompt", prompt, len(sources))
+        for value in scales:
+            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                    or not MIN_SCALE <= value <= MAX_SCALE):
+                raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}")
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-        if not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or not 0 <= guidance_scale <= 50:
+        if (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
+                or not 0 <= guidance_scale <= 50):
             raise ValueError(f"guidance_scale must be from 0 to 50, got {guidance_scale!r}")
-        if color_fix_method not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix_method!r}")
+        if color_fix not in COLOR_FIX_METHODS:
+            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix!r}")
         if tile_size is not None and (not isinstance(tile_size, int) or (tile_size != 0 and tile_size < 16)):
             raise ValueError(f"tile_size must be 0 (off), None (auto) or at least 16 latent pixels, got {tile_size!r}")
         if not isinstance(tile_overlap, int) or tile_overlap < 0 or (tile_size and tile_overlap >= tile_size):
             raise ValueError(f"tile_overlap must be ≥ 0 and smaller than tile_size, got {tile_overlap!r}")
-        if not isinstance(vae_tile_size, int) or vae_tile_size < 64:
-            raise ValueError(f"vae_tile_size must be at least 64 pixels, got {vae_tile_size!r}")
+        if not isinstance(vae_tiles[0], int) or vae_tiles[0] < 64:
+            raise ValueError(f"vae_tile_size must be at least 64 pixels, got {vae_tiles[0]!r}")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size must be a positive integer, got {max_batch_size!r}")
+        if start_timestep is not None:
+            # Noising below the first timestep would leave the first steps denoising noise that is not there.
+            last = self.scheduler.config.num_train_timesteps - 1
+            if (isinstance(start_timestep, bool) or not isinstance(start_timestep, int)
+                    or not 0 <= start_timestep <= last):
+                raise ValueError(f"start_timestep must be None or an integer from 0 to {last}, got {start_timestep!r}")
+            self.scheduler.set_timesteps(steps)
+            first = int(self.scheduler.timesteps[0])
+            if start_timestep < first:
+                raise ValueError(
+                    f"start_timestep {start_timestep} is below the first of the {steps} scheduler timesteps ({first})"
+                )
+        if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
+            raise ValueError(f"tile_batch_size must be a positive integer, got {tile_batch_size!r}")
+        return CheckedInputs(
+            sources=sources, scales=scales, prompts=prompts, generators=image_generators(generator, seed, len(sources)),
+            steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt, color_fix=color_fix,
+            tile_size=tile_size, tile_overlap=tile_overlap, vae_tiles=vae_tiles, controlnet_scale=controlnet_scale,
+            start_timestep=start_timestep, max_cached_tiles=max_cached_tiles, tile_batch_size=tile_batch_size,
+            max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
+            max_output_pixels=max_output_pixels if max_output_pixels is not None else self.max_output_pixels,
+            max_batch_size=max_batch_size,
+        )
 
-    def _check_start_timestep(self, start_timestep: int | None, steps: int) -> None:
-        """``start_timestep`` is None or an integer from the schedule's first timestep to the last training timestep.
-
-        Noising below the first timestep would leave the first steps denoising noise that is not there.
-        """
-        if start_timestep is None:
-            return
-        last = self.scheduler.config.num_train_timesteps - 1
-        if isinstance(start_timestep, bool) or not isinstance(start_timestep, int) or not 0 <= start_timestep <= last:
-            raise ValueError(f"start_timestep must be None or an integer from 0 to {last}, got {start_timestep!r}")
-        self.scheduler.set_timesteps(steps)
-        first = int(self.scheduler.timesteps[0])
-        if start_timestep < first:
-            raise ValueError(f"start_timestep {start_timestep} is below the first of the {steps} scheduler timesteps ({first})")
+    # ------------------------------------------------------------------ 2.-3. inputs and batches
+    def _decode_inputs(self, inputs: CheckedInputs) -> list[PreparedImage]:
+        """Load every input (``PreparedImage`` as given) and check it against the work bounds."""
+        prepared = [source if isinstance(source, PreparedImage) else load_image(source, max_pixels=inputs.max_pixels)
+                    for source in inputs.sources]
+        for image, image_scale in zip(prepared, inputs.scales):
+            check_work_bounds(image.size, image_scale, self.size_multiple, inputs.max_output_pixels)
+        return prepared
 
     def geometry(self, size: tuple[int, int], scale: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(target, work, bucket) as (height, width) for an LR image of ``size`` = (width, height).
@@ -449,141 +527,14 @@ class MegaSRPipeline(DiffusionPipeline):
         sizes = canvas(size, scale, self.size_multiple)  # the rule the API admits jobs by
         return sizes.target, sizes.work, sizes.bucket
 
-    def _group(self, prepared: list[PreparedImage], scales: list[float], max_batch_size: int | None) -> list[_Batch]:
-        """Group images by size bucket (first-seen order), at most ``max_batch_size`` per batch."""
-        groups: dict[tuple[int, int], list[_Item]] = {}
-        for index, (image, scale) in enumerate(zip(prepared, scales)):
-            target, work, bucket = self.geometry(image.size, scale)
-            groups.setdefault(bucket, []).append(_Item(index=index, lr=image.rgb, target=target, work=work))
-        limit = max_batch_size or len(prepared)
-        return [
-            _Batch(items=items[start : start + limit], padded=bucket)
-            for bucket, items in groups.items()
-            for start in range(0, len(items), limit)
-        ]
-
-    def _upscale_batch(
-        self, batch: _Batch, prepared: list[PreparedImage], steps: int, guidance_scale: float, user_prompts: list[str],
-        negative_prompt: str, generators: list[torch.Generator], color_fix_method: str, tile_size: int | None,
-        tile_overlap: int, vae_tiles: tuple[int, int], controlnet_scale: float, start_timestep: int | None, max_cached_tiles: int,
-        tile_batch_size: int,
-        step_done: Callable[[int, int], None], should_cancel: Callable[[], bool] | None,
-        is_cancelled: Callable[[int], bool] | None, timer: _StageTimer,
-    ) -> tuple[dict[int, Image.Image], dict[int, str], list[int]]:
-        device, dtype = self.device, self.denoiser.dtype
-        items = list(batch.items)
-        gens = [generators[item.index] for item in items]
-        # 3. Bicubic ×scale per image (the ControlNet condition and the colour reference), padded
-        # to the bucket. The padding sits bottom/right, so cropping gives each image back.
-        with timer.stage("preprocess"):
-            control = torch.cat([
-                _pad(F.interpolate(item.lr[None].to(device), size=item.work, mode="bicubic", align_corners=False).clamp(0, 1), batch.padded)
-                for item in items
-            ])
-        # 4. Guidance extractors on the LR (batched over images of one LR size).
-        with timer.stage("extractors"):
-            guidance, image_tokens, tags = self._run_extractors(items, batch.padded)
-        # 5. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs [negative, positive].
-        with timer.stage("text_encoding"):
-            prompts = [self.family.prompt(t, user_prompts[item.index]) for t, item in zip(tags, items)]
-            do_cfg = guidance_scale > 1.0
-            positive = self._encode_text(prompts)
-            negative = self._encode_text([negative_prompt] * len(items)) if do_cfg else None
-        # 6. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
-        # None = the first timestep); the schedule then runs from its own first timestep.
-        self.scheduler.set_timesteps(steps, device=device)
-        timesteps = self.scheduler.timesteps
-        with timer.stage("vae_encode"):
-            latents = self._encode_image(control.to(dtype), vae_tiles[0], gens)
-            noise = _randn(latents.shape, gens).to(device, latents.dtype)
-            latents = lre_start(self.scheduler, latents, noise, start_timestep)
-        # 7. Denoising loop with classifier-free guidance, tiled when large.
-        height, width = latents.shape[-2:]
-        # Auto: the family's rule. MegaSR: one pass up to a 128-latent side (1024 px), beyond it
-        # 96-latent tiles (a threshold at the tile size itself would run two near-full tiles for a
-        # 97-latent image). SeeSR: 96-latent tiles once the latent has more than 96² pixels.
-        defaults = self.family.defaults
-        tile = tile_size if tile_size is not None else (defaults.tile_size if defaults.needs_tiling(height, width) else 0)
-        tile_list = tiles(height, width, tile, tile_overlap) if tile else [Tile(0, height, 0, width)]
-        repeat = 2 if do_cfg else 1
-        # Conditioning per group of tiles, with the maps once for both CFG halves. Kept across steps (each
-        # MSFM computes its modulation once) up to ``max_cached_tiles``; beyond that memory
-        # would grow with the image, so the modulation is recomputed at every step instead.
-        reuse = len(tile_list) <= max_cached_tiles
-        conditionings: dict[tuple[Tile, ...], Any] = {}
-
-        def conditioning_for(group: tuple[Tile, ...], batch_size: int):
-            if group in conditionings:
-                return conditionings[group]
-            pixels = [part.pixels(self.vae_scale_factor) for part in group]
-            tokens = torch.cat([image_tokens] * len(group)) if image_tokens is not None else None
-            made = self.denoiser.prepare_conditioning(
-                tokens, {k: torch.cat([p.crop(v) for p in pixels]) for k, v in guidance.items()}, batch_size,
-                reuse_modulation=reuse, repeat=repeat,
-            )
-            if reuse:
-                conditionings[group] = made
-            return made
-
-        dropped: list[int] = []
-        with timer.stage("denoise"):
-            for index, t in enumerate(timesteps):
-                if should_cancel is not None and should_cancel():
-                    raise PipelineCancelled(f"cancelled before step {index + 1} of {steps}")
-                if is_cancelled is not None:
-                    keep = [row for row, item in enumerate(items) if not is_cancelled(item.index)]
-                    if len(keep) < len(items):
-                        dropped += [item.index for row, item in enumerate(items) if row not in keep]
-                        if not keep:
-                            return {}, {item.index: p for item, p in zip(batch.items, prompts)}, dropped
-                        rows = torch.tensor(keep, device=device)
-                        items, gens, prompts = [items[r] for r in keep], [gens[r] for r in keep], [prompts[r] for r in keep]
-                        latents, control, positive = latents[rows], control[rows], positive[rows]
-                        negative = negative[rows] if negative is not None else None
-                        image_tokens = image_tokens[rows] if image_tokens is not None else None
-                        guidance = {key: value[rows] for key, value in guidance.items()}
-                        conditionings.clear()
-                step_start = timer.now()
-
-                def predict_many(group: list[Tile]) -> list[torch.Tensor]:
-                    # One model batch for the tiles of ``group``: [negative halves of every tile;
-                    # positive halves of every tile], so each tile's images line up with its maps.
-                    count = len(group)
-                    latent_in = guidance_batch(torch.cat([part.crop(latents) for part in group]), do_cfg)
-                    texts = [positive] * count
-                    if do_cfg:
-                        texts = [negative] * count + texts
-                    controls = torch.cat([part.pixels(self.vae_scale_factor).crop(control) for part in group]).to(dtype)
-                    eps = (self.denoiser_graphs or self.denoiser)(
-                        latent_in, t, torch.cat(texts), control_image=guidance_batch(controls, do_cfg),
-                        conditioning=conditioning_for(tuple(group), latent_in.shape[0]),
-                        conditioning_scale=controlnet_scale,
-                    )
-                    if do_cfg:
-                        eps = classifier_free_guidance(eps, guidance_scale)
-                    return list(eps.chunk(count))
-
-                noise_pred = blend_tiles(latents, tile_list, predict_many=predict_many, group_size=tile_batch_size)
-                latents = self.scheduler.step(noise_pred, t, latents, generator=gens).prev_sample
-                timer.steps.append(timer.now() - step_start)
-                step_done(index + 1, steps)
-        # 8. VAE decode (tiled when large).
-        with timer.stage("vae_decode"):
-            decoded = self._decode_latents(latents, vae_tiles[1])
-        # 9. Per image: crop, colour fix against its upscaled LR, exact output size, alpha.
-        with timer.stage("postprocess"):
-            outputs: dict[int, Image.Image] = {}
-            for row, item in enumerate(items):
-                work_h, work_w = item.work
-                image = decoded[row : row + 1, :, :work_h, :work_w].float()
-                image = color_fix(image, control[row : row + 1, :, :work_h, :work_w].float(), color_fix_method)
-                if item.work != item.target:
-                    image = F.interpolate(image, size=item.target, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-                alpha = prepared[item.index].alpha
-                if alpha is not None:
-                    alpha = resize_alpha(alpha, (item.target[1], item.target[0]))
-                outputs[item.index] = to_pil(image[0], alpha)
-        return outputs, {item.index: p for item, p in zip(items, prompts)}, dropped
+    # ------------------------------------------------------------------ 4.-10. the steps of one batch
+    def _upscale_lr(self, batch: Batch) -> torch.Tensor:
+        """Each LR bicubically resized to its working size, padded to the batch's bucket."""
+        return torch.cat([
+            pad_to(F.interpolate(item.lr[None].to(self.device), size=item.work, mode="bicubic", align_corners=False)
+                   .clamp(0, 1), batch.padded)
+            for item in batch.items
+        ])
 
     def extract_guidance(self, lr: torch.Tensor, size: tuple[int, int], with_tags: bool = True):
         """Guidance maps resized to ``size``, image tokens and tags of LR images in [0, 1].
@@ -612,23 +563,20 @@ class MegaSRPipeline(DiffusionPipeline):
         tags = out.tags if out.tags is not None else [[] for _ in range(lr.shape[0])]
         return guidance, tokens, tags
 
-    def _run_extractors(self, items: list[_Item], padded: tuple[int, int]):
+    def _run_extractors(self, items: list[BatchItem], padded: tuple[int, int]):
         """Guidance maps padded to the bucket, CLIP image tokens and tags, in ``items`` order.
 
         The extractors see each LR at its own size: images that share an LR and working size run
         as one extractor batch, so a batch mate never changes what an image's extractors see.
         """
-        groups: dict[tuple[tuple[int, ...], tuple[int, int]], list[int]] = {}
-        for row, item in enumerate(items):
-            groups.setdefault((tuple(item.lr.shape), item.work), []).append(row)
         maps: dict[str, list[torch.Tensor | None]] = {}
         tokens: list[torch.Tensor | None] = [None] * len(items)
         tags: list[list[str]] = [[] for _ in items]
-        for (_, work), rows in groups.items():
+        for (_, work), rows in extractor_groups(items).items():
             lr = torch.stack([items[r].lr for r in rows]).to(self.device)
             guidance, group_tokens, group_tags = self.extract_guidance(lr, work)
             for key, value in guidance.items():
-                padded_maps = _pad(value, padded)
+                padded_maps = pad_to(value, padded)
                 slots = maps.setdefault(key, [None] * len(items))
                 for position, row in enumerate(rows):
                     slots[row] = padded_maps[position : position + 1]
@@ -640,6 +588,96 @@ class MegaSRPipeline(DiffusionPipeline):
         image_tokens = torch.cat(tokens) if all(t is not None for t in tokens) else None  # type: ignore[arg-type]
         return guidance, image_tokens, tags
 
+    def _encode_prompts(self, prompts: list[str], inputs: CheckedInputs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text tokens of the prompts, and of the negative prompt when classifier-free guidance runs."""
+        positive = self._encode_text(prompts)
+        negative = self._encode_text([inputs.negative_prompt] * len(prompts)) if inputs.do_cfg else None
+        return positive, negative
+
+    def _lre_start(self, run: RunningBatch, inputs: CheckedInputs) -> torch.Tensor:
+        """The start latents: each image's VAE latent noised to ``start_timestep``, from its own generator."""
+        latents = self._encode_image(run.control.to(self.denoiser.dtype), inputs.vae_tiles[0], run.generators)
+        noise = randn_per_image(latents.shape, run.generators).to(self.device, latents.dtype)
+        return lre_start(self.scheduler, latents, noise, inputs.start_timestep)
+
+    def _denoising_tiles(self, latents: torch.Tensor, inputs: CheckedInputs) -> list[Tile]:
+        """The latent tiles the noise is predicted in (one tile covering all when the image is small).
+
+        Auto: the family's rule. MegaSR: one pass up to a 128-latent side (1024 px), beyond it
+        96-latent tiles (a threshold at the tile size itself would run two near-full tiles for a
+        97-latent image). SeeSR: 96-latent tiles once the latent has more than 96² pixels.
+        """
+        height, width = latents.shape[-2:]
+        defaults = self.family.defaults
+        tile = inputs.tile_size
+        if tile is None:
+            tile = defaults.tile_size if defaults.needs_tiling(height, width) else 0
+        return tiles(height, width, tile, inputs.tile_overlap) if tile else [Tile(0, height, 0, width)]
+
+    def _denoise_step(self, run: RunningBatch, t: torch.Tensor, tile_list: list[Tile], inputs: CheckedInputs):
+        """One scheduler step of the batch: the noise predicted tile group by tile group, blended, then stepped.
+
+        Conditioning per group of tiles, with the maps once for both CFG halves. Kept across steps
+        (each MSFM computes its modulation once) up to ``max_cached_tiles``; beyond that memory
+        would grow with the image, so the modulation is recomputed at every step instead.
+        """
+        reuse = len(tile_list) <= inputs.max_cached_tiles
+        predict_many = partial(self._predict_noise, run=run, t=t, inputs=inputs, reuse_conditioning=reuse)
+        noise_pred = blend_tiles(run.latents, tile_list, predict_many=predict_many, group_size=inputs.tile_batch_size)
+        return self.scheduler.step(noise_pred, t, run.latents, generator=run.generators).prev_sample
+
+    def _predict_noise(
+        self, group: list[Tile], *, run: RunningBatch, t: torch.Tensor, inputs: CheckedInputs, reuse_conditioning: bool
+    ) -> list[torch.Tensor]:
+        """One model batch for the tiles of ``group``: [negative halves of every tile; positive halves of
+        every tile], so each tile's images line up with its maps; CFG combines the halves."""
+        count, do_cfg = len(group), inputs.do_cfg
+        latent_in = guidance_batch(torch.cat([part.crop(run.latents) for part in group]), do_cfg)
+        texts = [run.positive] * count
+        if do_cfg:
+            texts = [run.negative] * count + texts
+        controls = torch.cat([part.pixels(self.vae_scale_factor).crop(run.control) for part in group])
+        conditioning = self._tile_conditioning(run, tuple(group), latent_in.shape[0], reuse_conditioning,
+                                               repeat=2 if do_cfg else 1)
+        eps = (self.denoiser_graphs or self.denoiser)(
+            latent_in, t, torch.cat(texts), control_image=guidance_batch(controls.to(self.denoiser.dtype), do_cfg),
+            conditioning=conditioning, conditioning_scale=inputs.controlnet_scale,
+        )
+        if do_cfg:
+            eps = classifier_free_guidance(eps, inputs.guidance_scale)
+        return list(eps.chunk(count))
+
+    def _tile_conditioning(self, run: RunningBatch, group: tuple[Tile, ...], batch_size: int, reuse: bool, repeat: int):
+        """The denoiser's conditioning for a group of tiles, cached in ``run`` when ``reuse``."""
+        if group in run.conditionings:
+            return run.conditionings[group]
+        pixels = [part.pixels(self.vae_scale_factor) for part in group]
+        tokens = torch.cat([run.image_tokens] * len(group)) if run.image_tokens is not None else None
+        made = self.denoiser.prepare_conditioning(
+            tokens, {k: torch.cat([p.crop(v) for p in pixels]) for k, v in run.guidance.items()}, batch_size,
+            reuse_modulation=reuse, repeat=repeat,
+        )
+        if reuse:
+            run.conditionings[group] = made
+        return made
+
+    def _postprocess(
+        self, run: RunningBatch, decoded: torch.Tensor, prepared: list[PreparedImage], method: str
+    ) -> Iterator[tuple[BatchItem, Image.Image]]:
+        """Each image cropped to its work size, colour-fixed, resized to its target, alpha back on."""
+        for row, item in enumerate(run.items):
+            work_h, work_w = item.work
+            image = decoded[row : row + 1, :, :work_h, :work_w].float()
+            image = color_fix(image, run.control[row : row + 1, :, :work_h, :work_w].float(), method)
+            if item.work != item.target:
+                image = F.interpolate(image, size=item.target, mode="bicubic", align_corners=False,
+                                      antialias=True).clamp(0, 1)
+            alpha = prepared[item.index].alpha
+            if alpha is not None:
+                alpha = resize_alpha(alpha, (item.target[1], item.target[0]))
+            yield item, to_pil(image[0], alpha)
+
+    # ------------------------------------------------------------------ shared by the steps
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -657,7 +695,7 @@ class MegaSRPipeline(DiffusionPipeline):
         """Sampled VAE latents (×scaling), each image's sample drawn from its own generator."""
         self._configure_vae_tiling(image.shape[-2:], vae_tile_size)
         posterior = self.vae.encode(image.to(self.vae.dtype) * 2 - 1).latent_dist
-        noise = _randn(posterior.mean.shape, generators).to(posterior.mean.device, posterior.mean.dtype)
+        noise = randn_per_image(posterior.mean.shape, generators).to(posterior.mean.device, posterior.mean.dtype)
         return (posterior.mean + posterior.std * noise) * self.vae.config.scaling_factor
 
     def _decode_latents(self, latents: torch.Tensor, vae_tile_size: int) -> torch.Tensor:
@@ -666,40 +704,3 @@ class MegaSRPipeline(DiffusionPipeline):
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((image.float() + 1) / 2).clamp(0, 1)
 
-
-def _per_image(name: str, value: Any, count: int) -> list[Any]:
-    """``value`` for each of ``count`` images: a single value is shared, a list must match."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(f"{name} has {len(value)} values for {count} images; give one value or one per image")
-        return list(value)
-    return [value] * count
-
-
-def _generators(generator: Any, seed: Any, count: int) -> list[torch.Generator]:
-    """One CPU generator per image (several entries may be the same shared generator)."""
-    if generator is not None:
-        if isinstance(generator, torch.Generator):
-            return [generator] * count
-        return _per_image("generator", generator, count)
-    if seed is None:
-        seed = int(torch.seed() % 2**63)
-    seeds = _per_image("seed", seed, count)
-    for value in seeds:
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-            raise ValueError(f"seed must be an integer from 0 to 2^63-1, got {value!r}")
-    return [torch.Generator(device="cpu").manual_seed(value) for value in seeds]
-
-
-def _randn(shape: torch.Size | tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """Standard normal noise of ``shape`` (float32, CPU), row ``i`` drawn from ``generators[i]``."""
-    return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generators])
-
-
-def _pad(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Pad bottom/right to ``size``: reflect where the image is large enough, else replicate."""
-    pad_h, pad_w = size[0] - image.shape[-2], size[1] - image.shape[-1]
-    if pad_h == 0 and pad_w == 0:
-        return image
-    mode = "reflect" if pad_h < image.shape[-2] and pad_w < image.shape[-1] else "replicate"
-    return F.pad(image, (0, pad_w, 0, pad_h), mode=mode)

@@ -82,8 +82,10 @@ def main() -> int:
         print(f"\nmutation gate FAILED: {share:.1f} % killed < {args.min_killed:.0f} %")
         return 1
     if total_unchecked:
-        print(f"\nmutation gate INCOMPLETE: {share:.1f} % of the checked mutants killed, "
-              f"{total_unchecked} not checked yet (run again: results are kept in mutants/)")
+        print(
+            f"\nmutation gate INCOMPLETE: {share:.1f} % of the checked mutants killed, "
+            f"{total_unchecked} not checked yet (run again: results are kept in mutants/)"
+        )
         return 2
     print(f"\nmutation gate passed: {share:.1f} % killed >= {args.min_killed:.0f} %")
     return 0

@@ -43,54 +43,113 @@ STATE = ("tests/service/test_job_state_guards.py", "tests/worker/test_failures.p
 LIMITS = ("tests/service/test_limits_boundaries.py", "tests/service/test_admission.py")
 
 BUGS: tuple[PlantedBug, ...] = (
-    PlantedBug("cfg_halves_swapped", "megasr_core/pipelines/sampling.py",
-               "negative, positive = prediction.chunk(2)", "positive, negative = prediction.chunk(2)",
-               ("tests/pipelines/test_known_answers.py",)),
-    PlantedBug("worker_drops_guidance_scale", "worker/tasks.py",
-               "guidance_scale=guidance,", "", PASSTHROUGH),
-    PlantedBug("worker_drops_prompt", "worker/tasks.py",
-               "prompt=[m.record.params.prompt for m in group], ", "", PASSTHROUGH),
-    PlantedBug("worker_drops_negative_prompt", "worker/tasks.py",
-               "negative_prompt=params.negative_prompt, ", "", PASSTHROUGH),
+    PlantedBug(
+        "cfg_halves_swapped",
+        "megasr_core/pipelines/sampling.py",
+        "negative, positive = prediction.chunk(2)",
+        "positive, negative = prediction.chunk(2)",
+        ("tests/pipelines/test_known_answers.py",),
+    ),
+    PlantedBug("worker_drops_guidance_scale", "worker/tasks.py", "guidance_scale=guidance,", "", PASSTHROUGH),
+    PlantedBug(
+        "worker_drops_prompt", "worker/tasks.py", "prompt=[m.record.params.prompt for m in group], ", "", PASSTHROUGH
+    ),
+    PlantedBug(
+        "worker_drops_negative_prompt", "worker/tasks.py", "negative_prompt=params.negative_prompt, ", "", PASSTHROUGH
+    ),
     PlantedBug("worker_drops_seed", "worker/tasks.py", "seed=[m.seed for m in group],", "", PASSTHROUGH),
     PlantedBug("worker_drops_color_fix", "worker/tasks.py", "color_fix=params.color_fix,", "", PASSTHROUGH),
-    PlantedBug("msfm_saft_on_f_not_norm_f", "megasr_core/models/msfm.py",
-               "normed = self.norm(hidden)", "normed = hidden",
-               ("tests/models/test_known_answers.py",)),
-    PlantedBug("job_cas_without_state_check", "service/jobsystem/store.py",
-               "if record.status not in allowed:", "if False:", STATE),
-    PlantedBug("job_cas_without_owner_fence", "service/jobsystem/store.py",
-               "if expect_owner is not None and record.owner != expect_owner:", "if False:", STATE),
-    PlantedBug("webhook_hmac_over_body_only", "service/webhooks.py",
-               'hmac.new(secret, f"{timestamp}.".encode() + body,', "hmac.new(secret, body,",
-               ("tests/service/test_webhook_vectors.py",)),
-    PlantedBug("upload_limit_off_by_one", "service/images.py",
-               "if len(data) > max_bytes:", "if len(data) >= max_bytes:", LIMITS),
-    PlantedBug("streamed_body_limit_off_by_one", "service/body_limits.py",
-               "if received > limit:", "if received >= limit:", LIMITS),
-    PlantedBug("declared_length_limit_off_by_one", "service/body_limits.py",
-               "int(declared) > limit", "int(declared) >= limit", LIMITS),
-    PlantedBug("ssim_constants_times_ten", "megasr_core/image_quality.py",
-               "c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2", "c1, c2 = (0.1 * 255) ** 2, (0.3 * 255) ** 2",
-               ("tests/test_metrics_known_answers.py",)),
-    PlantedBug("csm_projection_not_zero_initialised", "megasr_core/models/csm.py",
-               "nn.init.zeros_(self.proj.weight)\n        nn.init.zeros_(self.proj.bias)", "pass",
-               ("tests/models/test_known_answers.py", "tests/models/test_weights.py")),
-    PlantedBug("tenant_check_removed", "service/jobsystem/store.py",
-               "return record if record is not None and record.tenant == tenant else None", "return record",
-               ("tests/service/test_api.py",)),
-    PlantedBug("reaper_never_requeues", "service/jobsystem/sweeper.py",
-               "lifecycle.requeue(services.jobs, services.queue_for(record.model), record.id, record.owner)", "pass",
-               STATE),
-    PlantedBug("lease_never_renewed", "worker/runtime.py",
-               "self.services.jobs.renew_lease(job_id, owner)", "pass", STATE),
+    PlantedBug(
+        "msfm_saft_on_f_not_norm_f",
+        "megasr_core/models/msfm.py",
+        "normed = self.norm(hidden)",
+        "normed = hidden",
+        ("tests/models/test_known_answers.py",),
+    ),
+    PlantedBug(
+        "job_cas_without_state_check",
+        "service/jobsystem/store.py",
+        "if record.status not in allowed:",
+        "if False:",
+        STATE,
+    ),
+    PlantedBug(
+        "job_cas_without_owner_fence",
+        "service/jobsystem/store.py",
+        "if expect_owner is not None and record.owner != expect_owner:",
+        "if False:",
+        STATE,
+    ),
+    PlantedBug(
+        "webhook_hmac_over_body_only",
+        "service/webhooks.py",
+        'hmac.new(secret, f"{timestamp}.".encode() + body,',
+        "hmac.new(secret, body,",
+        ("tests/service/test_webhook_vectors.py",),
+    ),
+    PlantedBug(
+        "upload_limit_off_by_one",
+        "service/images.py",
+        "if len(data) > max_bytes:",
+        "if len(data) >= max_bytes:",
+        LIMITS,
+    ),
+    PlantedBug(
+        "streamed_body_limit_off_by_one",
+        "service/body_limits.py",
+        "if received > limit:",
+        "if received >= limit:",
+        LIMITS,
+    ),
+    PlantedBug(
+        "declared_length_limit_off_by_one",
+        "service/body_limits.py",
+        "int(declared) > limit",
+        "int(declared) >= limit",
+        LIMITS,
+    ),
+    PlantedBug(
+        "ssim_constants_times_ten",
+        "megasr_core/image_quality.py",
+        "c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2",
+        "c1, c2 = (0.1 * 255) ** 2, (0.3 * 255) ** 2",
+        ("tests/test_metrics_known_answers.py",),
+    ),
+    PlantedBug(
+        "csm_projection_not_zero_initialised",
+        "megasr_core/models/csm.py",
+        "nn.init.zeros_(self.proj.weight)\n        nn.init.zeros_(self.proj.bias)",
+        "pass",
+        ("tests/models/test_known_answers.py", "tests/models/test_weights.py"),
+    ),
+    PlantedBug(
+        "tenant_check_removed",
+        "service/jobsystem/store.py",
+        "return record if record is not None and record.tenant == tenant else None",
+        "return record",
+        ("tests/service/test_api.py",),
+    ),
+    PlantedBug(
+        "reaper_never_requeues",
+        "service/jobsystem/sweeper.py",
+        "lifecycle.requeue(services.jobs, services.queue_for(record.model), record.id, record.owner)",
+        "pass",
+        STATE,
+    ),
+    PlantedBug(
+        "lease_never_renewed", "worker/runtime.py", "self.services.jobs.renew_lease(job_id, owner)", "pass", STATE
+    ),
 )
 
 
 def tree_files() -> list[str]:
     """Tracked files and untracked ones git does not ignore: what a commit of the tree would hold."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=ROOT, check=True, capture_output=True).stdout
+    listing = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    ).stdout
     return [name for name in listing.decode().split("\0") if name and (ROOT / name).is_file()]
 
 
@@ -118,8 +177,14 @@ def run_tests(tree: Path, tests: tuple[str, ...], timeout_s: float) -> tuple[int
 def imports_from(tree: Path) -> str:
     """Where ``megasr_core`` is imported from inside ``tree`` (it must be the copy, not the checkout)."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return subprocess.run([sys.executable, "-c", "import megasr_core, service, worker; print(megasr_core.__file__)"],
-                          cwd=tree, env=env, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [sys.executable, "-c", "import megasr_core, service, worker; print(megasr_core.__file__)"],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 def main() -> int:
@@ -151,16 +216,22 @@ def main() -> int:
                 source = tree / bug.path
                 original = source.read_text()
                 if original.count(bug.old) != 1:
-                    raise SystemExit(f"{bug.name}: the text to change occurs {original.count(bug.old)} times "
-                                     f"in {bug.path}; update .ci/planted_bugs.py")
+                    raise SystemExit(
+                        f"{bug.name}: the text to change occurs {original.count(bug.old)} times "
+                        f"in {bug.path}; update .ci/planted_bugs.py"
+                    )
                 source.write_text(original.replace(bug.old, bug.new))
                 started = time.monotonic()
                 try:
                     code, failed, tail = run_tests(tree, bug.tests, args.timeout)
                 finally:
                     source.write_text(original)
-                entry = {"caught": code == 1, "exit_code": code, "failed_test": failed,
-                         "seconds": round(time.monotonic() - started, 1)}
+                entry = {
+                    "caught": code == 1,
+                    "exit_code": code,
+                    "failed_test": failed,
+                    "seconds": round(time.monotonic() - started, 1),
+                }
                 if code != 1:
                     entry["output"] = tail
                 report["bugs"][bug.name] = entry

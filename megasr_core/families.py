@@ -95,18 +95,32 @@ FAMILIES: dict[str, ModelFamily] = {
     family.name: family
     for family in (
         ModelFamily(
-            MEGASR, "MegaSR", "SD2-base + ControlNet with CSM and MSFM (this project's paper)",
-            SamplingDefaults(steps=50, guidance_scale=5.5, tile_size=96, tile_overlap=8, tile_above=128,
-                             tile_rule="side", vae_encode_tile=1024, vae_decode_tile=1024),
+            MEGASR,
+            "MegaSR",
+            "SD2-base + ControlNet with CSM and MSFM (this project's paper)",
+            SamplingDefaults(
+                steps=50,
+                guidance_scale=5.5,
+                tile_size=96,
+                tile_overlap=8,
+                tile_above=128,
+                tile_rule="side",
+                vae_encode_tile=1024,
+                vae_decode_tile=1024,
+            ),
             seesr_prompt=False,
         ),
         ModelFamily(
-            SEESR, "SeeSR", "SD2-base + ControlNet with RAM image cross-attentions (Wu et al., CVPR 2024)",
+            SEESR,
+            "SeeSR",
+            "SD2-base + ControlNet with RAM image cross-attentions (Wu et al., CVPR 2024)",
             SamplingDefaults(steps=50, guidance_scale=5.5, tile_overlap=4, **_SEESR_TILES),
             seesr_prompt=True,
         ),
         ModelFamily(
-            SEESR_TURBO, "SeeSR-Turbo", "SeeSR's networks on sd-turbo: 2 steps, no classifier-free guidance",
+            SEESR_TURBO,
+            "SeeSR-Turbo",
+            "SeeSR's networks on sd-turbo: 2 steps, no classifier-free guidance",
             SamplingDefaults(steps=2, guidance_scale=1.0, tile_overlap=32, **_SEESR_TILES),
             seesr_prompt=True,
         ),

@@ -65,8 +65,9 @@ def canvas(size: Size, scale: float, multiple: int) -> Canvas:
     return Canvas(target=target, work=work, bucket=bucket)
 
 
-def check_work_bounds(size: Size, scale: float, multiple: int, max_output_pixels: int,
-                      max_aspect_ratio: float | None = None) -> Canvas:
+def check_work_bounds(
+    size: Size, scale: float, multiple: int, max_output_pixels: int, max_aspect_ratio: float | None = None
+) -> Canvas:
     """The :class:`Canvas` of the job, or :class:`WorkBoundsError` when its output or working
     canvas would exceed ``max_output_pixels`` or the input's long/short side ``max_aspect_ratio``."""
     width, height = size
@@ -75,15 +76,20 @@ def check_work_bounds(size: Size, scale: float, multiple: int, max_output_pixels
         if ratio > max_aspect_ratio:
             raise AspectRatioError(
                 f"the image is {width}×{height}, a side ratio of {ratio:.4g}:1; the limit is {max_aspect_ratio:g}:1",
-                max_aspect_ratio)
+                max_aspect_ratio,
+            )
     result = canvas(size, scale, multiple)
     (th, tw), (wh, ww) = result.target, result.work
     if th * tw > max_output_pixels:
         raise WorkBoundsError(
             f"a {width}×{height} image at scale {scale:g} makes a {tw}×{th} = {tw * th:,} pixel output; "
-            f"the limit is {max_output_pixels:,} pixels", max_output_pixels)
+            f"the limit is {max_output_pixels:,} pixels",
+            max_output_pixels,
+        )
     if wh * ww > max_output_pixels:
         raise WorkBoundsError(
             f"a {width}×{height} image at scale {scale:g} runs on a {ww}×{wh} = {ww * wh:,} pixel canvas "
-            f"(short side enlarged to {MIN_WORK_SIDE}); the limit is {max_output_pixels:,} pixels", max_output_pixels)
+            f"(short side enlarged to {MIN_WORK_SIDE}); the limit is {max_output_pixels:,} pixels",
+            max_output_pixels,
+        )
     return result

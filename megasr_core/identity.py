@@ -59,8 +59,10 @@ class ModelIdentity:
         """A one-line warning for a terminal, or ``None`` for trained weights."""
         if self.trained:
             return None
-        return (f"warning: the {self.title} weights {self.weights} are UNTRAINED ({self.untrained_reason}), so the "
-                "output is not a real super-resolution. See docs/weights.md, 'Real output today'.")
+        return (
+            f"warning: the {self.title} weights {self.weights} are UNTRAINED ({self.untrained_reason}), so the "
+            "output is not a real super-resolution. See docs/weights.md, 'Real output today'."
+        )
 
 
 def weights_label(directory: str | Path) -> str:

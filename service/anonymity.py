@@ -25,8 +25,9 @@ def is_loopback(host: str) -> bool:
         return host.lower() == "localhost"
 
 
-def refuse_accidental_anonymity(settings: Settings, tenant_keys: Mapping[str, str], *,
-                                loopback_is_consent: bool = False) -> Settings:
+def refuse_accidental_anonymity(
+    settings: Settings, tenant_keys: Mapping[str, str], *, loopback_is_consent: bool = False
+) -> Settings:
     """The settings to serve with; ``InsecureConfiguration`` when they would serve without keys unasked.
 
     With ``loopback_is_consent`` (``megasr serve``), binding a loopback address asks for anonymous

@@ -52,8 +52,12 @@ class BodyStalled(ApiError):
     """408: no byte of the request body arrived for ``timeout_s`` (a slow-body client holds a connection)."""
 
     def __init__(self, timeout_s: float) -> None:
-        super().__init__(408, "body_timeout", f"the request body stalled for {timeout_s:g} s; send it at a steady pace",
-                         headers={"Connection": "close"})
+        super().__init__(
+            408,
+            "body_timeout",
+            f"the request body stalled for {timeout_s:g} s; send it at a steady pace",
+            headers={"Connection": "close"},
+        )
 
 
 def _idle_timeout_s(request: Request) -> float:
@@ -95,13 +99,20 @@ async def read_limited(request: Request, limit: int, detail: str = "") -> bytes:
     return b"".join([chunk async for chunk in limited_stream(request, limit, detail)])
 
 
-async def parse_multipart(request: Request, limit: int, *, max_files: int, max_fields: int, detail: str = "") -> FormData:
+async def parse_multipart(
+    request: Request, limit: int, *, max_files: int, max_fields: int, detail: str = ""
+) -> FormData:
     """The multipart form, parsed from the counted stream; 413 over ``limit``, 400 when malformed.
 
     The caller closes the returned form (its files)."""
     check_declared_length(request, limit, detail)
-    parser = MultiPartParser(request.headers, limited_stream(request, limit, detail), max_files=max_files,
-                             max_fields=max_fields, max_part_size=MAX_FORM_FIELD_BYTES)
+    parser = MultiPartParser(
+        request.headers,
+        limited_stream(request, limit, detail),
+        max_files=max_files,
+        max_fields=max_fields,
+        max_part_size=MAX_FORM_FIELD_BYTES,
+    )
     try:
         return await parser.parse()
     except ApiError:
@@ -125,8 +136,9 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def loads_limited(body: bytes, max_depth: int = MAX_JSON_DEPTH,
-                  max_structure_bytes: int = MAX_JSON_STRUCTURE_BYTES) -> Any:
+def loads_limited(
+    body: bytes, max_depth: int = MAX_JSON_DEPTH, max_structure_bytes: int = MAX_JSON_STRUCTURE_BYTES
+) -> Any:
     """Strict :func:`json.loads` (no NaN/Infinity) that answers 400 ``invalid_json`` for any bad body:
     malformed, too deeply nested, too much structure, or a number too long to convert."""
     structure = _JSON_STRING.sub(b'""', body)  # brackets inside strings do not nest

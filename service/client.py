@@ -68,14 +68,23 @@ class JobFailedError(MegaSRError):
 
     def __init__(self, job: Job) -> None:
         error = job.error
-        super().__init__(200, error.code if error else job.status.value,
-                         error.message if error else f"job {job.id} was {job.status.value}")
+        super().__init__(
+            200,
+            error.code if error else job.status.value,
+            error.message if error else f"job {job.id} was {job.status.value}",
+        )
         self.job = job
 
 
 _ERRORS: dict[int, type[MegaSRError]] = {
-    400: InvalidRequestError, 401: AuthenticationError, 404: NotFoundError, 409: ConflictError,
-    413: InvalidRequestError, 415: InvalidRequestError, 422: InvalidRequestError, 429: RateLimitedError,
+    400: InvalidRequestError,
+    401: AuthenticationError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: InvalidRequestError,
+    415: InvalidRequestError,
+    422: InvalidRequestError,
+    429: RateLimitedError,
     503: ServiceUnavailableError,
 }
 
@@ -118,9 +127,16 @@ class MegaSRClient:
     ``httpx.Client`` with its base URL, such as starlette's ``TestClient``) route its requests
     elsewhere, e.g. to an app in the same process."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None, *,
-                 timeout: float = 30.0, transport: httpx.BaseTransport | None = None,
-                 http: httpx.Client | None = None, poll_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        api_key: str | None = None,
+        *,
+        timeout: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
+        poll_interval_s: float = 1.0,
+    ) -> None:
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
         if api_key:
             self.http.headers["Authorization"] = f"Bearer {api_key}"
@@ -147,8 +163,14 @@ class MegaSRClient:
         return ModelList.model_validate(self._request("GET", "/v1/models").json()).models
 
     # ------------------------------------------------------------------ jobs
-    def submit(self, image: str | os.PathLike | bytes, *, model: str | None = None,
-               idempotency_key: str | None = None, **params: Any) -> Job:
+    def submit(
+        self,
+        image: str | os.PathLike | bytes,
+        *,
+        model: str | None = None,
+        idempotency_key: str | None = None,
+        **params: Any,
+    ) -> Job:
         """Queue an image (a path or its bytes) for ``model`` (None: the default one, see
         :meth:`models`) with ``UpscaleParams`` (scale, steps, seed, ...)."""
         params["model"] = model
@@ -164,8 +186,13 @@ class MegaSRClient:
     def get(self, job_id: str) -> Job:
         return Job.model_validate(self._request("GET", f"/v1/jobs/{job_id}").json())
 
-    def list_jobs(self, *, status: JobStatus | str | list[JobStatus | str] | None = None, limit: int = 20,
-                  cursor: str | None = None) -> JobList:
+    def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | list[JobStatus | str] | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> JobList:
         """One page of this tenant's jobs, newest first; pass ``next`` back as ``cursor``."""
         statuses = [status] if isinstance(status, (str, JobStatus)) else list(status or [])
         params: dict[str, Any] = {"limit": limit, "status": [JobStatus(s).value for s in statuses]}
@@ -205,8 +232,13 @@ class MegaSRClient:
                     error = json.loads(data)["error"]
                     raise NotFoundError(404, error["code"], error["message"])
 
-    def wait(self, job_id: str, on_progress: ProgressCallback | None = None, timeout: float | None = None,
-             raise_on_failure: bool = False) -> Job:
+    def wait(
+        self,
+        job_id: str,
+        on_progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+        raise_on_failure: bool = False,
+    ) -> Job:
         """Block until the job is final; ``on_progress(job)`` on each change. Follows the event
         stream (reconnecting when it ends early), polling instead if it cannot be opened.
         ``TimeoutError`` after ``timeout`` seconds."""
@@ -246,11 +278,22 @@ class MegaSRClient:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"job {job_id} is not finished after {timeout} s")
             if not use_stream:
-                time.sleep(self.poll_interval_s if deadline is None
-                           else max(0.0, min(self.poll_interval_s, deadline - time.monotonic())))
+                time.sleep(
+                    self.poll_interval_s
+                    if deadline is None
+                    else max(0.0, min(self.poll_interval_s, deadline - time.monotonic()))
+                )
 
-    def upscale(self, image: str | os.PathLike | bytes, output: str | os.PathLike, *, model: str | None = None,
-                timeout: float | None = None, on_progress: ProgressCallback | None = None, **params: Any) -> Job:
+    def upscale(
+        self,
+        image: str | os.PathLike | bytes,
+        output: str | os.PathLike,
+        *,
+        model: str | None = None,
+        timeout: float | None = None,
+        on_progress: ProgressCallback | None = None,
+        **params: Any,
+    ) -> Job:
         """Submit, wait and download in one call: the finished job (``model_info`` says which model
         ran it); :class:`JobFailedError` if it failed or was canceled."""
         job = self.submit(image, model=model, **params)

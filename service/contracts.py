@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, field_validator
@@ -29,7 +29,9 @@ ColorFix = Literal["adain", "wavelet", "none"]
 #: longest webhook URL a job may carry (the record lives in Redis; browsers cap URLs near here too)
 MAX_WEBHOOK_URL_LENGTH = 2048
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
-ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, description="a model this deployment serves (GET /v1/models)")]
+ModelName = Annotated[
+    str, Field(pattern=MODEL_NAME_PATTERN, description="a model this deployment serves (GET /v1/models)")
+]
 
 
 class JobStatus(str, enum.Enum):
@@ -53,8 +55,13 @@ class UpscaleParams(BaseModel):
     model: ModelName | None = None
     scale: Annotated[float, Field(ge=1, le=8)] = 4
     #: None: the model's own default (GET /v1/models: ``default_steps``, ``default_guidance_scale``)
-    steps: Annotated[int, Field(ge=1, le=200, description="denoising steps; omitted: the model's default")] | None = None
-    guidance_scale: Annotated[float, Field(ge=0, le=20, description="classifier-free guidance; omitted: the model's default")] | None = None
+    steps: Annotated[int, Field(ge=1, le=200, description="denoising steps; omitted: the model's default")] | None = (
+        None
+    )
+    guidance_scale: (
+        Annotated[float, Field(ge=0, le=20, description="classifier-free guidance; omitted: the model's default")]
+        | None
+    ) = None
     # lt rather than le=2**63 - 1: OpenAPI numbers are floats, and 2**63 is exact as one
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     prompt: Annotated[str, Field(max_length=500)] = ""
@@ -123,7 +130,7 @@ class JobRecord(BaseModel):
     error: JobError | None = None
     attempts: int = 0
     owner: str | None = None  # the worker attempt running it (fencing token)
-    created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     started_at: datetime | None = None
     finished_at: datetime | None = None
     trace_context: dict[str, str] | None = None  # W3C traceparent carrier: the worker continues the API's trace

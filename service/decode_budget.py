@@ -76,7 +76,7 @@ def jpeg_structure(data: bytes, max_scans: int | None = None, max_segments: int 
             continue
         if pos + 2 > end:
             break
-        length = int.from_bytes(data[pos:pos + 2], "big")
+        length = int.from_bytes(data[pos : pos + 2], "big")
         if length < 2:  # corrupt: the decoder will say so
             break
         pos += length
@@ -106,13 +106,17 @@ def check_jpeg_scans(data: bytes, max_scans: int) -> None:
     segment_limit = max_jpeg_segments(max_scans)
     scans, segments = jpeg_structure(data, max_scans=max_scans, max_segments=segment_limit)
     if scans > max_scans:
-        raise DecodeRefused("too_many_scans",
-                            f"the JPEG has more than {max_scans} scans (progressive passes); real encoders "
-                            f"write far fewer, and each one costs a pass over every pixel (MEGASR_MAX_JPEG_SCANS)")
+        raise DecodeRefused(
+            "too_many_scans",
+            f"the JPEG has more than {max_scans} scans (progressive passes); real encoders "
+            f"write far fewer, and each one costs a pass over every pixel (MEGASR_MAX_JPEG_SCANS)",
+        )
     if segments > segment_limit:
-        raise DecodeRefused("too_many_segments",
-                            f"the JPEG has more than {segment_limit:,} marker segments; real encoders write "
-                            f"far fewer (the limit is 1,000 + 4 × MEGASR_MAX_JPEG_SCANS)")
+        raise DecodeRefused(
+            "too_many_segments",
+            f"the JPEG has more than {segment_limit:,} marker segments; real encoders write "
+            f"far fewer (the limit is 1,000 + 4 × MEGASR_MAX_JPEG_SCANS)",
+        )
 
 
 class BudgetedReader(io.BytesIO):
@@ -140,6 +144,7 @@ class BudgetedReader(io.BytesIO):
         """Raise :class:`DecodeRefused` (``decode_too_slow``) once the budget is spent."""
         spent = time.thread_time() - self.started
         if spent > self.seconds:
-            raise DecodeRefused("decode_too_slow",
-                                f"decoding the image took over {self.seconds:g} s of CPU time, the limit "
-                                "(MEGASR_MAX_DECODE_SECONDS)")
+            raise DecodeRefused(
+                "decode_too_slow",
+                f"decoding the image took over {self.seconds:g} s of CPU time, the limit (MEGASR_MAX_DECODE_SECONDS)",
+            )

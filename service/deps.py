@@ -21,8 +21,9 @@ DEFAULT_TENANT = "default"
 BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 KEY_PREFIX_CHARS = 8  # a wrong key counts against the bucket of its first characters (keys have 8+)
 #: declares the API key in OpenAPI (Swagger's Authorize); errors stay ours (auto_error=False)
-api_key_scheme = HTTPBearer(auto_error=False, scheme_name="apiKey",
-                            description="An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`")
+api_key_scheme = HTTPBearer(
+    auto_error=False, scheme_name="apiKey", description="An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`"
+)
 
 
 def get_services(request: Request) -> Services:
@@ -71,13 +72,18 @@ def refuse_if_guessing(services: Services, client: str, token: str) -> None:
 
     Called only after the key was found wrong: a valid key is never refused for failures, so neither
     a neighbour behind the same address (NAT, a proxy) nor a stranger can lock a tenant out."""
-    for bucket, subject, what in ((services.auth_failures, client, "this address"),
-                                  (services.auth_failures_by_key, presented_key_subject(services, token), "this key")):
+    for bucket, subject, what in (
+        (services.auth_failures, client, "this address"),
+        (services.auth_failures_by_key, presented_key_subject(services, token), "this key"),
+    ):
         decision = bucket.peek(subject)
         if not decision.allowed:
-            raise ApiError(429, "too_many_auth_failures",
-                           f"too many failed authentications from {what}; retry in {decision.retry_after_header} s",
-                           {"Retry-After": decision.retry_after_header})
+            raise ApiError(
+                429,
+                "too_many_auth_failures",
+                f"too many failed authentications from {what}; retry in {decision.retry_after_header} s",
+                {"Retry-After": decision.retry_after_header},
+            )
 
 
 def record_auth_failure(services: Services, client: str, token: str) -> None:
@@ -87,7 +93,8 @@ def record_auth_failure(services: Services, client: str, token: str) -> None:
 
 
 def get_tenant(
-    request: Request, services: ServicesDep,
+    request: Request,
+    services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(api_key_scheme)],
 ) -> str:
     """The tenant of the caller's API key; single-tenant when no keys are configured (allow_anonymous).
@@ -118,8 +125,9 @@ def get_read_slots(request: Request) -> ReadSlots:
     return request.app.state.read_slots
 
 
-async def limit_reads(services: ServicesDep, tenant: TenantDep,
-                      read_slots: Annotated[ReadSlots, Depends(get_read_slots)]) -> AsyncIterator[None]:
+async def limit_reads(
+    services: ServicesDep, tenant: TenantDep, read_slots: Annotated[ReadSlots, Depends(get_read_slots)]
+) -> AsyncIterator[None]:
     """A GET's per-tenant limits: a slot among the tenant's in-flight reads of this process, taken on
     the event loop before the handler holds a pool thread (429 ``too_many_concurrent_reads``), then a
     token of its read bucket (429 ``rate_limited``). The slot is given back when the handler ends."""
@@ -128,9 +136,13 @@ async def limit_reads(services: ServicesDep, tenant: TenantDep,
         rate = await run_in_threadpool(services.read_rate.take, tenant)
         if not rate.allowed:
             settings = services.settings
-            raise ApiError(429, "rate_limited", f"over {settings.read_rate_limit_per_minute} reads a minute (bursts "
-                           f"of {settings.read_rate_limit_burst}); retry in {rate.retry_after_header} s",
-                           {"Retry-After": rate.retry_after_header})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"over {settings.read_rate_limit_per_minute} reads a minute (bursts "
+                f"of {settings.read_rate_limit_burst}); retry in {rate.retry_after_header} s",
+                {"Retry-After": rate.retry_after_header},
+            )
         yield
     finally:
         slot.release()

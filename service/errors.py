@@ -58,10 +58,12 @@ def redis_refusal(exc: BaseException) -> tuple[str, str] | None:
 
 def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     route = getattr(request.scope.get("route"), "path", "unmatched")
-    log.error("unhandled %s on %s %s", type(exc).__name__, request.method, route,
-              exc_info=(type(exc), exc, exc.__traceback__))
-    return JSONResponse(error_body("internal_error", "the server failed to answer this request; it is logged"),
-                        status_code=500)
+    log.error(
+        "unhandled %s on %s %s", type(exc).__name__, request.method, route, exc_info=(type(exc), exc, exc.__traceback__)
+    )
+    return JSONResponse(
+        error_body("internal_error", "the server failed to answer this request; it is logged"), status_code=500
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -76,8 +78,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body("queue_unavailable", "the job queue (Redis) is unreachable; retry later"),
-                            status_code=503, headers=RETRY_AFTER)
+        return JSONResponse(
+            error_body("queue_unavailable", "the job queue (Redis) is unreachable; retry later"),
+            status_code=503,
+            headers=RETRY_AFTER,
+        )
 
     @app.exception_handler(redis.exceptions.ResponseError)
     async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
@@ -89,14 +94,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StorageUnavailable)
     async def _storage_down(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(error_body("storage_unavailable", "object storage is unreachable; retry later"),
-                            status_code=503, headers=RETRY_AFTER)
+        return JSONResponse(
+            error_body("storage_unavailable", "object storage is unreachable; retry later"),
+            status_code=503,
+            headers=RETRY_AFTER,
+        )
 
     @app.exception_handler(StorageFull)
     async def _storage_full(_: Request, exc: Exception) -> JSONResponse:
         log.warning("storage is full: %s", exc)
-        return JSONResponse(error_body("storage_full", "object storage is full; retry later"),
-                            status_code=503, headers=STORAGE_FULL_RETRY_AFTER)
+        return JSONResponse(
+            error_body("storage_full", "object storage is full; retry later"),
+            status_code=503,
+            headers=STORAGE_FULL_RETRY_AFTER,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -203,8 +203,11 @@ class JobPoller:
             position = next(replies) if target.want_position else None
             record = target.record if raw == target.raw else _parse(target.job_id, raw)
             found.append((raw, record, cancel, position))
-        late = [i for i, (_, record, _, _) in enumerate(found)
-                if record is not None and record.status == JobStatus.queued and not targets[i].want_position]
+        late = [
+            i
+            for i, (_, record, _, _) in enumerate(found)
+            if record is not None and record.status == JobStatus.queued and not targets[i].want_position
+        ]
         if late:
             with self.redis.pipeline(transaction=False) as pipe:
                 for i in late:
@@ -212,8 +215,10 @@ class JobPoller:
                 for i, position in zip(late, pipe.execute()):
                     raw, record, cancel, _ = found[i]
                     found[i] = (raw, record, cancel, position)
-        return [(raw, Snapshot(record, None if position is None else int(position), cancel))
-                for raw, record, cancel, position in found]
+        return [
+            (raw, Snapshot(record, None if position is None else int(position), cancel))
+            for raw, record, cancel, position in found
+        ]
 
 
 def _parse(job_id: str, raw: bytes | None) -> JobRecord | None:

@@ -50,8 +50,11 @@ def format_event(event: str, data: object) -> str:
 
 
 async def job_events(
-    load: Callable[[], Awaitable[JobView | None]], is_disconnected: Callable[[], Awaitable[bool]],
-    max_seconds: float, poll_interval_s: float = POLL_INTERVAL_S, keepalive_s: float = KEEPALIVE_S,
+    load: Callable[[], Awaitable[JobView | None]],
+    is_disconnected: Callable[[], Awaitable[bool]],
+    max_seconds: float,
+    poll_interval_s: float = POLL_INTERVAL_S,
+    keepalive_s: float = KEEPALIVE_S,
     wait: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> AsyncIterator[str]:
     """The events of one job; ``load()`` reads its current view (None once it is gone; FeedUnavailable
@@ -111,7 +114,9 @@ def event_streams(app: FastAPI, settings: Settings, client: redis.Redis) -> Even
     """The app's :class:`EventStreams`, made on first use (on the event loop, so without races)."""
     streams = getattr(app.state, "event_streams", None)
     if streams is None:
-        streams = EventStreams(JobPoller(client, POLL_INTERVAL_S),
-                               StreamSlots(settings.max_event_streams_per_tenant, settings.max_event_streams))
+        streams = EventStreams(
+            JobPoller(client, POLL_INTERVAL_S),
+            StreamSlots(settings.max_event_streams_per_tenant, settings.max_event_streams),
+        )
         app.state.event_streams = streams
     return streams

@@ -24,10 +24,13 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger("megasr.http")
 
-_BUSY_BODY = json.dumps({"error": {"code": "server_busy",
-                                   "message": "the server has too many open connections; retry shortly"}}).encode()
-BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-                 b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+_BUSY_BODY = json.dumps(
+    {"error": {"code": "server_busy", "message": "the server has too many open connections; retry shortly"}}
+).encode()
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+    b"content-length: %d\r\nretry-after: 1\r\nconnection: close\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -44,8 +47,11 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.max_connections:
-            logger.warning("refused a connection: %d open, the limit is %d (MEGASR_MAX_CONNECTIONS)",
-                           len(self.connections) - 1, self.max_connections)
+            logger.warning(
+                "refused a connection: %d open, the limit is %d (MEGASR_MAX_CONNECTIONS)",
+                len(self.connections) - 1,
+                self.max_connections,
+            )
             transport.write(BUSY_RESPONSE)
             transport.close()
             return
@@ -79,12 +85,18 @@ class GuardedH11Protocol(H11Protocol):
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if self.cycle is self._waiting_after and not self.transport.is_closing():
-            logger.debug("closed a connection from %s: no complete request head within %g s (MEGASR_HEADER_TIMEOUT_S)",
-                        "{}:{}".format(*self.client) if self.client else "?", self.header_timeout_s)
+            logger.debug(
+                "closed a connection from %s: no complete request head within %g s (MEGASR_HEADER_TIMEOUT_S)",
+                "{}:{}".format(*self.client) if self.client else "?",
+                self.header_timeout_s,
+            )
             self.transport.close()
 
 
 def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[GuardedH11Protocol]:
     """A :class:`GuardedH11Protocol` with these limits, for ``uvicorn.Config(http=...)``."""
-    return type("GuardedH11Protocol", (GuardedH11Protocol,),
-                {"header_timeout_s": header_timeout_s, "max_connections": max_connections})
+    return type(
+        "GuardedH11Protocol",
+        (GuardedH11Protocol,),
+        {"header_timeout_s": header_timeout_s, "max_connections": max_connections},
+    )

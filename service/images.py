@@ -27,8 +27,14 @@ from .errors import ApiError
 log = logging.getLogger(__name__)
 
 #: formats the service accepts, by Pillow's name → MIME type
-ACCEPTED_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "BMP": "image/bmp",
-                    "TIFF": "image/tiff", "GIF": "image/gif"}
+ACCEPTED_FORMATS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+    "GIF": "image/gif",
+}
 #: formats Pillow reports for files its accepted decoders open: MPO is a phone camera's JPEG
 _SAME_AS = {"MPO": "JPEG"}
 
@@ -41,9 +47,15 @@ class CheckedImage:
     height: int
 
 
-def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pixels: int, *,
-                 max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
-                 max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS) -> CheckedImage:
+def check_upload(
+    data: bytes,
+    declared_type: str | None,
+    max_bytes: int,
+    max_pixels: int,
+    *,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+    max_decode_seconds: float = DEFAULT_MAX_DECODE_SECONDS,
+) -> CheckedImage:
     """Decode ``data`` completely; raise :class:`ApiError` (400/413/415/422) if it is not acceptable."""
     if not data:
         raise ApiError(400, "empty_image", "the image is empty (0 bytes)")
@@ -68,8 +80,11 @@ def check_upload(data: bytes, declared_type: str | None, max_bytes: int, max_pix
             if width < 1 or height < 1:
                 raise ApiError(400, "empty_image", f"the image has no pixels ({width}×{height})")
             if width * height > max_pixels:
-                raise ApiError(413, "too_many_pixels",
-                               f"the image has {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}")
+                raise ApiError(
+                    413,
+                    "too_many_pixels",
+                    f"the image has {width}×{height} = {width * height:,} pixels; the limit is {max_pixels:,}",
+                )
             image.load()
             reader.check()  # formats decoded in one call (WebP, libtiff) are not stopped, only refused
             oriented = _oriented(image)
@@ -121,5 +136,8 @@ def _unidentified(data: bytes) -> ApiError:
 
 
 def _unsupported(fmt: str) -> ApiError:
-    return ApiError(415, "unsupported_image_format",
-                    f"the image looks like {fmt}, a format not supported; send {', '.join(ACCEPTED_FORMATS)}")
+    return ApiError(
+        415,
+        "unsupported_image_format",
+        f"the image looks like {fmt}, a format not supported; send {', '.join(ACCEPTED_FORMATS)}",
+    )

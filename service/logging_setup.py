@@ -25,7 +25,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, ParamSpec, TypeVar
 
 CONTEXT_FIELDS = ("job_id", "tenant", "worker", "stage", "trace_id")
@@ -158,7 +158,7 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
             "logger": record.name,
             "message": self.redact(record.getMessage()),
@@ -196,8 +196,10 @@ class AcceptErrorThrottle(logging.Filter):
             return False
         if self._suppressed:
             first, newline, rest = record.msg.partition("\n")
-            record.msg = (f"{first} ({self._suppressed} more since {now - self._last:.0f} s ago not logged; "
-                          f"the process is out of file descriptors){newline}{rest}")
+            record.msg = (
+                f"{first} ({self._suppressed} more since {now - self._last:.0f} s ago not logged; "
+                f"the process is out of file descriptors){newline}{rest}"
+            )
         self._last, self._suppressed = now, 0
         return True
 
@@ -230,8 +232,9 @@ def settings_secrets(settings: Any) -> list[str]:
     return found
 
 
-def configure_logging(fmt: Literal["text", "json"] = "text", *, level: int = logging.INFO,
-                      secrets: Iterable[str] = (), stream: Any = None) -> logging.Handler:
+def configure_logging(
+    fmt: Literal["text", "json"] = "text", *, level: int = logging.INFO, secrets: Iterable[str] = (), stream: Any = None
+) -> logging.Handler:
     """Install (or replace) the one megasr handler on the root logger; uvicorn's loggers propagate to it."""
     global _handler
     if fmt not in ("text", "json"):

@@ -53,7 +53,7 @@ _EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="megasr-readyz"
 
 
 async def check_redis(url: str) -> str:
-    """"ok", or why Redis would not take a job now (unreachable, or refusing writes)."""
+    """ "ok", or why Redis would not take a job now (unreachable, or refusing writes)."""
     client = redis.asyncio.Redis.from_url(url, socket_connect_timeout=CHECK_TIMEOUT_S, socket_timeout=CHECK_TIMEOUT_S)
     try:
         async with asyncio.timeout(CHECK_TIMEOUT_S):
@@ -81,8 +81,10 @@ class StorageCheck:
             if isinstance(self.storage, LocalStorage):
                 free = shutil.disk_usage(self.storage.root).free
                 if free < self.min_free_bytes:
-                    return (f"full: {free // MIB} MiB free, under MEGASR_STORAGE_MIN_FREE_MB "
-                            f"({self.min_free_bytes // MIB} MiB)")
+                    return (
+                        f"full: {free // MIB} MiB free, under MEGASR_STORAGE_MIN_FREE_MB "
+                        f"({self.min_free_bytes // MIB} MiB)"
+                    )
             elif time.monotonic() - self._last_write < S3_WRITE_EVERY_S:
                 self.storage.ping()
                 return "ok"
@@ -125,8 +127,9 @@ class Readiness:
         return await asyncio.shield(self._pending)
 
     async def _check(self) -> tuple[dict[str, str], dict[str, Any] | None]:
-        redis_state, storage_state = await asyncio.gather(check_redis(self.services.settings.redis_url),
-                                                          self.storage.run())
+        redis_state, storage_state = await asyncio.gather(
+            check_redis(self.services.settings.redis_url), self.storage.run()
+        )
         announced = await self._announced() if redis_state == "ok" else None
         checks = {"redis": redis_state, "storage": storage_state}
         self._result = (time.monotonic(), checks, announced)
@@ -136,8 +139,10 @@ class Readiness:
         """What the served models' workers announced (informative: readiness does not depend on it)."""
         served = self.services.settings.served_models()
         try:
-            found = await asyncio.wait_for(asyncio.wrap_future(
-                _EXECUTOR.submit(models_registry.read, self.services.redis, served)), CHECK_TIMEOUT_S)
+            found = await asyncio.wait_for(
+                asyncio.wrap_future(_EXECUTOR.submit(models_registry.read, self.services.redis, served)),
+                CHECK_TIMEOUT_S,
+            )
         except Exception:  # Redis went away meanwhile: the checks say so next time
             return None
         return {a.name: a for a in found}

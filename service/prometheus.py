@@ -20,16 +20,24 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector,
-                               ProcessCollector, generate_latest)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from . import local_workers
 from .contracts import JobStatus
 from .deps import BEARER_CHALLENGE, bearer_token, client_address, record_auth_failure, refuse_if_guessing
 from .errors import ApiError
-from .jobsystem.services import Services
 from .jobsystem.keys import FINISHED_KEY, RUNNING_KEY
+from .jobsystem.services import Services
 from .redis_health import redis_persistence
 from .webhooks import DROPPED_KEY
 
@@ -52,13 +60,17 @@ def check_metrics_access(request: Request, services: Services) -> None:
     key = services.settings.metrics_key
     if key is None:
         if services.tenant_keys:
-            raise ApiError(403, "metrics_disabled",
-                           "/metrics needs MEGASR_METRICS_KEY (sent as a bearer token) when API keys are configured")
+            raise ApiError(
+                403,
+                "metrics_disabled",
+                "/metrics needs MEGASR_METRICS_KEY (sent as a bearer token) when API keys are configured",
+            )
         return
     token = bearer_token(request)
     if token is None:
-        raise ApiError(401, "unauthorized", "missing metrics key: send 'Authorization: Bearer METRICS_KEY'",
-                       BEARER_CHALLENGE)
+        raise ApiError(
+            401, "unauthorized", "missing metrics key: send 'Authorization: Bearer METRICS_KEY'", BEARER_CHALLENGE
+        )
     if not hmac.compare_digest(key.get_secret_value().encode(), token.encode()):  # the key first: never locked out
         client = client_address(request)
         refuse_if_guessing(services, client, token)
@@ -83,8 +95,11 @@ class QueueCollector:
         depth = GaugeMetricFamily("megasr_queue_depth", "Jobs waiting in the queue", labels=["queue"])
         running = GaugeMetricFamily("megasr_jobs_running", "Jobs a worker is running now (all workers)")
         finished = CounterMetricFamily("megasr_jobs_finished", "Jobs that reached a final status", labels=["status"])
-        dropped = CounterMetricFamily("megasr_webhooks_dropped", "Webhook deliveries given up (fleet-wide): over a "
-                                      "tenant's backlog cap, or after the last attempt", labels=["reason"])
+        dropped = CounterMetricFamily(
+            "megasr_webhooks_dropped",
+            "Webhook deliveries given up (fleet-wide): over a tenant's backlog cap, or after the last attempt",
+            labels=["reason"],
+        )
         try:
             for model in self.services.settings.served_models():  # one series per model's queue
                 queue = self.services.queue_for(model)
@@ -114,9 +129,11 @@ class RedisPersistenceCollector:
     def collect(self):
         persisted = redis_persistence(self.services.redis)
         if persisted is not None:
-            yield GaugeMetricFamily("megasr_redis_persistence_enabled",
-                                    "Whether Redis keeps accepted jobs across a restart (AOF or RDB)",
-                                    value=float(persisted))
+            yield GaugeMetricFamily(
+                "megasr_redis_persistence_enabled",
+                "Whether Redis keeps accepted jobs across a restart (AOF or RDB)",
+                value=float(persisted),
+            )
 
 
 class LocalWorkerCollector:
@@ -137,7 +154,10 @@ def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:
     registry = CollectorRegistry()
     requests = Counter("megasr_http_requests", "HTTP requests", ["route", "method", "status"], registry=registry)
     latency = Histogram(
-        "megasr_http_request_duration_seconds", "HTTP request latency", ["route", "method"], registry=registry,
+        "megasr_http_request_duration_seconds",
+        "HTTP request latency",
+        ["route", "method"],
+        registry=registry,
         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
     )
     registry.register(QueueCollector(services))
@@ -145,8 +165,9 @@ def install_metrics(app: FastAPI, services: Services) -> CollectorRegistry:
     registry.register(RedisPersistenceCollector(services))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
-    Gauge("megasr_build_info", "The running MegaSR version (always 1)", ["version"],
-          registry=registry).labels(package_version()).set(1)
+    Gauge("megasr_build_info", "The running MegaSR version (always 1)", ["version"], registry=registry).labels(
+        package_version()
+    ).set(1)
 
     @app.middleware("http")
     async def _measure(request: Request, call_next):

@@ -81,7 +81,8 @@ class TokenBucket:
     def take(self, subject: str, cost: int = 1, now: float | None = None) -> Decision:
         """Take ``cost`` tokens if they are all there (nothing is taken otherwise)."""
         allowed, wait, tokens = self._take(
-            keys=[self.key(subject)], args=[repr(self.rate_per_s), self.capacity, cost, "" if now is None else repr(now)],
+            keys=[self.key(subject)],
+            args=[repr(self.rate_per_s), self.capacity, cost, "" if now is None else repr(now)],
         )
         return Decision(bool(int(allowed)), float(wait), float(tokens))
 

@@ -39,8 +39,10 @@ def warn_without_persistence(client: redis.Redis) -> bool | None:
     """Log (a warning when off) whether Redis persists its data; never fails start-up."""
     persisted = redis_persistence(client)
     if persisted is False:
-        log.warning("Redis has neither AOF (appendonly) nor RDB snapshots (save): accepted jobs are lost "
-                    "if Redis restarts; turn on appendonly (see docs/workers.md, Redis persistence)")
+        log.warning(
+            "Redis has neither AOF (appendonly) nor RDB snapshots (save): accepted jobs are lost "
+            "if Redis restarts; turn on appendonly (see docs/workers.md, Redis persistence)"
+        )
     elif persisted is None:
         log.info("Redis persistence: unknown (CONFIG is not available, or Redis is not reachable yet)")
     return persisted

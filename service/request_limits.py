@@ -73,7 +73,10 @@ class ReadSlots:
 
     def _refuse(self, tenant_count: int, _process_count: int) -> None:
         if tenant_count >= self.per_tenant:
-            raise ApiError(429, "too_many_concurrent_reads",
-                           f"{self.per_tenant} requests of this API key are in flight already "
-                           "(MEGASR_MAX_CONCURRENT_READS_PER_TENANT); retry when one has answered",
-                           {"Retry-After": str(RETRY_AFTER_S)})
+            raise ApiError(
+                429,
+                "too_many_concurrent_reads",
+                f"{self.per_tenant} requests of this API key are in flight already "
+                "(MEGASR_MAX_CONCURRENT_READS_PER_TENANT); retry when one has answered",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )

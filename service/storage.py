@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import IO, Any, Literal, Protocol, TypeVar
 from urllib.parse import unquote, urlparse
 
-
 T = TypeVar("T")
 
 
@@ -44,8 +43,9 @@ class ObjectNotFound(StorageError, KeyError):
 #: local write errors that mean the disk (or the user's quota) is full
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 #: S3 error codes (and HTTP statuses) of a store that is full or over quota: AWS/Ceph, MinIO, HTTP 507
-_S3_FULL_CODES = frozenset({"QuotaExceeded", "InsufficientStorage", "XMinioStorageFull",
-                            "XMinioAdminBucketQuotaExceeded", "507"})
+_S3_FULL_CODES = frozenset(
+    {"QuotaExceeded", "InsufficientStorage", "XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "507"}
+)
 
 
 #: bytes per chunk when streaming an object out
@@ -169,23 +169,38 @@ class S3Storage:
     ``virtual`` for AWS buckets with dots-free names, ``auto`` lets botocore choose.
     """
 
-    def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
-                 public_endpoint_url: str | None = None, addressing_style: AddressingStyle = "auto") -> None:
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        public_endpoint_url: str | None = None,
+        addressing_style: AddressingStyle = "auto",
+    ) -> None:
         import boto3
         from botocore.config import Config
 
         self.bucket = bucket
         self.prefix = prefix.strip("/")
-        config = Config(retries={"max_attempts": 3, "mode": "standard"}, connect_timeout=3, read_timeout=30,
-                        signature_version="s3v4", s3={"addressing_style": addressing_style})
+        config = Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            connect_timeout=3,
+            read_timeout=30,
+            signature_version="s3v4",
+            s3={"addressing_style": addressing_style},
+        )
         # A session of its own: boto3's default session resolves credentials once per process and
         # keeps them, so a store configured later (other credentials in the environment) would
         # be signed for with stale ones.
         session = boto3.session.Session()
         self.client = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         # Presigning makes no request: a second client only decides which host the links name.
-        self.link_client = (session.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
-                            if public_endpoint_url else self.client)
+        self.link_client = (
+            session.client("s3", endpoint_url=public_endpoint_url, region_name=region, config=config)
+            if public_endpoint_url
+            else self.client
+        )
 
     def _key(self, key: str) -> str:
         key = _check_key(key)
@@ -257,8 +272,13 @@ class PatientStorage:
     should get its 503 now, not hang.
     """
 
-    def __init__(self, inner: Storage, patience_s: float = 45.0, first_wait_s: float = 0.5,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        inner: Storage,
+        patience_s: float = 45.0,
+        first_wait_s: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.inner, self.patience_s, self.first_wait_s, self._sleep = inner, patience_s, first_wait_s, sleep
 
     def _retry(self, call: Callable[[], T]) -> T:
@@ -314,8 +334,13 @@ def _s3_chunks(body: Any) -> Iterator[bytes]:
         body.close()
 
 
-def storage_from_url(url: str, endpoint_url: str | None = None, region: str | None = None,
-                     public_endpoint_url: str | None = None, addressing_style: AddressingStyle = "auto") -> Storage:
+def storage_from_url(
+    url: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    public_endpoint_url: str | None = None,
+    addressing_style: AddressingStyle = "auto",
+) -> Storage:
     """``file:///abs/path`` → :class:`LocalStorage`; ``s3://bucket/prefix`` → :class:`S3Storage`."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -323,6 +348,12 @@ def storage_from_url(url: str, endpoint_url: str | None = None, region: str | No
     if parsed.scheme == "s3":
         if not parsed.netloc:
             raise ValueError(f"storage URL {url!r} names no bucket")
-        return S3Storage(parsed.netloc, parsed.path, endpoint_url=endpoint_url, region=region,
-                         public_endpoint_url=public_endpoint_url, addressing_style=addressing_style)
+        return S3Storage(
+            parsed.netloc,
+            parsed.path,
+            endpoint_url=endpoint_url,
+            region=region,
+            public_endpoint_url=public_endpoint_url,
+            addressing_style=addressing_style,
+        )
     raise ValueError(f"unsupported storage URL {url!r}: use file:///path or s3://bucket[/prefix]")

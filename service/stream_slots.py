@@ -33,9 +33,18 @@ class StreamSlots:
     def _refuse(self, tenant_count: int, process_count: int) -> None:
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         if tenant_count >= self.per_tenant:
-            raise ApiError(429, "too_many_streams", f"{self.per_tenant} event streams of this API key are open "
-                           "already (MEGASR_MAX_EVENT_STREAMS_PER_TENANT); close one, or poll GET /v1/jobs/{id}",
-                           headers)
+            raise ApiError(
+                429,
+                "too_many_streams",
+                f"{self.per_tenant} event streams of this API key are open "
+                "already (MEGASR_MAX_EVENT_STREAMS_PER_TENANT); close one, or poll GET /v1/jobs/{id}",
+                headers,
+            )
         if process_count >= self.total:
-            raise ApiError(503, "too_many_streams", f"this API process has its {self.total} event streams open "
-                           "(MEGASR_MAX_EVENT_STREAMS); retry later, or poll GET /v1/jobs/{id}", headers)
+            raise ApiError(
+                503,
+                "too_many_streams",
+                f"this API process has its {self.total} event streams open "
+                "(MEGASR_MAX_EVENT_STREAMS); retry later, or poll GET /v1/jobs/{id}",
+                headers,
+            )

@@ -64,8 +64,9 @@ def current_trace_id() -> str | None:
 
 
 @contextmanager
-def span(name: str, parent: Mapping[str, str] | None = None, start_ns: int | None = None,
-         **attributes: Any) -> Iterator[Any]:
+def span(
+    name: str, parent: Mapping[str, str] | None = None, start_ns: int | None = None, **attributes: Any
+) -> Iterator[Any]:
     """A span around the block (a child of ``parent``, a W3C carrier, when given); None while off."""
     if _tracer is None:
         yield None
@@ -73,8 +74,9 @@ def span(name: str, parent: Mapping[str, str] | None = None, start_ns: int | Non
     from opentelemetry.propagate import extract
 
     context = extract(dict(parent)) if parent else None
-    with _tracer.start_as_current_span(name, context=context, start_time=start_ns,
-                                       attributes=_attributes(attributes)) as current:
+    with _tracer.start_as_current_span(
+        name, context=context, start_time=start_ns, attributes=_attributes(attributes)
+    ) as current:
         yield current
 
 
@@ -144,8 +146,9 @@ class TracingMiddleware:
             await send(message)
 
         method = scope.get("method", "GET")
-        with _tracer.start_as_current_span(method, context=extract(headers), kind=SpanKind.SERVER,
-                                           attributes={"http.request.method": method}) as current:
+        with _tracer.start_as_current_span(
+            method, context=extract(headers), kind=SpanKind.SERVER, attributes={"http.request.method": method}
+        ) as current:
             try:
                 await self.app(scope, receive, send_with_status)
             finally:

@@ -25,7 +25,10 @@ import httpcore
 
 RESPONSE_LIMIT = 64 * 1024  # bytes of a receiver's answer that are read at most
 HTTP_ERRORS: tuple[type[Exception], ...] = (
-    httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol,
+    httpcore.TimeoutException,
+    httpcore.NetworkError,
+    httpcore.ProtocolError,
+    httpcore.UnsupportedProtocol,
 )
 """What :func:`post` raises for a failed delivery (a timeout is a ``TimeoutException``)."""
 
@@ -60,13 +63,14 @@ class _DeadlineStream(httpcore.NetworkStream):
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         step = 16 * 1024  # the inner write restarts its timeout per send(): keep each send small
         for start in range(0, len(buffer), step):
-            self._inner.write(buffer[start:start + step], self._deadline.budget(timeout, httpcore.WriteTimeout))
+            self._inner.write(buffer[start : start + step], self._deadline.budget(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-                  timeout: float | None = None) -> httpcore.NetworkStream:
+    def start_tls(
+        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
         budget = self._deadline.budget(timeout, httpcore.ConnectTimeout)
         return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, budget), self._deadline)
 
@@ -82,8 +86,14 @@ class _PinnedBackend(httpcore.NetworkBackend):
         self._addresses, self._deadline = list(addresses), deadline
         self._sync = httpcore.SyncBackend()
 
-    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                    socket_options: Iterable[typing.Any] | None = None) -> httpcore.NetworkStream:
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[typing.Any] | None = None,
+    ) -> httpcore.NetworkStream:
         error: Exception = httpcore.ConnectError("no address to connect to")
         for address in self._addresses:
             budget = self._deadline.budget(timeout, httpcore.ConnectTimeout)
@@ -95,16 +105,25 @@ class _PinnedBackend(httpcore.NetworkBackend):
             return _DeadlineStream(stream, self._deadline)
         raise error
 
-    def connect_unix_socket(self, path: str, timeout: float | None = None,
-                            socket_options: Iterable[typing.Any] | None = None) -> httpcore.NetworkStream:
+    def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[typing.Any] | None = None
+    ) -> httpcore.NetworkStream:
         raise httpcore.UnsupportedProtocol("webhooks are delivered over TCP only")
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
 
-def post(url: str, addresses: Sequence[str], headers: dict[str, str], body: bytes, *, timeout_s: float,
-         ssl_context: ssl.SSLContext, response_limit: int = RESPONSE_LIMIT) -> WebhookResponse:
+def post(
+    url: str,
+    addresses: Sequence[str],
+    headers: dict[str, str],
+    body: bytes,
+    *,
+    timeout_s: float,
+    ssl_context: ssl.SSLContext,
+    response_limit: int = RESPONSE_LIMIT,
+) -> WebhookResponse:
     """POST ``body`` to ``url`` through one of ``addresses``, all within ``timeout_s`` seconds.
 
     ``headers`` must carry ``Host`` (the URL's authority). Redirects are not followed (a 3xx is
@@ -116,7 +135,7 @@ def post(url: str, addresses: Sequence[str], headers: dict[str, str], body: byte
         with pool.stream("POST", url, headers=headers, content=body, extensions={"timeout": timeouts}) as response:
             kept = bytearray()
             for chunk in response.iter_stream():
-                kept += chunk[:response_limit - len(kept)]
+                kept += chunk[: response_limit - len(kept)]
                 if len(kept) >= response_limit:
                     break  # leaving the block closes the connection, unread bytes and all
             return WebhookResponse(response.status, bytes(kept))

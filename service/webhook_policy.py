@@ -46,12 +46,16 @@ _V6 = ipaddress.IPv6Network
 # IANA IPv4 Special-Purpose Address Registry entries that are not globally reachable, and more.
 REFUSED_V4: tuple[ipaddress.IPv4Network, ...] = (
     _V4("0.0.0.0/8"),  # "this network", 0.0.0.0 included
-    _V4("10.0.0.0/8"), _V4("172.16.0.0/12"), _V4("192.168.0.0/16"),  # RFC 1918
+    _V4("10.0.0.0/8"),
+    _V4("172.16.0.0/12"),
+    _V4("192.168.0.0/16"),  # RFC 1918
     _V4("100.64.0.0/10"),  # shared address space (CGNAT): Alibaba's metadata is 100.100.100.200
     _V4("127.0.0.0/8"),  # loopback
     _V4("169.254.0.0/16"),  # link-local: 169.254.169.254 is the cloud metadata service
     _V4("192.0.0.0/24"),  # IETF protocol assignments (DS-Lite, NAT64 discovery, ...)
-    _V4("192.0.2.0/24"), _V4("198.51.100.0/24"), _V4("203.0.113.0/24"),  # documentation
+    _V4("192.0.2.0/24"),
+    _V4("198.51.100.0/24"),
+    _V4("203.0.113.0/24"),  # documentation
     _V4("192.88.99.0/24"),  # 6to4 relay anycast (deprecated, RFC 7526)
     _V4("198.18.0.0/15"),  # benchmarking
     _V4("224.0.0.0/4"),  # multicast
@@ -60,7 +64,8 @@ REFUSED_V4: tuple[ipaddress.IPv4Network, ...] = (
 GLOBAL_UNICAST_V6 = _V6("2000::/3")
 REFUSED_V6: tuple[ipaddress.IPv6Network, ...] = (
     _V6("2001::/23"),  # IETF protocol assignments, Teredo 2001::/32 among them
-    _V6("2001:db8::/32"), _V6("3fff::/20"),  # documentation
+    _V6("2001:db8::/32"),
+    _V6("3fff::/20"),  # documentation
 )
 IPV4_MAPPED = _V6("::ffff:0:0/96")
 IPV4_COMPATIBLE = _V6("::/96")

@@ -77,9 +77,22 @@ from .webhook_policy import (
     resolve_host,
 )
 
-__all__ = ["DROPPED_KEY", "DUE_KEY", "ID_HEADER", "MAX_ATTEMPTS", "SIGNATURE_HEADER", "TIMESTAMP_HEADER",
-           "WebhookDispatcher", "check_webhook_url", "circuit_id", "delivery_key", "payload", "schedule_in", "sign",
-           "verify"]
+__all__ = [
+    "DROPPED_KEY",
+    "DUE_KEY",
+    "ID_HEADER",
+    "MAX_ATTEMPTS",
+    "SIGNATURE_HEADER",
+    "TIMESTAMP_HEADER",
+    "WebhookDispatcher",
+    "check_webhook_url",
+    "circuit_id",
+    "delivery_key",
+    "payload",
+    "schedule_in",
+    "sign",
+    "verify",
+]
 
 log = logging.getLogger("megasr.webhooks")
 DUE_KEY = "megasr:webhooks:due"
@@ -129,8 +142,16 @@ def verify(secret: bytes, header: str, body: bytes, tolerance_s: int = 300, now:
 def schedule_in(pipe: redis.client.Pipeline, record: JobRecord, delay_s: float = 0.0) -> None:
     """Add a delivery for ``record`` to a Redis transaction (called with the final transition)."""
     delivery_id, url, now = uuid.uuid4().hex, str(record.params.webhook_url), time.time()
-    pipe.hset(delivery_key(delivery_id), mapping={"job_id": record.id, "url": url, "attempt": 0,
-                                                  "tenant": record.tenant, "circuit": circuit_id(record.tenant, url)})
+    pipe.hset(
+        delivery_key(delivery_id),
+        mapping={
+            "job_id": record.id,
+            "url": url,
+            "attempt": 0,
+            "tenant": record.tenant,
+            "circuit": circuit_id(record.tenant, url),
+        },
+    )
     pipe.zadd(DUE_KEY, {delivery_id: now + delay_s})
     pipe.zadd(PENDING_PREFIX + record.tenant, {delivery_id: now})
     pipe.sadd(GROWN_KEY, record.tenant)
@@ -150,7 +171,8 @@ def payload(record: JobRecord, public_url: str | None) -> bytes:
         "output": {"width": record.output_width, "height": record.output_height} if record.output_width else None,
         "error": record.error.model_dump() if record.error else None,
         "result_url": f"{public_url.rstrip('/')}/v1/jobs/{record.id}/result"
-        if public_url and record.status.value == "succeeded" else None,
+        if public_url and record.status.value == "succeeded"
+        else None,
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -264,12 +286,25 @@ class Claim:
 class WebhookDispatcher:
     """Sends due deliveries on a bounded thread pool; safe to run in several processes at once."""
 
-    def __init__(self, client: redis.Redis, jobs, secret: bytes, public_url: str | None = None,
-                 retry_base_s: float = 2.0, timeout_s: float = 5.0, concurrency: int = 8,
-                 allow_private: bool = False, resolve: Resolver = resolve_host,
-                 ssl_context: ssl.SSLContext | None = None, lease_slack_s: float = LEASE_SLACK_S, *,
-                 tenant_concurrency: int = 2, circuit_failures: int = 5, circuit_cooldown_s: float = 60.0,
-                 max_pending_per_tenant: int = 500) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        jobs,
+        secret: bytes,
+        public_url: str | None = None,
+        retry_base_s: float = 2.0,
+        timeout_s: float = 5.0,
+        concurrency: int = 8,
+        allow_private: bool = False,
+        resolve: Resolver = resolve_host,
+        ssl_context: ssl.SSLContext | None = None,
+        lease_slack_s: float = LEASE_SLACK_S,
+        *,
+        tenant_concurrency: int = 2,
+        circuit_failures: int = 5,
+        circuit_cooldown_s: float = 60.0,
+        max_pending_per_tenant: int = 500,
+    ) -> None:
         self.redis, self.jobs, self.secret = client, jobs, secret
         self.public_url, self.retry_base_s = public_url, retry_base_s
         self.timeout_s, self.concurrency, self.lease_slack_s = timeout_s, concurrency, lease_slack_s
@@ -300,19 +335,26 @@ class WebhookDispatcher:
         # max_pending deliveries, so every claimable delivery is reached within this many.
         max_passed = (self.concurrency // self.tenant_concurrency + 1) * self.max_pending_per_tenant
         counts = [item for tenant, count in (in_flight or {}).items() if count for item in (tenant, count)]
-        raw = self._claim_script(keys=[DUE_KEY, delivery_key("")], args=[
-            repr(now), repr(lease_until), limit, self.tenant_concurrency, max_passed, CIRCUIT_PREFIX, *counts])
+        raw = self._claim_script(
+            keys=[DUE_KEY, delivery_key("")],
+            args=[repr(now), repr(lease_until), limit, self.tenant_concurrency, max_passed, CIRCUIT_PREFIX, *counts],
+        )
         fields = [item.decode() for item in raw]
         return [Claim(fields[i], lease_until, fields[i + 1], fields[i + 2]) for i in range(0, len(fields), 3)]
 
     def drop_backlog(self) -> int:
         """Drop the newest deliveries of tenants over ``max_pending_per_tenant``; returns how many."""
-        raw = self._trim_script(keys=[DUE_KEY, GROWN_KEY, DROPPED_KEY],
-                                args=[self.max_pending_per_tenant, PENDING_PREFIX, delivery_key("")])
+        raw = self._trim_script(
+            keys=[DUE_KEY, GROWN_KEY, DROPPED_KEY], args=[self.max_pending_per_tenant, PENDING_PREFIX, delivery_key("")]
+        )
         fields = [item.decode() for item in raw]
         for tenant, job_id in zip(fields[::2], fields[1::2]):
-            log.warning("webhook for job %s dropped: tenant %s has %d deliveries waiting (backlog cap)",
-                        job_id, tenant, self.max_pending_per_tenant)
+            log.warning(
+                "webhook for job %s dropped: tenant %s has %d deliveries waiting (backlog cap)",
+                job_id,
+                tenant,
+                self.max_pending_per_tenant,
+            )
         return len(fields) // 2
 
     def dispatch_due(self, limit: int = 50) -> list[Future[bool]]:
@@ -377,15 +419,21 @@ class WebhookDispatcher:
                 self.redis.delete(key)
                 return
             keep_s = int(self.circuit_cooldown_s) + 600  # forgotten 10 min after the last failure
-            failures = self._circuit_failure_script(keys=[key], args=[
-                self.circuit_failures, repr(time.time() + self.circuit_cooldown_s), keep_s])
+            failures = self._circuit_failure_script(
+                keys=[key], args=[self.circuit_failures, repr(time.time() + self.circuit_cooldown_s), keep_s]
+            )
         except redis.RedisError as exc:
             log.warning("webhook circuit of delivery %s not updated: %s", claim.delivery_id, exc)
             return
         if int(failures) == self.circuit_failures:
-            log.warning("webhooks of tenant %s to %s: %d attempts in a row did not reach the host; its deliveries "
-                        "there are deferred for %.0f s at a time until one succeeds", claim.tenant,
-                        urlsplit(url).netloc.rpartition("@")[2], failures, self.circuit_cooldown_s)
+            log.warning(
+                "webhooks of tenant %s to %s: %d attempts in a row did not reach the host; its deliveries "
+                "there are deferred for %.0f s at a time until one succeeds",
+                claim.tenant,
+                urlsplit(url).netloc.rpartition("@")[2],
+                failures,
+                self.circuit_cooldown_s,
+            )
 
     def send(self, delivery_id: str, url: str, body: bytes) -> tuple[bool, str]:
         """POST ``body`` once: resolve and check the host now, connect to a checked address. The time
@@ -406,9 +454,14 @@ class WebhookDispatcher:
         if left <= 0:
             return False, "deadline exceeded while resolving", True
         timestamp = int(time.time())
-        headers = {"Host": target.authority, "Content-Type": "application/json", "User-Agent": "megasr-webhooks/1",
-                   ID_HEADER: delivery_id, TIMESTAMP_HEADER: str(timestamp),
-                   SIGNATURE_HEADER: sign(self.secret, timestamp, body)}
+        headers = {
+            "Host": target.authority,
+            "Content-Type": "application/json",
+            "User-Agent": "megasr-webhooks/1",
+            ID_HEADER: delivery_id,
+            TIMESTAMP_HEADER: str(timestamp),
+            SIGNATURE_HEADER: sign(self.secret, timestamp, body),
+        }
         try:
             response = post(url, addresses, headers, body, timeout_s=left, ssl_context=self.ssl_context)
         except HTTP_ERRORS as exc:
@@ -420,24 +473,26 @@ class WebhookDispatcher:
         delivered webhook into a duplicate when the lease ends)."""
         while True:
             try:
-                recorded = self._settle_script(keys=[DUE_KEY, delivery_key(claim.delivery_id),
-                                                     PENDING_PREFIX + claim.tenant],
-                                               args=[claim.delivery_id, repr(claim.lease_until), outcome, attempt,
-                                                     repr(next_due)])
+                recorded = self._settle_script(
+                    keys=[DUE_KEY, delivery_key(claim.delivery_id), PENDING_PREFIX + claim.tenant],
+                    args=[claim.delivery_id, repr(claim.lease_until), outcome, attempt, repr(next_due)],
+                )
                 break
             except (redis.ConnectionError, redis.TimeoutError):  # BusyLoadingError (restarting) is one
                 if time.time() + SETTLE_RETRY_S >= claim.lease_until:
                     raise
                 time.sleep(SETTLE_RETRY_S)
         if not recorded:
-            log.warning("webhook delivery %s: lease ran out before the outcome (%s) was recorded",
-                        claim.delivery_id, outcome)  # pragma: no mutate
+            log.warning(
+                "webhook delivery %s: lease ran out before the outcome (%s) was recorded", claim.delivery_id, outcome
+            )  # pragma: no mutate
         return bool(recorded)
 
     # -------------------------------------------------------------- the thread
 
     def start(self, interval_s: float = 0.5) -> threading.Thread:
         """Dispatch due deliveries every ``interval_s`` until :meth:`stop`, never waiting for one."""
+
         def loop() -> None:
             while not self._stop.wait(interval_s):
                 try:

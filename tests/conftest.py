@@ -77,15 +77,17 @@ def tiny_base() -> tuple[UNet2DConditionModel, ControlNetModel]:
     """Vanilla diffusers UNet + ControlNet of the tiny preset (never modified: copy before use)."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**TINY.unet).eval()
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY.controlnet_conditioning_channels).eval()
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=TINY.controlnet_conditioning_channels
+    ).eval()
     # Random ControlNet zero-convs, so the ControlNet actually changes the UNet's output.
     with torch.no_grad():
         for name, param in controlnet.named_parameters():
-            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+            if name.startswith(
+                ("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")
+            ):
                 param.normal_(0, 0.05)
     return unet, controlnet
-
-
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,14 @@ def sampling(monkeypatch) -> list[dict]:
     def recording(self, images, *args, callback=None, **kwargs):
         steps: list[int] = []
         out = original(self, images, *args, callback=lambda done, total: steps.append(done), **kwargs)
-        calls.append({"family": self.family.name, "steps": kwargs.get("num_inference_steps"),
-                      "guidance_scale": kwargs.get("guidance_scale"), "steps_run": len(steps)})
+        calls.append(
+            {
+                "family": self.family.name,
+                "steps": kwargs.get("num_inference_steps"),
+                "guidance_scale": kwargs.get("guidance_scale"),
+                "steps_run": len(steps),
+            }
+        )
         return out
 
     monkeypatch.setattr(MegaSRPipeline, "__call__", recording)
@@ -36,18 +42,46 @@ FAMILY_SECTIONS = ("seesr_eager", "seesr_cuda_graphs", "seesr_turbo_eager", "see
 
 def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path, sampling):
     out = tmp_path / "suite.json"
-    result = runner.invoke(app, ["bench", "gpu", "--preset", "tiny", "--size", "64", "--steps", "1",
-                                 "--batches", "1,2", "--scopes=", "--large", "128", "--repeats", "1", "--budget-s", "3600",
-                                 "--output", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "gpu",
+            "--preset",
+            "tiny",
+            "--size",
+            "64",
+            "--steps",
+            "1",
+            "--batches",
+            "1,2",
+            "--scopes=",
+            "--large",
+            "128",
+            "--repeats",
+            "1",
+            "--budget-s",
+            "3600",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert json.loads(result.stdout[result.stdout.index("{"):]) == report
+    assert json.loads(result.stdout[result.stdout.index("{") :]) == report
     assert report["errors"] == {} and report["skipped"] == []
     assert report["settings"]["preset"] == "tiny" and report["environment"]["versions"]["torch"]
     assert report["settings"]["single_repeats"] == 1
     sections = report["sections"]
-    assert set(sections) == {"build", "baseline", "megasr_eager", "megasr_cuda_graphs", "denoiser_breakdown", "megasr_large",
-                             *FAMILY_SECTIONS}
+    assert set(sections) == {
+        "build",
+        "baseline",
+        "megasr_eager",
+        "megasr_cuda_graphs",
+        "denoiser_breakdown",
+        "megasr_large",
+        *FAMILY_SECTIONS,
+    }
     for batch in ("1", "2"):
         row = sections["megasr_eager"][batch]
         assert row["images_per_s"] > 0 and row["ratio_to_baseline"] > 0
@@ -78,10 +112,14 @@ def check_family_sections(report: dict, sampling: list[dict]) -> None:
             assert row["images_per_s"] == pytest.approx(int(batch) / row["total_s"], abs=2e-3)
             if turbo:  # no CFG, different steps: no ratio to the CFG baseline, but Turbo over SeeSR
                 seesr = sections[f"seesr_{mode}"][batch]
-                assert "ratio_to_baseline" not in row and row["speedup_over_seesr"] == round(seesr["total_s"] / row["total_s"], 2)
+                assert "ratio_to_baseline" not in row and row["speedup_over_seesr"] == round(
+                    seesr["total_s"] / row["total_s"], 2
+                )
             else:
                 megasr = sections[f"megasr_{mode}"][batch]
-                assert row["ratio_to_baseline"] > 0 and row["ratio_to_megasr"] == round(row["total_s"] / megasr["total_s"], 3)
+                assert row["ratio_to_baseline"] > 0 and row["ratio_to_megasr"] == round(
+                    row["total_s"] / megasr["total_s"], 3
+                )
         if mode == "cuda_graphs":
             assert section["graph_shapes"] == 2 and section["capture_failure"] is None and section["static_calls"] > 0
         assert summary[f"{name}_single_image_p50_s"] == section["1"]["total_s"]
@@ -95,8 +133,28 @@ def check_family_sections(report: dict, sampling: list[dict]) -> None:
 
 def test_gpu_suite_skips_sections_past_its_budget(tmp_path):
     out = tmp_path / "suite.json"
-    result = runner.invoke(app, ["bench", "gpu", "--preset", "tiny", "--size", "64", "--steps", "1",
-                                 "--batches", "1", "--scopes=", "--large", "0", "--budget-s", "-1", "--output", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "gpu",
+            "--preset",
+            "tiny",
+            "--size",
+            "64",
+            "--steps",
+            "1",
+            "--batches",
+            "1",
+            "--scopes=",
+            "--large",
+            "0",
+            "--budget-s",
+            "-1",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert [entry["section"] for entry in report["skipped"]] == ["build"]  # nothing else can run without it
@@ -109,18 +167,42 @@ def test_unknown_benchmark_is_an_error():
 
 
 def test_bench_batch_reports_speedup_over_single_runs():
-    result = runner.invoke(app, ["bench", "pipeline", "--preset", "tiny", "--size", "64", "--steps", "1", "--batch", "2"])
+    result = runner.invoke(
+        app, ["bench", "pipeline", "--preset", "tiny", "--size", "64", "--steps", "1", "--batch", "2"]
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["batch"] == 2 and report["single_image_runs_s"] > 0
     assert report["batch_speedup"] == round(report["single_image_runs_s"] / report["total_s"], 3)
 
 
 def test_gpu_suite_runs_only_the_chosen_sections(tmp_path):
     out = tmp_path / "suite.json"
-    result = runner.invoke(app, ["bench", "gpu", "--preset", "tiny", "--size", "64", "--steps", "2",
-                                 "--batches", "1", "--scopes", "blocks+graphs", "--large", "0",
-                                 "--sections", "megasr_compiled_blocks+graphs", "--device", "cpu", "--output", str(out)])
+    result = runner.invoke(
+        app,
+        [
+            "bench",
+            "gpu",
+            "--preset",
+            "tiny",
+            "--size",
+            "64",
+            "--steps",
+            "2",
+            "--batches",
+            "1",
+            "--scopes",
+            "blocks+graphs",
+            "--large",
+            "0",
+            "--sections",
+            "megasr_compiled_blocks+graphs",
+            "--device",
+            "cpu",
+            "--output",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     assert report["errors"] == {}

@@ -25,7 +25,10 @@ def test_init_tiny_through_the_console_script(tmp_path):
     target = tmp_path / "tiny"
     result = subprocess.run(
         [*megasr_executable(), "weights", "init-tiny", str(target)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert result.returncode == 0, result.stderr
     assert "untrained" in result.stdout
@@ -62,7 +65,9 @@ def test_info_errors_are_clear(tmp_path):
 
 def test_loading_the_cli_loads_neither_torch_nor_the_service():
     """Commands import what they run when they run: `megasr --help` needs no torch and no [serve] extra."""
-    code = ("import sys, megasr_core.cli; "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'service', 'worker', 'fastapi'}))")
+    code = (
+        "import sys, megasr_core.cli; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'service', 'worker', 'fastapi'}))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.strip() == "[]"

@@ -20,7 +20,10 @@ runner = CliRunner()
 def megasr(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     script = Path(sys.executable).with_name("megasr")
     return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, timeout=900,
+        [str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
         env={**os.environ, **(env or {})},
     )
 
@@ -31,8 +34,20 @@ def test_upscale_a_folder_of_photos(tmp_path, tiny_weights):
     Image.fromarray(data.chelsea()).resize((45, 30)).save(inputs / "cat.png")
     Image.fromarray(data.coffee()).resize((40, 27)).save(inputs / "coffee.jpg", quality=90)
     (inputs / "notes.txt").write_text("not an image")  # ignored: not an image suffix
-    result = megasr("upscale", str(inputs), "-o", str(tmp_path / "out"), "--weights", str(tiny_weights),
-                    "--steps", "2", "--seed", "1", "--format", "jpeg")
+    result = megasr(
+        "upscale",
+        str(inputs),
+        "-o",
+        str(tmp_path / "out"),
+        "--weights",
+        str(tiny_weights),
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--format",
+        "jpeg",
+    )
     assert result.returncode == 0, result.stderr
     with Image.open(tmp_path / "out" / "cat.jpg") as cat:
         assert cat.size == (180, 120) and cat.format == "JPEG"
@@ -45,18 +60,23 @@ def test_upscale_single_file_and_errors(tmp_path, tiny_weights):
     source = tmp_path / "astronaut.png"
     Image.fromarray(data.astronaut()).resize((32, 32)).save(source)
     target = tmp_path / "big.webp"
-    ok = runner.invoke(app, ["upscale", str(source), "-o", str(target), "--weights", str(tiny_weights),
-                             "--steps", "1", "--scale", "2"])
+    ok = runner.invoke(
+        app, ["upscale", str(source), "-o", str(target), "--weights", str(tiny_weights), "--steps", "1", "--scale", "2"]
+    )
     assert ok.exit_code == 0, ok.output
     with Image.open(target) as image:
         assert image.size == (64, 64) and image.format == "WEBP"
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(source.read_bytes()[:100])
-    bad = runner.invoke(app, ["upscale", str(broken), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "--steps", "1"])
+    bad = runner.invoke(
+        app, ["upscale", str(broken), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "--steps", "1"]
+    )
     assert bad.exit_code == 1 and "truncated or corrupt" in bad.output
 
-    scale = runner.invoke(app, ["upscale", str(source), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "--scale", "20"])
+    scale = runner.invoke(
+        app, ["upscale", str(source), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "--scale", "20"]
+    )
     assert scale.exit_code == 1 and "scale must be" in scale.output
 
     missing = runner.invoke(app, ["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o")])
@@ -74,9 +94,11 @@ def test_without_weights_the_demo_weights_are_made_with_a_warning(tmp_path):
 
 
 def test_bench_prints_json():
-    result = runner.invoke(app, ["bench", "pipeline", "--preset", "tiny", "--size", "128", "--steps", "2", "--device", "cpu"])
+    result = runner.invoke(
+        app, ["bench", "pipeline", "--preset", "tiny", "--size", "128", "--steps", "2", "--device", "cpu"]
+    )
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout[result.stdout.index("{"):])
+    report = json.loads(result.stdout[result.stdout.index("{") :])
     assert report["steps"] == 2 and report["output_size"] == 128
     for stage in ("extractors", "text_encoding", "vae_encode", "denoise", "vae_decode", "postprocess"):
         assert stage in report["stages_s"]

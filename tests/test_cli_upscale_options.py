@@ -78,16 +78,39 @@ def test_recursive_mirrors_sub_folders_and_quality_sets_the_encoder(tmp_path, ti
     assert flat.exit_code == 0, flat.output
     assert sorted(p.name for p in (tmp_path / "flat").rglob("*.png")) == ["top.png"]
 
-    best = _upscale(root, "-o", tmp_path / "best", "--recursive", "--format", "jpeg", "--quality", "100",
-                    "--scale", "2", weights=tiny_weights)
+    best = _upscale(
+        root,
+        "-o",
+        tmp_path / "best",
+        "--recursive",
+        "--format",
+        "jpeg",
+        "--quality",
+        "100",
+        "--scale",
+        "2",
+        weights=tiny_weights,
+    )
     assert best.exit_code == 0, best.output
     found = sorted(p.relative_to(tmp_path / "best").as_posix() for p in (tmp_path / "best").rglob("*.jpg"))
     assert found == ["2024/june/deep.jpg", "2024/mid.jpg", "top.jpg"]
 
-    worst = _upscale(root / "2024" / "june", "-o", tmp_path / "worst", "--format", "jpeg", "--quality", "5",
-                     "--scale", "2", weights=tiny_weights)
+    worst = _upscale(
+        root / "2024" / "june",
+        "-o",
+        tmp_path / "worst",
+        "--format",
+        "jpeg",
+        "--quality",
+        "5",
+        "--scale",
+        "2",
+        weights=tiny_weights,
+    )
     assert worst.exit_code == 0, worst.output
-    assert (tmp_path / "worst" / "deep.jpg").stat().st_size < (tmp_path / "best" / "2024" / "june" / "deep.jpg").stat().st_size
+    assert (tmp_path / "worst" / "deep.jpg").stat().st_size < (
+        tmp_path / "best" / "2024" / "june" / "deep.jpg"
+    ).stat().st_size
 
     out_of_range = _upscale(root, "-o", tmp_path / "x", "--quality", "0", weights=tiny_weights)
     assert out_of_range.exit_code == 2

@@ -20,7 +20,7 @@ DOCS = ROOT / "docs"
 README_MAX_LINES = 200
 SETUP_COMMAND = (
     "python3 -m venv .venv && .venv/bin/pip install -c constraints/cpu.txt -e '.[dev]' && "
-    ".venv/bin/python -c \"from skimage import data; from PIL import Image; "
+    '.venv/bin/python -c "from skimage import data; from PIL import Image; '
     "Image.fromarray(data.chelsea()).resize((113, 75)).save('cat.png')\" && "
     ".venv/bin/megasr upscale cat.png -o upscaled/"
 )
@@ -141,9 +141,24 @@ def undocumented(names: list[str], text: str) -> list[str]:
 def test_the_documentation_files_exist():
     assert README.is_file() and CHANGELOG.is_file() and (DOCS / "README.md").is_file()
     pages = {p.name for p in DOCS.glob("*.md")}
-    for name in ("model.md", "extractors.md", "departures.md", "pipeline.md", "weights.md", "training.md",
-                 "evaluation.md", "api.md", "workers.md", "configuration.md", "security.md", "metrics.md",
-                 "deploy.md", "benchmarks.md", "testing.md", "mutation-survivors.md"):
+    for name in (
+        "model.md",
+        "extractors.md",
+        "departures.md",
+        "pipeline.md",
+        "weights.md",
+        "training.md",
+        "evaluation.md",
+        "api.md",
+        "workers.md",
+        "configuration.md",
+        "security.md",
+        "metrics.md",
+        "deploy.md",
+        "benchmarks.md",
+        "testing.md",
+        "mutation-survivors.md",
+    ):
         assert name in pages, f"docs/{name} is missing"
 
 
@@ -193,7 +208,9 @@ def test_every_setting_is_in_the_configuration_page():
 def test_slugs_follow_githubs_rules():
     assert slug("Models: one deployment, several models") == "models-one-deployment-several-models"
     assert slug("GPU figures (NVIDIA H200)") == "gpu-figures-nvidia-h200"
-    assert slug("The pipeline (`MegaSRPipeline`) and `megasr upscale`") == "the-pipeline-megasrpipeline-and-megasr-upscale"
+    assert (
+        slug("The pipeline (`MegaSRPipeline`) and `megasr upscale`") == "the-pipeline-megasrpipeline-and-megasr-upscale"
+    )
     assert slug("3. Kubernetes with a GPU node pool") == "3-kubernetes-with-a-gpu-node-pool"
     assert slug("snake_case and-dash") == "snake_case-and-dash"
 

@@ -26,6 +26,8 @@ from tests.hub_cache import EXTRA, populate_hf_cache
 REPO = "megasr-test/tiny"
 MAIN = "a" * 40  # commit of refs/main
 TAGGED = "b" * 40  # commit of refs/v1 (huggingface_hub stores a ref under the name it was asked for)
+
+
 @pytest.fixture(scope="session")
 def hf_home(tmp_path_factory, tiny_weights) -> Path:
     """An HF_HOME whose cache holds ``REPO`` at two commits: main and tag v1."""
@@ -45,8 +47,8 @@ def offline_hub(hf_home, monkeypatch) -> Path:
 
 def test_allow_patterns_select_the_weights_layout(tiny_weights):
     """snapshot_download filters with these patterns: every layout file, nothing else of the repo."""
-    from megasr_core.weights.hub import REQUIRED_DIRS, REQUIRED_FILES
     from megasr_core.models.config import CONFIG_NAME
+    from megasr_core.weights.hub import REQUIRED_DIRS, REQUIRED_FILES
     from megasr_core.weights.layout import COMPONENTS, MODEL_INDEX
 
     assert set(REQUIRED_DIRS) == set(COMPONENTS) and set(REQUIRED_FILES) == {MODEL_INDEX, CONFIG_NAME}
@@ -116,8 +118,19 @@ def test_cli_takes_hub_ids(hf_home, tmp_path):
     source = tmp_path / "in.png"
     Image.new("RGB", (20, 12), (30, 160, 90)).save(source)
     env = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "MEGASR_WEIGHTS": ""}
-    ok = megasr("upscale", str(source), "-o", str(tmp_path / "out.png"), "--weights", f"hf://{REPO}@v1",
-                "--steps", "1", "--scale", "2", env=env)
+    ok = megasr(
+        "upscale",
+        str(source),
+        "-o",
+        str(tmp_path / "out.png"),
+        "--weights",
+        f"hf://{REPO}@v1",
+        "--steps",
+        "1",
+        "--scale",
+        "2",
+        env=env,
+    )
     assert ok.returncode == 0, ok.stderr
     with Image.open(tmp_path / "out.png") as image:
         assert image.size == (40, 24)
@@ -126,8 +139,15 @@ def test_cli_takes_hub_ids(hf_home, tmp_path):
     assert info.returncode == 0, info.stderr
     assert '"parameters"' in info.stdout
 
-    missing = megasr("upscale", str(source), "-o", str(tmp_path / "o.png"), "--steps", "1",
-                     env={**env, "MEGASR_WEIGHTS": "hf://megasr-test/missing@v3"})
+    missing = megasr(
+        "upscale",
+        str(source),
+        "-o",
+        str(tmp_path / "o.png"),
+        "--steps",
+        "1",
+        env={**env, "MEGASR_WEIGHTS": "hf://megasr-test/missing@v3"},
+    )
     assert missing.returncode == 2
     assert "megasr-test/missing" in missing.stderr and "HF_HUB_OFFLINE" in missing.stderr
     assert "Traceback" not in missing.stderr

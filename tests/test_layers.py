@@ -28,23 +28,57 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("megasr_core", "service", "worker")
 
 CORE, FOUNDATION_FLOOR, JOBSYSTEM, WORKER, HTTP_FLOOR, ENTRY_FLOOR = (
-    "core", "foundation", "jobsystem", "worker", "http", "entry")
+    "core",
+    "foundation",
+    "jobsystem",
+    "worker",
+    "http",
+    "entry",
+)
 #: height of each floor; worker and http share one height but never import each other
 RANK = {CORE: 0, FOUNDATION_FLOOR: 1, JOBSYSTEM: 2, WORKER: 3, HTTP_FLOOR: 3, ENTRY_FLOOR: 4}
 
 #: service modules both the API and the worker use (no FastAPI, no job system)
-FOUNDATION = frozenset({
-    "service", "service.config", "service.contracts", "service.storage", "service.logging_setup",
-    "service.tracing", "service.faults", "service.decode_budget", "service.rate_limit", "service.webhooks",
-    "service.webhook_http", "service.webhook_policy", "service.models_registry", "service.redis_health",
-    "service.local_workers", "service.client", "service.anonymity",
-})
+FOUNDATION = frozenset(
+    {
+        "service",
+        "service.config",
+        "service.contracts",
+        "service.storage",
+        "service.logging_setup",
+        "service.tracing",
+        "service.faults",
+        "service.decode_budget",
+        "service.rate_limit",
+        "service.webhooks",
+        "service.webhook_http",
+        "service.webhook_policy",
+        "service.models_registry",
+        "service.redis_health",
+        "service.local_workers",
+        "service.client",
+        "service.anonymity",
+    }
+)
 #: the HTTP layer at service/'s top level (``service.routes.*`` is HTTP by prefix)
-HTTP = frozenset({
-    "service.app", "service.deps", "service.errors", "service.body_limits", "service.events",
-    "service.event_poller", "service.hosts", "service.http_protocol", "service.images", "service.prometheus",
-    "service.probes", "service.request_limits", "service.stream_slots", "service.server_options",
-})
+HTTP = frozenset(
+    {
+        "service.app",
+        "service.deps",
+        "service.errors",
+        "service.body_limits",
+        "service.events",
+        "service.event_poller",
+        "service.hosts",
+        "service.http_protocol",
+        "service.images",
+        "service.prometheus",
+        "service.probes",
+        "service.request_limits",
+        "service.stream_slots",
+        "service.server_options",
+    }
+)
 #: processes' entry points besides the CLI (``megasr_core.cli*``): the API server, the API load benchmark
 ENTRY = frozenset({"service.api_server", "megasr_core.benchmarks.load_api"})
 
@@ -102,7 +136,8 @@ def find_modules(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, 
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _nearest(name: str, modules: dict[str, Path]) -> str:
@@ -136,7 +171,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> list[Import
                 found.append(Import(module, _nearest(alias.name, modules), node.lineno, lazy, type_checking))
         elif isinstance(node, ast.ImportFrom):
             if node.level:
-                base = ".".join(package[:len(package) - (node.level - 1)])
+                base = ".".join(package[: len(package) - (node.level - 1)])
                 origin = f"{base}.{node.module}" if node.module else base
             else:
                 origin = node.module or ""
@@ -240,15 +275,22 @@ def forbidden_imports(imports: list[Import]) -> list[str]:
 
 def core_imports_of_the_service(imports: list[Import]) -> list[str]:
     """Module-level imports of ``service`` or ``worker`` from anywhere in ``megasr_core``."""
-    return [str(i) for i in imports
-            if i.source.split(".")[0] == "megasr_core" and not i.lazy and not i.type_checking
-            and i.target.split(".")[0] in ("service", "worker")]
+    return [
+        str(i)
+        for i in imports
+        if i.source.split(".")[0] == "megasr_core"
+        and not i.lazy
+        and not i.type_checking
+        and i.target.split(".")[0] in ("service", "worker")
+    ]
 
 
 def loaded_after_import(modules: list[str], watched: tuple[str, ...], cwd: Path = ROOT) -> list[str]:
     """Which of ``watched`` are in ``sys.modules`` after a fresh interpreter imports ``modules``."""
-    script = (f"import importlib, json, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
-              f"print(json.dumps([m for m in {list(watched)!r} if m in sys.modules]))")
+    script = (
+        f"import importlib, json, sys\nfor name in {modules!r}:\n    importlib.import_module(name)\n"
+        f"print(json.dumps([m for m in {list(watched)!r} if m in sys.modules]))"
+    )
     done = subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -266,7 +308,8 @@ def test_every_module_has_a_floor():
     unplaced = unplaced_modules(ROOT)
     assert not unplaced, (
         f"modules without a floor: {unplaced}; add each to FOUNDATION, HTTP or ENTRY in tests/test_layers.py "
-        "(or give its package a prefix rule in floor_of)")
+        "(or give its package a prefix rule in floor_of)"
+    )
 
 
 def test_no_import_cycles(imports):
@@ -306,20 +349,23 @@ def _tree(root: Path, files: dict[str, str]) -> Path:
 
 
 def test_the_checks_pass_a_clean_synthetic_tree(tmp_path):
-    root = _tree(tmp_path, {
-        "megasr_core/__init__.py": "",
-        "megasr_core/geometry.py": "import math\n",
-        "service/__init__.py": "",
-        "service/contracts.py": "from megasr_core.geometry import math\n",
-        "service/jobsystem/__init__.py": "",
-        "service/jobsystem/store.py": "from service.contracts import x\nfrom . import keys\n",
-        "service/jobsystem/keys.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .store import y\n",
-        "service/app.py": "import fastapi\nfrom .jobsystem import store\n",
-        "worker/__init__.py": "",
-        "worker/tasks.py": "from service.jobsystem.store import z\ndef f():\n    from megasr_core import geometry\n",
-        "service/api_server.py": "from .app import a\n",
-        "megasr_core/cli/__init__.py": "def serve():\n    from service.app import create_app\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "megasr_core/__init__.py": "",
+            "megasr_core/geometry.py": "import math\n",
+            "service/__init__.py": "",
+            "service/contracts.py": "from megasr_core.geometry import math\n",
+            "service/jobsystem/__init__.py": "",
+            "service/jobsystem/store.py": "from service.contracts import x\nfrom . import keys\n",
+            "service/jobsystem/keys.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .store import y\n",
+            "service/app.py": "import fastapi\nfrom .jobsystem import store\n",
+            "worker/__init__.py": "",
+            "worker/tasks.py": "from service.jobsystem.store import z\ndef f():\n    from megasr_core import geometry\n",
+            "service/api_server.py": "from .app import a\n",
+            "megasr_core/cli/__init__.py": "def serve():\n    from service.app import create_app\n",
+        },
+    )
     found = all_imports(root)
     assert unplaced_modules(root) == []
     assert import_cycles(found) == []
@@ -334,45 +380,57 @@ def test_a_module_without_a_floor_is_named(tmp_path):
 
 
 def test_a_cycle_is_found_but_not_through_lazy_or_type_checking_imports(tmp_path):
-    root = _tree(tmp_path, {
-        "service/jobsystem/__init__.py": "",
-        "service/jobsystem/a.py": "from . import b\n",
-        "service/jobsystem/b.py": "from .c import x\n",
-        "service/jobsystem/c.py": "import service.jobsystem.a\n",
-        "service/jobsystem/d.py": "from . import e\n",
-        "service/jobsystem/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import d\n"
-                                  "def f():\n    from . import d\n",
-    })
-    assert import_cycles(all_imports(root)) == [
-        ["service.jobsystem.a", "service.jobsystem.b", "service.jobsystem.c"]]
+    root = _tree(
+        tmp_path,
+        {
+            "service/jobsystem/__init__.py": "",
+            "service/jobsystem/a.py": "from . import b\n",
+            "service/jobsystem/b.py": "from .c import x\n",
+            "service/jobsystem/c.py": "import service.jobsystem.a\n",
+            "service/jobsystem/d.py": "from . import e\n",
+            "service/jobsystem/e.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import d\n"
+            "def f():\n    from . import d\n",
+        },
+    )
+    assert import_cycles(all_imports(root)) == [["service.jobsystem.a", "service.jobsystem.b", "service.jobsystem.c"]]
 
 
 def test_upward_and_sideways_imports_are_found(tmp_path):
-    root = _tree(tmp_path, {
-        "megasr_core/geometry.py": "def f():\n    from service.contracts import x\n",
-        "service/contracts.py": "",
-        "service/config.py": "from service.jobsystem import store\n",
-        "service/jobsystem/__init__.py": "",
-        "service/jobsystem/store.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import worker.tasks\n",
-        "worker/tasks.py": "from service import images\n",
-        "service/images.py": "def f():\n    import worker.tasks\n",
-        "service/api_server.py": "import worker.tasks\nfrom service import images\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "megasr_core/geometry.py": "def f():\n    from service.contracts import x\n",
+            "service/contracts.py": "",
+            "service/config.py": "from service.jobsystem import store\n",
+            "service/jobsystem/__init__.py": "",
+            "service/jobsystem/store.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import worker.tasks\n",
+            "worker/tasks.py": "from service import images\n",
+            "service/images.py": "def f():\n    import worker.tasks\n",
+            "service/api_server.py": "import worker.tasks\nfrom service import images\n",
+        },
+    )
     wrong = upward_imports(all_imports(root))
     assert [line.split(" ")[0] for line in wrong] == [
-        "megasr_core.geometry:2", "service.config:1", "service.images:2", "service.jobsystem.store:3",
-        "worker.tasks:1"]
+        "megasr_core.geometry:2",
+        "service.config:1",
+        "service.images:2",
+        "service.jobsystem.store:3",
+        "worker.tasks:1",
+    ]
 
 
 def test_fastapi_or_the_app_in_the_worker_or_the_job_system_is_found_even_lazily(tmp_path):
-    root = _tree(tmp_path, {
-        "service/jobsystem/__init__.py": "",
-        "service/jobsystem/services.py": "def f():\n    from starlette.requests import Request\n",
-        "worker/runtime.py": "from service.app import build_services\n",
-        "worker/tasks.py": "def f():\n    import fastapi\n",
-        "worker/main.py": "from service.routes.jobs import x\n",
-        "service/deps.py": "import fastapi\n",  # the HTTP layer may
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "service/jobsystem/__init__.py": "",
+            "service/jobsystem/services.py": "def f():\n    from starlette.requests import Request\n",
+            "worker/runtime.py": "from service.app import build_services\n",
+            "worker/tasks.py": "def f():\n    import fastapi\n",
+            "worker/main.py": "from service.routes.jobs import x\n",
+            "service/deps.py": "import fastapi\n",  # the HTTP layer may
+        },
+    )
     assert sorted(forbidden_imports(all_imports(root))) == [
         "service.jobsystem.services:2 lazy imports starlette.requests",
         "worker.main:1 imports service.routes.jobs",
@@ -382,11 +440,14 @@ def test_fastapi_or_the_app_in_the_worker_or_the_job_system_is_found_even_lazily
 
 
 def test_a_module_level_import_of_the_service_from_the_core_is_found(tmp_path):
-    root = _tree(tmp_path, {
-        "megasr_core/cli/__init__.py": "import worker.main\ndef serve():\n    import service.app\n",
-        "megasr_core/weights.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-                                  "    from service import config\n",
-    })
+    root = _tree(
+        tmp_path,
+        {
+            "megasr_core/cli/__init__.py": "import worker.main\ndef serve():\n    import service.app\n",
+            "megasr_core/weights.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+            "    from service import config\n",
+        },
+    )
     assert core_imports_of_the_service(all_imports(root)) == ["megasr_core.cli:1 imports worker.main"]
 
 

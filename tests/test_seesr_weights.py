@@ -31,8 +31,23 @@ def megasr(*args: str):
 
 def assemble(releases, family: str, output, *extra: str):
     base = releases.sd_turbo if family == "seesr-turbo" else releases.sd2
-    return megasr("weights", "assemble", "--family", family, "--seesr", releases.seesr, "--sd2", base,
-                  "--ram", releases.ram, "--ram-config", releases.ram_config, "-o", output, *extra)
+    return megasr(
+        "weights",
+        "assemble",
+        "--family",
+        family,
+        "--seesr",
+        releases.seesr,
+        "--sd2",
+        base,
+        "--ram",
+        releases.ram,
+        "--ram-config",
+        releases.ram_config,
+        "-o",
+        output,
+        *extra,
+    )
 
 
 @pytest.mark.parametrize("family", ["seesr", "seesr-turbo"])
@@ -49,16 +64,31 @@ def test_assembled_folders_load_as_their_family(releases, tmp_path, family):
     assert scheduler["_class_name"] == "DDPMScheduler" and scheduler["clip_sample"] is False
     assert scheduler["timestep_spacing"] == ("trailing" if family == "seesr-turbo" else "leading")
     info = json.loads(megasr("weights", "info", out).stdout)
-    assert (info["family"], info["trained"], info["untrained_reasons"], info["extractors"]) == (family, True, [], ["tagger"])
+    assert (info["family"], info["trained"], info["untrained_reasons"], info["extractors"]) == (
+        family,
+        True,
+        [],
+        ["tagger"],
+    )
 
     # the UNet is SD2-base's (seesr) or sd-turbo's (seesr-turbo) plus SeeSR's image attentions
     unet = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
     seesr = load_file(str(releases.seesr / "unet" / "diffusion_pytorch_model.safetensors"))
-    base = load_file(str((releases.sd_turbo if family == "seesr-turbo" else releases.sd2) / "unet" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(
+        str(
+            (releases.sd_turbo if family == "seesr-turbo" else releases.sd2)
+            / "unet"
+            / "diffusion_pytorch_model.safetensors"
+        )
+    )
     for key, value in unet.items():
         assert torch.equal(value, seesr[key] if ".image_attentions." in key else base[key]), key
-    assert torch.equal(load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))["controlnet_mid_block.weight"],
-                       load_file(str(releases.seesr / "controlnet" / "diffusion_pytorch_model.safetensors"))["controlnet_mid_block.weight"])
+    assert torch.equal(
+        load_file(str(out / "controlnet" / "diffusion_pytorch_model.safetensors"))["controlnet_mid_block.weight"],
+        load_file(str(releases.seesr / "controlnet" / "diffusion_pytorch_model.safetensors"))[
+            "controlnet_mid_block.weight"
+        ],
+    )
 
     pipeline = MegaSRPipeline.from_pretrained(out, device="cpu")
     assert isinstance(pipeline.denoiser, SeeSRDenoiser) and pipeline.family.name == family
@@ -71,8 +101,20 @@ def test_assembly_says_what_it_needs(releases, tmp_path):
     assert result.exit_code == 2 and "--family seesr needs --seesr" in result.stderr
     result = assemble(releases, "seesr", tmp_path / "y", "--overlay", releases.ram)
     assert result.exit_code == 2 and "--overlay and --extractors are for --family megasr" in result.stderr
-    result = megasr("weights", "assemble", "--family", "seesr", "--seesr", releases.sd2, "--sd2", releases.sd2,
-                    "--ram", releases.ram, "-o", tmp_path / "w")
+    result = megasr(
+        "weights",
+        "assemble",
+        "--family",
+        "seesr",
+        "--seesr",
+        releases.sd2,
+        "--sd2",
+        releases.sd2,
+        "--ram",
+        releases.ram,
+        "-o",
+        tmp_path / "w",
+    )
     assert result.exit_code == 2 and "not a SeeSR release folder: missing controlnet/" in result.stderr
     result = megasr("weights", "assemble", "--family", "sdxl", "--sd2", releases.sd2, "-o", tmp_path / "v")
     assert result.exit_code == 2 and "--family must be one of megasr, seesr, seesr-turbo" in result.stderr
@@ -95,8 +137,18 @@ def test_info_reports_untrained_parts_of_an_assembled_megasr(releases, tmp_path)
     from skimage import data
 
     Image.fromarray(data.chelsea()).resize((24, 16)).save(tmp_path / "cat.png")
-    result = megasr("upscale", tmp_path / "cat.png", "--weights", tmp_path / "m", "--steps", "1", "-o", tmp_path / "out",
-                    "--device", "cpu")
+    result = megasr(
+        "upscale",
+        tmp_path / "cat.png",
+        "--weights",
+        tmp_path / "m",
+        "--steps",
+        "1",
+        "-o",
+        tmp_path / "out",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert "model: MegaSR (weights m, float32, untrained)" in result.stderr
     assert "UNTRAINED" in result.stderr and "plain SD2-base output" in result.stderr

@@ -40,8 +40,9 @@ def test_every_component_loads_with_its_library(tiny_dir):
     scheduler = DDPMScheduler.from_pretrained(tiny_dir / "scheduler")
     denoiser = MegaSRDenoiser.from_pretrained(tiny_dir).eval()
 
-    ids = tokenizer(["a cat, clean, high-resolution, 8k"], padding="max_length", max_length=77,
-                    truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["a cat, clean, high-resolution, 8k"], padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         text = text_encoder(ids).last_hidden_state
         image = torch.rand(1, 3, 64, 64)
@@ -82,7 +83,9 @@ def test_assemble_from_an_sd2_folder(tiny_dir, tmp_path):
     unet.save_pretrained(sd2 / "unet")
     PNDMScheduler.from_config(DDPMScheduler.load_config(tiny_dir / "scheduler")).save_pretrained(sd2 / "scheduler")
 
-    out = assemble_from_sd2(sd2, tmp_path / "megasr", config=MegaSRDenoiser.from_pretrained(tiny_dir).config.replace(extra={}))
+    out = assemble_from_sd2(
+        sd2, tmp_path / "megasr", config=MegaSRDenoiser.from_pretrained(tiny_dir).config.replace(extra={})
+    )
     assert missing_components(out) == []
     assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == "DDPMScheduler"
     info = describe(out)

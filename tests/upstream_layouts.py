@@ -54,10 +54,15 @@ def _write_base(directory: Path, seed: int, scheduler) -> Path:
 
 def write_releases(root: Path, seed: int = 0) -> Releases:
     """Every upstream part under ``root``; SeeSR's UNet holds SD2-base's weights plus its image attentions."""
-    schedule = {k: TINY.scheduler[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset")}
+    schedule = {
+        k: TINY.scheduler[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "steps_offset")
+    }
     sd2 = _write_base(root / "stable-diffusion-2-base", seed, PNDMScheduler(**schedule, skip_prk_steps=True))
-    sd_turbo = _write_base(root / "sd-turbo", seed + 10,
-                           EulerDiscreteScheduler(**schedule, timestep_spacing="trailing", prediction_type="epsilon"))
+    sd_turbo = _write_base(
+        root / "sd-turbo",
+        seed + 10,
+        EulerDiscreteScheduler(**schedule, timestep_spacing="trailing", prediction_type="epsilon"),
+    )
     from diffusers import UNet2DConditionModel
 
     seesr = write_seesr_release(root / "seesr", seed=seed, unet=UNet2DConditionModel.from_pretrained(sd2 / "unet"))

@@ -68,8 +68,15 @@ class Claimed:
 class JobClaimer:
     """Finds and claims queued jobs compatible with one already running on this worker."""
 
-    def __init__(self, services: Services, geometry: Geometry, max_batch: int, wait_s: float,
-                 queue: JobQueue | None = None, defaults: tuple[int, float] | None = None) -> None:
+    def __init__(
+        self,
+        services: Services,
+        geometry: Geometry,
+        max_batch: int,
+        wait_s: float,
+        queue: JobQueue | None = None,
+        defaults: tuple[int, float] | None = None,
+    ) -> None:
         self.services = services
         self.geometry = geometry
         self.max_batch = max_batch
@@ -94,8 +101,12 @@ class JobClaimer:
                     continue
                 skipped.add(job_id)
                 record = jobs.get(job_id)
-                if (record is None or record.status != JobStatus.queued or record.model != first.model
-                        or batch_key(record, self.geometry, self.defaults) != key):
+                if (
+                    record is None
+                    or record.status != JobStatus.queued
+                    or record.model != first.model
+                    or batch_key(record, self.geometry, self.defaults) != key
+                ):
                     continue
                 owner = new_owner()
                 try:  # running under our lease and out of RQ's queue: one transaction

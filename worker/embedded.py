@@ -88,8 +88,9 @@ def start_embedded_valkey(settings: Settings):
             except ValkeyServerNotStartedError:
                 return False
             try:
-                with redis.Redis(host=self.host, port=port, password=self.password,
-                                 socket_connect_timeout=1, socket_timeout=1) as client:
+                with redis.Redis(
+                    host=self.host, port=port, password=self.password, socket_connect_timeout=1, socket_timeout=1
+                ) as client:
                     return bool(client.ping())
             except redis.RedisError:
                 return False
@@ -98,16 +99,25 @@ def start_embedded_valkey(settings: Settings):
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # the AOF (every job) and valkey.conf (the password) are this user's only
     password = _valkey_password(data_dir)
-    server = PasswordValkey(password, host="127.0.0.1", data_dir=data_dir, persist=True,
-                            config={"appendonly": "yes", "appendfsync": "everysec", "bind": "127.0.0.1",
-                                    "requirepass": password})
+    server = PasswordValkey(
+        password,
+        host="127.0.0.1",
+        data_dir=data_dir,
+        persist=True,
+        config={"appendonly": "yes", "appendfsync": "everysec", "bind": "127.0.0.1", "requirepass": password},
+    )
     server.start()
     log.info("embedded Valkey on %s, password in %s (data in %s)", server.safe_url, data_dir / "password", data_dir)
     return server
 
 
-def start_worker_thread(settings: Settings, weights: Path, device: str | None = None, dtype=None,
-                        on_loaded: Callable[[WorkerRuntime], None] | None = None) -> threading.Thread:
+def start_worker_thread(
+    settings: Settings,
+    weights: Path,
+    device: str | None = None,
+    dtype=None,
+    on_loaded: Callable[[WorkerRuntime], None] | None = None,
+) -> threading.Thread:
     """Load the pipeline and run jobs of ``settings.worker_model`` in a daemon thread of this process.
 
     The thread records its state on a :class:`LocalWorker` the API of the same queue reads

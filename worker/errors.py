@@ -18,7 +18,10 @@ def classify(exc: BaseException) -> str:
     try:
         import redis
 
-        redis_errors: tuple[type[BaseException], ...] = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        redis_errors: tuple[type[BaseException], ...] = (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+        )
     except ImportError:  # pragma: no cover
         redis_errors = ()
     if isinstance(exc, StorageUnavailable) or isinstance(exc, redis_errors):

@@ -48,7 +48,7 @@ def _fetch_s3(bucket: str, prefix: str, dest: Path, endpoint_url: str | None) ->
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
         for item in page.get("Contents", []):
-            relative = item["Key"][len(prefix):].lstrip("/") if prefix else item["Key"]
+            relative = item["Key"][len(prefix) :].lstrip("/") if prefix else item["Key"]
             if not relative or relative.endswith("/"):
                 continue
             target = (dest / relative).resolve()
@@ -102,7 +102,11 @@ def _stamps(directory: Path) -> dict[str, tuple[int, int]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--source", default=os.environ.get("MEGASR_WEIGHTS_SOURCE"), help="s3://bucket/prefix or hf://org/name[@revision]")
+    parser.add_argument(
+        "--source",
+        default=os.environ.get("MEGASR_WEIGHTS_SOURCE"),
+        help="s3://bucket/prefix or hf://org/name[@revision]",
+    )
     parser.add_argument("--dest", default=os.environ.get("MEGASR_WEIGHTS", "/weights"), type=Path)
     args = parser.parse_args(argv)
     if not args.source:

@@ -77,8 +77,9 @@ class StopOnFatal(SimpleWorker):
         exc = exc_info[1] if len(exc_info) > 1 else None
         if isinstance(exc, FatalWorkerError) or (isinstance(exc, Exception) and classify(exc) == "fatal"):
             self.fatal_error = exc
-            self.log.critical("worker %s: fatal error in job %s; stopping so that a fresh process takes over",
-                              self.name, job.id)
+            self.log.critical(
+                "worker %s: fatal error in job %s; stopping so that a fresh process takes over", self.name, job.id
+            )
             job.retries_left = 0
             self._stop_requested = True
         super().handle_exception(job, *exc_info)
@@ -95,12 +96,17 @@ def make_worker(worker_class: type[W], connection: Redis, queue_name: str, name:
     """An RQ worker on one of MegaSR's queues (a model's: ``Settings.queue_for``): tenant-fair
     dequeue, JSON job data (never pickle)."""
     queue = FairQueue(queue_name, connection=connection, serializer=SERIALIZER)
-    return worker_class([queue], connection=connection, name=name, queue_class=FairQueue,
-                        serializer=SERIALIZER)
+    return worker_class([queue], connection=connection, name=name, queue_class=FairQueue, serializer=SERIALIZER)
 
 
-def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=None,
-            metrics_port: int | None = None, metrics_host: str = "0.0.0.0") -> WorkerRuntime:
+def prepare(
+    settings: Settings,
+    weights: Path,
+    device: str | None = None,
+    dtype=None,
+    metrics_port: int | None = None,
+    metrics_host: str = "0.0.0.0",
+) -> WorkerRuntime:
     runtime = install_runtime(settings, pipeline=None)
     runtime.metrics.model = {"name": runtime.model_name}
     if metrics_port is not None:
@@ -123,7 +129,9 @@ def prepare(settings: Settings, weights: Path, device: str | None = None, dtype=
     batch_sizes = sorted({1, runtime.max_batch})
     started = time.monotonic()
     warm_up(runtime.pipeline, settings.warmup_sizes() or [(512, 512)], batch_sizes)
-    log.info("warmed up batch sizes %s at %s in %.1f s", batch_sizes, settings.warmup_buckets, time.monotonic() - started)
+    log.info(
+        "warmed up batch sizes %s at %s in %.1f s", batch_sizes, settings.warmup_buckets, time.monotonic() - started
+    )
     runtime.metrics.mark_ready()
     runtime.announce()  # GET /v1/models counts this worker from now on (renewed by the background loop)
     runtime.start_background()
@@ -138,8 +146,15 @@ def log_identity(runtime: WorkerRuntime) -> None:
     if info is None:
         return
     runtime.metrics.model = info.model_dump(mode="json")
-    log.info("model %s: %s (%s), weights %s, %s, %s", info.name, info.title, info.family, info.weights, info.dtype,
-             "trained" if info.trained else "UNTRAINED")
+    log.info(
+        "model %s: %s (%s), weights %s, %s, %s",
+        info.name,
+        info.title,
+        info.family,
+        info.weights,
+        info.dtype,
+        "trained" if info.trained else "UNTRAINED",
+    )
     warning = runtime.pipeline.identity.warning()
     if warning is not None:
         log.warning("%s", warning)

@@ -26,7 +26,7 @@ from .batching import JobClaimer
 from .status_server import WorkerMetrics
 
 log = logging.getLogger("megasr.worker")
-_RUNTIME: "WorkerRuntime | None" = None
+_RUNTIME: WorkerRuntime | None = None
 
 
 @dataclass
@@ -94,13 +94,18 @@ class WorkerRuntime:
         device = getattr(self.pipeline, "device", None)
         return 8 if device is not None and device.type == "cuda" else 1
 
-    def claimer(self) -> "JobClaimer | None":
+    def claimer(self) -> JobClaimer | None:
         """Who finds batch mates for a dequeued job (``None`` when batches are single jobs)."""
         if self.max_batch <= 1 or self.pipeline is None:
             return None
-        return JobClaimer(self.services, self.pipeline.geometry, self.max_batch,
-                          self.services.settings.batch_wait_ms / 1000, queue=self.queue,
-                          defaults=self.sampling_defaults())
+        return JobClaimer(
+            self.services,
+            self.pipeline.geometry,
+            self.max_batch,
+            self.services.settings.batch_wait_ms / 1000,
+            queue=self.queue,
+            defaults=self.sampling_defaults(),
+        )
 
     def start_background(self, lease_interval_s: float = 5.0, reap_interval_s: float = 5.0) -> threading.Thread:
         """Renew the current job's lease, announce the model (once ready) and reap dead workers'
@@ -136,11 +141,16 @@ class WorkerRuntime:
         if settings.webhook_secret is None:
             return
         self._webhooks = WebhookDispatcher(
-            self.services.redis, self.services.jobs, settings.webhook_secret.get_secret_value().encode(),
-            public_url=settings.public_url, retry_base_s=settings.webhook_retry_base_s,
-            timeout_s=settings.webhook_timeout_s, concurrency=settings.webhook_concurrency,
+            self.services.redis,
+            self.services.jobs,
+            settings.webhook_secret.get_secret_value().encode(),
+            public_url=settings.public_url,
+            retry_base_s=settings.webhook_retry_base_s,
+            timeout_s=settings.webhook_timeout_s,
+            concurrency=settings.webhook_concurrency,
             allow_private=settings.webhook_allow_private,
-            tenant_concurrency=settings.webhook_tenant_concurrency, circuit_failures=settings.webhook_circuit_failures,
+            tenant_concurrency=settings.webhook_tenant_concurrency,
+            circuit_failures=settings.webhook_circuit_failures,
             circuit_cooldown_s=settings.webhook_circuit_cooldown_s,
             max_pending_per_tenant=settings.webhook_max_pending_per_tenant,
         )

@@ -16,7 +16,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-
 #: seconds without a heartbeat after which the worker is not alive (the loop beats every 5 s)
 HEARTBEAT_STALE_S = 30.0
 
@@ -24,21 +23,38 @@ HEARTBEAT_STALE_S = 30.0
 class WorkerMetrics:
     def __init__(self, heartbeat_stale_s: float = HEARTBEAT_STALE_S) -> None:
         self.registry = CollectorRegistry()
-        self.jobs = Counter("megasr_worker_jobs", "Jobs this worker finished, by outcome", ["status"], registry=self.registry)
+        self.jobs = Counter(
+            "megasr_worker_jobs", "Jobs this worker finished, by outcome", ["status"], registry=self.registry
+        )
         self.stage_seconds = Histogram(
-            "megasr_worker_stage_seconds", "Seconds per pipeline stage", ["stage"], registry=self.registry,
+            "megasr_worker_stage_seconds",
+            "Seconds per pipeline stage",
+            ["stage"],
+            registry=self.registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
         )
-        self.job_seconds = Histogram("megasr_worker_job_seconds", "Seconds per job", registry=self.registry,
-                                     buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800))
-        self.batch_size = Histogram("megasr_worker_batch_size", "Jobs per pipeline call", registry=self.registry,
-                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64))
+        self.job_seconds = Histogram(
+            "megasr_worker_job_seconds",
+            "Seconds per job",
+            registry=self.registry,
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
+        self.batch_size = Histogram(
+            "megasr_worker_batch_size",
+            "Jobs per pipeline call",
+            registry=self.registry,
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32, 64),
+        )
         self.queue_wait = Histogram(
-            "megasr_worker_queue_wait_seconds", "Seconds from submission to the start of an attempt", registry=self.registry,
+            "megasr_worker_queue_wait_seconds",
+            "Seconds from submission to the start of an attempt",
+            registry=self.registry,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
         )
         self.ready = Gauge("megasr_worker_ready", "1 once the model is loaded and warmed up", registry=self.registry)
-        self.gpu_memory = Gauge("megasr_worker_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry)
+        self.gpu_memory = Gauge(
+            "megasr_worker_gpu_memory_bytes", "GPU memory allocated by torch", registry=self.registry
+        )
         self.gpu_memory.set_function(_gpu_memory)
         self.is_ready = False
         self.heartbeat_stale_s = heartbeat_stale_s
@@ -87,11 +103,18 @@ class WorkerMetrics:
                     status, kind = (200 if alive else 503), "application/json"
                 elif self.path == "/readyz":
                     ready = metrics.is_ready
-                    answer = {"status": "ready" if ready else "loading", **({"model": metrics.model} if metrics.model else {})}
+                    answer = {
+                        "status": "ready" if ready else "loading",
+                        **({"model": metrics.model} if metrics.model else {}),
+                    }
                     body = json.dumps(answer).encode()
                     status, kind = (200 if ready else 503), "application/json"
                 else:
-                    body, status, kind = b'{"error": {"code": "not_found", "message": "no such path"}}', 404, "application/json"
+                    body, status, kind = (
+                        b'{"error": {"code": "not_found", "message": "no such path"}}',
+                        404,
+                        "application/json",
+                    )
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))

@@ -104,14 +104,18 @@ def upscale(job_id: str) -> None:
                 log.warning("job %s: could not claim batch mates: %s", job_id, exc)
         for member in members:
             if member.record.started_at is not None:
-                runtime.metrics.queue_wait.observe(max(0.0, (member.record.started_at - member.record.created_at).total_seconds()))
+                runtime.metrics.queue_wait.observe(
+                    max(0.0, (member.record.started_at - member.record.created_at).total_seconds())
+                )
         if len(members) > 1:
             log.info("job %s: batched with %s", job_id, ", ".join(m.id for m in members[1:]))
         BatchRun(runtime, members).run()
     finally:
         for member in members:
             runtime.running.pop(member.id, None)
-        log.info("job %s: attempt %s done in %.1f s (%d job(s))", job_id, owner, time.monotonic() - started, len(members))
+        log.info(
+            "job %s: attempt %s done in %.1f s (%d job(s))", job_id, owner, time.monotonic() - started, len(members)
+        )
 
 
 class BatchRun:
@@ -168,13 +172,19 @@ class BatchRun:
         self.runtime.metrics.batch_size.observe(len(group))
         try:
             result = self.runtime.pipeline(
-                [m.image for m in group], scale=[m.record.params.scale for m in group],
-                prompt=[m.record.params.prompt for m in group], seed=[m.seed for m in group],
-                num_inference_steps=steps, guidance_scale=guidance,
-                negative_prompt=params.negative_prompt, color_fix=params.color_fix,
-                tile_size=OOM_TILE_SIZES[tile_index][0], tile_batch_size=OOM_TILE_SIZES[tile_index][1],
+                [m.image for m in group],
+                scale=[m.record.params.scale for m in group],
+                prompt=[m.record.params.prompt for m in group],
+                seed=[m.seed for m in group],
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                negative_prompt=params.negative_prompt,
+                color_fix=params.color_fix,
+                tile_size=OOM_TILE_SIZES[tile_index][0],
+                tile_batch_size=OOM_TILE_SIZES[tile_index][1],
                 callback=progress,
-                is_cancelled=lambda index: watch.stopped(group[index].id), max_batch_size=len(group),
+                is_cancelled=lambda index: watch.stopped(group[index].id),
+                max_batch_size=len(group),
             )
         except Exception as exc:
             kind = classify(exc)
@@ -187,13 +197,18 @@ class BatchRun:
                     self.execute(group[half:], tile_index)
                     return
                 if tile_index + 1 < len(OOM_TILE_SIZES):
-                    log.warning("job %s: out of GPU memory, retrying with tiles (size, per batch) %s", group[0].id,
-                                OOM_TILE_SIZES[tile_index + 1])  # pragma: no mutate
+                    log.warning(
+                        "job %s: out of GPU memory, retrying with tiles (size, per batch) %s",
+                        group[0].id,
+                        OOM_TILE_SIZES[tile_index + 1],
+                    )  # pragma: no mutate
                     self.execute(group, tile_index + 1)
                     return
             elif len(group) > 1 and kind not in ("fatal", "timeout") and not isinstance(exc, PipelineCancelled):
                 # (A timeout has used up the job's time: re-running would outlive it.)
-                log.warning("batch of %d failed (%s: %s): running its jobs one by one", len(group), type(exc).__name__, exc)
+                log.warning(
+                    "batch of %d failed (%s: %s): running its jobs one by one", len(group), type(exc).__name__, exc
+                )
                 for member in group:
                     self.execute([member], tile_index)
                 return
@@ -205,9 +220,17 @@ class BatchRun:
         tagger = getattr(extractors, "tagger_name", None)  # recorded on each job: RAM or the CLIP fallback
         for member, image in zip(group, result.images):
             # This job's trace (continued from the API's enqueue span): the batch's stages, then its upload.
-            with log_fields(job_id=member.id, tenant=member.record.tenant, stage="store"), \
-                    tracing.span("worker.job", member.record.trace_context, start_ns=started_ns, job_id=member.id,
-                                 worker=self.runtime.name, batch_size=len(group)):
+            with (
+                log_fields(job_id=member.id, tenant=member.record.tenant, stage="store"),
+                tracing.span(
+                    "worker.job",
+                    member.record.trace_context,
+                    start_ns=started_ns,
+                    job_id=member.id,
+                    worker=self.runtime.name,
+                    batch_size=len(group),
+                ),
+            ):
                 tracing.record_stages(result.timings, started_ns, batch_size=len(group))
                 if image is None:
                     self.finish_canceled(member)
@@ -221,9 +244,17 @@ class BatchRun:
                     with tracing.span("store", job_id=member.id, format=fmt):
                         self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
                     faults.step("task:after_output")
-                    self.jobs.finish(member.id, JobStatus.succeeded, owner=member.owner, output_key=key, tagger=tagger,
-                                     model_info=self.runtime.model_info(), output_width=image.width,
-                                     output_height=image.height, progress=1.0)
+                    self.jobs.finish(
+                        member.id,
+                        JobStatus.succeeded,
+                        owner=member.owner,
+                        output_key=key,
+                        tagger=tagger,
+                        model_info=self.runtime.model_info(),
+                        output_width=image.width,
+                        output_height=image.height,
+                        progress=1.0,
+                    )
                 except TransitionRejected:
                     log.warning("job %s: taken over by another worker; this attempt's result is dropped", member.id)
                     continue
@@ -263,10 +294,19 @@ class BatchRun:
         else:
             retries_left = member.record.attempts < MAX_ATTEMPTS
         if kind in ("fatal", "timeout") or not retries_left:
-            log.error("job %s: failed (%s) after %d attempt(s)", job_id, kind, member.record.attempts,
-                      exc_info=(type(exc), exc, exc.__traceback__))
-            if _finish_quietly(job_id, JobStatus.failed, owner,
-                               error=JobError(code=kind, message=safe_message(kind, member.record.attempts))):
+            log.error(
+                "job %s: failed (%s) after %d attempt(s)",
+                job_id,
+                kind,
+                member.record.attempts,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
+            if _finish_quietly(
+                job_id,
+                JobStatus.failed,
+                owner,
+                error=JobError(code=kind, message=safe_message(kind, member.record.attempts)),
+            ):
                 self.runtime.metrics.jobs.labels("failed").inc()
             if kind == "fatal":
                 # The process exits (worker.main); the orchestrator restarts it with a fresh CUDA context.

@@ -59,7 +59,11 @@ def run(preset: str, size: int, batch: int, device: str, dtype: str, iters: int,
         "timestep": torch.full((batch,), 501, device=dev),
         "encoder_hidden_states": rand(batch, 77, spec.unet["cross_attention_dim"]),
         "image_embeds": rand(batch, cfg.num_image_tokens, cfg.image_embed_dim),
-        "guidance": {"hed": rand(batch, 1, size, size), "depth": rand(batch, 1, size, size), "seg": rand(batch, 3, size, size)},
+        "guidance": {
+            "hed": rand(batch, 1, size, size),
+            "depth": rand(batch, 1, size, size),
+            "seg": rand(batch, 3, size, size),
+        },
         "control_image": rand(batch, 3, size, size),
     }
     plain = {**inputs, "image_embeds": None, "guidance": None}
@@ -76,7 +80,9 @@ def run(preset: str, size: int, batch: int, device: str, dtype: str, iters: int,
     result = {
         "benchmark": "denoiser_forward",
         "preset": preset,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": dtype,
         "batch": batch,
         "image_size": size,

@@ -34,6 +34,7 @@ def run(preset: str, size: int, batch: int, device: str, dtype: str, iters: int)
     timings = {}
     with torch.inference_mode():
         for name in extractors.available:
+
             def call() -> None:
                 extractors(images, enabled=[name])
                 if dev.type == "cuda":

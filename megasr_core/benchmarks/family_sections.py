@@ -61,8 +61,11 @@ class FamilyBench:
         from megasr_core.pipelines import MegaSRPipeline
 
         suite = self.suite
-        seconds, self.pipeline = suite.clock.time(lambda: MegaSRPipeline.from_preset(
-            suite.preset, device=suite.device, torch_dtype=suite.dtype, family=self.family))
+        seconds, self.pipeline = suite.clock.time(
+            lambda: MegaSRPipeline.from_preset(
+                suite.preset, device=suite.device, torch_dtype=suite.dtype, family=self.family
+            )
+        )
         return {"build_s": round(seconds, 2), "denoiser_parameters": self.pipeline.denoiser.parameter_counts()["total"]}
 
     def _rows(self, mode: str) -> dict[str, Any]:
@@ -73,8 +76,15 @@ class FamilyBench:
             if suite.remaining() < suite._estimate(batch, repeats + 1, steps=self.steps):
                 rows[str(batch)] = {"skipped": "budget"}
                 continue
-            row = suite.time_pipeline(self.pipeline, batch, repeats, f"{self.family} {mode}", steps=self.steps,
-                                      guidance_scale=self.guidance_scale, baseline=self.family != SEESR_TURBO)
+            row = suite.time_pipeline(
+                self.pipeline,
+                batch,
+                repeats,
+                f"{self.family} {mode}",
+                steps=self.steps,
+                guidance_scale=self.guidance_scale,
+                baseline=self.family != SEESR_TURBO,
+            )
             rows[str(batch)] = {**row, **self._comparison(mode, batch, row["total_s"])}
         return rows
 
@@ -88,7 +98,12 @@ class FamilyBench:
         return {"ratio_to_megasr": round(total / other["total_s"], 3)} if "total_s" in other else {}
 
     def _settings(self) -> dict[str, Any]:
-        return {"family": self.family, "steps": self.steps, "guidance_scale": self.guidance_scale, "batches": self.batches}
+        return {
+            "family": self.family,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "batches": self.batches,
+        }
 
     def eager(self) -> dict[str, Any]:
         built = self._build()
@@ -103,8 +118,12 @@ class FamilyBench:
         graphs = self.pipeline.denoiser_graphs
         try:
             rows = self._rows("cuda_graphs")
-            counts = {"graph_shapes": len(graphs.graphs), "static_calls": graphs.static_calls,
-                      "eager_calls": graphs.eager_calls, "capture_failure": graphs.failure}
+            counts = {
+                "graph_shapes": len(graphs.graphs),
+                "static_calls": graphs.static_calls,
+                "eager_calls": graphs.eager_calls,
+                "capture_failure": graphs.failure,
+            }
         finally:
             use_cuda_graphs(self.pipeline, enabled=False)  # (drops the graphs: count them first)
         return {**self._settings(), **built, **rows, **counts}

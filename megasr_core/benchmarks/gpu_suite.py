@@ -96,9 +96,12 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(
-            gpu=torch.cuda.get_device_name(device), gpu_memory_gib=round(props.total_memory / 2**30, 1),
-            multiprocessors=props.multi_processor_count, capability=f"{props.major}.{props.minor}",
-            cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+            gpu=torch.cuda.get_device_name(device),
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            multiprocessors=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
         )
     else:
         env.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
@@ -159,21 +162,33 @@ class PlainSD2ControlNet:
         self.device, self.dtype = device, dtype
 
     @torch.inference_mode()
-    def __call__(self, control: torch.Tensor, steps: int, guidance_scale: float, step_times: list[float] | None = None) -> torch.Tensor:
+    def __call__(
+        self, control: torch.Tensor, steps: int, guidance_scale: float, step_times: list[float] | None = None
+    ) -> torch.Tensor:
         p, batch = self.pipeline, control.shape[0]
         text = p._encode_text(["a photo, clean, high-resolution, 8k"] * batch)
         if guidance_scale > 1:
             text = torch.cat([p._encode_text(["dotted, noise, blur, lowres, smooth"] * batch), text])
         latents = p.vae.encode(control.to(self.dtype) * 2 - 1).latent_dist.mean * p.vae.config.scaling_factor
         self.scheduler.set_timesteps(steps, device=self.device)
-        latents = self.scheduler.add_noise(latents, torch.randn_like(latents), self.scheduler.timesteps[:1].repeat(batch))
+        latents = self.scheduler.add_noise(
+            latents, torch.randn_like(latents), self.scheduler.timesteps[:1].repeat(batch)
+        )
         cond = torch.cat([control, control]) if guidance_scale > 1 else control
         for t in self.scheduler.timesteps:
             start = time.perf_counter()
             latent_in = torch.cat([latents, latents]) if guidance_scale > 1 else latents
-            down, mid = self.controlnet(latent_in, t, encoder_hidden_states=text, controlnet_cond=cond.to(self.dtype), return_dict=False)
-            eps = self.unet(latent_in, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                            mid_block_additional_residual=mid, return_dict=False)[0]
+            down, mid = self.controlnet(
+                latent_in, t, encoder_hidden_states=text, controlnet_cond=cond.to(self.dtype), return_dict=False
+            )
+            eps = self.unet(
+                latent_in,
+                t,
+                encoder_hidden_states=text,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+                return_dict=False,
+            )[0]
             if guidance_scale > 1:
                 uncond, positive = eps.chunk(2)
                 eps = uncond + guidance_scale * (positive - uncond)
@@ -219,9 +234,17 @@ class GPUSuite:
             "benchmark": "gpu_suite",
             "environment": environment(self.device),
             "settings": {
-                "preset": preset, "output_size": size, "input_size": size // scale, "scale": scale, "steps": steps,
-                "guidance_scale": guidance_scale, "batches": self.batches, "compile_scopes": self.scopes,
-                "large_output_size": large, "dtype": str(self.dtype).replace("torch.", ""), "budget_s": budget_s,
+                "preset": preset,
+                "output_size": size,
+                "input_size": size // scale,
+                "scale": scale,
+                "steps": steps,
+                "guidance_scale": guidance_scale,
+                "batches": self.batches,
+                "compile_scopes": self.scopes,
+                "large_output_size": large,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "budget_s": budget_s,
                 "single_repeats": single_repeats,
                 "weights": "random (timing only)",
             },
@@ -246,7 +269,9 @@ class GPUSuite:
         if self.only is not None and name not in self.only:
             return
         if self.remaining() < estimate_s:
-            self.result["skipped"].append({"section": name, "reason": f"budget: ~{estimate_s:.0f} s needed, {self.remaining():.0f} s left"})
+            self.result["skipped"].append(
+                {"section": name, "reason": f"budget: ~{estimate_s:.0f} s needed, {self.remaining():.0f} s left"}
+            )
             self.log(f"[suite] skip {name} (budget)")
             self._save()
             return
@@ -257,8 +282,10 @@ class GPUSuite:
             if value is not None:
                 self.result["sections"][name] = value
         except Exception as error:  # a benchmark never fails the run: record and go on
-            self.result["errors"][name] = {"error": f"{type(error).__name__}: {error}"[:2000],
-                                           "traceback": traceback.format_exc()[-4000:]}
+            self.result["errors"][name] = {
+                "error": f"{type(error).__name__}: {error}"[:2000],
+                "traceback": traceback.format_exc()[-4000:],
+            }
             self.log(f"[suite] {name} failed: {type(error).__name__}: {error}")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -281,7 +308,8 @@ class GPUSuite:
         )
         counts = self.pipeline.denoiser.parameter_counts()
         return {
-            "megasr_build_s": round(seconds, 2), "baseline_build_s": round(seconds_plain, 2),
+            "megasr_build_s": round(seconds, 2),
+            "baseline_build_s": round(seconds_plain, 2),
             "denoiser_parameters": counts["total"],
             "extractor_parameters": self.pipeline.extractors.parameter_counts() if self.pipeline.extractors else {},
             "weights_memory_gib": self.clock.peak_gib(),
@@ -304,8 +332,10 @@ class GPUSuite:
             steps: list[float] = []
             seconds, _ = self.clock.time(lambda: self.baseline(control, self.steps, self.guidance_scale, steps))
             rows[str(batch)] = {
-                "total_s": round(seconds, 4), "step_median_ms": round(1000 * statistics.median(steps), 2),
-                "images_per_s": round(batch / seconds, 3), "peak_memory_gib": self.clock.peak_gib(),
+                "total_s": round(seconds, 4),
+                "step_median_ms": round(1000 * statistics.median(steps), 2),
+                "images_per_s": round(batch / seconds, 3),
+                "peak_memory_gib": self.clock.peak_gib(),
             }
             if batch == self.batches[0]:
                 self._per_image_step_s = statistics.median(steps) * 1.3 / batch
@@ -314,8 +344,17 @@ class GPUSuite:
     def _megasr(self, batch: int, repeats: int, label: str) -> dict:
         return self.time_pipeline(self.pipeline, batch, repeats, label)
 
-    def time_pipeline(self, pipeline: MegaSRPipeline, batch: int, repeats: int, label: str, *, steps: int | None = None,
-                      guidance_scale: float | None = None, baseline: bool = True) -> dict:
+    def time_pipeline(
+        self,
+        pipeline: MegaSRPipeline,
+        batch: int,
+        repeats: int,
+        label: str,
+        *,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        baseline: bool = True,
+    ) -> dict:
         """Warm-up, ``repeats`` timed runs (median), then one synchronized run for the stages.
 
         ``steps``/``guidance_scale`` default to the suite's; ``baseline`` adds the ratio to the plain
@@ -330,18 +369,23 @@ class GPUSuite:
         warm_s, _ = self.clock.time(lambda: pipeline(images, num_inference_steps=2, **kwargs))
         self.clock.reset_peak()
         staged_in_run = self.device.type != "cuda"
-        runs = [self.clock.time(lambda: pipeline(images, num_inference_steps=steps, profile=staged_in_run, **kwargs))
-                for _ in range(repeats)]
+        runs = [
+            self.clock.time(lambda: pipeline(images, num_inference_steps=steps, profile=staged_in_run, **kwargs))
+            for _ in range(repeats)
+        ]
         totals = [seconds for seconds, _ in runs]
         peak = self.clock.peak_gib()
         staged = runs[-1][1] if staged_in_run else pipeline(images, num_inference_steps=steps, profile=True, **kwargs)
         total = statistics.median(totals)
         row = {
-            "total_s": round(total, 4), "total_runs_s": [round(t, 4) for t in totals],
-            "seconds_per_image": round(total / batch, 4), "images_per_s": round(batch / total, 3),
+            "total_s": round(total, 4),
+            "total_runs_s": [round(t, 4) for t in totals],
+            "seconds_per_image": round(total / batch, 4),
+            "images_per_s": round(batch / total, 3),
             "step_median_ms": round(1000 * staged.timings["denoise_step_median"], 2),
             "stages_s": {k: v for k, v in staged.timings.items() if k not in ("total", "denoise_step_median")},
-            "warmup_s": round(warm_s, 2), "peak_memory_gib": peak,
+            "warmup_s": round(warm_s, 2),
+            "peak_memory_gib": peak,
         }
         base = (self.result["sections"].get("baseline") or {}).get(str(batch)) if baseline else None
         if base:
@@ -443,8 +487,11 @@ class GPUSuite:
             text = rand(model_batch, 77, pipe.denoiser.unet.config.cross_attention_dim)
             control = rand(model_batch, 3, height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)
             tokens = rand(batch, config.num_image_tokens, config.image_embed_dim)
-            maps = {"hed": rand(batch, 1, *control.shape[-2:]), "depth": rand(batch, 1, *control.shape[-2:]),
-                    "seg": rand(batch, 3, *control.shape[-2:])}
+            maps = {
+                "hed": rand(batch, 1, *control.shape[-2:]),
+                "depth": rand(batch, 1, *control.shape[-2:]),
+                "seg": rand(batch, 3, *control.shape[-2:]),
+            }
             cases = {"plain": (None, None), "csm": (tokens, None), "msfm": (None, maps), "csm_msfm": (tokens, maps)}
             row = {}
             for name, (image_embeds, guidance) in cases.items():
@@ -477,10 +524,12 @@ class GPUSuite:
             kwargs = {"scale": self.scale, "seed": 0, "tile_batch_size": tile_batch}
             self.pipeline(image, num_inference_steps=1, **kwargs)  # warm-up of the tiled shapes
             self.clock.reset_peak()
-            out = self.pipeline(image, num_inference_steps=self.steps, guidance_scale=self.guidance_scale,
-                                profile=True, **kwargs)
+            out = self.pipeline(
+                image, num_inference_steps=self.steps, guidance_scale=self.guidance_scale, profile=True, **kwargs
+            )
             rows[f"tile_batch_{tile_batch}"] = {
-                "output_size": list(out.images[0].size), "total_s": out.timings["total"],
+                "output_size": list(out.images[0].size),
+                "total_s": out.timings["total"],
                 "step_median_ms": round(1000 * out.timings["denoise_step_median"], 2),
                 "stages_s": {k: v for k, v in out.timings.items() if k not in ("total", "denoise_step_median")},
                 "peak_memory_gib": self.clock.peak_gib(),
@@ -514,9 +563,12 @@ class GPUSuite:
         out: dict[str, Any] = {}
         best_single, best_throughput = None, None
         tuned = s.get("cudnn_benchmark", {})
-        variants = [("eager", eager), ("cuda_graphs", s.get("megasr_cuda_graphs", {})),
-                    ("cudnn_benchmark_eager", tuned.get("eager", {})),
-                    ("cudnn_benchmark_cuda_graphs", tuned.get("cuda_graphs", {}))]
+        variants = [
+            ("eager", eager),
+            ("cuda_graphs", s.get("megasr_cuda_graphs", {})),
+            ("cudnn_benchmark_eager", tuned.get("eager", {})),
+            ("cudnn_benchmark_cuda_graphs", tuned.get("cuda_graphs", {})),
+        ]
         for name, rows in variants + [(f"compiled_{k}", s.get(f"megasr_compiled_{k}", {})) for k in self.scopes]:
             one = rows.get("1", {})
             if "total_s" in one:
@@ -531,7 +583,10 @@ class GPUSuite:
                 out[f"megasr_over_baseline_batch{batch}"] = eager[str(batch)]["ratio_to_baseline"]
         for name, row in s.get("megasr_large", {}).items():
             if "total_s" in row:
-                out[f"large_{name}_total_s"], out[f"large_{name}_peak_memory_gib"] = row["total_s"], row["peak_memory_gib"]
+                out[f"large_{name}_total_s"], out[f"large_{name}_peak_memory_gib"] = (
+                    row["total_s"],
+                    row["peak_memory_gib"],
+                )
         out["best_single_image_s"], out["best_images_per_s"] = best_single, best_throughput  # MegaSR's
         out.update(family_summary(s, self.batches[-1]))
         return out
@@ -550,7 +605,9 @@ class GPUSuite:
         if self.large:
             self.section("megasr_large", self.run_large, self._estimate(1, 1, max(1, (self.large // self.size) ** 2)))
         for scope in self.scopes:
-            self.section(f"megasr_compiled_{scope}", lambda scope=scope: self.run_compiled(scope), self._estimate(1, 3) + 60)
+            self.section(
+                f"megasr_compiled_{scope}", lambda scope=scope: self.run_compiled(scope), self._estimate(1, 3) + 60
+            )
         if self.device.type == "cuda":
             self.section("megasr_channels_last", self.run_channels_last, self._estimate(self.batches[-1], 2))
         self.result["summary"] = self.summary()

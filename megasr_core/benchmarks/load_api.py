@@ -58,19 +58,43 @@ def start_local_stack(home: Path):
 
     from service.config import Settings
 
-    valkey = ValkeyServer(data_dir=home / "valkey", persist=True, config={"appendonly": "yes", "appendfsync": "everysec"})
+    valkey = ValkeyServer(
+        data_dir=home / "valkey", persist=True, config={"appendonly": "yes", "appendfsync": "everysec"}
+    )
     valkey.start()
-    env = {**os.environ, "MEGASR_REDIS_URL": valkey.connection_url, "MEGASR_HOME": str(home),
-           "MEGASR_STORAGE_URL": (home / "data").as_uri(), "MEGASR_RATE_LIMIT_PER_MINUTE": str(10**9),
-           "MEGASR_MAX_QUEUED_PER_TENANT": str(10**9), "MEGASR_QUEUE_NAME": "loadtest", "MEGASR_ALLOW_ANONYMOUS": "1"}
+    env = {
+        **os.environ,
+        "MEGASR_REDIS_URL": valkey.connection_url,
+        "MEGASR_HOME": str(home),
+        "MEGASR_STORAGE_URL": (home / "data").as_uri(),
+        "MEGASR_RATE_LIMIT_PER_MINUTE": str(10**9),
+        "MEGASR_MAX_QUEUED_PER_TENANT": str(10**9),
+        "MEGASR_QUEUE_NAME": "loadtest",
+        "MEGASR_ALLOW_ANONYMOUS": "1",
+    }
     env.pop("MEGASR_API_KEYS", None)
-    settings = Settings(redis_url=valkey.connection_url, home=home, storage_url=(home / "data").as_uri(),
-                        queue_name="loadtest")
+    settings = Settings(
+        redis_url=valkey.connection_url, home=home, storage_url=(home / "data").as_uri(), queue_name="loadtest"
+    )
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port), "--log-level", "warning", "--backlog", "4096"],
-        env=env, cwd=Path(__file__).resolve().parents[2],  # the repository root
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "service.app:create_app",
+            "--factory",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--backlog",
+            "4096",
+        ],
+        env=env,
+        cwd=Path(__file__).resolve().parents[2],  # the repository root
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -95,8 +119,12 @@ async def _client(http: httpx.AsyncClient, url: str, payload: bytes, count: int,
     for _ in range(count):
         start = time.perf_counter()
         try:
-            response = await http.post(f"{url}/v1/upscale", files={"image": ("a.png", payload, "image/png")},
-                                       data={"steps": "1"}, headers=headers)
+            response = await http.post(
+                f"{url}/v1/upscale",
+                files={"image": ("a.png", payload, "image/png")},
+                data={"steps": "1"},
+                headers=headers,
+            )
             status, job_id = response.status_code, (response.json().get("id") if response.status_code == 202 else None)
         except httpx.HTTPError as exc:
             status, job_id = type(exc).__name__, None
@@ -136,8 +164,11 @@ def count_lost(settings, job_ids: list[str]) -> int:
     lost = 0
     for job_id in job_ids:
         record = services.jobs.get(job_id)
-        if (record is None or not services.storage.exists(record.input_key)
-                or services.queue_for(record.model).position(job_id) is None):
+        if (
+            record is None
+            or not services.storage.exists(record.input_key)
+            or services.queue_for(record.model).position(job_id) is None
+        ):
             lost += 1
     return lost
 
@@ -165,8 +196,18 @@ def main(argv: list[str] | None = None) -> None:
                 levels.append(report)
         finally:
             stop()
-    print(json.dumps({"benchmark": "api_load", "target": args.url or "local stack (embedded Valkey, local storage)",
-                      "cpus": os.cpu_count(), "image_bytes": len(payload), "levels": levels}, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "api_load",
+                "target": args.url or "local stack (embedded Valkey, local storage)",
+                "cpus": os.cpu_count(),
+                "image_bytes": len(payload),
+                "levels": levels,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

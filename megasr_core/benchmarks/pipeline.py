@@ -56,12 +56,20 @@ def run_pipeline_benchmark(
     if batch > 1:
         singles_s = 0.0
         for index in range(batch):
-            singles_s += pipeline(images[index], scale=scale, num_inference_steps=steps, guidance_scale=guidance_scale,
-                                  seed=0, profile=True).timings["total"]
+            singles_s += pipeline(
+                images[index],
+                scale=scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                seed=0,
+                profile=True,
+            ).timings["total"]
     result = {
         "benchmark": "pipeline",
         "preset": preset,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)",
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "input_size": images[0].size[0],

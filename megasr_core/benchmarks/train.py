@@ -33,10 +33,21 @@ def run(preset: str, crop: int, batch: int, steps: int, mixed_precision: str, ch
         (tmp / "hr").mkdir()
         for name in ("astronaut", "coffee", "chelsea", "rocket"):
             Image.fromarray(getattr(data, name)()).save(tmp / "hr" / f"{name}.png")
-        trainer = MegaSRTrainer(MegaSRTrainConfig(
-            weights=str(tmp / "weights"), train_data=[str(tmp / "hr")], output_dir=str(tmp / "run"), crop_size=crop,
-            batch_size=batch, max_steps=steps + 1, num_workers=0, checkpoint_every=10**9, log_every=10**9,
-            mixed_precision=mixed_precision, gradient_checkpointing=checkpointing))
+        trainer = MegaSRTrainer(
+            MegaSRTrainConfig(
+                weights=str(tmp / "weights"),
+                train_data=[str(tmp / "hr")],
+                output_dir=str(tmp / "run"),
+                crop_size=crop,
+                batch_size=batch,
+                max_steps=steps + 1,
+                num_workers=0,
+                checkpoint_every=10**9,
+                log_every=10**9,
+                mixed_precision=mixed_precision,
+                gradient_checkpointing=checkpointing,
+            )
+        )
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         trainer.train(max_steps=1)  # warm-up (tag embeddings, allocator)
@@ -46,7 +57,9 @@ def run(preset: str, crop: int, batch: int, steps: int, mixed_precision: str, ch
     result = {
         "benchmark": "train_megasr",
         "preset": preset,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"cpu ({torch.get_num_threads()} threads)",
         "crop": crop,
         "batch": batch,
         "steps": steps,
@@ -70,8 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mixed-precision", default="no")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.preset, args.crop, args.batch, args.steps, args.mixed_precision,
-                         args.gradient_checkpointing), indent=2))
+    print(
+        json.dumps(
+            run(args.preset, args.crop, args.batch, args.steps, args.mixed_precision, args.gradient_checkpointing),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -20,8 +20,8 @@ app = typer.Typer(help="Benchmarks on random weights; each prints one JSON objec
 Size = Annotated[int, typer.Option(help="Output side in pixels (input = size / scale).")]
 Scale = Annotated[int, typer.Option(help="Upscaling factor.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cuda if available).")]
-DType = Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")]
+Device = Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if available).")]
+DType = Annotated[str | None, typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")]
 GuidanceScale = Annotated[float, typer.Option(help="CFG scale (>1 runs the doubled batch).")]
 
 
@@ -45,8 +45,15 @@ def bench_pipeline(
     from megasr_core.benchmarks.pipeline import run_pipeline_benchmark
 
     result = run_pipeline_benchmark(
-        preset=preset, size=size, scale=scale, steps=steps, batch=batch, device=device,
-        dtype=torch_dtype(dtype), with_extractors=extractors, guidance_scale=guidance_scale,
+        preset=preset,
+        size=size,
+        scale=scale,
+        steps=steps,
+        batch=batch,
+        device=device,
+        dtype=torch_dtype(dtype),
+        with_extractors=extractors,
+        guidance_scale=guidance_scale,
     )
     typer.echo(json.dumps(result, indent=2))
 
@@ -61,16 +68,19 @@ def bench_gpu(
     dtype: DType = None,
     guidance_scale: GuidanceScale = 5.5,
     batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,4,8",
-    scopes: Annotated[str, typer.Option(
-        help="Compile scopes to time, in order (full, blocks, full+graphs, blocks+graphs; empty = none).")
+    scopes: Annotated[
+        str,
+        typer.Option(help="Compile scopes to time, in order (full, blocks, full+graphs, blocks+graphs; empty = none)."),
     ] = "full+graphs,blocks",
-    sections: Annotated[str, typer.Option(
-        help="Run only these sections, comma-separated (build always runs; default: all).")] = "",
+    sections: Annotated[
+        str, typer.Option(help="Run only these sections, comma-separated (build always runs; default: all).")
+    ] = "",
     large: Annotated[int, typer.Option(help="Output side of the tiled run (0 = skip).")] = 2048,
     budget_s: Annotated[float, typer.Option(help="Stop starting sections after this many seconds.")] = 420.0,
     repeats: Annotated[int, typer.Option(min=1, help="Timed runs at batch 1 (their median is reported).")] = 3,
-    output: Annotated[Optional[Path], typer.Option(
-        help="Also write the JSON here (rewritten after each section).")] = None,
+    output: Annotated[
+        Path | None, typer.Option(help="Also write the JSON here (rewritten after each section).")
+    ] = None,
 ) -> None:
     """The whole GPU suite (baseline, batches, SeeSR and SeeSR-Turbo, compile, large) in one process."""
     from megasr_core.benchmarks.gpu_suite import run_gpu_suite
@@ -80,9 +90,20 @@ def bench_gpu(
     except ValueError:
         fail(f"--batches must be comma-separated integers, got {batches!r}")
     result = run_gpu_suite(
-        preset=preset, size=size, scale=scale, steps=steps, guidance_scale=guidance_scale,
-        batches=batch_sizes, scopes=_names(scopes), large=large or None,
-        device=device, dtype=torch_dtype(dtype), budget_s=budget_s, output=output, single_repeats=repeats,
-        sections=_names(sections) or None, log=lambda message: typer.echo(message, err=True),
+        preset=preset,
+        size=size,
+        scale=scale,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        batches=batch_sizes,
+        scopes=_names(scopes),
+        large=large or None,
+        device=device,
+        dtype=torch_dtype(dtype),
+        budget_s=budget_s,
+        output=output,
+        single_repeats=repeats,
+        sections=_names(sections) or None,
+        log=lambda message: typer.echo(message, err=True),
     )
     typer.echo(json.dumps(result, indent=2))

@@ -13,8 +13,17 @@ from typing import NoReturn
 import typer
 
 #: what `megasr serve` and `megasr worker` import beyond the library (the [serve] extra)
-SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "pydantic_settings", "redis", "rq", "boto3", "prometheus_client",
-                 "httpx")
+SERVE_MODULES = (
+    "fastapi",
+    "uvicorn",
+    "multipart",
+    "pydantic_settings",
+    "redis",
+    "rq",
+    "boto3",
+    "prometheus_client",
+    "httpx",
+)
 
 
 def fail(message: str) -> NoReturn:

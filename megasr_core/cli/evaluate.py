@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,35 +13,54 @@ DEFAULT_METRICS = ",".join(("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", 
 
 
 def eval_command(
-    output: Annotated[Path, typer.Option(
-        "--output", "-o", help="Report folder: eval.json, eval.md, sr/ (outputs), bicubic/.")],
-    pred: Annotated[Optional[Path], typer.Option(
-        help="Folder of outputs to score (paired with --gt by file stem).")] = None,
-    gt: Annotated[Optional[Path], typer.Option(help="Folder of ground-truth HR images.")] = None,
-    lr: Annotated[Optional[Path], typer.Option(
-        help="Folder of LR images (super-resolved with --weights; bicubic baseline).")] = None,
-    dataset: Annotated[Optional[tuple[str, Path]], typer.Option(
-        help="A test set and its folder: realsr|drealsr|div2k-val|dped-iphone ROOT.")] = None,
-    weights: Annotated[Optional[list[str]], typer.Option(
-        help="Weights of any family (a folder, hf://org/name[@revision]): super-resolve the LR images first. "
-             "Repeat to compare models side by side (one column and one OUTPUT/sr/<label>/ each; one model "
-             "writes OUTPUT/sr/). Outputs already there are kept.")] = None,
-    metrics: Annotated[str, typer.Option(
-        help="Comma-separated: psnr, ssim, lpips, dists, niqe, maniqa, musiq, clipiqa.")] = DEFAULT_METRICS,
-    metric_weights: Annotated[Optional[Path], typer.Option(
-        help="Folder of the metrics' weight files (else pyiqa's and torch hub's caches); never downloaded.")] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Report folder: eval.json, eval.md, sr/ (outputs), bicubic/.")
+    ],
+    pred: Annotated[
+        Path | None, typer.Option(help="Folder of outputs to score (paired with --gt by file stem).")
+    ] = None,
+    gt: Annotated[Path | None, typer.Option(help="Folder of ground-truth HR images.")] = None,
+    lr: Annotated[
+        Path | None, typer.Option(help="Folder of LR images (super-resolved with --weights; bicubic baseline).")
+    ] = None,
+    dataset: Annotated[
+        tuple[str, Path] | None,
+        typer.Option(help="A test set and its folder: realsr|drealsr|div2k-val|dped-iphone ROOT."),
+    ] = None,
+    weights: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Weights of any family (a folder, hf://org/name[@revision]): super-resolve the LR images first. "
+            "Repeat to compare models side by side (one column and one OUTPUT/sr/<label>/ each; one model "
+            "writes OUTPUT/sr/). Outputs already there are kept."
+        ),
+    ] = None,
+    metrics: Annotated[
+        str, typer.Option(help="Comma-separated: psnr, ssim, lpips, dists, niqe, maniqa, musiq, clipiqa.")
+    ] = DEFAULT_METRICS,
+    metric_weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of the metrics' weight files (else pyiqa's and torch hub's caches); never downloaded."
+        ),
+    ] = None,
     crop_border: Annotated[int, typer.Option(help="PSNR/SSIM ignore this many border pixels.")] = 0,
-    baseline: Annotated[Optional[str], typer.Option(help="'bicubic': add a bicubic-upscale row.")] = None,
-    scale: Annotated[float, typer.Option(
-        help="Upscaling factor (super-resolution and the bicubic baseline).")] = 4.0,
-    steps: Annotated[Optional[int], typer.Option(
-        help="Denoising steps (default: each model's family default: MegaSR and SeeSR 50, SeeSR-Turbo 2).")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(
-        help="Classifier-free guidance scale (default: the family's: 5.5, SeeSR-Turbo 1 = none).")] = None,
+    baseline: Annotated[str | None, typer.Option(help="'bicubic': add a bicubic-upscale row.")] = None,
+    scale: Annotated[float, typer.Option(help="Upscaling factor (super-resolution and the bicubic baseline).")] = 4.0,
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            help="Denoising steps (default: each model's family default: MegaSR and SeeSR 50, SeeSR-Turbo 2)."
+        ),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance scale (default: the family's: 5.5, SeeSR-Turbo 1 = none)."),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of every image's generator.")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per super-resolution batch.")] = 1,
     metric_batch_size: Annotated[int, typer.Option(help="Images per metric batch (same-size images only).")] = 4,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
 ) -> None:
     """Score super-resolved images with the paper's metrics (pyiqa); writes JSON and a Table-1 Markdown table."""
     try:
@@ -54,10 +73,23 @@ def eval_command(
         fail("--batch-size and --metric-batch-size must be at least 1, --crop-border at least 0")
     try:
         settings = EvalSettings(
-            output=output, pred=pred, gt=gt, lr=lr, dataset=dataset[0].lower() if dataset else None,
-            root=dataset[1] if dataset else None, weights=list(weights or []), metrics=parse_metrics(metrics),
-            metric_weights=metric_weights, crop_border=crop_border, baseline=baseline, scale=scale, steps=steps,
-            guidance_scale=guidance_scale, seed=seed, batch_size=batch_size, metric_batch_size=metric_batch_size,
+            output=output,
+            pred=pred,
+            gt=gt,
+            lr=lr,
+            dataset=dataset[0].lower() if dataset else None,
+            root=dataset[1] if dataset else None,
+            weights=list(weights or []),
+            metrics=parse_metrics(metrics),
+            metric_weights=metric_weights,
+            crop_border=crop_border,
+            baseline=baseline,
+            scale=scale,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            batch_size=batch_size,
+            metric_batch_size=metric_batch_size,
             device=device,
         )
         report = evaluate(settings, log=lambda message: typer.echo(message, err=True))

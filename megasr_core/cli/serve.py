@@ -6,7 +6,7 @@ Whether it may serve without API keys is ``service.anonymity``'s rule, the one `
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -14,17 +14,26 @@ from .common import SERVE_MODULES, fail, observe, require, resolve_weights, sett
 
 
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (default: $MEGASR_HOST or 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default: $MEGASR_PORT or 8000).")] = None,
-    weights: Annotated[Optional[str], typer.Option(
-        help="Weights for the in-process worker: a folder, hf://org/name or hf://org/name@revision "
-             "(default: $MEGASR_WEIGHTS).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Device of the in-process worker.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(
-        help="fp32, fp16 or bf16 for the in-process worker (default: fp16 on CUDA).")] = None,
-    compile: Annotated[Optional[str], typer.Option(
-        "--compile", help="torch.compile scope of the in-process worker: blocks or full "
-                          "(default: $MEGASR_COMPILE, else eager).")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: $MEGASR_HOST or 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: $MEGASR_PORT or 8000).")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="Weights for the in-process worker: a folder, hf://org/name or hf://org/name@revision "
+            "(default: $MEGASR_WEIGHTS)."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="Device of the in-process worker.")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="fp32, fp16 or bf16 for the in-process worker (default: fp16 on CUDA).")
+    ] = None,
+    compile: Annotated[
+        str | None,
+        typer.Option(
+            "--compile",
+            help="torch.compile scope of the in-process worker: blocks or full (default: $MEGASR_COMPILE, else eager).",
+        ),
+    ] = None,
 ) -> None:
     """Run the HTTP API. Without MEGASR_REDIS_URL: embedded Valkey, local storage and a worker, in one process."""
     require("serve", *SERVE_MODULES)
@@ -39,8 +48,9 @@ def serve(
     from worker.embedded import start_embedded_valkey, start_housekeeping, start_worker_thread
 
     dtype_value = torch_dtype(dtype) if dtype else None  # checked before anything starts (torch only if asked)
-    settings = settings_or_fail(**{k: v for k, v in {"host": host, "port": port, "compile": compile}.items()
-                                   if v is not None})
+    settings = settings_or_fail(
+        **{k: v for k, v in {"host": host, "port": port, "compile": compile}.items() if v is not None}
+    )
     observe(settings, "megasr-api")
     try:
         keys = settings.tenant_keys()
@@ -78,8 +88,15 @@ def serve(
         # failed-authentication limit keys on the client address, which nobody else can forge.
         # uvicorn_options: header/keep-alive deadlines and the connection cap, as in the API image, and
         # log_config=None: uvicorn's loggers go through observe's handler (format, context, redaction).
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info",
-                    proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips, **uvicorn_options(settings))
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            proxy_headers=True,
+            forwarded_allow_ips=settings.forwarded_allow_ips,
+            **uvicorn_options(settings),
+        )
     finally:
         if valkey is not None:
             valkey.stop()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,11 +16,10 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 @app.command("megasr")
 def train_megasr(
-    config: Annotated[Path, typer.Option(
-        "--config", "-c", help="YAML/TOML/JSON file of MegaSRTrainConfig fields.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="YAML/TOML/JSON file of MegaSRTrainConfig fields.")],
     resume: Annotated[bool, typer.Option(help="Continue from the newest checkpoint in output_dir.")] = True,
-    max_steps: Annotated[Optional[int], typer.Option(help="Override max_steps.")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Override output_dir.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override max_steps.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Override output_dir.")] = None,
 ) -> None:
     """Stage 2: train the ControlNet and MegaSR's modules (launch with `accelerate launch` for multi-GPU)."""
     import logging
@@ -44,8 +43,8 @@ def train_megasr(
 @app.command("dage")
 def train_dage(
     config: Annotated[Path, typer.Option("--config", "-c", help="YAML/TOML/JSON file of DAGETrainConfig fields.")],
-    max_steps: Annotated[Optional[int], typer.Option(help="Override max_steps.")] = None,
-    export_to: Annotated[Optional[Path], typer.Option(help="Install the result into this weights directory.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Override max_steps.")] = None,
+    export_to: Annotated[Path | None, typer.Option(help="Install the result into this weights directory.")] = None,
 ) -> None:
     """Stage 1: degradation-aware fine-tuning of one guidance extractor (full or LoRA r=8)."""
     import logging

@@ -6,7 +6,7 @@ Output naming follows Real-ESRGAN's rule: never onto an input.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -33,8 +33,9 @@ def collect_inputs(inputs: list[Path], recursive: bool = False) -> list[tuple[Pa
     return files
 
 
-def output_paths(files: list[tuple[Path, Path]], output: Path, fmt: str | None, suffix: str | None,
-                 scale: float) -> list[tuple[Path, str]]:
+def output_paths(
+    files: list[tuple[Path, Path]], output: Path, fmt: str | None, suffix: str | None, scale: float
+) -> list[tuple[Path, str]]:
     """Where each input goes. Never onto an input: writing into an input's own folder adds ``_x{scale}``
     to the names unless --suffix says otherwise (Real-ESRGAN's rule), and a target that still is an
     input is refused."""
@@ -67,8 +68,11 @@ def announce_model(pipeline, weights_dir: Path) -> None:
     from megasr_core.weights.layout import default_demo_weights
 
     identity = pipeline.identity
-    typer.echo(f"model: {identity.title} (weights {identity.weights}, {identity.dtype}"
-               f"{'' if identity.trained else ', untrained'})", err=True)
+    typer.echo(
+        f"model: {identity.title} (weights {identity.weights}, {identity.dtype}"
+        f"{'' if identity.trained else ', untrained'})",
+        err=True,
+    )
     warning = identity.warning()
     if warning and Path(weights_dir).resolve() != default_demo_weights().resolve():
         typer.secho(warning, fg=typer.colors.YELLOW, err=True)
@@ -77,30 +81,41 @@ def announce_model(pipeline, weights_dir: Path) -> None:
 def upscale(
     inputs: Annotated[list[Path], typer.Argument(help="Image files or folders of images.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder (or file, for one input).")],
-    weights: Annotated[Optional[str], typer.Option(
-        help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS)."
+        ),
+    ] = None,
     scale: Annotated[float, typer.Option(help="Upscaling factor, 1 to 8.")] = 4.0,
-    steps: Annotated[Optional[int], typer.Option(
-        help="Denoising steps (default: the model's: 50 for MegaSR and SeeSR, 2 for SeeSR-Turbo).")] = None,
-    guidance_scale: Annotated[Optional[float], typer.Option(
-        help="Classifier-free guidance scale (default: the model's: 5.5, SeeSR-Turbo 1 = off).")] = None,
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Denoising steps (default: the model's: 50 for MegaSR and SeeSR, 2 for SeeSR-Turbo)."),
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="Classifier-free guidance scale (default: the model's: 5.5, SeeSR-Turbo 1 = off)."),
+    ] = None,
     prompt: Annotated[str, typer.Option(help="Extra prompt text added to the tags.")] = "",
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (same seed, same output).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(
-        help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (same seed, same output).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA, fp32 on CPU).")] = None,
     color_fix: Annotated[str, typer.Option(help="adain, wavelet or none.")] = "adain",
-    tile_size: Annotated[Optional[int], typer.Option(
-        help="Latent tile size; 0 disables tiling (default: auto).")] = None,
-    fmt: Annotated[Optional[str], typer.Option(
-        "--format", help="png, jpeg or webp (default: from -o, else png).")] = None,
-    suffix: Annotated[Optional[str], typer.Option(
-        help="Added to output names (default: _x{scale} when writing into an input's folder, else none).")] = None,
-    skip_existing: Annotated[bool, typer.Option(
-        "--skip-existing", help="Leave outputs that already exist alone.")] = False,
-    recursive: Annotated[bool, typer.Option(
-        "--recursive", "-r",
-        help="Walk folders recursively; sub-folders are mirrored under the output folder.")] = False,
+    tile_size: Annotated[int | None, typer.Option(help="Latent tile size; 0 disables tiling (default: auto).")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="png, jpeg or webp (default: from -o, else png).")] = None,
+    suffix: Annotated[
+        str | None,
+        typer.Option(help="Added to output names (default: _x{scale} when writing into an input's folder, else none)."),
+    ] = None,
+    skip_existing: Annotated[
+        bool, typer.Option("--skip-existing", help="Leave outputs that already exist alone.")
+    ] = False,
+    recursive: Annotated[
+        bool,
+        typer.Option(
+            "--recursive", "-r", help="Walk folders recursively; sub-folders are mirrored under the output folder."
+        ),
+    ] = False,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
 ) -> None:
     """Super-resolve images with MegaSR."""
@@ -142,8 +157,15 @@ def upscale(
 
             try:
                 result = pipeline(
-                    file, scale=scale, num_inference_steps=steps, guidance_scale=guidance_scale, prompt=prompt,
-                    seed=seed, color_fix=color_fix, tile_size=tile_size, callback=progress,
+                    file,
+                    scale=scale,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance_scale,
+                    prompt=prompt,
+                    seed=seed,
+                    color_fix=color_fix,
+                    tile_size=tile_size,
+                    callback=progress,
                 )
             except (InvalidImageError, ValueError) as exc:
                 failures += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,8 +18,9 @@ def weights_init_tiny(
     directory: Annotated[Path, typer.Argument(help="Folder to write (must be empty unless --force).")],
     seed: Annotated[int, typer.Option(help="Seed of the random initialization.")] = 0,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty folder.")] = False,
-    ram_tagger: Annotated[bool, typer.Option(
-        "--ram-tagger", help="A tiny random RAM tagger instead of the CLIP fallback.")] = False,
+    ram_tagger: Annotated[
+        bool, typer.Option("--ram-tagger", help="A tiny random RAM tagger instead of the CLIP fallback.")
+    ] = False,
     family: Annotated[str, typer.Option(help="Model family: megasr, seesr or seesr-turbo.")] = "megasr",
 ) -> None:
     """Write a complete random-initialized `tiny` weights directory (for tests and demos; untrained)."""
@@ -41,12 +42,15 @@ def weights_init_tiny(
 
 @app.command("info")
 def weights_info(
-    directory: Annotated[Optional[str], typer.Argument(
-        help="A MegaSR weights directory, hf://org/name or hf://org/name@revision.")] = None,
-    preset: Annotated[Optional[str], typer.Option(
-        help="Describe a preset's shapes instead (built on the meta device).")] = None,
-    family: Annotated[str, typer.Option(
-        help="With --preset: the family whose shapes to describe (megasr, seesr, seesr-turbo).")] = "megasr",
+    directory: Annotated[
+        str | None, typer.Argument(help="A MegaSR weights directory, hf://org/name or hf://org/name@revision.")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Describe a preset's shapes instead (built on the meta device).")
+    ] = None,
+    family: Annotated[
+        str, typer.Option(help="With --preset: the family whose shapes to describe (megasr, seesr, seesr-turbo).")
+    ] = "megasr",
 ) -> None:
     """Print a JSON description: family, whether trained (and what is random), config, parameter counts, missing parts."""
     from megasr_core.families import MEGASR, get_family
@@ -64,8 +68,13 @@ def weights_info(
             else:
                 model = SeeSRDenoiser.from_preset(preset, family=family, device="meta")
                 extractor_counts = {"tagger": _ram_count(preset)}
-            info = {"preset": preset, "family": family, "config": model.config.to_dict(),
-                    "parameters": model.parameter_counts(), "extractor_parameters": extractor_counts}
+            info = {
+                "preset": preset,
+                "family": family,
+                "config": model.config.to_dict(),
+                "parameters": model.parameter_counts(),
+                "extractor_parameters": extractor_counts,
+            }
         else:
             from megasr_core.weights.hub import resolve_weights_source
 
@@ -96,23 +105,31 @@ def _extractor_counts(preset: str) -> dict[str, int]:
 
 @app.command("assemble")
 def weights_assemble(
-    sd2: Annotated[Path, typer.Option(
-        help="Local diffusers copy of stable-diffusion-2-base (seesr-turbo: of sd-turbo).")],
+    sd2: Annotated[
+        Path, typer.Option(help="Local diffusers copy of stable-diffusion-2-base (seesr-turbo: of sd-turbo).")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder to write.")],
-    family: Annotated[str, typer.Option(
-        help="megasr, seesr (SeeSR's release on SD2-base) or seesr-turbo (on sd-turbo).")] = "megasr",
-    seesr: Annotated[Optional[Path], typer.Option(
-        help="SeeSR's release folder (its unet/ and controlnet/); seesr families.")] = None,
-    overlay: Annotated[Optional[Path], typer.Option(
-        help="Trained MegaSR overlay checkpoint (.safetensors); megasr only.")] = None,
+    family: Annotated[
+        str, typer.Option(help="megasr, seesr (SeeSR's release on SD2-base) or seesr-turbo (on sd-turbo).")
+    ] = "megasr",
+    seesr: Annotated[
+        Path | None, typer.Option(help="SeeSR's release folder (its unet/ and controlnet/); seesr families.")
+    ] = None,
+    overlay: Annotated[
+        Path | None, typer.Option(help="Trained MegaSR overlay checkpoint (.safetensors); megasr only.")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed for freshly initialized modules (no overlay).")] = 0,
-    extractors: Annotated[Optional[Path], typer.Option(
-        help="Extractor folder (hed/, depth/, segmentation/, clip/, tagger/); megasr only.")] = None,
-    ram: Annotated[Optional[Path], typer.Option(
-        help="RAM's ram_swin_large_14m.pth: becomes extractors/tagger/ (required for seesr families).")] = None,
-    dape: Annotated[Optional[Path], typer.Option(help="SeeSR's DAPE.pth, merged into RAM (needs --ram).")] = None,
-    ram_config: Annotated[Optional[Path], typer.Option(
-        help="JSON of RAMConfig fields for a RAM other than ram_swin_large_14m.")] = None,
+    extractors: Annotated[
+        Path | None, typer.Option(help="Extractor folder (hed/, depth/, segmentation/, clip/, tagger/); megasr only.")
+    ] = None,
+    ram: Annotated[
+        Path | None,
+        typer.Option(help="RAM's ram_swin_large_14m.pth: becomes extractors/tagger/ (required for seesr families)."),
+    ] = None,
+    dape: Annotated[Path | None, typer.Option(help="SeeSR's DAPE.pth, merged into RAM (needs --ram).")] = None,
+    ram_config: Annotated[
+        Path | None, typer.Option(help="JSON of RAMConfig fields for a RAM other than ram_swin_large_14m.")
+    ] = None,
 ) -> None:
     """Build a weights directory: MegaSR from SD2-base (+ a trained overlay), or SeeSR / SeeSR-Turbo from their releases."""
     from megasr_core.families import FAMILIES, MEGASR
@@ -139,8 +156,11 @@ def weights_assemble(
         if overlay is not None or extractors is not None:
             fail("--overlay and --extractors are for --family megasr")
         if dape is None:
-            typer.secho("warning: no --dape: SeeSR was trained with DAPE's tags; plain RAM tags it less well",
-                        fg=typer.colors.YELLOW, err=True)
+            typer.secho(
+                "warning: no --dape: SeeSR was trained with DAPE's tags; plain RAM tags it less well",
+                fg=typer.colors.YELLOW,
+                err=True,
+            )
         try:
             path = assemble_seesr(seesr, sd2, output, ram, dape, family=family, ram_config=config)
         except (FileNotFoundError, ValueError, WeightsError) as exc:  # RAM's CheckpointError is a ValueError
@@ -152,13 +172,13 @@ def weights_assemble(
 def weights_install_ram(
     directory: Annotated[Path, typer.Argument(help="A MegaSR weights directory.")],
     ram: Annotated[Path, typer.Option(help="RAM's ram_swin_large_14m.pth.")],
-    dape: Annotated[Optional[Path], typer.Option(help="SeeSR's DAPE.pth, merged into RAM.")] = None,
+    dape: Annotated[Path | None, typer.Option(help="SeeSR's DAPE.pth, merged into RAM.")] = None,
 ) -> None:
     """Put RAM (+ DAPE) into an existing weights directory's extractors/tagger/ (replaces the CLIP fallback)."""
     _install_ram(directory / "extractors", ram, dape)
 
 
-def _ram_config(path: Optional[Path]):
+def _ram_config(path: Path | None):
     """``--ram-config``: RAMConfig fields from a JSON file (None: RAM's release, ram_swin_large_14m)."""
     if path is None:
         return None
@@ -178,11 +198,15 @@ def _report_assembled(path: Path) -> None:
     info = describe(path)
     typer.echo(f"wrote {get_family(info['family']).title} weights to {path}")
     if not info["trained"]:
-        typer.secho(f"warning: these weights are UNTRAINED ({'; '.join(info['untrained_reasons'])}): "
-                    "the output will not be a real super-resolution", fg=typer.colors.YELLOW, err=True)
+        typer.secho(
+            f"warning: these weights are UNTRAINED ({'; '.join(info['untrained_reasons'])}): "
+            "the output will not be a real super-resolution",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
 
 
-def _install_ram(extractors_dir: Path, ram: Path, dape: Optional[Path], config=None) -> None:
+def _install_ram(extractors_dir: Path, ram: Path, dape: Path | None, config=None) -> None:
     from megasr_core.extractors.guidance import install_ram_tagger
 
     try:
@@ -212,7 +236,7 @@ def weights_export_overlay(
 def weights_export(
     run_dir: Annotated[Path, typer.Argument(help="A training run's output_dir.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Serving weights directory to write.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="A checkpoint folder (default: the newest).")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="A checkpoint folder (default: the newest).")] = None,
     ema: Annotated[bool, typer.Option(help="Use the EMA weights when the run kept them.")] = True,
 ) -> None:
     """Turn a training run into a serving weights directory (with its overlay checkpoint)."""

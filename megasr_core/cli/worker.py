@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,19 +13,30 @@ from .common import SERVE_MODULES, fail, observe, require, resolve_weights, sett
 
 
 def worker(
-    weights: Annotated[Optional[str], typer.Option(
-        help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
-    metrics_port: Annotated[Optional[int], typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
+    weights: Annotated[
+        str | None,
+        typer.Option(
+            help="MegaSR weights: a folder, hf://org/name or hf://org/name@revision (default: $MEGASR_WEIGHTS)."
+        ),
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="fp32, fp16 or bf16 (default: fp16 on CUDA).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics, /healthz, /readyz on this port.")] = None,
     burst: Annotated[bool, typer.Option("--burst", help="Exit when the queue is empty.")] = False,
-    compile: Annotated[Optional[str], typer.Option(
-        "--compile", help="torch.compile scope: blocks or full (default: $MEGASR_COMPILE, else eager).")] = None,
-    max_batch: Annotated[Optional[int], typer.Option(
-        help="Jobs per GPU batch (default: $MEGASR_MAX_BATCH, else 8 on CUDA, 1 on CPU).")] = None,
-    cuda_graphs: Annotated[Optional[bool], typer.Option(
-        "--cuda-graphs/--no-cuda-graphs",
-        help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).")] = None,
+    compile: Annotated[
+        str | None,
+        typer.Option("--compile", help="torch.compile scope: blocks or full (default: $MEGASR_COMPILE, else eager)."),
+    ] = None,
+    max_batch: Annotated[
+        int | None, typer.Option(help="Jobs per GPU batch (default: $MEGASR_MAX_BATCH, else 8 on CUDA, 1 on CPU).")
+    ] = None,
+    cuda_graphs: Annotated[
+        bool | None,
+        typer.Option(
+            "--cuda-graphs/--no-cuda-graphs",
+            help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).",
+        ),
+    ] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
     require("serve", *SERVE_MODULES)

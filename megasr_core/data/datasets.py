@@ -43,8 +43,12 @@ def random_crop(image: torch.Tensor, size: int, generator: torch.Generator) -> t
     height, width = image.shape[-2:]
     if min(height, width) < size:
         factor = size / min(height, width)
-        image = F.interpolate(image[None], size=(max(size, round(height * factor)), max(size, round(width * factor))),
-                              mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        image = F.interpolate(
+            image[None],
+            size=(max(size, round(height * factor)), max(size, round(width * factor))),
+            mode="bicubic",
+            align_corners=False,
+        )[0].clamp(0, 1)
         height, width = image.shape[-2:]
     top = int(torch.randint(0, height - size + 1, (), generator=generator))
     left = int(torch.randint(0, width - size + 1, (), generator=generator))
@@ -69,9 +73,15 @@ class PairedImageDataset(Dataset):
     e.g. for validation against the true HR).
     """
 
-    def __init__(self, roots: Sequence[str | Path], crop_size: int = 512, seed: int = 0,
-                 degradation: DegradationConfig = DegradationConfig(), hflip: bool = True,
-                 usm: USMConfig | None = USMConfig()) -> None:
+    def __init__(
+        self,
+        roots: Sequence[str | Path],
+        crop_size: int = 512,
+        seed: int = 0,
+        degradation: DegradationConfig = DegradationConfig(),
+        hflip: bool = True,
+        usm: USMConfig | None = USMConfig(),
+    ) -> None:
         if crop_size % degradation.scale:
             raise ValueError(f"crop_size {crop_size} must be a multiple of the scale {degradation.scale}")
         self.files = list_images(roots)
@@ -96,9 +106,16 @@ class PairedImageDataset(Dataset):
         return {"lr": lr, "hr": hr}
 
 
-def make_pairs(roots: Sequence[str | Path], output: str | Path, crop_size: int = 512, per_image: int = 1,
-               seed: int = 0, degradation: DegradationConfig = DegradationConfig(), hflip: bool = True,
-               usm: USMConfig | None = USMConfig()) -> int:
+def make_pairs(
+    roots: Sequence[str | Path],
+    output: str | Path,
+    crop_size: int = 512,
+    per_image: int = 1,
+    seed: int = 0,
+    degradation: DegradationConfig = DegradationConfig(),
+    hflip: bool = True,
+    usm: USMConfig | None = USMConfig(),
+) -> int:
     """Write ``output/hr/*.png`` and matching ``output/lr/*.png``; returns the number of pairs."""
     output = Path(output)
     (output / "hr").mkdir(parents=True, exist_ok=True)

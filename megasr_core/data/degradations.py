@@ -43,10 +43,15 @@ class DegradationConfig:
     second_blur_prob: float = 0.8
     # basicsr draws the second kernel's size from the same odd 7..21 range as the first
     # (it ignores ``blur_kernel_size2``), so the second stage keeps ``kernel_size`` 21.
-    second: StageConfig = field(default_factory=lambda: StageConfig(
-        blur_sigma=(0.2, 1.5), resize_probs=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
-        noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5),
-    ))
+    second: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            blur_sigma=(0.2, 1.5),
+            resize_probs=(0.3, 0.4, 0.3),
+            resize_range=(0.3, 1.2),
+            noise_range=(1.0, 25.0),
+            poisson_scale_range=(0.05, 2.5),
+        )
+    )
     final_sinc_prob: float = 0.8
 
 
@@ -66,14 +71,17 @@ def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.meshgrid(axis, axis, indexing="ij")
 
 
-def anisotropic_kernel(size: int, sigma_x: float, sigma_y: float, theta: float, beta: float = 1.0,
-                       shape: str = "gaussian") -> torch.Tensor:
+def anisotropic_kernel(
+    size: int, sigma_x: float, sigma_y: float, theta: float, beta: float = 1.0, shape: str = "gaussian"
+) -> torch.Tensor:
     """Normalized kernel on a ``size×size`` grid centred on 0, with q = xᵀΣ⁻¹x (basicsr's forms).
 
     ``shape``: "gaussian" exp(-½ q) (``beta`` unused), "generalized" exp(-½ q^β) (β from
     ``betag``, so β = 1 is the Gaussian) or "plateau" 1 / (1 + q^β) (β from ``betap``).
     """
-    rotation = torch.tensor([[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64)
+    rotation = torch.tensor(
+        [[math.cos(theta), -math.sin(theta)], [math.sin(theta), math.cos(theta)]], dtype=torch.float64
+    )
     covariance = rotation @ torch.diag(torch.tensor([sigma_x**2, sigma_y**2], dtype=torch.float64)) @ rotation.T
     inverse = torch.linalg.inv(covariance)
     yy, xx = _grid(size)
@@ -139,7 +147,9 @@ def filter2d(images: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- noise
-def add_gaussian_noise(images: torch.Tensor, sigma: torch.Tensor, gray: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def add_gaussian_noise(
+    images: torch.Tensor, sigma: torch.Tensor, gray: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """σ in 0-255 units per image; gray noise is the same in every channel."""
     noise = torch.randn(images.shape, generator=generator).to(images)
     gray_noise = torch.randn((images.shape[0], 1, *images.shape[-2:]), generator=generator).to(images)
@@ -147,24 +157,93 @@ def add_gaussian_noise(images: torch.Tensor, sigma: torch.Tensor, gray: torch.Te
     return images + mixed * (sigma.view(-1, 1, 1, 1).to(images) / 255.0)
 
 
-def add_poisson_noise(images: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def add_poisson_noise(
+    images: torch.Tensor, scale: torch.Tensor, gray: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
     """Shot noise at 8-bit levels, scaled by ``scale`` per image (gray: on the luminance)."""
     levels = 255.0
     clean = images.clamp(0, 1)
     color_noise = torch.poisson((clean * levels).cpu(), generator=generator).to(images) / levels - clean
-    luminance = (0.299 * clean[:, :1] + 0.587 * clean[:, 1:2] + 0.114 * clean[:, 2:3])
+    luminance = 0.299 * clean[:, :1] + 0.587 * clean[:, 1:2] + 0.114 * clean[:, 2:3]
     gray_noise = torch.poisson((luminance * levels).cpu(), generator=generator).to(images) / levels - luminance
     noise = torch.where(gray.view(-1, 1, 1, 1).to(images.device), gray_noise.expand_as(color_noise), color_noise)
     return images + noise * scale.view(-1, 1, 1, 1).to(images)
 
 
 # ---------------------------------------------------------------------------- JPEG
-_LUMA_Q = torch.tensor([
-    16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69, 56,
-    14, 17, 22, 29, 51, 87, 80, 62, 18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
-    49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99], dtype=torch.float32).view(8, 8)
+_LUMA_Q = torch.tensor(
+    [
+        16,
+        11,
+        10,
+        16,
+        24,
+        40,
+        51,
+        61,
+        12,
+        12,
+        14,
+        19,
+        26,
+        58,
+        60,
+        55,
+        14,
+        13,
+        16,
+        24,
+        40,
+        57,
+        69,
+        56,
+        14,
+        17,
+        22,
+        29,
+        51,
+        87,
+        80,
+        62,
+        18,
+        22,
+        37,
+        56,
+        68,
+        109,
+        103,
+        77,
+        24,
+        35,
+        55,
+        64,
+        81,
+        104,
+        113,
+        92,
+        49,
+        64,
+        78,
+        87,
+        103,
+        121,
+        120,
+        101,
+        72,
+        92,
+        95,
+        98,
+        112,
+        100,
+        103,
+        99,
+    ],
+    dtype=torch.float32,
+).view(8, 8)
 _CHROMA_Q = torch.full((8, 8), 99.0)
-_CHROMA_Q[:4, :4] = torch.tensor([[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float32)
+_CHROMA_Q[:4, :4] = torch.tensor(
+    [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float32
+)
 
 
 def _dct_matrix(device: torch.device) -> torch.Tensor:
@@ -226,7 +305,9 @@ def jpeg(images: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 _RESIZE_MODES = ("area", "bilinear", "bicubic")
 
 
-def _random_resize(images: torch.Tensor, stage: StageConfig, generator: torch.Generator, base: tuple[int, int]) -> torch.Tensor:
+def _random_resize(
+    images: torch.Tensor, stage: StageConfig, generator: torch.Generator, base: tuple[int, int]
+) -> torch.Tensor:
     kind = _choice(generator, stage.resize_probs)
     if kind == 0:
         factor = _uniform(generator, 1.0, stage.resize_range[1])
@@ -251,19 +332,27 @@ def _noise(images: torch.Tensor, stage: StageConfig, generator: torch.Generator)
     batch = images.shape[0]
     gaussian = torch.rand(batch, generator=generator) < stage.gaussian_noise_prob
     gray = torch.rand(batch, generator=generator) < stage.gray_noise_prob
-    sigma = stage.noise_range[0] + (stage.noise_range[1] - stage.noise_range[0]) * torch.rand(batch, generator=generator)
-    scale = stage.poisson_scale_range[0] + (stage.poisson_scale_range[1] - stage.poisson_scale_range[0]) * torch.rand(batch, generator=generator)
+    sigma = stage.noise_range[0] + (stage.noise_range[1] - stage.noise_range[0]) * torch.rand(
+        batch, generator=generator
+    )
+    scale = stage.poisson_scale_range[0] + (stage.poisson_scale_range[1] - stage.poisson_scale_range[0]) * torch.rand(
+        batch, generator=generator
+    )
     with_gaussian = add_gaussian_noise(images, sigma, gray, generator)
     with_poisson = add_poisson_noise(images, scale, gray, generator)
     return torch.where(gaussian.view(-1, 1, 1, 1).to(images.device), with_gaussian, with_poisson)
 
 
 def _jpeg_random(images: torch.Tensor, stage: StageConfig, generator: torch.Generator) -> torch.Tensor:
-    quality = stage.jpeg_range[0] + (stage.jpeg_range[1] - stage.jpeg_range[0]) * torch.rand(images.shape[0], generator=generator)
+    quality = stage.jpeg_range[0] + (stage.jpeg_range[1] - stage.jpeg_range[0]) * torch.rand(
+        images.shape[0], generator=generator
+    )
     return jpeg(images, torch.round(quality))
 
 
-def degrade(hr: torch.Tensor, config: DegradationConfig = DegradationConfig(), generator: torch.Generator | None = None) -> torch.Tensor:
+def degrade(
+    hr: torch.Tensor, config: DegradationConfig = DegradationConfig(), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The full second-order degradation of a batch of HR images; returns LR at ``H/s × W/s``."""
     if hr.ndim != 4 or hr.shape[1] != 3:
         raise ValueError(f"hr must be B×3×H×W, got {tuple(hr.shape)}")

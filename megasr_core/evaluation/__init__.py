@@ -12,4 +12,13 @@ from .pairing import DATASETS, PairingError
 from .runner import EvalSettings, evaluate
 from .scoring import METRICS, PAPER_METRICS, parse_metrics
 
-__all__ = ["DATASETS", "METRICS", "PAPER_METRICS", "EvalSettings", "MetricWeightsError", "PairingError", "evaluate", "parse_metrics"]
+__all__ = [
+    "DATASETS",
+    "METRICS",
+    "PAPER_METRICS",
+    "EvalSettings",
+    "MetricWeightsError",
+    "PairingError",
+    "evaluate",
+    "parse_metrics",
+]

@@ -41,9 +41,20 @@ class Generated:
     guidance_scale: float
 
 
-def super_resolve(samples: list[Sample], folder: Path, weights: Path, *, scale: float = 4, steps: int | None = None,
-                  guidance_scale: float | None = None, seed: int = 0, batch_size: int = 1, device: str | None = None,
-                  dtype=None, log: Callable[[str], None] = lambda _: None) -> Generated:
+def super_resolve(
+    samples: list[Sample],
+    folder: Path,
+    weights: Path,
+    *,
+    scale: float = 4,
+    steps: int | None = None,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    batch_size: int = 1,
+    device: str | None = None,
+    dtype=None,
+    log: Callable[[str], None] = lambda _: None,
+) -> Generated:
     """Super-resolve every sample's LR into ``folder`` (skipping outputs already there).
 
     ``steps``/``guidance_scale`` ``None`` take the weights' family defaults (SeeSR-Turbo: 2 steps,
@@ -68,8 +79,14 @@ def super_resolve(samples: list[Sample], folder: Path, weights: Path, *, scale: 
         log(f"{identity['title']} ({identity['weights']}): {steps} steps, CFG {guidance_scale:g}")
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            result = pipeline([str(s.lr) for s in batch], scale=scale, num_inference_steps=steps,
-                              guidance_scale=guidance_scale, seed=seed, max_batch_size=batch_size)
+            result = pipeline(
+                [str(s.lr) for s in batch],
+                scale=scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance_scale,
+                seed=seed,
+                max_batch_size=batch_size,
+            )
             for sample, image in zip(batch, result.images):
                 _save(image, output_path(folder, sample))
             log(f"super-resolved {min(start + batch_size, len(todo))}/{len(todo)}")
@@ -119,4 +136,9 @@ def weights_identity(weights: Path) -> dict[str, object]:
                 digest.update(handle.read())
     config = weights / "megasr.json"
     preset = json.loads(config.read_text()).get("preset") if config.is_file() else None
-    return {"path": str(weights.resolve()), "fingerprint_sha256": digest.hexdigest(), "safetensors_bytes": total, "preset": preset}
+    return {
+        "path": str(weights.resolve()),
+        "fingerprint_sha256": digest.hexdigest(),
+        "safetensors_bytes": total,
+        "preset": preset,
+    }

@@ -45,11 +45,17 @@ def required_files(metric: str) -> list[WeightFile]:
     if metric == "lpips":
         from pyiqa.archs.lpips_arch import default_model_urls
 
-        return [WeightFile(default_model_urls["0.1_alex"], "model"), WeightFile(AlexNet_Weights.IMAGENET1K_V1.url, "torchvision")]
+        return [
+            WeightFile(default_model_urls["0.1_alex"], "model"),
+            WeightFile(AlexNet_Weights.IMAGENET1K_V1.url, "torchvision"),
+        ]
     if metric == "dists":
         from pyiqa.archs.dists_arch import default_model_urls
 
-        return [WeightFile(default_model_urls["url"], "model"), WeightFile(VGG16_Weights.IMAGENET1K_V1.url, "torchvision")]
+        return [
+            WeightFile(default_model_urls["url"], "model"),
+            WeightFile(VGG16_Weights.IMAGENET1K_V1.url, "torchvision"),
+        ]
     if metric == "musiq":
         from pyiqa.archs.musiq_arch import default_model_urls
 
@@ -117,8 +123,11 @@ def niqe_parameters_mat(directory: Path) -> Path:
 
     with resources.files("megasr_core.assets").joinpath("niqe_pris_params.npz").open("rb") as handle:
         params = np.load(handle)
-        mat = {"mu_prisparam": params["mu_pris_param"], "cov_prisparam": params["cov_pris_param"],
-               "gaussian_window": params["gaussian_window"]}
+        mat = {
+            "mu_prisparam": params["mu_pris_param"],
+            "cov_prisparam": params["cov_pris_param"],
+            "gaussian_window": params["gaussian_window"],
+        }
     path = directory / "niqe_modelparameters.mat"
     scipy.io.savemat(path, mat)
     return path

@@ -67,5 +67,7 @@ def column_labels(runs: Sequence[ModelRun], identities: Sequence[dict]) -> list[
     """One label per model; where two would read the same (folders of the same name), their output
     folder names tell them apart."""
     plain = [column_label(identity) for identity in identities]
-    return [column_label(identity, run.slug) if plain.count(label) > 1 else label
-            for run, identity, label in zip(runs, identities, plain)]
+    return [
+        column_label(identity, run.slug) if plain.count(label) > 1 else label
+        for run, identity, label in zip(runs, identities, plain)
+    ]

@@ -46,10 +46,13 @@ class DatasetLayout:
 # Both the original releases and StableSR's crop release (test_LR/ + test_HR/, or lq/ + gt/, same
 # names) are recognized: a file is LR or GT by its name suffix first, else by its folder's name.
 DATASETS: dict[str, DatasetLayout] = {
-    "realsr": DatasetLayout("RealSR", r"_LR4", r"_HR", note="RealSR V3 Test/4: *_LR4.png ↔ *_HR.png; or test_LR/ + test_HR/"),
+    "realsr": DatasetLayout(
+        "RealSR", r"_LR4", r"_HR", note="RealSR V3 Test/4: *_LR4.png ↔ *_HR.png; or test_LR/ + test_HR/"
+    ),
     "drealsr": DatasetLayout("DRealSR", r"_x4", r"_x1", note="DRealSR Test_x4: test_LR/*_x4.png ↔ test_HR/*_x1.png"),
-    "div2k-val": DatasetLayout("DIV2K-Val", r"x4", None,
-                               note="DIV2K_valid_LR_bicubic/X4/0801x4.png ↔ DIV2K_valid_HR/0801.png; or lq/ + gt/"),
+    "div2k-val": DatasetLayout(
+        "DIV2K-Val", r"x4", None, note="DIV2K_valid_LR_bicubic/X4/0801x4.png ↔ DIV2K_valid_HR/0801.png; or lq/ + gt/"
+    ),
     "dped-iphone": DatasetLayout("DPED-iPhone", None, None, has_gt=False, note="LR photos only (no-reference metrics)"),
 }
 
@@ -62,7 +65,9 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
     if not folder.is_dir():
         raise PairingError(f"no such folder: {folder}")
     found = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = sorted(
+        p for p in found if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise PairingError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
@@ -72,7 +77,9 @@ def _by_stem(files: list[Path], role: str, skipped: list[dict[str, str]]) -> dic
     table: dict[str, Path] = {}
     for file in files:
         if file.stem in table:
-            skipped.append({"file": str(file), "reason": f"two {role} files with the stem {file.stem!r} ({table[file.stem].name})"})
+            skipped.append(
+                {"file": str(file), "reason": f"two {role} files with the stem {file.stem!r} ({table[file.stem].name})"}
+            )
             continue
         table[file.stem] = file
     return table
@@ -81,8 +88,11 @@ def _by_stem(files: list[Path], role: str, skipped: list[dict[str, str]]) -> dic
 def pair_folders(pred: Path | None = None, gt: Path | None = None, lr: Path | None = None) -> Pairing:
     """Pair the files of up to three folders by stem. The first folder given drives the sample list."""
     skipped: list[dict[str, str]] = []
-    tables = {role: _by_stem(list_images(folder), role, skipped)
-              for role, folder in (("pred", pred), ("lr", lr), ("gt", gt)) if folder is not None}
+    tables = {
+        role: _by_stem(list_images(folder), role, skipped)
+        for role, folder in (("pred", pred), ("lr", lr), ("gt", gt))
+        if folder is not None
+    }
     if not tables:
         raise PairingError("nothing to evaluate: give --pred, --lr or --dataset")
     keys = sorted(set().union(*tables.values()))
@@ -125,7 +135,9 @@ def pair_dataset(name: str, root: Path) -> tuple[DatasetLayout, Pairing]:
     for file in list_images(root, recursive=True):
         found = _classify(file, root, layout)
         if found is None:
-            skipped.append({"file": str(file), "reason": f"neither LR nor GT by {layout.name}'s naming ({layout.note})"})
+            skipped.append(
+                {"file": str(file), "reason": f"neither LR nor GT by {layout.name}'s naming ({layout.note})"}
+            )
             continue
         role, key = found
         if key in tables[role]:
@@ -142,7 +154,9 @@ def pair_dataset(name: str, root: Path) -> tuple[DatasetLayout, Pairing]:
         else:
             samples.append(Sample(key=key, lr=lr, gt=gt))
     if not samples:
-        raise PairingError(f"no {layout.name} pairs under {root} (expected {layout.note}); {len(skipped)} files skipped")
+        raise PairingError(
+            f"no {layout.name} pairs under {root} (expected {layout.note}); {len(skipped)} files skipped"
+        )
     return layout, Pairing(samples, skipped)
 
 
@@ -154,7 +168,12 @@ def attach_predictions(pairing: Pairing, pred: Path) -> Pairing:
         names = [sample.key.replace("/", "_")] + [p.stem for p in (sample.lr, sample.gt) if p is not None]
         found = next((table[n] for n in names if n in table), None)
         if found is None:
-            pairing.skipped.append({"file": str(sample.lr or sample.gt), "reason": f"no prediction in {pred} (looked for {', '.join(names)})"})
+            pairing.skipped.append(
+                {
+                    "file": str(sample.lr or sample.gt),
+                    "reason": f"no prediction in {pred} (looked for {', '.join(names)})",
+                }
+            )
             continue
         samples.append(Sample(sample.key, sample.lr, sample.gt, found))
     if not samples:

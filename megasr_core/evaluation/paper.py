@@ -14,17 +14,65 @@ from __future__ import annotations
 
 #: Table 1, "MegaSR" column (the last one)
 PAPER_MEGASR: dict[str, dict[str, float]] = {
-    "realsr": {"psnr": 23.49, "ssim": 0.6903, "lpips": 0.3072, "niqe": 5.3795, "maniqa": 0.5574, "musiq": 70.0251, "clipiqa": 0.6790},
-    "drealsr": {"psnr": 25.74, "ssim": 0.7367, "lpips": 0.3258, "niqe": 6.6276, "maniqa": 0.5098, "musiq": 64.1473, "clipiqa": 0.6853},
-    "div2k-val": {"psnr": 22.05, "ssim": 0.5664, "lpips": 0.3157, "niqe": 4.8258, "maniqa": 0.5074, "musiq": 68.7602, "clipiqa": 0.6892},
+    "realsr": {
+        "psnr": 23.49,
+        "ssim": 0.6903,
+        "lpips": 0.3072,
+        "niqe": 5.3795,
+        "maniqa": 0.5574,
+        "musiq": 70.0251,
+        "clipiqa": 0.6790,
+    },
+    "drealsr": {
+        "psnr": 25.74,
+        "ssim": 0.7367,
+        "lpips": 0.3258,
+        "niqe": 6.6276,
+        "maniqa": 0.5098,
+        "musiq": 64.1473,
+        "clipiqa": 0.6853,
+    },
+    "div2k-val": {
+        "psnr": 22.05,
+        "ssim": 0.5664,
+        "lpips": 0.3157,
+        "niqe": 4.8258,
+        "maniqa": 0.5074,
+        "musiq": 68.7602,
+        "clipiqa": 0.6892,
+    },
     "dped-iphone": {"niqe": 6.7751, "maniqa": 0.4653, "musiq": 56.3767, "clipiqa": 0.6201},
 }
 
 #: Table 1, "SeeSR" column (the ninth method; the paper ran SeeSR's public code and weights)
 PAPER_SEESR: dict[str, dict[str, float]] = {
-    "realsr": {"psnr": 23.60, "ssim": 0.6947, "lpips": 0.3007, "niqe": 5.4008, "maniqa": 0.5437, "musiq": 69.8200, "clipiqa": 0.6700},
-    "drealsr": {"psnr": 26.01, "ssim": 0.7330, "lpips": 0.3485, "niqe": 6.9710, "maniqa": 0.5290, "musiq": 64.4534, "clipiqa": 0.6816},
-    "div2k-val": {"psnr": 21.97, "ssim": 0.5673, "lpips": 0.3194, "niqe": 4.8095, "maniqa": 0.5036, "musiq": 68.6699, "clipiqa": 0.6936},
+    "realsr": {
+        "psnr": 23.60,
+        "ssim": 0.6947,
+        "lpips": 0.3007,
+        "niqe": 5.4008,
+        "maniqa": 0.5437,
+        "musiq": 69.8200,
+        "clipiqa": 0.6700,
+    },
+    "drealsr": {
+        "psnr": 26.01,
+        "ssim": 0.7330,
+        "lpips": 0.3485,
+        "niqe": 6.9710,
+        "maniqa": 0.5290,
+        "musiq": 64.4534,
+        "clipiqa": 0.6816,
+    },
+    "div2k-val": {
+        "psnr": 21.97,
+        "ssim": 0.5673,
+        "lpips": 0.3194,
+        "niqe": 4.8095,
+        "maniqa": 0.5036,
+        "musiq": 68.6699,
+        "clipiqa": 0.6936,
+    },
     "dped-iphone": {"niqe": 6.7261, "maniqa": 0.4581, "musiq": 57.6794, "clipiqa": 0.6077},
 }
 

@@ -19,8 +19,13 @@ DATASET_LABELS = {"realsr": "RealSR", "drealsr": "DRealSR", "div2k-val": "DIV2K-
 
 def summarize(per_image: dict[str, dict[str, float]]) -> dict[str, dict[str, object]]:
     """``{metric: {key: value}}`` → ``{metric: {"mean": x, "per_image": {key: value}}}``."""
-    return {name: {"mean": (sum(values.values()) / len(values)) if values else None, "per_image": dict(sorted(values.items()))}
-            for name, values in per_image.items()}
+    return {
+        name: {
+            "mean": (sum(values.values()) / len(values)) if values else None,
+            "per_image": dict(sorted(values.items())),
+        }
+        for name, values in per_image.items()
+    }
 
 
 def _format(name: str, value: float | None) -> str:
@@ -35,8 +40,10 @@ def _cell(text: str) -> str:
 
 
 def _columns(report: dict) -> list[tuple[str, dict]]:
-    columns = [(f"{method} (paper)", {k: {"mean": v} for k, v in figures.items()})
-               for method, figures in paper_figures(report.get("dataset")).items()]
+    columns = [
+        (f"{method} (paper)", {k: {"mean": v} for k, v in figures.items()})
+        for method, figures in paper_figures(report.get("dataset")).items()
+    ]
     for name, block in report.get("baselines", {}).items():
         columns.append((name.capitalize(), block["metrics"]))
     models = report.get("models") or []
@@ -70,5 +77,9 @@ def markdown_table(report: dict) -> str:
     for i, name in enumerate(report["metrics"]):
         spec = METRICS[name]
         cells = [_format(name, block.get(name, {}).get("mean")) for _, block in columns]
-        lines.append(f"| {label if i == 0 else ''} | {spec.label}{'↓' if spec.lower_better else '↑'} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {label if i == 0 else ''} | {spec.label}{'↓' if spec.lower_better else '↑'} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {_cell(n)}" for n in _notes(report)) + "\n"

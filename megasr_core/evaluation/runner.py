@@ -72,7 +72,12 @@ def _size_checked(samples: list[Sample], skipped: list[dict[str, str]]) -> list[
             continue
         if len(sizes) == 2 and sizes[0] != sizes[1]:
             (pw, ph), (gw, gh) = sizes
-            skipped.append({"file": str(sample.pred), "reason": f"size {pw}×{ph} differs from the ground truth's {gw}×{gh} ({sample.gt})"})
+            skipped.append(
+                {
+                    "file": str(sample.pred),
+                    "reason": f"size {pw}×{ph} differs from the ground truth's {gw}×{gh} ({sample.gt})",
+                }
+            )
             continue
         kept.append(sample)
     if not kept:
@@ -88,8 +93,12 @@ def _common(per_model: list[list[Sample]], skipped: list[dict[str, str]]) -> lis
     for samples in checked:
         for sample in samples:
             if sample.key not in keys:
-                skipped.append({"file": str(sample.pred), "reason": "another model's output for this image was skipped, "
-                                                                    "so no column scores it"})
+                skipped.append(
+                    {
+                        "file": str(sample.pred),
+                        "reason": "another model's output for this image was skipped, so no column scores it",
+                    }
+                )
     if not keys:
         raise PairingError("no image has a usable output from every model; nothing to score")
     return [[s for s in samples if s.key in keys] for samples in checked]
@@ -142,22 +151,36 @@ def evaluate(settings: EvalSettings, log: Callable[[str], None] = lambda _: None
 
     with tempfile.TemporaryDirectory(prefix="megasr-eval-") as workdir, contextlib.redirect_stdout(sys.stderr):
         # (pyiqa prints its loading messages on stdout; the report's table is what belongs there)
-        built = {name: build_metric(name, device=device, metric_weights=settings.metric_weights, workdir=Path(workdir),
-                                    crop_border=settings.crop_border) for name in metrics}
+        built = {
+            name: build_metric(
+                name,
+                device=device,
+                metric_weights=settings.metric_weights,
+                workdir=Path(workdir),
+                crop_border=settings.crop_border,
+            )
+            for name in metrics
+        }
 
         def scored(items: list[Sample]) -> dict:
-            return summarize(score([(s.key, s.pred, s.gt) for s in items], built, device=device,
-                                   batch_size=settings.metric_batch_size))
+            return summarize(
+                score(
+                    [(s.key, s.pred, s.gt) for s in items], built, device=device, batch_size=settings.metric_batch_size
+                )
+            )
 
         log(f"scoring {len(samples)} images × {len(per_model)} model(s): {', '.join(metrics)} on {device}")
         columns = [scored(items) for items in per_model]
         baselines = {}
         if settings.baseline == "bicubic":
-            baselines["bicubic"] = {"metrics": scored(bicubic(samples, settings.output / "bicubic", scale=settings.scale))}
+            baselines["bicubic"] = {
+                "metrics": scored(bicubic(samples, settings.output / "bicubic", scale=settings.scale))
+            }
 
     labels = column_labels([run for run, _ in generated], [result.identity for _, result in generated])
-    models = [_model_entry(label, run, result, metrics_)
-              for label, (run, result), metrics_ in zip(labels, generated, columns)]
+    models = [
+        _model_entry(label, run, result, metrics_) for label, (run, result), metrics_ in zip(labels, generated, columns)
+    ]
     report: dict = {
         "dataset": settings.dataset,
         # the first (or only) model's, as before several models could run: "models" has them all
@@ -166,39 +189,70 @@ def evaluate(settings: EvalSettings, log: Callable[[str], None] = lambda _: None
         "metrics": columns[0],
         "models": models,
         "images": len(samples),
-        "files": {s.key: {"pred": str(s.pred), "gt": str(s.gt) if s.gt else None, "lr": str(s.lr) if s.lr else None} for s in samples},
+        "files": {
+            s.key: {"pred": str(s.pred), "gt": str(s.gt) if s.gt else None, "lr": str(s.lr) if s.lr else None}
+            for s in samples
+        },
         "skipped": pairing.skipped,
         "baselines": baselines,
         "paper_table1": paper_figures(settings.dataset),
         "notes": notes,
         "versions": _versions(),
-        "settings": {**{k: _jsonable(v) for k, v in asdict(settings).items()}, "device": device,
-                     "psnr_ssim": "pyiqa psnr/ssim, test_y_channel=True, color_space='ycbcr' (BT.601 Y)"},
+        "settings": {
+            **{k: _jsonable(v) for k, v in asdict(settings).items()},
+            "device": device,
+            "psnr_ssim": "pyiqa psnr/ssim, test_y_channel=True, color_space='ycbcr' (BT.601 Y)",
+        },
     }
     (settings.output / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (settings.output / "eval.md").write_text(markdown_table(report))
     return report
 
 
-def _super_resolve_all(settings: EvalSettings, samples: list[Sample], log: Callable[[str], None]) -> list[tuple[ModelRun, Generated]]:
+def _super_resolve_all(
+    settings: EvalSettings, samples: list[Sample], log: Callable[[str], None]
+) -> list[tuple[ModelRun, Generated]]:
     """Every ``--weights`` model's outputs, one model at a time (each is unloaded before the next)."""
     if not settings.weights:
         raise PairingError("nothing to score: give --pred DIR, or --weights DIR to super-resolve the LR images")
     folders = [resolve_weights_source(source) for source in settings.weights]  # Hub ids: downloaded now
-    return [(run, super_resolve(samples, run.outputs, run.weights, scale=settings.scale, steps=settings.steps,
-                                guidance_scale=settings.guidance_scale, seed=settings.seed,
-                                batch_size=settings.batch_size, device=settings.device, log=log))
-            for run in plan_models(folders, settings.output)]
+    return [
+        (
+            run,
+            super_resolve(
+                samples,
+                run.outputs,
+                run.weights,
+                scale=settings.scale,
+                steps=settings.steps,
+                guidance_scale=settings.guidance_scale,
+                seed=settings.seed,
+                batch_size=settings.batch_size,
+                device=settings.device,
+                log=log,
+            ),
+        )
+        for run in plan_models(folders, settings.output)
+    ]
 
 
 def _model_entry(label: str, run: ModelRun, result: Generated, metrics: dict) -> dict:
     """One model's block of the report: who it is, how it sampled, where its outputs are, its scores."""
     identity = result.identity
     return {
-        "label": label, "family": identity["family"], "title": identity["title"],
-        "weights_label": identity["weights"], "trained": identity["trained"], "untrained_reason": identity["untrained_reason"],
-        "identity": identity, "weights": weights_identity(run.weights), "outputs": str(run.outputs),
-        "resumed": result.resumed, "steps": result.steps, "guidance_scale": result.guidance_scale, "metrics": metrics,
+        "label": label,
+        "family": identity["family"],
+        "title": identity["title"],
+        "weights_label": identity["weights"],
+        "trained": identity["trained"],
+        "untrained_reason": identity["untrained_reason"],
+        "identity": identity,
+        "weights": weights_identity(run.weights),
+        "outputs": str(run.outputs),
+        "resumed": result.resumed,
+        "steps": result.steps,
+        "guidance_scale": result.guidance_scale,
+        "metrics": metrics,
     }
 
 

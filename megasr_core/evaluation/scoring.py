@@ -67,8 +67,15 @@ def _maniqa_backbone_without_download() -> Iterator[None]:
         yield
 
 
-def build_metric(name: str, *, device: torch.device | str, metric_weights: Path | None, workdir: Path,
-                 crop_border: int = 0, **options) -> torch.nn.Module:
+def build_metric(
+    name: str,
+    *,
+    device: torch.device | str,
+    metric_weights: Path | None,
+    workdir: Path,
+    crop_border: int = 0,
+    **options,
+) -> torch.nn.Module:
     """One pyiqa metric on ``device`` with its weights from local files (MetricWeightsError if missing).
 
     ``workdir`` receives generated files (NIQE's .mat); ``options`` go to pyiqa's architecture
@@ -79,9 +86,13 @@ def build_metric(name: str, *, device: torch.device | str, metric_weights: Path 
     files = locate(name, metric_weights)
     path = {f: str(p) for f, p in files.items()}
     if name in ("psnr", "ssim"):
-        return pyiqa.create_metric(name, device=device, test_y_channel=True, color_space="ycbcr", crop_border=crop_border, **options)
+        return pyiqa.create_metric(
+            name, device=device, test_y_channel=True, color_space="ycbcr", crop_border=crop_border, **options
+        )
     if name == "niqe":
-        return pyiqa.create_metric("niqe", device=device, pretrained_model_path=str(niqe_parameters_mat(workdir)), **options)
+        return pyiqa.create_metric(
+            "niqe", device=device, pretrained_model_path=str(niqe_parameters_mat(workdir)), **options
+        )
     if name in ("lpips", "dists"):
         model_file, backbone_file = files  # the pyiqa checkpoint, then torchvision's ImageNet backbone
         with torch_hub_with({backbone_file: files[backbone_file]}):
@@ -110,7 +121,9 @@ def load_rgb(path: Path) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def batches(items: list[tuple[str, Path, Path | None]], batch_size: int) -> Iterator[list[tuple[str, Path, Path | None]]]:
+def batches(
+    items: list[tuple[str, Path, Path | None]], batch_size: int
+) -> Iterator[list[tuple[str, Path, Path | None]]]:
     """Consecutive runs of same-size images, at most ``batch_size`` long (pyiqa stacks a batch)."""
     run: list[tuple[str, Path, Path | None]] = []
     size = None
@@ -126,9 +139,14 @@ def batches(items: list[tuple[str, Path, Path | None]], batch_size: int) -> Iter
         yield run
 
 
-def score(items: Iterable[tuple[str, Path, Path | None]], metrics: dict[str, torch.nn.Module], *,
-          device: torch.device | str, batch_size: int = 4,
-          progress: Callable[[int], None] | None = None) -> dict[str, dict[str, float]]:
+def score(
+    items: Iterable[tuple[str, Path, Path | None]],
+    metrics: dict[str, torch.nn.Module],
+    *,
+    device: torch.device | str,
+    batch_size: int = 4,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict[str, float]]:
     """``{metric: {key: value}}`` for ``(key, prediction, ground truth or None)`` items.
 
     Full-reference metrics need every item's ground truth; each batch is read once for all metrics.
@@ -137,7 +155,11 @@ def score(items: Iterable[tuple[str, Path, Path | None]], metrics: dict[str, tor
     with torch.inference_mode():
         for run in batches(list(items), batch_size):
             pred = torch.stack([load_rgb(p) for _, p, _ in run]).to(device)
-            gt = torch.stack([load_rgb(g) for _, _, g in run]).to(device) if all(g is not None for _, _, g in run) else None
+            gt = (
+                torch.stack([load_rgb(g) for _, _, g in run]).to(device)
+                if all(g is not None for _, _, g in run)
+                else None
+            )
             for name, metric in metrics.items():
                 values = metric(pred, gt) if METRICS[name].full_reference else metric(pred)
                 for (key, _, _), value in zip(run, values.reshape(len(run), -1)[:, 0].tolist()):

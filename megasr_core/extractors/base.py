@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from ..utils import DeviceDtypeMixin
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -26,7 +27,10 @@ PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def read_preprocessing(
-    directory: Path, mean: Sequence[float], std: Sequence[float], short_side: int | None = None,
+    directory: Path,
+    mean: Sequence[float],
+    std: Sequence[float],
+    short_side: int | None = None,
     size_keys: Sequence[str] = ("shortest_edge", "height"),
 ) -> tuple[tuple[float, ...], tuple[float, ...], int | None]:
     """(mean, std, short side) from a checkpoint's ``preprocessor_config.json``, else the defaults.

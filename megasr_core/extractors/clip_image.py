@@ -24,12 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel
 
+from ..utils import DeviceDtypeMixin
 from .base import (
-    CLIP_MEAN, CLIP_STD, PREPROCESSOR_FILE, center_crop, check_images, native_size, normalize, read_preprocessing,
+    CLIP_MEAN,
+    CLIP_STD,
+    PREPROCESSOR_FILE,
+    center_crop,
+    check_images,
+    native_size,
+    normalize,
+    read_preprocessing,
     resize,
 )
-from ..utils import DeviceDtypeMixin
-
 
 TOKEN_SPACES = ("projected", "hidden")
 TOKENS_FILE = "tokens.json"
@@ -54,8 +60,10 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         if token_space not in TOKEN_SPACES:
             raise ValueError(f"token_space must be one of {', '.join(TOKEN_SPACES)}, got {token_space!r}")
         if token_space == "projected" and not self.has_text_tower:
-            raise ValueError("projected CLIP tokens need a full CLIPModel (its visual_projection); "
-                             "a vision-only model gives token_space='hidden'")
+            raise ValueError(
+                "projected CLIP tokens need a full CLIPModel (its visual_projection); "
+                "a vision-only model gives token_space='hidden'"
+            )
         self.token_space = token_space
 
     @property
@@ -85,13 +93,13 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         return (self.image_size // int(self.vision_config.patch_size)) ** 2 + 1
 
     @classmethod
-    def from_config(cls, config: CLIPConfig | CLIPVisionConfig, token_space: str | None = None) -> "CLIPImageEncoder":
+    def from_config(cls, config: CLIPConfig | CLIPVisionConfig, token_space: str | None = None) -> CLIPImageEncoder:
         if isinstance(config, CLIPConfig):
             return cls(CLIPModel(config), token_space=token_space or "projected")
         return cls(CLIPVisionModel(config), token_space=token_space or "hidden")
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "CLIPImageEncoder":
+    def from_pretrained(cls, directory: str | Path) -> CLIPImageEncoder:
         directory = Path(directory)
         config = AutoConfig.from_pretrained(directory)
         model_cls = CLIPModel if isinstance(config, CLIPConfig) else CLIPVisionModel
@@ -106,9 +114,15 @@ class CLIPImageEncoder(DeviceDtypeMixin, nn.Module):
         self.base_model.save_pretrained(directory)
         (directory / TOKENS_FILE).write_text(json.dumps({"token_space": self.token_space}) + "\n")
         (directory / PREPROCESSOR_FILE).write_text(
-            json.dumps({"image_mean": list(self.mean), "image_std": list(self.std),
-                        "crop_size": {"height": self.image_size, "width": self.image_size},
-                        "size": {"shortest_edge": self.image_size}}, indent=2)
+            json.dumps(
+                {
+                    "image_mean": list(self.mean),
+                    "image_std": list(self.std),
+                    "crop_size": {"height": self.image_size, "width": self.image_size},
+                    "size": {"shortest_edge": self.image_size},
+                },
+                indent=2,
+            )
         )
 
     def _vision(self) -> nn.Module:

@@ -16,8 +16,15 @@ import torch
 from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
 
 from .base import (
-    IMAGENET_MEAN, IMAGENET_STD, PREPROCESSOR_FILE, Extractor, native_size, normalize, per_image_minmax,
-    read_preprocessing, resize,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PREPROCESSOR_FILE,
+    Extractor,
+    native_size,
+    normalize,
+    per_image_minmax,
+    read_preprocessing,
+    resize,
 )
 
 
@@ -42,22 +49,30 @@ class DepthExtractor(Extractor):
         self.patch_size = int(model.config.patch_size)
 
     @classmethod
-    def from_config(cls, config: DepthAnythingConfig, short_side: int = 518) -> "DepthExtractor":
+    def from_config(cls, config: DepthAnythingConfig, short_side: int = 518) -> DepthExtractor:
         return cls(DepthAnythingForDepthEstimation(config), short_side=short_side)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "DepthExtractor":
+    def from_pretrained(cls, directory: str | Path) -> DepthExtractor:
         directory = Path(directory)
         model = DepthAnythingForDepthEstimation.from_pretrained(directory)
-        mean, std, short_side = read_preprocessing(directory, IMAGENET_MEAN, IMAGENET_STD, 518, ("height", "shortest_edge"))
+        mean, std, short_side = read_preprocessing(
+            directory, IMAGENET_MEAN, IMAGENET_STD, 518, ("height", "shortest_edge")
+        )
         return cls(model, short_side=short_side, mean=mean, std=std)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory)
         (directory / PREPROCESSOR_FILE).write_text(
-            json.dumps({"image_mean": list(self.mean), "image_std": list(self.std),
-                        "size": {"height": self.short_side, "width": self.short_side}}, indent=2)
+            json.dumps(
+                {
+                    "image_mean": list(self.mean),
+                    "image_std": list(self.std),
+                    "size": {"height": self.short_side, "width": self.short_side},
+                },
+                indent=2,
+            )
         )
 
     def predict(self, pixel_values: torch.Tensor) -> torch.Tensor:

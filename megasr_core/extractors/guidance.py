@@ -26,8 +26,8 @@ import torch
 from torch import nn
 from transformers import CLIPTokenizer
 
-from .base import check_images
 from ..utils import DeviceDtypeMixin
+from .base import check_images
 from .clip_image import CLIPImageEncoder
 from .depth import DepthExtractor
 from .hed import HEDExtractor
@@ -88,8 +88,9 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
     def available(self) -> tuple[str, ...]:
         return tuple(name for name in NAMES if getattr(self, name) is not None)
 
-    def forward(self, images: torch.Tensor, enabled: Iterable[str] | None = None,
-                ram_embeds: bool = False) -> GuidanceOutput:
+    def forward(
+        self, images: torch.Tensor, enabled: Iterable[str] | None = None, ram_embeds: bool = False
+    ) -> GuidanceOutput:
         """Run the extractors named in ``enabled`` (default: ``self.enabled``) on LR images in [0, 1].
 
         ``ram_embeds``: also return RAM's image embeddings (the tagger must be RAM and enabled).
@@ -112,8 +113,10 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
         if "clip" in wanted:
             output.image_tokens = self.clip(images)
         if ram_embeds and ("tagger" not in wanted or not isinstance(self.tagger, RAMTagger)):
-            raise ValueError(f"RAM's image embeddings need the RAM tagger (extractors/tagger/); this one is "
-                             f"{self.tagger_name or 'missing'}")
+            raise ValueError(
+                f"RAM's image embeddings need the RAM tagger (extractors/tagger/); this one is "
+                f"{self.tagger_name or 'missing'}"
+            )
         if "tagger" in wanted:
             if ram_embeds:
                 output.tags, output.ram_embeds = self.tagger.tags_and_embeds(images)
@@ -124,18 +127,23 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
         return output
 
     def parameter_counts(self) -> dict[str, int]:
-        return {name: sum(p.numel() for p in getattr(self, name).parameters())
-                for name in NAMES if name != "tagger" and getattr(self, name) is not None}
+        return {
+            name: sum(p.numel() for p in getattr(self, name).parameters())
+            for name in NAMES
+            if name != "tagger" and getattr(self, name) is not None
+        }
 
     # ---------------------------------------------------------------- construction
     @classmethod
-    def from_preset(cls, preset: ExtractorPreset, tokenizer: CLIPTokenizer | None = None) -> "GuidanceExtractors":
+    def from_preset(cls, preset: ExtractorPreset, tokenizer: CLIPTokenizer | None = None) -> GuidanceExtractors:
         """Random-initialized extractors of a preset's shapes (a tagger only with a tokenizer)."""
         clip = CLIPImageEncoder.from_config(preset.clip)
         return cls(
             hed=HEDExtractor(preset.hed),
             depth=DepthExtractor.from_config(preset.depth, short_side=preset.depth_short_side),
-            segmentation=SegmentationExtractor.from_config(preset.segmentation, short_side=preset.segmentation_short_side),
+            segmentation=SegmentationExtractor.from_config(
+                preset.segmentation, short_side=preset.segmentation_short_side
+            ),
             clip=clip,
             tagger=CLIPZeroShotTagger(clip, tokenizer) if tokenizer is not None else None,
         )
@@ -147,7 +155,7 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
         enabled: Iterable[str] | None = None,
         device: str | torch.device | None = None,
         torch_dtype: torch.dtype | None = None,
-    ) -> "GuidanceExtractors":
+    ) -> GuidanceExtractors:
         """Load the extractors found under ``directory`` (only those in ``enabled``, if given).
 
         LoRA adapters saved under ``depth/lora`` and ``clip/lora`` are merged for serving.
@@ -180,7 +188,9 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
                 if not clip.has_text_tower:
                     raise ValueError(f"{directory / 'clip'} has no text tower: the tagger needs a full CLIPModel")
                 tokenizer = CLIPTokenizer.from_pretrained(directory / "clip")
-                parts["tagger"] = CLIPZeroShotTagger.from_pretrained(tagger_dir if tagger_dir.is_dir() else None, clip, tokenizer)
+                parts["tagger"] = CLIPZeroShotTagger.from_pretrained(
+                    tagger_dir if tagger_dir.is_dir() else None, clip, tokenizer
+                )
         if "tagger" in parts:
             fallback = "" if isinstance(parts["tagger"], RAMTagger) else f" (fallback: no RAM model in {tagger_dir})"
             logger.info("tagger: %s%s", getattr(parts["tagger"], "name", "?"), fallback)
@@ -210,8 +220,9 @@ def _with_merged_lora(extractor, folder: Path):
     return extractor
 
 
-def init_tiny_extractors(directory: str | Path, tokenizer: CLIPTokenizer, seed: int = 0,
-                         ram_tagger: bool = False) -> GuidanceExtractors:
+def init_tiny_extractors(
+    directory: str | Path, tokenizer: CLIPTokenizer, seed: int = 0, ram_tagger: bool = False
+) -> GuidanceExtractors:
     """Write random-initialized tiny extractors (every one) to ``directory``.
 
     The tagger is the CLIP zero-shot fallback over RAM's vocabulary, or with ``ram_tagger`` a
@@ -235,8 +246,12 @@ def tiny_random_ram(seed: int = 0) -> RAMTagger:
     return tagger.eval().requires_grad_(False)
 
 
-def install_ram_tagger(extractors_dir: str | Path, ram_path: str | Path, dape_path: str | Path | None = None,
-                       config: RAMConfig | None = None) -> RAMTagger:
+def install_ram_tagger(
+    extractors_dir: str | Path,
+    ram_path: str | Path,
+    dape_path: str | Path | None = None,
+    config: RAMConfig | None = None,
+) -> RAMTagger:
     """Convert RAM's release (+ DAPE, merged) into ``<extractors>/tagger/``; it then replaces the fallback."""
     tagger = RAMTagger.from_checkpoint(ram_path, dape_path, config=config)
     tagger.save_pretrained(Path(extractors_dir) / "tagger")

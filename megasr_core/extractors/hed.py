@@ -38,7 +38,7 @@ class HEDConfig:
         (directory / CONFIG_FILE).write_text(json.dumps({"model_type": "controlnet-hed", **asdict(self)}, indent=2))
 
     @classmethod
-    def load(cls, directory: Path) -> "HEDConfig":
+    def load(cls, directory: Path) -> HEDConfig:
         path = directory / CONFIG_FILE
         if not path.is_file():
             return cls()  # a folder holding only the upstream ControlNetHED.pth
@@ -111,7 +111,9 @@ class HEDExtractor(Extractor):
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """RGB in 0-255 at the native size (what the network takes)."""
         height, width = images.shape[-2:]
-        size = native_size(height, width, self.config.native_short_side, multiple=16, max_long_side=self.config.max_long_side)
+        size = native_size(
+            height, width, self.config.native_short_side, multiple=16, max_long_side=self.config.max_long_side
+        )
         return resize(images, size).clamp(0, 1) * 255.0
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,7 +124,7 @@ class HEDExtractor(Extractor):
 
     # ---------------------------------------------------------------- weights
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "HEDExtractor":
+    def from_pretrained(cls, directory: str | Path) -> HEDExtractor:
         """Load our folder (config + safetensors) or one holding the upstream ``ControlNetHED.pth``."""
         directory = Path(directory)
         config = HEDConfig.load(directory)

@@ -32,15 +32,18 @@ def _target(extractor: nn.Module) -> str:
 
 
 def lora_config(extractor: nn.Module, rank: int = 8, alpha: int | None = None, dropout: float = 0.0) -> LoraConfig:
-    return LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=_target(extractor), bias="none")
+    return LoraConfig(
+        r=rank, lora_alpha=alpha or rank, lora_dropout=dropout, target_modules=_target(extractor), bias="none"
+    )
 
 
 def has_lora(extractor: nn.Module) -> bool:
     return isinstance(extractor.model, PeftModel)
 
 
-def attach_lora(extractor: DepthExtractor | CLIPImageEncoder, rank: int = 8, alpha: int | None = None,
-                dropout: float = 0.0) -> int:
+def attach_lora(
+    extractor: DepthExtractor | CLIPImageEncoder, rank: int = 8, alpha: int | None = None, dropout: float = 0.0
+) -> int:
     """Wrap the extractor's model with fresh LoRA adapters (identity at start); returns their size.
 
     Base weights are frozen; only the adapters train.

@@ -30,7 +30,7 @@ from ..utils import DeviceDtypeMixin
 from .base import IMAGENET_MEAN, IMAGENET_STD, check_images, normalize, resize
 from .ram_checkpoint import convert_ram_state_dict, merge_dape, read_state_dict
 from .swin import SwinEncoder
-from .tagger import CONFIG_FILE, THRESHOLDS_FILE, TAGS_FILE, load_vocabulary
+from .tagger import CONFIG_FILE, TAGS_FILE, THRESHOLDS_FILE, load_vocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +62,23 @@ class RAMConfig:
     std: tuple[float, ...] = field(default=IMAGENET_STD)
 
     @classmethod
-    def tiny(cls) -> "RAMConfig":
+    def tiny(cls) -> RAMConfig:
         """Small dims, same code paths: shifted windows, a window-sized stage, a shrunk window."""
-        return cls(image_size=64, embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), window_size=4,
-                   embed_width=16, head_hidden=24, head_layers=2, head_attention_heads=4, head_intermediate=32)
+        return cls(
+            image_size=64,
+            embed_dim=8,
+            depths=(2, 2, 2, 2),
+            num_heads=(1, 2, 2, 4),
+            window_size=4,
+            embed_width=16,
+            head_hidden=24,
+            head_layers=2,
+            head_attention_heads=4,
+            head_intermediate=32,
+        )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RAMConfig":
+    def from_dict(cls, data: dict) -> RAMConfig:
         tuples = {k: tuple(v) for k, v in data.items() if isinstance(v, list)}
         return cls(**{**data, **tuples})
 
@@ -87,8 +97,9 @@ class CrossAttention(nn.Module):
         def split(x: torch.Tensor) -> torch.Tensor:
             return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(split(self.query(hidden_states)), split(self.key(image_embeds)),
-                                             split(self.value(image_embeds)))
+        out = F.scaled_dot_product_attention(
+            split(self.query(hidden_states)), split(self.key(image_embeds)), split(self.value(image_embeds))
+        )
         return out.transpose(1, 2).flatten(2)
 
 
@@ -163,8 +174,9 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
 
     name = TAGGER_TYPE
 
-    def __init__(self, config: RAMConfig | None = None, tags: list[str] | None = None,
-                 thresholds: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, config: RAMConfig | None = None, tags: list[str] | None = None, thresholds: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.config = config = config or RAMConfig()
         # On the CPU even under ``with torch.device("cuda" or "meta")``: probabilities are compared there.
@@ -172,17 +184,29 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
             if tags is None:
                 tags, thresholds = load_vocabulary()
             if thresholds is None or len(tags) != len(thresholds) or len(tags) != config.num_classes:
-                raise ValueError(f"RAM needs {config.num_classes} tags with one threshold each, got {len(tags)} "
-                                 f"tags and {None if thresholds is None else len(thresholds)} thresholds")
+                raise ValueError(
+                    f"RAM needs {config.num_classes} tags with one threshold each, got {len(tags)} "
+                    f"tags and {None if thresholds is None else len(thresholds)} thresholds"
+                )
             self.thresholds = torch.as_tensor(thresholds, dtype=torch.float32)
         self.vocabulary = list(tags)
-        self.visual_encoder = SwinEncoder(config.image_size, config.patch_size, config.embed_dim, config.depths,
-                                          config.num_heads, config.window_size, config.mlp_ratio)
+        self.visual_encoder = SwinEncoder(
+            config.image_size,
+            config.patch_size,
+            config.embed_dim,
+            config.depths,
+            config.num_heads,
+            config.window_size,
+            config.mlp_ratio,
+        )
         self.image_proj = nn.Linear(self.visual_encoder.num_features, config.embed_width)
         self.label_embed = nn.Parameter(torch.zeros(config.num_classes, config.embed_width))
         # RAM uses Identity when the head is as wide as the label embeddings.
-        self.wordvec_proj = (nn.Linear(config.embed_width, config.head_hidden)
-                             if config.head_hidden != config.embed_width else nn.Identity())
+        self.wordvec_proj = (
+            nn.Linear(config.embed_width, config.head_hidden)
+            if config.head_hidden != config.embed_width
+            else nn.Identity()
+        )
         self.tagging_head = TaggingHead(config)
         self.fc = nn.Linear(config.head_hidden, 1)
 
@@ -232,9 +256,15 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_checkpoint(cls, ram_path: str | Path, dape_path: str | Path | None = None, *,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None,
-                        config: RAMConfig | None = None) -> "RAMTagger":
+    def from_checkpoint(
+        cls,
+        ram_path: str | Path,
+        dape_path: str | Path | None = None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        config: RAMConfig | None = None,
+    ) -> RAMTagger:
         """RAM's released ``.pth`` (+ SeeSR's ``DAPE.pth``, merged) → an eval-mode tagger."""
         with torch.device("cpu"):
             model = cls(config)
@@ -255,8 +285,9 @@ class RAMTagger(DeviceDtypeMixin, nn.Module):
         (directory / CONFIG_FILE).write_text(json.dumps({"type": TAGGER_TYPE, "config": asdict(self.config)}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | torch.device | None = None,
-                        dtype: torch.dtype | None = None) -> "RAMTagger":
+    def from_pretrained(
+        cls, directory: str | Path, *, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> RAMTagger:
         directory = Path(directory)
         settings = json.loads((directory / CONFIG_FILE).read_text())
         if settings.get("type") != TAGGER_TYPE:
@@ -274,4 +305,3 @@ def is_ram_folder(directory: str | Path) -> bool:
     if not path.is_file() or not (Path(directory) / WEIGHTS_FILE).is_file():
         return False
     return json.loads(path.read_text()).get("type") == TAGGER_TYPE
-

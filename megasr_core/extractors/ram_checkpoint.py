@@ -102,7 +102,9 @@ def _geometric_ratio(terms: int, reach: float) -> float:
     return ratio
 
 
-def convert_ram_state_dict(raw: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_ram_state_dict(
+    raw: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """RAM's ``model`` dict → a state dict with exactly the keys (and shapes) of ``expected``."""
     converted: dict[str, torch.Tensor] = {}
     skipped = 0
@@ -116,7 +118,9 @@ def convert_ram_state_dict(raw: Mapping[str, torch.Tensor], expected: Mapping[st
         if key.endswith("relative_position_bias_table") and value.shape != expected[key].shape:
             value = interpolate_position_table(value, expected[key].shape[0])
         if value.shape != expected[key].shape:
-            raise CheckpointError(f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} in the model")
+            raise CheckpointError(
+                f"{key}: shape {tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} in the model"
+            )
         converted[key] = value
     missing = [key for key in expected if key not in converted]
     if missing:
@@ -125,21 +129,26 @@ def convert_ram_state_dict(raw: Mapping[str, torch.Tensor], expected: Mapping[st
     return converted
 
 
-def lora_delta(name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, out_features: int,
-               scaling: float = DAPE_ALPHA / DAPE_RANK) -> torch.Tensor:
+def lora_delta(
+    name: str, lora_a: torch.Tensor, lora_b: torch.Tensor, out_features: int, scaling: float = DAPE_ALPHA / DAPE_RANK
+) -> torch.Tensor:
     """The weight update ``out×in`` of one loralib layer (fused q/v halves for Swin's ``qkv``)."""
     a, b = lora_a.float(), lora_b.float()
     if _SWIN_QKV.match(name):
         dim = out_features // 3
         rank = a.shape[0] // 2
         if a.shape[0] != 2 * rank or b.shape != (2 * dim, rank):
-            raise CheckpointError(f"{name}: LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a q/v MergedLinear")
+            raise CheckpointError(
+                f"{name}: LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit a q/v MergedLinear"
+            )
         delta = torch.zeros(out_features, a.shape[1])
         delta[:dim] = b[:dim] @ a[:rank]
         delta[2 * dim :] = b[dim:] @ a[rank:]
         return delta * scaling
     if b.shape[1] != a.shape[0] or b.shape[0] != out_features:
-        raise CheckpointError(f"{name}: LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {out_features} outputs")
+        raise CheckpointError(
+            f"{name}: LoRA shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit {out_features} outputs"
+        )
     return (b @ a) * scaling
 
 
@@ -186,5 +195,7 @@ def _warn_tied_caption_lora(dape: Mapping[str, torch.Tensor], head_layers: int) 
         for proj in ("query", "key"):
             key = f"tag_encoder.encoder.layer.{layer}.crossattention.self.{proj}.lora_B"
             if key in dape and bool(dape[key].abs().max() > 0):
-                logger.warning("DAPE: %s is non-zero; SeeSR's tied weights would also merge it into the "
-                               "tagging head, we do not", key)
+                logger.warning(
+                    "DAPE: %s is non-zero; SeeSR's tied weights would also merge it into the tagging head, we do not",
+                    key,
+                )

@@ -17,7 +17,14 @@ from torch import nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
 from .base import (
-    IMAGENET_MEAN, IMAGENET_STD, PREPROCESSOR_FILE, Extractor, native_size, normalize, read_preprocessing, resize,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PREPROCESSOR_FILE,
+    Extractor,
+    native_size,
+    normalize,
+    read_preprocessing,
+    resize,
 )
 
 
@@ -91,14 +98,16 @@ class SegmentationExtractor(Extractor):
         self.register_buffer("palette", class_palette(backend.num_classes), persistent=False)
 
     @classmethod
-    def from_config(cls, config: Mask2FormerConfig, short_side: int = 512) -> "SegmentationExtractor":
+    def from_config(cls, config: Mask2FormerConfig, short_side: int = 512) -> SegmentationExtractor:
         return cls(Mask2FormerBackend(Mask2FormerForUniversalSegmentation(config)), short_side=short_side)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> "SegmentationExtractor":
+    def from_pretrained(cls, directory: str | Path) -> SegmentationExtractor:
         directory = Path(directory)
         model = Mask2FormerForUniversalSegmentation.from_pretrained(directory)
-        mean, std, short_side = read_preprocessing(directory, IMAGENET_MEAN, IMAGENET_STD, 512, ("shortest_edge", "height"))
+        mean, std, short_side = read_preprocessing(
+            directory, IMAGENET_MEAN, IMAGENET_STD, 512, ("shortest_edge", "height")
+        )
         return cls(Mask2FormerBackend(model), short_side=short_side, mean=mean, std=std)
 
     def save_pretrained(self, directory: str | Path) -> None:
@@ -107,13 +116,21 @@ class SegmentationExtractor(Extractor):
         directory = Path(directory)
         self.backend.model.save_pretrained(directory)
         (directory / PREPROCESSOR_FILE).write_text(
-            json.dumps({"image_mean": list(self.mean), "image_std": list(self.std),
-                        "size": {"shortest_edge": self.short_side}}, indent=2)
+            json.dumps(
+                {
+                    "image_mean": list(self.mean),
+                    "image_std": list(self.std),
+                    "size": {"shortest_edge": self.short_side},
+                },
+                indent=2,
+            )
         )
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         height, width = images.shape[-2:]
-        size = native_size(height, width, self.short_side, multiple=self.size_multiple, max_long_side=self.max_long_side)
+        size = native_size(
+            height, width, self.short_side, multiple=self.size_multiple, max_long_side=self.max_long_side
+        )
         return normalize(resize(images, size).clamp(0, 1), self.mean, self.std)
 
     def class_map(self, images: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,9 @@ class Mlp(nn.Module):
 class SwinBlock(nn.Module):
     """Pre-norm (shifted) window attention and MLP, both residual."""
 
-    def __init__(self, dim: int, resolution: tuple[int, int], num_heads: int, window: int, shift: int,
-                 mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, resolution: tuple[int, int], num_heads: int, window: int, shift: int, mlp_ratio: float
+    ) -> None:
         super().__init__()
         self.resolution = resolution
         if min(resolution) <= window:  # the whole map is one window: nothing to shift
@@ -147,8 +148,16 @@ class PatchMerging(nn.Module):
 
 
 class SwinStage(nn.Module):
-    def __init__(self, dim: int, resolution: tuple[int, int], depth: int, num_heads: int, window: int,
-                 mlp_ratio: float, downsample: bool) -> None:
+    def __init__(
+        self,
+        dim: int,
+        resolution: tuple[int, int],
+        depth: int,
+        num_heads: int,
+        window: int,
+        mlp_ratio: float,
+        downsample: bool,
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
             SwinBlock(dim, resolution, num_heads, window, 0 if i % 2 == 0 else window // 2, mlp_ratio)
@@ -175,8 +184,16 @@ class PatchEmbed(nn.Module):
 class SwinEncoder(nn.Module):
     """Image ``B×3×S×S`` → ``B×(1+L)×C``: the mean token, then the last stage's ``L`` tokens."""
 
-    def __init__(self, image_size: int, patch_size: int, embed_dim: int, depths: Sequence[int],
-                 num_heads: Sequence[int], window_size: int, mlp_ratio: float = 4.0) -> None:
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        embed_dim: int,
+        depths: Sequence[int],
+        num_heads: Sequence[int],
+        window_size: int,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"{len(depths)} stage depths but {len(num_heads)} head counts")
@@ -188,8 +205,11 @@ class SwinEncoder(nn.Module):
             size = side // 2**i
             if size < 1 or (i < len(depths) - 1 and size % 2):
                 raise ValueError(f"image size {image_size} cannot be merged down {len(depths) - 1} times")
-            stages.append(SwinStage(embed_dim * 2**i, (size, size), depth, heads, window_size, mlp_ratio,
-                                    downsample=i < len(depths) - 1))
+            stages.append(
+                SwinStage(
+                    embed_dim * 2**i, (size, size), depth, heads, window_size, mlp_ratio, downsample=i < len(depths) - 1
+                )
+            )
         self.layers = nn.ModuleList(stages)
         self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.norm = nn.LayerNorm(self.num_features)

@@ -92,7 +92,9 @@ class CLIPZeroShotTagger:
         chunks = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                texts[start : start + self.batch_size], padding="max_length", truncation=True,
+                texts[start : start + self.batch_size],
+                padding="max_length",
+                truncation=True,
                 max_length=self.tokenizer.model_max_length if self.tokenizer.model_max_length < 10_000 else 77,
                 return_tensors="pt",
             )
@@ -132,12 +134,21 @@ class CLIPZeroShotTagger:
         (directory / TAGS_FILE).write_text("\n".join(self.tags) + "\n", encoding="utf-8")
         (directory / THRESHOLDS_FILE).write_text("\n".join(f"{t:g}" for t in self.thresholds.tolist()) + "\n")
         (directory / CONFIG_FILE).write_text(
-            json.dumps({"type": "clip-zero-shot", "template": self.template, "neutral_prompt": self.neutral_prompt,
-                        "max_tags": self.max_tags}, indent=2)
+            json.dumps(
+                {
+                    "type": "clip-zero-shot",
+                    "template": self.template,
+                    "neutral_prompt": self.neutral_prompt,
+                    "max_tags": self.max_tags,
+                },
+                indent=2,
+            )
         )
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path | None, encoder: CLIPImageEncoder, tokenizer: CLIPTokenizer) -> "CLIPZeroShotTagger":
+    def from_pretrained(
+        cls, directory: str | Path | None, encoder: CLIPImageEncoder, tokenizer: CLIPTokenizer
+    ) -> CLIPZeroShotTagger:
         """Settings and vocabulary from ``directory`` (RAM's vocabulary when it has none)."""
         settings: dict = {}
         if directory is not None and (Path(directory) / CONFIG_FILE).is_file():

@@ -64,7 +64,7 @@ class MegaSRConditioning:
         batch_size: int,
         reuse_modulation: bool = False,
         repeat: int = 1,
-    ) -> "MegaSRConditioning":
+    ) -> MegaSRConditioning:
         """Validate user-facing inputs and pack them; errors name the offending input.
 
         ``batch_size`` is the model's batch; with ``repeat`` the inputs hold
@@ -77,15 +77,11 @@ class MegaSRConditioning:
         maps_batch = batch_size // repeat
         if image_tokens is not None:
             if image_tokens.ndim != 3 or image_tokens.shape[0] != batch_size:
-                raise ValueError(
-                    f"image_embeds must be B×N×D with B={batch_size}, got {tuple(image_tokens.shape)}"
-                )
+                raise ValueError(f"image_embeds must be B×N×D with B={batch_size}, got {tuple(image_tokens.shape)}")
         guidance = dict(guidance or {})
         unknown = sorted(set(guidance) - set(GUIDANCE_CHANNELS))
         if unknown:
-            raise ValueError(
-                f"unknown guidance keys {unknown}; expected some of {sorted(GUIDANCE_CHANNELS)}"
-            )
+            raise ValueError(f"unknown guidance keys {unknown}; expected some of {sorted(GUIDANCE_CHANNELS)}")
         maps: dict[str, torch.Tensor] = {}
         for key, value in guidance.items():
             if value is None:
@@ -93,8 +89,7 @@ class MegaSRConditioning:
             channels = GUIDANCE_CHANNELS[key]
             if value.ndim != 4 or value.shape[0] != maps_batch or value.shape[1] != channels:
                 raise ValueError(
-                    f"guidance[{key!r}] must be B×{channels}×H×W with B={maps_batch}, "
-                    f"got {tuple(value.shape)}"
+                    f"guidance[{key!r}] must be B×{channels}×H×W with B={maps_batch}, got {tuple(value.shape)}"
                 )
             maps[key] = value
         depth_seg = None
@@ -113,8 +108,11 @@ class MegaSRConditioning:
                 seg = ref.new_zeros(maps_batch, GUIDANCE_CHANNELS["seg"], *ref.shape[-2:])
             depth_seg = torch.cat([depth, seg.to(depth.dtype)], dim=1)
         return cls(
-            image_tokens=image_tokens, hed=maps.get("hed"), depth_seg=depth_seg,
-            reuse_modulation=reuse_modulation, repeat=repeat,
+            image_tokens=image_tokens,
+            hed=maps.get("hed"),
+            depth_seg=depth_seg,
+            reuse_modulation=reuse_modulation,
+            repeat=repeat,
         )
 
     def resized(self, name: str, size: tuple[int, int], dtype: torch.dtype) -> torch.Tensor | None:

@@ -40,9 +40,7 @@ class _FileConfig:
         data = dict(data)
         version = data.pop("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
-            raise ValueError(
-                f"{CONFIG_NAME} has format_version {version}; this megasr reads up to {FORMAT_VERSION}"
-            )
+            raise ValueError(f"{CONFIG_NAME} has format_version {version}; this megasr reads up to {FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         family = data.get("family", DEFAULT_FAMILY)
         if family not in cls.FAMILIES:

@@ -17,9 +17,16 @@ def check_control_image(controlnet: ControlNetModel, latents: torch.Tensor, cont
     if control_image is None:
         raise ValueError("control_image (the upscaled LR image, B×3×H×W in [0, 1]) is required")
     factor = 2 ** (len(controlnet.config.conditioning_embedding_out_channels) - 1)
-    expected = (latents.shape[0], controlnet.config.conditioning_channels, latents.shape[-2] * factor, latents.shape[-1] * factor)
+    expected = (
+        latents.shape[0],
+        controlnet.config.conditioning_channels,
+        latents.shape[-2] * factor,
+        latents.shape[-1] * factor,
+    )
     if tuple(control_image.shape) != expected:
-        raise ValueError(f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}")
+        raise ValueError(
+            f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}"
+        )
 
 
 def controlnet_then_unet(
@@ -34,12 +41,20 @@ def controlnet_then_unet(
 ) -> torch.Tensor:
     """ε: the ControlNet's residuals (scaled) added into the UNet's skip connections and middle."""
     down, mid = controlnet(
-        latents, timestep, encoder_hidden_states=encoder_hidden_states,
-        controlnet_cond=control_image.to(latents.dtype), conditioning_scale=conditioning_scale,
-        cross_attention_kwargs=attention_kwargs, return_dict=False,
+        latents,
+        timestep,
+        encoder_hidden_states=encoder_hidden_states,
+        controlnet_cond=control_image.to(latents.dtype),
+        conditioning_scale=conditioning_scale,
+        cross_attention_kwargs=attention_kwargs,
+        return_dict=False,
     )
     return unet(
-        latents, timestep, encoder_hidden_states=encoder_hidden_states,
-        down_block_additional_residuals=down, mid_block_additional_residual=mid,
-        cross_attention_kwargs=attention_kwargs, return_dict=False,
+        latents,
+        timestep,
+        encoder_hidden_states=encoder_hidden_states,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        cross_attention_kwargs=attention_kwargs,
+        return_dict=False,
     )[0]

@@ -49,8 +49,10 @@ class CSM(nn.Module):
         if attn.spatial_norm is not None or attn.group_norm is not None:
             # The visual branch attends over precomputed keys/values (see _attend), which skips
             # these norms: a block that has them (not SD2's) would get wrong maths, so refuse it.
-            raise ValueError("the CSM supports cross-attentions without spatial or group norm (SD2's "
-                             "transformer blocks); this one has one")
+            raise ValueError(
+                "the CSM supports cross-attentions without spatial or group norm (SD2's "
+                "transformer blocks); this one has one"
+            )
         cross_dim = attn.to_k.in_features
         out_dim = attn.to_out[0].out_features
         self.connector = nn.Linear(image_embed_dim, cross_dim)
@@ -74,7 +76,9 @@ class CSM(nn.Module):
     def forward(self, host_attn: Attention, hidden_states: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
         """``Linear(CA_frozen(Connector(e_i), F_hidden))`` for ``hidden_states`` of ``B×tokens×C``."""
         if hidden_states.ndim != 3:
-            raise ValueError(f"the CSM takes B×tokens×C hidden states (a transformer block's); got {hidden_states.ndim}-D")
+            raise ValueError(
+                f"the CSM takes B×tokens×C hidden states (a transformer block's); got {hidden_states.ndim}-D"
+            )
         attn = self._frozen_attention(host_attn)
         return self.proj(self._attend(attn, hidden_states, *self._visual_kv(attn, image_tokens)))
 
@@ -97,7 +101,9 @@ class CSM(nn.Module):
             for tokens, key, value in self._pinned:
                 if tokens is image_tokens:
                     return key, value
-            key_of = tuple(_version(t) for t in (image_tokens, self.connector.weight, attn.to_k.weight, attn.to_v.weight))
+            key_of = tuple(
+                _version(t) for t in (image_tokens, self.connector.weight, attn.to_k.weight, attn.to_v.weight)
+            )
             for cached in self._kv_cache:
                 if cached[0][0] is image_tokens and cached[0][1:] == key_of:
                     return cached[1], cached[2]
@@ -112,7 +118,7 @@ class CSM(nn.Module):
         if attn.norm_k is not None:
             key = attn.norm_k(key)
         if use_cache:  # a few entries: a tiled run alternates between its groups of tiles
-            self._kv_cache = [*self._kv_cache[-(KV_CACHE_ENTRIES - 1):], ((image_tokens, *key_of), key, value)]
+            self._kv_cache = [*self._kv_cache[-(KV_CACHE_ENTRIES - 1) :], ((image_tokens, *key_of), key, value)]
         return key, value
 
     @staticmethod
@@ -205,7 +211,9 @@ def install_csm(model: nn.Module, image_embed_dim: int, copy_attention: bool) ->
 
 def csm_blocks(model: nn.Module) -> list[tuple[str, BasicTransformerBlock]]:
     """The blocks of ``model`` that carry a CSM (found once; the model's layout does not change)."""
-    return [(name, block) for name, block in cross_attention_blocks(model) if getattr(block, CSM_ATTR, None) is not None]
+    return [
+        (name, block) for name, block in cross_attention_blocks(model) if getattr(block, CSM_ATTR, None) is not None
+    ]
 
 
 def check_csm_processors(model: nn.Module, blocks: list[tuple[str, BasicTransformerBlock]] | None = None) -> None:
@@ -213,7 +221,7 @@ def check_csm_processors(model: nn.Module, blocks: list[tuple[str, BasicTransfor
 
     ``blocks`` (from :func:`csm_blocks`) spares walking every module at every forward.
     """
-    for name, block in (blocks if blocks is not None else csm_blocks(model)):
+    for name, block in blocks if blocks is not None else csm_blocks(model):
         csm = getattr(block, CSM_ATTR)
         processor = block.attn2.processor
         if not isinstance(processor, CSMAttnProcessor) or processor.csm is not csm:

@@ -126,7 +126,7 @@ class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         **config_changes: object,
-    ) -> "MegaSRDenoiser":
+    ) -> MegaSRDenoiser:
         """Random-initialized model of a preset's shapes; ``device="meta"`` allocates nothing.
 
         ``config_changes`` override :class:`MegaSRConfig` fields (e.g. ``use_csm=False``).
@@ -180,8 +180,16 @@ class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
         if conditioning.image_tokens is not None:
             attention_kwargs = {IMAGE_TOKENS_KWARG: conditioning.image_tokens}
         with self.slot.use(conditioning):
-            return controlnet_then_unet(self.unet, self.controlnet, latents, timestep, encoder_hidden_states,
-                                        control_image, conditioning_scale, attention_kwargs)
+            return controlnet_then_unet(
+                self.unet,
+                self.controlnet,
+                latents,
+                timestep,
+                encoder_hidden_states,
+                control_image,
+                conditioning_scale,
+                attention_kwargs,
+            )
 
     def prepare_conditioning(
         self,

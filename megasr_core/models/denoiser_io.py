@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from .config import MegaSRConfig
 from ..weights.files import (
     MEGASR_MODULES_NAME,
     WEIGHTS_NAME,
@@ -41,14 +40,20 @@ from ..weights.files import (
     read_weights,
     write_safetensors,
 )
+from .config import MegaSRConfig
 
 if TYPE_CHECKING:
     from .denoiser import MegaSRDenoiser
 
 NETWORKS = ("unet", "controlnet")
 OVERLAY_FORMAT = "megasr-overlay"
-_SHARED_SHAPE_FIELDS = ("block_out_channels", "layers_per_block", "cross_attention_dim", "attention_head_dim",
-                        "in_channels")
+_SHARED_SHAPE_FIELDS = (
+    "block_out_channels",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "in_channels",
+)
 
 _Model = TypeVar("_Model", bound="MegaSRDenoiser")
 
@@ -122,8 +127,9 @@ class MegaSRWeightsIO:
             controlnet_directory = Path(controlnet_directory)
             with torch.device("meta"):
                 controlnet = ControlNetModel.from_config(ControlNetModel.load_config(controlnet_directory))
-            load_assign(controlnet, read_model_dir(controlnet_directory),
-                        f"ControlNet weights in {controlnet_directory}")
+            load_assign(
+                controlnet, read_model_dir(controlnet_directory), f"ControlNet weights in {controlnet_directory}"
+            )
         else:
             controlnet = ControlNetModel.from_unet(
                 unet, conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels)

@@ -150,9 +150,7 @@ class MSFM(nn.Module):
             return hidden + (normed.view(repeat, -1, *shape[1:]) * gamma + beta).view(shape)
         return hidden + (normed * gamma + beta)
 
-    def forward(
-        self, hidden: torch.Tensor, hed: torch.Tensor | None, depth_seg: torch.Tensor | None
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, hed: torch.Tensor | None, depth_seg: torch.Tensor | None) -> torch.Tensor:
         return self.apply(hidden, self.modulation(hed, depth_seg))
 
 

@@ -106,10 +106,18 @@ SD2_BASE = Preset(
         "pad_token_id": 1,
     },
     scheduler=SD2_SCHEDULER,
-    extra={"clip_vision": {"hidden_size": 1280, "num_hidden_layers": 32, "num_attention_heads": 16,
-                           "intermediate_size": 5120, "patch_size": 14, "image_size": 224,
-                           "projection_dim": 1024},
-           "ram_embed_dim": 512},  # RAM's image_proj width (SeeSR's image cross-attentions)
+    extra={
+        "clip_vision": {
+            "hidden_size": 1280,
+            "num_hidden_layers": 32,
+            "num_attention_heads": 16,
+            "intermediate_size": 5120,
+            "patch_size": 14,
+            "image_size": 224,
+            "projection_dim": 1024,
+        },
+        "ram_embed_dim": 512,
+    },  # RAM's image_proj width (SeeSR's image cross-attentions)
 )
 
 # Same block structure as SD2-base (3 cross-attention down blocks, a cross-attention mid block,
@@ -156,11 +164,19 @@ TINY = Preset(
         "pad_token_id": 513,
     },
     scheduler=SD2_SCHEDULER,
-    extra={"clip_vision": {"hidden_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
-                           "intermediate_size": 96, "patch_size": 8, "image_size": 32,
-                           "projection_dim": 32},
-           # SeeSR's image cross-attentions take RAM's embeddings: RAMConfig.tiny().embed_width wide
-           "ram_embed_dim": 16},
+    extra={
+        "clip_vision": {
+            "hidden_size": 48,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 96,
+            "patch_size": 8,
+            "image_size": 32,
+            "projection_dim": 32,
+        },
+        # SeeSR's image cross-attentions take RAM's embeddings: RAMConfig.tiny().embed_width wide
+        "ram_embed_dim": 16,
+    },
 )
 
 PRESETS: dict[str, Preset] = {p.name: p for p in (SD2_BASE, TINY)}

@@ -52,11 +52,14 @@ class _ImageAttentionHook:
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
         tokens = (kwargs.get("cross_attention_kwargs") or {}).get(IMAGE_TOKENS_KWARG)
         if tokens is None:
-            raise ValueError("SeeSR's image cross-attentions need RAM's image embeddings: call the SeeSRDenoiser "
-                             "(image_embeds=...), not its unet or controlnet alone")
+            raise ValueError(
+                "SeeSR's image cross-attentions need RAM's image embeddings: call the SeeSRDenoiser "
+                "(image_embeds=...), not its unet or controlnet alone"
+            )
         sample = output[0] if isinstance(output, tuple) else output.sample
-        sample = self.image_attention(sample, encoder_hidden_states=tokens, attention_mask=kwargs.get("attention_mask"),
-                                      return_dict=False)[0]
+        sample = self.image_attention(
+            sample, encoder_hidden_states=tokens, attention_mask=kwargs.get("attention_mask"), return_dict=False
+        )[0]
         return (sample, *output[1:]) if isinstance(output, tuple) else Transformer2DModelOutput(sample=sample)
 
 
@@ -112,15 +115,23 @@ class SeeSRDenoiser(SeeSRWeightsIO, DeviceDtypeMixin, nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_preset(cls, name: str, family: str = SEESR, device: str | torch.device | None = None,
-                    dtype: torch.dtype | None = None, image_embed_dim: int | None = None) -> "SeeSRDenoiser":
+    def from_preset(
+        cls,
+        name: str,
+        family: str = SEESR,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        image_embed_dim: int | None = None,
+    ) -> SeeSRDenoiser:
         """Random-initialized model of a preset's shapes; ``device="meta"`` allocates nothing."""
         preset = get_preset(name)
         dim = image_embed_dim or preset.extra.get("ram_embed_dim", RAM_EMBED_DIM)
         config = SeeSRConfig(family=family, preset=name, image_embed_dim=dim)
         with torch.device(device or "cpu"):
             unet = UNet2DConditionModel(**preset.unet)
-            controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=preset.controlnet_conditioning_channels)
+            controlnet = ControlNetModel.from_unet(
+                unet, conditioning_embedding_out_channels=preset.controlnet_conditioning_channels
+            )
             model = cls(unet, controlnet, config)
         return model if dtype is None else model.to(dtype=dtype)
 
@@ -156,10 +167,20 @@ class SeeSRDenoiser(SeeSRWeightsIO, DeviceDtypeMixin, nn.Module):
             raise ValueError("pass either conditioning or image_embeds, not both")
         tokens = conditioning.image_tokens
         if tokens is None or tokens.shape[0] != latents.shape[0]:
-            raise ValueError(f"SeeSR needs RAM image embeddings for each of the {latents.shape[0]} latents, got "
-                             f"{None if tokens is None else tuple(tokens.shape)}")
-        return controlnet_then_unet(self.unet, self.controlnet, latents, timestep, encoder_hidden_states, control_image,
-                                    conditioning_scale, {IMAGE_TOKENS_KWARG: tokens.to(latents.dtype)})
+            raise ValueError(
+                f"SeeSR needs RAM image embeddings for each of the {latents.shape[0]} latents, got "
+                f"{None if tokens is None else tuple(tokens.shape)}"
+            )
+        return controlnet_then_unet(
+            self.unet,
+            self.controlnet,
+            latents,
+            timestep,
+            encoder_hidden_states,
+            control_image,
+            conditioning_scale,
+            {IMAGE_TOKENS_KWARG: tokens.to(latents.dtype)},
+        )
 
     def prepare_conditioning(
         self,
@@ -171,12 +192,16 @@ class SeeSRDenoiser(SeeSRWeightsIO, DeviceDtypeMixin, nn.Module):
     ) -> MegaSRConditioning:
         """Check and pack RAM's embeddings for a model batch (``repeat=2``: both CFG halves)."""
         if any(value is not None for value in (guidance or {}).values()):
-            raise ValueError(f"SeeSR takes no guidance maps, got {sorted(k for k, v in (guidance or {}).items() if v is not None)}")
+            raise ValueError(
+                f"SeeSR takes no guidance maps, got {sorted(k for k, v in (guidance or {}).items() if v is not None)}"
+            )
         if image_embeds is None:
             raise ValueError("SeeSR needs RAM's image embeddings (image_embeds, B×N×512)")
         if image_embeds.ndim != 3 or image_embeds.shape[-1] != self.config.image_embed_dim:
-            raise ValueError(f"image_embeds must be B×N×{self.config.image_embed_dim} (RAM's image embeddings), "
-                             f"got {tuple(image_embeds.shape)}")
+            raise ValueError(
+                f"image_embeds must be B×N×{self.config.image_embed_dim} (RAM's image embeddings), "
+                f"got {tuple(image_embeds.shape)}"
+            )
         return MegaSRConditioning.from_inputs(image_embeds, None, batch_size, reuse_modulation, repeat)
 
     def clear_caches(self) -> None:

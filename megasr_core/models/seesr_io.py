@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from .config import CONFIG_NAME, SeeSRConfig
 from ..weights.files import WEIGHTS_NAME, WeightsError, load_assign, read_model_dir, write_safetensors
+from .config import CONFIG_NAME, SeeSRConfig
 
 if TYPE_CHECKING:
     from .seesr import SeeSRDenoiser
@@ -55,8 +55,9 @@ class SeeSRWeightsIO:
         directory = Path(directory)
         if config is None:
             config = SeeSRConfig.load(directory) if (directory / CONFIG_NAME).is_file() else SeeSRConfig()
-        return cls.from_parts(directory / "unet", directory / "controlnet", config=config, device=device,
-                              torch_dtype=torch_dtype)
+        return cls.from_parts(
+            directory / "unet", directory / "controlnet", config=config, device=device, torch_dtype=torch_dtype
+        )
 
     @classmethod
     def from_parts(
@@ -93,8 +94,11 @@ class SeeSRWeightsIO:
             unet = UNet2DConditionModel.from_config(unet_config)
             controlnet = ControlNetModel.from_config(controlnet_config)
             model = cls(unet, controlnet, config)
-        load_assign(model.unet, unet_state, f"SeeSR UNet weights in {unet_directory}"
-                    + (f" with {base_unet_directory}" if base_unet_directory else ""))
+        load_assign(
+            model.unet,
+            unet_state,
+            f"SeeSR UNet weights in {unet_directory}" + (f" with {base_unet_directory}" if base_unet_directory else ""),
+        )
         load_assign(model.controlnet, controlnet_state, f"SeeSR ControlNet weights in {controlnet_directory}")
         model.requires_grad_(False)
         return model.to(device=device or "cpu", dtype=torch_dtype or torch.float32)
@@ -119,8 +123,10 @@ def _config_without_flag(config: Mapping[str, Any]) -> dict[str, Any]:
 def _seesr_config(directory: Path, model_class: type) -> dict[str, Any]:
     config = model_class.load_config(directory)
     if not config.get(CONFIG_FLAG):
-        raise WeightsError(f"{directory}/config.json has no '{CONFIG_FLAG}: true': not a SeeSR {model_class.__name__} "
-                           "(SeeSR's unet/ and controlnet/ folders carry it)")
+        raise WeightsError(
+            f"{directory}/config.json has no '{CONFIG_FLAG}: true': not a SeeSR {model_class.__name__} "
+            "(SeeSR's unet/ and controlnet/ folders carry it)"
+        )
     return _config_without_flag(config)
 
 

@@ -28,5 +28,9 @@ def all_zero(tensors: Iterable[torch.Tensor]) -> bool:
 
 def controlnet_untrained(controlnet: nn.Module) -> bool:
     """Whether a ControlNet's zero convolutions (what it adds to the UNet) are all still zero."""
-    outputs = [p for n, p in controlnet.named_parameters() if n.startswith(("controlnet_down_blocks.", "controlnet_mid_block."))]
+    outputs = [
+        p
+        for n, p in controlnet.named_parameters()
+        if n.startswith(("controlnet_down_blocks.", "controlnet_mid_block."))
+    ]
     return all_zero(outputs)

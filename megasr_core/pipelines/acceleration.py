@@ -55,7 +55,7 @@ def use_compile_cache(directory: str | Path) -> Path:
     return root
 
 
-def _compiled_modules(pipeline: "MegaSRPipeline", scope: str) -> list[nn.Module]:
+def _compiled_modules(pipeline: MegaSRPipeline, scope: str) -> list[nn.Module]:
     nets = (pipeline.denoiser.unet, pipeline.denoiser.controlnet)
     if scope == "full":
         chosen: list[nn.Module] = list(nets)
@@ -65,7 +65,7 @@ def _compiled_modules(pipeline: "MegaSRPipeline", scope: str) -> list[nn.Module]
 
 
 def compile_pipeline(
-    pipeline: "MegaSRPipeline",
+    pipeline: MegaSRPipeline,
     scope: CompileScope = "blocks",
     mode: str | None = None,
     backend: str = "inductor",
@@ -92,7 +92,7 @@ def compile_pipeline(
     return len(modules)
 
 
-def uncompile_pipeline(pipeline: "MegaSRPipeline") -> None:
+def uncompile_pipeline(pipeline: MegaSRPipeline) -> None:
     """Back to eager everywhere (compiled code stays in dynamo's cache until ``torch._dynamo.reset()``)."""
     for net in (pipeline.denoiser, pipeline.vae):
         for module in net.modules():
@@ -101,7 +101,7 @@ def uncompile_pipeline(pipeline: "MegaSRPipeline") -> None:
     pipeline.compiled_scope = None
 
 
-def use_cuda_graphs(pipeline: "MegaSRPipeline", enabled: bool = True, max_graphs: int = 16) -> None:
+def use_cuda_graphs(pipeline: MegaSRPipeline, enabled: bool = True, max_graphs: int = 16) -> None:
     """Replay the denoiser step from CUDA graphs, one per static shape (see ``denoiser_graphs``).
 
     On a CPU the same static-buffer path runs eagerly (no capture), which only tests it.
@@ -114,7 +114,7 @@ def use_cuda_graphs(pipeline: "MegaSRPipeline", enabled: bool = True, max_graphs
     pipeline.denoiser_graphs = DenoiserGraphs(pipeline.denoiser, max_graphs=max_graphs) if enabled else None
 
 
-def use_channels_last(pipeline: "MegaSRPipeline") -> None:
+def use_channels_last(pipeline: MegaSRPipeline) -> None:
     """NHWC weights for the convolutional nets (faster cuDNN convolutions on tensor cores)."""
     for net in (pipeline.denoiser.unet, pipeline.denoiser.controlnet, pipeline.vae):
         net.to(memory_format=torch.channels_last)

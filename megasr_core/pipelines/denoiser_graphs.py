@@ -94,8 +94,14 @@ class DenoiserGraphs:
         usable = self.failure is None and torch.is_tensor(timestep) and not torch.is_grad_enabled()
         if not usable or not self.ready(conditioning):
             self.eager_calls += 1
-            return self.denoiser(latents, timestep, encoder_hidden_states, control_image=control_image,
-                                 conditioning=conditioning, conditioning_scale=conditioning_scale)
+            return self.denoiser(
+                latents,
+                timestep,
+                encoder_hidden_states,
+                control_image=control_image,
+                conditioning=conditioning,
+                conditioning_scale=conditioning_scale,
+            )
         key = self._key(latents, timestep, encoder_hidden_states, control_image, conditioning, conditioning_scale)
         entry = self.graphs.get(key)
         if entry is None:
@@ -110,8 +116,14 @@ class DenoiserGraphs:
                 self._release(entry)
                 self.failure = f"{type(error).__name__}: {error}"
                 log.warning("CUDA graph capture failed, the denoiser runs eagerly from now on: %s", self.failure)
-                return self(latents, timestep, encoder_hidden_states, control_image=control_image,
-                            conditioning=conditioning, conditioning_scale=conditioning_scale)
+                return self(
+                    latents,
+                    timestep,
+                    encoder_hidden_states,
+                    control_image=control_image,
+                    conditioning=conditioning,
+                    conditioning_scale=conditioning_scale,
+                )
             self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
                 self._release(self.graphs.popitem(last=False)[1])
@@ -152,23 +164,36 @@ class DenoiserGraphs:
             for name, value in conditioning.modulation_cache.items()
         )
         return (
-            tuple(latents.shape), latents.dtype, tuple(timestep.shape), timestep.dtype, tuple(text.shape),
-            tuple(control.shape), None if tokens is None else (tuple(tokens.shape), tokens.dtype),
-            conditioning.repeat, layout, float(scale),
+            tuple(latents.shape),
+            latents.dtype,
+            tuple(timestep.shape),
+            timestep.dtype,
+            tuple(text.shape),
+            tuple(control.shape),
+            None if tokens is None else (tuple(tokens.shape), tokens.dtype),
+            conditioning.repeat,
+            layout,
+            float(scale),
         )
 
     def _build(self, latents, timestep, text, control, conditioning: MegaSRConditioning) -> _Graph:
         tokens = conditioning.image_tokens
         static = MegaSRConditioning(
             image_tokens=None if tokens is None else torch.empty_like(tokens),
-            reuse_modulation=True, repeat=conditioning.repeat,
+            reuse_modulation=True,
+            repeat=conditioning.repeat,
         )
         static.modulation_cache = {
             name: None if value is None else (torch.empty_like(value[0]), torch.empty_like(value[1]))
             for name, value in conditioning.modulation_cache.items()
         }
-        entry = _Graph(torch.empty_like(latents), torch.empty_like(timestep), torch.empty_like(text),
-                       torch.empty_like(control), static)
+        entry = _Graph(
+            torch.empty_like(latents),
+            torch.empty_like(timestep),
+            torch.empty_like(text),
+            torch.empty_like(control),
+            static,
+        )
         if static.image_tokens is not None:
             self._pinned_tokens.append(static.image_tokens)
             for csm, host in zip(self._csms, self._hosts):
@@ -200,8 +225,14 @@ class DenoiserGraphs:
         entry.source = weakref.ref(conditioning)
 
     def _run(self, entry: _Graph, scale: float) -> torch.Tensor:
-        return self.denoiser(entry.latents, entry.timestep, entry.text, control_image=entry.control,
-                             conditioning=entry.conditioning, conditioning_scale=scale)
+        return self.denoiser(
+            entry.latents,
+            entry.timestep,
+            entry.text,
+            control_image=entry.control,
+            conditioning=entry.conditioning,
+            conditioning_scale=scale,
+        )
 
     def _capture(self, entry: _Graph, scale: float) -> None:
         if not self.capture:

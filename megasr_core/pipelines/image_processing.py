@@ -45,8 +45,9 @@ class PreparedImage:
         return int(self.rgb.shape[-1]), int(self.rgb.shape[-2])
 
 
-def open_image(source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS,
-               formats: tuple[str, ...] | None = IMAGE_FORMATS) -> Image.Image:
+def open_image(
+    source: ImageInput, max_pixels: int | None = DEFAULT_MAX_PIXELS, formats: tuple[str, ...] | None = IMAGE_FORMATS
+) -> Image.Image:
     """Decode fully (so truncation is caught here) and apply the EXIF orientation.
 
     ``formats``: Pillow format names tried on files and bytes (``None`` = every plug-in).

@@ -133,8 +133,12 @@ class MegaSRPipeline(DiffusionPipeline):
     ) -> None:
         super().__init__()
         self.register_modules(
-            denoiser=denoiser, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-            scheduler=scheduler, extractors=extractors,
+            denoiser=denoiser,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            extractors=extractors,
         )
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         #: CUDA graphs of the denoiser step (``acceleration.use_cuda_graphs``); ``None`` = eager
@@ -160,7 +164,9 @@ class MegaSRPipeline(DiffusionPipeline):
         if self.vae.config.latent_channels != unet.in_channels:
             problems.append(f"VAE has {self.vae.config.latent_channels} latent channels, UNet takes {unet.in_channels}")
         if self.text_encoder.config.hidden_size != unet.cross_attention_dim:
-            problems.append(f"text encoder width {self.text_encoder.config.hidden_size} ≠ UNet cross-attention {unet.cross_attention_dim}")
+            problems.append(
+                f"text encoder width {self.text_encoder.config.hidden_size} ≠ UNet cross-attention {unet.cross_attention_dim}"
+            )
         source = self.denoiser.image_token_source
         clip = self.extractors.clip if self.extractors is not None else None
         if clip is not None and source == "clip":
@@ -170,12 +176,16 @@ class MegaSRPipeline(DiffusionPipeline):
         if source == "ram" and self.extractors is not None:
             tagger = self.extractors.tagger
             if self.extractors.tagger_name != "ram":
-                problems.append(f"{self.family.title} attends to RAM's image embeddings, but the tagger is "
-                                f"{self.extractors.tagger_name or 'missing'}: put RAM (+ DAPE) in extractors/tagger/ "
-                                "(megasr weights install-ram)")
+                problems.append(
+                    f"{self.family.title} attends to RAM's image embeddings, but the tagger is "
+                    f"{self.extractors.tagger_name or 'missing'}: put RAM (+ DAPE) in extractors/tagger/ "
+                    "(megasr weights install-ram)"
+                )
             elif tagger.config.embed_width != self.denoiser.config.image_embed_dim:
-                problems.append(f"RAM's embeddings are {tagger.config.embed_width} wide, the image attentions take "
-                                f"{self.denoiser.config.image_embed_dim}")
+                problems.append(
+                    f"RAM's embeddings are {tagger.config.embed_width} wide, the image attentions take "
+                    f"{self.denoiser.config.image_embed_dim}"
+                )
         if problems:
             raise ValueError("incompatible pipeline components: " + "; ".join(problems))
 
@@ -188,7 +198,7 @@ class MegaSRPipeline(DiffusionPipeline):
         device: str | torch.device | None = None,
         load_extractors: bool = True,
         revision: str | None = None,
-    ) -> "MegaSRPipeline":
+    ) -> MegaSRPipeline:
         """Load a weights folder of any family (see ``megasr_core.weights``) onto ``device``.
 
         ``directory`` is a local weights folder or a Hub id (``org/name``, ``hf://org/name[@rev]``;
@@ -212,15 +222,20 @@ class MegaSRPipeline(DiffusionPipeline):
             wanted = denoiser.extractors_needed
             present = [n for n in wanted if n == "tagger" or (directory / "extractors" / n).is_dir()]
             extractor_dtype = torch.float32 if denoiser.image_token_source == "ram" else dtype
-            extractors = GuidanceExtractors.from_pretrained(directory / "extractors", enabled=present, device=device,
-                                                            torch_dtype=extractor_dtype)
+            extractors = GuidanceExtractors.from_pretrained(
+                directory / "extractors", enabled=present, device=device, torch_dtype=extractor_dtype
+            )
         for module in (vae, text_encoder):
             module.eval().requires_grad_(False)
         denoiser.eval().requires_grad_(False)
         pipeline = cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
-        pipeline.identity = ModelIdentity(denoiser.family, weights_label(directory), str(dtype).removeprefix("torch."),
-                                          tuple(untrained_reasons(directory, denoiser)),
-                                          extractors.tagger_name if extractors is not None else None)
+        pipeline.identity = ModelIdentity(
+            denoiser.family,
+            weights_label(directory),
+            str(dtype).removeprefix("torch."),
+            tuple(untrained_reasons(directory, denoiser)),
+            extractors.tagger_name if extractors is not None else None,
+        )
         return pipeline
 
     @classmethod
@@ -232,7 +247,7 @@ class MegaSRPipeline(DiffusionPipeline):
         with_extractors: bool = True,
         seed: int = 0,
         family: str = MEGASR,
-    ) -> "MegaSRPipeline":
+    ) -> MegaSRPipeline:
         """Random-initialized pipeline of a preset's shapes and a family (benchmarks; nothing downloaded).
 
         Token ids come from a small byte-level tokenizer, valid for any text-encoder vocabulary.
@@ -272,9 +287,13 @@ class MegaSRPipeline(DiffusionPipeline):
         for module in (denoiser, vae, text_encoder, extractors):
             if module is not None:
                 module.eval().requires_grad_(False)
-        pipeline.identity = ModelIdentity(family, f"random {name} preset", str(torch_dtype).removeprefix("torch."),
-                                          (f"random weights of the {name} preset",),
-                                          extractors.tagger_name if extractors is not None else None)
+        pipeline.identity = ModelIdentity(
+            family,
+            f"random {name} preset",
+            str(torch_dtype).removeprefix("torch."),
+            (f"random weights of the {name} preset",),
+            extractors.tagger_name if extractors is not None else None,
+        )
         return pipeline
 
     def save_pretrained(self, directory: str | Path, **_: Any) -> None:  # type: ignore[override]
@@ -357,9 +376,25 @@ class MegaSRPipeline(DiffusionPipeline):
         """
         # 1. Check every argument before touching any image; the family fills in what is not given.
         inputs = self.check_inputs(
-            images, scale, num_inference_steps, guidance_scale, prompt, negative_prompt, generator, seed, color_fix,
-            tile_size, tile_overlap, vae_tile_size, controlnet_scale, start_timestep, max_cached_tiles,
-            tile_batch_size, max_pixels, max_output_pixels, max_batch_size,
+            images,
+            scale,
+            num_inference_steps,
+            guidance_scale,
+            prompt,
+            negative_prompt,
+            generator,
+            seed,
+            color_fix,
+            tile_size,
+            tile_overlap,
+            vae_tile_size,
+            controlnet_scale,
+            start_timestep,
+            max_cached_tiles,
+            tile_batch_size,
+            max_pixels,
+            max_output_pixels,
+            max_batch_size,
         )
         timer = StageTimer(self.device, sync=profile)
         # 2. Decode the inputs (orientation, modes, alpha); refuse any whose work would exceed the bound.
@@ -381,12 +416,18 @@ class MegaSRPipeline(DiffusionPipeline):
                 # 5. Guidance extractors on the LR (batched over images of one LR size).
                 with timer.stage("extractors"):
                     guidance, image_tokens, tags = self._run_extractors(batch.items, batch.padded)
-                run = RunningBatch(list(batch.items), [inputs.generators[item.index] for item in batch.items],
-                                   control, guidance, image_tokens)
+                run = RunningBatch(
+                    list(batch.items),
+                    [inputs.generators[item.index] for item in batch.items],
+                    control,
+                    guidance,
+                    image_tokens,
+                )
                 # 6. Prompts: tags + the user's prompt + SeeSR's quality suffix; CFG pairs [negative, positive].
                 with timer.stage("text_encoding"):
-                    run.prompts = [self.family.prompt(t, inputs.prompts[item.index])
-                                   for t, item in zip(tags, run.items)]
+                    run.prompts = [
+                        self.family.prompt(t, inputs.prompts[item.index]) for t, item in zip(tags, run.items)
+                    ]
                     run.positive, run.negative = self._encode_prompts(run.prompts, inputs)
                 # 7. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
                 # None = the first timestep); the schedule then runs from its own first timestep.
@@ -424,8 +465,9 @@ class MegaSRPipeline(DiffusionPipeline):
                     prompts[item.index] = text
         finally:
             self.denoiser.clear_caches()  # the CSMs' cached image keys/values of this call
-        return MegaSRPipelineOutput(images=results, prompts=prompts, timings=timer.timings(),
-                                    cancelled=sorted(cancelled))
+        return MegaSRPipelineOutput(
+            images=results, prompts=prompts, timings=timer.timings(), cancelled=sorted(cancelled)
+        )
 
     # ------------------------------------------------------------------ 1. check_inputs
     def check_inputs(
@@ -458,21 +500,31 @@ class MegaSRPipeline(DiffusionPipeline):
         steps = defaults.steps if num_inference_steps is None else num_inference_steps
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         tile_overlap = defaults.tile_overlap if tile_overlap is None else tile_overlap
-        vae_tiles = ((defaults.vae_encode_tile, defaults.vae_decode_tile) if vae_tile_size is None
-                     else (vae_tile_size, vae_tile_size))
+        vae_tiles = (
+            (defaults.vae_encode_tile, defaults.vae_decode_tile)
+            if vae_tile_size is None
+            else (vae_tile_size, vae_tile_size)
+        )
         sources = list(images) if isinstance(images, (list, tuple)) else [images]
         if not sources:
             raise InvalidImageError("no images given")
         scales = per_image("scale", scale, len(sources))
         prompts = per_image("prompt", prompt, len(sources))
         for value in scales:
-            if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-                    or not MIN_SCALE <= value <= MAX_SCALE):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not math.isfinite(value)
+                or not MIN_SCALE <= value <= MAX_SCALE
+            ):
                 raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}")
         if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
             raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-        if (not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale)
-                or not 0 <= guidance_scale <= 50):
+        if (
+            not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+            or not 0 <= guidance_scale <= 50
+        ):
             raise ValueError(f"guidance_scale must be from 0 to 50, got {guidance_scale!r}")
         if color_fix not in COLOR_FIX_METHODS:
             raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix!r}")
@@ -487,8 +539,11 @@ class MegaSRPipeline(DiffusionPipeline):
         if start_timestep is not None:
             # Noising below the first timestep would leave the first steps denoising noise that is not there.
             last = self.scheduler.config.num_train_timesteps - 1
-            if (isinstance(start_timestep, bool) or not isinstance(start_timestep, int)
-                    or not 0 <= start_timestep <= last):
+            if (
+                isinstance(start_timestep, bool)
+                or not isinstance(start_timestep, int)
+                or not 0 <= start_timestep <= last
+            ):
                 raise ValueError(f"start_timestep must be None or an integer from 0 to {last}, got {start_timestep!r}")
             self.scheduler.set_timesteps(steps)
             first = int(self.scheduler.timesteps[0])
@@ -499,10 +554,21 @@ class MegaSRPipeline(DiffusionPipeline):
         if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
             raise ValueError(f"tile_batch_size must be a positive integer, got {tile_batch_size!r}")
         return CheckedInputs(
-            sources=sources, scales=scales, prompts=prompts, generators=image_generators(generator, seed, len(sources)),
-            steps=steps, guidance_scale=guidance_scale, negative_prompt=negative_prompt, color_fix=color_fix,
-            tile_size=tile_size, tile_overlap=tile_overlap, vae_tiles=vae_tiles, controlnet_scale=controlnet_scale,
-            start_timestep=start_timestep, max_cached_tiles=max_cached_tiles, tile_batch_size=tile_batch_size,
+            sources=sources,
+            scales=scales,
+            prompts=prompts,
+            generators=image_generators(generator, seed, len(sources)),
+            steps=steps,
+            guidance_scale=guidance_scale,
+            negative_prompt=negative_prompt,
+            color_fix=color_fix,
+            tile_size=tile_size,
+            tile_overlap=tile_overlap,
+            vae_tiles=vae_tiles,
+            controlnet_scale=controlnet_scale,
+            start_timestep=start_timestep,
+            max_cached_tiles=max_cached_tiles,
+            tile_batch_size=tile_batch_size,
             max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
             max_output_pixels=max_output_pixels if max_output_pixels is not None else self.max_output_pixels,
             max_batch_size=max_batch_size,
@@ -511,8 +577,10 @@ class MegaSRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ 2.-3. inputs and batches
     def _decode_inputs(self, inputs: CheckedInputs) -> list[PreparedImage]:
         """Load every input (``PreparedImage`` as given) and check it against the work bounds."""
-        prepared = [source if isinstance(source, PreparedImage) else load_image(source, max_pixels=inputs.max_pixels)
-                    for source in inputs.sources]
+        prepared = [
+            source if isinstance(source, PreparedImage) else load_image(source, max_pixels=inputs.max_pixels)
+            for source in inputs.sources
+        ]
         for image, image_scale in zip(prepared, inputs.scales):
             check_work_bounds(image.size, image_scale, self.size_multiple, inputs.max_output_pixels)
         return prepared
@@ -530,11 +598,17 @@ class MegaSRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ 4.-10. the steps of one batch
     def _upscale_lr(self, batch: Batch) -> torch.Tensor:
         """Each LR bicubically resized to its working size, padded to the batch's bucket."""
-        return torch.cat([
-            pad_to(F.interpolate(item.lr[None].to(self.device), size=item.work, mode="bicubic", align_corners=False)
-                   .clamp(0, 1), batch.padded)
-            for item in batch.items
-        ])
+        return torch.cat(
+            [
+                pad_to(
+                    F.interpolate(
+                        item.lr[None].to(self.device), size=item.work, mode="bicubic", align_corners=False
+                    ).clamp(0, 1),
+                    batch.padded,
+                )
+                for item in batch.items
+            ]
+        )
 
     def extract_guidance(self, lr: torch.Tensor, size: tuple[int, int], with_tags: bool = True):
         """Guidance maps resized to ``size``, image tokens and tags of LR images in [0, 1].
@@ -554,12 +628,17 @@ class MegaSRPipeline(DiffusionPipeline):
         out = self.extractors(lr.to(self.extractors.dtype), enabled=wanted, ram_embeds=source == "ram")
         guidance = {
             key: F.interpolate(value.float(), size=size, mode="bilinear", align_corners=False).to(self.denoiser.dtype)
-            for key, value in out.maps().items() if key in config.guidance_keys
+            for key, value in out.maps().items()
+            if key in config.guidance_keys
         }
         if source == "ram":
             tokens = out.ram_embeds
         else:
-            tokens = out.image_tokens.to(self.denoiser.dtype) if (out.image_tokens is not None and source == "clip") else None
+            tokens = (
+                out.image_tokens.to(self.denoiser.dtype)
+                if (out.image_tokens is not None and source == "clip")
+                else None
+            )
         tags = out.tags if out.tags is not None else [[] for _ in range(lr.shape[0])]
         return guidance, tokens, tags
 
@@ -637,11 +716,16 @@ class MegaSRPipeline(DiffusionPipeline):
         if do_cfg:
             texts = [run.negative] * count + texts
         controls = torch.cat([part.pixels(self.vae_scale_factor).crop(run.control) for part in group])
-        conditioning = self._tile_conditioning(run, tuple(group), latent_in.shape[0], reuse_conditioning,
-                                               repeat=2 if do_cfg else 1)
+        conditioning = self._tile_conditioning(
+            run, tuple(group), latent_in.shape[0], reuse_conditioning, repeat=2 if do_cfg else 1
+        )
         eps = (self.denoiser_graphs or self.denoiser)(
-            latent_in, t, torch.cat(texts), control_image=guidance_batch(controls.to(self.denoiser.dtype), do_cfg),
-            conditioning=conditioning, conditioning_scale=inputs.controlnet_scale,
+            latent_in,
+            t,
+            torch.cat(texts),
+            control_image=guidance_batch(controls.to(self.denoiser.dtype), do_cfg),
+            conditioning=conditioning,
+            conditioning_scale=inputs.controlnet_scale,
         )
         if do_cfg:
             eps = classifier_free_guidance(eps, inputs.guidance_scale)
@@ -654,8 +738,11 @@ class MegaSRPipeline(DiffusionPipeline):
         pixels = [part.pixels(self.vae_scale_factor) for part in group]
         tokens = torch.cat([run.image_tokens] * len(group)) if run.image_tokens is not None else None
         made = self.denoiser.prepare_conditioning(
-            tokens, {k: torch.cat([p.crop(v) for p in pixels]) for k, v in run.guidance.items()}, batch_size,
-            reuse_modulation=reuse, repeat=repeat,
+            tokens,
+            {k: torch.cat([p.crop(v) for p in pixels]) for k, v in run.guidance.items()},
+            batch_size,
+            reuse_modulation=reuse,
+            repeat=repeat,
         )
         if reuse:
             run.conditionings[group] = made
@@ -670,8 +757,9 @@ class MegaSRPipeline(DiffusionPipeline):
             image = decoded[row : row + 1, :, :work_h, :work_w].float()
             image = color_fix(image, run.control[row : row + 1, :, :work_h, :work_w].float(), method)
             if item.work != item.target:
-                image = F.interpolate(image, size=item.target, mode="bicubic", align_corners=False,
-                                      antialias=True).clamp(0, 1)
+                image = F.interpolate(
+                    image, size=item.target, mode="bicubic", align_corners=False, antialias=True
+                ).clamp(0, 1)
             alpha = prepared[item.index].alpha
             if alpha is not None:
                 alpha = resize_alpha(alpha, (item.target[1], item.target[0]))
@@ -680,7 +768,11 @@ class MegaSRPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------ shared by the steps
     def _encode_text(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids
         return self.text_encoder(ids.to(self.text_encoder.device))[0].to(self.denoiser.dtype)
 
@@ -703,4 +795,3 @@ class MegaSRPipeline(DiffusionPipeline):
         self._configure_vae_tiling(pixels, vae_tile_size)
         image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return ((image.float() + 1) / 2).clamp(0, 1)
-

@@ -23,7 +23,7 @@ class Tile:
     left: int
     right: int
 
-    def pixels(self, factor: int) -> "Tile":
+    def pixels(self, factor: int) -> Tile:
         return Tile(self.top * factor, self.bottom * factor, self.left * factor, self.right * factor)
 
     def crop(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -83,8 +83,9 @@ def disparity_floor(disparity: torch.Tensor, relative_floor: float = 0.01, eps: 
     return (relative_floor * peak).clamp_min(eps).view(-1, *[1] * (disparity.ndim - 1))
 
 
-def silog(prediction: torch.Tensor, target: torch.Tensor, lam: float = 0.85, relative_floor: float = 0.01,
-          eps: float = 1e-6) -> torch.Tensor:
+def silog(
+    prediction: torch.Tensor, target: torch.Tensor, lam: float = 0.85, relative_floor: float = 0.01, eps: float = 1e-6
+) -> torch.Tensor:
     """Scale-invariant log loss (Eigen et al. 2014) between disparity maps ``B×…``, mean over images.
 
     g = log(p + c_p) − log(t + c_t) with c = :func:`disparity_floor` of each map, then per image
@@ -115,7 +116,9 @@ def representations(kind: str, extractor, images: torch.Tensor) -> tuple[list[to
         rgb = extractor.preprocess(images)
         blocks, sides = extractor.network.features(rgb)
         size = tuple(rgb.shape[-2:])
-        mean_side = torch.stack([F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in sides]).mean(0)
+        mean_side = torch.stack(
+            [F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in sides]
+        ).mean(0)
         return blocks, torch.sigmoid(mean_side)
     if kind == "segmentation":
         outputs = extractor.backend.model(pixel_values=extractor.preprocess(images), output_hidden_states=True)
@@ -142,7 +145,9 @@ def dage_loss(kind: str, config: DAGETrainConfig, teacher, student, hr: torch.Te
         return F.l1_loss(lr_out.float(), hr_out.float()) + layers
     rep = sum(F.l1_loss(s.float(), t.float()) for s, t in zip(lr_features, hr_features)) / len(hr_features)
     if kind == "depth":
-        return rep + config.gamma * silog(lr_out.float(), hr_out.float(), config.silog_lambda, config.silog_relative_floor)
+        return rep + config.gamma * silog(
+            lr_out.float(), hr_out.float(), config.silog_lambda, config.silog_relative_floor
+        )
     weight = config.alpha if kind == "hed" else config.beta
     return rep + weight * F.l1_loss(lr_out.float(), hr_out.float())
 
@@ -170,8 +175,13 @@ class DAGETrainer:
         params = [p for p in student.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=config.learning_rate)
         self.student, self.optimizer = self.accelerator.prepare(self.student, self.optimizer)
-        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed,
-                                          hflip=config.use_hflip, usm=USMConfig() if config.use_usm else None)
+        self.dataset = PairedImageDataset(
+            config.train_data,
+            crop_size=config.crop_size,
+            seed=config.seed,
+            hflip=config.use_hflip,
+            usm=USMConfig() if config.use_usm else None,
+        )
         self.step = 0
 
     def _batches(self):
@@ -179,13 +189,16 @@ class DAGETrainer:
         while True:
             self.dataset.set_epoch(epoch)
             sampler = RandomSampler(self.dataset, generator=torch.Generator().manual_seed(self.config.seed + epoch))
-            yield from DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler,
-                                  num_workers=self.config.num_workers)
+            yield from DataLoader(
+                self.dataset, batch_size=self.config.batch_size, sampler=sampler, num_workers=self.config.num_workers
+            )
             epoch += 1
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device = self.accelerator.device
-        return dage_loss(self.kind, self.config, self.teacher, self.student, batch["hr"].to(device), batch["lr"].to(device))
+        return dage_loss(
+            self.kind, self.config, self.teacher, self.student, batch["hr"].to(device), batch["lr"].to(device)
+        )
 
     def train(self, max_steps: int | None = None) -> list[float]:
         target = max_steps or self.config.max_steps

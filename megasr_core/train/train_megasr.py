@@ -95,10 +95,19 @@ class MegaSRTrainer:
             self.denoiser.unet.enable_gradient_checkpointing()
             self.denoiser.controlnet.enable_gradient_checkpointing()
         self.trainable = self.denoiser.parameter_groups().trainable
-        self.optimizer = torch.optim.Adam(list(self.trainable.values()), lr=config.learning_rate,
-                                          betas=tuple(config.adam_betas), weight_decay=config.weight_decay)
-        self.dataset = PairedImageDataset(config.train_data, crop_size=config.crop_size, seed=config.seed,
-                                          hflip=config.use_hflip, usm=USMConfig() if config.use_usm else None)
+        self.optimizer = torch.optim.Adam(
+            list(self.trainable.values()),
+            lr=config.learning_rate,
+            betas=tuple(config.adam_betas),
+            weight_decay=config.weight_decay,
+        )
+        self.dataset = PairedImageDataset(
+            config.train_data,
+            crop_size=config.crop_size,
+            seed=config.seed,
+            hflip=config.use_hflip,
+            usm=USMConfig() if config.use_usm else None,
+        )
         self.denoiser, self.optimizer = self.accelerator.prepare(self.denoiser, self.optimizer)
         self.ema = EMA(self.trainable, config.ema_decay) if config.ema_decay else None
         self.step = 0
@@ -110,11 +119,22 @@ class MegaSRTrainer:
     def _loader(self) -> DataLoader:
         """This rank's shard of the epoch: one shuffled order (seed + epoch), every N-th image."""
         self.dataset.set_epoch(self.epoch)
-        sampler = DistributedSampler(self.dataset, num_replicas=self.accelerator.num_processes,
-                                     rank=self.accelerator.process_index, shuffle=True, seed=self.config.seed)
+        sampler = DistributedSampler(
+            self.dataset,
+            num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+            shuffle=True,
+            seed=self.config.seed,
+        )
         sampler.set_epoch(self.epoch)
-        return DataLoader(self.dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=False,
-                          num_workers=self.config.num_workers, persistent_workers=False)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.config.batch_size,
+            sampler=sampler,
+            drop_last=False,
+            num_workers=self.config.num_workers,
+            persistent_workers=False,
+        )
 
     def _batches(self):
         while True:
@@ -160,14 +180,28 @@ class MegaSRTrainer:
         control = F.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
         guidance, tokens, text = self._condition(lr, hr)
         noise = torch.randn(latents.shape, generator=self.noise_generator).to(device)
-        timesteps = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=self.noise_generator).to(device)
-        return {"noisy": pipe.scheduler.add_noise(latents, noise, timesteps), "noise": noise, "timesteps": timesteps,
-                "text": text, "tokens": tokens, "guidance": guidance, "control": control}
+        timesteps = torch.randint(
+            0, pipe.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=self.noise_generator
+        ).to(device)
+        return {
+            "noisy": pipe.scheduler.add_noise(latents, noise, timesteps),
+            "noise": noise,
+            "timesteps": timesteps,
+            "text": text,
+            "tokens": tokens,
+            "guidance": guidance,
+            "control": control,
+        }
 
     def _loss(self, inputs: dict) -> torch.Tensor:
-        prediction = self.denoiser(inputs["noisy"], inputs["timesteps"], inputs["text"], image_embeds=inputs["tokens"],
-                                   guidance=inputs["guidance"], control_image=inputs["control"])
+        prediction = self.denoiser(
+            inputs["noisy"],
+            inputs["timesteps"],
+            inputs["text"],
+            image_embeds=inputs["tokens"],
+            guidance=inputs["guidance"],
+            control_image=inputs["control"],
+        )
         return F.mse_loss(prediction.float(), inputs["noise"].float())
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> float:
@@ -228,7 +262,9 @@ class MegaSRTrainer:
         path = self.output / "log.csv"
         new = not path.exists()
         with path.open("a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=["step", "loss", "steps_per_s", "psnr_y", "ssim_y"], extrasaction="ignore")
+            writer = csv.DictWriter(
+                handle, fieldnames=["step", "loss", "steps_per_s", "psnr_y", "ssim_y"], extrasaction="ignore"
+            )
             if new:
                 writer.writeheader()
             writer.writerow(row)
@@ -244,14 +280,20 @@ class MegaSRTrainer:
         from ..pipelines.image_processing import to_pil
 
         # The true HR (no USM, no flip), as benchmarks measure it.
-        dataset = PairedImageDataset(self.config.val_data, crop_size=self.config.crop_size, seed=12345, hflip=False, usm=None)
+        dataset = PairedImageDataset(
+            self.config.val_data, crop_size=self.config.crop_size, seed=12345, hflip=False, usm=None
+        )
         self.denoiser.eval()
         psnrs, ssims = [], []
         try:
             for index in range(min(self.config.validation_images, len(dataset))):
                 pair = dataset[index]
-                result = self.pipeline(to_pil(pair["lr"]), scale=self.config.crop_size / pair["lr"].shape[-1],
-                                       num_inference_steps=self.config.validation_steps, seed=index)
+                result = self.pipeline(
+                    to_pil(pair["lr"]),
+                    scale=self.config.crop_size / pair["lr"].shape[-1],
+                    num_inference_steps=self.config.validation_steps,
+                    seed=index,
+                )
                 sr = torch.from_numpy(np.asarray(result.images[0], dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
                 if self.accelerator.is_main_process:
                     folder = self.output / "validation" / f"step-{self.step:08d}"
@@ -283,9 +325,14 @@ class MegaSRTrainer:
         noise_generators = gather_object([self.noise_generator.get_state().tolist()])
         digests = gather_object([self.weights_digest()])
         if accelerator.is_main_process:
-            state = {"step": self.step, "epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch,
-                     "num_processes": accelerator.num_processes, "noise_generators": noise_generators,
-                     "weights_sha256": digests}
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batches_into_epoch": self.batches_into_epoch,
+                "num_processes": accelerator.num_processes,
+                "noise_generators": noise_generators,
+                "weights_sha256": digests,
+            }
             (path / STATE_FILE).write_text(json.dumps(state))
             if self.ema is not None:
                 torch.save(self.ema.state_dict(), path / "ema.pt")
@@ -312,9 +359,13 @@ class MegaSRTrainer:
         generators = state.get("noise_generators") or [state["noise_generator"]]
         rank, saved_by = self.accelerator.process_index, state.get("num_processes", 1)
         if saved_by != self.accelerator.num_processes:
-            log.warning("checkpoint %s was written by %d processes, resuming with %d: the data order and noise "
-                        "continue, but not exactly as the original run would have", path, saved_by,
-                        self.accelerator.num_processes)
+            log.warning(
+                "checkpoint %s was written by %d processes, resuming with %d: the data order and noise "
+                "continue, but not exactly as the original run would have",
+                path,
+                saved_by,
+                self.accelerator.num_processes,
+            )
         if rank < len(generators):
             self.noise_generator.set_state(torch.tensor(generators[rank], dtype=torch.uint8))
         if self.ema is not None and (path / "ema.pt").is_file():
@@ -343,7 +394,9 @@ class MegaSRTrainer:
         return directory
 
 
-def export_run(run_dir: str | Path, output: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True) -> Path:
+def export_run(
+    run_dir: str | Path, output: str | Path, checkpoint: str | Path | None = None, use_ema: bool = True
+) -> Path:
     """Turn a training run (its config and newest checkpoint) into a serving weights directory."""
     from .config import load_config
 

@@ -34,6 +34,8 @@ def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = la
 
         warn(f"no --weights or {WEIGHTS_ENV}: writing tiny demo weights to {demo}")
         init_tiny(demo, overwrite=True)
-    warn("warning: using the tiny demo weights: they are random and UNTRAINED, so the output is not a "
-         f"real super-resolution. Pass --weights or set {WEIGHTS_ENV} for a trained model.")
+    warn(
+        "warning: using the tiny demo weights: they are random and UNTRAINED, so the output is not a "
+        f"real super-resolution. Pass --weights or set {WEIGHTS_ENV} for a trained model."
+    )
     return demo

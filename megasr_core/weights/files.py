@@ -73,8 +73,7 @@ def find_weights_file(directory: Path, name: str = WEIGHTS_NAME) -> list[Path]:
         if entry[0].is_file():
             return entry
     raise FileNotFoundError(
-        f"no weights in {directory}: expected {name}.safetensors (or a sharded index, an fp16 "
-        "variant or a .bin file)"
+        f"no weights in {directory}: expected {name}.safetensors (or a sharded index, an fp16 variant or a .bin file)"
     )
 
 

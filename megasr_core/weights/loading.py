@@ -18,7 +18,8 @@ def denoiser_class(family: str) -> type[MegaSRDenoiser] | type[SeeSRDenoiser]:
     return MegaSRDenoiser if family == MEGASR else SeeSRDenoiser
 
 
-def load_denoiser(directory: str | Path, device: str | torch.device | None = None,
-                  torch_dtype: torch.dtype | None = None) -> Denoiser:
+def load_denoiser(
+    directory: str | Path, device: str | torch.device | None = None, torch_dtype: torch.dtype | None = None
+) -> Denoiser:
     """The denoiser of a weights folder, of the class its family names."""
     return denoiser_class(read_family(directory)).from_pretrained(directory, device=device, torch_dtype=torch_dtype)

@@ -70,7 +70,9 @@ def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False, fam
     directory.mkdir(parents=True, exist_ok=True)
     preset = get_preset("tiny")
     torch.manual_seed(seed)
-    denoiser = MegaSRDenoiser.from_preset("tiny") if family == MEGASR else SeeSRDenoiser.from_preset("tiny", family=family)
+    denoiser = (
+        MegaSRDenoiser.from_preset("tiny") if family == MEGASR else SeeSRDenoiser.from_preset("tiny", family=family)
+    )
     # Zero-initialized modules would contribute exactly zero; give them small random values so
     # the tiny model exercises every path (documented: these weights are for tests only).
     _randomize_zero_init(denoiser, seed)
@@ -80,7 +82,9 @@ def init_tiny(directory: str | Path, seed: int = 0, overwrite: bool = False, fam
     text_config = CLIPTextConfig(**preset.text_encoder)
     CLIPTextModel(text_config).save_pretrained(directory / "text_encoder")
     tokenizer = write_tiny_tokenizer(directory / "tokenizer")
-    DDPMScheduler(**{**preset.scheduler, **(TURBO_SCHEDULER if family == SEESR_TURBO else {})}).save_pretrained(directory / "scheduler")
+    DDPMScheduler(**{**preset.scheduler, **(TURBO_SCHEDULER if family == SEESR_TURBO else {})}).save_pretrained(
+        directory / "scheduler"
+    )
     if family == MEGASR:
         init_tiny_extractors(directory / EXTRACTORS_DIR, tokenizer, seed=seed)
     else:  # SeeSR reads RAM's tags and image embeddings, nothing else
@@ -97,6 +101,8 @@ def _randomize_zero_init(denoiser: MegaSRDenoiser | SeeSRDenoiser, seed: int, st
         for name, param in denoiser.named_parameters():
             leaf = name.rsplit(".", 2)[-2]
             megasr_module = leaf in ("proj", "gamma", "beta") and (".csm." in name or ".msfm." in name)
-            controlnet_output = name.startswith(("controlnet.controlnet_down_blocks.", "controlnet.controlnet_mid_block."))
+            controlnet_output = name.startswith(
+                ("controlnet.controlnet_down_blocks.", "controlnet.controlnet_mid_block.")
+            )
             if megasr_module or (controlnet_output and denoiser.family != MEGASR):
                 param.copy_(torch.randn(param.shape, generator=generator) * std)

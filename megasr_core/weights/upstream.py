@@ -113,24 +113,32 @@ def assemble_seesr(
         raise FileNotFoundError(f"{seesr_directory} is not a SeeSR release folder: missing {', '.join(missing)}/")
     missing = [c for c in _BASE_PARTS if not (base_directory / c).is_dir()]
     if missing:
-        raise FileNotFoundError(f"{base_directory} is not a diffusers SD2-base / sd-turbo folder: missing {', '.join(missing)}")
+        raise FileNotFoundError(
+            f"{base_directory} is not a diffusers SD2-base / sd-turbo folder: missing {', '.join(missing)}"
+        )
     if not Path(ram).is_file():
         raise FileNotFoundError(f"RAM checkpoint {ram} not found")
     if dape is not None and not Path(dape).is_file():
         raise FileNotFoundError(f"DAPE checkpoint {dape} not found")
     config = SeeSRConfig(family=family, preset="sd2-base")
     denoiser = SeeSRDenoiser.from_parts(
-        seesr_directory / "unet", seesr_directory / "controlnet", config,
+        seesr_directory / "unet",
+        seesr_directory / "controlnet",
+        config,
         base_unet_directory=base_directory / "unet" if family == SEESR_TURBO else None,
     )
     output.mkdir(parents=True, exist_ok=True)
     denoiser.save_pretrained(output)
     for component in ("vae", "text_encoder", "tokenizer"):
         shutil.copytree(base_directory / component, output / component, dirs_exist_ok=True)
-    DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(output / "scheduler")
+    DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(
+        output / "scheduler"
+    )
     tagger = install_ram_tagger(output / EXTRACTORS_DIR, ram, dape, config=ram_config)
     if tagger.config.embed_width != denoiser.config.image_embed_dim:
-        raise ValueError(f"RAM's image embeddings are {tagger.config.embed_width} wide, SeeSR's image attentions "
-                         f"take {denoiser.config.image_embed_dim}")
+        raise ValueError(
+            f"RAM's image embeddings are {tagger.config.embed_width} wide, SeeSR's image attentions "
+            f"take {denoiser.config.image_embed_dim}"
+        )
     write_model_index(output)
     return output

@@ -99,14 +99,26 @@ def resolve_model(settings: Settings, name: str | None) -> str:
     return name
 
 
-def admit(services: Services, tenant: str, data: bytes, image: UploadedImage, params: UpscaleParams, model: str,
-          idempotency_key: str | None) -> tuple[JobRecord, bool]:
+def admit(
+    services: Services,
+    tenant: str,
+    data: bytes,
+    image: UploadedImage,
+    params: UpscaleParams,
+    model: str,
+    idempotency_key: str | None,
+) -> tuple[JobRecord, bool]:
     """Check the work bounds, replay an Idempotency-Key's job, or store the input and submit the job
     (within the tenant's quota); (record, replayed). ``data``: the bytes the client sent."""
     settings = services.settings
     try:  # the pipeline's own canvas rule, so no admitted job can exhaust a GPU
-        check_work_bounds((image.width, image.height), params.scale, SD2_SIZE_MULTIPLE,
-                          settings.max_output_pixels, settings.max_aspect_ratio)
+        check_work_bounds(
+            (image.width, image.height),
+            params.scale,
+            SD2_SIZE_MULTIPLE,
+            settings.max_output_pixels,
+            settings.max_aspect_ratio,
+        )
     except WorkBoundsError as exc:
         raise Refused(422, exc.code, f"{exc} (MEGASR_{exc.setting.upper()})") from None
     fingerprint = request_fingerprint(data, params)  # what the client sent: a retry matches it
@@ -122,13 +134,27 @@ def admit(services: Services, tenant: str, data: bytes, image: UploadedImage, pa
         raise _quota_refusal(quota)
     job_id = uuid.uuid4().hex
     bind_log_context(job_id=job_id, tenant=tenant)
-    record = JobRecord(id=job_id, tenant=tenant, params=params, model=model, input_key=input_key(job_id),
-                       input_content_type=image.content_type, input_width=image.width, input_height=image.height,
-                       trace_context=carrier(job_id=job_id, tenant=tenant))
+    record = JobRecord(
+        id=job_id,
+        tenant=tenant,
+        params=params,
+        model=model,
+        input_key=input_key(job_id),
+        input_content_type=image.content_type,
+        input_width=image.width,
+        input_height=image.height,
+        trace_context=carrier(job_id=job_id, tenant=tenant),
+    )
     services.storage.put(record.input_key, image.data, image.content_type)
     try:  # quota, record, idempotency key and RQ's enqueue: one transaction
-        stored, created = lifecycle.submit(services.jobs, services.queue_for(model), record, idempotency_key,
-                                           request_hash=fingerprint, max_active=quota)
+        stored, created = lifecycle.submit(
+            services.jobs,
+            services.queue_for(model),
+            record,
+            idempotency_key,
+            request_hash=fingerprint,
+            max_active=quota,
+        )
     except QuotaExceeded as exc:  # another request took the last slot since the check above
         services.storage.delete(record.input_key)
         raise _quota_refusal(exc.limit) from None
@@ -147,16 +173,19 @@ def _replay(services: Services, tenant: str, idempotency_key: str, fingerprint: 
         return None
     existing, stored_fingerprint = found
     if stored_fingerprint != fingerprint:
-        raise _mismatch_refusal(IdempotencyMismatch(f"the Idempotency-Key was first used for a different request "
-                                                    f"(job {existing.id})"))
+        raise _mismatch_refusal(
+            IdempotencyMismatch(f"the Idempotency-Key was first used for a different request (job {existing.id})")
+        )
     return existing
 
 
 def _quota_refusal(quota: int) -> Refused:
-    return Refused(429, "queue_quota", f"{quota} unfinished jobs already; wait for some to finish",
-                   {"Retry-After": "30"})
+    return Refused(
+        429, "queue_quota", f"{quota} unfinished jobs already; wait for some to finish", {"Retry-After": "30"}
+    )
 
 
 def _mismatch_refusal(exc: IdempotencyMismatch) -> Refused:
-    return Refused(422, "idempotency_mismatch",
-                   f"{exc}: an Idempotency-Key may only be retried with the same image and parameters")
+    return Refused(
+        422, "idempotency_mismatch", f"{exc}: an Idempotency-Key may only be retried with the same image and parameters"
+    )

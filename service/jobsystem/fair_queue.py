@@ -50,8 +50,16 @@ return best
 
 def _fair_pop(connection: Redis, queue_key: str, destination: str | None) -> bytes | None:
     script = connection.register_script(_FAIR_POP)
-    return script(keys=[queue_key, destination or "", fair_tenants_key(queue_key), fair_served_key(queue_key),
-                        fair_clock_key(queue_key)], args=[SCAN_DEPTH])
+    return script(
+        keys=[
+            queue_key,
+            destination or "",
+            fair_tenants_key(queue_key),
+            fair_served_key(queue_key),
+            fair_clock_key(queue_key),
+        ],
+        args=[SCAN_DEPTH],
+    )
 
 
 class FairQueue(Queue):

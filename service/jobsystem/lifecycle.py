@@ -14,12 +14,24 @@ from .queue import JobQueue
 from .store import JobStore
 
 
-def submit(jobs: JobStore, queue: JobQueue, record: JobRecord, idempotency_key: str | None, *,
-           request_hash: str, max_active: int | None) -> tuple[JobRecord, bool]:
+def submit(
+    jobs: JobStore,
+    queue: JobQueue,
+    record: JobRecord,
+    idempotency_key: str | None,
+    *,
+    request_hash: str,
+    max_active: int | None,
+) -> tuple[JobRecord, bool]:
     """Record the job and enqueue it (quota, idempotency key, RQ's enqueue: one transaction);
     (record, created). Raises ``QuotaExceeded`` and ``IdempotencyMismatch`` as ``JobStore.create``."""
-    return jobs.create(record, idempotency_key, request_hash=request_hash, max_active=max_active,
-                       enqueue=lambda pipe: queue.enqueue(record.id, record.tenant, pipeline=pipe))
+    return jobs.create(
+        record,
+        idempotency_key,
+        request_hash=request_hash,
+        max_active=max_active,
+        enqueue=lambda pipe: queue.enqueue(record.id, record.tenant, pipeline=pipe),
+    )
 
 
 def cancel_queued(jobs: JobStore, queue: JobQueue, job_id: str) -> JobRecord:

@@ -66,8 +66,15 @@ class JobQueue:
         if not pipeline.explicit_transaction:
             pipeline.multi()
         self.queue.enqueue_call(
-            WORKER_TASK, args=(job_id,), job_id=job_id, timeout=self.job_timeout_s,
-            result_ttl=0, failure_ttl=24 * 3600, retry=RETRY, at_front=at_front, pipeline=pipeline,
+            WORKER_TASK,
+            args=(job_id,),
+            job_id=job_id,
+            timeout=self.job_timeout_s,
+            result_ttl=0,
+            failure_ttl=24 * 3600,
+            retry=RETRY,
+            at_front=at_front,
+            pipeline=pipeline,
         )
         self.queue.remember_tenant(pipeline, job_id, tenant)
 

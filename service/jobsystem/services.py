@@ -41,14 +41,21 @@ class Services:
 
     def __post_init__(self) -> None:
         settings = self.settings
-        self.request_rate = TokenBucket(self.redis, keys.SUBMIT_BUCKET, settings.rate_limit_per_minute,
-                                        settings.rate_limit_burst)
-        self.read_rate = TokenBucket(self.redis, keys.READ_BUCKET, settings.read_rate_limit_per_minute,
-                                     settings.read_rate_limit_burst)
-        self.auth_failures = TokenBucket(self.redis, keys.AUTH_FAILURE_BUCKET, settings.auth_failures_per_minute,
-                                         settings.auth_failures_per_minute)
-        self.auth_failures_by_key = TokenBucket(self.redis, keys.AUTH_FAILURE_KEY_BUCKET,
-                                                settings.auth_failures_per_minute, settings.auth_failures_per_minute)
+        self.request_rate = TokenBucket(
+            self.redis, keys.SUBMIT_BUCKET, settings.rate_limit_per_minute, settings.rate_limit_burst
+        )
+        self.read_rate = TokenBucket(
+            self.redis, keys.READ_BUCKET, settings.read_rate_limit_per_minute, settings.read_rate_limit_burst
+        )
+        self.auth_failures = TokenBucket(
+            self.redis, keys.AUTH_FAILURE_BUCKET, settings.auth_failures_per_minute, settings.auth_failures_per_minute
+        )
+        self.auth_failures_by_key = TokenBucket(
+            self.redis,
+            keys.AUTH_FAILURE_KEY_BUCKET,
+            settings.auth_failures_per_minute,
+            settings.auth_failures_per_minute,
+        )
 
     @property
     def queue(self) -> JobQueue:
@@ -60,8 +67,9 @@ class Services:
         process put a job back on its own model's queue (``Settings.queue_for``)."""
         queue = self.queues.get(model)
         if queue is None:
-            queue = self.queues.setdefault(model, JobQueue(self.redis, self.settings.queue_for(model),
-                                                           self.settings.job_timeout_s))
+            queue = self.queues.setdefault(
+                model, JobQueue(self.redis, self.settings.queue_for(model), self.settings.job_timeout_s)
+            )
         return queue
 
 
@@ -69,15 +77,24 @@ def build_services(settings: Settings) -> Services:
     """Connect Redis, the storage, the job store and every served model's queue, from ``settings``."""
     if not settings.redis_url:
         raise ValueError("MEGASR_REDIS_URL is not set (megasr serve starts an embedded Valkey when it is unset)")
-    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=2, socket_timeout=5,
-                                  health_check_interval=30)
-    storage = storage_from_url(settings.resolved_storage_url, endpoint_url=settings.s3_endpoint_url,
-                               region=settings.s3_region, public_endpoint_url=settings.s3_public_url,
-                               addressing_style=settings.s3_addressing_style)
+    client = redis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=2, socket_timeout=5, health_check_interval=30
+    )
+    storage = storage_from_url(
+        settings.resolved_storage_url,
+        endpoint_url=settings.s3_endpoint_url,
+        region=settings.s3_region,
+        public_endpoint_url=settings.s3_public_url,
+        addressing_style=settings.s3_addressing_style,
+    )
     return Services(
-        settings=settings, redis=client, storage=storage,
+        settings=settings,
+        redis=client,
+        storage=storage,
         jobs=JobStore(client, result_ttl_s=settings.result_ttl_s),
-        queues={name: JobQueue(client, settings.queue_for(name), settings.job_timeout_s)
-                for name in settings.served_models()},
+        queues={
+            name: JobQueue(client, settings.queue_for(name), settings.job_timeout_s)
+            for name in settings.served_models()
+        },
         tenant_keys=settings.tenant_keys(),
     )

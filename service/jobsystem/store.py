@@ -19,7 +19,7 @@ from __future__ import annotations
 import heapq
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, NamedTuple
 
 import redis
@@ -72,7 +72,7 @@ Extra = Callable[[Pipeline, JobRecord], None]
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobStore:
@@ -92,8 +92,13 @@ class JobStore:
 
     # ---------------------------------------------------------------- create / read
     def create(
-        self, record: JobRecord, idempotency_key: str | None = None, *, request_hash: str = "",
-        max_active: int | None = None, enqueue: Callable[[Pipeline], None] | None = None,
+        self,
+        record: JobRecord,
+        idempotency_key: str | None = None,
+        *,
+        request_hash: str = "",
+        max_active: int | None = None,
+        enqueue: Callable[[Pipeline], None] | None = None,
     ) -> tuple[JobRecord, bool]:
         """Store a new job and enqueue it, in one transaction; (record, created).
 
@@ -115,7 +120,8 @@ class JobStore:
                             job, stored_hash = existing
                             if stored_hash != request_hash:
                                 raise IdempotencyMismatch(
-                                    f"the Idempotency-Key was first used for a different request (job {job.id})")
+                                    f"the Idempotency-Key was first used for a different request (job {job.id})"
+                                )
                             return job, False
                     if max_active is not None and int(pipe.scard(active)) >= max_active:
                         raise QuotaExceeded(max_active)
@@ -171,7 +177,11 @@ class JobStore:
         return record if record is not None and record.tenant == tenant else None
 
     def list_for_tenant(
-        self, tenant: str, limit: int, after: ListPosition | None = None, statuses: Collection[JobStatus] = (),
+        self,
+        tenant: str,
+        limit: int,
+        after: ListPosition | None = None,
+        statuses: Collection[JobStatus] = (),
     ) -> tuple[list[JobRecord], ListPosition | None]:
         """A page of the tenant's jobs, newest first, from just after ``after``; (records, position
         of the last one if more may follow). With ``statuses``, only jobs in one of them.
@@ -246,15 +256,20 @@ class JobStore:
         """(tenant, job id) of every job in a tenant's quota set: all unfinished jobs."""
         prefix, suffix = keys.ACTIVE_PREFIX, keys.ACTIVE_SUFFIX
         for key in self.redis.scan_iter(match=f"{prefix}*{suffix}", count=500):
-            tenant = key.decode()[len(prefix):-len(suffix)]
+            tenant = key.decode()[len(prefix) : -len(suffix)]
             for job_id in self.redis.smembers(key):
                 yield tenant, job_id.decode()
 
     # ---------------------------------------------------------------- transitions
     def transition(
-        self, job_id: str, allowed_from: Iterable[JobStatus], to: JobStatus | None = None,
-        expect_owner: str | None = None, extra: Extra | None = None,
-        derive: Callable[[JobRecord], dict[str, object]] | None = None, step: str = "transition",
+        self,
+        job_id: str,
+        allowed_from: Iterable[JobStatus],
+        to: JobStatus | None = None,
+        expect_owner: str | None = None,
+        extra: Extra | None = None,
+        derive: Callable[[JobRecord], dict[str, object]] | None = None,
+        step: str = "transition",
         **changes: object,
     ) -> JobRecord:
         """Atomically change a job that is in one of ``allowed_from`` (optionally to state ``to``).
@@ -315,11 +330,19 @@ class JobStore:
             if extra is not None:
                 extra(pipe, record)
 
-        return self.transition(job_id, [JobStatus.queued], JobStatus.running, extra=hold, step="start",
-                               derive=lambda r: {"attempts": r.attempts + 1}, started_at=_now(), progress=0.0,
-                               owner=owner)
+        return self.transition(
+            job_id,
+            [JobStatus.queued],
+            JobStatus.running,
+            extra=hold,
+            step="start",
+            derive=lambda r: {"attempts": r.attempts + 1},
+            started_at=_now(),
+            progress=0.0,
+            owner=owner,
+        )
 
-    def requeue(self, job_id: str, owner: str | None, queue: "JobQueue | None") -> JobRecord:
+    def requeue(self, job_id: str, owner: str | None, queue: JobQueue | None) -> JobRecord:
         """Move a running attempt's job back to queued and drop its lease, in one transaction.
 
         With ``queue``, the job is also put back at the front of RQ's queue in that transaction
@@ -335,20 +358,37 @@ class JobStore:
             if queue is not None:
                 queue.requeue(job_id, record.tenant, pipe, stale)
 
-        return self.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner=owner, extra=release,
-                               step="requeue", owner=None, progress=0.0)
+        return self.transition(
+            job_id,
+            [JobStatus.running],
+            JobStatus.queued,
+            expect_owner=owner,
+            extra=release,
+            step="requeue",
+            owner=None,
+            progress=0.0,
+        )
 
     def renew_lease(self, job_id: str, owner: str) -> None:
         self.redis.set(self.lease_key(job_id), owner, ex=LEASE_TTL_S)
 
     def set_progress(self, job_id: str, progress: float, owner: str | None = None) -> None:
         try:
-            self.transition(job_id, [JobStatus.running], expect_owner=owner, progress=round(min(max(progress, 0.0), 1.0), 4))
+            self.transition(
+                job_id, [JobStatus.running], expect_owner=owner, progress=round(min(max(progress, 0.0), 1.0), 4)
+            )
         except TransitionRejected:
             pass
 
-    def finish(self, job_id: str, status: JobStatus, owner: str | None = None, extra: Extra | None = None,
-               model_info: ModelInfo | None = None, **changes: object) -> JobRecord:
+    def finish(
+        self,
+        job_id: str,
+        status: JobStatus,
+        owner: str | None = None,
+        extra: Extra | None = None,
+        model_info: ModelInfo | None = None,
+        **changes: object,
+    ) -> JobRecord:
         """Move the job to a final state and release everything it held, in one transaction.
 
         ``model_info``: the model that ran it (the worker's), kept in the record."""
@@ -357,8 +397,9 @@ class JobStore:
         if model_info is not None:
             changes["model_info"] = model_info
         allowed = [JobStatus.running] if owner is not None else [JobStatus.queued, JobStatus.running]
-        return self.transition(job_id, allowed, status, expect_owner=owner, extra=extra, step="finish",
-                               finished_at=_now(), **changes)
+        return self.transition(
+            job_id, allowed, status, expect_owner=owner, extra=extra, step="finish", finished_at=_now(), **changes
+        )
 
     def still_owner(self, job_id: str, owner: str) -> bool:
         record = self.get(job_id)

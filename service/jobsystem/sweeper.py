@@ -59,8 +59,14 @@ def recover_running(services: Services, record: JobRecord, report: SweepReport) 
     """Requeue (or fail, after MAX_ATTEMPTS) a running job whose attempt is gone."""
     try:
         if record.attempts >= MAX_ATTEMPTS:
-            services.jobs.finish(record.id, JobStatus.failed, owner=record.owner, error=JobError(
-                code="worker_lost", message=f"the worker running this job stopped {record.attempts} times"))
+            services.jobs.finish(
+                record.id,
+                JobStatus.failed,
+                owner=record.owner,
+                error=JobError(
+                    code="worker_lost", message=f"the worker running this job stopped {record.attempts} times"
+                ),
+            )
             report.failed.append(record.id)
             log.warning("job %s: failed after %d lost attempts", record.id, record.attempts)
         else:
@@ -110,8 +116,11 @@ def release_slot_if_done(services: Services, tenant: str, job_id: str) -> bool:
                 pipe.delete(jobs.lease_key(job_id))
                 pipe.srem(RUNNING_KEY, job_id)
                 pipe.execute()
-                log.warning("job %s: released the quota slot of a %s job", job_id,
-                            "missing" if record is None else record.status.value)
+                log.warning(
+                    "job %s: released the quota slot of a %s job",
+                    job_id,
+                    "missing" if record is None else record.status.value,
+                )
                 return True
             except redis.WatchError:
                 continue

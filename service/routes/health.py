@@ -39,9 +39,10 @@ async def readyz(request: Request) -> JSONResponse:
         live = [w for w in workers if w.live]
         checks["worker"] = "ok" if live else "; ".join(w.describe() for w in workers)
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks,
-                         "models": _models(served, announced)},
-                        status_code=200 if ready else 503)
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks, "models": _models(served, announced)},
+        status_code=200 if ready else 503,
+    )
 
 
 def _models(served: list[str], found: dict[str, Any] | None) -> list[dict]:
@@ -51,6 +52,12 @@ def _models(served: list[str], found: dict[str, Any] | None) -> list[dict]:
     for name in served:
         announced = found.get(name) if found is not None else None
         info = announced.info if announced is not None else None
-        models.append({"name": name, "family": info.family if info else None, "trained": info.trained if info else None,
-                       "workers": announced.workers if announced is not None else None})
+        models.append(
+            {
+                "name": name,
+                "family": info.family if info else None,
+                "trained": info.trained if info else None,
+                "workers": announced.workers if announced is not None else None,
+            }
+        )
     return models

@@ -13,8 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from ..body_limits import loads_limited, parse_multipart, read_limited
 from .. import events
+from ..body_limits import loads_limited, parse_multipart, read_limited
 from ..contracts import CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView, UpscaleParams
 from ..deps import ServicesDep, TenantDep, limit_reads
 from ..errors import ApiError
@@ -49,24 +49,46 @@ def _param_schemas() -> dict[str, dict]:
 
 def _upload_schema() -> dict:
     params = _param_schemas()
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {
-            "schema": {"type": "object", "required": ["image"],
-                       "properties": {"image": {"type": "string", "format": "binary"}, **params}},
-        },
-        "application/json": {
-            "schema": {"type": "object", "required": ["image"], "additionalProperties": False,
-                       "properties": {"image": {"type": "string", "description": "data:image/...;base64,... URL"},
-                                      **params}},
-        },
-    }}}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "format": "binary"}, **params},
+                    },
+                },
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "image": {"type": "string", "description": "data:image/...;base64,... URL"},
+                            **params,
+                        },
+                    },
+                },
+            },
+        }
+    }
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI responses of these error statuses, each ``{"error": {"code", "message"}}``."""
-    described = {400: "Bad request", 401: "Missing or invalid API key", 404: "No such job (of this tenant)",
-                 409: "Not possible in the job's state", 413: "Upload too large", 415: "Unsupported media type",
-                 422: "Invalid parameters", 429: "Rate limit or queue quota", 503: "Redis or storage unreachable"}
+    described = {
+        400: "Bad request",
+        401: "Missing or invalid API key",
+        404: "No such job (of this tenant)",
+        409: "Not possible in the job's state",
+        413: "Upload too large",
+        415: "Unsupported media type",
+        422: "Invalid parameters",
+        429: "Rate limit or queue quota",
+        503: "Redis or storage unreachable",
+    }
     return {status: {"model": ErrorResponse, "description": described[status]} for status in statuses}
 
 
@@ -84,18 +106,26 @@ def _view(record: JobRecord, request: Request, services: ServicesDep) -> JobView
     return _view_of(record, request, services, position, cancel)
 
 
-def _view_of(record: JobRecord, request: Request, services: ServicesDep, queue_position: int | None,
-             cancel_requested: bool) -> JobView:
+def _view_of(
+    record: JobRecord, request: Request, services: ServicesDep, queue_position: int | None, cancel_requested: bool
+) -> JobView:
     """The view of a record whose queue position and cancel flag were read already (the event
     poller reads them for all streams at once); no Redis calls, so safe on the event loop."""
     position = queue_position if record.status == JobStatus.queued else None
     return JobView(
-        id=record.id, status=record.status, model=record.model, model_info=record.model_info,
-        progress=record.progress, queue_position=position,
-        created_at=record.created_at, started_at=record.started_at, finished_at=record.finished_at,
+        id=record.id,
+        status=record.status,
+        model=record.model,
+        model_info=record.model_info,
+        progress=record.progress,
+        queue_position=position,
+        created_at=record.created_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
         input=ImageSize(width=record.input_width, height=record.input_height),
         output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
-        tagger=record.tagger, error=record.error,
+        tagger=record.tagger,
+        error=record.error,
         result_url=_link(request, services, "get_result", record.id) if record.status == JobStatus.succeeded else None,
         cancel_requested=record.status == JobStatus.running and cancel_requested,
         params=record.params,
@@ -111,8 +141,13 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
     detail = f" (MEGASR_MAX_UPLOAD_BYTES allows a {max_bytes:,} byte image)"
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await parse_multipart(request, max_bytes + _FIELDS_OVERHEAD, max_files=1,
-                                     max_fields=len(UpscaleParams.model_fields) + 1, detail=detail)
+        form = await parse_multipart(
+            request,
+            max_bytes + _FIELDS_OVERHEAD,
+            max_files=1,
+            max_fields=len(UpscaleParams.model_fields) + 1,
+            detail=detail,
+        )
         try:
             upload = form.get("image")
             if not isinstance(upload, UploadFile):
@@ -129,7 +164,9 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
             raise ApiError(422, "invalid_parameters", "the JSON body must be an object")
         image = payload.pop("image", None)
         if not isinstance(image, str) or not image.startswith("data:"):
-            raise ApiError(422, "invalid_parameters", "image: a data URL string (data:image/png;base64,...) is required")
+            raise ApiError(
+                422, "invalid_parameters", "image: a data URL string (data:image/png;base64,...) is required"
+            )
         header, _, encoded = image.partition(",")
         if not header.endswith(";base64"):
             raise ApiError(422, "invalid_parameters", "image: the data URL must be base64-encoded")
@@ -143,16 +180,26 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
     raise ApiError(415, "unsupported_media_type", "send multipart/form-data (field 'image') or application/json")
 
 
-@router.post("/upscale", status_code=202, response_model=JobView, openapi_extra=_upload_schema(),
-             operation_id="createUpscaleJob", responses=_errors(400, 401, 413, 415, 422, 429, 503))
+@router.post(
+    "/upscale",
+    status_code=202,
+    response_model=JobView,
+    openapi_extra=_upload_schema(),
+    operation_id="createUpscaleJob",
+    responses=_errors(400, 401, 413, 415, 422, 429, 503),
+)
 async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Queue an image for super-resolution; answers 202 with the job and its ``Location``."""
     settings = services.settings
     rate = await run_in_threadpool(services.request_rate.take, tenant)
     if not rate.allowed:
-        raise ApiError(429, "rate_limited", f"over {settings.rate_limit_per_minute} submissions a minute "
-                       f"(bursts of {settings.rate_limit_burst}); retry in {rate.retry_after_header} s",
-                       {"Retry-After": rate.retry_after_header})
+        raise ApiError(
+            429,
+            "rate_limited",
+            f"over {settings.rate_limit_per_minute} submissions a minute "
+            f"(bursts of {settings.rate_limit_burst}); retry in {rate.retry_after_header} s",
+            {"Retry-After": rate.retry_after_header},
+        )
     data, declared_type, fields = await _read_request(request, settings.max_upload_bytes)
     idempotency_key = request.headers.get("idempotency-key")
     # Decoding, the storage write and the Redis calls block: keep them off the event loop.
@@ -166,14 +213,26 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
 
 @fresh_log_context  # the job id and tenant it binds end with it, whoever calls it
 @traced("enqueue")  # validation, input upload, record and RQ enqueue; the worker continues this span
-def _admit(services: ServicesDep, tenant: str, data: bytes, declared_type: str | None, fields: dict[str, Any],
-           idempotency_key: str | None) -> tuple[JobRecord, bool]:
+def _admit(
+    services: ServicesDep,
+    tenant: str,
+    data: bytes,
+    declared_type: str | None,
+    fields: dict[str, Any],
+    idempotency_key: str | None,
+) -> tuple[JobRecord, bool]:
     """Validate, store the input, record and enqueue the job (``service.jobsystem.admission``); (record, replayed)."""
     settings = services.settings
     try:
         params, model = admission.check_request(settings, fields, idempotency_key)
-        image = check_upload(data, declared_type, settings.max_upload_bytes, settings.max_input_pixels,
-                             max_jpeg_scans=settings.max_jpeg_scans, max_decode_seconds=settings.max_decode_seconds)
+        image = check_upload(
+            data,
+            declared_type,
+            settings.max_upload_bytes,
+            settings.max_input_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans,
+            max_decode_seconds=settings.max_decode_seconds,
+        )
         return admission.admit(services, tenant, data, image, params, model, idempotency_key)
     except admission.Refused as exc:
         raise ApiError(exc.status, exc.code, exc.message, exc.headers) from None
@@ -210,10 +269,18 @@ def _decode_cursor(cursor: str) -> ListPosition:
         raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API returned") from None
 
 
-@router.get("/jobs", response_model=JobList, name="list_jobs", operation_id="listJobs",
-            dependencies=[Depends(limit_reads)], responses=_errors(401, 422, 429))
+@router.get(
+    "/jobs",
+    response_model=JobList,
+    name="list_jobs",
+    operation_id="listJobs",
+    dependencies=[Depends(limit_reads)],
+    responses=_errors(401, 422, 429),
+)
 def list_jobs(
-    request: Request, services: ServicesDep, tenant: TenantDep,
+    request: Request,
+    services: ServicesDep,
+    tenant: TenantDep,
     limit: Annotated[int, Query(ge=1, le=100, description="jobs per page")] = 20,
     cursor: Annotated[str | None, Query(max_length=200, description="the `next` of the previous page")] = None,
     status: Annotated[list[JobStatus] | None, Query(description="only jobs in these states (repeatable)")] = None,
@@ -222,22 +289,38 @@ def list_jobs(
     after they finish)."""
     after = _decode_cursor(cursor) if cursor is not None else None
     records, position = services.jobs.list_for_tenant(tenant, limit, after, status or ())
-    return JobList(jobs=[_view(r, request, services) for r in records],
-                   next=_encode_cursor(position) if position is not None else None)
+    return JobList(
+        jobs=[_view(r, request, services) for r in records],
+        next=_encode_cursor(position) if position is not None else None,
+    )
 
 
-@router.get("/jobs/{job_id}", response_model=JobView, name="get_job", operation_id="getJob",
-            dependencies=[Depends(limit_reads)], responses=_errors(401, 404, 429))
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobView,
+    name="get_job",
+    operation_id="getJob",
+    dependencies=[Depends(limit_reads)],
+    responses=_errors(401, 404, 429),
+)
 def get_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> JobView:
     """Status, progress, queue position, times, sizes, error and result link of a job."""
     return _view(_owned(services, job_id, tenant), request, services)
 
 
-@router.get("/jobs/{job_id}/events", name="stream_job_events", operation_id="streamJobEvents",
-            response_class=StreamingResponse, responses={
-                200: {"description": "Server-Sent Events: `progress` (the job), then `done` (the final job)",
-                      "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}}},
-                **_errors(401, 404, 429, 503)})
+@router.get(
+    "/jobs/{job_id}/events",
+    name="stream_job_events",
+    operation_id="streamJobEvents",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Server-Sent Events: `progress` (the job), then `done` (the final job)",
+            "content": {events.MEDIA_TYPE: {"schema": {"type": "string"}}},
+        },
+        **_errors(401, 404, 429, 503),
+    },
+)
 async def stream_job_events(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Follow a job: its progress as it changes, then its final state, as Server-Sent Events
     (``MEGASR_MAX_EVENT_STREAMS_PER_TENANT`` open at once per API process, then 429)."""
@@ -252,8 +335,11 @@ async def stream_job_events(job_id: str, request: Request, services: ServicesDep
         snapshot = await follow.latest()
         if snapshot is not last[0]:
             found = snapshot.record
-            view = None if found is None or found.tenant != tenant else _view_of(
-                found, request, services, snapshot.position, snapshot.cancel_requested)
+            view = (
+                None
+                if found is None or found.tenant != tenant
+                else _view_of(found, request, services, snapshot.position, snapshot.cancel_requested)
+            )
             last = (snapshot, view)
         return last[1]
 
@@ -261,17 +347,26 @@ async def stream_job_events(job_id: str, request: Request, services: ServicesDep
         follow.close()
         slot.release()
 
-    stream = events.job_events(load, request.is_disconnected, max_seconds=services.settings.events_max_s,
-                               wait=follow.wait_change)
+    stream = events.job_events(
+        load, request.is_disconnected, max_seconds=services.settings.events_max_s, wait=follow.wait_change
+    )
     return events.EventStreamResponse(stream, on_close)
 
 
-@router.get("/jobs/{job_id}/result", name="get_result", operation_id="getJobResult",
-            responses={200: {"description": "The result image",
-                             "content": {t: {"schema": {"type": "string", "format": "binary"}}
-                                         for t in CONTENT_TYPES.values()}},
-                       307: {"description": "Redirect to a presigned storage URL"}, **_errors(401, 404, 409, 429)},
-            dependencies=[Depends(limit_reads)])
+@router.get(
+    "/jobs/{job_id}/result",
+    name="get_result",
+    operation_id="getJobResult",
+    responses={
+        200: {
+            "description": "The result image",
+            "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in CONTENT_TYPES.values()},
+        },
+        307: {"description": "Redirect to a presigned storage URL"},
+        **_errors(401, 404, 409, 429),
+    },
+    dependencies=[Depends(limit_reads)],
+)
 def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
     """The result image (streamed from storage), or a redirect to a presigned URL when the storage is S3."""
     record = _owned(services, job_id, tenant)
@@ -285,9 +380,15 @@ def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Respons
     return StreamingResponse(stored.chunks, media_type=CONTENT_TYPES[record.params.output_format], headers=headers)
 
 
-@router.delete("/jobs/{job_id}", response_model=JobView, operation_id="cancelJob",
-               responses={202: {"model": JobView, "description": "Cancel requested (the job is running)"},
-                          **_errors(401, 404, 409)})
+@router.delete(
+    "/jobs/{job_id}",
+    response_model=JobView,
+    operation_id="cancelJob",
+    responses={
+        202: {"model": JobView, "description": "Cancel requested (the job is running)"},
+        **_errors(401, 404, 409),
+    },
+)
 def cancel_job(job_id: str, request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Cancel: a queued job at once (200), a running one within one denoising step (202)."""
     record = _owned(services, job_id, tenant)

@@ -11,10 +11,17 @@ from ..deps import ServicesDep, TenantDep, limit_reads
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.get("/models", response_model=ModelList, operation_id="listModels", dependencies=[Depends(limit_reads)],
-            responses={401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
-                       429: {"model": ErrorResponse, "description": "Too many failed authentications, reads or reads in flight"},
-                       503: {"model": ErrorResponse, "description": "Redis unreachable"}})
+@router.get(
+    "/models",
+    response_model=ModelList,
+    operation_id="listModels",
+    dependencies=[Depends(limit_reads)],
+    responses={
+        401: {"model": ErrorResponse, "description": "Missing or invalid API key"},
+        429: {"model": ErrorResponse, "description": "Too many failed authentications, reads or reads in flight"},
+        503: {"model": ErrorResponse, "description": "Redis unreachable"},
+    },
+)
 def list_models(services: ServicesDep, tenant: TenantDep) -> ModelList:
     """The served models, the default first: each one's family, weights, whether it is trained
     (untrained weights make noise, not super-resolution), its default steps and guidance, and

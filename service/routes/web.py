@@ -25,8 +25,10 @@ SWAGGER_DIR = f"{STATIC_PREFIX}/vendor/swagger-ui"
 
 #: The page runs only its own module scripts and styles; images may also be the blob: URLs of
 #: uploads and results. No inline script, no framing, no form posts elsewhere.
-PAGE_CSP = ("default-src 'self'; script-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
-            "base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
 PAGE_HEADERS = {
     "Content-Security-Policy": PAGE_CSP,
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
@@ -47,8 +49,10 @@ class WebAssets(StaticFiles):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_headers(message: dict) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []),
-                                      *((k.lower().encode(), v.encode()) for k, v in PAGE_HEADERS.items())]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    *((k.lower().encode(), v.encode()) for k, v in PAGE_HEADERS.items()),
+                ]
             await send(message)
 
         await super().__call__(scope, receive, send_with_headers)
@@ -95,7 +99,7 @@ def docs(request: Request) -> HTMLResponse:
 <link rel="icon" href="{root}{SWAGGER_DIR}/favicon-32x32.png">
 </head>
 <body>
-<div id="swagger-ui" data-openapi-url="{root}{escape(request.app.openapi_url or '')}"></div>
+<div id="swagger-ui" data-openapi-url="{root}{escape(request.app.openapi_url or "")}"></div>
 <script src="{root}{SWAGGER_DIR}/swagger-ui-bundle.js"></script>
 <script src="{root}{STATIC_PREFIX}/docs.js"></script>
 </body>

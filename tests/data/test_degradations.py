@@ -12,7 +12,13 @@ from skimage import data
 
 from megasr_core.data import DegradationConfig, PairedImageDataset, degrade, jpeg, make_pairs
 from megasr_core.data.degradations import (
-    StageConfig, add_gaussian_noise, add_poisson_noise, anisotropic_kernel, filter2d, random_kernel, sinc_kernel,
+    StageConfig,
+    add_gaussian_noise,
+    add_poisson_noise,
+    anisotropic_kernel,
+    filter2d,
+    random_kernel,
+    sinc_kernel,
 )
 
 
@@ -63,7 +69,9 @@ def test_blur_lowers_high_frequencies():
 
 def test_gaussian_noise_has_the_requested_sigma():
     flat = torch.full((2, 3, 128, 128), 0.5)
-    noisy = add_gaussian_noise(flat, torch.tensor([20.0, 5.0]), torch.tensor([False, True]), torch.Generator().manual_seed(0))
+    noisy = add_gaussian_noise(
+        flat, torch.tensor([20.0, 5.0]), torch.tensor([False, True]), torch.Generator().manual_seed(0)
+    )
     assert (noisy[0] - flat[0]).std().item() == pytest.approx(20 / 255, rel=0.05)
     gray = noisy[1] - flat[1]
     assert gray.std().item() == pytest.approx(5 / 255, rel=0.05)
@@ -72,7 +80,9 @@ def test_gaussian_noise_has_the_requested_sigma():
 
 def test_poisson_noise_grows_with_brightness():
     images = torch.cat([torch.full((1, 3, 128, 128), 0.1), torch.full((1, 3, 128, 128), 0.8)])
-    noisy = add_poisson_noise(images, torch.tensor([1.0, 1.0]), torch.tensor([False, False]), torch.Generator().manual_seed(0))
+    noisy = add_poisson_noise(
+        images, torch.tensor([1.0, 1.0]), torch.tensor([False, False]), torch.Generator().manual_seed(0)
+    )
     dark, bright = (noisy - images).std(dim=(1, 2, 3))
     assert bright > 2 * dark
     assert bright.item() == pytest.approx(math.sqrt(0.8 * 255) / 255, rel=0.1)
@@ -97,7 +107,11 @@ def test_jpeg_introduces_block_artifacts_that_grow_as_quality_drops():
 def test_dataset_and_offline_pairs(tmp_path):
     folder = tmp_path / "hr"
     folder.mkdir()
-    for name, array in (("astronaut", data.astronaut()), ("coffee", data.coffee()), ("small", data.astronaut()[:100, :100])):
+    for name, array in (
+        ("astronaut", data.astronaut()),
+        ("coffee", data.coffee()),
+        ("small", data.astronaut()[:100, :100]),
+    ):
         Image.fromarray(array).save(folder / f"{name}.png")
     dataset = PairedImageDataset([folder], crop_size=128, seed=1)
     item = dataset[0]
@@ -110,6 +124,8 @@ def test_dataset_and_offline_pairs(tmp_path):
     assert count == 6
     with Image.open(next((tmp_path / "pairs" / "lr").iterdir())) as lr:
         assert lr.size == (16, 16)
-    assert sorted(p.name for p in (tmp_path / "pairs" / "hr").iterdir()) == sorted(p.name for p in (tmp_path / "pairs" / "lr").iterdir())
+    assert sorted(p.name for p in (tmp_path / "pairs" / "hr").iterdir()) == sorted(
+        p.name for p in (tmp_path / "pairs" / "lr").iterdir()
+    )
     with pytest.raises(ValueError, match="multiple of the scale"):
         PairedImageDataset([folder], crop_size=130)

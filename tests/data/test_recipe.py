@@ -33,7 +33,9 @@ FORMULAS = {
 }
 
 
-@pytest.mark.parametrize("shape, beta", [("gaussian", 1.0), ("generalized", 0.6), ("generalized", 3.5), ("plateau", 1.7)])
+@pytest.mark.parametrize(
+    "shape, beta", [("gaussian", 1.0), ("generalized", 0.6), ("generalized", 3.5), ("plateau", 1.7)]
+)
 def test_kernel_values_follow_basicsr_formulas(shape, beta):
     size, sx, sy, theta = 9, 2.2, 0.9, 0.7
     kernel = anisotropic_kernel(size, sx, sy, theta, beta, shape).double()
@@ -49,8 +51,10 @@ def test_kernel_values_follow_basicsr_formulas(shape, beta):
 
 
 def test_generalized_kernel_with_beta_one_is_the_gaussian():
-    torch.testing.assert_close(anisotropic_kernel(11, 1.8, 1.1, 0.3, 1.0, "generalized"),
-                               anisotropic_kernel(11, 1.8, 1.1, 0.3, 1.0, "gaussian"))
+    torch.testing.assert_close(
+        anisotropic_kernel(11, 1.8, 1.1, 0.3, 1.0, "generalized"),
+        anisotropic_kernel(11, 1.8, 1.1, 0.3, 1.0, "gaussian"),
+    )
 
 
 @pytest.mark.parametrize("stage", ["first", "second"])
@@ -141,7 +145,9 @@ def test_cli_make_pairs_writes_the_dataset_items(hr_folder, tmp_path, flags, hfl
 
     from megasr_core.cli import app
 
-    result = CliRunner().invoke(app, ["data", "make-pairs", str(hr_folder), "-o", str(tmp_path), "--crop-size", "64", *flags])
+    result = CliRunner().invoke(
+        app, ["data", "make-pairs", str(hr_folder), "-o", str(tmp_path), "--crop-size", "64", *flags]
+    )
     assert result.exit_code == 0, result.output
     item = PairedImageDataset([hr_folder], crop_size=64, seed=0, hflip=hflip, usm=usm)[0]
     for kind in ("hr", "lr"):

@@ -175,6 +175,9 @@ def project(files: list[Path], env: dict[str, str] | None = None, profiles: tupl
         for key in ("ports", "profiles"):
             if key in service:
                 service[key] = _unique(service[key], str)
-    model["services"] = {name: service for name, service in services.items()
-                         if not service.get("profiles") or set(service["profiles"]) & set(profiles)}
+    model["services"] = {
+        name: service
+        for name, service in services.items()
+        if not service.get("profiles") or set(service["profiles"]) & set(profiles)
+    }
     return model

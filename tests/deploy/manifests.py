@@ -43,8 +43,11 @@ def labels_match(selector: dict, labels: dict) -> bool:
 
 def workers(docs: list[dict]) -> list[dict]:
     """The GPU worker Deployments: megasr-worker and every model component's megasr-worker-<model>."""
-    return [d for d in find(docs, "Deployment")
-            if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"]
+    return [
+        d
+        for d in find(docs, "Deployment")
+        if d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "worker"
+    ]
 
 
 def effective_env(docs: list[dict], container: dict) -> dict[str, str | None]:

@@ -10,9 +10,13 @@ from service.config import Settings
 from tests.deploy.compose import project
 from tests.deploy.manifests import ROOT
 
-KNOWN = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {"MEGASR_BUCKET", "MEGASR_WEIGHTS_DIR",
-                                                                        "MEGASR_API_PORT", "MEGASR_WEIGHTS_SOURCE",
-                                                                        "MEGASR_S3_PORT"}
+KNOWN = {f"MEGASR_{name.upper()}" for name in Settings.model_fields} | {
+    "MEGASR_BUCKET",
+    "MEGASR_WEIGHTS_DIR",
+    "MEGASR_API_PORT",
+    "MEGASR_WEIGHTS_SOURCE",
+    "MEGASR_S3_PORT",
+}
 # docker-compose.models.yml's own: each model's weights folder and GPU (test_models.py)
 KNOWN |= {"MEGASR_SEESR_WEIGHTS_DIR", "MEGASR_SEESR_TURBO_WEIGHTS_DIR", "MEGASR_SEESR_GPU", "MEGASR_SEESR_TURBO_GPU"}
 
@@ -56,11 +60,16 @@ def test_compose_worker_reserves_a_gpu_and_drains():
 
 
 def test_compose_and_env_example_use_settings_the_code_reads():
-    text = "".join((ROOT / name).read_text() for name in ("docker-compose.yml", "docker-compose.models.yml", ".env.example"))
+    text = "".join(
+        (ROOT / name).read_text() for name in ("docker-compose.yml", "docker-compose.models.yml", ".env.example")
+    )
     names = set(re.findall(r"\bMEGASR_[A-Z0-9_]+", text))
     assert names and not sorted(names - KNOWN)
-    env_example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                       if line and not line.startswith("#"))
+    env_example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert "change-me" in env_example["MEGASR_API_KEYS"]  # placeholders, not real secrets
 
 
@@ -112,8 +121,11 @@ def test_api_image_trusts_forwarded_headers_only_from_loopback():
 
 
 def test_env_example_sets_the_edge_limits_and_a_metrics_key():
-    env_example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                       if line and not line.startswith("#"))
+    env_example = dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
     assert "change-me" in env_example["MEGASR_METRICS_KEY"]
     assert int(env_example["MEGASR_RATE_LIMIT_BURST"]) >= 1 and int(env_example["MEGASR_AUTH_FAILURES_PER_MINUTE"]) >= 1
 

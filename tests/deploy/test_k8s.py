@@ -26,8 +26,12 @@ def test_every_builtin_object_validates_strictly(rendered):
 
 
 def test_strict_validation_catches_typos():
-    broken = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "x"},
-              "spec": {"selector": {"a": "b"}, "portz": [{"port": 80}]}}
+    broken = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "x"},
+        "spec": {"selector": {"a": "b"}, "portz": [{"port": 80}]},
+    }
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(broken, kubernetes_validate.latest_version(), strict=True)
 
@@ -117,9 +121,14 @@ def test_keda_scales_workers_on_the_queue_the_code_uses(rendered):
         assert spec["minReplicaCount"] >= 0 and spec["maxReplicaCount"] >= max(1, spec["minReplicaCount"])
         trigger = spec["triggers"][0]
         assert trigger["type"] == "redis"
-        assert trigger["metadata"]["listName"] == f"rq:queue:{queue}" or trigger["metadata"]["listName"].startswith(f"rq:queue:{queue}-")
+        assert trigger["metadata"]["listName"] == f"rq:queue:{queue}" or trigger["metadata"]["listName"].startswith(
+            f"rq:queue:{queue}-"
+        )
         assert int(trigger["metadata"]["listLength"]) >= 1 and trigger["metadata"]["address"]
-        assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+        assert (
+            spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"]
+            >= 300
+        )
 
 
 def test_scale_to_zero_never_drops_a_running_job(rendered):
@@ -142,12 +151,25 @@ def test_scale_to_zero_never_drops_a_running_job(rendered):
 
 def test_cloud_overlays_pick_one_gpu_nodes(rendered):
     """A worker uses one GPU: the cloud overlays select 1-GPU machine shapes only."""
-    one_gpu = {"g6.xlarge", "g6.2xlarge", "g5.xlarge", "g5.2xlarge", "g6e.xlarge", "g6e.2xlarge", "p5.4xlarge",
-               "g2-standard-8", "g2-standard-12", "a2-ultragpu-1g", "a3-highgpu-1g"}
+    one_gpu = {
+        "g6.xlarge",
+        "g6.2xlarge",
+        "g5.xlarge",
+        "g5.2xlarge",
+        "g6e.xlarge",
+        "g6e.2xlarge",
+        "p5.4xlarge",
+        "g2-standard-8",
+        "g2-standard-12",
+        "a2-ultragpu-1g",
+        "a3-highgpu-1g",
+    }
     overlay, docs = rendered
     if overlay not in ("eks", "gke"):
         return
-    affinity = pod_spec(docs, "megasr-worker")["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    affinity = pod_spec(docs, "megasr-worker")["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]
     (term,) = affinity["nodeSelectorTerms"]
     (expression,) = term["matchExpressions"]
     assert expression["key"] == "node.kubernetes.io/instance-type" and expression["operator"] == "In"
@@ -160,12 +182,18 @@ def test_images_come_from_one_kustomize_entry(rendered):
 
     from tests.deploy.manifests import ROOT
 
-    entries = {e["newName"]: e["newTag"]
-               for e in yaml.safe_load((ROOT / "k8s/components/images/kustomization.yaml").read_text())["images"]}
+    entries = {
+        e["newName"]: e["newTag"]
+        for e in yaml.safe_load((ROOT / "k8s/components/images/kustomization.yaml").read_text())["images"]
+    }
     _, docs = rendered
-    megasr_images = [c["image"] for d in docs if d["kind"] == "Deployment"
-                     for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])
-                     if "megasr" in c["image"]]
+    megasr_images = [
+        c["image"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"] + d["spec"]["template"]["spec"].get("initContainers", [])
+        if "megasr" in c["image"]
+    ]
     assert megasr_images
     for image in megasr_images:
         name, _, tag = image.rpartition(":")
@@ -291,8 +319,12 @@ def test_training_job_is_a_consistent_multi_node_launch():
     assert int(env["GPUS_PER_MACHINE"]) == train["resources"]["limits"]["nvidia.com/gpu"]
     assert env["MAIN_ADDRESS"] == f"{job['metadata']['name']}-0.{service['metadata']['name']}"
     command = " ".join(train["args"])
-    for flag in ('--num_machines "$NUM_MACHINES"', '--machine_rank "$JOB_COMPLETION_INDEX"',
-                 '--main_process_ip "$MAIN_ADDRESS"', "-m megasr_core.cli train megasr"):
+    for flag in (
+        '--num_machines "$NUM_MACHINES"',
+        '--machine_rank "$JOB_COMPLETION_INDEX"',
+        '--main_process_ip "$MAIN_ADDRESS"',
+        "-m megasr_core.cli train megasr",
+    ):
         assert flag in command
     assert train["image"].startswith("ghcr.io/") and "megasr-worker" in train["image"]
     assert train["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]

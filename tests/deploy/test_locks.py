@@ -26,7 +26,9 @@ def pins(lock: Path) -> dict[str, str]:
 
 
 def base_torch() -> str:
-    (version,) = set(re.findall(r"^FROM pytorch/pytorch:([0-9.]+)-cuda", (ROOT / "docker/worker.Dockerfile").read_text(), re.M))
+    (version,) = set(
+        re.findall(r"^FROM pytorch/pytorch:([0-9.]+)-cuda", (ROOT / "docker/worker.Dockerfile").read_text(), re.M)
+    )
     return version
 
 
@@ -44,7 +46,9 @@ def test_worker_lock_fits_the_base_image_torch():
     assert "torch" not in locked and not [name for name in locked if name.startswith("nvidia-") or name == "triton"]
     torch_version = tuple(int(part) for part in base_torch().split(".")[:2])
     if int(locked["transformers"].split(".")[0]) >= 5:
-        assert torch_version >= (2, 6), f"transformers {locked['transformers']} needs torch >= 2.6, the base has {base_torch()}"
+        assert torch_version >= (2, 6), (
+            f"transformers {locked['transformers']} needs torch >= 2.6, the base has {base_torch()}"
+        )
     assert f"torch {base_torch()}" in LOCKS["worker"].read_text().splitlines()[1]  # resolved against that torch
 
 
@@ -57,8 +61,11 @@ def test_locks_cover_what_the_project_asks_for():
     worker = set(pins(LOCKS["worker"]))
     assert names(project["dependencies"]) - {"torch"} <= worker
     assert names(project["optional-dependencies"]["serve"]) <= worker
-    api_inputs = [line for line in (ROOT / "docker/requirements-api.txt").read_text().splitlines()
-                  if line and not line.startswith("#")]
+    api_inputs = [
+        line
+        for line in (ROOT / "docker/requirements-api.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
     assert names(api_inputs) <= set(pins(LOCKS["api"]))
     assert names(project["optional-dependencies"]["serve"]) <= names(api_inputs)  # the API image serves
 
@@ -67,6 +74,7 @@ def host_torch_closure(provided: set[str]) -> list[str]:
     """This interpreter's torch and the requirements of it the lock does not provide (a CUDA build's
     nvidia-* libraries and triton), as distribution names: what the base image brings besides the lock."""
     from importlib.metadata import distribution
+
     from packaging.requirements import Requirement
 
     names, pending = [], ["torch"]
@@ -106,8 +114,14 @@ def test_the_worker_lock_installs_and_runs(tmp_path, tiny_weights, redis_url):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
-    site = Path(subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                               capture_output=True, text=True, check=True).stdout.strip())
+    site = Path(
+        subprocess.run(
+            [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
     provided = set(pins(LOCKS["worker"])) | {"pip", "setuptools"}  # the lock, and what a fresh venv has
     link_distributions(host_torch_closure(provided), tmp_path / "base-image-torch")
     (site / "base-image-torch.pth").write_text(f"{tmp_path / 'base-image-torch'}\n")
@@ -119,22 +133,48 @@ def test_the_worker_lock_installs_and_runs(tmp_path, tiny_weights, redis_url):
     assert check.returncode == 0 or "torch" in check.stdout, check.stdout  # only the swapped torch may be reported
 
     megasr = str(venv / "bin" / "megasr")
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "MEGASR_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1",
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "MEGASR_HOME": str(tmp_path / "home"),
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     from PIL import Image
 
     Image.new("RGB", (16, 12), "gray").save(tmp_path / "in.png")
-    upscale = subprocess.run([megasr, "upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out"), "--weights",
-                              str(tiny_weights), "--steps", "1", "--scale", "2"], env=env, capture_output=True, text=True,
-                             timeout=600)
+    upscale = subprocess.run(
+        [
+            megasr,
+            "upscale",
+            str(tmp_path / "in.png"),
+            "-o",
+            str(tmp_path / "out"),
+            "--weights",
+            str(tiny_weights),
+            "--steps",
+            "1",
+            "--scale",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert upscale.returncode == 0, upscale.stderr[-3000:]
     assert Image.open(next((tmp_path / "out").iterdir())).size == (32, 24)
 
     from tests.harness.valkey import fresh_database_url
 
-    worker_env = {**env, "MEGASR_REDIS_URL": fresh_database_url(redis_url), "MEGASR_WEIGHTS": str(tiny_weights),
-                  "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(), "MEGASR_WARMUP_BUCKETS": "64x64"}
-    started = subprocess.run([megasr, "worker", "--burst", "--device", "cpu"], env=worker_env, capture_output=True,
-                             text=True, timeout=600)
+    worker_env = {
+        **env,
+        "MEGASR_REDIS_URL": fresh_database_url(redis_url),
+        "MEGASR_WEIGHTS": str(tiny_weights),
+        "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(),
+        "MEGASR_WARMUP_BUCKETS": "64x64",
+    }
+    started = subprocess.run(
+        [megasr, "worker", "--burst", "--device", "cpu"], env=worker_env, capture_output=True, text=True, timeout=600
+    )
     assert started.returncode == 0, started.stderr[-3000:]
     assert "ready: model default on queue megasr" in started.stderr  # no MEGASR_MODEL: the default model's queue

@@ -36,7 +36,9 @@ from tests.deploy.manifests import (
 )
 
 TWO_MODELS = "gpu-pool-two-models"
-MODEL_COMPONENTS = sorted(p.name for p in (ROOT / "k8s" / "components").glob("model-*") if (p / "kustomization.yaml").is_file())
+MODEL_COMPONENTS = sorted(
+    p.name for p in (ROOT / "k8s" / "components").glob("model-*") if (p / "kustomization.yaml").is_file()
+)
 COMPOSE_BASE = ROOT / "docker-compose.yml"
 COMPOSE_MODELS = ROOT / "docker-compose.models.yml"
 
@@ -49,8 +51,11 @@ def one(items: list, what: str):
 
 def settings(env: dict) -> Settings:
     """The settings a process with this environment reads, as far as models and queues go."""
-    return Settings(model=env.get("MEGASR_MODEL"), models=env.get("MEGASR_MODELS"),
-                    queue_name=env.get("MEGASR_QUEUE_NAME") or "megasr")
+    return Settings(
+        model=env.get("MEGASR_MODEL"),
+        models=env.get("MEGASR_MODELS"),
+        queue_name=env.get("MEGASR_QUEUE_NAME") or "megasr",
+    )
 
 
 # --- Kubernetes -------------------------------------------------------------------------------
@@ -68,16 +73,19 @@ def check_k8s_models(docs: list[dict]) -> dict[str, tuple[dict, dict]]:
         env = effective_env(docs, container(deployment, "worker"))
         worker = settings(env)
         model = worker.worker_model
-        assert model not in fleets, f"{fleets.get(model, {}).get('metadata', {}).get('name')} and " \
-                                    f"{deployment['metadata']['name']} both serve {model}"
+        assert model not in fleets, (
+            f"{fleets.get(model, {}).get('metadata', {}).get('name')} and "
+            f"{deployment['metadata']['name']} both serve {model}"
+        )
         fleets[model] = deployment
         queues[model] = worker.queue_for(model)
         assert queues[model] == api_settings.queue_for(model), f"{model}: the API and its workers disagree on its queue"
         # its own weights: the init container copies them into the pod's /weights
         init = one(deployment["spec"]["template"]["spec"]["initContainers"], "init containers")
         assert effective_env(docs, init)["MEGASR_WEIGHTS_SOURCE"], deployment["metadata"]["name"]
-    assert sorted(fleets) == sorted(api_settings.served_models()), \
+    assert sorted(fleets) == sorted(api_settings.served_models()), (
         f"the API routes to {api_settings.served_models()}, workers serve {sorted(fleets)}"
+    )
     scaled = {s["spec"]["scaleTargetRef"]["name"]: s for s in find(docs, "ScaledObject")}
     assert len(scaled) == len(find(docs, "ScaledObject")), "two ScaledObjects scale one Deployment"
     pairs = {}
@@ -85,8 +93,9 @@ def check_k8s_models(docs: list[dict]) -> dict[str, tuple[dict, dict]]:
         name = deployment["metadata"]["name"]
         assert name in scaled, f"{name} ({model}) has no ScaledObject"
         trigger = one([t for t in scaled[name]["spec"]["triggers"] if t["type"] == "redis"], f"{name} Redis triggers")
-        assert trigger["metadata"]["listName"] == f"rq:queue:{queues[model]}", \
+        assert trigger["metadata"]["listName"] == f"rq:queue:{queues[model]}", (
             f"{name} serves {model} (queue {queues[model]}) but KEDA watches {trigger['metadata']['listName']}"
+        )
         pairs[model] = (deployment, scaled.pop(name))
     assert not scaled, f"ScaledObjects without a worker Deployment: {sorted(scaled)}"
     return pairs
@@ -100,11 +109,15 @@ def check_selectors_apart(docs: list[dict]) -> None:
         assert labels_match(selector, workload["spec"]["template"]["metadata"]["labels"])
         for other in workloads:
             if other is not workload:
-                assert not labels_match(selector, other["spec"]["template"]["metadata"]["labels"]), \
+                assert not labels_match(selector, other["spec"]["template"]["metadata"]["labels"]), (
                     f"{workload['metadata']['name']}'s selector takes in {other['metadata']['name']}'s pods"
+                )
     for budget in find(docs, "PodDisruptionBudget"):
-        covered = [w["metadata"]["name"] for w in workloads
-                   if labels_match(budget["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])]
+        covered = [
+            w["metadata"]["name"]
+            for w in workloads
+            if labels_match(budget["spec"]["selector"], w["spec"]["template"]["metadata"]["labels"])
+        ]
         assert len(covered) == 1, f"PDB {budget['metadata']['name']} covers {covered}"
 
 
@@ -115,26 +128,42 @@ def check_worker_network(docs: list[dict]) -> None:
     policies = find(docs, "NetworkPolicy")
     redis = one(find(docs, "StatefulSet", "megasr-redis"), "Redis StatefulSets")
     redis_labels = redis["spec"]["template"]["metadata"]["labels"]
-    redis_policies = [p for p in policies if labels_match(p["spec"]["podSelector"], redis_labels)
-                      and p["spec"].get("ingress")]
+    redis_policies = [
+        p for p in policies if labels_match(p["spec"]["podSelector"], redis_labels) and p["spec"].get("ingress")
+    ]
     monitors = [m for m in find(docs, "ServiceMonitor") if m["metadata"]["name"] == "megasr-worker"]
     for deployment in workers(docs):
         name, labels = deployment["metadata"]["name"], deployment["spec"]["template"]["metadata"]["labels"]
-        assert any(labels_match(peer["podSelector"], labels)
-                   for p in redis_policies for rule in p["spec"]["ingress"] for peer in rule.get("from", [])
-                   if "podSelector" in peer and "namespaceSelector" not in peer), f"{name} cannot reach Redis"
+        assert any(
+            labels_match(peer["podSelector"], labels)
+            for p in redis_policies
+            for rule in p["spec"]["ingress"]
+            for peer in rule.get("from", [])
+            if "podSelector" in peer and "namespaceSelector" not in peer
+        ), f"{name} cannot reach Redis"
         selecting = [p for p in policies if labels_match(p["spec"]["podSelector"], labels)]
         assert all("Egress" not in p["spec"]["policyTypes"] for p in selecting), f"{name}: egress restricted"
         metrics = [p for p in selecting if p["spec"].get("ingress")]
         assert metrics, f"{name}: no NetworkPolicy admits scrapes of its metrics port"
-        assert all(port["port"] == 9100 for p in metrics for rule in p["spec"]["ingress"] for port in rule["ports"]), name
-        assert all(peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
-                   for p in metrics for rule in p["spec"]["ingress"] for peer in rule["from"]), name
-        services = [s for s in find(docs, "Service") if s["spec"].get("selector")
-                    and labels_match(s["spec"]["selector"], labels)
-                    and "metrics" in {port["name"] for port in s["spec"]["ports"]}]
-        assert any(labels_match(m["spec"]["selector"], s["metadata"]["labels"]) for m in monitors for s in services), \
+        assert all(port["port"] == 9100 for p in metrics for rule in p["spec"]["ingress"] for port in rule["ports"]), (
+            name
+        )
+        assert all(
+            peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+            for p in metrics
+            for rule in p["spec"]["ingress"]
+            for peer in rule["from"]
+        ), name
+        services = [
+            s
+            for s in find(docs, "Service")
+            if s["spec"].get("selector")
+            and labels_match(s["spec"]["selector"], labels)
+            and "metrics" in {port["name"] for port in s["spec"]["ports"]}
+        ]
+        assert any(labels_match(m["spec"]["selector"], s["metadata"]["labels"]) for m in monitors for s in services), (
             f"{name}'s /metrics is not scraped"
+        )
 
 
 def test_every_overlay_pairs_models_workers_and_queues(rendered):
@@ -167,9 +196,17 @@ def test_two_models_overlay_serves_seesr_and_seesr_turbo(two_models):
         assert scaled["spec"]["minReplicaCount"] == 1 and scaled["spec"]["maxReplicaCount"] == 8
 
 
-@pytest.mark.parametrize(("breakage", "check"), [
-    ("queue", check_k8s_models), ("model", check_k8s_models), ("api", check_k8s_models),
-    ("scaler", check_k8s_models), ("selector", check_selectors_apart), ("network", check_worker_network)])
+@pytest.mark.parametrize(
+    ("breakage", "check"),
+    [
+        ("queue", check_k8s_models),
+        ("model", check_k8s_models),
+        ("api", check_k8s_models),
+        ("scaler", check_k8s_models),
+        ("selector", check_selectors_apart),
+        ("network", check_worker_network),
+    ],
+)
 def test_the_checks_catch_a_broken_pairing(two_models, breakage, check):
     docs = copy.deepcopy(two_models)
     seesr, turbo = (find(docs, "Deployment", f"megasr-worker-{m}")[0] for m in ("seesr", "seesr-turbo"))
@@ -206,12 +243,21 @@ def test_model_components_add_a_fleet_to_any_overlay(tmp_path, overlay, componen
     """A model component over any overlay: its workers are megasr-worker's pods (GPU pool, cloud
     node affinity, service account, scale-to-zero) with only their model, weights and queue changed."""
     model = component.removeprefix("model-")
-    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [os.path.relpath(ROOT / "k8s" / "overlays" / overlay, tmp_path)],  # kustomize: relative only
-        "components": [os.path.relpath(ROOT / "k8s" / "components" / component, tmp_path)],
-        "configMapGenerator": [{"name": "megasr-config", "behavior": "merge", "literals": [f"MEGASR_MODELS=default,{model}"]}],
-    }))
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [
+                    os.path.relpath(ROOT / "k8s" / "overlays" / overlay, tmp_path)
+                ],  # kustomize: relative only
+                "components": [os.path.relpath(ROOT / "k8s" / "components" / component, tmp_path)],
+                "configMapGenerator": [
+                    {"name": "megasr-config", "behavior": "merge", "literals": [f"MEGASR_MODELS=default,{model}"]}
+                ],
+            }
+        )
+    )
     docs = render_path(str(tmp_path))
     pairs = check_k8s_models(docs)
     check_selectors_apart(docs)
@@ -237,8 +283,10 @@ def test_model_components_are_one_template():
         model = component.removeprefix("model-")
         # a model name (Settings) that also fits the label app.kubernetes.io/name: megasr-worker-<model>
         assert re.fullmatch(r"[a-z0-9]([a-z0-9.-]{0,47}[a-z0-9])?", model), model
-        text = "\n---\n".join((ROOT / "k8s" / "components" / component / name).read_text()
-                              for name in ("kustomization.yaml", "worker.yaml"))
+        text = "\n---\n".join(
+            (ROOT / "k8s" / "components" / component / name).read_text()
+            for name in ("kustomization.yaml", "worker.yaml")
+        )
         docs = list(yaml.safe_load_all(re.sub(rf"\b{re.escape(model)}\b", "MODEL", text)))
         for doc in docs:
             if doc.get("kind") == "Deployment":
@@ -257,8 +305,11 @@ def test_model_components_are_one_template():
 
 
 def env_example() -> dict[str, str]:
-    return dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
-                if line and not line.startswith("#"))
+    return dict(
+        line.split("=", 1)
+        for line in (ROOT / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
 
 
 def service_env(service: dict, dotenv: dict[str, str]) -> dict:
@@ -269,8 +320,11 @@ def service_env(service: dict, dotenv: dict[str, str]) -> dict:
 
 
 def compose_workers(model: dict) -> dict[str, dict]:
-    return {name: s for name, s in model["services"].items()
-            if "worker.Dockerfile" in str(s.get("build", {}).get("dockerfile", ""))}
+    return {
+        name: s
+        for name, s in model["services"].items()
+        if "worker.Dockerfile" in str(s.get("build", {}).get("dockerfile", ""))
+    }
 
 
 def check_compose_models(model: dict, dotenv: dict[str, str]) -> dict[str, dict]:
@@ -292,8 +346,9 @@ def check_compose_models(model: dict, dotenv: dict[str, str]) -> dict[str, dict]
         mount = one([v for v in service["volumes"] if compose._volume_target(v) == "/weights"], f"{name} weights")
         assert mount.endswith(":/weights:ro"), name
         weights.append(mount.split(":")[0])
-    assert sorted(fleets) == sorted(api_settings.served_models()), \
+    assert sorted(fleets) == sorted(api_settings.served_models()), (
         f"the API routes to {api_settings.served_models()}, workers serve {sorted(fleets)}"
+    )
     assert len(set(gpus)) == len(gpus), f"workers share a GPU: {gpus}"
     assert len(set(weights)) == len(weights), f"workers share weights: {weights}"
     return fleets
@@ -328,15 +383,18 @@ def test_compose_models_override_serves_seesr_and_seesr_turbo():
         for key in ("build", "image", "env_file", "stop_grace_period", "healthcheck", "restart", "depends_on"):
             assert service[key] == base[key], key
         assert {k: v for k, v in service["environment"].items() if k != "MEGASR_MODEL"} == base["environment"]
-        assert [v for v in service["volumes"] if not v.endswith(":/weights:ro")] == \
-               [v for v in base["volumes"] if not v.endswith(":/weights:ro")]
+        assert [v for v in service["volumes"] if not v.endswith(":/weights:ro")] == [
+            v for v in base["volumes"] if not v.endswith(":/weights:ro")
+        ]
     with_profile = compose.project([COMPOSE_BASE, COMPOSE_MODELS], profiles=("single-model",))
     assert "worker" in with_profile["services"]
 
 
 def test_compose_gpus_and_weights_follow_the_env_file():
-    model = compose.project([COMPOSE_BASE, COMPOSE_MODELS], env={
-        "MEGASR_SEESR_GPU": "2", "MEGASR_SEESR_TURBO_GPU": "3", "MEGASR_SEESR_TURBO_WEIGHTS_DIR": "/srv/turbo"})
+    model = compose.project(
+        [COMPOSE_BASE, COMPOSE_MODELS],
+        env={"MEGASR_SEESR_GPU": "2", "MEGASR_SEESR_TURBO_GPU": "3", "MEGASR_SEESR_TURBO_WEIGHTS_DIR": "/srv/turbo"},
+    )
     workers_ = compose_workers(model)
     assert workers_["worker-seesr"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["2"]
     assert workers_["worker-seesr-turbo"]["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["3"]
@@ -357,7 +415,9 @@ def test_the_compose_check_catches_a_broken_pairing(breakage):
     elif breakage == "weights":
         turbo["volumes"] = [v.replace("seesr-turbo", "seesr") for v in turbo["volumes"]]
     elif breakage == "devices":  # the base's count: 1 added to the model's device (no !override)
-        turbo["deploy"]["resources"]["reservations"]["devices"].insert(0, {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]})
+        turbo["deploy"]["resources"]["reservations"]["devices"].insert(
+            0, {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+        )
     with pytest.raises(AssertionError):
         check_compose_models(model, env_example())
 
@@ -395,10 +455,19 @@ def test_compose_py_merges_as_docker_compose_does(tmp_path):
     for name in ("api.Dockerfile", "worker.Dockerfile"):
         shutil.copy(ROOT / "docker" / name, tmp_path / "docker" / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEGASR_", "AWS_", "COMPOSE_"))}
-    for files, profiles in ((["docker-compose.yml"], ()), (["docker-compose.yml", "docker-compose.models.yml"], ()),
-                            (["docker-compose.yml", "docker-compose.models.yml"], ("single-model",))):
-        command = [*_compose_v2(), *(a for f in files for a in ("-f", f)), *(a for p in profiles for a in ("--profile", p)),
-                   "config", "--format", "json"]
+    for files, profiles in (
+        (["docker-compose.yml"], ()),
+        (["docker-compose.yml", "docker-compose.models.yml"], ()),
+        (["docker-compose.yml", "docker-compose.models.yml"], ("single-model",)),
+    ):
+        command = [
+            *_compose_v2(),
+            *(a for f in files for a in ("-f", f)),
+            *(a for p in profiles for a in ("--profile", p)),
+            "config",
+            "--format",
+            "json",
+        ]
         result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env)
         assert result.returncode == 0, result.stderr
         theirs = json.loads(result.stdout)["services"]
@@ -406,10 +475,13 @@ def test_compose_py_merges_as_docker_compose_does(tmp_path):
         assert sorted(theirs) == sorted(ours), files
         for name, service in ours.items():
             other = theirs[name]
-            assert {k: str(v) for k, v in service.get("environment", {}).items()} == \
-                   {k: v for k, v in other.get("environment", {}).items() if k in service.get("environment", {})}
-            assert {(Path(v.split(":")[0]).name, compose._volume_target(v)) for v in service.get("volumes", [])} == \
-                   {(Path(v["source"]).name, v["target"]) for v in other.get("volumes", [])}, name
+            assert {k: str(v) for k, v in service.get("environment", {}).items()} == {
+                k: v for k, v in other.get("environment", {}).items() if k in service.get("environment", {})
+            }
+            assert {(Path(v.split(":")[0]).name, compose._volume_target(v)) for v in service.get("volumes", [])} == {
+                (Path(v["source"]).name, v["target"]) for v in other.get("volumes", [])
+            }, name
             assert service.get("deploy", {}).get("resources") == other.get("deploy", {}).get("resources"), name
-            assert {k: v["condition"] for k, v in service.get("depends_on", {}).items()} == \
-                   {k: v["condition"] for k, v in other.get("depends_on", {}).items()}, name
+            assert {k: v["condition"] for k, v in service.get("depends_on", {}).items()} == {
+                k: v["condition"] for k, v in other.get("depends_on", {}).items()
+            }, name

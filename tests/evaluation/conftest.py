@@ -10,7 +10,11 @@ from PIL import Image
 
 from tests.evaluation.helpers import blurred, crop, jpeg, noisy
 
-DEGRADE = {"astronaut": lambda im: blurred(im, 1.5), "chelsea": lambda im: noisy(im, 12.0), "coffee": lambda im: jpeg(im, 20)}
+DEGRADE = {
+    "astronaut": lambda im: blurred(im, 1.5),
+    "chelsea": lambda im: noisy(im, 12.0),
+    "coffee": lambda im: jpeg(im, 20),
+}
 
 
 @pytest.fixture(scope="session")
@@ -18,8 +22,11 @@ def photos() -> dict[str, Image.Image]:
     """Three 128² crops of scikit-image's RGB photos (faces, fur, textures)."""
     from skimage import data
 
-    return {"astronaut": crop(data.astronaut(), 96, 160), "chelsea": crop(data.chelsea(), 40, 120),
-            "coffee": crop(data.coffee(), 100, 200)}
+    return {
+        "astronaut": crop(data.astronaut(), 96, 160),
+        "chelsea": crop(data.chelsea(), 40, 120),
+        "coffee": crop(data.coffee(), 100, 200),
+    }
 
 
 @pytest.fixture()

@@ -49,10 +49,15 @@ def compact_random(state_dict: dict[str, torch.Tensor], seed: int = 0, std: floa
             continue
         fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
         # Constant along a row, a weight sums its inputs: 1/fan_in keeps activations at their scale.
-        rows = torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=generator) * (std if fan_in == 1 else 1.0 / fan_in)
+        rows = torch.randn((shape[0],) + (1,) * (len(shape) - 1), generator=generator) * (
+            std if fan_in == 1 else 1.0 / fan_in
+        )
         if key.endswith("running_var"):
             rows = rows.abs() + 1.0  # a variance: positive
-        elif key.endswith(("norm.weight", "ln.weight", "gn_root.weight", "bn1.weight", "bn2.weight", "bn3.weight")) or "ln_" in key:
+        elif (
+            key.endswith(("norm.weight", "ln.weight", "gn_root.weight", "bn1.weight", "bn2.weight", "bn3.weight"))
+            or "ln_" in key
+        ):
             rows = rows + 1.0  # normalization gains near 1 keep deep random networks finite
         out[key] = rows.expand(shape)
     return out

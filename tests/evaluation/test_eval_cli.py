@@ -38,17 +38,27 @@ def tensor(path: Path) -> torch.Tensor:
 
 def test_pred_gt_writes_json_and_markdown(folders, tmp_path, offline):
     out = tmp_path / "report"
-    result = run("--pred", folders["pred"], "--gt", folders["gt"], "--metrics", "psnr,ssim,niqe", "-o", out, "--crop-border", "4")
+    result = run(
+        "--pred", folders["pred"], "--gt", folders["gt"], "--metrics", "psnr,ssim,niqe", "-o", out, "--crop-border", "4"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
     assert list(report["metrics"]) == ["psnr", "ssim", "niqe"]
     for block in report["metrics"].values():
         assert sorted(block["per_image"]) == ["astronaut", "chelsea", "coffee"]
         assert block["mean"] == pytest.approx(np.mean(list(block["per_image"].values())))
-    for key in ("astronaut", "chelsea", "coffee"):  # the CLI's numbers are the paper convention (our known-answer metrics)
+    for key in (
+        "astronaut",
+        "chelsea",
+        "coffee",
+    ):  # the CLI's numbers are the paper convention (our known-answer metrics)
         pred, gt = tensor(folders["pred"] / f"{key}.png"), tensor(folders["gt"] / f"{key}.png")
-        assert report["metrics"]["psnr"]["per_image"][key] == pytest.approx(float(psnr_y(pred, gt, crop=4)[0]), abs=1e-3)
-        assert report["metrics"]["ssim"]["per_image"][key] == pytest.approx(float(ssim_y(pred, gt, crop=4)[0]), abs=1e-4)
+        assert report["metrics"]["psnr"]["per_image"][key] == pytest.approx(
+            float(psnr_y(pred, gt, crop=4)[0]), abs=1e-3
+        )
+        assert report["metrics"]["ssim"]["per_image"][key] == pytest.approx(
+            float(ssim_y(pred, gt, crop=4)[0]), abs=1e-4
+        )
     assert report["settings"]["crop_border"] == 4 and report["versions"]["pyiqa"] == pyiqa.__version__
     assert report["skipped"] == [] and report["weights"] is None
     table = (out / "eval.md").read_text()
@@ -60,15 +70,34 @@ def test_pred_gt_writes_json_and_markdown(folders, tmp_path, offline):
 
 def test_lr_gt_weights_super_resolves_then_resumes(folders, tmp_path, tiny_weights):
     out = tmp_path / "report"
-    args = ("--lr", folders["lr"], "--gt", folders["gt"], "--weights", tiny_weights, "--steps", "1", "--batch-size", "2",
-            "--metrics", "psnr,ssim", "--baseline", "bicubic", "-o", out)
+    args = (
+        "--lr",
+        folders["lr"],
+        "--gt",
+        folders["gt"],
+        "--weights",
+        tiny_weights,
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--metrics",
+        "psnr,ssim",
+        "--baseline",
+        "bicubic",
+        "-o",
+        out,
+    )
     first = run(*args)
     assert first.exit_code == 0, first.output
     outputs = sorted((out / "sr").glob("*.png"))
     assert [p.stem for p in outputs] == ["astronaut", "chelsea", "coffee"]
     assert all(Image.open(p).size == (128, 128) for p in outputs)
     report = json.loads((out / "eval.json").read_text())
-    assert report["weights"]["path"] == str(Path(tiny_weights).resolve()) and len(report["weights"]["fingerprint_sha256"]) == 64
+    assert (
+        report["weights"]["path"] == str(Path(tiny_weights).resolve())
+        and len(report["weights"]["fingerprint_sha256"]) == 64
+    )
     assert report["resumed"] == 0 and report["settings"]["steps"] == 1
     assert set(report["baselines"]["bicubic"]["metrics"]["psnr"]["per_image"]) == {"astronaut", "chelsea", "coffee"}
     assert "| Bicubic |" in (out / "eval.md").read_text() or "Bicubic" in (out / "eval.md").read_text()
@@ -78,8 +107,9 @@ def test_lr_gt_weights_super_resolves_then_resumes(folders, tmp_path, tiny_weigh
     second = run(*args)
     assert second.exit_code == 0, second.output
     assert "2 of 3 outputs already" in second.output
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "sr").glob("*.png") if p.name != "chelsea.png"} == \
-        {k: v for k, v in stamps.items() if k != "chelsea.png"}
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "sr").glob("*.png") if p.name != "chelsea.png"} == {
+        k: v for k, v in stamps.items() if k != "chelsea.png"
+    }
     assert (out / "sr" / "chelsea.png").is_file()
     assert json.loads((out / "eval.json").read_text())["resumed"] == 2
 
@@ -125,8 +155,11 @@ def test_no_reference_only_set_skips_full_reference_metrics(tmp_path, photos, of
 
 
 def test_missing_folder_is_a_clear_error(folders, tmp_path):
-    fails_cleanly(run("--pred", tmp_path / "nope", "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"),
-                  "no such folder", "nope")
+    fails_cleanly(
+        run("--pred", tmp_path / "nope", "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"),
+        "no such folder",
+        "nope",
+    )
 
 
 def test_unpaired_files_are_listed_skips(folders, tmp_path):
@@ -153,34 +186,56 @@ def test_size_mismatched_pairs_are_listed_skips(folders, tmp_path):
 def test_nothing_pairable_is_a_clear_error(folders, tmp_path):
     for path in folders["pred"].iterdir():
         Image.open(path).resize((64, 64)).save(path)
-    fails_cleanly(run("--pred", folders["pred"], "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"), "every pair was skipped")
+    fails_cleanly(
+        run("--pred", folders["pred"], "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"),
+        "every pair was skipped",
+    )
     renamed = tmp_path / "renamed"
     renamed.mkdir()
     Image.new("RGB", (8, 8)).save(renamed / "other.png")
-    fails_cleanly(run("--pred", renamed, "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"), "no file could be paired")
+    fails_cleanly(
+        run("--pred", renamed, "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"),
+        "no file could be paired",
+    )
 
 
 def test_missing_metric_weights_name_the_file_and_url(folders, tmp_path, offline):
     empty = tmp_path / "metric-weights"
     empty.mkdir()
-    result = run("--pred", folders["pred"], "--gt", folders["gt"], "--metrics", "psnr,lpips", "--metric-weights", empty, "-o", tmp_path / "r")
+    result = run(
+        "--pred",
+        folders["pred"],
+        "--gt",
+        folders["gt"],
+        "--metrics",
+        "psnr,lpips",
+        "--metric-weights",
+        empty,
+        "-o",
+        tmp_path / "r",
+    )
     fails_cleanly(result, "LPIPS_v0.1_alex-df73285e.pth", "https://", str(empty))
     assert offline == []
 
 
-@pytest.mark.parametrize("args, phrase", [
-    (("--metrics", "psnr,fid"), "unknown metric(s) fid"),
-    (("--dataset", "set5", "."), "unknown dataset 'set5'"),
-    (("--baseline", "bicubic", "--metrics", "psnr"), "needs the LR images"),
-    (("--baseline", "lanczos", "--metrics", "psnr"), "unknown --baseline"),
-])
+@pytest.mark.parametrize(
+    "args, phrase",
+    [
+        (("--metrics", "psnr,fid"), "unknown metric(s) fid"),
+        (("--dataset", "set5", "."), "unknown dataset 'set5'"),
+        (("--baseline", "bicubic", "--metrics", "psnr"), "needs the LR images"),
+        (("--baseline", "lanczos", "--metrics", "psnr"), "unknown --baseline"),
+    ],
+)
 def test_bad_options_are_clear_errors(folders, tmp_path, args, phrase):
     base = () if args[0] == "--dataset" else ("--pred", folders["pred"], "--gt", folders["gt"])
     fails_cleanly(run(*base, *args, "-o", tmp_path / "r"), phrase)
 
 
 def test_lr_without_weights_or_pred_is_a_clear_error(folders, tmp_path):
-    fails_cleanly(run("--lr", folders["lr"], "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"), "--weights")
+    fails_cleanly(
+        run("--lr", folders["lr"], "--gt", folders["gt"], "--metrics", "psnr", "-o", tmp_path / "r"), "--weights"
+    )
 
 
 def test_unreadable_image_is_a_listed_skip(folders, tmp_path):

@@ -58,8 +58,15 @@ def sampling(monkeypatch) -> list[dict]:
                 callback(done, total)
 
         out = original(self, images, *args, callback=step, **kwargs)
-        calls.append({"family": self.family.name, "images": len(images), "steps": kwargs.get("num_inference_steps"),
-                      "guidance_scale": kwargs.get("guidance_scale"), "progress": progress})
+        calls.append(
+            {
+                "family": self.family.name,
+                "images": len(images),
+                "steps": kwargs.get("num_inference_steps"),
+                "guidance_scale": kwargs.get("guidance_scale"),
+                "progress": progress,
+            }
+        )
         return out
 
     monkeypatch.setattr(MegaSRPipeline, "__call__", recording)
@@ -69,14 +76,34 @@ def sampling(monkeypatch) -> list[dict]:
 def test_two_families_side_by_side(realsr, tmp_path, family_weights, sampling, offline):
     seesr, megasr = family_weights("seesr"), family_weights("megasr")
     out = tmp_path / "report"
-    result = run("--dataset", "realsr", realsr, "--weights", seesr, "--weights", megasr, "--steps", "1", "--batch-size", "3",
-                 "--metrics", "psnr,ssim", "--baseline", "bicubic", "-o", out)
+    result = run(
+        "--dataset",
+        "realsr",
+        realsr,
+        "--weights",
+        seesr,
+        "--weights",
+        megasr,
+        "--steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--metrics",
+        "psnr,ssim",
+        "--baseline",
+        "bicubic",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     report = json.loads((out / "eval.json").read_text())
 
     seesr_col, megasr_col = report["models"]
     assert (seesr_col["family"], megasr_col["family"]) == ("seesr", "megasr")
-    assert seesr_col["label"] == "SeeSR (seesr-tiny, untrained)" and megasr_col["label"] == "MegaSR (megasr-tiny, untrained)"
+    assert (
+        seesr_col["label"] == "SeeSR (seesr-tiny, untrained)"
+        and megasr_col["label"] == "MegaSR (megasr-tiny, untrained)"
+    )
     for column, weights in ((seesr_col, seesr), (megasr_col, megasr)):
         assert column["trained"] is False and column["untrained_reason"] == TINY_REASON
         assert column["weights"]["path"] == str(Path(weights).resolve())
@@ -87,23 +114,44 @@ def test_two_families_side_by_side(realsr, tmp_path, family_weights, sampling, o
             expected = psnr_y(tensor(outputs / f"{key}.png"), tensor(realsr / "Test" / "4" / f"{key}_HR.png"))
             assert column["metrics"]["psnr"]["per_image"][key] == pytest.approx(float(expected[0]), abs=1e-3)
     assert seesr_col["metrics"]["psnr"]["mean"] != megasr_col["metrics"]["psnr"]["mean"]
-    assert report["metrics"] == seesr_col["metrics"] and report["weights"] == seesr_col["weights"]  # the single-model keys
+    assert (
+        report["metrics"] == seesr_col["metrics"] and report["weights"] == seesr_col["weights"]
+    )  # the single-model keys
     assert sorted((c["family"], c["images"], c["steps"]) for c in sampling) == [("megasr", 3, 1), ("seesr", 3, 1)]
     assert report["paper_table1"]["SeeSR"]["psnr"] == 23.60 and report["paper_table1"]["MegaSR"]["psnr"] == 23.49
 
     table = (out / "eval.md").read_text()
     assert table in result.output
     header, _, psnr_row, ssim_row = table.splitlines()[:4]
-    assert header == ("| Dataset | Metric | SeeSR (paper) | MegaSR (paper) | Bicubic | SeeSR (seesr-tiny, untrained) "
-                      "| MegaSR (megasr-tiny, untrained) |")
+    assert header == (
+        "| Dataset | Metric | SeeSR (paper) | MegaSR (paper) | Bicubic | SeeSR (seesr-tiny, untrained) "
+        "| MegaSR (megasr-tiny, untrained) |"
+    )
     bicubic = report["baselines"]["bicubic"]["metrics"]
-    assert psnr_row == (f"| RealSR | PSNR↑ | 23.60 | 23.49 | {bicubic['psnr']['mean']:.2f} | "
-                        f"{seesr_col['metrics']['psnr']['mean']:.2f} | {megasr_col['metrics']['psnr']['mean']:.2f} |")
+    assert psnr_row == (
+        f"| RealSR | PSNR↑ | 23.60 | 23.49 | {bicubic['psnr']['mean']:.2f} | "
+        f"{seesr_col['metrics']['psnr']['mean']:.2f} | {megasr_col['metrics']['psnr']['mean']:.2f} |"
+    )
     assert ssim_row.startswith("|  | SSIM↑ | 0.6947 | 0.6903 | ")
     assert table.count("UNTRAINED") == 2 and "SeeSR (seesr-tiny, untrained): 1 step, CFG 5.5" in table
 
-    second = run("--dataset", "realsr", realsr, "--weights", seesr, "--weights", megasr, "--steps", "1", "--batch-size", "3",
-                 "--metrics", "psnr", "-o", out)
+    second = run(
+        "--dataset",
+        "realsr",
+        realsr,
+        "--weights",
+        seesr,
+        "--weights",
+        megasr,
+        "--steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--metrics",
+        "psnr",
+        "-o",
+        out,
+    )
     assert second.exit_code == 0, second.output
     assert [c["resumed"] for c in json.loads((out / "eval.json").read_text())["models"]] == [3, 3]
     assert len(sampling) == 2  # nothing super-resolved again
@@ -112,22 +160,50 @@ def test_two_families_side_by_side(realsr, tmp_path, family_weights, sampling, o
 
 def test_seesr_turbo_samples_two_steps_without_cfg_by_default(tmp_path, folders, family_weights, sampling):
     out = tmp_path / "report"
-    result = run("--lr", folders["lr"], "--gt", folders["gt"], "--weights", family_weights("seesr-turbo"),
-                 "--batch-size", "3", "--metrics", "psnr", "-o", out)
+    result = run(
+        "--lr",
+        folders["lr"],
+        "--gt",
+        folders["gt"],
+        "--weights",
+        family_weights("seesr-turbo"),
+        "--batch-size",
+        "3",
+        "--metrics",
+        "psnr",
+        "-o",
+        out,
+    )
     assert result.exit_code == 0, result.output
     (call,) = sampling
     assert (call["steps"], call["guidance_scale"]) == (2, 1.0)
     assert [done for done, _ in call["progress"]] == [1, 2] and call["progress"][-1][1] == 2  # what the sampler ran
     (column,) = json.loads((out / "eval.json").read_text())["models"]
-    assert (column["steps"], column["guidance_scale"], column["label"]) == (2, 1.0, "SeeSR-Turbo (seesr-turbo-tiny, untrained)")
+    assert (column["steps"], column["guidance_scale"], column["label"]) == (
+        2,
+        1.0,
+        "SeeSR-Turbo (seesr-turbo-tiny, untrained)",
+    )
     assert sorted(p.stem for p in (out / "sr").glob("*.png")) == KEYS  # one model: the original OUTPUT/sr/ layout
     assert "SeeSR-Turbo (seesr-turbo-tiny, untrained): 2 steps, CFG 1" in result.output
 
 
 def test_the_same_weights_twice_is_a_clear_error(tmp_path, folders, family_weights, sampling):
     weights = family_weights("seesr-turbo")
-    result = run("--lr", folders["lr"], "--gt", folders["gt"], "--weights", weights, "--weights", weights, "--metrics", "psnr",
-                 "-o", tmp_path / "r")
+    result = run(
+        "--lr",
+        folders["lr"],
+        "--gt",
+        folders["gt"],
+        "--weights",
+        weights,
+        "--weights",
+        weights,
+        "--metrics",
+        "psnr",
+        "-o",
+        tmp_path / "r",
+    )
     assert result.exit_code == 2 and "given twice" in result.output and "Traceback" not in result.output
     assert sampling == []
 
@@ -135,28 +211,56 @@ def test_the_same_weights_twice_is_a_clear_error(tmp_path, folders, family_weigh
 def test_a_hub_id_is_resolved_through_the_hub_cache(tmp_path, folders, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    result = run("--lr", folders["lr"], "--gt", folders["gt"], "--weights", "hf://someone/seesr@v1", "--metrics", "psnr",
-                 "-o", tmp_path / "r")
-    assert result.exit_code == 2 and "hf://someone/seesr@v1" in result.output and "not in the Hub cache" in result.output
+    result = run(
+        "--lr",
+        folders["lr"],
+        "--gt",
+        folders["gt"],
+        "--weights",
+        "hf://someone/seesr@v1",
+        "--metrics",
+        "psnr",
+        "-o",
+        tmp_path / "r",
+    )
+    assert (
+        result.exit_code == 2 and "hf://someone/seesr@v1" in result.output and "not in the Hub cache" in result.output
+    )
 
 
 def test_output_folders_and_labels(tmp_path):
-    a, b, c = tmp_path / "x" / "tiny", tmp_path / "y" / "tiny", tmp_path / "models--org--seesr" / "snapshots" / ("ab12" * 10)
+    a, b, c = (
+        tmp_path / "x" / "tiny",
+        tmp_path / "y" / "tiny",
+        tmp_path / "models--org--seesr" / "snapshots" / ("ab12" * 10),
+    )
     runs = plan_models([a, b, c], tmp_path / "out")
-    assert [r.outputs for r in runs] == [tmp_path / "out" / "sr" / s for s in ("tiny", "tiny-2", "hf_org_seesr_ab12ab12ab12")]
+    assert [r.outputs for r in runs] == [
+        tmp_path / "out" / "sr" / s for s in ("tiny", "tiny-2", "hf_org_seesr_ab12ab12ab12")
+    ]
     assert plan_models([a], tmp_path / "out")[0].outputs == tmp_path / "out" / "sr"
     identity = {"title": "SeeSR", "weights": "hf://org/seesr@ab12ab12ab12", "trained": True}
     assert column_label(identity) == "SeeSR (hf://org/seesr@ab12ab12ab12)"
     assert column_label({**identity, "trained": False}) == "SeeSR (hf://org/seesr@ab12ab12ab12, untrained)"
     tiny = {"title": "MegaSR", "weights": "tiny", "trained": False}
-    assert column_labels(runs, [tiny, tiny, identity]) == ["MegaSR (tiny, untrained)", "MegaSR (tiny-2, untrained)",
-                                                          "SeeSR (hf://org/seesr@ab12ab12ab12)"]
+    assert column_labels(runs, [tiny, tiny, identity]) == [
+        "MegaSR (tiny, untrained)",
+        "MegaSR (tiny-2, untrained)",
+        "SeeSR (hf://org/seesr@ab12ab12ab12)",
+    ]
 
 
-@pytest.mark.parametrize("dataset, method, metric, value", [
-    ("realsr", "SeeSR", "musiq", 69.8200), ("drealsr", "SeeSR", "psnr", 26.01), ("div2k-val", "SeeSR", "clipiqa", 0.6936),
-    ("dped-iphone", "SeeSR", "maniqa", 0.4581), ("drealsr", "MegaSR", "niqe", 6.6276), ("div2k-val", "MegaSR", "ssim", 0.5664),
-])
+@pytest.mark.parametrize(
+    "dataset, method, metric, value",
+    [
+        ("realsr", "SeeSR", "musiq", 69.8200),
+        ("drealsr", "SeeSR", "psnr", 26.01),
+        ("div2k-val", "SeeSR", "clipiqa", 0.6936),
+        ("dped-iphone", "SeeSR", "maniqa", 0.4581),
+        ("drealsr", "MegaSR", "niqe", 6.6276),
+        ("div2k-val", "MegaSR", "ssim", 0.5664),
+    ],
+)
 def test_paper_figures_are_table_1s_per_test_set(dataset, method, metric, value):
     """One figure per set and method, as printed in the paper's Table 1 (its blocks run RealSR, DIV2K-Val,
     DrealSR, DPED-iPhone: a mix-up of two blocks would show here)."""

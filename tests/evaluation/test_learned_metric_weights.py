@@ -39,7 +39,9 @@ def write_lpips(folder: Path) -> dict[str, torch.Tensor]:
     save_compact(alexnet, backbone)
     with torch_hub_with({backbone.name: backbone}):
         net = LPIPS(pretrained=False, net="alex", version="0.1")
-    linear = {k: v for k, v in net.state_dict().items() if re.match(r"lin\d\.", k)}  # what LPIPS_v0.1_alex holds (lins.N alias them)
+    linear = {
+        k: v for k, v in net.state_dict().items() if re.match(r"lin\d\.", k)
+    }  # what LPIPS_v0.1_alex holds (lins.N alias them)
     return save_compact(linear, folder / file_named("lpips", "model"), seed=1)
 
 
@@ -47,7 +49,10 @@ def write_dists(folder: Path) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         vgg = torchvision.models.vgg16()
     save_compact(vgg, folder / file_named("dists", "torchvision"))
-    weights = {"alpha": torch.rand(1, 1475, 1, 1) * 0.1, "beta": torch.rand(1, 1475, 1, 1) * 0.1}  # DISTS_weights' two keys
+    weights = {
+        "alpha": torch.rand(1, 1475, 1, 1) * 0.1,
+        "beta": torch.rand(1, 1475, 1, 1) * 0.1,
+    }  # DISTS_weights' two keys
     torch.save(weights, folder / file_named("dists", "model"))
     return weights
 
@@ -74,12 +79,28 @@ def write_clip_rn50(folder: Path) -> dict[str, torch.Tensor]:
     from pyiqa.archs.clip_model import CLIP
 
     with torch.device("meta"):
-        net = CLIP(embed_dim=1024, image_resolution=224, vision_layers=(3, 4, 6, 3), vision_width=64, vision_patch_size=None,
-                   context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8, transformer_layers=12)
+        net = CLIP(
+            embed_dim=1024,
+            image_resolution=224,
+            vision_layers=(3, 4, 6, 3),
+            vision_width=64,
+            vision_patch_size=None,
+            context_length=77,
+            vocab_size=49408,
+            transformer_width=512,
+            transformer_heads=8,
+            transformer_layers=12,
+        )
     return save_compact_torchscript(net.state_dict(), folder / file_named("clipiqa", "clip"))
 
 
-WRITERS = {"lpips": write_lpips, "dists": write_dists, "musiq": write_musiq, "maniqa": write_maniqa, "clipiqa": write_clip_rn50}
+WRITERS = {
+    "lpips": write_lpips,
+    "dists": write_dists,
+    "musiq": write_musiq,
+    "maniqa": write_maniqa,
+    "clipiqa": write_clip_rn50,
+}
 OPTIONS = {"maniqa": {"test_sample": 1}}  # one 224² crop instead of 20: the same network, 20× faster on a CPU
 PROBES = {  # a tensor of the file → where it lands in the built metric
     "lpips": ("lin0.model.1.weight", lambda m: m.net.lin0.model[1].weight),
@@ -97,9 +118,13 @@ def test_learned_metric_loads_a_file_of_its_layout_and_scores(metric, offline, t
     written = WRITERS[metric](folder)
     built = build_metric(metric, device="cpu", metric_weights=folder, workdir=tmp_path, **OPTIONS.get(metric, {}))
     key, where = PROBES[metric]
-    expected = written[key].half().float() if metric == "clipiqa" else written[key]  # CLIP's loader passes weights through fp16
+    expected = (
+        written[key].half().float() if metric == "clipiqa" else written[key]
+    )  # CLIP's loader passes weights through fp16
     torch.testing.assert_close(where(built).float().cpu(), expected.float())
-    image = torch.from_numpy(np.asarray(photos["chelsea"].resize((224, 224)), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    image = torch.from_numpy(np.asarray(photos["chelsea"].resize((224, 224)), dtype=np.float32) / 255).permute(2, 0, 1)[
+        None
+    ]
     with torch.inference_mode():
         value = built(image, image.flip(-1)) if metric in ("lpips", "dists") else built(image)
     assert math.isfinite(float(value.reshape(-1)[0]))

@@ -37,8 +37,11 @@ def test_niqe_scores_without_any_download(offline, tmp_path, photos):
     """Empty HOME and caches, every download route raising: NIQE still builds and scores."""
     metric = build_metric("niqe", device="cpu", metric_weights=None, workdir=tmp_path)
     paths = {}
-    for name, image in (("clean", photos["astronaut"]), ("blurred", blurred(photos["astronaut"], 2.5)),
-                        ("noisy", noisy(photos["astronaut"], 25.0))):
+    for name, image in (
+        ("clean", photos["astronaut"]),
+        ("blurred", blurred(photos["astronaut"], 2.5)),
+        ("noisy", noisy(photos["astronaut"], 25.0)),
+    ):
         paths[name] = tmp_path / f"{name}.png"
         image.save(paths[name])
     scores = {name: float(metric(load_rgb(path)[None])) for name, path in paths.items()}

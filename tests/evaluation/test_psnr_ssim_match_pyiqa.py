@@ -27,8 +27,11 @@ def as_tensor(image) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pairs(photos):
     """Every photo under every degradation, as (degraded, clean) 1×3×H×W tensors."""
-    return {f"{name}/{kind}": (as_tensor(make(photo)), as_tensor(photo))
-            for name, photo in photos.items() for kind, make in DEGRADATIONS.items()}
+    return {
+        f"{name}/{kind}": (as_tensor(make(photo)), as_tensor(photo))
+        for name, photo in photos.items()
+        for kind, make in DEGRADATIONS.items()
+    }
 
 
 @pytest.mark.parametrize("crop", [0, 4])

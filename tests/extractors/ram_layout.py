@@ -23,8 +23,9 @@ def stage_geometry(cfg: RAMConfig) -> list[tuple[int, int, int, int]]:
     return out
 
 
-def ram_checkpoint(cfg: RAMConfig, seed: int = 0, captioning: bool = True,
-                   meta: bool = False) -> dict[str, torch.Tensor]:
+def ram_checkpoint(
+    cfg: RAMConfig, seed: int = 0, captioning: bool = True, meta: bool = False
+) -> dict[str, torch.Tensor]:
     """Random tensors under RAM's key names (``meta``: shapes only, for the full-size layout)."""
     g = torch.Generator().manual_seed(seed)
 

@@ -25,7 +25,9 @@ def test_projected_tokens_are_every_token_through_layernorm_and_visual_projectio
     pixels = encoder.preprocess(photos["rgb"])
     hidden = model.vision_model(pixel_values=pixels).last_hidden_state
     ln = model.vision_model.post_layernorm
-    normed = (hidden - hidden.mean(-1, keepdim=True)) / torch.sqrt(hidden.var(-1, unbiased=False, keepdim=True) + ln.eps)
+    normed = (hidden - hidden.mean(-1, keepdim=True)) / torch.sqrt(
+        hidden.var(-1, unbiased=False, keepdim=True) + ln.eps
+    )
     expected = (normed * ln.weight + ln.bias) @ model.visual_projection.weight.T
     tokens = encoder(photos["rgb"])
     assert encoder.token_space == "projected" and tokens.shape[-1] == encoder.token_dim == model.config.projection_dim
@@ -48,8 +50,9 @@ def test_token_space_survives_save_and_load_and_old_folders_load_as_hidden(encod
 
 
 def test_vision_only_models_cannot_project():
-    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=32, patch_size=8)
+    config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
     assert CLIPImageEncoder.from_config(config).token_space == "hidden"
     with pytest.raises(ValueError, match="projected CLIP tokens need a full CLIPModel"):
         CLIPImageEncoder.from_config(config, token_space="projected")

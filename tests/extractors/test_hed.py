@@ -47,7 +47,10 @@ def test_upstream_pth_loads_strictly(tmp_path):
     "edit, message",
     [
         (lambda s: s.pop("block3.convs.2.bias"), "missing: block3.convs.2.bias"),
-        (lambda s: s.update({"block6.projection.weight": torch.zeros(1, 512, 1, 1)}), "unexpected: block6.projection.weight"),
+        (
+            lambda s: s.update({"block6.projection.weight": torch.zeros(1, 512, 1, 1)}),
+            "unexpected: block6.projection.weight",
+        ),
         (lambda s: s.update({"norm": torch.zeros(1, 3)}), "wrong shape: norm"),
     ],
 )
@@ -67,7 +70,11 @@ def straightforward_hed(state: dict[str, torch.Tensor], config: HEDConfig, rgb_2
         if block > 1:
             x = F.max_pool2d(x, 2, 2)
         for index in range(convs):
-            x = F.relu(F.conv2d(x, state[f"block{block}.convs.{index}.weight"], state[f"block{block}.convs.{index}.bias"], padding=1))
+            x = F.relu(
+                F.conv2d(
+                    x, state[f"block{block}.convs.{index}.weight"], state[f"block{block}.convs.{index}.bias"], padding=1
+                )
+            )
         sides.append(F.conv2d(x, state[f"block{block}.projection.weight"], state[f"block{block}.projection.bias"]))
     size = rgb_255.shape[-2:]
     total = sum(F.interpolate(s, size=size, mode="bilinear", align_corners=False) for s in sides)

@@ -49,7 +49,9 @@ def test_errors_name_what_is_missing(tmp_path, weights_dir):
     with pytest.raises(ValueError, match="unknown extractors"):
         GuidanceExtractors.from_pretrained(weights_dir / "extractors", enabled=["normals"])
     with pytest.raises(ValueError, match="not loaded"):
-        GuidanceExtractors.from_pretrained(weights_dir / "extractors", enabled=["hed"])(torch.rand(1, 3, 8, 8), enabled=["depth"])
+        GuidanceExtractors.from_pretrained(weights_dir / "extractors", enabled=["hed"])(
+            torch.rand(1, 3, 8, 8), enabled=["depth"]
+        )
 
 
 def test_lora_adapters_in_the_weights_dir_are_merged_at_load(weights_dir, tmp_path, photos):

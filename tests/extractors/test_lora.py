@@ -17,8 +17,11 @@ def target_linears(extractor) -> list[torch.nn.Linear]:
     """Query and value projections of every backbone attention layer (not the text tower)."""
     tower = "backbone.encoder.layer." if extractor.name == "depth" else "vision_model.encoder.layers."
     return [
-        module for name, module in extractor.named_modules()
-        if tower in name and isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "query", "value")
+        module
+        for name, module in extractor.named_modules()
+        if tower in name
+        and isinstance(module, torch.nn.Linear)
+        and name.rsplit(".", 1)[-1] in ("q_proj", "v_proj", "query", "value")
     ]
 
 

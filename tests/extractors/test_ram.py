@@ -65,7 +65,9 @@ def swin_block(x, sd, b, res, window, shift, heads):
     h = layer_norm(x, sd, f"{b}.norm1", 1e-5).view(batch, res, res, dim)
     h = torch.roll(h, (-shift, -shift), (1, 2)).reshape(batch, n, dim)
     rows, cols = torch.div(torch.arange(n), res, rounding_mode="floor"), torch.arange(n) % res
-    same_window = ((rows[:, None] // window) == (rows[None] // window)) & ((cols[:, None] // window) == (cols[None] // window))
+    same_window = ((rows[:, None] // window) == (rows[None] // window)) & (
+        (cols[:, None] // window) == (cols[None] // window)
+    )
     offset = ((rows[:, None] - rows[None]) + window - 1) * (2 * window - 1) + (cols[:, None] - cols[None]) + window - 1
     table = sd[f"{b}.attn.relative_position_bias_table"]
     bias = table[offset.clamp(0, table.shape[0] - 1)].permute(2, 0, 1)  # heads×n×n (used inside windows only)
@@ -118,7 +120,9 @@ def reference_logits(sd, pixels, cfg):
         v = split(dense(image, sd, f"{p}.crossattention.self.value"))
         ctx = torch.softmax(q @ key.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
         ctx = ctx.transpose(1, 2).flatten(2)
-        h = layer_norm(dense(ctx, sd, f"{p}.crossattention.output.dense") + h, sd, f"{p}.crossattention.output.LayerNorm", eps)
+        h = layer_norm(
+            dense(ctx, sd, f"{p}.crossattention.output.dense") + h, sd, f"{p}.crossattention.output.LayerNorm", eps
+        )
         inter = gelu(dense(h, sd, f"{p}.intermediate.dense"))
         h = layer_norm(dense(inter, sd, f"{p}.output.dense") + h, sd, f"{p}.output.LayerNorm", eps)
     return dense(h, sd, "fc").squeeze(-1)
@@ -170,8 +174,13 @@ def test_shifted_window_masks_matter(checkpoint, pixels):
     from megasr_core.extractors.swin import SwinBlock
 
     block = SwinBlock(CFG.embed_dim, (16, 16), CFG.num_heads[0], 4, 2, CFG.mlp_ratio)
-    block.load_state_dict({k[len(b) + 1 :]: v for k, v in sd.items() if k.startswith(b + ".") and "attn_mask" not in k
-                           and "relative_position_index" not in k})
+    block.load_state_dict(
+        {
+            k[len(b) + 1 :]: v
+            for k, v in sd.items()
+            if k.startswith(b + ".") and "attn_mask" not in k and "relative_position_index" not in k
+        }
+    )
     with torch.no_grad():
         torch.testing.assert_close(block(x), shifted, rtol=1e-5, atol=1e-5)
         block.attn_mask.zero_()
@@ -189,7 +198,9 @@ def test_dape_is_merged_with_loralib_scaling(checkpoint, pixels, tmp_path):
         if key.startswith(("visual_encoder", "tagging_head")) and key.endswith("lora_A"):
             module = key[: -len(".lora_A")]
             weight = sd[f"{module}.weight"]
-            merged[f"{module}.weight"] = weight + loralib_delta(module, dape[key], dape[f"{module}.lora_B"], weight.shape[0])
+            merged[f"{module}.weight"] = weight + loralib_delta(
+                module, dape[key], dape[f"{module}.lora_B"], weight.shape[0]
+            )
             torch.testing.assert_close(state[f"{module}.weight"], merged[f"{module}.weight"], rtol=1e-6, atol=1e-6)
     qkv = "visual_encoder.layers.1.blocks.0.attn.qkv.weight"
     dim = sd[qkv].shape[1]
@@ -198,7 +209,9 @@ def test_dape_is_merged_with_loralib_scaling(checkpoint, pixels, tmp_path):
     value = "tagging_head.encoder.layer.0.crossattention.self.value.weight"
     assert torch.equal(state[value], sd[value])
     with torch.no_grad():
-        torch.testing.assert_close(model.tag_logits(pixels), reference_logits(merged, pixels, CFG), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model.tag_logits(pixels), reference_logits(merged, pixels, CFG), rtol=1e-5, atol=1e-5
+        )
 
 
 def test_captioning_keys_are_skipped_by_name(tmp_path):
@@ -221,14 +234,21 @@ def test_vision_multi_is_an_old_name_of_the_tagging_head(checkpoint, tmp_path):
     assert torch.equal(state[key], sd[key])
 
 
-@pytest.mark.parametrize("change, named", [
-    (lambda sd: sd.update({"visual_encoder.layers.0.blocks.0.attn.qkv.extra": torch.zeros(1)}),
-     "visual_encoder.layers.0.blocks.0.attn.qkv.extra"),
-    (lambda sd: sd.pop("tagging_head.encoder.layer.1.crossattention.self.key.bias"),
-     "tagging_head.encoder.layer.1.crossattention.self.key.bias"),
-    (lambda sd: sd.pop("label_embed"), "label_embed"),
-    (lambda sd: sd.update({"fc.weight": torch.zeros(2, CFG.head_hidden)}), "fc.weight"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (
+            lambda sd: sd.update({"visual_encoder.layers.0.blocks.0.attn.qkv.extra": torch.zeros(1)}),
+            "visual_encoder.layers.0.blocks.0.attn.qkv.extra",
+        ),
+        (
+            lambda sd: sd.pop("tagging_head.encoder.layer.1.crossattention.self.key.bias"),
+            "tagging_head.encoder.layer.1.crossattention.self.key.bias",
+        ),
+        (lambda sd: sd.pop("label_embed"), "label_embed"),
+        (lambda sd: sd.update({"fc.weight": torch.zeros(2, CFG.head_hidden)}), "fc.weight"),
+    ],
+)
 def test_unknown_missing_or_misshapen_keys_are_named(tmp_path, change, named):
     sd = ram_checkpoint(CFG)
     change(sd)
@@ -237,13 +257,22 @@ def test_unknown_missing_or_misshapen_keys_are_named(tmp_path, change, named):
         RAMTagger.from_checkpoint(tmp_path / "bad.pth", config=CFG)
 
 
-@pytest.mark.parametrize("change, named", [
-    (lambda d: d.pop("tagging_head.encoder.layer.0.crossattention.self.key.lora_B"),
-     "tagging_head.encoder.layer.0.crossattention.self.key.lora_B"),
-    (lambda d: d.update({"tagging_head.encoder.layer.0.crossattention.self.value.lora_A": torch.zeros(RANK, 16)}),
-     "tagging_head.encoder.layer.0.crossattention.self.value"),
-    (lambda d: d.update({"visual_encoder.norm.weight": torch.zeros(32)}), "visual_encoder.norm.weight"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (
+            lambda d: d.pop("tagging_head.encoder.layer.0.crossattention.self.key.lora_B"),
+            "tagging_head.encoder.layer.0.crossattention.self.key.lora_B",
+        ),
+        (
+            lambda d: d.update(
+                {"tagging_head.encoder.layer.0.crossattention.self.value.lora_A": torch.zeros(RANK, 16)}
+            ),
+            "tagging_head.encoder.layer.0.crossattention.self.value",
+        ),
+        (lambda d: d.update({"visual_encoder.norm.weight": torch.zeros(32)}), "visual_encoder.norm.weight"),
+    ],
+)
 def test_dape_problems_are_named(checkpoint, tmp_path, change, named):
     _, path = checkpoint
     dape = dape_checkpoint(CFG)

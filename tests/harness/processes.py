@@ -18,8 +18,12 @@ def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, 
     """`megasr serve` on a free port with ``env``, once its /readyz answers 200: (process, base URL)."""
     port = free_port()
     with log_path.open("wb") as log:  # the child keeps its own handle
-        server = subprocess.Popen([str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -40,11 +44,19 @@ def start_serve(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, 
 def start_worker(settings, weights: Path, log: Path) -> tuple[subprocess.Popen, int]:
     """`megasr worker` on the CPU for ``settings``' Redis, storage and queue: (process, metrics port)."""
     port = free_port()
-    env = {**os.environ, "MEGASR_REDIS_URL": settings.redis_url, "MEGASR_STORAGE_URL": settings.storage_url,
-           "MEGASR_QUEUE_NAME": settings.queue_name, "MEGASR_WEIGHTS": str(weights), "MEGASR_HOME": str(settings.home)}
+    env = {
+        **os.environ,
+        "MEGASR_REDIS_URL": settings.redis_url,
+        "MEGASR_STORAGE_URL": settings.storage_url,
+        "MEGASR_QUEUE_NAME": settings.queue_name,
+        "MEGASR_WEIGHTS": str(weights),
+        "MEGASR_HOME": str(settings.home),
+    }
     process = subprocess.Popen(
         [str(Path(sys.executable).with_name("megasr")), "worker", "--metrics-port", str(port), "--device", "cpu"],
-        env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
     )
     return process, port
 

@@ -62,9 +62,22 @@ def weed_command(data: Path, ports: dict[str, int], *extra: str) -> list[str]:
     """
     port_flags = [f"-{name}.port={ports[name]}" for name in WEED_PORTS]
     port_flags += [f"-{name}.port.grpc={ports[name + '.grpc']}" for name in WEED_PORTS]
-    return [weed_binary(), "server", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", *port_flags, "-s3",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
-            "-master.volumeSizeLimitMB=64", "-volume.max=8", "-volume.minFreeSpace=256MiB", *extra]
+    return [
+        weed_binary(),
+        "server",
+        f"-dir={data}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        *port_flags,
+        "-s3",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-master.telemetry=false",
+        "-master.volumeSizeLimitMB=64",
+        "-volume.max=8",
+        "-volume.minFreeSpace=256MiB",
+        *extra,
+    ]
 
 
 class WeedExited(RuntimeError):
@@ -92,14 +105,22 @@ def wait_until_writable(client, bucket: str, process: subprocess.Popen, data: Pa
                 fatal = "".join(line for line in lines if re.match(r"F\d{4} ", line))  # glog's fatal lines
                 reason = f"exited with code {process.returncode}" if exited else "does not take writes"
                 error = WeedExited if exited else RuntimeError
-                raise error(f"SeaweedFS in {data} {reason} ({exc!r}); {free_mib} MiB free on its disk; "
-                            f"weed.log's fatal lines:\n{fatal}and its end:\n{''.join(lines[-15:])}") from None
+                raise error(
+                    f"SeaweedFS in {data} {reason} ({exc!r}); {free_mib} MiB free on its disk; "
+                    f"weed.log's fatal lines:\n{fatal}and its end:\n{''.join(lines[-15:])}"
+                ) from None
             time.sleep(0.3)
 
 
-def start_weed(data: Path, client_for: Callable[[str], object], bucket: str, *extra: str,
-               ports: dict[str, int] | None = None, timeout: float = 90,
-               attempts: int = 3) -> tuple[subprocess.Popen, dict[str, int]]:
+def start_weed(
+    data: Path,
+    client_for: Callable[[str], object],
+    bucket: str,
+    *extra: str,
+    ports: dict[str, int] | None = None,
+    timeout: float = 90,
+    attempts: int = 3,
+) -> tuple[subprocess.Popen, dict[str, int]]:
     """``weed server -s3`` with its store in ``data/weed`` and its log appended to ``data/weed.log``;
     returns (process, ports) once ``bucket`` takes writes (``client_for(endpoint)`` makes the client).
 
@@ -150,8 +171,12 @@ def s3_client(endpoint: str, **credentials: str):
     import boto3
     from botocore.config import Config
 
-    return boto3.client("s3", endpoint_url=endpoint, config=Config(retries={"max_attempts": 1}, read_timeout=10,
-                                                                   connect_timeout=5), **credentials)
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        config=Config(retries={"max_attempts": 1}, read_timeout=10, connect_timeout=5),
+        **credentials,
+    )
 
 
 @contextmanager
@@ -162,12 +187,23 @@ def seaweedfs_server(data: Path, bucket: str, access_key: str, secret_key: str) 
     # With an identity configured, SeaweedFS checks every signature (anonymous requests and
     # links signed for another host are refused), as AWS and MinIO do.
     s3_config = data / "s3.json"
-    s3_config.write_text(json.dumps({"identities": [{
-        "name": access_key, "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    s3_config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": access_key,
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
-                       "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key, "AWS_DEFAULT_REGION": "us-east-1"}
+    )
     try:
         process, ports = start_weed(data, s3_client, bucket, f"-s3.config={s3_config}")
         try:

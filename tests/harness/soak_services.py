@@ -23,7 +23,11 @@ from tests.harness.ports import free_port
 from tests.harness.seaweedfs import s3_client, start_weed, stop_weed
 from tests.harness.valkey import AOF_CONFIG
 
-S3_ENV = {"AWS_ACCESS_KEY_ID": "megasr-soak", "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "megasr-soak",
+    "AWS_SECRET_ACCESS_KEY": "megasr-soak-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 BUCKET = "megasr"
 
 
@@ -64,8 +68,7 @@ class SeaweedFS:
 
     def start(self, timeout: float = 90) -> None:
         """Start on fresh ports the first time, on the same ports (and store) after a stop."""
-        self._process, self.ports = start_weed(self.data_dir, self._client, BUCKET, ports=self.ports,
-                                               timeout=timeout)
+        self._process, self.ports = start_weed(self.data_dir, self._client, BUCKET, ports=self.ports, timeout=timeout)
 
     @staticmethod
     def _client(endpoint: str):
@@ -80,8 +83,11 @@ class SeaweedFS:
 
 
 def _boto_credentials() -> dict[str, str]:
-    return {"aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"], "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
-            "region_name": S3_ENV["AWS_DEFAULT_REGION"]}
+    return {
+        "aws_access_key_id": S3_ENV["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": S3_ENV["AWS_SECRET_ACCESS_KEY"],
+        "region_name": S3_ENV["AWS_DEFAULT_REGION"],
+    }
 
 
 class WorkerPool:
@@ -105,7 +111,9 @@ class WorkerPool:
         log = (self.log_dir / f"worker{self._count}.log").open("ab")
         process = subprocess.Popen(
             [str(Path(sys.executable).with_name("megasr")), "worker", "--metrics-port", str(port), "--device", "cpu"],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         with self._lock:
@@ -117,7 +125,9 @@ class WorkerPool:
         for process, port in list(self.workers):
             while not _ready(port):
                 if process.poll() is not None:
-                    raise RuntimeError(f"worker exited during start-up (code {process.returncode}); logs in {self.log_dir}")
+                    raise RuntimeError(
+                        f"worker exited during start-up (code {process.returncode}); logs in {self.log_dir}"
+                    )
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"worker on metrics port {port} not ready after {timeout:.0f} s")
                 time.sleep(0.5)
@@ -170,8 +180,9 @@ class ApiServer:
 
     def __init__(self, app) -> None:
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    access_log=False, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, name="soak-api", daemon=True)
 
     @property
@@ -191,12 +202,32 @@ class ApiServer:
         self.thread.join(timeout=30)
 
 
-def worker_env(redis_url: str, storage_url: str, s3_endpoint: str, queue: str, weights: Path, home: Path,
-               webhook_secret: str, max_batch: int) -> dict[str, str]:
+def worker_env(
+    redis_url: str,
+    storage_url: str,
+    s3_endpoint: str,
+    queue: str,
+    weights: Path,
+    home: Path,
+    webhook_secret: str,
+    max_batch: int,
+) -> dict[str, str]:
     """The environment of a CPU `megasr worker` of the soak (one torch thread: two share two cores)."""
-    return {**os.environ, **S3_ENV, "MEGASR_REDIS_URL": redis_url, "MEGASR_STORAGE_URL": storage_url,
-            "MEGASR_S3_ENDPOINT_URL": s3_endpoint, "MEGASR_QUEUE_NAME": queue, "MEGASR_WEIGHTS": str(weights),
-            "MEGASR_HOME": str(home), "MEGASR_MAX_BATCH": str(max_batch), "MEGASR_BATCH_WAIT_MS": "20",
-            "MEGASR_WEBHOOK_SECRET": webhook_secret, "MEGASR_WEBHOOK_ALLOW_PRIVATE": "true",
-            "MEGASR_WEBHOOK_RETRY_BASE_S": "0.5", "MEGASR_WARMUP_BUCKETS": "64x64",
-            "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        **os.environ,
+        **S3_ENV,
+        "MEGASR_REDIS_URL": redis_url,
+        "MEGASR_STORAGE_URL": storage_url,
+        "MEGASR_S3_ENDPOINT_URL": s3_endpoint,
+        "MEGASR_QUEUE_NAME": queue,
+        "MEGASR_WEIGHTS": str(weights),
+        "MEGASR_HOME": str(home),
+        "MEGASR_MAX_BATCH": str(max_batch),
+        "MEGASR_BATCH_WAIT_MS": "20",
+        "MEGASR_WEBHOOK_SECRET": webhook_secret,
+        "MEGASR_WEBHOOK_ALLOW_PRIVATE": "true",
+        "MEGASR_WEBHOOK_RETRY_BASE_S": "0.5",
+        "MEGASR_WARMUP_BUCKETS": "64x64",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }

@@ -65,7 +65,9 @@ def test_a_port_taken_before_weed_binds_it_costs_a_retry_on_fresh_ports(tmp_path
         assert client.get_object(Bucket="retried", Key="readiness-probe")["Body"].read() == b"1"
     finally:
         harness.stop_weed(process, ports)
-    left = [path for port in [*first.values(), *ports.values()] for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")]
+    left = [
+        path for port in [*first.values(), *ports.values()] for path in Path("/tmp").glob(f"seaweedfs-*-{port}.sock")
+    ]
     assert not left
 
 

@@ -25,9 +25,16 @@ class WebhookReceiver:
     the client hangs up); ``drip_s`` sends the answer (status line, headers, body) one byte every ``drip_s``
     seconds for ``drip_for_s`` seconds, then the rest; ``tls`` serves HTTPS with that server context."""
 
-    def __init__(self, respond: Callable[[int], int], headers: dict[str, str] | None = None, *,
-                 body_bytes: int = 0, drip_s: float | None = None, drip_for_s: float = 30.0,
-                 tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        respond: Callable[[int], int],
+        headers: dict[str, str] | None = None,
+        *,
+        body_bytes: int = 0,
+        drip_s: float | None = None,
+        drip_for_s: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.calls: list[Delivery] = []
         receiver = self
 
@@ -48,8 +55,9 @@ class WebhookReceiver:
             def misbehave(self, status: int) -> None:
                 self.close_connection = True
                 fields = {**(headers or {}), "Content-Length": str(body_bytes), "Connection": "close"}
-                answer = (f"HTTP/1.1 {status} Whatever\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-                          + "\r\n").encode()
+                answer = (
+                    f"HTTP/1.1 {status} Whatever\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+                ).encode()
                 try:
                     if drip_s is not None:
                         answer += b"x" * body_bytes

@@ -39,9 +39,14 @@ def seesr_image_attentions(model, width: int) -> dict[str, list[Transformer2DMod
             continue
         made[name] = [
             Transformer2DModel(
-                text.config.num_attention_heads, text.config.attention_head_dim, in_channels=text.config.in_channels,
-                num_layers=text.config.num_layers, cross_attention_dim=width, norm_num_groups=text.config.norm_num_groups,
-                use_linear_projection=text.config.use_linear_projection, upcast_attention=text.config.upcast_attention,
+                text.config.num_attention_heads,
+                text.config.attention_head_dim,
+                in_channels=text.config.in_channels,
+                num_layers=text.config.num_layers,
+                cross_attention_dim=width,
+                norm_num_groups=text.config.norm_num_groups,
+                use_linear_projection=text.config.use_linear_projection,
+                upcast_attention=text.config.upcast_attention,
             ).eval()
             for text in texts
         ]
@@ -58,14 +63,21 @@ def tiny_networks(seed: int = 0):
     """A tiny SD2-shaped UNet and its ControlNet with every weight nonzero (zero convs too)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY.unet).eval()
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=TINY.controlnet_conditioning_channels).eval()
+    controlnet = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=TINY.controlnet_conditioning_channels
+    ).eval()
     generator = torch.Generator().manual_seed(seed + 1)
     _randomize(controlnet, generator)
     return unet, controlnet
 
 
-def write_seesr_release(directory: Path, seed: int = 0, width: int = RAM_WIDTH, weights_format: str = "safetensors",
-                        unet: UNet2DConditionModel | None = None) -> Path:
+def write_seesr_release(
+    directory: Path,
+    seed: int = 0,
+    width: int = RAM_WIDTH,
+    weights_format: str = "safetensors",
+    unet: UNet2DConditionModel | None = None,
+) -> Path:
     """``directory/unet`` and ``directory/controlnet`` as SeeSR's training script saves them."""
     base_unet, controlnet = tiny_networks(seed)
     unet = unet or base_unet
@@ -99,12 +111,18 @@ def load_release_for_reference(directory: Path):
         net = cls.from_config(config).eval()
         state = read_model_dir(directory / name)
         net.load_state_dict({k: v for k, v in state.items() if ".image_attentions." not in k}, strict=True)
-        width = next(v.shape[1] for k, v in state.items() if k.endswith("image_attentions.0.transformer_blocks.0.attn2.to_k.weight"))
+        width = next(
+            v.shape[1]
+            for k, v in state.items()
+            if k.endswith("image_attentions.0.transformer_blocks.0.attn2.to_k.weight")
+        )
         images = seesr_image_attentions(net, width)
         for block, modules in images.items():
             for index, module in enumerate(modules):
                 prefix = f"{block}.image_attentions.{index}."
-                module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
+                module.load_state_dict(
+                    {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, strict=True
+                )
         nets[name] = (net, images)
     return nets
 
@@ -117,7 +135,9 @@ def _embed_time(net, timestep: torch.Tensor, batch: int, dtype: torch.dtype) -> 
 
 def _attend(block, index: int, images, h, text, ram):
     h = block.attentions[index](h, encoder_hidden_states=text, return_dict=False)[0]
-    return images[index](h, encoder_hidden_states=ram, return_dict=False)[0]  # SeeSR: the image transformer after the text one
+    return images[index](h, encoder_hidden_states=ram, return_dict=False)[
+        0
+    ]  # SeeSR: the image transformer after the text one
 
 
 def _down(block, name, images, h, emb, text, ram):

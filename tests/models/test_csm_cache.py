@@ -24,8 +24,11 @@ def test_direct_visual_attention_equals_the_attention_modules_own_path(tiny_base
         attn = csm.visual_attn if csm.visual_attn is not None else block.attn2
         hidden = torch.randn(2, 64, attn.to_q.in_features)
         tokens = torch.randn(2, 5, csm.connector.in_features)
-        reference = attn.processor.base(attn, hidden, csm.connector(tokens)) if csm.visual_attn is None \
+        reference = (
+            attn.processor.base(attn, hidden, csm.connector(tokens))
+            if csm.visual_attn is None
             else attn(hidden, encoder_hidden_states=csm.connector(tokens))
+        )
         direct = csm._attend(attn, hidden, *csm._visual_kv(attn, tokens))
         torch.testing.assert_close(direct, reference, rtol=1e-5, atol=1e-6)
 
@@ -35,7 +38,9 @@ def test_repeated_forwards_reuse_keys_and_values_with_identical_output(tiny_base
     model = build_denoiser(tiny_base)
     perturb_zero_init(model)
     inputs = make_inputs(seed=0)
-    conditioning = model.prepare_conditioning(inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0])
+    conditioning = model.prepare_conditioning(
+        inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0]
+    )
     block, csm = first_csm_block(model)
     first = model(**inputs, conditioning=conditioning)
     [cached] = csm._kv_cache
@@ -53,7 +58,9 @@ def test_in_place_changes_of_tokens_or_weights_recompute(tiny_base):
     model = build_denoiser(tiny_base)
     perturb_zero_init(model)
     inputs = make_inputs(seed=1)
-    conditioning = model.prepare_conditioning(inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0])
+    conditioning = model.prepare_conditioning(
+        inputs.pop("image_embeds"), inputs.pop("guidance"), inputs["latents"].shape[0]
+    )
     before = model(**inputs, conditioning=conditioning)
     conditioning.image_tokens.mul_(-1.0)  # same tensor object, new values
     flipped = model(**inputs, conditioning=conditioning)

@@ -12,12 +12,20 @@ from tests.models.helpers import TINY, build_denoiser, make_inputs, perturb_zero
 def plain_diffusers(tiny_base, inputs: dict) -> torch.Tensor:
     unet, controlnet = tiny_base
     down, mid = controlnet(
-        inputs["latents"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-        controlnet_cond=inputs["control_image"], conditioning_scale=1.0, return_dict=False,
+        inputs["latents"],
+        inputs["timestep"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        controlnet_cond=inputs["control_image"],
+        conditioning_scale=1.0,
+        return_dict=False,
     )
     return unet(
-        inputs["latents"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-        down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False,
+        inputs["latents"],
+        inputs["timestep"],
+        encoder_hidden_states=inputs["encoder_hidden_states"],
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        return_dict=False,
     )[0]
 
 
@@ -80,7 +88,9 @@ def test_guidance_maps_of_any_resolution_are_resized(tiny_base):
     depth_seg = torch.cat([small["depth"], small["seg"]], dim=1)
     for (name, h, w, _dtype), resized in conditioning._resized.items():
         source = small["hed"] if name == "hed" else depth_seg
-        expected = torch.nn.functional.interpolate(source, size=(h, w), mode="bilinear", antialias=True, align_corners=False)
+        expected = torch.nn.functional.interpolate(
+            source, size=(h, w), mode="bilinear", antialias=True, align_corners=False
+        )
         torch.testing.assert_close(resized, expected)
 
 
@@ -144,7 +154,8 @@ def test_replacing_a_controlnet_csm_processor_is_detected_and_named(tiny_base):
     assert str(error.value) == (
         "the CSM attention processor of down_blocks.0.attentions.0.transformer_blocks.0.attn2 was replaced "
         "(now AttnProcessor2_0); use MegaSRDenoiser.set_attn_processor to change attention backends without "
-        "dropping the CSM")
+        "dropping the CSM"
+    )
     check_csm_processors(model.unet)  # without the cached block list, the UNet is walked: still intact
     with pytest.raises(RuntimeError, match="down_blocks.0.attentions.0"):
         check_csm_processors(model.controlnet)
@@ -213,7 +224,13 @@ def test_prepared_conditioning_reuses_msfm_modulation_across_steps(tiny_base):
         model(**inputs, conditioning=conditioning)
     with pytest.raises(ValueError, match="prepared for batch 2"):
         small = make_inputs(seed=0, batch=1)
-        model(small["latents"], 1, small["encoder_hidden_states"], control_image=small["control_image"], conditioning=conditioning)
+        model(
+            small["latents"],
+            1,
+            small["encoder_hidden_states"],
+            control_image=small["control_image"],
+            conditioning=conditioning,
+        )
 
 
 @torch.no_grad()
@@ -223,13 +240,21 @@ def test_repeat_for_cfg_equals_doubled_inputs(tiny_base):
     perturb_zero_init(model)
     single = make_inputs(seed=0, batch=1)
     double = {k: v for k, v in make_inputs(seed=1, batch=2).items()}
-    rest = {"latents": double["latents"], "timestep": double["timestep"],
-            "encoder_hidden_states": double["encoder_hidden_states"], "control_image": double["control_image"]}
-    doubled = model(**rest, image_embeds=single["image_embeds"].repeat(2, 1, 1),
-                    guidance={k: v.repeat(2, 1, 1, 1) for k, v in single["guidance"].items()})
+    rest = {
+        "latents": double["latents"],
+        "timestep": double["timestep"],
+        "encoder_hidden_states": double["encoder_hidden_states"],
+        "control_image": double["control_image"],
+    }
+    doubled = model(
+        **rest,
+        image_embeds=single["image_embeds"].repeat(2, 1, 1),
+        guidance={k: v.repeat(2, 1, 1, 1) for k, v in single["guidance"].items()},
+    )
     for reuse in (False, True):
-        conditioning = model.prepare_conditioning(single["image_embeds"], single["guidance"], batch_size=2,
-                                                  reuse_modulation=reuse, repeat=2)
+        conditioning = model.prepare_conditioning(
+            single["image_embeds"], single["guidance"], batch_size=2, reuse_modulation=reuse, repeat=2
+        )
         assert conditioning.batch_size == 2
         assert torch.allclose(model(**rest, conditioning=conditioning), doubled, atol=1e-5)
     with pytest.raises(ValueError, match="multiple of repeat"):

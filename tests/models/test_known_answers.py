@@ -148,6 +148,7 @@ def capture(model, paths: list[str], run) -> dict[str, dict[str, torch.Tensor]]:
         def hook(_module, _args, output):
             sample = output[0] if isinstance(output, tuple) else output.sample
             seen[path].setdefault(key, []).append(sample.detach().clone())
+
         return hook
 
     for path in paths:
@@ -181,16 +182,31 @@ def test_msfm_output_matches_eq_8_9(model):
 def test_msfm_with_cfg_repeat_and_cached_modulation_matches_eq_8_9(model):
     """Eq. 9 with maps given once for both CFG halves (repeat=2) and γ/β cached across forwards."""
     inputs = make_inputs(seed=6, batch=2)
-    doubled = {k: torch.cat([inputs[k], inputs[k].flip(0)]) for k in ("latents", "encoder_hidden_states", "control_image")}
+    doubled = {
+        k: torch.cat([inputs[k], inputs[k].flip(0)]) for k in ("latents", "encoder_hidden_states", "control_image")
+    }
     with torch.no_grad():
-        cond = model.prepare_conditioning(inputs["image_embeds"], inputs["guidance"], batch_size=4,
-                                          reuse_modulation=True, repeat=2)
+        cond = model.prepare_conditioning(
+            inputs["image_embeds"], inputs["guidance"], batch_size=4, reuse_modulation=True, repeat=2
+        )
     t = torch.tensor([981, 501, 981, 501])
     paths = ["unet.down_blocks.1.attentions.0", "controlnet.down_blocks.2.attentions.0"]
 
     def twice():
-        model(doubled["latents"], t, doubled["encoder_hidden_states"], control_image=doubled["control_image"], conditioning=cond)
-        model(doubled["latents"], t, doubled["encoder_hidden_states"], control_image=doubled["control_image"], conditioning=cond)
+        model(
+            doubled["latents"],
+            t,
+            doubled["encoder_hidden_states"],
+            control_image=doubled["control_image"],
+            conditioning=cond,
+        )
+        model(
+            doubled["latents"],
+            t,
+            doubled["encoder_hidden_states"],
+            control_image=doubled["control_image"],
+            conditioning=cond,
+        )
 
     seen = capture(model, paths, twice)
     # Model batch row i uses image i % 2's maps.
@@ -208,8 +224,11 @@ def test_msfm_called_directly_matches_eq_8_9(model):
     msfm = module(model, "unet.down_blocks.1.attentions.0").msfm
     generator = torch.Generator().manual_seed(11)
     hidden = torch.randn(2, msfm.norm.num_channels, 8, 8, generator=generator)
-    guidance = {"hed": torch.rand(2, 1, 8, 8, generator=generator), "depth": torch.rand(2, 1, 8, 8, generator=generator),
-                "seg": torch.rand(2, 3, 8, 8, generator=generator)}
+    guidance = {
+        "hed": torch.rand(2, 1, 8, 8, generator=generator),
+        "depth": torch.rand(2, 1, 8, 8, generator=generator),
+        "seg": torch.rand(2, 3, 8, 8, generator=generator),
+    }
     depth_seg = torch.cat([guidance["depth"], guidance["seg"]], dim=1)
     with torch.no_grad():
         direct = msfm(hidden, guidance["hed"], depth_seg)
@@ -225,8 +244,10 @@ def test_msfm_leaves_out_a_branch_whose_map_is_missing(model):
     generator = torch.Generator().manual_seed(12)
     hed, depth_seg = torch.rand(2, 1, 8, 8, generator=generator), torch.rand(2, 4, 8, 8, generator=generator)
     with torch.no_grad():
-        for got, expected in [(msfm.modulation(hed, None), msfm.hed_saft.modulation(hed)),
-                              (msfm.modulation(None, depth_seg), msfm.fused_saft.modulation(msfm.fusion(depth_seg)))]:
+        for got, expected in [
+            (msfm.modulation(hed, None), msfm.hed_saft.modulation(hed)),
+            (msfm.modulation(None, depth_seg), msfm.fused_saft.modulation(msfm.fusion(depth_seg))),
+        ]:
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert msfm.modulation(None, None) is None
 
@@ -240,13 +261,16 @@ def test_a_half_precision_block_gets_its_maps_in_its_own_dtype(model):
     block = module(model, "unet.down_blocks.1.attentions.0")
     (hook,) = [h for h in block._forward_hooks.values() if isinstance(h, _MSFMHook)]
     generator = torch.Generator().manual_seed(13)
-    conditioning = MegaSRConditioning(hed=torch.rand(1, 1, 32, 32, generator=generator),
-                                      depth_seg=torch.rand(1, 4, 32, 32, generator=generator))
+    conditioning = MegaSRConditioning(
+        hed=torch.rand(1, 1, 32, 32, generator=generator), depth_seg=torch.rand(1, 4, 32, 32, generator=generator)
+    )
     block.msfm.to(torch.bfloat16)
     with torch.no_grad():
         gamma, beta = hook.modulation(conditioning, (8, 8), torch.bfloat16)
-        expected = block.msfm.modulation(resize(conditioning.hed, (8, 8)).to(torch.bfloat16),
-                                         resize(conditioning.depth_seg, (8, 8)).to(torch.bfloat16))
+        expected = block.msfm.modulation(
+            resize(conditioning.hed, (8, 8)).to(torch.bfloat16),
+            resize(conditioning.depth_seg, (8, 8)).to(torch.bfloat16),
+        )
     assert gamma.dtype == beta.dtype == torch.bfloat16 and gamma.shape[-2:] == (8, 8)
     torch.testing.assert_close((gamma, beta), expected, rtol=0.02, atol=0.02)
 
@@ -291,15 +315,33 @@ def test_installing_twice_is_refused_and_the_blocks_are_named(tiny_base):
     with pytest.raises(RuntimeError, match="already has a CSM installed"):
         install_csm(denoiser.unet, denoiser.config.image_embed_dim, copy_attention=False)
     with pytest.raises(RuntimeError, match="already has an MSFM installed"):
-        install_msfm(denoiser.unet, ConditioningSlot(), norm_groups=4, norm_eps=1e-5, use_hed=True, use_depth_seg=True,
-                     hed_channels=1, depth_seg_channels=4, hidden_channels=8, attention_hidden=2)
+        install_msfm(
+            denoiser.unet,
+            ConditioningSlot(),
+            norm_groups=4,
+            norm_eps=1e-5,
+            use_hed=True,
+            use_depth_seg=True,
+            hed_channels=1,
+            depth_seg_channels=4,
+            hidden_channels=8,
+            attention_hidden=2,
+        )
     fresh_unet, _ = tiny_base
     fresh = type(fresh_unet).from_config(fresh_unet.config)
     expected = [name for name, _ in cross_attention_blocks(fresh)]
     assert install_csm(fresh, 16, copy_attention=False) == expected and expected
     expected = [name for name, _ in transformer_blocks(fresh)]
-    kwargs = dict(norm_groups=fresh.config.norm_num_groups, norm_eps=1e-5, use_hed=True, use_depth_seg=True,
-                  hed_channels=1, depth_seg_channels=4, hidden_channels=8, attention_hidden=2)
+    kwargs = dict(
+        norm_groups=fresh.config.norm_num_groups,
+        norm_eps=1e-5,
+        use_hed=True,
+        use_depth_seg=True,
+        hed_channels=1,
+        depth_seg_channels=4,
+        hidden_channels=8,
+        attention_hidden=2,
+    )
     assert install_msfm(fresh, ConditioningSlot(), **kwargs) == expected and expected
 
 
@@ -390,8 +432,9 @@ def test_the_csm_refuses_what_its_maths_does_not_cover():
 
     with pytest.raises(ValueError) as refused:
         CSM(Attention(32, cross_attention_dim=16, heads=2, dim_head=16, norm_num_groups=8), 8, copy_attention=False)
-    assert str(refused.value) == ("the CSM supports cross-attentions without spatial or group norm (SD2's transformer "
-                                  "blocks); this one has one")
+    assert str(refused.value) == (
+        "the CSM supports cross-attentions without spatial or group norm (SD2's transformer blocks); this one has one"
+    )
     csm = CSM(Attention(32, cross_attention_dim=16, heads=2, dim_head=16), 8, copy_attention=False)
     with pytest.raises(ValueError, match="B×tokens×C"):
         csm(Attention(32, cross_attention_dim=16, heads=2, dim_head=16), torch.zeros(1, 32, 4, 4), torch.zeros(1, 3, 8))
@@ -413,4 +456,6 @@ def test_the_csm_processor_hands_the_wrapped_processor_every_argument(model):
     x, text, mask, temb = (torch.zeros(1, 4, 8) for _ in range(4))
     assert processor(block.attn2, x, text, mask, temb, scale=0.5) is x
     ((attn, *tensors, kwargs),) = calls
-    assert attn is block.attn2 and all(a is b for a, b in zip(tensors, (x, text, mask, temb))) and kwargs == {"scale": 0.5}
+    assert (
+        attn is block.attn2 and all(a is b for a, b in zip(tensors, (x, text, mask, temb))) and kwargs == {"scale": 0.5}
+    )

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megasr_core.models import SeeSRConfig, SeeSRDenoiser, WeightsError
-from megasr_core.weights.loading import load_denoiser
 from megasr_core.models.seesr import IMAGE_ATTENTIONS
 from megasr_core.pipelines.denoiser_graphs import DenoiserGraphs
+from megasr_core.weights.loading import load_denoiser
 from tests.models.seesr_release import RAM_WIDTH, TINY, load_release_for_reference, reference_noise, write_seesr_release
 
 
@@ -45,9 +45,19 @@ def test_the_release_layout_loads_with_every_key(release):
     assert "up_blocks.3.image_attentions.1.norm.weight" in names
     assert "down_blocks.3.image_attentions.0.norm.weight" not in names  # DownBlock2D
     assert "up_blocks.0.image_attentions.0.norm.weight" not in names  # UpBlock2D
-    prefixes = ("down_blocks.0", "down_blocks.1", "down_blocks.2", "mid_block", "up_blocks.1", "up_blocks.2", "up_blocks.3")
-    counts = {block: len({n[len(block):].split(".")[2] for n in names if n.startswith(block + ".image_attentions.")})
-              for block in prefixes}
+    prefixes = (
+        "down_blocks.0",
+        "down_blocks.1",
+        "down_blocks.2",
+        "mid_block",
+        "up_blocks.1",
+        "up_blocks.2",
+        "up_blocks.3",
+    )
+    counts = {
+        block: len({n[len(block) :].split(".")[2] for n in names if n.startswith(block + ".image_attentions.")})
+        for block in prefixes
+    }
     assert counts == {block: 1 if block.startswith(("down", "mid")) else 2 for block in prefixes}
     assert "mid_block.image_attentions.0.norm.weight" in set(model.controlnet.state_dict())
     assert model.config.image_embed_dim == RAM_WIDTH and model.config.family == "seesr"
@@ -60,8 +70,15 @@ def test_a_step_is_seesrs_controlnet_then_unet(release, scale):
     inputs = _inputs()
     with torch.no_grad():
         ours = model(**inputs, conditioning_scale=scale)
-        theirs = reference_noise(reference, inputs["latents"], inputs["timestep"], inputs["encoder_hidden_states"],
-                                 inputs["image_embeds"], inputs["control_image"], scale)
+        theirs = reference_noise(
+            reference,
+            inputs["latents"],
+            inputs["timestep"],
+            inputs["encoder_hidden_states"],
+            inputs["image_embeds"],
+            inputs["control_image"],
+            scale,
+        )
     assert ours.shape == inputs["latents"].shape
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
     # the image attentions and the ControlNet both matter: without them the step differs
@@ -78,8 +95,13 @@ def test_classifier_free_guidance_gives_both_halves_the_same_ram_tokens(release)
     doubled = {k: torch.cat([v, v]) if k != "timestep" and k != "image_embeds" else v for k, v in inputs.items()}
     conditioning = model.prepare_conditioning(inputs["image_embeds"], None, 2, repeat=2)
     with torch.no_grad():
-        packed = model(doubled["latents"], inputs["timestep"], doubled["encoder_hidden_states"],
-                       control_image=doubled["control_image"], conditioning=conditioning)
+        packed = model(
+            doubled["latents"],
+            inputs["timestep"],
+            doubled["encoder_hidden_states"],
+            control_image=doubled["control_image"],
+            conditioning=conditioning,
+        )
         explicit = model(**{**doubled, "image_embeds": torch.cat([inputs["image_embeds"]] * 2)})
     torch.testing.assert_close(packed, explicit, rtol=0, atol=0)
 
@@ -87,7 +109,10 @@ def test_classifier_free_guidance_gives_both_halves_the_same_ram_tokens(release)
 def test_bin_weights_load_too(release, tmp_path):
     binary = write_seesr_release(tmp_path / "bin", seed=0, weights_format="bin")
     assert not list(binary.rglob("*.safetensors"))
-    from_bin, from_safetensors = SeeSRDenoiser.from_pretrained(binary).eval(), SeeSRDenoiser.from_pretrained(release).eval()
+    from_bin, from_safetensors = (
+        SeeSRDenoiser.from_pretrained(binary).eval(),
+        SeeSRDenoiser.from_pretrained(release).eval(),
+    )
     theirs = from_safetensors.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in from_bin.state_dict().items())
     inputs = _inputs(batch=1)
@@ -95,11 +120,14 @@ def test_bin_weights_load_too(release, tmp_path):
         torch.testing.assert_close(from_bin(**inputs), from_safetensors(**inputs), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("change, named", [
-    ("drop", "1 missing: mid_block.image_attentions.0.proj_in.weight"),
-    ("add", "1 unexpected: mid_block.image_attentions.7.proj_in.weight"),
-    ("reshape", "mid_block.image_attentions.0.proj_in.bias (file (3,)"),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("drop", "1 missing: mid_block.image_attentions.0.proj_in.weight"),
+        ("add", "1 unexpected: mid_block.image_attentions.7.proj_in.weight"),
+        ("reshape", "mid_block.image_attentions.0.proj_in.bias (file (3,)"),
+    ],
+)
 def test_missing_unexpected_or_misshapen_keys_are_listed(release, tmp_path, change, named):
     broken = tmp_path / "broken"
     shutil.copytree(release, broken)
@@ -134,7 +162,8 @@ def test_save_pretrained_keeps_seesrs_layout_and_family(release, tmp_path):
     for net in ("unet", "controlnet"):
         assert json.loads((tmp_path / "saved" / net / "config.json").read_text())["use_image_cross_attention"] is True
         assert set(load_file(str(tmp_path / "saved" / net / "diffusion_pytorch_model.safetensors"))) == set(
-            load_file(str(release / net / "diffusion_pytorch_model.safetensors")))
+            load_file(str(release / net / "diffusion_pytorch_model.safetensors"))
+        )
     loaded = load_denoiser(tmp_path / "saved")
     assert isinstance(loaded, SeeSRDenoiser) and loaded.family == "seesr-turbo"
     inputs = _inputs(batch=1)
@@ -149,8 +178,9 @@ def test_turbo_takes_the_base_unet_and_only_seesrs_image_attentions(release, tmp
     turbo_unet, _ = tiny_networks(seed=7)  # stands for sd-turbo's UNet: other weights, same shapes
     base = tmp_path / "sd-turbo" / "unet"
     turbo_unet.save_pretrained(base)
-    model = SeeSRDenoiser.from_parts(release / "unet", release / "controlnet", SeeSRConfig(family="seesr-turbo"),
-                                     base_unet_directory=base)
+    model = SeeSRDenoiser.from_parts(
+        release / "unet", release / "controlnet", SeeSRConfig(family="seesr-turbo"), base_unet_directory=base
+    )
     seesr = load_file(str(release / "unet" / "diffusion_pytorch_model.safetensors"))
     for name, tensor in model.unet.state_dict().items():
         source = seesr[name] if IMAGE_ATTENTIONS in name.split(".") else turbo_unet.state_dict()[name]
@@ -177,10 +207,20 @@ def test_cuda_graph_runner_serves_seesr_with_static_ram_tokens(release):
     doubled = {k: torch.cat([inputs[k]] * 2) for k in ("latents", "encoder_hidden_states", "control_image")}
     with torch.no_grad():
         for step, t in enumerate((torch.tensor(999), torch.tensor(499))):
-            expected = model(doubled["latents"] + step, t, doubled["encoder_hidden_states"],
-                             control_image=doubled["control_image"], conditioning=conditioning)
-            got = graphs(doubled["latents"] + step, t, doubled["encoder_hidden_states"],
-                         control_image=doubled["control_image"], conditioning=conditioning)
+            expected = model(
+                doubled["latents"] + step,
+                t,
+                doubled["encoder_hidden_states"],
+                control_image=doubled["control_image"],
+                conditioning=conditioning,
+            )
+            got = graphs(
+                doubled["latents"] + step,
+                t,
+                doubled["encoder_hidden_states"],
+                control_image=doubled["control_image"],
+                conditioning=conditioning,
+            )
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
     assert graphs.static_calls == 2
 

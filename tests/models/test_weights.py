@@ -65,10 +65,21 @@ def test_load_vanilla_diffusers_unet_folder(tiny_base, tmp_path):
     with torch.no_grad():
         out = model(**inputs)
         # Called outside a MegaSR forward, the nets run as plain diffusers (no slot, no tokens).
-        down, mid = model.controlnet(inputs["latents"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                                     controlnet_cond=inputs["control_image"], return_dict=False)
-        plain = model.unet(inputs["latents"], inputs["timestep"], encoder_hidden_states=inputs["encoder_hidden_states"],
-                           down_block_additional_residuals=down, mid_block_additional_residual=mid, return_dict=False)[0]
+        down, mid = model.controlnet(
+            inputs["latents"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            controlnet_cond=inputs["control_image"],
+            return_dict=False,
+        )
+        plain = model.unet(
+            inputs["latents"],
+            inputs["timestep"],
+            encoder_hidden_states=inputs["encoder_hidden_states"],
+            down_block_additional_residuals=down,
+            mid_block_additional_residual=mid,
+            return_dict=False,
+        )[0]
     assert inputs["image_embeds"] is not None and inputs["guidance"]
     assert torch.equal(out, plain)
 
@@ -127,7 +138,10 @@ def _edit_modules_file(folder, edit) -> None:
     "edit, message",
     [
         (lambda s: s.pop(sorted(s)[0]), "1 missing: unet.down_blocks.0.attentions.0.msfm"),
-        (lambda s: s.update({"down_blocks.0.bogus.weight": torch.zeros(2)}), "1 unexpected: unet.down_blocks.0.bogus.weight"),
+        (
+            lambda s: s.update({"down_blocks.0.bogus.weight": torch.zeros(2)}),
+            "1 unexpected: unet.down_blocks.0.bogus.weight",
+        ),
         (
             lambda s: s.update({"mid_block.attentions.0.msfm.hed_saft.beta.bias": torch.zeros(3)}),
             r"wrong shape: unet.mid_block.attentions.0.msfm.hed_saft.beta.bias \(file \(3,\), model \(64,\)\)",

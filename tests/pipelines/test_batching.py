@@ -37,7 +37,7 @@ class BatchSizes:
         self.sizes: list[int] = []
         self.handle = pipeline.denoiser.register_forward_pre_hook(lambda _m, args: self.sizes.append(args[0].shape[0]))
 
-    def __enter__(self) -> "BatchSizes":
+    def __enter__(self) -> BatchSizes:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -95,7 +95,9 @@ def test_cancelling_one_image_leaves_the_others_running(pipeline, photos):
 
     with BatchSizes(pipeline) as calls:
         out = pipeline(
-            images, seed=[1, 2, 3], num_inference_steps=3,
+            images,
+            seed=[1, 2, 3],
+            num_inference_steps=3,
             callback=lambda step, total: steps_done.append(step),
             is_cancelled=lambda index: index == 1 and len(steps_done) >= 1,
         )

@@ -54,9 +54,18 @@ def test_padding_reflects_when_it_can_and_replicates_otherwise():
 def test_cancelled_rows_leave_every_tensor_and_the_conditioning_cache():
     items = [BatchItem(index=i, lr=torch.zeros(3, 2, 2), target=(2, 2), work=(2, 2)) for i in (4, 5, 6)]
     rows = torch.arange(3.0)[:, None]
-    run = RunningBatch(items, [torch.Generator()] * 3, control=rows.clone(), guidance={"hed": rows.clone()},
-                       image_tokens=rows.clone(), prompts=["a", "b", "c"], positive=rows.clone(),
-                       negative=rows.clone(), latents=rows.clone(), conditionings={"group": object()})
+    run = RunningBatch(
+        items,
+        [torch.Generator()] * 3,
+        control=rows.clone(),
+        guidance={"hed": rows.clone()},
+        image_tokens=rows.clone(),
+        prompts=["a", "b", "c"],
+        positive=rows.clone(),
+        negative=rows.clone(),
+        latents=rows.clone(),
+        conditionings={"group": object()},
+    )
     assert run.drop_cancelled(None) == [] and run.drop_cancelled(lambda index: False) == []
     assert run.conditionings  # nothing dropped, nothing recomputed
     assert run.drop_cancelled(lambda index: index == 5) == [5]

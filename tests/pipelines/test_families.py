@@ -30,13 +30,17 @@ def pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def test_seesr_prompts_with_its_exact_string_and_conditions_both_halves_on_rams_embeddings(seesr_pipelines, small_cat, monkeypatch):
+def test_seesr_prompts_with_its_exact_string_and_conditions_both_halves_on_rams_embeddings(
+    seesr_pipelines, small_cat, monkeypatch
+):
     pipeline = seesr_pipelines["seesr"]
     calls = record_calls(pipeline, monkeypatch)
     out = pipeline(small_cat, prompt="a tabby cat", seed=0, num_inference_steps=2)
     tags, embeds = pipeline.extractors.tagger.tags_and_embeds(load_image(small_cat).rgb[None])
     assert tags[0], "the tiny RAM should tag the photo"
-    assert out.prompts == [f"{', '.join(tags[0])}, a tabby cat,clean, high-resolution, 8k"]  # f"{tags}, {prompt}," + suffix
+    assert out.prompts == [
+        f"{', '.join(tags[0])}, a tabby cat,clean, high-resolution, 8k"
+    ]  # f"{tags}, {prompt}," + suffix
 
     first = calls[0]
     latents, timestep, text = first["args"][:3]

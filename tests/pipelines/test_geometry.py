@@ -16,14 +16,17 @@ from megasr_core.geometry import (
 )
 
 
-@pytest.mark.parametrize(("size", "scale", "expected"), [
-    # a short side below 512 after scaling is enlarged to 512 (SeeSR); the bucket pads to 64
-    ((24, 16), 4, Canvas(target=(64, 96), work=(512, 768), bucket=(512, 768))),
-    ((1000, 600), 2, Canvas(target=(1200, 2000), work=(1200, 2000), bucket=(1216, 2048))),
-    ((300, 200), 1.5, Canvas(target=(300, 450), work=(512, 768), bucket=(512, 768))),
-    # the probe that killed a worker: an 83-byte 1×4096 PNG
-    ((4096, 1), 1, Canvas(target=(1, 4096), work=(512, 2_097_152), bucket=(512, 2_097_152))),
-])
+@pytest.mark.parametrize(
+    ("size", "scale", "expected"),
+    [
+        # a short side below 512 after scaling is enlarged to 512 (SeeSR); the bucket pads to 64
+        ((24, 16), 4, Canvas(target=(64, 96), work=(512, 768), bucket=(512, 768))),
+        ((1000, 600), 2, Canvas(target=(1200, 2000), work=(1200, 2000), bucket=(1216, 2048))),
+        ((300, 200), 1.5, Canvas(target=(300, 450), work=(512, 768), bucket=(512, 768))),
+        # the probe that killed a worker: an 83-byte 1×4096 PNG
+        ((4096, 1), 1, Canvas(target=(1, 4096), work=(512, 2_097_152), bucket=(512, 2_097_152))),
+    ],
+)
 def test_canvas(size, scale, expected):
     assert canvas(size, scale, SD2_SIZE_MULTIPLE) == expected
 

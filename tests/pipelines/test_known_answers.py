@@ -45,14 +45,21 @@ def alphas_cumprod(scheduler_config) -> torch.Tensor:
     """ᾱ_t = ∏_{s≤t} (1 − β_s) for SD2's "scaled_linear" betas, in float64."""
     assert scheduler_config.beta_schedule == "scaled_linear"
     n = scheduler_config.num_train_timesteps
-    betas = torch.linspace(scheduler_config.beta_start**0.5, scheduler_config.beta_end**0.5, n, dtype=torch.float64) ** 2
+    betas = (
+        torch.linspace(scheduler_config.beta_start**0.5, scheduler_config.beta_end**0.5, n, dtype=torch.float64) ** 2
+    )
     return torch.cumprod(1.0 - betas, dim=0)
 
 
 def encode_prompt(pipeline, text: str) -> torch.Tensor:
     """Text tokens e_t of one prompt: padded to 77 tokens, the encoder's last hidden states."""
-    ids = pipeline.tokenizer([text], padding="max_length", max_length=pipeline.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+    ids = pipeline.tokenizer(
+        [text],
+        padding="max_length",
+        max_length=pipeline.tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
     with torch.inference_mode():
         return pipeline.text_encoder(ids).last_hidden_state[0]
 
@@ -111,8 +118,18 @@ def lr_image() -> Image.Image:
 
 def run(pipeline, image, stop_after_steps=None, **kwargs):
     """One pipeline call with the shared settings, recorded; returns (output or None, record)."""
-    params = dict(scale=4, num_inference_steps=STEPS, guidance_scale=SCALE, prompt=PROMPT,
-                  negative_prompt=NEGATIVE, seed=SEED, color_fix="adain") | kwargs
+    params = (
+        dict(
+            scale=4,
+            num_inference_steps=STEPS,
+            guidance_scale=SCALE,
+            prompt=PROMPT,
+            negative_prompt=NEGATIVE,
+            seed=SEED,
+            color_fix="adain",
+        )
+        | kwargs
+    )
     with recording(pipeline, stop_after_steps) as rec:
         try:
             out = pipeline(image, should_cancel=rec["should_cancel"], **params)
@@ -196,7 +213,9 @@ def test_guidance_scale_one_runs_the_positive_prompt_alone(live, cfg_run, plain_
     out, rec = plain_run
     for call, eps, noise_pred in zip(rec["denoiser_in"], rec["eps"], rec["noise_pred"]):
         assert call["latents"].shape[0] == 1 and call["encoder_hidden_states"].shape[0] == 1
-        torch.testing.assert_close(call["encoder_hidden_states"][0], encode_prompt(live, out.prompts[0]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            call["encoder_hidden_states"][0], encode_prompt(live, out.prompts[0]), rtol=0, atol=1e-6
+        )
         torch.testing.assert_close(noise_pred, eps, rtol=0, atol=0)
     # Same seed ⇒ same start latents; the unguided prediction is the guided run's conditional half.
     first, guided = rec["denoiser_in"][0], cfg_run["denoiser_in"][0]
@@ -230,7 +249,7 @@ def test_lre_start_is_the_noised_vae_latent_of_the_bicubic_lr(live, lr_image, cf
     # z is a sample of that posterior times the VAE's scaling factor: its standardized draw is N(0, 1).
     with torch.inference_mode():
         posterior = live.vae.encode(upscaled * 2 - 1).latent_dist
-    (z, eps, _), = cfg_run["add_noise"]
+    ((z, eps, _),) = cfg_run["add_noise"]
     draw = (z / live.vae.config.scaling_factor - posterior.mean) / posterior.std
     assert abs(draw.mean().item()) < 0.05 and abs(draw.std().item() - 1) < 0.05
     assert abs(eps.mean().item()) < 0.05 and abs(eps.std().item() - 1) < 0.05
@@ -252,7 +271,7 @@ def test_lre_start_none_noises_to_the_first_ddpm_timestep(live, lr_image):
     _, rec = run(live, lr_image, stop_after_steps=1, start_timestep=None)
     abar = alphas_cumprod(live.scheduler.config)
     t = first_ddpm_timestep(live.scheduler.config, STEPS)
-    (z, eps, timesteps), = rec["add_noise"]
+    ((z, eps, timesteps),) = rec["add_noise"]
     assert timesteps.tolist() == [t]
     expected = math.sqrt(abar[t]) * z.double() + math.sqrt(1 - abar[t]) * eps.double()
     for half in rec["denoiser_in"][0]["latents"]:
@@ -328,7 +347,9 @@ def test_wavelet_fix_keeps_output_high_and_reference_low_frequencies():
     """Wavelet fix: x − L(x) + L(ref), L = 5 levels of the à-trous 3×3 blur (dilations 1, 2, 4, 8, 16)."""
     content, reference = small_pair(seed=1)
     out = color_fix(content, reference, "wavelet")
-    expected = (content.double() - low_pass_reference(content.double()) + low_pass_reference(reference.double())).clamp(0, 1)
+    expected = (content.double() - low_pass_reference(content.double()) + low_pass_reference(reference.double())).clamp(
+        0, 1
+    )
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5)
     # Teeth: the result is neither input, and fewer levels give another answer.
     fewer = content.double() - low_pass_reference(content.double(), 4) + low_pass_reference(reference.double(), 4)
@@ -352,6 +373,7 @@ def test_lre_start_and_guidance_called_directly_match_their_formulas(live):
         expected = math.sqrt(abar[t]) * z.double() + math.sqrt(1 - abar[t]) * eps.double()
         torch.testing.assert_close(lre_start(scheduler, z, eps, start).double(), expected, rtol=0, atol=1e-5)
     negative, positive = torch.randn(3, 4, 8, 8, generator=generator), torch.randn(3, 4, 8, 8, generator=generator)
-    torch.testing.assert_close(classifier_free_guidance(torch.cat([negative, positive]), 7.5),
-                               negative + 7.5 * (positive - negative))
+    torch.testing.assert_close(
+        classifier_free_guidance(torch.cat([negative, positive]), 7.5), negative + 7.5 * (positive - negative)
+    )
     assert torch.equal(guidance_batch(z, True), torch.cat([z, z])) and guidance_batch(z, False) is z

@@ -114,7 +114,9 @@ def test_cancel_stops_within_one_step(pipeline, small_cat):
     steps_done = []
     with pytest.raises(PipelineCancelled):
         pipeline(
-            small_cat, num_inference_steps=10, seed=0,
+            small_cat,
+            num_inference_steps=10,
+            seed=0,
             callback=lambda step, total: steps_done.append(step),
             should_cancel=lambda: len(steps_done) >= 3,
         )
@@ -162,7 +164,9 @@ def test_save_pretrained_round_trip(pipeline, small_cat, tmp_path):
 def test_cached_and_recomputed_tile_modulation_agree(pipeline, cat):
     image = cat.resize((160, 128), Image.Resampling.BICUBIC)
     cached = as_array(pipeline(image, tile_size=48, tile_overlap=16, num_inference_steps=2, seed=5).images[0])
-    fresh = as_array(pipeline(image, tile_size=48, tile_overlap=16, num_inference_steps=2, seed=5, max_cached_tiles=0).images[0])
+    fresh = as_array(
+        pipeline(image, tile_size=48, tile_overlap=16, num_inference_steps=2, seed=5, max_cached_tiles=0).images[0]
+    )
     assert np.abs(cached - fresh).max() <= 1.0  # identical up to float rounding of 8-bit output
 
 

@@ -48,7 +48,9 @@ def test_adain_matches_the_reference_statistics():
     reference = torch.rand(1, 3, 32, 32) * 0.5 + 0.4
     fixed = adain(content, reference)
     assert torch.allclose(fixed.mean(dim=(-2, -1)), reference.mean(dim=(-2, -1)), atol=1e-5)
-    assert torch.allclose(fixed.std(dim=(-2, -1), unbiased=False), reference.std(dim=(-2, -1), unbiased=False), atol=1e-4)
+    assert torch.allclose(
+        fixed.std(dim=(-2, -1), unbiased=False), reference.std(dim=(-2, -1), unbiased=False), atol=1e-4
+    )
 
 
 def test_wavelet_takes_low_frequencies_from_the_reference():

@@ -33,10 +33,17 @@ def png(width: int = 24, height: int = 16) -> bytes:
 
 
 def make_settings(tmp_path, redis_url, **changes) -> Settings:
-    values = dict(redis_url=redis_url, storage_url=(tmp_path / "data").as_uri(), home=tmp_path,
-                  queue_name=f"test-{uuid.uuid4().hex[:8]}", rate_limit_per_minute=10_000, rate_limit_burst=10_000,
-                  allow_anonymous=True,
-                  max_upload_bytes=2_000_000, max_input_pixels=1_000_000)
+    values = dict(
+        redis_url=redis_url,
+        storage_url=(tmp_path / "data").as_uri(),
+        home=tmp_path,
+        queue_name=f"test-{uuid.uuid4().hex[:8]}",
+        rate_limit_per_minute=10_000,
+        rate_limit_burst=10_000,
+        allow_anonymous=True,
+        max_upload_bytes=2_000_000,
+        max_input_pixels=1_000_000,
+    )
     values.update(changes)
     return Settings(**values)
 
@@ -74,8 +81,14 @@ def admit(services) -> str:
 def finish_with_webhook(store: JobStore, url: str) -> str:
     """A job with ``webhook_url`` canceled: the final transition schedules its delivery."""
     job_id = uuid.uuid4().hex
-    record = JobRecord(id=job_id, tenant="hooks", params=UpscaleParams(webhook_url=url),
-                       input_key=f"jobs/{job_id}/input", input_width=8, input_height=8)
+    record = JobRecord(
+        id=job_id,
+        tenant="hooks",
+        params=UpscaleParams(webhook_url=url),
+        input_key=f"jobs/{job_id}/input",
+        input_width=8,
+        input_height=8,
+    )
     store.create(record)
     store.finish(job_id, JobStatus.canceled)
     return job_id

@@ -36,8 +36,9 @@ def flat_png(width: int, height: int) -> bytes:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, redis_url):
-    return make_settings(tmp_path_factory.mktemp("admission"), redis_url, max_upload_bytes=MAX_UPLOAD,
-                         max_input_pixels=2048 * 2048)
+    return make_settings(
+        tmp_path_factory.mktemp("admission"), redis_url, max_upload_bytes=MAX_UPLOAD, max_input_pixels=2048 * 2048
+    )
 
 
 @pytest.fixture()
@@ -56,7 +57,9 @@ def error(response) -> tuple[int, str, str]:
 
 def test_the_api_never_imports_torch():
     """The API image has no torch: importing the app (and with it megasr_core.geometry) must not need it."""
-    code = "import sys, service.app; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    code = (
+        "import sys, service.app; assert 'torch' not in sys.modules, sorted(m for m in sys.modules if 'torch' in m)[:5]"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
@@ -111,6 +114,7 @@ class CountingBody:
 
 def post_streamed(settings, body: CountingBody, content_type: str) -> httpx.Response:
     """POST through httpx's ASGI transport, which hands the app the body chunk by chunk as it asks."""
+
     async def run() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(settings))
         async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
@@ -123,8 +127,9 @@ def post_streamed(settings, body: CountingBody, content_type: str) -> httpx.Resp
 def test_a_chunked_body_is_cut_off_at_the_limit_not_read_whole(settings, kind):
     """8 MiB without Content-Length: 413 after about the limit, not after reading (or spooling) it all."""
     if kind == "multipart":
-        head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-                b"Content-Type: image/png\r\n\r\n")
+        head = (
+            b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\nContent-Type: image/png\r\n\r\n'
+        )
         body, content_type = CountingBody(head, b"\0", 8 << 20), "multipart/form-data; boundary=b"
     else:
         body, content_type = CountingBody(b'{"image": "data:image/png;base64,', b"A", 8 << 20), "application/json"
@@ -139,17 +144,20 @@ def test_a_chunked_body_is_cut_off_at_the_limit_not_read_whole(settings, kind):
 
 def test_a_chunked_upload_within_the_limit_is_queued(settings):
     image = png(24, 16)
-    head = (b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
-            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b\r\n"
-            b'Content-Disposition: form-data; name="steps"\r\n\r\n3\r\n--b--\r\n')
+    head = (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="x.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b\r\n"
+        b'Content-Disposition: form-data; name="steps"\r\n\r\n3\r\n--b--\r\n'
+    )
     response = post_streamed(settings, CountingBody(head, b"\0", 0), "multipart/form-data; boundary=b")
     assert response.status_code == 202, response.text
     assert response.json()["params"]["steps"] == 3 and response.json()["input"] == {"width": 24, "height": 16}
 
 
 def test_a_declared_length_over_the_limit_is_refused_before_reading(client):
-    response = client.post("/v1/upscale", content=b"x" * 10,
-                           headers={"content-type": "application/json", "content-length": str(10**9)})
+    response = client.post(
+        "/v1/upscale", content=b"x" * 10, headers={"content-type": "application/json", "content-length": str(10**9)}
+    )
     assert error(response)[:2] == (413, "upload_too_large")
 
 
@@ -164,17 +172,21 @@ def post_json_text(client, text: str):
     return client.post("/v1/upscale", content=text.encode(), headers={"content-type": "application/json"})
 
 
-@pytest.mark.parametrize(("name", "body"), [
-    ("50,000 nested arrays", "[" * 50_000),
-    ("nested objects past the depth limit", '{"a":' * 33 + "1" + "}" * 33),
-    ("a 5,000-digit seed", '{"image": "%s", "seed": %s}' % (data_url(png()), "9" * 5000)),
-    ("NaN", '{"image": "%s", "scale": NaN}' % data_url(png())),
-    ("Infinity", '{"image": "%s", "guidance_scale": -Infinity}' % data_url(png())),
-    ("not UTF-8", '{"image": "\udcff"}'),
-])
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("50,000 nested arrays", "[" * 50_000),
+        ("nested objects past the depth limit", '{"a":' * 33 + "1" + "}" * 33),
+        ("a 5,000-digit seed", '{"image": "%s", "seed": %s}' % (data_url(png()), "9" * 5000)),
+        ("NaN", '{"image": "%s", "scale": NaN}' % data_url(png())),
+        ("Infinity", '{"image": "%s", "guidance_scale": -Infinity}' % data_url(png())),
+        ("not UTF-8", '{"image": "\udcff"}'),
+    ],
+)
 def test_hostile_json_is_400_invalid_json(client, name, body):
-    response = client.post("/v1/upscale", content=body.encode("utf-8", "surrogateescape"),
-                           headers={"content-type": "application/json"})
+    response = client.post(
+        "/v1/upscale", content=body.encode("utf-8", "surrogateescape"), headers={"content-type": "application/json"}
+    )
     assert error(response)[:2] == (400, "invalid_json"), name
 
 
@@ -282,11 +294,14 @@ def test_a_corrupt_file_of_an_unaccepted_format_is_named_not_decoded():
     assert refusal(b"P6\nxx")[:2] == (415, "unsupported_image_format")
 
 
-@pytest.mark.parametrize(("data", "max_bytes", "max_pixels", "expected"), [
-    (b"", 10, 10, (400, "empty_image", "the image is empty (0 bytes)")),
-    (bytes(1001), 1000, 10, (413, "upload_too_large", "the upload is 1,001 bytes; the limit is 1,000")),
-    (None, 10**6, 383, (413, "too_many_pixels", "the image has 24×16 = 384 pixels; the limit is 383")),
-])
+@pytest.mark.parametrize(
+    ("data", "max_bytes", "max_pixels", "expected"),
+    [
+        (b"", 10, 10, (400, "empty_image", "the image is empty (0 bytes)")),
+        (bytes(1001), 1000, 10, (413, "upload_too_large", "the upload is 1,001 bytes; the limit is 1,000")),
+        (None, 10**6, 383, (413, "too_many_pixels", "the image has 24×16 = 384 pixels; the limit is 383")),
+    ],
+)
 def test_each_limit_refusal_says_what_was_sent_and_what_the_limit_is(data, max_bytes, max_pixels, expected):
     from service.errors import ApiError
 
@@ -315,8 +330,9 @@ def test_any_other_decoder_error_is_a_400_naming_only_its_type(monkeypatch):
     assert refusal(upload) == (400, "invalid_image", "the image cannot be decoded (ZeroDivisionError)")
 
 
-@pytest.mark.parametrize("declared", ["application/octet-stream", "Application/Octet-Stream; name=x.png",
-                                      "image/png; charset=binary", None])
+@pytest.mark.parametrize(
+    "declared", ["application/octet-stream", "Application/Octet-Stream; name=x.png", "image/png; charset=binary", None]
+)
 def test_an_image_sent_as_generic_bytes_or_with_parameters_is_accepted(declared):
     assert check_upload(png(), declared, MAX_UPLOAD, 10**6).content_type == "image/png"
 
@@ -346,11 +362,19 @@ def test_each_kind_of_undecodable_upload_gets_its_own_status_and_message():
     """Not an image at all: 400; an accepted format with a broken header: 400 naming it; another format: 415
     naming it and the accepted ones (the messages are the API's documented answers, so they are exact)."""
     assert refusal(b"not an image at all, but long enough") == (
-        400, "invalid_image", "the data is not an image in a supported format")
+        400,
+        "invalid_image",
+        "the data is not an image in a supported format",
+    )
     assert refusal(b"\x89PNG\r\n\x1a\n" + b"\xff" * 40) == (
-        400, "invalid_image", "the PNG image is corrupt (its header cannot be read)")
+        400,
+        "invalid_image",
+        "the PNG image is corrupt (its header cannot be read)",
+    )
     buffer = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buffer, format="PPM")
     assert refusal(buffer.getvalue()) == (
-        415, "unsupported_image_format",
-        "the image looks like PPM, a format not supported; send PNG, JPEG, WEBP, BMP, TIFF, GIF")
+        415,
+        "unsupported_image_format",
+        "the image looks like PPM, a format not supported; send PNG, JPEG, WEBP, BMP, TIFF, GIF",
+    )

@@ -32,12 +32,21 @@ def _exif(orientation: int) -> Image.Exif:
 
 
 def _samples() -> list[bytes]:
-    photos = [Image.fromarray(data.astronaut()).resize((48, 32)), Image.fromarray(data.camera()).resize((40, 40)),
-              Image.fromarray(data.chelsea()).resize((30, 20)).convert("RGBA")]
+    photos = [
+        Image.fromarray(data.astronaut()).resize((48, 32)),
+        Image.fromarray(data.camera()).resize((40, 40)),
+        Image.fromarray(data.chelsea()).resize((30, 20)).convert("RGBA"),
+    ]
     out = []
     for index, photo in enumerate(photos):
-        for fmt, params in (("PNG", {}), ("JPEG", {"exif": _exif(6 + index % 3), "quality": 80}),
-                            ("WEBP", {"quality": 70}), ("GIF", {}), ("TIFF", {"exif": _exif(3)}), ("BMP", {})):
+        for fmt, params in (
+            ("PNG", {}),
+            ("JPEG", {"exif": _exif(6 + index % 3), "quality": 80}),
+            ("WEBP", {"quality": 70}),
+            ("GIF", {}),
+            ("TIFF", {"exif": _exif(3)}),
+            ("BMP", {}),
+        ):
             image = photo.convert("RGB") if fmt in ("JPEG", "BMP") else photo
             buffer = io.BytesIO()
             image.save(buffer, format=fmt, **params)
@@ -62,7 +71,7 @@ def mutated(draw) -> bytes:
         elif kind == "insert":
             raw[at:at] = draw(st.binary(min_size=1, max_size=64))
         elif kind == "delete":
-            del raw[at:at + draw(st.integers(1, 64))]
+            del raw[at : at + draw(st.integers(1, 64))]
         else:
             del raw[at:]
     return bytes(raw)
@@ -83,8 +92,12 @@ def test_the_samples_are_accepted():
         assert checked.data == raw and checked.width > 0
 
 
-@settings(max_examples=200, deadline=timedelta(seconds=2), database=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=200,
+    deadline=timedelta(seconds=2),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(raw=uploads, declared=declared_types)
 def test_any_upload_is_accepted_or_a_4xx(raw, declared):
     with warnings.catch_warnings():

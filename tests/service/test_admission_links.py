@@ -53,8 +53,9 @@ def test_links_use_the_public_url_and_other_hosts_are_refused(tmp_path, redis_ur
 
 
 def test_allowed_hosts_is_the_whole_list_when_set(tmp_path, redis_url):
-    settings = make_settings(tmp_path, redis_url, public_url="https://sr.example.com",
-                             allowed_hosts="api.example.com, *.internal")
+    settings = make_settings(
+        tmp_path, redis_url, public_url="https://sr.example.com", allowed_hosts="api.example.com, *.internal"
+    )
     with TestClient(create_app(settings), base_url="https://api.example.com") as client:
         missing = f"/v1/jobs/{uuid.uuid4().hex}"
         assert client.get(missing).status_code == 404

@@ -14,8 +14,6 @@ from PIL import Image
 
 from service.app import create_app
 from service.jobsystem.services import build_services
-from service.config import Settings
-from worker.main import make_worker
 from tests.harness.ports import free_port
 from tests.service.helpers import KEY_A, KEY_B, make_settings, png, run_worker, submit
 from worker.runtime import install_runtime
@@ -40,11 +38,16 @@ def test_multipart_flow_with_local_storage(client, settings, tiny_pipeline):
 
 
 def test_json_flow_with_s3_redirects_to_a_presigned_url(tmp_path, redis_url, s3_endpoint, tiny_pipeline):
-    settings = make_settings(tmp_path, redis_url, storage_url=f"s3://megasr/api-{uuid.uuid4().hex[:6]}",
-                             s3_endpoint_url=s3_endpoint)
+    settings = make_settings(
+        tmp_path, redis_url, storage_url=f"s3://megasr/api-{uuid.uuid4().hex[:6]}", s3_endpoint_url=s3_endpoint
+    )
     with TestClient(create_app(settings)) as client:
-        body = {"image": "data:image/png;base64," + base64.b64encode(png(20, 20)).decode(),
-                "steps": 2, "scale": 2, "output_format": "webp"}
+        body = {
+            "image": "data:image/png;base64," + base64.b64encode(png(20, 20)).decode(),
+            "steps": 2,
+            "scale": 2,
+            "output_format": "webp",
+        }
         response = client.post("/v1/upscale", json=body)
         assert response.status_code == 202, response.text
         run_worker(settings, tiny_pipeline)
@@ -121,7 +124,9 @@ def test_health_ready_and_openapi(client):
 
 
 def test_not_ready_when_storage_is_down(tmp_path, redis_url):
-    settings = make_settings(tmp_path, redis_url, storage_url="s3://megasr", s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    settings = make_settings(
+        tmp_path, redis_url, storage_url="s3://megasr", s3_endpoint_url=f"http://127.0.0.1:{free_port()}"
+    )
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 503 and ready.json()["checks"]["storage"].startswith("unreachable")
@@ -142,7 +147,9 @@ def test_metrics_are_exposed_and_parseable(client, settings, tiny_pipeline):
 
     def finished_counts() -> dict[str, float]:
         families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
-        return {s.labels["status"]: s.value for s in families["megasr_jobs_finished"].samples if s.name.endswith("_total")}
+        return {
+            s.labels["status"]: s.value for s in families["megasr_jobs_finished"].samples if s.name.endswith("_total")
+        }
 
     before = finished_counts()  # a counter across the whole Valkey: compare with itself, not with a constant
     submit(client, steps=1)

@@ -17,11 +17,10 @@ from rq.worker import SimpleWorker
 
 from service import faults
 from service.app import create_app
-from service.jobsystem.services import build_services
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.keys import RUNNING_KEY
+from service.jobsystem.services import build_services
 from service.jobsystem.store import JobStore, QuotaExceeded
-from service.routes.jobs import _admit
 from service.jobsystem.sweeper import sweep
 from tests.service.helpers import StandIn, admit, make_settings, png, submit
 from worker import tasks
@@ -41,6 +40,7 @@ def test_twelve_concurrent_submissions_against_a_quota_of_five_accept_exactly_fi
     start = threading.Barrier(12)
     statuses: list[int] = []
     with TestClient(create_app(settings)) as client:
+
         def one() -> None:
             start.wait()
             statuses.append(submit(client, image=image, steps=2).status_code)
@@ -64,15 +64,24 @@ def test_the_store_alone_never_overshoots_the_quota_under_contention(db_url):
     def one() -> None:
         client = redis.Redis.from_url(db_url)
         job_id = uuid.uuid4().hex
-        record = JobRecord(id=job_id, tenant="racer", params=UpscaleParams(), input_key=f"jobs/{job_id}/input",
-                           input_width=8, input_height=8)
+        record = JobRecord(
+            id=job_id,
+            tenant="racer",
+            params=UpscaleParams(),
+            input_key=f"jobs/{job_id}/input",
+            input_width=8,
+            input_height=8,
+        )
         start.wait()
         try:
             JobStore(client).create(record, max_active=QUOTA)
             outcomes.append("created")
         except QuotaExceeded as refused:
-            outcomes.append("quota" if (refused.limit, str(refused)) == (QUOTA, f"{QUOTA} unfinished jobs already")
-                            else f"quota error {refused.limit!r}: {refused}")
+            outcomes.append(
+                "quota"
+                if (refused.limit, str(refused)) == (QUOTA, f"{QUOTA} unfinished jobs already")
+                else f"quota error {refused.limit!r}: {refused}"
+            )
         finally:
             client.close()
 
@@ -102,8 +111,10 @@ def test_an_idempotency_key_replays_only_the_same_request(tmp_path, db_url):
         # the defaults spelled out are the same request
         spelled = submit(client, image=png(24, 16), headers=headers, steps=2, seed=1, scale=4)
         assert spelled.status_code == 202 and spelled.json()["id"] == first.json()["id"]
-        for different in (submit(client, image=png(24, 18), headers=headers, steps=2, seed=1),
-                          submit(client, image=png(24, 16), headers=headers, steps=3, seed=1)):
+        for different in (
+            submit(client, image=png(24, 18), headers=headers, steps=2, seed=1),
+            submit(client, image=png(24, 16), headers=headers, steps=3, seed=1),
+        ):
             assert different.status_code == 422, different.text
             assert different.json()["error"]["code"] == "idempotency_mismatch"
         assert client.app.state.services.queue.depth() == 1
@@ -115,8 +126,14 @@ def test_a_mismatch_found_inside_the_create_transaction_is_refused(store):
 
     def record() -> JobRecord:
         job_id = uuid.uuid4().hex
-        return JobRecord(id=job_id, tenant="t", params=UpscaleParams(), input_key=f"jobs/{job_id}/input",
-                         input_width=8, input_height=8)
+        return JobRecord(
+            id=job_id,
+            tenant="t",
+            params=UpscaleParams(),
+            input_key=f"jobs/{job_id}/input",
+            input_width=8,
+            input_height=8,
+        )
 
     first, created = store.create(record(), "k", request_hash="a" * 64)
     again, created_again = store.create(record(), "k", request_hash="a" * 64)
@@ -195,20 +212,23 @@ def test_crash_inside_admission_leaves_nothing_half_made(system):
     assert sweep(services).ids() == []
 
 
-@pytest.mark.parametrize("step, pipeline", [
-    # the start transaction (running + lease + running set), killed before EXEC
-    ("start:exec", StandIn()),
-    # started (running, leased), then the process dies before running the batch
-    ("task:after_start", StandIn()),
-    # the result is in storage, the process dies before the finish transaction
-    ("task:after_output", StandIn()),
-    # the finish transaction (final state + releases), killed before EXEC
-    ("finish:exec", StandIn()),
-    # a transient error: the retry's requeue transaction (queued + lease dropped), killed before EXEC
-    ("requeue:exec", StandIn(error=RuntimeError("flaky"))),
-    # the record is queued again, the process dies before RQ's Retry re-pushes the job
-    ("task:after_requeue", StandIn(error=RuntimeError("flaky"))),
-])
+@pytest.mark.parametrize(
+    "step, pipeline",
+    [
+        # the start transaction (running + lease + running set), killed before EXEC
+        ("start:exec", StandIn()),
+        # started (running, leased), then the process dies before running the batch
+        ("task:after_start", StandIn()),
+        # the result is in storage, the process dies before the finish transaction
+        ("task:after_output", StandIn()),
+        # the finish transaction (final state + releases), killed before EXEC
+        ("finish:exec", StandIn()),
+        # a transient error: the retry's requeue transaction (queued + lease dropped), killed before EXEC
+        ("requeue:exec", StandIn(error=RuntimeError("flaky"))),
+        # the record is queued again, the process dies before RQ's Retry re-pushes the job
+        ("task:after_requeue", StandIn(error=RuntimeError("flaky"))),
+    ],
+)
 def test_a_worker_killed_at_each_step_leaves_a_job_the_sweeper_repairs(system, step, pipeline):
     settings, services = system
     job_id = admit(services)

@@ -32,8 +32,9 @@ def job_url() -> str:
 
 
 def keyed_app(tmp_path, db_url):
-    return create_app(make_settings(tmp_path, db_url, api_keys=f"acme:{KEY}", metrics_key=METRICS_KEY,
-                                    auth_failures_per_minute=LIMIT))
+    return create_app(
+        make_settings(tmp_path, db_url, api_keys=f"acme:{KEY}", metrics_key=METRICS_KEY, auth_failures_per_minute=LIMIT)
+    )
 
 
 def test_a_valid_key_works_after_15_wrong_keys_from_its_address(tmp_path, db_url):
@@ -83,6 +84,7 @@ def test_behind_a_trusted_proxy_prepended_forwarded_addresses_do_not_escape(tmp_
     right, so the addresses a client prepends (rotated on every request) change nothing."""
     monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")  # uvicorn's own setting, read by uvicorn.Config
     with live_server(keyed_app(tmp_path, db_url)) as base, httpx.Client(base_url=base, timeout=10) as http:
+
         def status(forwarded: str, token: str) -> int:
             return http.get(job_url(), headers={**bearer(token), "X-Forwarded-For": forwarded}).status_code
 

@@ -34,7 +34,9 @@ def data_url(raw: bytes, mime: str = "image/png") -> str:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, redis_url):
-    return make_settings(tmp_path_factory.mktemp("bad"), redis_url, max_upload_bytes=300_000, max_input_pixels=1_000_000)
+    return make_settings(
+        tmp_path_factory.mktemp("bad"), redis_url, max_upload_bytes=300_000, max_input_pixels=1_000_000
+    )
 
 
 def multipart(client, image=b"", content_type="image/png", **fields):
@@ -51,19 +53,47 @@ CASES = {
     "decompression bomb": (lambda c: multipart(c, bomb_png()), 413, "too_many_pixels"),
     "too many pixels": (lambda c: multipart(c, _flat(1100, 1000)), 413, "too_many_pixels"),
     "too many bytes": (lambda c: multipart(c, b"\x89PNG" + b"0" * 400_000), 413, "upload_too_large"),
-    "pdf bytes": (lambda c: multipart(c, b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"), 400, "invalid_image"),
+    "pdf bytes": (
+        lambda c: multipart(c, b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n"),
+        400,
+        "invalid_image",
+    ),
     "text content type": (lambda c: multipart(c, png(), content_type="text/plain"), 415, "unsupported_media_type"),
     "unsupported format (ICO)": (lambda c: multipart(c, _ico()), 415, "unsupported_image_format"),
-    "no image field": (lambda c: c.post("/v1/upscale", data={"scale": "4"}, files={"other": ("a", b"x")}), 422, "invalid_parameters"),
-    "empty body": (lambda c: c.post("/v1/upscale", content=b"", headers={"content-type": "multipart/form-data; boundary=x"}), 422, None),
+    "no image field": (
+        lambda c: c.post("/v1/upscale", data={"scale": "4"}, files={"other": ("a", b"x")}),
+        422,
+        "invalid_parameters",
+    ),
+    "empty body": (
+        lambda c: c.post("/v1/upscale", content=b"", headers={"content-type": "multipart/form-data; boundary=x"}),
+        422,
+        None,
+    ),
     "no content type": (lambda c: c.post("/v1/upscale", content=b"raw bytes"), 415, "unsupported_media_type"),
     # JSON bodies
-    "invalid json": (lambda c: c.post("/v1/upscale", content=b"{not json", headers={"content-type": "application/json"}), 400, "invalid_json"),
+    "invalid json": (
+        lambda c: c.post("/v1/upscale", content=b"{not json", headers={"content-type": "application/json"}),
+        400,
+        "invalid_json",
+    ),
     "json array": (lambda c: c.post("/v1/upscale", json=[1, 2]), 422, "invalid_parameters"),
-    "json image not a data url": (lambda c: c.post("/v1/upscale", json={"image": "http://example.com/a.png"}), 422, "invalid_parameters"),
+    "json image not a data url": (
+        lambda c: c.post("/v1/upscale", json={"image": "http://example.com/a.png"}),
+        422,
+        "invalid_parameters",
+    ),
     "json image a number": (lambda c: c.post("/v1/upscale", json={"image": 12}), 422, "invalid_parameters"),
-    "invalid base64": (lambda c: c.post("/v1/upscale", json={"image": "data:image/png;base64,@@@###"}), 400, "invalid_base64"),
-    "huge base64": (lambda c: c.post("/v1/upscale", json={"image": "data:image/png;base64," + "A" * 600_000}), 413, "upload_too_large"),
+    "invalid base64": (
+        lambda c: c.post("/v1/upscale", json={"image": "data:image/png;base64,@@@###"}),
+        400,
+        "invalid_base64",
+    ),
+    "huge base64": (
+        lambda c: c.post("/v1/upscale", json={"image": "data:image/png;base64," + "A" * 600_000}),
+        413,
+        "upload_too_large",
+    ),
     # parameters
     "scale not a number": (lambda c: multipart(c, png(), scale="abc"), 422, "invalid_parameters"),
     "negative scale": (lambda c: multipart(c, png(), scale=-1), 422, "invalid_parameters"),
@@ -77,13 +107,34 @@ CASES = {
     "unknown output format": (lambda c: multipart(c, png(), output_format="gif"), 422, "invalid_parameters"),
     "negative seed": (lambda c: multipart(c, png(), seed=-1), 422, "invalid_parameters"),
     "prompt too long": (lambda c: multipart(c, png(), prompt="x" * 2000), 422, "invalid_parameters"),
-    "unknown field": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "strength": 3}), 422, "invalid_parameters"),
-    "wrong json type": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "steps": "many"}), 422, "invalid_parameters"),
+    "unknown field": (
+        lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "strength": 3}),
+        422,
+        "invalid_parameters",
+    ),
+    "wrong json type": (
+        lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "steps": "many"}),
+        422,
+        "invalid_parameters",
+    ),
     "bad webhook url": (lambda c: multipart(c, png(), webhook_url="not a url"), 422, "invalid_parameters"),
-    "steps true": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "steps": True}), 422, "invalid_parameters"),
-    "seed false": (lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "seed": False}), 422, "invalid_parameters"),
-    "idempotency key too long": (lambda c: c.post("/v1/upscale", files={"image": ("a.png", png(), "image/png")},
-                                                  headers={"Idempotency-Key": "k" * 300}), 422, "invalid_parameters"),
+    "steps true": (
+        lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "steps": True}),
+        422,
+        "invalid_parameters",
+    ),
+    "seed false": (
+        lambda c: c.post("/v1/upscale", json={"image": data_url(png()), "seed": False}),
+        422,
+        "invalid_parameters",
+    ),
+    "idempotency key too long": (
+        lambda c: c.post(
+            "/v1/upscale", files={"image": ("a.png", png(), "image/png")}, headers={"Idempotency-Key": "k" * 300}
+        ),
+        422,
+        "invalid_parameters",
+    ),
     # job routes
     "unknown job": (lambda c: c.get("/v1/jobs/doesnotexist"), 404, "job_not_found"),
     "absurdly long job id": (lambda c: c.get("/v1/jobs/" + "a" * 5000), 404, "job_not_found"),
@@ -125,17 +176,27 @@ def test_result_before_success_is_409(client):
 
 
 def test_rate_limit_and_queue_quota(tmp_path, redis_url):
-    settings = make_settings(tmp_path, redis_url, rate_limit_per_minute=3, rate_limit_burst=3, max_queued_per_tenant=100,
-                             api_keys="ratelimited-tenant-x:ratelimit-key-1")
+    settings = make_settings(
+        tmp_path,
+        redis_url,
+        rate_limit_per_minute=3,
+        rate_limit_burst=3,
+        max_queued_per_tenant=100,
+        api_keys="ratelimited-tenant-x:ratelimit-key-1",
+    )
     headers = {"Authorization": "Bearer ratelimit-key-1"}
     with TestClient(create_app(settings)) as client:
-        statuses = [client.post("/v1/upscale", files={"image": ("a.png", png(), "image/png")}, headers=headers).status_code
-                    for _ in range(5)]
+        statuses = [
+            client.post("/v1/upscale", files={"image": ("a.png", png(), "image/png")}, headers=headers).status_code
+            for _ in range(5)
+        ]
         assert statuses[:3] == [202, 202, 202] and statuses[3:] == [429, 429]
     settings = make_settings(tmp_path, redis_url, max_queued_per_tenant=2, api_keys="quota-tenant-y:quota-key-12")
     headers = {"Authorization": "Bearer quota-key-12"}
     with TestClient(create_app(settings)) as client:
-        statuses = [client.post("/v1/upscale", files={"image": ("a.png", png(), "image/png")}, headers=headers)
-                    for _ in range(3)]
+        statuses = [
+            client.post("/v1/upscale", files={"image": ("a.png", png(), "image/png")}, headers=headers)
+            for _ in range(3)
+        ]
         assert [r.status_code for r in statuses] == [202, 202, 429]
         assert statuses[2].json()["error"]["code"] == "queue_quota"

@@ -12,8 +12,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from service.app import create_app
-from service.client import (AuthenticationError, ConflictError, InvalidRequestError, MegaSRClient, MegaSRError,
-                            NotFoundError)
+from service.client import (
+    AuthenticationError,
+    ConflictError,
+    InvalidRequestError,
+    MegaSRClient,
+    MegaSRError,
+    NotFoundError,
+)
 from service.contracts import JobStatus
 from tests.harness.live_server import live_server
 from tests.service.helpers import KEY_A, KEY_B, make_settings, png, run_worker
@@ -40,7 +46,10 @@ def test_submit_list_cancel_and_typed_errors(settings, tmp_path):
 
         assert client.cancel(first.id).status == JobStatus.canceled
         assert [j.id for j in client.list_jobs(status="canceled").jobs] == [first.id]
-        assert [j.id for j in client.list_jobs(status=[JobStatus.queued, JobStatus.canceled]).jobs] == [second.id, first.id]
+        assert [j.id for j in client.list_jobs(status=[JobStatus.queued, JobStatus.canceled]).jobs] == [
+            second.id,
+            first.id,
+        ]
         with pytest.raises(ConflictError) as conflict:
             client.cancel(first.id)
         assert (conflict.value.status, conflict.value.code) == (409, "already_finished")
@@ -79,8 +88,10 @@ def test_submit_wait_download_over_a_real_server(settings, tiny_pipeline, tmp_pa
         assert [j.progress for j in seen] == sorted(j.progress for j in seen)
         target = client.download(job.id, tmp_path / "result.png")
         assert Image.open(io.BytesIO(target.read_bytes())).size == (64, 48)
-        assert target.read_bytes() == httpx.get(f"{base}{done.result_url}",
-                                                headers={"Authorization": f"Bearer {KEY_A}"}).content
+        assert (
+            target.read_bytes()
+            == httpx.get(f"{base}{done.result_url}", headers={"Authorization": f"Bearer {KEY_A}"}).content
+        )
         queued = client.submit(png(), steps=1)
         started = time.monotonic()
         with pytest.raises(TimeoutError):
@@ -108,8 +119,9 @@ def test_wait_polls_when_the_event_stream_is_unavailable(settings, tiny_pipeline
 
 def test_wait_polls_when_the_tenants_event_streams_are_all_taken(tmp_path, db_url, tiny_pipeline):
     """429 too_many_streams (MEGASR_MAX_EVENT_STREAMS_PER_TENANT) is no error for wait(): it polls."""
-    settings = make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False,
-                             max_event_streams_per_tenant=1)
+    settings = make_settings(
+        tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False, max_event_streams_per_tenant=1
+    )
     with TestClient(create_app(settings)) as http:
         client = MegaSRClient(api_key=KEY_A, http=http, poll_interval_s=0.05)
         held, job = client.submit(png(), steps=1), client.submit(png(), steps=1)

@@ -52,13 +52,23 @@ def test_params_defaults_leave_sampling_to_the_model():
     """Steps and guidance left out are the served model's (50 at 5.5 for MegaSR, 2 at 1 for SeeSR-Turbo:
     the worker fills them in); the model left out is the deployment's default."""
     params = UpscaleParams()
-    assert (params.scale, params.steps, params.guidance_scale, params.color_fix, params.model) == (4, None, None, "adain", None)
+    assert (params.scale, params.steps, params.guidance_scale, params.color_fix, params.model) == (
+        4,
+        None,
+        None,
+        "adain",
+        None,
+    )
     assert UpscaleParams(steps=200, guidance_scale=0).steps == 200
 
 
 def test_models_settings_name_the_served_models_and_their_queues(monkeypatch):
     settings = Settings()
-    assert (settings.served_models(), settings.default_model, settings.worker_model) == (["default"], "default", "default")
+    assert (settings.served_models(), settings.default_model, settings.worker_model) == (
+        ["default"],
+        "default",
+        "default",
+    )
     assert settings.queue_for("default") == "megasr"  # every single-model deployment keeps its queue
     monkeypatch.setenv("MEGASR_MODEL", "seesr-turbo")
     monkeypatch.setenv("MEGASR_QUEUE_NAME", "sr")
@@ -72,11 +82,17 @@ def test_models_settings_name_the_served_models_and_their_queues(monkeypatch):
     assert settings.default_model == "megasr" and settings.worker_model == "seesr-turbo"
 
 
-@pytest.mark.parametrize("env, value, message", [
-    ("MEGASR_MODELS", "a,b,a", "more than once"), ("MEGASR_MODELS", "a,B", "not a model name"),
-    ("MEGASR_MODEL", "-lead", "not a model name"), ("MEGASR_MODEL", "has space", "not a model name"),
-    ("MEGASR_MODEL", "x" * 64, "not a model name"), ("MEGASR_MODELS", "ok,with/slash", "not a model name"),
-])
+@pytest.mark.parametrize(
+    "env, value, message",
+    [
+        ("MEGASR_MODELS", "a,b,a", "more than once"),
+        ("MEGASR_MODELS", "a,B", "not a model name"),
+        ("MEGASR_MODEL", "-lead", "not a model name"),
+        ("MEGASR_MODEL", "has space", "not a model name"),
+        ("MEGASR_MODEL", "x" * 64, "not a model name"),
+        ("MEGASR_MODELS", "ok,with/slash", "not a model name"),
+    ],
+)
 def test_bad_model_names_are_refused(monkeypatch, env, value, message):
     monkeypatch.setenv(env, value)
     with pytest.raises(ValidationError, match=message):
@@ -90,9 +106,24 @@ def test_good_model_names_pass(name):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("scale", 0), ("scale", 9), ("scale", float("nan")), ("steps", 0), ("steps", 10_000), ("guidance_scale", -1),
-     ("color_fix", "sepia"), ("output_format", "gif"), ("webhook_url", "ftp://x"), ("seed", -5), ("prompt", "x" * 501),
-     ("unknown", 1), ("model", "Bad Name"), ("model", ""), ("model", "x" * 64), ("steps", True)],
+    [
+        ("scale", 0),
+        ("scale", 9),
+        ("scale", float("nan")),
+        ("steps", 0),
+        ("steps", 10_000),
+        ("guidance_scale", -1),
+        ("color_fix", "sepia"),
+        ("output_format", "gif"),
+        ("webhook_url", "ftp://x"),
+        ("seed", -5),
+        ("prompt", "x" * 501),
+        ("unknown", 1),
+        ("model", "Bad Name"),
+        ("model", ""),
+        ("model", "x" * 64),
+        ("steps", True),
+    ],
 )
 def test_bad_params_are_rejected(field, value):
     with pytest.raises(ValidationError):

@@ -38,8 +38,14 @@ def guarded_server(tmp_path, redis_url, log_level: str = "warning", **changes) -
     """The API app on a loopback port, served with ``uvicorn_options`` of its settings: the port."""
     settings = make_settings(tmp_path, redis_url, header_timeout_s=TIMEOUT_S, body_idle_timeout_s=TIMEOUT_S, **changes)
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level=log_level, lifespan="on",
-                            **uvicorn_options(settings))
+    config = uvicorn.Config(
+        create_app(settings),
+        host="127.0.0.1",
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        **uvicorn_options(settings),
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-guarded-uvicorn", daemon=True)
     thread.start()
@@ -74,8 +80,9 @@ def get(sock: socket.socket, path: str = "/healthz") -> bytes:
     while b"\r\n\r\n" not in data:
         data += sock.recv(65536)
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length"))
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
     while len(body) < length:
         body += sock.recv(65536)
     return head + b"\r\n\r\n" + body
@@ -114,8 +121,10 @@ def test_a_prompt_client_keeps_its_connection_for_several_requests(tmp_path, db_
 def test_a_stalled_body_ends_with_a_json_408(tmp_path, db_url):
     with guarded_server(tmp_path, db_url) as port:
         sock = connect(port)
-        sock.sendall(b"POST /v1/upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 1000\r\n\r\n{\"image\": \"")
+        sock.sendall(
+            b"POST /v1/upscale HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"image": "'
+        )
         data, waited = read_until_closed(sock)
         assert waited < TIMEOUT_S + 1.5
         head, _, body = data.partition(b"\r\n\r\n")
@@ -145,8 +154,13 @@ def test_keys_are_masked_in_the_access_log_in_any_url_encoding(tmp_path, db_url)
     configure_logging("text", secrets=[key], stream=captured)
     try:
         with guarded_server(tmp_path, db_url, log_level="info", api_keys=f"acme:{key}", allow_anonymous=False) as port:
-            sent = [key, quote(key, safe=""), "".join(f"%{b:02x}" for b in key.encode()),  # raw, %-encoded, all of it
-                    key[:3] + "%2D" + key[4:], key.replace(".", "%252E")]  # partly, and twice encoded
+            sent = [
+                key,
+                quote(key, safe=""),
+                "".join(f"%{b:02x}" for b in key.encode()),  # raw, %-encoded, all of it
+                key[:3] + "%2D" + key[4:],
+                key.replace(".", "%252E"),
+            ]  # partly, and twice encoded
             sock = connect(port)
             for index, variant in enumerate(sent):
                 assert get(sock, f"/v1/jobs?api_key={variant}&n={index}").startswith(b"HTTP/1.1 401")
@@ -213,8 +227,9 @@ def test_a_server_out_of_file_descriptors_logs_the_accept_error_once(tmp_path):
     port = free_port()
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
-        server = subprocess.Popen([sys.executable, "-c", SERVER_AT_FD_LIMIT, str(port)], stdout=log,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-c", SERVER_AT_FD_LIMIT, str(port)], stdout=log, stderr=subprocess.STDOUT
+        )
     clients: list[socket.socket] = []
     try:
         deadline = time.monotonic() + 30
@@ -239,19 +254,26 @@ def test_a_server_out_of_file_descriptors_logs_the_accept_error_once(tmp_path):
     assert "Too many open files" in text
 
 
-@pytest.mark.parametrize("command", [["megasr", "serve"], ["python", "-m", "service.api_server"]],
-                         ids=["megasr-serve", "api-image-command"])
+@pytest.mark.parametrize(
+    "command", [["megasr", "serve"], ["python", "-m", "service.api_server"]], ids=["megasr-serve", "api-image-command"]
+)
 def test_every_launch_path_applies_the_header_timeout(tmp_path, db_url, command):
     """`megasr serve` and the API image's command (which Compose and Kubernetes run) read the same settings."""
     port = free_port()
     executable = str(Path(sys.executable).with_name(command[0])) if command[0] == "megasr" else sys.executable
-    env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": db_url,
-           "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(), "MEGASR_API_KEYS": "acme:acme-key-0123456789",
-           "MEGASR_HEADER_TIMEOUT_S": str(TIMEOUT_S)}
+    env = {
+        **os.environ,
+        "MEGASR_HOME": str(tmp_path / "home"),
+        "MEGASR_REDIS_URL": db_url,
+        "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(),
+        "MEGASR_API_KEYS": "acme:acme-key-0123456789",
+        "MEGASR_HEADER_TIMEOUT_S": str(TIMEOUT_S),
+    }
     log_path = tmp_path / "server.log"
     with log_path.open("wb") as log:
-        server = subprocess.Popen([executable, *command[1:], "--port", str(port)], env=env, stdout=log,
-                                  stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [executable, *command[1:], "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 60
         while True:

@@ -14,15 +14,13 @@ import skimage
 from PIL import Image
 from rq.worker import SimpleWorker
 
-from service.app import create_app
-from service.jobsystem.services import build_services
 from service.contracts import JobStatus
 from service.decode_budget import count_jpeg_scans, jpeg_structure
 from service.errors import ApiError
 from service.images import check_upload
+from service.jobsystem.services import build_services
 from service.logging_setup import log_fields
-from tests.service.helpers import make_settings
-from tests.service.helpers import StandIn, admit
+from tests.service.helpers import StandIn, admit, make_settings
 from worker import tasks
 from worker.main import make_worker
 from worker.runtime import install_runtime
@@ -37,7 +35,7 @@ def scan_bomb(size: int = 2048, copies: int = 20_000) -> bytes:
     Image.linear_gradient("L").resize((size, size)).save(buffer, format="JPEG", progressive=True, quality=90)
     data = buffer.getvalue()
     start = next(m.start() for m in re.finditer(rb"\xff\xda", data) if data[m.start() + 7] > 0)  # Ss > 0: AC
-    header_end = start + 2 + int.from_bytes(data[start + 2:start + 4], "big")
+    header_end = start + 2 + int.from_bytes(data[start + 2 : start + 4], "big")
     end = _NEXT_MARKER.search(data, header_end).start()
     return data[:end] + data[start:end] * copies + data[end:]
 
@@ -62,13 +60,19 @@ def encoded(image: Image.Image, fmt: str, **options) -> bytes:
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory, redis_url):
-    return make_settings(tmp_path_factory.mktemp("budget"), redis_url, max_upload_bytes=4_000_000,
-                         max_input_pixels=2048 * 2048, max_decode_seconds=0.25)
+    return make_settings(
+        tmp_path_factory.mktemp("budget"),
+        redis_url,
+        max_upload_bytes=4_000_000,
+        max_input_pixels=2048 * 2048,
+        max_decode_seconds=0.25,
+    )
 
 
 def post(client, image: bytes, name: str):
-    return client.post("/v1/upscale", files={"image": (name, image, "application/octet-stream")},
-                       data={"scale": "2", "steps": "2"})
+    return client.post(
+        "/v1/upscale", files={"image": (name, image, "application/octet-stream")}, data={"scale": "2", "steps": "2"}
+    )
 
 
 def test_a_20000_scan_jpeg_bomb_gets_a_4xx_within_3_s(client):
@@ -163,9 +167,11 @@ def services(tmp_path, db_url, monkeypatch):
         yield settings, build_services(settings)
 
 
-@pytest.mark.parametrize(("payload", "words"), [(lambda: scan_bomb(size=512, copies=2_000), "scans"),
-                                                (lambda: rle_spin_bmp(1_000_000), "CPU time")],
-                         ids=["scan bomb", "slow decode"])
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [(lambda: scan_bomb(size=512, copies=2_000), "scans"), (lambda: rle_spin_bmp(1_000_000), "CPU time")],
+    ids=["scan bomb", "slow decode"],
+)
 def test_the_worker_applies_the_same_budgets_before_its_pipeline(services, payload, words):
     """An input stored before the rule (or under a laxer one) fails as invalid_input in seconds."""
     settings, svc = services

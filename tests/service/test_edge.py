@@ -52,7 +52,9 @@ def test_metrics_want_the_metrics_key_when_it_is_set(tmp_path, db_url):
     with TestClient(create_app(settings)) as client:
         missing = client.get("/metrics")
         assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
-        assert client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401  # a tenant key is not it
+        assert (
+            client.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 401
+        )  # a tenant key is not it
         assert client.get("/metrics", headers={"Authorization": "Bearer metrics-key-012345678X"}).status_code == 401
         ok = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
         assert ok.status_code == 200 and "megasr_http_requests_total" in ok.text
@@ -130,10 +132,14 @@ def test_submissions_over_the_burst_are_429_with_the_seconds_until_a_token(tmp_p
 
 
 def test_wrong_keys_from_one_address_are_limited_and_valid_keys_still_served(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, api_keys=f"acme:{KEY}", auth_failures_per_minute=3,
-                             metrics_key=METRICS_KEY)
+    settings = make_settings(
+        tmp_path, db_url, api_keys=f"acme:{KEY}", auth_failures_per_minute=3, metrics_key=METRICS_KEY
+    )
     app = create_app(settings)
-    with TestClient(app, client=("203.0.113.7", 5000)) as attacker, TestClient(app, client=("198.51.100.2", 5000)) as other:
+    with (
+        TestClient(app, client=("203.0.113.7", 5000)) as attacker,
+        TestClient(app, client=("198.51.100.2", 5000)) as other,
+    ):
         for _ in range(5):  # no key at all is not a guess: never counted
             assert attacker.get("/v1/jobs/x").status_code == 401
         for attempt in range(3):
@@ -151,11 +157,13 @@ def test_wrong_keys_from_one_address_are_limited_and_valid_keys_still_served(tmp
 
 
 def test_wrong_metrics_keys_count_as_failed_authentications(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, api_keys=f"acme:{KEY}", auth_failures_per_minute=2,
-                             metrics_key=METRICS_KEY)
+    settings = make_settings(
+        tmp_path, db_url, api_keys=f"acme:{KEY}", auth_failures_per_minute=2, metrics_key=METRICS_KEY
+    )
     with TestClient(create_app(settings)) as client:
-        statuses = [client.get("/metrics", headers={"Authorization": f"Bearer nope-{i:010d}"}).status_code
-                    for i in range(3)]
+        statuses = [
+            client.get("/metrics", headers={"Authorization": f"Bearer nope-{i:010d}"}).status_code for i in range(3)
+        ]
         assert statuses == [401, 401, 429]
 
 

@@ -57,8 +57,15 @@ def test_progress_then_done_over_a_real_server(tmp_path, db_url, tiny_pipeline):
 
 
 def view(status: JobStatus, progress: float = 0.0) -> JobView:
-    return JobView(id="j", status=status, model="default", progress=progress, created_at="2026-01-01T00:00:00Z",
-                   input=ImageSize(width=8, height=8), params=UpscaleParams())
+    return JobView(
+        id="j",
+        status=status,
+        model="default",
+        progress=progress,
+        created_at="2026-01-01T00:00:00Z",
+        input=ImageSize(width=8, height=8),
+        params=UpscaleParams(),
+    )
 
 
 def collect(states: list[JobView | None], max_seconds: float = 5.0, keepalive_s: float = 15.0) -> list[str]:
@@ -71,15 +78,26 @@ def collect(states: list[JobView | None], max_seconds: float = 5.0, keepalive_s:
         return False
 
     async def run() -> list[str]:
-        return [chunk async for chunk in events.job_events(load, connected, max_seconds, poll_interval_s=0.01,
-                                                            keepalive_s=keepalive_s)]
+        return [
+            chunk
+            async for chunk in events.job_events(
+                load, connected, max_seconds, poll_interval_s=0.01, keepalive_s=keepalive_s
+            )
+        ]
 
     return asyncio.run(run())
 
 
 def test_an_event_per_change_only():
-    chunks = collect([view(JobStatus.queued), view(JobStatus.queued), view(JobStatus.running, 0.5),
-                      view(JobStatus.running, 0.5), view(JobStatus.succeeded, 1.0)])
+    chunks = collect(
+        [
+            view(JobStatus.queued),
+            view(JobStatus.queued),
+            view(JobStatus.running, 0.5),
+            view(JobStatus.running, 0.5),
+            view(JobStatus.succeeded, 1.0),
+        ]
+    )
     assert [c.split("\n")[0] for c in chunks] == ["event: progress", "event: progress", "event: done"]
     assert json.loads(chunks[1].split("data: ")[1])["progress"] == 0.5
 

@@ -32,8 +32,9 @@ def raise_fd_limit(needed: int) -> None:
 
 def queued_job(services: Services, tenant: str) -> JobRecord:
     """A queued job, written as the API writes one (record, index, RQ), without an upload."""
-    record = JobRecord(id=uuid.uuid4().hex, tenant=tenant, params=UpscaleParams(), input_key="unused",
-                       input_width=8, input_height=8)
+    record = JobRecord(
+        id=uuid.uuid4().hex, tenant=tenant, params=UpscaleParams(), input_key="unused", input_width=8, input_height=8
+    )
     queue = services.queue_for(record.model)
     stored, _ = services.jobs.create(record, enqueue=lambda pipe: queue.enqueue(record.id, tenant, pipeline=pipe))
     return stored
@@ -42,8 +43,9 @@ def queued_job(services: Services, tenant: str) -> JobRecord:
 class Stream:
     """One raw HTTP/1.1 event stream: the status and headers, then the body as it comes."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int,
-                 headers: dict[str, str]) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, headers: dict[str, str]
+    ) -> None:
         self.reader, self.writer, self.status, self.headers = reader, writer, status, headers
 
     async def close(self) -> None:
@@ -54,8 +56,10 @@ class Stream:
 async def open_stream(port: int, job_id: str, key: str) -> Stream:
     """Opens a stream; when it is 200, returns after its first event arrived."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-                 f"Authorization: Bearer {key}\r\n\r\n".encode())
+    writer.write(
+        f"GET /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {key}\r\n\r\n".encode()
+    )
     status = int((await reader.readline()).split()[1])
     headers = {}
     while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -79,9 +83,16 @@ async def timed_get(http: httpx.AsyncClient, url: str, **kwargs) -> float:
 
 def test_600_streams_of_one_tenant_leave_health_and_other_tenants_fast(tmp_path, db_url):
     raise_fd_limit(4 * STREAMS)
-    settings = make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False,
-                             max_event_streams_per_tenant=STREAMS, max_event_streams=STREAMS + 10,
-                             read_rate_limit_burst=10 * STREAMS, read_rate_limit_per_minute=60 * STREAMS)
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        api_keys=f"a:{KEY_A},b:{KEY_B}",
+        allow_anonymous=False,
+        max_event_streams_per_tenant=STREAMS,
+        max_event_streams=STREAMS + 10,
+        read_rate_limit_burst=10 * STREAMS,
+        read_rate_limit_per_minute=60 * STREAMS,
+    )
     app = create_app(settings)
     services: Services = app.state.services
     followed = [queued_job(services, "a") for _ in range(JOBS)]
@@ -98,8 +109,12 @@ def test_600_streams_of_one_tenant_leave_health_and_other_tenants_fast(tmp_path,
                 progress = min(0.99, progress + 0.01)
                 with services.redis.pipeline(transaction=False) as pipe:
                     for record in followed:
-                        pipe.set(JobStore.key(record.id), record.model_copy(
-                            update={"status": JobStatus.running, "progress": progress}).model_dump_json())
+                        pipe.set(
+                            JobStore.key(record.id),
+                            record.model_copy(
+                                update={"status": JobStatus.running, "progress": progress}
+                            ).model_dump_json(),
+                        )
                     pipe.execute()
                 await asyncio.sleep(0.25)
 
@@ -116,8 +131,9 @@ def test_600_streams_of_one_tenant_leave_health_and_other_tenants_fast(tmp_path,
                     health, other_get = [], []
                     for _ in range(4):
                         health.append(await timed_get(http, "/healthz"))
-                        other_get.append(await timed_get(http, f"/v1/jobs/{other.id}",
-                                                         headers={"Authorization": f"Bearer {KEY_B}"}))
+                        other_get.append(
+                            await timed_get(http, f"/v1/jobs/{other.id}", headers={"Authorization": f"Bearer {KEY_B}"})
+                        )
                         await asyncio.sleep(0.3)
                 rate = (commands_processed(services.redis) - before) / (time.monotonic() - start)
             finally:
@@ -141,8 +157,14 @@ def test_600_streams_of_one_tenant_leave_health_and_other_tenants_fast(tmp_path,
 
 
 def test_streams_are_capped_and_a_vanished_client_frees_its_slot(tmp_path, db_url):
-    settings = make_settings(tmp_path, db_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False,
-                             max_event_streams_per_tenant=2, max_event_streams=3)
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        api_keys=f"a:{KEY_A},b:{KEY_B}",
+        allow_anonymous=False,
+        max_event_streams_per_tenant=2,
+        max_event_streams=3,
+    )
     app = create_app(settings)
     services: Services = app.state.services
     job_a, job_b = queued_job(services, "a"), queued_job(services, "b")

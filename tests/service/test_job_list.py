@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
-from service.app import create_app
 from service.jobsystem.store import JobStore
 from tests.service.helpers import KEY_A, KEY_B, make_settings, submit
 
@@ -85,8 +84,10 @@ def test_cursor_and_limit_are_checked(client):
     submitted(client, 1)
     import base64
 
-    not_finite = [base64.urlsafe_b64encode(f'[{n},"x"]'.encode()).decode().rstrip("=")
-                  for n in ("NaN", "Infinity", "-Infinity", "1e999", "-1E400")]
+    not_finite = [
+        base64.urlsafe_b64encode(f'[{n},"x"]'.encode()).decode().rstrip("=")
+        for n in ("NaN", "Infinity", "-Infinity", "1e999", "-1E400")
+    ]
     for cursor in ("nonsense", "W10", "WyJ4IiwxXQ", *not_finite):  # not base64 JSON, [], ["x", 1], no number
         response = client.get("/v1/jobs", params={"cursor": cursor}, headers=A)
         assert response.status_code == 422, cursor
@@ -113,9 +114,16 @@ def test_the_index_forgets_jobs_no_record_can_outlive_and_expires_when_silent(st
     from service.jobsystem.store import INDEX_SLACK_S
 
     def record(job_id: str, age_s: float) -> JobRecord:
-        created = datetime.now(timezone.utc) - timedelta(seconds=age_s)
-        return JobRecord(id=job_id, tenant="t", params=UpscaleParams(), input_key="k", input_width=8, input_height=8,
-                         created_at=created)
+        created = datetime.now(UTC) - timedelta(seconds=age_s)
+        return JobRecord(
+            id=job_id,
+            tenant="t",
+            params=UpscaleParams(),
+            input_key="k",
+            input_width=8,
+            input_height=8,
+            created_at=created,
+        )
 
     horizon = store.result_ttl_s + INDEX_SLACK_S
     store.create(record("ancient", horizon + 60))
@@ -128,8 +136,9 @@ def test_the_index_forgets_jobs_no_record_can_outlive_and_expires_when_silent(st
 def tenant_record(job_id: str, created: datetime):
     from service.contracts import JobRecord, UpscaleParams
 
-    return JobRecord(id=job_id, tenant="t", params=UpscaleParams(), input_key="k", input_width=8, input_height=8,
-                     created_at=created)
+    return JobRecord(
+        id=job_id, tenant="t", params=UpscaleParams(), input_key="k", input_width=8, input_height=8, created_at=created
+    )
 
 
 def every_page(store: JobStore, limit: int, statuses=()) -> list[str]:
@@ -145,7 +154,7 @@ def every_page(store: JobStore, limit: int, statuses=()) -> list[str]:
 def test_more_jobs_of_one_microsecond_than_a_read_holds_are_all_listed_once(store):
     """120 jobs with the same creation time (one index score): pages of 10 walk all of them, each once, in
     descending id order, although after 50 the first read after the cursor holds only jobs already seen."""
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     ids = [f"job-{n:03d}" for n in range(120)]
     for job_id in ids:
         store.create(tenant_record(job_id, created))
@@ -158,7 +167,7 @@ def test_a_filter_whose_matches_lie_past_the_first_read_finds_them(store):
 
     from service.contracts import JobStatus
 
-    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    start = datetime.now(UTC) - timedelta(hours=1)
     ids = [f"job-{n:03d}" for n in range(60)]
     for n, job_id in enumerate(ids):
         store.create(tenant_record(job_id, start + timedelta(seconds=n)))

@@ -8,13 +8,12 @@ import uuid
 import pytest
 import redis
 
-from service.jobsystem.services import build_services
 from service.contracts import JobError, JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.keys import FINISHED_KEY, REAPER_LOCK_KEY, RUNNING_KEY
 from service.jobsystem.reaper import reap_abandoned
+from service.jobsystem.services import build_services
 from service.jobsystem.store import IDEMPOTENCY_TTL_S, JobStore, TransitionRejected
-from tests.service.helpers import STORE_RESULT_TTL_S
-from tests.service.helpers import make_settings
+from tests.service.helpers import STORE_RESULT_TTL_S, make_settings
 
 RESULT_TTL_S = STORE_RESULT_TTL_S
 
@@ -29,8 +28,14 @@ def other_store(db_url):
 
 def new_record(tenant: str = "tenant-a") -> JobRecord:
     job_id = uuid.uuid4().hex
-    return JobRecord(id=job_id, tenant=tenant, params=UpscaleParams(), input_key=f"jobs/{job_id}/input",
-                     input_width=24, input_height=16)
+    return JobRecord(
+        id=job_id,
+        tenant=tenant,
+        params=UpscaleParams(),
+        input_key=f"jobs/{job_id}/input",
+        input_width=24,
+        input_height=16,
+    )
 
 
 def queued_job(store: JobStore) -> str:
@@ -105,7 +110,9 @@ def test_a_running_job_cannot_be_started_a_second_time(store):
 def test_a_finished_job_never_changes_state_again(store, final):
     """A final job rejects cancel, another finish, a restart and progress writes; the record stays as it was."""
     job_id = running_job(store, "worker-a:1")
-    store.finish(job_id, final, owner="worker-a:1", output_key="jobs/x/output.png" if final == JobStatus.succeeded else None)
+    store.finish(
+        job_id, final, owner="worker-a:1", output_key="jobs/x/output.png" if final == JobStatus.succeeded else None
+    )
     before = store.redis.get(store.key(job_id))
     with pytest.raises(TransitionRejected):
         store.finish(job_id, JobStatus.canceled)  # the API's cancel (no owner)
@@ -192,14 +199,28 @@ def test_a_presumed_dead_worker_cannot_overwrite_the_result(tmp_path, db_url):
     # A wakes up while B runs: its progress and its finish are refused; it can tell it lost the job.
     jobs.set_progress(job_id, 0.9, owner="worker-a:1")
     with pytest.raises(TransitionRejected):
-        jobs.finish(job_id, JobStatus.succeeded, owner="worker-a:1", output_key="jobs/a/output.png",
-                    output_width=1, output_height=1, progress=1.0)
+        jobs.finish(
+            job_id,
+            JobStatus.succeeded,
+            owner="worker-a:1",
+            output_key="jobs/a/output.png",
+            output_width=1,
+            output_height=1,
+            progress=1.0,
+        )
     running = jobs.get(job_id)
     assert running.status == JobStatus.running and running.owner == "worker-b:1" and running.progress == 0.0
     assert not jobs.still_owner(job_id, "worker-a:1")
 
-    jobs.finish(job_id, JobStatus.succeeded, owner="worker-b:1", output_key="jobs/b/output.png",
-                output_width=96, output_height=64, progress=1.0)
+    jobs.finish(
+        job_id,
+        JobStatus.succeeded,
+        owner="worker-b:1",
+        output_key="jobs/b/output.png",
+        output_width=96,
+        output_height=64,
+        progress=1.0,
+    )
     # A tries again after B finished: success or failure, nothing of A's lands.
     with pytest.raises(TransitionRejected):
         jobs.finish(job_id, JobStatus.succeeded, owner="worker-a:1", output_key="jobs/a/output.png")
@@ -219,7 +240,9 @@ def test_a_concurrent_write_makes_the_transition_retry_on_top_of_it(store, other
     """A write between WATCH and EXEC aborts the transaction; the retry re-reads, so neither write is lost."""
     job_id = running_job(store, "worker-a:1")
     calls = interfere_once(store, lambda: other_store.set_progress(job_id, 0.5, owner="worker-a:1"))
-    updated = store.transition(job_id, [JobStatus.running], expect_owner="worker-a:1", output_width=96, output_height=64)
+    updated = store.transition(
+        job_id, [JobStatus.running], expect_owner="worker-a:1", output_width=96, output_height=64
+    )
     assert calls == ["watch", "multi", "watch", "multi"]  # aborted once by the WatchError, then committed
     stored = store.get(job_id)
     assert stored == updated
@@ -232,8 +255,9 @@ def test_a_retried_finish_sees_the_reaper_took_the_job_away(store, other_store):
     job_id = running_job(store, "worker-a:1")
 
     def reaper_requeues() -> None:
-        other_store.transition(job_id, [JobStatus.running], JobStatus.queued, expect_owner="worker-a:1",
-                               owner=None, progress=0.0)
+        other_store.transition(
+            job_id, [JobStatus.running], JobStatus.queued, expect_owner="worker-a:1", owner=None, progress=0.0
+        )
 
     calls = interfere_once(store, reaper_requeues)
     with pytest.raises(TransitionRejected):
@@ -319,8 +343,10 @@ def test_a_request_fingerprint_is_stable_across_releases():
     from service.jobsystem.admission import request_fingerprint
 
     image = b"\x89PNG not really"
-    canonical = ('{"color_fix":"adain","guidance_scale":5.5,"negative_prompt":"dotted, noise, blur, lowres, smooth",'
-                 '"output_format":"png","prompt":"","scale":4.0,"seed":7,"steps":50,"webhook_url":null}')
+    canonical = (
+        '{"color_fix":"adain","guidance_scale":5.5,"negative_prompt":"dotted, noise, blur, lowres, smooth",'
+        '"output_format":"png","prompt":"","scale":4.0,"seed":7,"steps":50,"webhook_url":null}'
+    )
     expected = hashlib.sha256(hashlib.sha256(image).digest() + canonical.encode()).hexdigest()
     assert request_fingerprint(image, UpscaleParams(seed=7)) == expected
     # Naming a model is another request (what a key was first used for stays bound to it).

@@ -18,6 +18,7 @@ from tests.service.helpers import make_settings
 MAX_BYTES = 4096
 MAX_PIXELS = 64 * 64
 
+
 @pytest.fixture()
 def settings(tmp_path, db_url):
     return make_settings(tmp_path, db_url, max_upload_bytes=MAX_BYTES, max_input_pixels=MAX_PIXELS)
@@ -54,7 +55,9 @@ def post(client, image: bytes, headers=None, **fields):
 
 
 def post_json(client, image: bytes, **fields):
-    return client.post("/v1/upscale", json={"image": "data:image/png;base64," + base64.b64encode(image).decode(), **fields})
+    return client.post(
+        "/v1/upscale", json={"image": "data:image/png;base64," + base64.b64encode(image).decode(), **fields}
+    )
 
 
 def assert_error(response, status: int, code: str) -> None:
@@ -101,8 +104,11 @@ PARAMETER_BOUNDARIES = [
 ]
 
 
-@pytest.mark.parametrize(("field", "at_limit", "past_limit"), PARAMETER_BOUNDARIES,
-                         ids=[f"{f}={a if not isinstance(a, str) else len(a)}" for f, a, _ in PARAMETER_BOUNDARIES])
+@pytest.mark.parametrize(
+    ("field", "at_limit", "past_limit"),
+    PARAMETER_BOUNDARIES,
+    ids=[f"{f}={a if not isinstance(a, str) else len(a)}" for f, a, _ in PARAMETER_BOUNDARIES],
+)
 def test_parameter_at_its_limit_is_accepted_and_past_it_is_422(client, field, at_limit, past_limit):
     """A parameter exactly at its documented bound is queued (and stored as sent); one step past is 422."""
     image = flat_png(8, 8)
@@ -157,9 +163,10 @@ def streamed_request(body: bytes, chunk: int = 1000, content_length: int | None 
     """A Starlette request whose body arrives in ``chunk``-byte pieces, as a chunked upload does."""
     from starlette.requests import Request
 
-    pieces = [body[i:i + chunk] for i in range(0, len(body), chunk)] or [b""]
-    messages = [{"type": "http.request", "body": piece, "more_body": i < len(pieces) - 1}
-                for i, piece in enumerate(pieces)]
+    pieces = [body[i : i + chunk] for i in range(0, len(body), chunk)] or [b""]
+    messages = [
+        {"type": "http.request", "body": piece, "more_body": i < len(pieces) - 1} for i, piece in enumerate(pieces)
+    ]
 
     async def receive():
         return messages.pop(0)

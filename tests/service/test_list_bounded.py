@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
@@ -16,8 +16,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobsystem.store import LIST_SCAN_FACTOR, JobStore
-from tests.harness.ports import free_port
 from tests.harness.live_server import live_server
+from tests.harness.ports import free_port
 from tests.service.helpers import KEY_A, KEY_B, make_settings
 
 A = {"Authorization": f"Bearer {KEY_A}"}
@@ -25,8 +25,15 @@ B = {"Authorization": f"Bearer {KEY_B}"}
 
 
 def record(job_id: str, created: datetime, tenant: str = "t") -> JobRecord:
-    return JobRecord(id=job_id, tenant=tenant, params=UpscaleParams(), input_key="k", input_width=8, input_height=8,
-                     created_at=created)
+    return JobRecord(
+        id=job_id,
+        tenant=tenant,
+        params=UpscaleParams(),
+        input_key="k",
+        input_width=8,
+        input_height=8,
+        created_at=created,
+    )
 
 
 def members(store: JobStore, status: JobStatus, tenant: str = "t") -> set[str]:
@@ -39,7 +46,7 @@ def calls(client: redis.Redis, command: str) -> int:
 
 
 def test_each_state_change_moves_the_job_between_status_indexes(store):
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     store.create(record("j1", created))
     assert members(store, JobStatus.queued) == {"j1"}
     score = store.redis.zscore(JobStore.status_index_key("t", JobStatus.queued), "j1")
@@ -59,14 +66,15 @@ def test_each_state_change_moves_the_job_between_status_indexes(store):
 
 def test_a_filtered_listing_reads_only_its_status_whatever_the_history(store):
     """2,000 canceled jobs and 3 running, the running ones the oldest: the listing reads 3 records, once."""
-    start = datetime.now(timezone.utc) - timedelta(hours=1)
+    start = datetime.now(UTC) - timedelta(hours=1)
     for n in range(3):
         store.create(record(f"run-{n}", start + timedelta(seconds=n)))
         store.start(f"run-{n}", owner=f"w{n}")
     with store.redis.pipeline(transaction=False) as pipe:  # 2,000 newer canceled ones, as create + finish leave them
         for n in range(2000):
             job = record(f"old-{n:04d}", start + timedelta(seconds=10 + n)).model_copy(
-                update={"status": JobStatus.canceled})
+                update={"status": JobStatus.canceled}
+            )
             pipe.set(JobStore.key(job.id), job.model_dump_json())
             for key in (JobStore.index_key("t"), JobStore.status_index_key("t", JobStatus.canceled)):
                 pipe.zadd(key, {job.id: job.created_at.timestamp()})
@@ -78,7 +86,7 @@ def test_a_filtered_listing_reads_only_its_status_whatever_the_history(store):
 
 
 def test_several_statuses_merge_newest_first_with_ties_by_id_across_pages(store):
-    created = datetime.now(timezone.utc) - timedelta(minutes=5)
+    created = datetime.now(UTC) - timedelta(minutes=5)
     ids = [f"job-{n:02d}" for n in range(30)]
     for n, job_id in enumerate(ids):  # pairs share a creation time: ties across two indexes
         store.create(record(job_id, created + timedelta(seconds=n // 2)))
@@ -101,7 +109,7 @@ def test_several_statuses_merge_newest_first_with_ties_by_id_across_pages(store)
 def test_expired_entries_cost_a_short_page_not_an_unbounded_scan(store):
     """500 canceled records expired (the result TTL), one live one older: each call reads a bounded run
     of entries, drops the expired ones it met and hands back a cursor; the pages reach the live job."""
-    start = datetime.now(timezone.utc) - timedelta(hours=2)
+    start = datetime.now(UTC) - timedelta(hours=2)
     store.create(record("live", start))
     store.finish("live", JobStatus.canceled)
     index = JobStore.status_index_key("t", JobStatus.canceled)
@@ -122,7 +130,7 @@ def test_expired_entries_cost_a_short_page_not_an_unbounded_scan(store):
 
 def test_jobs_from_before_the_status_indexes_appear_under_a_filter_once_they_change_state(store):
     """What CHANGELOG.md's upgrade notes say: the status filter knows a job from its next state change on."""
-    old = record("pre", datetime.now(timezone.utc))
+    old = record("pre", datetime.now(UTC))
     store.redis.set(JobStore.key(old.id), old.model_dump_json())  # the layout of the previous release
     store.redis.zadd(JobStore.index_key("t"), {old.id: old.created_at.timestamp()})
     assert [r.id for r in store.list_for_tenant("t", 10)[0]] == ["pre"]
@@ -177,7 +185,7 @@ RUNNING_EVERY = 2_000  # 50 running jobs spread through the history, the rest ca
 def write_history(client: redis.Redis, tenant: str) -> list[str]:
     """HISTORY jobs of ``tenant`` as create + start/finish leave them (record, list index, status index),
     written in bulk; the running ones' ids, newest first."""
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     fields = json.loads(record("ID", now, tenant).model_dump_json())
     fields.update(id="{id}", created_at="{created}", status="{status}")
     template = json.dumps(fields, separators=(",", ":"))
@@ -187,16 +195,17 @@ def write_history(client: redis.Redis, tenant: str) -> list[str]:
     for n in range(HISTORY):
         job_id, score = f"{n:032x}", base + n
         status = JobStatus.running if n % RUNNING_EVERY == 0 else JobStatus.canceled
-        created = datetime.fromtimestamp(score, timezone.utc).isoformat().replace("+00:00", "Z")
-        records[JobStore.key(job_id)] = template.replace("{id}", job_id).replace(
-            "{created}", created).replace("{status}", status.value)
+        created = datetime.fromtimestamp(score, UTC).isoformat().replace("+00:00", "Z")
+        records[JobStore.key(job_id)] = (
+            template.replace("{id}", job_id).replace("{created}", created).replace("{status}", status.value)
+        )
         main[job_id] = by_status[status][job_id] = score
         if status == JobStatus.running:
             running.append(job_id)
     with client.pipeline(transaction=False) as pipe:
         items = list(records.items())
         for at in range(0, HISTORY, 10_000):
-            pipe.mset(dict(items[at:at + 10_000]))
+            pipe.mset(dict(items[at : at + 10_000]))
         pipe.zadd(JobStore.index_key(tenant), main)
         for status, entries in by_status.items():
             pipe.zadd(JobStore.status_index_key(tenant, status), entries)
@@ -220,9 +229,15 @@ def big_valkey(tmp_path):
 def test_forty_filtered_listings_over_100k_records_leave_health_and_other_tenants_answering(tmp_path, big_valkey):
     client = redis.Redis.from_url(big_valkey)
     running = write_history(client, "a")
-    settings = make_settings(tmp_path, big_valkey, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False,
-                             max_concurrent_reads_per_tenant=40, read_rate_limit_per_minute=100_000,
-                             read_rate_limit_burst=100_000)
+    settings = make_settings(
+        tmp_path,
+        big_valkey,
+        api_keys=f"a:{KEY_A},b:{KEY_B}",
+        allow_anonymous=False,
+        max_concurrent_reads_per_tenant=40,
+        read_rate_limit_per_minute=100_000,
+        read_rate_limit_burst=100_000,
+    )
 
     def timed(base: str, path: str, headers=None, **params) -> tuple[httpx.Response, float]:
         began = time.monotonic()

@@ -11,11 +11,15 @@ from pydantic import SecretStr
 
 from service import tracing
 from service.app import create_app
-from service.logging_setup import (bind_log_context, configure_from_settings, configure_logging, fresh_log_context,
-                                   log_context, log_fields)
-
-from tests.service.helpers import json_lines
-from tests.service.helpers import make_settings, png, run_worker, submit
+from service.logging_setup import (
+    bind_log_context,
+    configure_from_settings,
+    configure_logging,
+    fresh_log_context,
+    log_context,
+    log_fields,
+)
+from tests.service.helpers import json_lines, make_settings, png, run_worker, submit
 
 KEY = "k3y-of-acme-0123456789"
 WEBHOOK_SECRET = "whsec-never-print-me"
@@ -81,9 +85,14 @@ def test_text_lines_end_with_the_context(captured):
 
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_secrets_and_image_bytes_are_redacted(tmp_path, captured, fmt):
-    settings = make_settings(tmp_path, f"redis://:{REDIS_PASSWORD}@valkey:6379/0", api_keys=SecretStr(f"acme:{KEY}"),
-                             webhook_secret=SecretStr(WEBHOOK_SECRET), metrics_key=SecretStr("metrics-key-777"),
-                             log_format=fmt)
+    settings = make_settings(
+        tmp_path,
+        f"redis://:{REDIS_PASSWORD}@valkey:6379/0",
+        api_keys=SecretStr(f"acme:{KEY}"),
+        webhook_secret=SecretStr(WEBHOOK_SECRET),
+        metrics_key=SecretStr("metrics-key-777"),
+        log_format=fmt,
+    )
     configure_from_settings(settings)
     # the handler of configure_from_settings writes to stderr; point it at the buffer
     logging.getLogger().handlers[-1].setStream(captured)

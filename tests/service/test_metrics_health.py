@@ -14,9 +14,9 @@ import pytest
 from service import local_workers
 from service.local_workers import LocalWorker, WorkerState
 from service.prometheus import package_version
-from worker.status_server import WorkerMetrics
 from tests.harness.ports import free_port
 from tests.service.helpers import make_settings, submit
+from worker.status_server import WorkerMetrics
 
 
 def sample(text: str, name: str) -> float:
@@ -111,8 +111,9 @@ def test_worker_healthz_turns_503_when_the_heartbeat_stops(settings):
     from service.jobsystem.services import build_services
     from worker.runtime import WorkerRuntime
 
-    runtime = WorkerRuntime(services=build_services(settings), pipeline=None,
-                            metrics=WorkerMetrics(heartbeat_stale_s=0.5))
+    runtime = WorkerRuntime(
+        services=build_services(settings), pipeline=None, metrics=WorkerMetrics(heartbeat_stale_s=0.5)
+    )
     port = free_port()
     server = runtime.metrics.serve("127.0.0.1", port)
     url = f"http://127.0.0.1:{port}/healthz"
@@ -143,6 +144,9 @@ def test_worker_healthz_turns_503_when_the_job_loop_thread_dies():
         assert get(f"http://127.0.0.1:{port}/healthz")[0] == 200
         done.set()
         loop.join()
-        assert get(f"http://127.0.0.1:{port}/healthz") == (503, {"status": "dead", "reason": "the job loop has stopped"})
+        assert get(f"http://127.0.0.1:{port}/healthz") == (
+            503,
+            {"status": "dead", "reason": "the job loop has stopped"},
+        )
     finally:
         server.shutdown()

@@ -21,8 +21,8 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from tests.harness.valkey import fresh_database_url
 from tests.harness.processes import start_serve
+from tests.harness.valkey import fresh_database_url
 from tests.upstream_layouts import write_releases
 
 MEGASR = str(Path(sys.executable).with_name("megasr"))
@@ -43,8 +43,24 @@ def weights(tmp_path_factory) -> dict[str, Path]:
     releases = write_releases(root / "releases")
     made = {}
     for family, base in (("seesr", releases.sd2), ("seesr-turbo", releases.sd_turbo)):
-        result = run("weights", "assemble", "--family", family, "--seesr", releases.seesr, "--sd2", base,
-                     "--ram", releases.ram, "--dape", releases.dape, "--ram-config", releases.ram_config, "-o", root / family)
+        result = run(
+            "weights",
+            "assemble",
+            "--family",
+            family,
+            "--seesr",
+            releases.seesr,
+            "--sd2",
+            base,
+            "--ram",
+            releases.ram,
+            "--dape",
+            releases.dape,
+            "--ram-config",
+            releases.ram_config,
+            "-o",
+            root / family,
+        )
         assert f"wrote {FAMILIES[family]} weights" in result.stdout
         made[family] = root / family
     return made
@@ -60,8 +76,12 @@ def photo(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_upscale_runs_each_assembled_family(weights, photo, tmp_path, family):
     steps = ["--steps", "2"] if family == "seesr" else []  # Turbo runs its own 2 steps
-    result = run("upscale", photo, "--weights", weights[family], "-o", tmp_path, "--device", "cpu", "--seed", "1", *steps)
-    assert f"model: {FAMILIES[family]} (weights {family}, float32)" in result.stderr and "UNTRAINED" not in result.stderr
+    result = run(
+        "upscale", photo, "--weights", weights[family], "-o", tmp_path, "--device", "cpu", "--seed", "1", *steps
+    )
+    assert (
+        f"model: {FAMILIES[family]} (weights {family}, float32)" in result.stderr and "UNTRAINED" not in result.stderr
+    )
     with Image.open(tmp_path / "cat.png") as image:
         assert image.size == (128, 84)
 
@@ -69,16 +89,25 @@ def test_upscale_runs_each_assembled_family(weights, photo, tmp_path, family):
 def _wait_done(base: str, job_id: str, headers: dict, timeout: float = 120) -> dict:
     deadline = time.monotonic() + timeout
     while (job := httpx.get(f"{base}/v1/jobs/{job_id}", headers=headers, timeout=10).json())["status"] not in (
-            "succeeded", "failed", "canceled"):
+        "succeeded",
+        "failed",
+        "canceled",
+    ):
         assert time.monotonic() < deadline, job
         time.sleep(0.5)
     return job
 
 
 def test_the_api_routes_each_model_to_its_own_worker(weights, photo, tmp_path, redis_url, s3_endpoint):
-    common = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": fresh_database_url(redis_url),
-              "MEGASR_STORAGE_URL": f"s3://megasr/e2e-{uuid.uuid4().hex[:8]}", "MEGASR_S3_ENDPOINT_URL": s3_endpoint,
-              "MEGASR_API_KEYS": f"e2e:{KEY}", "MEGASR_WARMUP_BUCKETS": "64x64"}
+    common = {
+        **os.environ,
+        "MEGASR_HOME": str(tmp_path / "home"),
+        "MEGASR_REDIS_URL": fresh_database_url(redis_url),
+        "MEGASR_STORAGE_URL": f"s3://megasr/e2e-{uuid.uuid4().hex[:8]}",
+        "MEGASR_S3_ENDPOINT_URL": s3_endpoint,
+        "MEGASR_API_KEYS": f"e2e:{KEY}",
+        "MEGASR_WARMUP_BUCKETS": "64x64",
+    }
     for name in ("MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS", "MEGASR_WEIGHTS", "MEGASR_MODEL", "MEGASR_MODELS"):
         common.pop(name, None)
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -87,14 +116,22 @@ def test_the_api_routes_each_model_to_its_own_worker(weights, photo, tmp_path, r
         image = photo.read_bytes()
 
         def submit(**fields) -> httpx.Response:
-            return httpx.post(f"{base}/v1/upscale", headers=headers, files={"image": ("cat.png", image, "image/png")},
-                              data={k: str(v) for k, v in fields.items()}, timeout=30)
+            return httpx.post(
+                f"{base}/v1/upscale",
+                headers=headers,
+                files={"image": ("cat.png", image, "image/png")},
+                data={k: str(v) for k, v in fields.items()},
+                timeout=30,
+            )
 
         refused = submit(model="sd-xl")
         assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_model"
         assert "served models: seesr, seesr-turbo" in refused.json()["error"]["message"]
-        jobs = {"seesr": submit(model="seesr", steps=2, seed=3), "seesr-turbo": submit(model="seesr-turbo", seed=3),
-                "default": submit(steps=1, seed=4)}  # no model: the first served, seesr
+        jobs = {
+            "seesr": submit(model="seesr", steps=2, seed=3),
+            "seesr-turbo": submit(model="seesr-turbo", seed=3),
+            "default": submit(steps=1, seed=4),
+        }  # no model: the first served, seesr
         for response in jobs.values():
             assert response.status_code == 202, response.text
         ids = {name: response.json()["id"] for name, response in jobs.items()}
@@ -103,9 +140,18 @@ def test_the_api_routes_each_model_to_its_own_worker(weights, photo, tmp_path, r
         workers = []
         for family in FAMILIES:
             log = (tmp_path / f"worker-{family}.log").open("wb")
-            workers.append((family, log, subprocess.Popen(
-                [MEGASR, "worker", "--burst", "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT,
-                env={**common, "MEGASR_MODEL": family, "MEGASR_WEIGHTS": str(weights[family])})))
+            workers.append(
+                (
+                    family,
+                    log,
+                    subprocess.Popen(
+                        [MEGASR, "worker", "--burst", "--device", "cpu"],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env={**common, "MEGASR_MODEL": family, "MEGASR_WEIGHTS": str(weights[family])},
+                    ),
+                )
+            )
         for family, log, worker in workers:
             assert worker.wait(timeout=400) == 0, (tmp_path / f"worker-{family}.log").read_text()[-3000:]
             log.close()
@@ -116,7 +162,12 @@ def test_the_api_routes_each_model_to_its_own_worker(weights, photo, tmp_path, r
             assert job["status"] == "succeeded", job
             assert job["model"] == family and job["params"]["model"] == family
             info = job["model_info"]
-            assert (info["name"], info["family"], info["title"], info["trained"]) == (family, family, FAMILIES[family], True)
+            assert (info["name"], info["family"], info["title"], info["trained"]) == (
+                family,
+                family,
+                FAMILIES[family],
+                True,
+            )
             assert info["weights"] == family and info["tagger"] == "ram"  # the folder's name; RAM + DAPE
             result = httpx.get(f"{base}{job['result_url']}", headers=headers, timeout=30, follow_redirects=True)
             assert Image.open(io.BytesIO(result.content)).size == (128, 84)
@@ -142,9 +193,27 @@ def test_eval_puts_both_models_side_by_side(weights, tmp_path):
         hr = Image.fromarray(array).resize((64, 48), Image.Resampling.BICUBIC)
         hr.save(tmp_path / "gt" / f"{name}.png")
         hr.resize((16, 12), Image.Resampling.BICUBIC).save(tmp_path / "lr" / f"{name}.png")
-    run("eval", "--lr", tmp_path / "lr", "--gt", tmp_path / "gt", "--weights", weights["seesr"], "--weights",
-        weights["seesr-turbo"], "--metrics", "psnr,ssim", "--steps", "1", "--baseline", "bicubic", "--device", "cpu",
-        "-o", tmp_path / "report")
+    run(
+        "eval",
+        "--lr",
+        tmp_path / "lr",
+        "--gt",
+        tmp_path / "gt",
+        "--weights",
+        weights["seesr"],
+        "--weights",
+        weights["seesr-turbo"],
+        "--metrics",
+        "psnr,ssim",
+        "--steps",
+        "1",
+        "--baseline",
+        "bicubic",
+        "--device",
+        "cpu",
+        "-o",
+        tmp_path / "report",
+    )
     report = json.loads((tmp_path / "report" / "eval.json").read_text())
     text = (tmp_path / "report" / "eval.md").read_text()
     models = {m["family"]: m for m in report["models"]}

@@ -23,7 +23,9 @@ class DenoiserCalls:
 
     def __init__(self, pipeline) -> None:
         self.batches: list[int] = []
-        self.handle = pipeline.denoiser.register_forward_pre_hook(lambda _m, args: self.batches.append(args[0].shape[0]))
+        self.handle = pipeline.denoiser.register_forward_pre_hook(
+            lambda _m, args: self.batches.append(args[0].shape[0])
+        )
 
     def close(self) -> None:
         self.handle.remove()

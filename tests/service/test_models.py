@@ -22,12 +22,11 @@ from service.contracts import JobRecord, ModelInfo, UpscaleParams
 from service.jobsystem.reaper import reap_abandoned
 from service.jobsystem.sweeper import sweep
 from tests.harness.ports import free_port
-from tests.service.helpers import KEY_A, make_settings, png, submit
-from tests.service.helpers import StandIn
+from tests.service.helpers import KEY_A, StandIn, make_settings, png, submit
 from worker.batching import batch_key, sampling
 from worker.main import make_worker
-from worker.status_server import WorkerMetrics
 from worker.runtime import install_runtime
+from worker.status_server import WorkerMetrics
 
 MODELS = "seesr,seesr-turbo"
 
@@ -87,11 +86,17 @@ def test_an_unknown_model_is_a_422_that_lists_the_served_ones_and_stores_nothing
     if how == "multipart":
         response = submit(client, model="megasr-xl")
     else:
-        response = client.post("/v1/upscale", json={
-            "image": "data:image/png;base64," + base64.b64encode(png()).decode(), "model": "megasr-xl"})
+        response = client.post(
+            "/v1/upscale",
+            json={"image": "data:image/png;base64," + base64.b64encode(png()).decode(), "model": "megasr-xl"},
+        )
     assert response.status_code == 422
-    assert response.json() == {"error": {"code": "unknown_model", "message":
-                                          "model 'megasr-xl' is not served here; served models: seesr, seesr-turbo"}}
+    assert response.json() == {
+        "error": {
+            "code": "unknown_model",
+            "message": "model 'megasr-xl' is not served here; served models: seesr, seesr-turbo",
+        }
+    }
     assert services.jobs.active_count("default") == 0
     assert not list((settings.home / "data").glob("**/input"))  # no input was written to storage
     assert services.queue_for("megasr-xl").depth() == 0
@@ -129,7 +134,9 @@ def test_canceling_a_queued_job_takes_it_off_its_models_queue(client):
     assert services.queue_for("seesr-turbo").depth() == 1
     response = client.delete(f"/v1/jobs/{job_id}")
     assert response.status_code == 200 and response.json()["status"] == "canceled"
-    assert services.queue_for("seesr-turbo").depth() == 0 and not services.queue_for("seesr-turbo").claimed_by_rq(job_id)
+    assert services.queue_for("seesr-turbo").depth() == 0 and not services.queue_for("seesr-turbo").claimed_by_rq(
+        job_id
+    )
 
 
 def test_queue_depth_is_reported_per_models_queue(client, settings):
@@ -196,8 +203,9 @@ def test_a_worker_takes_only_its_models_jobs_fills_in_its_defaults_and_records_i
 
 def test_left_out_steps_batch_with_the_models_explicit_default():
     def record(**params) -> JobRecord:
-        return JobRecord(id="j", tenant="t", params=UpscaleParams(**params), input_key="k", input_width=32,
-                         input_height=32)
+        return JobRecord(
+            id="j", tenant="t", params=UpscaleParams(**params), input_key="k", input_width=32, input_height=32
+        )
 
     def geometry(size, scale):  # one bucket for all
         return size, size, (512, 512)
@@ -235,10 +243,25 @@ def test_announcements_count_live_workers_expire_and_are_withdrawn(db_url):
 def test_v1_models_before_and_after_a_worker_announces(client, settings):
     listed = client.get("/v1/models")
     assert listed.status_code == 200
-    empty = dict.fromkeys(("family", "title", "weights", "dtype", "tagger", "trained", "untrained_reason",
-                           "default_steps", "default_guidance_scale"))
-    assert listed.json() == {"models": [{"name": "seesr", "default": True, "workers": 0, **empty},
-                                        {"name": "seesr-turbo", "default": False, "workers": 0, **empty}]}
+    empty = dict.fromkeys(
+        (
+            "family",
+            "title",
+            "weights",
+            "dtype",
+            "tagger",
+            "trained",
+            "untrained_reason",
+            "default_steps",
+            "default_guidance_scale",
+        )
+    )
+    assert listed.json() == {
+        "models": [
+            {"name": "seesr", "default": True, "workers": 0, **empty},
+            {"name": "seesr-turbo", "default": False, "workers": 0, **empty},
+        ]
+    }
     runtime = install_runtime(settings.model_copy(update={"model": "seesr-turbo"}), TurboStandIn())
     runtime.metrics.mark_ready()  # as prepare() does once warmed up; the loop announces from then on
     runtime.start_background(lease_interval_s=0.1)
@@ -248,13 +271,25 @@ def test_v1_models_before_and_after_a_worker_announces(client, settings):
             assert time.monotonic() < deadline, models
             time.sleep(0.05)
         assert models[0]["workers"] == 0 and models[0]["family"] is None
-        assert models[1] == {"name": "seesr-turbo", "default": False, "workers": 1, "family": "seesr-turbo",
-                             "title": "SeeSR-Turbo", "weights": "tiny-turbo", "dtype": "float32", "tagger": "ram",
-                             "trained": False, "untrained_reason": TINY_REASON, "default_steps": 2,
-                             "default_guidance_scale": 1.0}
+        assert models[1] == {
+            "name": "seesr-turbo",
+            "default": False,
+            "workers": 1,
+            "family": "seesr-turbo",
+            "title": "SeeSR-Turbo",
+            "weights": "tiny-turbo",
+            "dtype": "float32",
+            "tagger": "ram",
+            "trained": False,
+            "untrained_reason": TINY_REASON,
+            "default_steps": 2,
+            "default_guidance_scale": 1.0,
+        }
         ready = client.get("/readyz").json()
-        assert ready["models"] == [{"name": "seesr", "family": None, "trained": None, "workers": 0},
-                                   {"name": "seesr-turbo", "family": "seesr-turbo", "trained": False, "workers": 1}]
+        assert ready["models"] == [
+            {"name": "seesr", "family": None, "trained": None, "workers": 0},
+            {"name": "seesr-turbo", "family": "seesr-turbo", "trained": False, "workers": 1},
+        ]
     finally:
         runtime.stop()
     assert client.get("/v1/models").json()["models"][1]["workers"] == 0  # a stopping worker withdraws
@@ -281,7 +316,8 @@ def test_v1_models_needs_an_api_key_and_is_in_the_openapi_document(tmp_path, db_
         operation = doc["paths"]["/v1/models"]["get"]
         assert operation["operationId"] == "listModels" and operation["security"] == [{"apiKey": []}]
         assert operation["responses"]["200"]["content"]["application/json"]["schema"] == {
-            "$ref": "#/components/schemas/ModelList"}
+            "$ref": "#/components/schemas/ModelList"
+        }
         form = doc["paths"]["/v1/upscale"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
         assert form["properties"]["model"]["pattern"] == "^[a-z0-9][a-z0-9._-]{0,62}$"
         job = doc["components"]["schemas"]["JobView"]["properties"]
@@ -307,7 +343,9 @@ def test_the_workers_own_readyz_names_its_model():
         metrics.mark_ready()
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as response:
             body = json.loads(response.read())
-        assert body["status"] == "ready" and body["model"]["family"] == "seesr-turbo" and body["model"]["trained"] is False
+        assert (
+            body["status"] == "ready" and body["model"]["family"] == "seesr-turbo" and body["model"]["trained"] is False
+        )
     finally:
         server.shutdown()
         server.server_close()

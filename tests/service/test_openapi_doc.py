@@ -24,17 +24,24 @@ def test_operation_ids_are_stable_names(client):
 
 
 EXPECTED_IDS = {
-    ("post", "/v1/upscale"): "createUpscaleJob", ("get", "/v1/jobs"): "listJobs",
-    ("get", "/v1/jobs/{job_id}"): "getJob", ("delete", "/v1/jobs/{job_id}"): "cancelJob",
-    ("get", "/v1/jobs/{job_id}/result"): "getJobResult", ("get", "/v1/jobs/{job_id}/events"): "streamJobEvents",
-    ("get", "/healthz"): "getLiveness", ("get", "/readyz"): "getReadiness",
+    ("post", "/v1/upscale"): "createUpscaleJob",
+    ("get", "/v1/jobs"): "listJobs",
+    ("get", "/v1/jobs/{job_id}"): "getJob",
+    ("delete", "/v1/jobs/{job_id}"): "cancelJob",
+    ("get", "/v1/jobs/{job_id}/result"): "getJobResult",
+    ("get", "/v1/jobs/{job_id}/events"): "streamJobEvents",
+    ("get", "/healthz"): "getLiveness",
+    ("get", "/readyz"): "getReadiness",
 }
 
 
 def test_bearer_scheme_on_every_job_operation(client):
     doc = client.get("/openapi.json").json()
     assert doc["components"]["securitySchemes"]["apiKey"] == {
-        "type": "http", "scheme": "bearer", "description": "An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`"}
+        "type": "http",
+        "scheme": "bearer",
+        "description": "An API key of MEGASR_API_KEYS: `Authorization: Bearer KEY`",
+    }
     for path, ops in doc["paths"].items():
         if path.startswith("/v1/"):
             for op in ops.values():
@@ -59,11 +66,15 @@ def test_errors_reference_the_error_model(client):
     error = doc["components"]["schemas"]["ErrorResponse"]
     assert error["required"] == ["error"]
     assert set(doc["components"]["schemas"][error["properties"]["error"]["$ref"].split("/")[-1]]["properties"]) == {
-        "code", "message"}
-    for path, method, statuses in (("/v1/upscale", "post", ("401", "413", "422", "429")),
-                                   ("/v1/jobs/{job_id}", "get", ("401", "404")),
-                                   ("/v1/jobs/{job_id}", "delete", ("404", "409")),
-                                   ("/v1/jobs", "get", ("401", "422"))):
+        "code",
+        "message",
+    }
+    for path, method, statuses in (
+        ("/v1/upscale", "post", ("401", "413", "422", "429")),
+        ("/v1/jobs/{job_id}", "get", ("401", "404")),
+        ("/v1/jobs/{job_id}", "delete", ("404", "409")),
+        ("/v1/jobs", "get", ("401", "422")),
+    ):
         responses = doc["paths"][path][method]["responses"]
         for status in statuses:
             schema = responses[status]["content"]["application/json"]["schema"]
@@ -71,9 +82,12 @@ def test_errors_reference_the_error_model(client):
 
 
 def test_auth_answers_are_unchanged(client):
-    for headers, message in (({}, "missing API key"), ({"Authorization": "Basic abc"}, "missing API key"),
-                             ({"Authorization": "Bearer "}, "missing API key"),
-                             ({"Authorization": "Bearer wrong-key-123"}, "invalid API key")):
+    for headers, message in (
+        ({}, "missing API key"),
+        ({"Authorization": "Basic abc"}, "missing API key"),
+        ({"Authorization": "Bearer "}, "missing API key"),
+        ({"Authorization": "Bearer wrong-key-123"}, "invalid API key"),
+    ):
         response = client.get("/v1/jobs/x", headers=headers)
         assert response.status_code == 401, headers
         assert response.headers["www-authenticate"] == "Bearer"

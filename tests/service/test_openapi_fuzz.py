@@ -40,8 +40,14 @@ IMAGE_DATA_URL = "data:image/png;base64," + base64.b64encode(IMAGE).decode()
 @pytest.fixture()
 def fuzz_app(tmp_path, db_url):
     """The app with one tenant key, a fresh Valkey database, local storage and one real job in it."""
-    settings = make_settings(tmp_path, db_url, api_keys=f"fuzz:{FUZZ_KEY}", max_queued_per_tenant=10_000,
-                             rate_limit_per_minute=100_000, rate_limit_burst=100_000)
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        api_keys=f"fuzz:{FUZZ_KEY}",
+        max_queued_per_tenant=10_000,
+        rate_limit_per_minute=100_000,
+        rate_limit_burst=100_000,
+    )
     app = create_app(settings)
     with TestClient(app) as client:  # a real job, for the job routes to find
         response = submit(client, image=IMAGE, headers=AUTH, steps=1)
@@ -65,8 +71,14 @@ def fuzz_operation(operation, mode: GenerationMode, prepare=None, **fixed) -> st
     strategy = operation.as_strategy(generation_mode=mode, **fixed)
 
     @given(case=strategy.map(prepare) if prepare else strategy)
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
-              suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=DERANDOMIZE,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate, Phase.shrink],
+    )
     def run(case) -> None:
         case.call_and_validate(headers=AUTH, checks=[not_a_server_error])
 
@@ -89,11 +101,17 @@ def test_no_request_gets_a_server_error(fuzz_app, mode):
     found = [problem for operation in operations if (problem := fuzz_operation(operation, mode))]
     # The job routes once more, on a job that exists (random ids only ever reach the 404 path).
     job = {"path_parameters": {"job_id": fuzz_app.state.fuzz_job_id}}
-    found += [problem for operation in operations if "{job_id}" in operation.path
-              and (problem := fuzz_operation(operation, mode, **job))]
+    found += [
+        problem
+        for operation in operations
+        if "{job_id}" in operation.path and (problem := fuzz_operation(operation, mode, **job))
+    ]
     # Submissions once more with a real image, so that generated parameters get past the image check.
-    found += [problem for operation in operations if operation.method.upper() == "POST"
-              and (problem := fuzz_operation(operation, mode, prepare=with_real_image))]
+    found += [
+        problem
+        for operation in operations
+        if operation.method.upper() == "POST" and (problem := fuzz_operation(operation, mode, prepare=with_real_image))
+    ]
     assert not found, "server errors:\n\n" + "\n\n".join(found)
 
 
@@ -101,6 +119,11 @@ def test_the_document_lists_every_route(fuzz_app):
     """The fuzzing above covers what the document lists: make sure that is every public route."""
     paths = TestClient(fuzz_app).get("/openapi.json").json()["paths"]
     operations = {(method.upper(), path) for path, item in paths.items() for method in item}
-    assert operations >= {("GET", "/healthz"), ("GET", "/readyz"), ("POST", "/v1/upscale"),
-                          ("GET", "/v1/jobs/{job_id}"), ("GET", "/v1/jobs/{job_id}/result"),
-                          ("DELETE", "/v1/jobs/{job_id}")}
+    assert operations >= {
+        ("GET", "/healthz"),
+        ("GET", "/readyz"),
+        ("POST", "/v1/upscale"),
+        ("GET", "/v1/jobs/{job_id}"),
+        ("GET", "/v1/jobs/{job_id}/result"),
+        ("DELETE", "/v1/jobs/{job_id}"),
+    }

@@ -22,15 +22,32 @@ from tests.harness.valkey import fresh_database_url
 from tests.service.helpers import make_settings, run_worker
 
 #: a value other than the default for every field that changes pixels (kept cheap: 2 steps)
-BASE = {"scale": 2, "steps": 2, "guidance_scale": 3.0, "seed": 7, "prompt": "a red brick wall",
-        "negative_prompt": "blurry, watermark", "color_fix": "wavelet"}
+BASE = {
+    "scale": 2,
+    "steps": 2,
+    "guidance_scale": 3.0,
+    "seed": 7,
+    "prompt": "a red brick wall",
+    "negative_prompt": "blurry, watermark",
+    "color_fix": "wavelet",
+}
 #: for each field, a second value; a worker that drops the field gives the same image for both
-VARIANTS = {"scale": 3, "steps": 1, "guidance_scale": 1.0, "seed": 8, "prompt": "a snowy mountain",
-            "negative_prompt": "cartoon", "color_fix": "none", "output_format": "jpeg"}
+VARIANTS = {
+    "scale": 3,
+    "steps": 1,
+    "guidance_scale": 1.0,
+    "seed": 8,
+    "prompt": "a snowy mountain",
+    "negative_prompt": "cartoon",
+    "color_fix": "none",
+    "output_format": "jpeg",
+}
 #: fields that do not change the pixels, and where they are covered
-NOT_PIXELS = {"output_format": "the encoding: test_output_format_is_the_stored_encoding",
-              "webhook_url": "delivery only: tests/service/test_webhooks.py",
-              "model": "which model runs it: tests/service/test_model_routing.py"}
+NOT_PIXELS = {
+    "output_format": "the encoding: test_output_format_is_the_stored_encoding",
+    "webhook_url": "delivery only: tests/service/test_webhooks.py",
+    "model": "which model runs it: tests/service/test_model_routing.py",
+}
 #: UpscaleParams name → MegaSRPipeline argument
 PIPELINE_ARGUMENT = {"steps": "num_inference_steps"}
 MAGIC = {"png": b"\x89PNG", "jpeg": b"\xff\xd8\xff"}
@@ -133,7 +150,9 @@ def test_changing_only_one_field_changes_the_job_result(run_job, field):
         assert base.shape == (256, 256, 3) and changed.shape == (384, 384, 3)
     else:
         assert changed.shape == base.shape
-        assert int(np.abs(changed - base).max()) > 1, f"{field}={VARIANTS[field]!r} gave the same image as {BASE[field]!r}"
+        assert int(np.abs(changed - base).max()) > 1, (
+            f"{field}={VARIANTS[field]!r} gave the same image as {BASE[field]!r}"
+        )
 
 
 def test_a_second_job_with_the_same_seed_gives_the_same_image(run_job):

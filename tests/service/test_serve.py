@@ -30,8 +30,9 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
         ready = httpx.get(f"{base}/readyz", timeout=10).json()
         assert ready["models"] == [{"name": "megasr", "family": "megasr", "trained": False, "workers": 1}]
         assert "weights tiny are UNTRAINED" in (tmp_path / "serve.log").read_text()
-        response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
-                              data={"steps": "2"}, timeout=30)
+        response = httpx.post(
+            f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")}, data={"steps": "2"}, timeout=30
+        )
         assert response.status_code == 202, response.text
         job_url = base + response.headers["location"]  # links are root-relative without MEGASR_PUBLIC_URL
         deadline = time.monotonic() + 180
@@ -58,8 +59,13 @@ def test_serve_embedded_end_to_end(tmp_path, tiny_weights):
 def test_serve_refuses_a_public_address_without_keys(tmp_path):
     env = {**os.environ, "MEGASR_HOME": str(tmp_path)}
     env.pop("MEGASR_API_KEYS", None)
-    result = subprocess.run([str(Path(sys.executable).with_name("megasr")), "serve", "--host", "0.0.0.0"],
-                            env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("megasr")), "serve", "--host", "0.0.0.0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and "without API keys" in result.stderr
 
 
@@ -67,19 +73,27 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
     """MEGASR_REDIS_URL set: no embedded Valkey, no in-process worker; jobs wait for `megasr worker`."""
     from rq.worker import SimpleWorker
 
-    from worker.main import make_worker
-
     from tests.service.helpers import make_settings
+    from worker.main import make_worker
     from worker.runtime import install_runtime
 
     settings = make_settings(tmp_path, redis_url)
-    env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": redis_url,
-           "MEGASR_STORAGE_URL": settings.storage_url, "MEGASR_QUEUE_NAME": settings.queue_name}
+    env = {
+        **os.environ,
+        "MEGASR_HOME": str(tmp_path / "home"),
+        "MEGASR_REDIS_URL": redis_url,
+        "MEGASR_STORAGE_URL": settings.storage_url,
+        "MEGASR_QUEUE_NAME": settings.queue_name,
+    }
     env.pop("MEGASR_API_KEYS", None)
     server, base = start_serve(env, tmp_path / "serve.log")
     try:
-        response = httpx.post(f"{base}/v1/upscale", files={"image": ("a.png", png(20, 12), "image/png")},
-                              data={"steps": "1", "seed": "1"}, timeout=30)
+        response = httpx.post(
+            f"{base}/v1/upscale",
+            files={"image": ("a.png", png(20, 12), "image/png")},
+            data={"steps": "1", "seed": "1"},
+            timeout=30,
+        )
         assert response.status_code == 202, response.text
         job_url = base + response.headers["location"]  # links are root-relative without MEGASR_PUBLIC_URL
         time.sleep(3)  # an in-process worker would have started it by now
@@ -100,19 +114,30 @@ def test_serve_api_only_with_an_external_redis_queues_for_separate_workers(tmp_p
         server.wait(timeout=30)
 
 
-@pytest.mark.parametrize(("trusted", "same_bucket"), [("127.0.0.1", False), ("192.0.2.1", True)],
-                         ids=["proxy-trusted", "proxy-not-trusted"])
+@pytest.mark.parametrize(
+    ("trusted", "same_bucket"), [("127.0.0.1", False), ("192.0.2.1", True)], ids=["proxy-trusted", "proxy-not-trusted"]
+)
 def test_serve_believes_x_forwarded_for_only_from_trusted_proxies(tmp_path, db_url, trusted, same_bucket):
     """MEGASR_FORWARDED_ALLOW_IPS: from a trusted proxy (here the loopback peer) the failed-auth limit keys on
     the forwarded client; from anyone else X-Forwarded-For is ignored, so a client cannot pick fresh addresses."""
-    env = {**os.environ, "MEGASR_HOME": str(tmp_path / "home"), "MEGASR_REDIS_URL": db_url,
-           "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(), "MEGASR_API_KEYS": "acme:acme-key-0123456789",
-           "MEGASR_AUTH_FAILURES_PER_MINUTE": "2", "MEGASR_FORWARDED_ALLOW_IPS": trusted}
+    env = {
+        **os.environ,
+        "MEGASR_HOME": str(tmp_path / "home"),
+        "MEGASR_REDIS_URL": db_url,
+        "MEGASR_STORAGE_URL": (tmp_path / "data").as_uri(),
+        "MEGASR_API_KEYS": "acme:acme-key-0123456789",
+        "MEGASR_AUTH_FAILURES_PER_MINUTE": "2",
+        "MEGASR_FORWARDED_ALLOW_IPS": trusted,
+    }
     server, base = start_serve(env, tmp_path / "serve.log")
     try:
+
         def guess(client_ip: str, n: int) -> int:  # a new key prefix each time: only the client's bucket is shared
-            return httpx.get(f"{base}/v1/jobs/x", timeout=10, headers={
-                "Authorization": f"Bearer {n}-wrong-key-0123456789", "X-Forwarded-For": client_ip}).status_code
+            return httpx.get(
+                f"{base}/v1/jobs/x",
+                timeout=10,
+                headers={"Authorization": f"Bearer {n}-wrong-key-0123456789", "X-Forwarded-For": client_ip},
+            ).status_code
 
         assert [guess("198.51.100.1", 1), guess("198.51.100.1", 2), guess("198.51.100.1", 3)] == [401, 401, 429]
         assert guess("198.51.100.2", 4) == (429 if same_bucket else 401)

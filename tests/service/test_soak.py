@@ -35,8 +35,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
-from tests.harness.webhook_receiver import WebhookReceiver
 from tests.harness.soak_services import S3_ENV, ApiServer, SeaweedFS, Valkey, WorkerPool, worker_env
+from tests.harness.webhook_receiver import WebhookReceiver
 
 pytestmark = pytest.mark.soak
 
@@ -102,7 +102,7 @@ class Finishes:
 
     def _update(self) -> None:
         with self._lock:
-            for call in self.receiver.calls[len(self._events):]:
+            for call in self.receiver.calls[len(self._events) :]:
                 event = json.loads(call.body)
                 headers = {name.lower(): value for name, value in call.headers.items()}
                 event["_delivery"] = headers.get("webhook-id", f"unnamed-{len(self._events)}")
@@ -135,8 +135,15 @@ class Submissions:
     after_retry: set[str] = field(default_factory=set)  # jobs accepted only after a rejected attempt
 
 
-def submit_all(client: httpx.Client, hook_url: str, run: str, finishes: Finishes, record: Submissions,
-               deadline: Deadline, stop: threading.Event) -> None:
+def submit_all(
+    client: httpx.Client,
+    hook_url: str,
+    run: str,
+    finishes: Finishes,
+    record: Submissions,
+    deadline: Deadline,
+    stop: threading.Event,
+) -> None:
     """Submit JOBS jobs, each retried under its own Idempotency-Key until accepted (bounded),
     never more than BACKLOG unfinished at once."""
     for index in range(JOBS):
@@ -154,8 +161,9 @@ def submit_all(client: httpx.Client, hook_url: str, run: str, finishes: Finishes
             attempts += 1
             started = time.perf_counter()
             try:
-                response = client.post("/v1/upscale", files={"image": ("in.png", image, "image/png")},
-                                       data=fields, headers=headers)
+                response = client.post(
+                    "/v1/upscale", files={"image": ("in.png", image, "image/png")}, data=fields, headers=headers
+                )
             except httpx.TransportError as exc:
                 record.rejected[type(exc).__name__] += 1
             else:
@@ -183,8 +191,9 @@ def wait_finished(finishes: Finishes, count: int, deadline: Deadline) -> None:
         time.sleep(0.2)
 
 
-def inject(name: str, down_s: float, pool: WorkerPool, valkey: Valkey, seaweed: SeaweedFS, finishes: Finishes,
-           t0: float) -> dict:
+def inject(
+    name: str, down_s: float, pool: WorkerPool, valkey: Valkey, seaweed: SeaweedFS, finishes: Finishes, t0: float
+) -> dict:
     """One fault; returns its timings (seconds since the soak started, and how long it lasted)."""
     fault: dict = {"fault": name, "at_s": round(time.monotonic() - t0, 1), "finished_before": finishes.finished()}
     if name == "worker_sigkill":
@@ -242,17 +251,30 @@ def soak_stack(tmp_path, tiny_weights, monkeypatch):
         seaweed.start()
         queue, storage_url = f"soak-{uuid.uuid4().hex[:6]}", "s3://megasr/soak"
         settings = Settings(
-            redis_url=valkey.url, storage_url=storage_url, s3_endpoint_url=seaweed.endpoint, home=tmp_path,
-            queue_name=queue, allow_anonymous=True, metrics_key=METRICS_KEY, webhook_secret=WEBHOOK_SECRET,
-            webhook_allow_private=True, max_queued_per_tenant=100_000, rate_limit_per_minute=1_000_000,
+            redis_url=valkey.url,
+            storage_url=storage_url,
+            s3_endpoint_url=seaweed.endpoint,
+            home=tmp_path,
+            queue_name=queue,
+            allow_anonymous=True,
+            metrics_key=METRICS_KEY,
+            webhook_secret=WEBHOOK_SECRET,
+            webhook_allow_private=True,
+            max_queued_per_tenant=100_000,
+            rate_limit_per_minute=1_000_000,
             rate_limit_burst=1_000_000,  # one client submits everything: no tenant limits
-            read_rate_limit_per_minute=1_000_000, read_rate_limit_burst=1_000_000,
+            read_rate_limit_per_minute=1_000_000,
+            read_rate_limit_burst=1_000_000,
             max_concurrent_reads_per_tenant=1_000,
         )
         api = ApiServer(create_app(settings))
         api.start()
-        pool = WorkerPool(worker_env(valkey.url, storage_url, seaweed.endpoint, queue, tiny_weights, tmp_path,
-                                     WEBHOOK_SECRET, MAX_BATCH), tmp_path)
+        pool = WorkerPool(
+            worker_env(
+                valkey.url, storage_url, seaweed.endpoint, queue, tiny_weights, tmp_path, WEBHOOK_SECRET, MAX_BATCH
+            ),
+            tmp_path,
+        )
         pool.start_one()
         pool.start_one()
         pool.wait_ready()
@@ -277,8 +299,12 @@ def test_soak_with_worker_redis_and_storage_faults(soak_stack, tmp_path):
     t0 = time.monotonic()
     faults: list[dict] = []
     with httpx.Client(base_url=api.url, timeout=30) as client:
-        submitter = threading.Thread(target=submit_all, name="soak-submitter", daemon=True,
-                                     args=(client, receiver.url, uuid.uuid4().hex[:6], finishes, record, deadline, stop))
+        submitter = threading.Thread(
+            target=submit_all,
+            name="soak-submitter",
+            daemon=True,
+            args=(client, receiver.url, uuid.uuid4().hex[:6], finishes, record, deadline, stop),
+        )
         submitter.start()
         try:
             for name, fraction, down_s in FAULTS:
@@ -331,29 +357,45 @@ def test_soak_with_worker_redis_and_storage_faults(soak_stack, tmp_path):
     events = finishes.events()
     deliveries = Counter(event["id"] for event in events)  # every POST the receiver got
     transitions = Counter(job_id for job_id, _ in {(event["id"], event["_delivery"]) for event in events})
-    failed_codes = Counter((job.get("error") or {}).get("code") or "<none>" for job in final.values()
-                           if job["status"] == "failed")
+    failed_codes = Counter(
+        (job.get("error") or {}).get("code") or "<none>" for job in final.values() if job["status"] == "failed"
+    )
     lost = sorted(pending)
     figures = {
-        "jobs": JOBS, "accepted": len(accepted), "succeeded": len(succeeded),
-        "failed": sum(failed_codes.values()), "failed_by_code": dict(failed_codes),
+        "jobs": JOBS,
+        "accepted": len(accepted),
+        "succeeded": len(succeeded),
+        "failed": sum(failed_codes.values()),
+        "failed_by_code": dict(failed_codes),
         "canceled": sum(1 for job in final.values() if job["status"] == "canceled"),
         "lost": len(lost),
-        "lost_jobs": [{"id": job_id} | {key: last.get(job_id, {}).get(key) for key in ("status", "created_at", "started_at")}
-                      | {"accepted_after_retry": job_id in record.after_retry} for job_id in lost[:10]],
-        "accepted_after_retry": len(record.after_retry), "results_missing": results.count(False),
-        "webhooks": sum(deliveries.values()), "webhook_redeliveries": sum(deliveries.values()) - sum(transitions.values()),
+        "lost_jobs": [
+            {"id": job_id}
+            | {key: last.get(job_id, {}).get(key) for key in ("status", "created_at", "started_at")}
+            | {"accepted_after_retry": job_id in record.after_retry}
+            for job_id in lost[:10]
+        ],
+        "accepted_after_retry": len(record.after_retry),
+        "results_missing": results.count(False),
+        "webhooks": sum(deliveries.values()),
+        "webhook_redeliveries": sum(deliveries.values()) - sum(transitions.values()),
         "finished_twice": sorted(job_id for job_id, n in transitions.items() if n > 1)[:10],
         "webhooks_missing": sum(1 for job_id in final if job_id not in deliveries),
         "finished_counter": sum(v for k, v in metrics.items() if k.startswith("finished_")),
         "queue_depth_end": metrics.get("queue_depth"),
-        "faults": faults, "worker_unexpected_exits": pool.unexpected_exits,
-        "post_latency_ms": {"p50": _round(percentile(record.latencies_ms, 50)),
-                            "p99": _round(percentile(record.latencies_ms, 99)),
-                            "max": _round(max(record.latencies_ms, default=None))},
-        "post_rejected": dict(record.rejected), "post_server_errors": len(record.server_errors),
-        "post_gave_up": len(record.gave_up), "max_batch": MAX_BATCH,
-        "wall_s": round(wall_s, 1), "jobs_per_s": round(len(final) / wall_s, 2) if wall_s else None,
+        "faults": faults,
+        "worker_unexpected_exits": pool.unexpected_exits,
+        "post_latency_ms": {
+            "p50": _round(percentile(record.latencies_ms, 50)),
+            "p99": _round(percentile(record.latencies_ms, 99)),
+            "max": _round(max(record.latencies_ms, default=None)),
+        },
+        "post_rejected": dict(record.rejected),
+        "post_server_errors": len(record.server_errors),
+        "post_gave_up": len(record.gave_up),
+        "max_batch": MAX_BATCH,
+        "wall_s": round(wall_s, 1),
+        "jobs_per_s": round(len(final) / wall_s, 2) if wall_s else None,
     }
     line = json.dumps(figures, separators=(",", ":"))
     print(f"\nSOAK {line}")
@@ -365,7 +407,9 @@ def test_soak_with_worker_redis_and_storage_faults(soak_stack, tmp_path):
     assert not record.unexpected, record.unexpected[:5]
     assert len(accepted) == JOBS, f"{JOBS - len(accepted)} jobs never accepted: {figures}"
     assert not lost, f"{len(lost)} accepted jobs never finished, e.g. {lost[:5]}: {figures}"
-    assert figures["failed"] == sum(n for code, n in failed_codes.items() if code != "<none>"), "a failed job without an error code"
+    assert figures["failed"] == sum(n for code, n in failed_codes.items() if code != "<none>"), (
+        "a failed job without an error code"
+    )
     assert figures["canceled"] == 0
     assert figures["results_missing"] == 0, f"succeeded jobs without their image: {figures}"
     assert not figures["finished_twice"], f"jobs that reached a final state twice (two webhook events): {figures}"

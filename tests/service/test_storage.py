@@ -57,8 +57,14 @@ def test_presigned_links_are_sigv4_and_signed_for_the_public_endpoint(s3_endpoin
     from urllib.parse import urlparse
 
     public = s3_endpoint.replace("127.0.0.1", "localhost")
-    storage = S3Storage("megasr", prefix="presign-public", endpoint_url=s3_endpoint, region="us-east-1",
-                        public_endpoint_url=public, addressing_style="path")
+    storage = S3Storage(
+        "megasr",
+        prefix="presign-public",
+        endpoint_url=s3_endpoint,
+        region="us-east-1",
+        public_endpoint_url=public,
+        addressing_style="path",
+    )
     storage.put("jobs/y/output.png", b"public bytes", "image/png")
     url = storage.presigned_url("jobs/y/output.png", expires_s=120)
     assert urlparse(url).hostname == "localhost"
@@ -66,8 +72,9 @@ def test_presigned_links_are_sigv4_and_signed_for_the_public_endpoint(s3_endpoin
     with urllib.request.urlopen(url, timeout=10) as response:  # a plain client, from "outside"
         assert response.read() == b"public bytes"
 
-    internal = S3Storage("megasr", prefix="presign-public", endpoint_url=s3_endpoint, region="us-east-1",
-                         addressing_style="path").presigned_url("jobs/y/output.png", expires_s=120)
+    internal = S3Storage(
+        "megasr", prefix="presign-public", endpoint_url=s3_endpoint, region="us-east-1", addressing_style="path"
+    ).presigned_url("jobs/y/output.png", expires_s=120)
     rewritten = internal.replace("127.0.0.1", "localhost", 1)
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(rewritten, timeout=10)
@@ -133,12 +140,17 @@ def test_patient_storage_waits_out_an_outage_then_gives_up(tmp_path):
 def test_the_app_signs_links_for_megasr_s3_public_url(tmp_path, s3_endpoint):
     from urllib.parse import urlparse
 
-    from service.jobsystem.services import build_services
     from service.config import Settings
+    from service.jobsystem.services import build_services
 
-    settings = Settings(redis_url="redis://127.0.0.1:1/0", storage_url="s3://megasr/app-links", home=tmp_path,
-                        s3_endpoint_url=s3_endpoint, s3_public_url="http://files.example.test:9000",
-                        s3_addressing_style="path")
+    settings = Settings(
+        redis_url="redis://127.0.0.1:1/0",
+        storage_url="s3://megasr/app-links",
+        home=tmp_path,
+        s3_endpoint_url=s3_endpoint,
+        s3_public_url="http://files.example.test:9000",
+        s3_addressing_style="path",
+    )
     url = build_services(settings).storage.presigned_url("jobs/z/output.png", expires_s=60)
     assert urlparse(url).netloc == "files.example.test:9000"
     assert urlparse(url).path == "/megasr/app-links/jobs/z/output.png"  # path-style addressing

@@ -9,7 +9,6 @@ from fastapi.testclient import TestClient
 from service import tracing
 from service.app import create_app
 from service.jobsystem.store import JobStore
-
 from tests.service.helpers import make_settings, run_worker, submit
 
 pytest.importorskip("opentelemetry.sdk")

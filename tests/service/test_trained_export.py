@@ -16,9 +16,19 @@ def test_worker_serves_an_exported_training_run(tmp_path, redis_url, tiny_weight
     folder = tmp_path / "hr"
     folder.mkdir()
     Image.fromarray(data.astronaut()).save(folder / "a.png")
-    trainer = MegaSRTrainer(MegaSRTrainConfig(
-        weights=str(tiny_weights), train_data=[str(folder)], output_dir=str(tmp_path / "run"), crop_size=64,
-        batch_size=1, learning_rate=1e-3, max_steps=2, num_workers=0, checkpoint_every=2))
+    trainer = MegaSRTrainer(
+        MegaSRTrainConfig(
+            weights=str(tiny_weights),
+            train_data=[str(folder)],
+            output_dir=str(tmp_path / "run"),
+            crop_size=64,
+            batch_size=1,
+            learning_rate=1e-3,
+            max_steps=2,
+            num_workers=0,
+            checkpoint_every=2,
+        )
+    )
     trainer.train()
     exported = trainer.export(tmp_path / "served")
     pipeline = MegaSRPipeline.from_pretrained(exported, device="cpu")

@@ -22,16 +22,17 @@ from PIL import Image
 from skimage import data
 
 from megasr_core.identity import TINY_REASON
-from tests.harness.valkey import fresh_database_url
 from tests.harness.processes import start_serve
+from tests.harness.valkey import fresh_database_url
 
 CHROMIUM = Path("/usr/bin/chromium")
 KEY = "web-page-key-0123456789"
 PHOTO_SIZE = (64, 48)  # the result is 4× this
 MAX_INPUT_PIXELS = 100_000  # the full 512×512 astronaut is over it: a 413 to show
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
-                                reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install -y chromium)"
+)
 
 
 def photo(path: Path, size: tuple[int, int] | None) -> Path:
@@ -44,9 +45,14 @@ def photo(path: Path, size: tuple[int, int] | None) -> Path:
 def server(tmp_path_factory, tiny_weights):
     """`megasr serve` with one API key (anonymous access off): its base URL."""
     home = tmp_path_factory.mktemp("web")
-    env = {**os.environ, "MEGASR_HOME": str(home / "home"), "MEGASR_WEIGHTS": str(tiny_weights),
-           "MEGASR_API_KEYS": f"webtenant:{KEY}", "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS),
-           "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost"}
+    env = {
+        **os.environ,
+        "MEGASR_HOME": str(home / "home"),
+        "MEGASR_WEIGHTS": str(tiny_weights),
+        "MEGASR_API_KEYS": f"webtenant:{KEY}",
+        "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS),
+        "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    }
     for name in ("MEGASR_REDIS_URL", "MEGASR_STORAGE_URL", "MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS"):
         env.pop(name, None)
     process, base = start_serve(env, home / "serve.log")
@@ -70,9 +76,15 @@ def two_models(tmp_path_factory, redis_url):
 
     home = tmp_path_factory.mktemp("web-models")
     (home / "data").mkdir()
-    common = {**os.environ, "MEGASR_HOME": str(home / "home"), "MEGASR_REDIS_URL": fresh_database_url(redis_url),
-              "MEGASR_STORAGE_URL": (home / "data").as_uri(), "MEGASR_API_KEYS": f"webtenant:{KEY}",
-              "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS), "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost"}
+    common = {
+        **os.environ,
+        "MEGASR_HOME": str(home / "home"),
+        "MEGASR_REDIS_URL": fresh_database_url(redis_url),
+        "MEGASR_STORAGE_URL": (home / "data").as_uri(),
+        "MEGASR_API_KEYS": f"webtenant:{KEY}",
+        "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS),
+        "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost",
+    }
     for name in ("MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS", "MEGASR_WEIGHTS", "MEGASR_MODEL", "MEGASR_MODELS"):
         common.pop(name, None)
     workers = []
@@ -81,11 +93,19 @@ def two_models(tmp_path_factory, redis_url):
         for name, (family, *_) in TWO_MODELS.items():
             weights = init_tiny(home / f"tiny-{name}", family=family)
             with (home / f"worker-{name}.log").open("wb") as log:
-                workers.append(subprocess.Popen(
-                    [str(Path(sys.executable).with_name("megasr")), "worker", "--device", "cpu"],
-                    env={**common, "MEGASR_MODEL": name, "MEGASR_WEIGHTS": str(weights),
-                         "MEGASR_WARMUP_BUCKETS": "64x64"},  # the tests' images are small
-                    stdout=log, stderr=subprocess.STDOUT))
+                workers.append(
+                    subprocess.Popen(
+                        [str(Path(sys.executable).with_name("megasr")), "worker", "--device", "cpu"],
+                        env={
+                            **common,
+                            "MEGASR_MODEL": name,
+                            "MEGASR_WEIGHTS": str(weights),
+                            "MEGASR_WARMUP_BUCKETS": "64x64",
+                        },  # the tests' images are small
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                    )
+                )
         api, base = start_serve({**common, "MEGASR_MODELS": ",".join(TWO_MODELS)}, home / "serve.log")
         deadline = time.monotonic() + 240
         while True:
@@ -131,8 +151,12 @@ def browser_page(tmp_path):
 
         page.route("**/*", offline_only)
         page.api_requests = []  # (method, path) of every request the page makes to the API
-        page.on("request", lambda request: "/v1/" in request.url
-                and page.api_requests.append((request.method, urlparse(request.url).path)))
+        page.on(
+            "request",
+            lambda request: (
+                "/v1/" in request.url and page.api_requests.append((request.method, urlparse(request.url).path))
+            ),
+        )
         try:
             yield page
         finally:
@@ -156,8 +180,7 @@ def open_with_key(page, base: str) -> None:
 def upload_fields(request) -> dict[str, str]:
     """The form fields (not the image) of a multipart POST the page sent."""
     body = request.post_data_buffer.decode("latin-1")
-    return {name: value.strip() for name, value in
-            re.findall(r'name="([^"]+)"\r\n\r\n([^\r]*)\r\n', body)}
+    return {name: value.strip() for name, value in re.findall(r'name="([^"]+)"\r\n\r\n([^\r]*)\r\n', body)}
 
 
 def job(base: str, job_id: str) -> dict:
@@ -170,8 +193,13 @@ def test_page_and_assets_need_no_key_and_carry_a_csp(server):
     csp = page.headers["content-security-policy"]
     assert "default-src 'self'" in csp and "img-src 'self' blob: data:" in csp
     assert "<script>" not in page.text and 'type="module"' in page.text  # no inline script
-    for asset in ("/static/app.js", "/static/api.js", "/static/style.css",
-                  "/static/vendor/swagger-ui/swagger-ui-bundle.js", "/static/vendor/swagger-ui/swagger-ui.css"):
+    for asset in (
+        "/static/app.js",
+        "/static/api.js",
+        "/static/style.css",
+        "/static/vendor/swagger-ui/swagger-ui-bundle.js",
+        "/static/vendor/swagger-ui/swagger-ui.css",
+    ):
         response = httpx.get(server + asset, timeout=10)
         assert response.status_code == 200, asset
         assert response.headers["x-content-type-options"] == "nosniff"
@@ -242,8 +270,10 @@ def test_upload_progress_compare_download_cancel_list_and_errors(server, browser
 
     # Progress came from the job's event stream where the server has one, else from polling.
     job_path = f"/v1/jobs/{first.get_attribute('data-job-id')}"
-    has_events = httpx.get(f"{server}{job_path}/events", headers={"Authorization": f"Bearer {KEY}"},
-                           timeout=30).status_code == 200
+    has_events = (
+        httpx.get(f"{server}{job_path}/events", headers={"Authorization": f"Bearer {KEY}"}, timeout=30).status_code
+        == 200
+    )
     polls = page.api_requests.count(("GET", job_path))
     if has_events:
         assert ("GET", f"{job_path}/events") in page.api_requests
@@ -279,13 +309,16 @@ def test_upload_progress_compare_download_cancel_list_and_errors(server, browser
     page.get_by_test_id("submit").click()
     page.wait_for_function("n => document.querySelectorAll('.job').length === n", arg=3)
     # the older of the two runs first: its progress bar moves while it runs
-    page.wait_for_function("() => document.querySelectorAll('.job')[1].querySelector('progress').value > 0",
-                           timeout=120_000)
+    page.wait_for_function(
+        "() => document.querySelectorAll('.job')[1].querySelector('progress').value > 0", timeout=120_000
+    )
     assert page.locator(".job").nth(1).locator(".job-status").inner_text() == "running"
     for index in (1, 0):
         page.locator(".job").nth(index).get_by_test_id("cancel").click()
-    page.wait_for_function("() => [...document.querySelectorAll('.job')].slice(0, 2)"
-                           ".every(card => card.dataset.status === 'canceled')", timeout=120_000)
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('.job')].slice(0, 2).every(card => card.dataset.status === 'canceled')",
+        timeout=120_000,
+    )
     for index in (0, 1):
         card = page.locator(".job").nth(index)
         assert "canceled" in card.locator(".job-status").inner_text()
@@ -341,7 +374,8 @@ def test_two_models_selector_defaults_banner_and_the_chosen_model_is_sent(two_mo
     select.wait_for()
     assert select.get_attribute("data-testid") == "model-select"
     assert select.locator("option").all_inner_texts() == [
-        f"{title} — untrained" for _, title, *_ in TWO_MODELS.values()]
+        f"{title} — untrained" for _, title, *_ in TWO_MODELS.values()
+    ]
     assert select.input_value() == "seesr"
     banner = page.get_by_test_id("untrained-banner")
     assert banner.is_visible() and TINY_REASON in banner.inner_text()
@@ -394,7 +428,8 @@ def test_two_models_selector_defaults_banner_and_the_chosen_model_is_sent(two_mo
     page.locator("#refresh").click()
     rows = page.get_by_test_id("job-list")
     rows.locator(f'tr[data-job-id="{ran["id"]}"]').get_by_test_id("job-list-model").filter(
-        has_text="SeeSR-Turbo · weights tiny-seesr-turbo").wait_for()
+        has_text="SeeSR-Turbo · weights tiny-seesr-turbo"
+    ).wait_for()
     assert not [p for p in page.problems if "status of 4" not in p], page.problems
 
 
@@ -407,8 +442,11 @@ def test_page_uploads_without_a_model_list(server, browser_page, tmp_path, failu
             route.abort()
         else:
             status = 500 if failure == "error" else 404
-            route.fulfill(status=status, content_type="application/json",
-                          body=json.dumps({"error": {"code": "internal", "message": "models are down"}}))
+            route.fulfill(
+                status=status,
+                content_type="application/json",
+                body=json.dumps({"error": {"code": "internal", "message": "models are down"}}),
+            )
 
     page.route("**/v1/models", models)
     open_with_key(page, server)
@@ -435,19 +473,56 @@ def test_model_list_is_shown_as_text_and_trained_models_have_no_banner(server, b
     say so; a model named default is preselected. (The list is stubbed: no trained weights here.)"""
     page = browser_page
     hostile = '<img src=x onerror="window.pwned=1">'
-    served = {"models": [
-        {"name": "real", "default": False, "workers": 1, "family": "seesr", "title": "SeeSR",
-         "weights": "hf://org/seesr@0123456789ab", "dtype": "float16", "tagger": "ram", "trained": True,
-         "untrained_reason": None, "default_steps": 50, "default_guidance_scale": 5.5},
-        {"name": "evil", "default": True, "workers": 1, "family": "seesr", "title": hostile,
-         "weights": f"w{hostile}", "dtype": "float16", "tagger": "ram", "trained": False,
-         "untrained_reason": f"because {hostile}", "default_steps": 20, "default_guidance_scale": 3.0},
-        {"name": "later", "default": False, "workers": 0, "family": None, "title": None, "weights": None,
-         "dtype": None, "tagger": None, "trained": None, "untrained_reason": None, "default_steps": None,
-         "default_guidance_scale": None},
-    ]}
-    page.route("**/v1/models", lambda route: route.fulfill(status=200, content_type="application/json",
-                                                           body=json.dumps(served)))
+    served = {
+        "models": [
+            {
+                "name": "real",
+                "default": False,
+                "workers": 1,
+                "family": "seesr",
+                "title": "SeeSR",
+                "weights": "hf://org/seesr@0123456789ab",
+                "dtype": "float16",
+                "tagger": "ram",
+                "trained": True,
+                "untrained_reason": None,
+                "default_steps": 50,
+                "default_guidance_scale": 5.5,
+            },
+            {
+                "name": "evil",
+                "default": True,
+                "workers": 1,
+                "family": "seesr",
+                "title": hostile,
+                "weights": f"w{hostile}",
+                "dtype": "float16",
+                "tagger": "ram",
+                "trained": False,
+                "untrained_reason": f"because {hostile}",
+                "default_steps": 20,
+                "default_guidance_scale": 3.0,
+            },
+            {
+                "name": "later",
+                "default": False,
+                "workers": 0,
+                "family": None,
+                "title": None,
+                "weights": None,
+                "dtype": None,
+                "tagger": None,
+                "trained": None,
+                "untrained_reason": None,
+                "default_steps": None,
+                "default_guidance_scale": None,
+            },
+        ]
+    }
+    page.route(
+        "**/v1/models",
+        lambda route: route.fulfill(status=200, content_type="application/json", body=json.dumps(served)),
+    )
     open_with_key(page, server)
     select = page.get_by_test_id("model-select")
     select.wait_for()

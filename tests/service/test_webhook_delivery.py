@@ -19,7 +19,13 @@ import pytest
 from service.webhook_http import RESPONSE_LIMIT, post
 from service.webhook_policy import check_webhook_url
 from service.webhooks import (
-    DUE_KEY, ID_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, WebhookDispatcher, delivery_key, verify,
+    DUE_KEY,
+    ID_HEADER,
+    SIGNATURE_HEADER,
+    TIMESTAMP_HEADER,
+    WebhookDispatcher,
+    delivery_key,
+    verify,
 )
 from tests.harness.webhook_receiver import WebhookReceiver
 from tests.service.helpers import finish_with_webhook
@@ -85,8 +91,9 @@ def test_the_pinned_connection_reaches_the_receiver_with_the_urls_host_header(st
 
     try:
         finish_with_webhook(store, f"http://{HOST}:{port}/hook")
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, resolve=resolve,
-                                       retry_base_s=0.01)
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, resolve=resolve, retry_base_s=0.01
+        )
         assert dispatcher.deliver_due() == 1
         time.sleep(0.05)
         assert dispatcher.deliver_due() == 1
@@ -100,9 +107,30 @@ def test_the_pinned_connection_reaches_the_receiver_with_the_urls_host_header(st
 
 def self_signed(tmp_path: Path, name: str) -> tuple[Path, Path]:
     cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-days", "1", "-subj", f"/CN={name}", "-addext", f"subjectAltName=DNS:{name}",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+            "-addext",
+            f"subjectAltName=DNS:{name}",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert, key
 
 
@@ -121,8 +149,15 @@ def test_https_to_a_pinned_address_checks_the_certificate_against_the_urls_host(
     try:
         for server in servers:
             finish_with_webhook(store, f"https://{HOST}:{server.server.server_port}/hook")
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, ssl_context=client_context,
-                                       resolve=lambda _host, _port: ["127.0.0.1"], retry_base_s=60)
+        dispatcher = WebhookDispatcher(
+            store.redis,
+            store,
+            SECRET,
+            allow_private=True,
+            ssl_context=client_context,
+            resolve=lambda _host, _port: ["127.0.0.1"],
+            retry_base_s=60,
+        )
         assert dispatcher.deliver_due() == 2
     finally:
         for server in servers:
@@ -149,8 +184,9 @@ def test_a_dripping_receiver_is_cut_off_at_the_deadline_and_holds_up_nobody(stor
         (slow_id,) = due_ids(store)
         store.redis.zadd(DUE_KEY, {slow_id: time.time() - 10})  # the slow one is first in line
         finish_with_webhook(store, fast.url)
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=deadline_s,
-                                       concurrency=2, retry_base_s=0.2)
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, timeout_s=deadline_s, concurrency=2, retry_base_s=0.2
+        )
         started = time.monotonic()
         futures = dispatcher.dispatch_due()
         assert len(futures) == 2
@@ -179,8 +215,14 @@ def test_at_most_64_kib_of_an_endless_answer_is_read(store):
     the delivery counts as done (reading on would only end at the deadline, as a failure)."""
     receiver = WebhookReceiver(lambda _n: 200, body_bytes=10**12)
     try:
-        response = post(receiver.url, ["127.0.0.1"], {"Host": receiver.url.split("/")[2]}, b"{}",
-                        timeout_s=5, ssl_context=ssl.create_default_context())
+        response = post(
+            receiver.url,
+            ["127.0.0.1"],
+            {"Host": receiver.url.split("/")[2]},
+            b"{}",
+            timeout_s=5,
+            ssl_context=ssl.create_default_context(),
+        )
         assert response.status == 200 and response.body == b"x" * RESPONSE_LIMIT
         finish_with_webhook(store, receiver.url)
         dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=5)
@@ -199,8 +241,9 @@ def test_no_more_deliveries_are_claimed_than_the_pool_can_start(store):
     try:
         for _ in range(5):
             finish_with_webhook(store, slow.url)
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=1.0,
-                                       concurrency=2, retry_base_s=60)
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, timeout_s=1.0, concurrency=2, retry_base_s=60
+        )
         now = time.time()
         futures = dispatcher.dispatch_due()
         assert len(futures) == 2
@@ -223,8 +266,9 @@ def test_stop_returns_at_once_while_a_delivery_is_in_flight(store):
     slow = WebhookReceiver(lambda _n: 200, drip_s=0.2, drip_for_s=5)
     try:
         finish_with_webhook(store, slow.url)
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=2.0,
-                                       concurrency=1, retry_base_s=60)
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, timeout_s=2.0, concurrency=1, retry_base_s=60
+        )
         (future,) = dispatcher.dispatch_due()
         deadline = time.monotonic() + 5
         while not slow.calls:
@@ -264,8 +308,12 @@ def test_a_delivery_claimed_by_a_killed_dispatcher_is_delivered_by_another(store
     try:
         finish_with_webhook(store, receiver.url)
         delivery_id = only_delivery(store)
-        process = subprocess.Popen([sys.executable, "-c", CRASHING_DISPATCHER, db_url], stdout=subprocess.PIPE,
-                                   text=True, cwd=Path(__file__).resolve().parents[2])
+        process = subprocess.Popen(
+            [sys.executable, "-c", CRASHING_DISPATCHER, db_url],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
         assert process.stdout.readline().strip() == "delivering"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
@@ -368,8 +416,9 @@ def test_a_delivery_is_a_json_post_naming_megasr_and_its_host(store):
     port = receiver.server.server_port
     try:
         finish_with_webhook(store, f"http://{HOST}:{port}/hook")
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True,
-                                       resolve=lambda _host, _port: ["127.0.0.1"])
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, resolve=lambda _host, _port: ["127.0.0.1"]
+        )
         assert dispatcher.deliver_due() == 1
     finally:
         receiver.close()
@@ -395,8 +444,9 @@ def test_a_resolver_slower_than_the_deadline_sends_nothing_and_the_delivery_is_r
     try:
         finish_with_webhook(store, f"http://{HOST}:{port}/hook")
         delivery_id = only_delivery(store)
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=0.5,
-                                       retry_base_s=60, resolve=slow_resolver)
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, timeout_s=0.5, retry_base_s=60, resolve=slow_resolver
+        )
         with caplog.at_level(logging.INFO, logger="megasr.webhooks"):
             assert dispatcher.deliver_due() == 1
     finally:
@@ -414,10 +464,20 @@ def test_the_worker_runtime_builds_its_dispatcher_from_the_settings(tmp_path, db
     from tests.service.helpers import make_settings
     from worker.runtime import WorkerRuntime
 
-    settings = make_settings(tmp_path, db_url, webhook_secret="s", webhook_timeout_s=3.5, webhook_concurrency=3,
-                             webhook_allow_private=True, webhook_retry_base_s=0.25, public_url="https://sr.example",
-                             webhook_tenant_concurrency=4, webhook_circuit_failures=7, webhook_circuit_cooldown_s=9.5,
-                             webhook_max_pending_per_tenant=33)
+    settings = make_settings(
+        tmp_path,
+        db_url,
+        webhook_secret="s",
+        webhook_timeout_s=3.5,
+        webhook_concurrency=3,
+        webhook_allow_private=True,
+        webhook_retry_base_s=0.25,
+        public_url="https://sr.example",
+        webhook_tenant_concurrency=4,
+        webhook_circuit_failures=7,
+        webhook_circuit_cooldown_s=9.5,
+        webhook_max_pending_per_tenant=33,
+    )
     runtime = WorkerRuntime(services=build_services(settings), pipeline=None)
     runtime.start_webhooks()
     try:
@@ -438,12 +498,16 @@ def test_a_dispatcher_built_without_settings_takes_the_settings_defaults(store):
 
     dispatcher = WebhookDispatcher(store.redis, store, SECRET)
     dispatcher.stop()
-    for argument, setting in [("retry_base_s", "webhook_retry_base_s"), ("timeout_s", "webhook_timeout_s"),
-                              ("concurrency", "webhook_concurrency"), ("allow_private", "webhook_allow_private"),
-                              ("tenant_concurrency", "webhook_tenant_concurrency"),
-                              ("circuit_failures", "webhook_circuit_failures"),
-                              ("circuit_cooldown_s", "webhook_circuit_cooldown_s"),
-                              ("max_pending_per_tenant", "webhook_max_pending_per_tenant")]:
+    for argument, setting in [
+        ("retry_base_s", "webhook_retry_base_s"),
+        ("timeout_s", "webhook_timeout_s"),
+        ("concurrency", "webhook_concurrency"),
+        ("allow_private", "webhook_allow_private"),
+        ("tenant_concurrency", "webhook_tenant_concurrency"),
+        ("circuit_failures", "webhook_circuit_failures"),
+        ("circuit_cooldown_s", "webhook_circuit_cooldown_s"),
+        ("max_pending_per_tenant", "webhook_max_pending_per_tenant"),
+    ]:
         assert getattr(dispatcher, argument) == Settings.model_fields[setting].default, argument
 
 
@@ -483,7 +547,9 @@ def test_delivery_refuses_a_url_that_breaks_the_url_rules(store, allow_private):
     store.redis.hset(delivery_key(delivery_id), "url", "http://user:pw@127.0.0.1:9/hook")
     dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=allow_private, retry_base_s=60)
     assert dispatcher.send(delivery_id, "http://user:pw@127.0.0.1:9/hook", b"{}") == (
-        False, "webhook_url must not contain credentials (user:password@)")
+        False,
+        "webhook_url must not contain credentials (user:password@)",
+    )
     assert dispatcher.deliver_due() == 1 and attempts(store, delivery_id) == 1
 
 

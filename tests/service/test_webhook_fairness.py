@@ -57,8 +57,16 @@ class BlackHole:
 def finish(store: JobStore, tenant: str, url: str) -> str:
     """A job of ``tenant`` with ``webhook_url`` canceled: the final transition schedules its delivery."""
     job_id = uuid.uuid4().hex
-    store.create(JobRecord(id=job_id, tenant=tenant, params=UpscaleParams(webhook_url=url),
-                           input_key=f"jobs/{job_id}/input", input_width=8, input_height=8))
+    store.create(
+        JobRecord(
+            id=job_id,
+            tenant=tenant,
+            params=UpscaleParams(webhook_url=url),
+            input_key=f"jobs/{job_id}/input",
+            input_width=8,
+            input_height=8,
+        )
+    )
     store.finish(job_id, JobStatus.canceled)
     return job_id
 
@@ -84,8 +92,17 @@ def test_a_black_hole_of_one_tenant_does_not_delay_another_tenants_webhook(store
     next claim. Strictly by due time, B waited for A's 60 timeouts eight at a time (65 s with the old 10 s
     deadline; here about 6 s with a 1 s one). The circuit breaker is off here: this is the in-flight cap."""
     hole, quick = BlackHole(), WebhookReceiver(lambda _n: 204)
-    dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=1.0, concurrency=8,
-                                   retry_base_s=0.5, tenant_concurrency=2, circuit_failures=10_000)
+    dispatcher = WebhookDispatcher(
+        store.redis,
+        store,
+        SECRET,
+        allow_private=True,
+        timeout_s=1.0,
+        concurrency=8,
+        retry_base_s=0.5,
+        tenant_concurrency=2,
+        circuit_failures=10_000,
+    )
     thread = None
     try:
         for _ in range(60):
@@ -114,8 +131,17 @@ def test_an_unreachable_host_is_deferred_per_tenant_without_taking_threads(store
     host are C's own circuit and still go out. After the cool-down one claim's worth is tried (half-open);
     their failure re-opens the circuit at once."""
     hole = BlackHole()
-    dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, timeout_s=0.4, retry_base_s=60,
-                                   tenant_concurrency=2, circuit_failures=3, circuit_cooldown_s=1.0)
+    dispatcher = WebhookDispatcher(
+        store.redis,
+        store,
+        SECRET,
+        allow_private=True,
+        timeout_s=0.4,
+        retry_base_s=60,
+        tenant_concurrency=2,
+        circuit_failures=3,
+        circuit_cooldown_s=1.0,
+    )
     try:
         for _ in range(20):
             finish(store, "tenant-a", hole.url)
@@ -157,8 +183,9 @@ def test_a_tenants_backlog_over_its_cap_drops_the_newest_with_a_log_and_a_metric
     try:
         jobs_a = [finish(store, "tenant-a", receiver.url) for _ in range(8)]
         jobs_b = [finish(store, "tenant-b", receiver.url) for _ in range(2)]
-        dispatcher = WebhookDispatcher(store.redis, store, SECRET, allow_private=True, tenant_concurrency=10,
-                                       max_pending_per_tenant=5)
+        dispatcher = WebhookDispatcher(
+            store.redis, store, SECRET, allow_private=True, tenant_concurrency=10, max_pending_per_tenant=5
+        )
         with caplog.at_level(logging.WARNING, logger="megasr.webhooks"):
             assert dispatcher.deliver_due() == 7
     finally:

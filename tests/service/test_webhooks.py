@@ -23,15 +23,27 @@ def receiver():
 
 
 def test_webhook_delivered_signed_and_retried(tmp_path, redis_url, tiny_pipeline, receiver):
-    settings = make_settings(tmp_path, redis_url, webhook_secret=SECRET, webhook_allow_private=True,
-                             webhook_retry_base_s=0.05, public_url="https://sr.example.com",
-                             allowed_hosts="testserver")  # the TestClient's Host
+    settings = make_settings(
+        tmp_path,
+        redis_url,
+        webhook_secret=SECRET,
+        webhook_allow_private=True,
+        webhook_retry_base_s=0.05,
+        public_url="https://sr.example.com",
+        allowed_hosts="testserver",
+    )  # the TestClient's Host
     with TestClient(create_app(settings)) as client:
         job_id = submit(client, steps=1, webhook_url=receiver.url).json()["id"]
         run_worker(settings, tiny_pipeline)
         services = client.app.state.services
-        dispatcher = WebhookDispatcher(services.redis, services.jobs, SECRET.encode(), public_url=settings.public_url,
-                                       retry_base_s=settings.webhook_retry_base_s, allow_private=True)
+        dispatcher = WebhookDispatcher(
+            services.redis,
+            services.jobs,
+            SECRET.encode(),
+            public_url=settings.public_url,
+            retry_base_s=settings.webhook_retry_base_s,
+            allow_private=True,
+        )
         import time
 
         deadline = time.monotonic() + 10
@@ -48,13 +60,15 @@ def test_webhook_delivered_signed_and_retried(tmp_path, redis_url, tiny_pipeline
 
 
 def test_webhook_on_cancel_and_dispatcher_thread(tmp_path, redis_url, receiver):
-    settings = make_settings(tmp_path, redis_url, webhook_secret=SECRET, webhook_allow_private=True,
-                             webhook_retry_base_s=0.05)
+    settings = make_settings(
+        tmp_path, redis_url, webhook_secret=SECRET, webhook_allow_private=True, webhook_retry_base_s=0.05
+    )
     with TestClient(create_app(settings)) as client:
         job_id = submit(client, webhook_url=receiver.url).json()["id"]
         services = client.app.state.services
-        dispatcher = WebhookDispatcher(services.redis, services.jobs, SECRET.encode(), retry_base_s=0.05,
-                                       allow_private=True)
+        dispatcher = WebhookDispatcher(
+            services.redis, services.jobs, SECRET.encode(), retry_base_s=0.05, allow_private=True
+        )
         dispatcher.start(interval_s=0.05)
         try:
             assert client.delete(f"/v1/jobs/{job_id}").status_code == 200
@@ -80,8 +94,12 @@ def test_webhook_urls_are_checked(tmp_path, redis_url):
         assert response.status_code == 422 and "MEGASR_WEBHOOK_SECRET" in response.json()["error"]["message"]
     settings = make_settings(tmp_path, redis_url, webhook_secret=SECRET)
     with TestClient(create_app(settings)) as client:
-        for url in ("http://localhost:8080/hook", "http://100.100.100.200/latest/meta-data/",
-                    "http://[2002:7f00:1::]:8080/hook", "http://192.0.0.8/hook"):  # the last three passed before #13
+        for url in (
+            "http://localhost:8080/hook",
+            "http://100.100.100.200/latest/meta-data/",
+            "http://[2002:7f00:1::]:8080/hook",
+            "http://192.0.0.8/hook",
+        ):  # the last three passed before #13
             response = submit(client, webhook_url=url)
             assert response.status_code == 422 and "public address" in response.json()["error"]["message"], url
             assert response.json()["error"]["code"] == "invalid_parameters"

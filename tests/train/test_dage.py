@@ -24,9 +24,20 @@ def hr_folder(tmp_path_factory):
 
 
 def make(kind, weights, hr_folder, output) -> DAGETrainer:
-    return DAGETrainer(DAGETrainConfig(weights=str(weights), extractor=kind, train_data=[str(hr_folder)],
-                                       output_dir=str(output), crop_size=64, batch_size=2,
-                                       learning_rate=RATES[kind], num_workers=0, checkpoint_every=3, log_every=1))
+    return DAGETrainer(
+        DAGETrainConfig(
+            weights=str(weights),
+            extractor=kind,
+            train_data=[str(hr_folder)],
+            output_dir=str(output),
+            crop_size=64,
+            batch_size=2,
+            learning_rate=RATES[kind],
+            num_workers=0,
+            checkpoint_every=3,
+            log_every=1,
+        )
+    )
 
 
 @pytest.mark.parametrize("kind", list(RATES))
@@ -83,7 +94,8 @@ def test_cli_train_dage(tiny_weights, hr_folder, tmp_path):
 
     (tmp_path / "d.toml").write_text(
         f'weights = "{tiny_weights}"\nextractor = "clip"\ntrain_data = ["{hr_folder}"]\noutput_dir = "{tmp_path / "run"}"\n'
-        "crop_size = 64\nbatch_size = 2\nmax_steps = 2\nnum_workers = 0\n")
+        "crop_size = 64\nbatch_size = 2\nmax_steps = 2\nnum_workers = 0\n"
+    )
     result = CliRunner().invoke(app, ["train", "dage", "--config", str(tmp_path / "d.toml")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "lora" / "adapter_model.safetensors").is_file()

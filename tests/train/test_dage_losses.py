@@ -49,7 +49,9 @@ def test_silog_is_zero_for_equal_maps_and_scale_invariant_at_lambda_one():
     prediction, target = sky_maps()
     assert silog(target, target).item() < 2e-3  # √eps floor only
     assert silog(target * 7.5, target, lam=1.0).item() < 2e-3
-    assert silog(prediction * 0.01, target, lam=1.0).item() == pytest.approx(silog(prediction, target, lam=1.0).item(), rel=1e-9)
+    assert silog(prediction * 0.01, target, lam=1.0).item() == pytest.approx(
+        silog(prediction, target, lam=1.0).item(), rel=1e-9
+    )
     assert silog(prediction, target).item() > 0.05
 
 

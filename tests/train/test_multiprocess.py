@@ -39,7 +39,8 @@ def three_photos(tmp_path_factory) -> Path:
 def write_config(path: Path, weights: Path, photos: Path, output: Path) -> Path:
     path.write_text(
         f"weights: {weights}\ntrain_data: [{photos}]\noutput_dir: {output}\ncrop_size: 64\nbatch_size: 1\n"
-        "learning_rate: 0.001\nmax_steps: 3\nnum_workers: 0\ncheckpoint_every: 2\nlog_every: 1\n")
+        "learning_rate: 0.001\nmax_steps: 3\nnum_workers: 0\ncheckpoint_every: 2\nlog_every: 1\n"
+    )
     return path
 
 
@@ -51,9 +52,28 @@ def free_port() -> int:
 
 def launch(config: Path, *options: str) -> subprocess.Popen:
     """Two CPU processes under torchrun (accelerate's `--cpu` alone starts one unless it finds mpirun)."""
-    command = [str(ACCELERATE), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "megasr_core.cli", "train", "megasr", "--config", str(config), *options]
+    command = [
+        str(ACCELERATE),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+        "-m",
+        "megasr_core.cli",
+        "train",
+        "megasr",
+        "--config",
+        str(config),
+        *options,
+    ]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -23,8 +23,18 @@ def hr_folder(tmp_path_factory):
 
 
 def config(tiny_weights, hr_folder, output, **changes) -> MegaSRTrainConfig:
-    values = dict(weights=str(tiny_weights), train_data=[str(hr_folder)], output_dir=str(output), crop_size=64,
-                  batch_size=2, learning_rate=1e-3, max_steps=6, num_workers=0, checkpoint_every=3, log_every=1)
+    values = dict(
+        weights=str(tiny_weights),
+        train_data=[str(hr_folder)],
+        output_dir=str(output),
+        crop_size=64,
+        batch_size=2,
+        learning_rate=1e-3,
+        max_steps=6,
+        num_workers=0,
+        checkpoint_every=3,
+        log_every=1,
+    )
     values.update(changes)
     return MegaSRTrainConfig(**values)
 
@@ -69,8 +79,18 @@ def test_resume_continues_exactly(tiny_weights, hr_folder, tmp_path):
 
 def test_export_loads_in_the_pipeline_and_upscales(tiny_weights, hr_folder, tmp_path):
     run = tmp_path / "run"
-    trainer = MegaSRTrainer(config(tiny_weights, hr_folder, run, ema_decay=0.9, val_data=[str(hr_folder)],
-                                   validate_every=3, validation_steps=1, validation_images=1))
+    trainer = MegaSRTrainer(
+        config(
+            tiny_weights,
+            hr_folder,
+            run,
+            ema_decay=0.9,
+            val_data=[str(hr_folder)],
+            validate_every=3,
+            validation_steps=1,
+            validation_images=1,
+        )
+    )
     trainer.train(max_steps=3)
     assert (run / "validation" / "step-00000003" / "000_sr.png").is_file()
     row = (run / "log.csv").read_text().splitlines()[-1].split(",")
@@ -78,7 +98,9 @@ def test_export_loads_in_the_pipeline_and_upscales(tiny_weights, hr_folder, tmp_
     # The logged metrics are the Y-channel PSNR/SSIM (4-pixel border off) of the images it saved,
     # recomputed here with the independent numpy references (the HR PNG is 8-bit rounded: 0.1 dB).
     folder = run / "validation" / "step-00000003"
-    sr, hr = (np.asarray(Image.open(folder / f"000_{k}.png").convert("RGB"), dtype=np.float64) / 255 for k in ("sr", "hr"))
+    sr, hr = (
+        np.asarray(Image.open(folder / f"000_{k}.png").convert("RGB"), dtype=np.float64) / 255 for k in ("sr", "hr")
+    )
     y_sr, y_hr = (y_bt601(image)[4:-4, 4:-4] for image in (sr, hr))
     assert abs(psnr - psnr_ref(y_sr, y_hr)) < 0.1
     assert abs(ssim - ssim_ref(y_sr, y_hr)) < 0.01
@@ -109,12 +131,15 @@ def test_cli_make_pairs_train_and_export(tiny_weights, hr_folder, tmp_path):
     from megasr_core.cli import app
 
     runner = CliRunner()
-    pairs = runner.invoke(app, ["data", "make-pairs", str(hr_folder), "-o", str(tmp_path / "pairs"), "--crop-size", "64"])
+    pairs = runner.invoke(
+        app, ["data", "make-pairs", str(hr_folder), "-o", str(tmp_path / "pairs"), "--crop-size", "64"]
+    )
     assert pairs.exit_code == 0, pairs.output
     assert len(list((tmp_path / "pairs" / "lr").iterdir())) == 3
     (tmp_path / "c.yaml").write_text(
         f"weights: {tiny_weights}\ntrain_data: [{hr_folder}]\noutput_dir: {tmp_path / 'run'}\ncrop_size: 64\n"
-        "batch_size: 2\nmax_steps: 2\nnum_workers: 0\ncheckpoint_every: 2\n")
+        "batch_size: 2\nmax_steps: 2\nnum_workers: 0\ncheckpoint_every: 2\n"
+    )
     trained = runner.invoke(app, ["train", "megasr", "--config", str(tmp_path / "c.yaml")])
     assert trained.exit_code == 0, trained.output
     exported = runner.invoke(app, ["weights", "export", str(tmp_path / "run"), "-o", str(tmp_path / "served")])

@@ -25,7 +25,9 @@ class Recorder:
 def record(trainer, monkeypatch) -> tuple[Recorder, list[str]]:
     """Patch the tagger's class call (works for module and plain taggers) and the text encoding."""
     recorder, prompts = Recorder(), []
-    monkeypatch.setattr(type(trainer.pipeline.extractors.tagger), "__call__", lambda self, images: recorder.tags(images))
+    monkeypatch.setattr(
+        type(trainer.pipeline.extractors.tagger), "__call__", lambda self, images: recorder.tags(images)
+    )
     encode = trainer.pipeline._encode_text
     monkeypatch.setattr(trainer.pipeline, "_encode_text", lambda texts: prompts.extend(texts) or encode(texts))
     return recorder, prompts
@@ -40,8 +42,18 @@ def hr_folder(tmp_path_factory):
 
 
 def make(tiny_weights, hr_folder, tmp_path, **changes) -> MegaSRTrainer:
-    values = dict(weights=str(tiny_weights), train_data=[str(hr_folder)], output_dir=str(tmp_path / "run"),
-                  crop_size=64, batch_size=2, num_workers=0, empty_prompt_probability=0.0) | changes
+    values = (
+        dict(
+            weights=str(tiny_weights),
+            train_data=[str(hr_folder)],
+            output_dir=str(tmp_path / "run"),
+            crop_size=64,
+            batch_size=2,
+            num_workers=0,
+            empty_prompt_probability=0.0,
+        )
+        | changes
+    )
     return MegaSRTrainer(MegaSRTrainConfig(**values))
 
 

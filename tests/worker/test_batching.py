@@ -47,7 +47,7 @@ class ModelBatches:
         self.handle.remove()
 
 
-def run_burst(settings, pipeline) -> "object":
+def run_burst(settings, pipeline) -> object:
     runtime = install_runtime(settings, pipeline)
     connection = runtime.services.redis
     make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
@@ -70,8 +70,10 @@ def as_array(client, job: dict) -> np.ndarray:
 
 def test_four_compatible_jobs_run_as_one_batch_and_match_solo_runs(batching):
     settings, client, pipeline, recorder = batching
-    ids = [submit(client, image=photo_png(name, size), steps=STEPS, seed=10 + i, prompt=f"photo {i}").json()["id"]
-           for i, (name, size) in enumerate(PHOTOS)]
+    ids = [
+        submit(client, image=photo_png(name, size), steps=STEPS, seed=10 + i, prompt=f"photo {i}").json()["id"]
+        for i, (name, size) in enumerate(PHOTOS)
+    ]
     runtime = run_burst(settings, pipeline)
     assert recorder.calls == [4] * STEPS
     for i, job_id in enumerate(ids):
@@ -177,8 +179,10 @@ def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, db_url, tiny_weight
             first.send_signal(signal.SIGKILL)
             first.wait(timeout=10)
             second, _ = start_worker(settings, tiny_weights, tmp_path / "worker2.log")
-            done = [wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=300)
-                    for job_id in ids]
+            done = [
+                wait_for(client, job_id, lambda j: j["status"] in ("succeeded", "failed", "canceled"), timeout=300)
+                for job_id in ids
+            ]
             assert [job["status"] for job in done] == ["succeeded"] * 3, done
             jobs = client.app.state.services.jobs
             assert [jobs.get(job_id).attempts for job_id in ids] == [2, 2, 2]  # killed batch + the one that finished
@@ -214,7 +218,15 @@ def test_out_of_memory_on_one_job_retries_with_fewer_then_smaller_tiles(batching
     injected = OutOfMemoryUntilTiled(pipeline)
     run_burst(settings, injected)
     # The pair is split first, then each job alone goes 4 tiles per batch → 1 → 64-latent tiles.
-    assert injected.calls == [(2, None, 4), (1, None, 4), (1, None, 1), (1, 64, 1), (1, None, 4), (1, None, 1), (1, 64, 1)]
+    assert injected.calls == [
+        (2, None, 4),
+        (1, None, 4),
+        (1, None, 1),
+        (1, 64, 1),
+        (1, None, 4),
+        (1, None, 1),
+        (1, 64, 1),
+    ]
     assert all(client.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded" for job_id in ids)
 
 
@@ -278,10 +290,13 @@ class FailingPipeline:
         raise self.error
 
 
-@pytest.mark.parametrize("error, code", [
-    (type("JobTimeoutException", (Exception,), {})("job exceeded its timeout"), "timeout"),
-    (RuntimeError("CUDA error: an illegal memory access was encountered"), "fatal"),
-])
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (type("JobTimeoutException", (Exception,), {})("job exceeded its timeout"), "timeout"),
+        (RuntimeError("CUDA error: an illegal memory access was encountered"), "fatal"),
+    ],
+)
 def test_timeout_and_fatal_errors_fail_every_job_without_retry(batching, error, code):
     from worker.tasks import upscale
 

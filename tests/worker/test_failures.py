@@ -14,16 +14,14 @@ from PIL import Image
 from rq.worker import SimpleWorker
 
 from service import tracing
-from service.jobsystem.services import build_services
 from service.contracts import JobStatus, attempt_output_key
-from service.jobsystem.store import TransitionRejected
-from service.logging_setup import configure_logging, log_fields
 from service.jobsystem.keys import REAPER_LOCK_KEY
 from service.jobsystem.reaper import delete_expired_results, reap_abandoned
+from service.jobsystem.services import build_services
+from service.jobsystem.store import TransitionRejected
+from service.logging_setup import configure_logging, log_fields
 from service.routes.jobs import _admit
-from tests.service.helpers import json_lines
-from tests.service.helpers import make_settings, png
-from tests.service.helpers import StandIn, admit
+from tests.service.helpers import StandIn, admit, json_lines, make_settings, png
 from worker import tasks
 from worker.batching import CancelWatch
 from worker.main import EXIT_FATAL, MegaSRWorker, make_worker, run_worker
@@ -52,7 +50,9 @@ def test_a_fatal_cuda_error_fails_the_job_and_stops_the_worker(services, caplog)
     assert exited.value.code == EXIT_FATAL  # the orchestrator restarts the process
     failed = svc.jobs.get(first)
     assert failed.status == JobStatus.failed and failed.error.code == "fatal" and failed.attempts == 1
-    assert failed.error.message == "the worker's GPU failed while running the job; the worker restarts"  # the tenant's view
+    assert (
+        failed.error.message == "the worker's GPU failed while running the job; the worker restarts"
+    )  # the tenant's view
     assert CUDA_CRASH in caplog.text  # the operator's view
     assert svc.jobs.get(second).status == JobStatus.queued  # not taken by the broken worker
     assert svc.queue.depth() == 1 and svc.queue.position(second) == 0  # and the first is not retried
@@ -172,8 +172,11 @@ def pipeline_cancelled() -> BaseException:
     return PipelineCancelled("stopped")
 
 
-@pytest.mark.parametrize("error", [ValueError("bad parameters"), RuntimeError(CUDA_CRASH), RuntimeError("flaky"),
-                                   pipeline_cancelled()], ids=["invalid_input", "fatal", "retry", "canceled"])
+@pytest.mark.parametrize(
+    "error",
+    [ValueError("bad parameters"), RuntimeError(CUDA_CRASH), RuntimeError("flaky"), pipeline_cancelled()],
+    ids=["invalid_input", "fatal", "retry", "canceled"],
+)
 def test_a_late_attempt_that_fails_leaves_the_new_owners_job_alone(services, error):
     """A is presumed dead and B runs the job; A's failure or stop (whatever its kind) cannot fail, cancel or
     re-queue B's job."""
@@ -260,13 +263,17 @@ def record_progress(svc, monkeypatch) -> list[float]:
     """The progress values the worker writes (or tries to), in order."""
     written: list[float] = []
     real = svc.jobs.set_progress
-    monkeypatch.setattr(svc.jobs, "set_progress", lambda *args, **kwargs: (written.append(args[1]), real(*args, **kwargs)))
+    monkeypatch.setattr(
+        svc.jobs, "set_progress", lambda *args, **kwargs: (written.append(args[1]), real(*args, **kwargs))
+    )
     return written
 
 
 def watch_every(monkeypatch, interval_s: float) -> None:
     """The worker's cancel watch re-reads Redis at most every ``interval_s`` (the first check always reads)."""
-    monkeypatch.setattr(tasks, "CancelWatch", lambda services, owners: CancelWatch(services, owners, interval_s=interval_s))
+    monkeypatch.setattr(
+        tasks, "CancelWatch", lambda services, owners: CancelWatch(services, owners, interval_s=interval_s)
+    )
 
 
 def test_no_progress_is_written_for_a_job_once_its_cancel_is_seen(services, monkeypatch):
@@ -376,8 +383,10 @@ def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(
 def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(services):
     settings, svc = services
     shared = {"steps": 3, "guidance_scale": 6.5, "negative_prompt": "grain", "color_fix": "wavelet"}
-    ids = [admit_with(svc, seed=11, prompt="a cat", scale=2, **shared),
-           admit_with(svc, seed=12, prompt="a dog", scale=3.5, **shared)]
+    ids = [
+        admit_with(svc, seed=11, prompt="a cat", scale=2, **shared),
+        admit_with(svc, seed=12, prompt="a dog", scale=3.5, **shared),
+    ]
     seen = []
 
     def cancel_the_second_during_the_call(call: dict) -> None:
@@ -390,9 +399,19 @@ def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(servic
     run_batch(settings, svc, pipeline, ids)
     (call,) = pipeline.calls
     assert callable(call.pop("callback")) and callable(call.pop("is_cancelled"))
-    assert call == {"images": 2, "scale": [2.0, 3.5], "prompt": ["a cat", "a dog"], "seed": [11, 12],
-                    "num_inference_steps": 3, "guidance_scale": 6.5, "negative_prompt": "grain", "color_fix": "wavelet",
-                    "tile_size": None, "tile_batch_size": 4, "max_batch_size": 2}
+    assert call == {
+        "images": 2,
+        "scale": [2.0, 3.5],
+        "prompt": ["a cat", "a dog"],
+        "seed": [11, 12],
+        "num_inference_steps": 3,
+        "guidance_scale": 6.5,
+        "negative_prompt": "grain",
+        "color_fix": "wavelet",
+        "tile_size": None,
+        "tile_batch_size": 4,
+        "max_batch_size": 2,
+    }
     assert seen == [[False, False], [False, True]]
 
 
@@ -435,11 +454,15 @@ def test_a_batch_that_fails_runs_its_jobs_one_by_one_and_only_the_bad_one_fails(
 def test_a_fatal_error_a_timeout_or_a_cancel_is_not_rerun_one_by_one(services, kind):
     """A fatal error leaves the process unusable, a timeout has used up the jobs' time and a cancel is
     the tenants' wish: the batch's jobs end together, after one call."""
-    from megasr_core.pipelines import PipelineCancelled
     from rq.timeouts import JobTimeoutException
 
-    error = {"fatal": RuntimeError(CUDA_CRASH), "timeout": JobTimeoutException("took too long"),
-             "cancelled": PipelineCancelled("canceled")}[kind]
+    from megasr_core.pipelines import PipelineCancelled
+
+    error = {
+        "fatal": RuntimeError(CUDA_CRASH),
+        "timeout": JobTimeoutException("took too long"),
+        "cancelled": PipelineCancelled("canceled"),
+    }[kind]
     settings, svc = services
     ids = [admit_with(svc, seed=seed) for seed in (31, 32)]
     pipeline = Scripted(lambda call: error)
@@ -461,7 +484,9 @@ def test_a_job_the_pipeline_stopped_is_canceled_and_its_mates_are_stored(service
     ids = [admit_with(svc, seed=seed, output_format="webp") for seed in (41, 42)]
     put = svc.storage.put
     types = {}
-    monkeypatch.setattr(svc.storage, "put", lambda key, data, kind: (types.__setitem__(key, kind), put(key, data, kind)))
+    monkeypatch.setattr(
+        svc.storage, "put", lambda key, data, kind: (types.__setitem__(key, kind), put(key, data, kind))
+    )
     run = run_batch(settings, svc, Scripted(drop={41}), ids)
     stopped, done = (svc.jobs.get(job_id) for job_id in ids)
     assert stopped.status == JobStatus.canceled and stopped.output_key is None
@@ -542,7 +567,11 @@ def test_each_job_of_a_batch_is_a_worker_span_in_its_own_trace_with_the_batchs_s
         children = {span.name: span for span in finished if span.parent and span.parent.span_id == job.context.span_id}
         assert set(children) == {"stage.denoise", "stage.decode", "store"}
         denoise, decode = children["stage.denoise"], children["stage.decode"]
-        assert (denoise.start_time, denoise.end_time, decode.end_time) == (start, start + 250_000_000, start + 300_000_000)
+        assert (denoise.start_time, denoise.end_time, decode.end_time) == (
+            start,
+            start + 250_000_000,
+            start + 300_000_000,
+        )
         assert decode.attributes["megasr.batch_size"] == 2
         assert dict(children["store"].attributes) == {"megasr.job_id": job_id, "megasr.format": "png"}
 

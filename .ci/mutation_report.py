@@ -3,8 +3,8 @@
 Reads ``mutmut results --all true`` on stdin. Prints, per mutated module, how many mutants were
 killed (a test failed, or the mutant timed out or crashed the tests) out of those checked, lists
 the survivors, and exits 1 when the killed share of all checked mutants is below
-``--min-killed``, 2 when it is not but some mutants are still unchecked. Survivors named in ``--accepted`` (``name: reason`` lines) are listed with their
-reason; they still count as survivors.
+``--min-killed``, 2 when it is not but some mutants are still unchecked. Survivors named in
+``--accepted`` (``name: reason`` lines) are listed with their reason; they still count as survivors.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from types import MappingProxyType
 from typing import Any, Literal, ParamSpec, TypeVar
 
 CONTEXT_FIELDS = ("job_id", "tenant", "worker", "stage", "trace_id")
@@ -33,7 +34,9 @@ MASK = "***"
 #: at most one "socket.accept() out of system resource" record per this many seconds
 ACCEPT_ERROR_LOG_INTERVAL_S = 10.0
 
-_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("megasr_log_context", default={})
+_context: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar(
+    "megasr_log_context", default=MappingProxyType({})
+)
 _handler: logging.Handler | None = None
 
 P = ParamSpec("P")
@@ -46,7 +49,8 @@ def _merged(fields: Mapping[str, object]) -> dict[str, str]:
 
 
 def bind_log_context(**fields: object) -> None:
-    """Add fields (``job_id``, ``tenant``, ``worker``, ``stage``) to every record logged in this context; None removes one."""
+    """Add fields (``job_id``, ``tenant``, ``worker``, ``stage``) to every record logged in this context;
+    None removes one."""
     _context.set(_merged(fields))
 
 

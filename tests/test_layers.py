@@ -358,10 +358,14 @@ def test_the_checks_pass_a_clean_synthetic_tree(tmp_path):
             "service/contracts.py": "from megasr_core.geometry import math\n",
             "service/jobsystem/__init__.py": "",
             "service/jobsystem/store.py": "from service.contracts import x\nfrom . import keys\n",
-            "service/jobsystem/keys.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .store import y\n",
+            "service/jobsystem/keys.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .store import y\n"
+            ),
             "service/app.py": "import fastapi\nfrom .jobsystem import store\n",
             "worker/__init__.py": "",
-            "worker/tasks.py": "from service.jobsystem.store import z\ndef f():\n    from megasr_core import geometry\n",
+            "worker/tasks.py": (
+                "from service.jobsystem.store import z\ndef f():\n    from megasr_core import geometry\n"
+            ),
             "service/api_server.py": "from .app import a\n",
             "megasr_core/cli/__init__.py": "def serve():\n    from service.app import create_app\n",
         },
@@ -403,7 +407,9 @@ def test_upward_and_sideways_imports_are_found(tmp_path):
             "service/contracts.py": "",
             "service/config.py": "from service.jobsystem import store\n",
             "service/jobsystem/__init__.py": "",
-            "service/jobsystem/store.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import worker.tasks\n",
+            "service/jobsystem/store.py": (
+                "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import worker.tasks\n"
+            ),
             "worker/tasks.py": "from service import images\n",
             "service/images.py": "def f():\n    import worker.tasks\n",
             "service/api_server.py": "import worker.tasks\nfrom service import images\n",

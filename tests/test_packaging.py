@@ -34,12 +34,16 @@ import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {blocked!r}:
-            raise ModuleNotFoundError(f"No module named {{name!r}} (blocked: not installed in a library-only install)", name=name)
+            raise ModuleNotFoundError(
+                f"No module named {{name!r}} (blocked: not installed in a library-only install)", name=name
+            )
         return None
 sys.meta_path.insert(0, Block())
 import importlib.util
 _find_spec = importlib.util.find_spec
-importlib.util.find_spec = lambda name, *a, **k: None if name.split(".")[0] in {blocked!r} else _find_spec(name, *a, **k)
+importlib.util.find_spec = lambda name, *a, **k: (
+    None if name.split(".")[0] in {blocked!r} else _find_spec(name, *a, **k)
+)
 from megasr_core.cli import main
 sys.argv = ["megasr", *{argv!r}]
 main()

@@ -22,9 +22,10 @@ On random weights of the preset (nothing downloaded) it measures, in this order:
    adds CUDA graphs on top of the compiled code), with compile time;
 7. ``megasr_channels_last``: eager with NHWC convolutions at the largest batch.
 
-``sections`` picks some of them by name (``build`` always runs). Sections run while ``budget_s`` lasts (each estimated from what ran before it); a section that
-fails records its error and the rest go on. With ``output`` the JSON is rewritten after each
-section, so a run cut short still leaves what it measured.
+``sections`` picks some of them by name (``build`` always runs). Sections run while ``budget_s``
+lasts (each estimated from what ran before it); a section that fails records its error and the
+rest go on. With ``output`` the JSON is rewritten after each section, so a run cut short still
+leaves what it measured.
 """
 
 from __future__ import annotations

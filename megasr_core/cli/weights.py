@@ -52,7 +52,8 @@ def weights_info(
         str, typer.Option(help="With --preset: the family whose shapes to describe (megasr, seesr, seesr-turbo).")
     ] = "megasr",
 ) -> None:
-    """Print a JSON description: family, whether trained (and what is random), config, parameter counts, missing parts."""
+    """Print a JSON description: family, whether trained (and what is random), config, parameter counts,
+    missing parts."""
     from megasr_core.families import MEGASR, get_family
     from megasr_core.models import MegaSRDenoiser, SeeSRDenoiser, WeightsError
     from megasr_core.weights.summary import describe
@@ -131,7 +132,8 @@ def weights_assemble(
         Path | None, typer.Option(help="JSON of RAMConfig fields for a RAM other than ram_swin_large_14m.")
     ] = None,
 ) -> None:
-    """Build a weights directory: MegaSR from SD2-base (+ a trained overlay), or SeeSR / SeeSR-Turbo from their releases."""
+    """Build a weights directory: MegaSR from SD2-base (+ a trained overlay), or SeeSR / SeeSR-Turbo from
+    their releases."""
     from megasr_core.families import FAMILIES, MEGASR
     from megasr_core.models import WeightsError
     from megasr_core.weights.upstream import assemble_from_sd2, assemble_seesr

@@ -3,7 +3,8 @@
 Each item is a random ``crop_size`` crop of one HR image, mirrored left-right half of the time,
 USM-sharpened (SeeSR's ``use_usm``: the model learns the sharpened HR and the LR is degraded
 from it), and its Real-ESRGAN degradation. Crops, flips and degradations are seeded by (seed,
-epoch, index), so a run is reproducible and every epoch sees new crops. ``make_pairs`` writes such pairs to disk once (offline pair-making).
+epoch, index), so a run is reproducible and every epoch sees new crops. ``make_pairs`` writes such
+pairs to disk once (offline pair-making).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ def check_control_image(controlnet: ControlNetModel, latents: torch.Tensor, cont
     )
     if tuple(control_image.shape) != expected:
         raise ValueError(
-            f"control_image must have shape {expected} for latents {tuple(latents.shape)}, got {tuple(control_image.shape)}"
+            f"control_image must have shape {expected} for latents {tuple(latents.shape)}, "
+            f"got {tuple(control_image.shape)}"
         )
 
 

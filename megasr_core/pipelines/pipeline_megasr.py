@@ -165,7 +165,8 @@ class MegaSRPipeline(DiffusionPipeline):
             problems.append(f"VAE has {self.vae.config.latent_channels} latent channels, UNet takes {unet.in_channels}")
         if self.text_encoder.config.hidden_size != unet.cross_attention_dim:
             problems.append(
-                f"text encoder width {self.text_encoder.config.hidden_size} ≠ UNet cross-attention {unet.cross_attention_dim}"
+                f"text encoder width {self.text_encoder.config.hidden_size} ≠ "
+                f"UNet cross-attention {unet.cross_attention_dim}"
             )
         source = self.denoiser.image_token_source
         clip = self.extractors.clip if self.extractors is not None else None

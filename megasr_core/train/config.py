@@ -1,7 +1,8 @@
 """Training configuration: dataclasses with documented defaults, read from YAML or TOML files.
 
 Defaults follow the paper (Sec. 4.1) and SeeSR: Adam, lr 2.5e-5, batch 16, 512² crops, empty
-prompt half of the time, HR tags as the prompt, flipped and USM-sharpened HR crops. Unknown keys are an error (a typo must not silently train wrong).
+prompt half of the time, HR tags as the prompt, flipped and USM-sharpened HR crops. Unknown keys
+are an error (a typo must not silently train wrong).
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def settle_clip_token_space(clip_directory: Path, image_embed_dim: int) -> str |
         space = "hidden"
     else:
         raise ValueError(
-            f"{clip_directory}: CLIP gives {vision.get('hidden_size')}-wide hidden or {config.get('projection_dim')}-wide "
+            f"{clip_directory}: CLIP gives {vision.get('hidden_size')}-wide hidden or "
+            f"{config.get('projection_dim')}-wide "
             f"projected tokens, but the CSM connectors take {image_embed_dim}"
         )
     (clip_directory / TOKENS_FILE).write_text(json.dumps({"token_space": space}) + "\n")

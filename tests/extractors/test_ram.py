@@ -290,7 +290,10 @@ def test_position_tables_are_resized_by_an_interpolating_bicubic_spline():
     """
     source, target = 7, 11  # window 4 → window 6
     nodes = _ram_source_offsets(source, target)
-    poly = lambda y, x, h: 0.3 + 0.1 * x - 0.05 * y + 0.01 * x * y + 0.002 * x**3 - 0.003 * (h + 1) * y**2 * x
+
+    def poly(y, x, h):
+        return 0.3 + 0.1 * x - 0.05 * y + 0.01 * x * y + 0.002 * x**3 - 0.003 * (h + 1) * y**2 * x
+
     yy, xx = np.meshgrid(nodes, nodes, indexing="ij")
     table = torch.tensor(np.stack([poly(yy, xx, h).reshape(-1) for h in range(3)], 1), dtype=torch.float32)
     out = interpolate_position_table(table, target * target)

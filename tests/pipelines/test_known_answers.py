@@ -193,7 +193,8 @@ def test_cfg_noise_prediction_is_uncond_plus_scale_times_difference(cfg_run):
 
 
 def test_cfg_halves_are_negative_then_positive_prompt_on_the_same_inputs(live, cfg_run, plain_run):
-    """CFG batch: e_t = [E(negative_prompt), E("{tags}, {prompt}, clean, high-resolution, 8k")], same z_t and control twice."""
+    """CFG batch: e_t = [E(negative_prompt), E("{tags}, {prompt}, clean, high-resolution, 8k")], same z_t and
+    control twice."""
     out, _ = plain_run
     positive = out.prompts[0]
     # The prompt string is checked as such: the tiny byte-level tokenizer keeps only the first 77

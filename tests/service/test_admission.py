@@ -177,9 +177,9 @@ def post_json_text(client, text: str):
     [
         ("50,000 nested arrays", "[" * 50_000),
         ("nested objects past the depth limit", '{"a":' * 33 + "1" + "}" * 33),
-        ("a 5,000-digit seed", '{"image": "%s", "seed": %s}' % (data_url(png()), "9" * 5000)),
-        ("NaN", '{"image": "%s", "scale": NaN}' % data_url(png())),
-        ("Infinity", '{"image": "%s", "guidance_scale": -Infinity}' % data_url(png())),
+        ("a 5,000-digit seed", f'{{"image": "{data_url(png())}", "seed": {"9" * 5000}}}'),
+        ("NaN", f'{{"image": "{data_url(png())}", "scale": NaN}}'),
+        ("Infinity", f'{{"image": "{data_url(png())}", "guidance_scale": -Infinity}}'),
         ("not UTF-8", '{"image": "\udcff"}'),
     ],
 )

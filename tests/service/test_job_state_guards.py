@@ -181,7 +181,8 @@ def test_a_finish_by_another_owner_is_rejected(store):
 
 
 def test_a_presumed_dead_worker_cannot_overwrite_the_result(tmp_path, db_url):
-    """A's lease expires, the reaper re-queues, B takes over; A's late writes are fenced out before and after B finishes."""
+    """A's lease expires, the reaper re-queues, B takes over; A's late writes are fenced out before and after B
+    finishes."""
     services = build_services(make_settings(tmp_path, db_url, result_ttl_s=RESULT_TTL_S))
     jobs = services.jobs
     job_id = queued_job(jobs)
@@ -318,7 +319,8 @@ def test_the_reaper_fails_a_job_after_three_lost_attempts(tmp_path, db_url):
 
 
 def test_an_idempotency_key_returns_the_same_job_for_a_day(store):
-    """The same key (same tenant) returns the first job; the key lives IDEMPOTENCY_TTL_S (24 h); other tenants are separate."""
+    """The same key (same tenant) returns the first job; the key lives IDEMPOTENCY_TTL_S (24 h); other tenants
+    are separate."""
     first, created = store.create(new_record(), idempotency_key="order-1")
     again, created_again = store.create(new_record(), idempotency_key="order-1")
     assert created and not created_again and again.id == first.id

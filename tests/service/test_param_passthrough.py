@@ -1,4 +1,5 @@
-"""Every UpscaleParams field reaches the pipeline: a job's result equals MegaSRPipeline's output for the same parameters.
+"""Every UpscaleParams field reaches the pipeline: a job's result equals MegaSRPipeline's output for the same
+parameters.
 
 Jobs go in through the HTTP API and are run by the real worker task (RQ SimpleWorker, as ``megasr worker``
 does), one job at a time, on the tiny weights; results come back through ``GET /v1/jobs/{id}/result``.
@@ -122,7 +123,8 @@ def pixels_of(image) -> np.ndarray:
 
 
 def test_the_cases_cover_every_field_of_the_contract():
-    """BASE and VARIANTS name every UpscaleParams field (a new field fails here until it is tested) and avoid defaults."""
+    """BASE and VARIANTS name every UpscaleParams field (a new field fails here until it is tested) and avoid
+    defaults."""
     assert set(UpscaleParams.model_fields) == set(BASE) | set(NOT_PIXELS)
     assert set(VARIANTS) == set(UpscaleParams.model_fields) - {"webhook_url", "model"}
     for name, value in BASE.items():
@@ -133,7 +135,8 @@ def test_the_cases_cover_every_field_of_the_contract():
 
 
 def test_job_result_equals_the_pipeline_for_the_same_parameters(run_job, pipeline):
-    """With a non-default value in every pixel-changing field, the job's PNG equals the pipeline's image (within 1/255)."""
+    """With a non-default value in every pixel-changing field, the job's PNG equals the pipeline's image
+    (within 1/255)."""
     content, content_type = run_job(BASE)
     assert content_type == "image/png" and content.startswith(MAGIC["png"])
     job, expected = pixels_of(content), direct(pipeline, BASE)

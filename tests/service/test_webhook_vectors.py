@@ -145,7 +145,8 @@ def test_retry_backoff_schedule_and_final_drop(tmp_path, store, db_url):
 
 
 def test_payload_is_the_documented_event_exactly():
-    """Every field of the documented event (docs/api.md, Webhooks), for a succeeded job (with a result link) and a failed one."""
+    """Every field of the documented event (docs/api.md, Webhooks), for a succeeded job (with a result link)
+    and a failed one."""
     from datetime import datetime
 
     from service.contracts import JobError

@@ -93,7 +93,8 @@ def test_cli_train_dage(tiny_weights, hr_folder, tmp_path):
     from megasr_core.cli import app
 
     (tmp_path / "d.toml").write_text(
-        f'weights = "{tiny_weights}"\nextractor = "clip"\ntrain_data = ["{hr_folder}"]\noutput_dir = "{tmp_path / "run"}"\n'
+        f'weights = "{tiny_weights}"\nextractor = "clip"\ntrain_data = ["{hr_folder}"]\n'
+        f'output_dir = "{tmp_path / "run"}"\n'
         "crop_size = 64\nbatch_size = 2\nmax_steps = 2\nnum_workers = 0\n"
     )
     result = CliRunner().invoke(app, ["train", "dage", "--config", str(tmp_path / "d.toml")])

@@ -1,4 +1,5 @@
-"""Stage-2 recipe (issue 11): the prompt is the HR crop's tags without the quality suffix; HR data flipped and sharpened."""
+"""Stage-2 recipe (issue 11): the prompt is the HR crop's tags without the quality suffix; HR data flipped and
+sharpened."""
 
 from __future__ import annotations
 

@@ -52,10 +52,10 @@ BUGS: tuple[PlantedBug, ...] = (
     ),
     PlantedBug("worker_drops_guidance_scale", "worker/tasks.py", "guidance_scale=guidance,", "", PASSTHROUGH),
     PlantedBug(
-        "worker_drops_prompt", "worker/tasks.py", "prompt=[m.record.params.prompt for m in group], ", "", PASSTHROUGH
+        "worker_drops_prompt", "worker/tasks.py", "prompt=[m.record.params.prompt for m in group],", "", PASSTHROUGH
     ),
     PlantedBug(
-        "worker_drops_negative_prompt", "worker/tasks.py", "negative_prompt=params.negative_prompt, ", "", PASSTHROUGH
+        "worker_drops_negative_prompt", "worker/tasks.py", "negative_prompt=params.negative_prompt,", "", PASSTHROUGH
     ),
     PlantedBug("worker_drops_seed", "worker/tasks.py", "seed=[m.seed for m in group],", "", PASSTHROUGH),
     PlantedBug("worker_drops_color_fix", "worker/tasks.py", "color_fix=params.color_fix,", "", PASSTHROUGH),

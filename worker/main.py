@@ -132,8 +132,8 @@ def prepare(
     log.info(
         "warmed up batch sizes %s at %s in %.1f s", batch_sizes, settings.warmup_buckets, time.monotonic() - started
     )
-    runtime.metrics.mark_ready()
     runtime.announce()  # GET /v1/models counts this worker from now on (renewed by the background loop)
+    runtime.metrics.mark_ready()  # after the announcement: a ready worker is always a counted one
     runtime.start_background()
     runtime.start_webhooks()
     log.info("worker %s ready: model %s on queue %s", runtime.name, runtime.model_name, runtime.queue.name)

@@ -11,6 +11,12 @@ from pathlib import Path
 
 import pytest
 import redis
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per test process, children included: the parallel processes share two
+    # cores, and tiny models gain nothing from a second thread but spin-wait time.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 

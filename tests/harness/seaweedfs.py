@@ -54,7 +54,7 @@ def weed_binary() -> str:
 
 
 def weed_command(data: Path, ports: dict[str, int], *extra: str) -> list[str]:
-    """``weed server`` with its S3 gateway, on loopback and the given ports (``weed_ports``).
+    """``weed server`` with its S3 gateway, on loopback and the given ports (``weed_ports``), logging into ``data``.
 
     Volumes are small, and the free-space floor is absolute: weed's default floor, 1 % of the disk,
     turns every volume read-only on a large, fairly full disk (puts then hang and fail with
@@ -64,6 +64,7 @@ def weed_command(data: Path, ports: dict[str, int], *extra: str) -> list[str]:
     port_flags += [f"-{name}.port.grpc={ports[name + '.grpc']}" for name in WEED_PORTS]
     return [
         weed_binary(),
+        f"-logdir={data}",  # glog's files, else one set per start in /tmp (fatal lines still reach stderr)
         "server",
         f"-dir={data}",
         "-ip=127.0.0.1",

@@ -35,6 +35,7 @@ def test_weed_gets_eight_distinct_free_ports_below_the_ephemeral_range():
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
     command = harness.weed_command(Path("/data"), ports)
+    assert command[1] == "-logdir=/data"  # a global flag (before the command): no log files left in /tmp
     for name in harness.WEED_PORTS:
         assert f"-{name}.port={ports[name]}" in command
         assert f"-{name}.port.grpc={ports[name + '.grpc']}" in command

@@ -169,7 +169,7 @@ def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, db_url, tiny_weight
     settings = make_settings(tmp_path, db_url)
     monkeypatch.setenv("MEGASR_MAX_BATCH", "3")
     with TestClient(create_app(settings)) as client:
-        ids = [submit(client, image=photo_png(name, size), steps=30, seed=6).json()["id"] for name, size in PHOTOS[:3]]
+        ids = [submit(client, image=photo_png(name, size), steps=10, seed=6).json()["id"] for name, size in PHOTOS[:3]]
         first, port = start_worker(settings, tiny_weights, tmp_path / "worker1.log")
         second = None
         try:

@@ -31,7 +31,7 @@ def test_sigkill_mid_job_is_finished_by_another_worker_once(setup):
         wait_ready(first, first_port)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{first_port}/metrics", timeout=5).read().decode()
         assert "megasr_worker_ready 1.0" in metrics
-        job_id = submit(client, steps=30, seed=2).json()["id"]
+        job_id = submit(client, steps=12, seed=2).json()["id"]
         running = wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"] > 0, timeout=120)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)

@@ -21,7 +21,9 @@ fi
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/megasr-compile/inductor}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv >"$OUT/nvidia-smi.csv" 2>&1
 start=$(date +%s)
-timeout "${GPU_TESTS_TIMEOUT:-170}" python3 -m pytest -q -m gpu -p no:cacheprovider \
+# -o addopts="": the project's default options ask for pytest-xdist's three processes, which the
+# device may lack; the GPU tests run in one process.
+timeout "${GPU_TESTS_TIMEOUT:-170}" python3 -m pytest -o addopts="" -p no:xdist -q -m gpu -p no:cacheprovider \
   tests/models/test_gpu.py tests/extractors/test_gpu.py tests/pipelines/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
 echo "gpu tests: $(( $(date +%s) - start )) s"
 timeout "${SUITE_TIMEOUT:-420}" python3 -m megasr_core.cli bench gpu --budget-s "${SUITE_BUDGET_S:-330}" \

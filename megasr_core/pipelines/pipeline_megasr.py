@@ -430,6 +430,8 @@ class MegaSRPipeline(DiffusionPipeline):
                         self.family.prompt(t, inputs.prompts[item.index]) for t, item in zip(tags, run.items)
                     ]
                     run.positive, run.negative = self._encode_prompts(run.prompts, inputs)
+                for item, text in zip(run.items, run.prompts):  # each image's, kept even if it is cancelled
+                    prompts[item.index] = text
                 # 7. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
                 # None = the first timestep); the schedule then runs from its own first timestep.
                 self.scheduler.set_timesteps(inputs.steps, device=self.device)
@@ -451,9 +453,6 @@ class MegaSRPipeline(DiffusionPipeline):
                         if callback is not None:
                             callback(done_steps + index + 1, total_steps)
                 if not run.items:  # every image of the batch was cancelled: nothing to decode
-                    # (as before: the batch's images paired with the prompts of those running at the last step)
-                    for item, text in zip(batch.items, run.prompts):
-                        prompts[item.index] = text
                     continue
                 # 9. VAE decode (tiled when large).
                 with timer.stage("vae_decode"):
@@ -462,8 +461,6 @@ class MegaSRPipeline(DiffusionPipeline):
                 with timer.stage("postprocess"):
                     for item, image in self._postprocess(run, decoded, prepared, inputs.color_fix):
                         results[item.index] = image
-                for item, text in zip(run.items, run.prompts):
-                    prompts[item.index] = text
         finally:
             self.denoiser.clear_caches()  # the CSMs' cached image keys/values of this call
         return MegaSRPipelineOutput(

@@ -114,6 +114,26 @@ def test_cancelling_every_image_returns_nothing(pipeline, photos):
     assert out.images == [None, None] and out.cancelled == [0, 1]
 
 
+def test_each_image_keeps_its_own_prompt_when_the_batch_is_cancelled_one_by_one(pipeline, photos):
+    """Image 1 is dropped after the first step, then the other two: every image still reports the
+    prompt it was sampled with, not a neighbour's (the survivors' prompts once shifted onto it)."""
+    images = [photos["cat"], photos["coffee"], photos["rocket"]]
+    steps_done: list[int] = []
+    out = pipeline(
+        images,
+        prompt=["first", "second", "third"],
+        seed=0,
+        num_inference_steps=3,
+        callback=lambda step, total: steps_done.append(step),
+        is_cancelled=lambda index: len(steps_done) >= (1 if index == 1 else 2),
+    )
+    assert out.images == [None, None, None] and out.cancelled == [0, 1, 2]
+    assert steps_done == [1, 2]
+    for index, word in enumerate(["first", "second", "third"]):
+        assert word in out.prompts[index]
+        assert all(other not in out.prompts[index] for other in {"first", "second", "third"} - {word})
+
+
 def test_max_batch_size_splits_a_bucket(pipeline, photos):
     with BatchSizes(pipeline) as calls:
         pipeline([photos["cat"], photos["coffee"], photos["rocket"]], num_inference_steps=1, seed=0, max_batch_size=2)

@@ -62,7 +62,24 @@ def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scal
 EXIT_FATAL = 70
 
 
-class StopOnFatal(SimpleWorker):
+class PromptUnsubscribe:
+    """RQ workers listen for commands (``rq.command``) on a thread that reads its channel 60 s at a
+    time, and a stopping worker joins that thread: whenever the unsubscribe reply came before the
+    thread saw the stop, a worker hung for up to a minute after SIGTERM or at the end of a burst.
+    Here each read lasts :attr:`pubsub_read_s`, so a stop takes at most that long."""
+
+    pubsub_read_s: float = 1.0
+
+    def subscribe(self) -> None:
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=self.pubsub_read_s, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
+
+class StopOnFatal(PromptUnsubscribe, SimpleWorker):
     """An in-process RQ worker that stops after a job fails with a fatal error.
 
     RQ catches every exception of a job and goes on to the next one; after a broken CUDA context
@@ -94,7 +111,10 @@ W = TypeVar("W", bound=SimpleWorker)
 
 def make_worker(worker_class: type[W], connection: Redis, queue_name: str, name: str | None = None) -> W:
     """An RQ worker on one of MegaSR's queues (a model's: ``Settings.queue_for``): tenant-fair
-    dequeue, JSON job data (never pickle)."""
+    dequeue, JSON job data (never pickle), and a prompt stop (:class:`PromptUnsubscribe`, mixed
+    into a plain RQ class given here)."""
+    if not issubclass(worker_class, PromptUnsubscribe):
+        worker_class = type(worker_class.__name__, (PromptUnsubscribe, worker_class), {})
     queue = FairQueue(queue_name, connection=connection, serializer=SERIALIZER)
     return worker_class([queue], connection=connection, name=name, queue_class=FairQueue, serializer=SERIALIZER)
 

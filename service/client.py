@@ -220,7 +220,10 @@ class MegaSRClient:
 
     def _event_stream(self, job_id: str, read_timeout: float = 60.0) -> Iterator[Job | None]:
         """The job at each event, None at each keep-alive (the server sends one every 15 s)."""
-        timeout = httpx.Timeout(self.http.timeout.connect, read=read_timeout)
+        # A plain (connect, read, write, pool) tuple: ``http`` may be a client of httpx or of a fork
+        # (starlette's TestClient is built on httpx2, which refuses httpx's Timeout objects).
+        default = self.http.timeout
+        timeout = (default.connect, read_timeout, default.write, default.pool)
         with self.http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as response:
             _raise_for_error(response)
             for event, data in _sse_messages(response.iter_lines()):

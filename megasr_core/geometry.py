@@ -1,10 +1,10 @@
 """Output, working and batch-bucket sizes of a job, and the bounds on them. Pure Python, no torch.
 
 The pipeline runs every image on a canvas that can be much larger than its output: a short side
-that would end below :data:`MIN_WORK_SIDE` is enlarged to it first (SeeSR), so a 1×4096 input
-becomes a 512×2,097,152 canvas. The API (which never imports torch) and the pipeline share this
-one rule, so a job the API admits is a job the pipeline can run, and a job that would exhaust a
-GPU is refused before it is queued.
+that would end below the model's native resolution (:data:`MIN_WORK_SIDE`, 512 px, for SD2-base)
+is enlarged to it first (SeeSR), so a 1×4096 input becomes a 512×2,097,152 canvas. The API (which
+never imports torch) and the pipeline share this one rule, so a job the API admits is a job the
+pipeline can run, and a job that would exhaust a GPU is refused before it is queued.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-#: the model runs on canvases whose short side is at least this many pixels (SeeSR's rule)
+#: SD2-base runs on canvases whose short side is at least this many pixels (SeeSR's rule: its
+#: native resolution, the UNet's sample size × the VAE factor); a pipeline takes its own model's
 MIN_WORK_SIDE = 512
 #: pixel multiple of the production SD2 model: VAE factor 8 × 2 ** (4 UNet down blocks − 1)
 SD2_SIZE_MULTIPLE = 64
@@ -51,22 +52,30 @@ class AspectRatioError(WorkBoundsError):
     setting = "max_aspect_ratio"
 
 
-def canvas(size: Size, scale: float, multiple: int) -> Canvas:
-    """The :class:`Canvas` of an input of ``size`` = (width, height), PIL's order, upscaled by ``scale``."""
+def canvas(size: Size, scale: float, multiple: int, min_side: int = MIN_WORK_SIDE) -> Canvas:
+    """The :class:`Canvas` of an input of ``size`` = (width, height), PIL's order, upscaled by
+    ``scale`` on a canvas whose short side is at least ``min_side``."""
     width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"an image needs at least one pixel per side, got {width}×{height}")
     if multiple < 1:
         raise ValueError(f"the size multiple must be positive, got {multiple}")
+    if min_side < 1:
+        raise ValueError(f"the minimum working side must be positive, got {min_side}")
     target = (max(1, round(height * scale)), max(1, round(width * scale)))
-    work_scale = max(scale, MIN_WORK_SIDE / min(height, width))
+    work_scale = max(scale, min_side / min(height, width))
     work = (max(target[0], round(height * work_scale)), max(target[1], round(width * work_scale)))
     bucket = (math.ceil(work[0] / multiple) * multiple, math.ceil(work[1] / multiple) * multiple)
     return Canvas(target=target, work=work, bucket=bucket)
 
 
 def check_work_bounds(
-    size: Size, scale: float, multiple: int, max_output_pixels: int, max_aspect_ratio: float | None = None
+    size: Size,
+    scale: float,
+    multiple: int,
+    max_output_pixels: int,
+    max_aspect_ratio: float | None = None,
+    min_side: int = MIN_WORK_SIDE,
 ) -> Canvas:
     """The :class:`Canvas` of the job, or :class:`WorkBoundsError` when its output or working
     canvas would exceed ``max_output_pixels`` or the input's long/short side ``max_aspect_ratio``."""
@@ -78,7 +87,7 @@ def check_work_bounds(
                 f"the image is {width}×{height}, a side ratio of {ratio:.4g}:1; the limit is {max_aspect_ratio:g}:1",
                 max_aspect_ratio,
             )
-    result = canvas(size, scale, multiple)
+    result = canvas(size, scale, multiple, min_side)
     (th, tw), (wh, ww) = result.target, result.work
     if th * tw > max_output_pixels:
         raise WorkBoundsError(
@@ -89,7 +98,7 @@ def check_work_bounds(
     if wh * ww > max_output_pixels:
         raise WorkBoundsError(
             f"a {width}×{height} image at scale {scale:g} runs on a {ww}×{wh} = {ww * wh:,} pixel canvas "
-            f"(short side enlarged to {MIN_WORK_SIDE}); the limit is {max_output_pixels:,} pixels",
+            f"(short side enlarged to {min_side}); the limit is {max_output_pixels:,} pixels",
             max_output_pixels,
         )
     return result

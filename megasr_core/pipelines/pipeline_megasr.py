@@ -146,6 +146,9 @@ class MegaSRPipeline(DiffusionPipeline):
         down_blocks = len(denoiser.unet.config.down_block_types)
         #: pixel multiple the UNet needs: VAE factor × the UNet's downsampling
         self.size_multiple = self.vae_scale_factor * 2 ** (down_blocks - 1)
+        #: short side of the working canvas at least: the UNet's native resolution (512 px for
+        #: SD2-base, SeeSR's rule; 128 px for the tiny preset)
+        self.min_work_side = denoiser.unet.config.sample_size * self.vae_scale_factor
         #: ceiling on output and working-canvas pixels per image (a GPU-memory guard; the API checks
         #: its own, smaller bound with the same rule before queueing)
         self.max_output_pixels = DEFAULT_MAX_OUTPUT_PIXELS
@@ -369,7 +372,7 @@ class MegaSRPipeline(DiffusionPipeline):
                 and its index is listed in ``cancelled``) while the others go on.
             max_pixels: refuse inputs above this many pixels (decompression-bomb guard).
             max_output_pixels: refuse images whose output or working canvas (short side enlarged
-                to 512) would exceed this many pixels (``WorkBoundsError``, a ``ValueError``);
+                to ``self.min_work_side``) would exceed this many pixels (``WorkBoundsError``, a ``ValueError``);
                 ``None`` = ``self.max_output_pixels``.
             max_batch_size: at most this many images per model batch (default: all that share a
                 size bucket).
@@ -580,17 +583,20 @@ class MegaSRPipeline(DiffusionPipeline):
             for source in inputs.sources
         ]
         for image, image_scale in zip(prepared, inputs.scales):
-            check_work_bounds(image.size, image_scale, self.size_multiple, inputs.max_output_pixels)
+            check_work_bounds(
+                image.size, image_scale, self.size_multiple, inputs.max_output_pixels, min_side=self.min_work_side
+            )
         return prepared
 
     def geometry(self, size: tuple[int, int], scale: float) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
         """(target, work, bucket) as (height, width) for an LR image of ``size`` = (width, height).
 
         ``target`` is the output size; ``work`` the size the model runs at (SeeSR: a short side
-        that would end below 512 px is enlarged to 512 first); ``bucket`` the work size padded to
+        that would end below the model's native resolution, 512 px for SD2-base, is enlarged to it
+        first); ``bucket`` the work size padded to
         the model's multiple. Images with the same bucket can share a batch.
         """
-        sizes = canvas(size, scale, self.size_multiple)  # the rule the API admits jobs by
+        sizes = canvas(size, scale, self.size_multiple, self.min_work_side)  # the rule the API admits jobs by
         return sizes.target, sizes.work, sizes.bucket
 
     # ------------------------------------------------------------------ 4.-10. the steps of one batch

@@ -111,7 +111,10 @@ def admit(
     """Check the work bounds, replay an Idempotency-Key's job, or store the input and submit the job
     (within the tenant's quota); (record, replayed). ``data``: the bytes the client sent."""
     settings = services.settings
-    try:  # the pipeline's own canvas rule, so no admitted job can exhaust a GPU
+    # The pipeline's canvas rule at SD2's sizes (512-px minimum side, 64-px multiple), so no admitted
+    # job can exhaust a GPU; a model with a smaller native size (the tiny preset) runs on a smaller
+    # canvas, so what the API admits any served model can run.
+    try:
         check_work_bounds(
             (image.width, image.height),
             params.scale,

@@ -111,7 +111,7 @@ def test_modulation_recomputed_per_step_stays_eager(active_pipeline, photos):
     graphs = DenoiserGraphs(pipe.denoiser, capture=False)
     pipe.denoiser_graphs = graphs
     try:
-        run(pipe, photos[0], 1, tile_size=16, tile_overlap=4, max_cached_tiles=0)
+        run(pipe, photos[0], 1, tile_size=16, tile_overlap=4, max_cached_tiles=0, tile_batch_size=1)
     finally:
         pipe.denoiser_graphs = None
     assert graphs.static_calls == 0 and graphs.eager_calls > STEPS and graphs.graphs == {}

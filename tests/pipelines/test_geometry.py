@@ -31,6 +31,15 @@ def test_canvas(size, scale, expected):
     assert canvas(size, scale, SD2_SIZE_MULTIPLE) == expected
 
 
+def test_a_model_with_a_smaller_native_size_enlarges_to_its_own_minimum():
+    assert canvas((24, 16), 4, 64, min_side=128) == Canvas(target=(64, 96), work=(128, 192), bucket=(128, 192))
+    assert canvas((24, 16), 8, 64, min_side=128) == Canvas(target=(128, 192), work=(128, 192), bucket=(128, 192))
+    with pytest.raises(WorkBoundsError, match=r"192×128 = 24,576 pixel canvas \(short side enlarged to 128\)"):
+        check_work_bounds((24, 16), 1, 64, 20_000, min_side=128)
+    with pytest.raises(ValueError, match="minimum working side"):
+        canvas((24, 16), 1, 64, min_side=0)
+
+
 def test_the_sd2_multiple_is_the_vae_factor_times_the_unet_downsampling():
     assert SD2_SIZE_MULTIPLE == 8 * 2 ** (4 - 1)
 
@@ -77,8 +86,10 @@ def test_geometry_module_is_torch_free():
 
 
 def test_pipeline_geometry_is_the_shared_rule(pipeline):
+    # the UNet's native resolution: sample size 16 × VAE factor 8 for the tiny preset (64 × 8 = 512 for SD2)
+    assert pipeline.min_work_side == pipeline.denoiser.unet.config.sample_size * pipeline.vae_scale_factor == 128
     for size, scale in (((24, 16), 4), ((451, 300), 2), ((40, 28), 2.5), ((700, 9), 1)):
-        sizes = canvas(size, scale, pipeline.size_multiple)
+        sizes = canvas(size, scale, pipeline.size_multiple, min_side=128)
         assert pipeline.geometry(size, scale) == (sizes.target, sizes.work, sizes.bucket)
 
 
@@ -96,15 +107,15 @@ def test_pipeline_refuses_work_over_its_bound_before_running_the_model(pipeline)
     image = Image.new("RGB", (8, 8), "gray")
     forwards = Forwards(pipeline)
     try:
-        # an 8×8 input runs on a 512×512 canvas: over a 500×500 bound, whatever the scale
-        with pytest.raises(WorkBoundsError, match="512×512 = 262,144 pixel canvas"):
-            pipeline(image, scale=2, num_inference_steps=1, seed=0, max_output_pixels=500 * 500)
-        pipeline.max_output_pixels = 500 * 500
+        # an 8×8 input runs on the tiny model's 128×128 minimum canvas: over a 100×100 bound, whatever the scale
+        with pytest.raises(WorkBoundsError, match="128×128 = 16,384 pixel canvas"):
+            pipeline(image, scale=2, num_inference_steps=1, seed=0, max_output_pixels=100 * 100)
+        pipeline.max_output_pixels = 100 * 100
         with pytest.raises(WorkBoundsError):
             pipeline(image, scale=2, num_inference_steps=1, seed=0)
     finally:
         pipeline.max_output_pixels = DEFAULT_MAX_OUTPUT_PIXELS
         forwards.handle.remove()
     assert forwards.count == 0
-    out = pipeline(image, scale=2, num_inference_steps=1, seed=0, max_output_pixels=512 * 512)  # at the bound: runs
+    out = pipeline(image, scale=2, num_inference_steps=1, seed=0, max_output_pixels=128 * 128)  # at the bound: runs
     assert out.images[0].size == (16, 16)

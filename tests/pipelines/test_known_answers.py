@@ -112,8 +112,9 @@ def recording(pipeline, stop_after_steps: int | None = None):
 
 @pytest.fixture(scope="module")
 def lr_image() -> Image.Image:
-    """A 32×32 crop of a real photo: works at 512×512 (SeeSR's small-input rule), a 64×64 latent."""
-    return Image.fromarray(data.astronaut()[40:232, 150:342]).resize((32, 32), Image.Resampling.BICUBIC)
+    """A 64×64 crop of a real photo: ×4 is 256×256, above the tiny model's 128-px working minimum,
+    so it works at its output size, a 32×32 latent (4,096 latent values for the statistics below)."""
+    return Image.fromarray(data.astronaut()[40:232, 150:342]).resize((64, 64), Image.Resampling.BICUBIC)
 
 
 def run(pipeline, image, stop_after_steps=None, **kwargs):
@@ -243,8 +244,8 @@ def test_controlnet_residuals_reaching_the_unet_scale_with_controlnet_scale(live
 def test_lre_start_is_the_noised_vae_latent_of_the_bicubic_lr(live, lr_image, cfg_run):
     """z_T = √ᾱ_t·z + √(1−ᾱ_t)·ε, z = VAE sample of bicubic×4(LR)·0.18215, t = the documented LRE start."""
     config = live.scheduler.config
-    # The image the VAE encodes: bicubic ×4 of the LR (512², no padding needed), mapped to [-1, 1].
-    upscaled = F.interpolate(lr_tensor(lr_image), size=(512, 512), mode="bicubic", align_corners=False).clamp(0, 1)
+    # The image the VAE encodes: bicubic ×4 of the LR (256², no padding needed), mapped to [-1, 1].
+    upscaled = F.interpolate(lr_tensor(lr_image), size=(256, 256), mode="bicubic", align_corners=False).clamp(0, 1)
     assert len(cfg_run["vae_in"]) == 1
     torch.testing.assert_close(cfg_run["vae_in"][0], upscaled * 2 - 1, rtol=0, atol=1e-5)
     # z is a sample of that posterior times the VAE's scaling factor: its standardized draw is N(0, 1).

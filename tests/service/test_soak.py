@@ -42,7 +42,7 @@ pytestmark = pytest.mark.soak
 
 JOBS = int(os.environ.get("MEGASR_SOAK_JOBS", "2000"))
 TIMEOUT_S = float(os.environ.get("MEGASR_SOAK_TIMEOUT_S", "1200"))
-#: CPU batches: the 512-px working canvas makes batching cost ~20 % per job on a CPU, but the
+#: CPU batches: batching costs a little per job on a CPU (no parallel hardware to fill), but the
 #: batch-mate paths (claim, requeue, per-member fencing) are what the faults must exercise
 MAX_BATCH = int(os.environ.get("MEGASR_SOAK_MAX_BATCH", "4"))
 #: accepted but unfinished jobs the submitter allows: submissions go on through every fault

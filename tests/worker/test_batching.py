@@ -29,7 +29,7 @@ def photo_png(name: str, size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
-# LR sizes whose padded working size is the same (512×768) in the tiny pipeline: one bucket.
+# LR sizes whose padded working size is the same (128×192) in the tiny pipeline: one bucket.
 PHOTOS = [("chelsea", (40, 28)), ("coffee", (41, 28)), ("rocket", (44, 30)), ("astronaut", (40, 29))]
 
 
@@ -169,7 +169,8 @@ def test_sigkill_mid_batch_every_job_finishes_once(tmp_path, db_url, tiny_weight
     settings = make_settings(tmp_path, db_url)
     monkeypatch.setenv("MEGASR_MAX_BATCH", "3")
     with TestClient(create_app(settings)) as client:
-        ids = [submit(client, image=photo_png(name, size), steps=10, seed=6).json()["id"] for name, size in PHOTOS[:3]]
+        # 30 steps: ~3 s for the batch, so the kill lands mid-batch
+        ids = [submit(client, image=photo_png(name, size), steps=30, seed=6).json()["id"] for name, size in PHOTOS[:3]]
         first, port = start_worker(settings, tiny_weights, tmp_path / "worker1.log")
         second = None
         try:

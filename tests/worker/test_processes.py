@@ -31,7 +31,7 @@ def test_sigkill_mid_job_is_finished_by_another_worker_once(setup):
         wait_ready(first, first_port)
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{first_port}/metrics", timeout=5).read().decode()
         assert "megasr_worker_ready 1.0" in metrics
-        job_id = submit(client, steps=12, seed=2).json()["id"]
+        job_id = submit(client, steps=40, seed=2).json()["id"]  # ~2 s: the kill lands mid-job
         running = wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"] > 0, timeout=120)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
@@ -60,7 +60,7 @@ def test_sigterm_finishes_the_current_job_then_exits(setup):
     worker, port = start_worker(settings, weights, tmp_path / "worker.log")
     try:
         wait_ready(worker, port)
-        running = submit(client, steps=12, seed=3).json()["id"]
+        running = submit(client, steps=40, seed=3).json()["id"]  # ~2 s: SIGTERM lands mid-job
         waiting = submit(client, steps=2, seed=4).json()["id"]
         wait_for(client, running, lambda j: j["status"] == "running" and j["progress"] > 0, timeout=120)
         worker.send_signal(signal.SIGTERM)

@@ -38,7 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..extractors import GuidanceExtractors
 from ..families import MEGASR, SEESR_TURBO, ModelFamily, get_family
-from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, canvas, check_work_bounds
+from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, MIN_WORK_SIDE, canvas, check_work_bounds
 from ..identity import ModelIdentity, weights_label
 from ..models import MegaSRDenoiser, SeeSRDenoiser, get_preset
 from ..weights.loading import Denoiser, load_denoiser
@@ -76,6 +76,15 @@ MAX_STEPS = 1000
 
 class PipelineCancelled(RuntimeError):
     """``should_cancel()`` returned True; the run stopped before finishing."""
+
+
+def native_side(sample_size: int | tuple[int, int] | list[int] | None, vae_scale_factor: int) -> int:
+    """The short side, in pixels, a UNet of latent ``sample_size`` was trained at; SD2's 512 when a
+    config leaves the size out (diffusers' default is ``None``)."""
+    if sample_size is None:
+        return MIN_WORK_SIDE
+    side = min(sample_size) if isinstance(sample_size, (tuple, list)) else sample_size
+    return int(side) * vae_scale_factor
 
 
 @dataclass
@@ -148,7 +157,7 @@ class MegaSRPipeline(DiffusionPipeline):
         self.size_multiple = self.vae_scale_factor * 2 ** (down_blocks - 1)
         #: short side of the working canvas at least: the UNet's native resolution (512 px for
         #: SD2-base, SeeSR's rule; 128 px for the tiny preset)
-        self.min_work_side = denoiser.unet.config.sample_size * self.vae_scale_factor
+        self.min_work_side = native_side(denoiser.unet.config.sample_size, self.vae_scale_factor)
         #: ceiling on output and working-canvas pixels per image (a GPU-memory guard; the API checks
         #: its own, smaller bound with the same rule before queueing)
         self.max_output_pixels = DEFAULT_MAX_OUTPUT_PIXELS

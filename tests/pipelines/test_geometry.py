@@ -7,6 +7,7 @@ from PIL import Image
 
 from megasr_core.geometry import (
     DEFAULT_MAX_OUTPUT_PIXELS,
+    MIN_WORK_SIDE,
     SD2_SIZE_MULTIPLE,
     AspectRatioError,
     Canvas,
@@ -91,6 +92,14 @@ def test_pipeline_geometry_is_the_shared_rule(pipeline):
     for size, scale in (((24, 16), 4), ((451, 300), 2), ((40, 28), 2.5), ((700, 9), 1)):
         sizes = canvas(size, scale, pipeline.size_multiple, min_side=128)
         assert pipeline.geometry(size, scale) == (sizes.target, sizes.work, sizes.bucket)
+
+
+def test_native_side_is_the_unets_sample_size_in_pixels():
+    from megasr_core.pipelines.pipeline_megasr import native_side
+
+    assert native_side(64, 8) == 512  # SD2-base, SeeSR, SeeSR-Turbo
+    assert native_side((96, 64), 8) == 512  # a non-square sample size: its short side
+    assert native_side(None, 8) == MIN_WORK_SIDE == 512  # a config without one: SD2's rule
 
 
 class Forwards:

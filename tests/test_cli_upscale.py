@@ -77,7 +77,7 @@ def test_upscale_single_file_and_errors(tmp_path, tiny_weights):
     scale = runner.invoke(
         app, ["upscale", str(source), "-o", str(tmp_path / "o"), "--weights", str(tiny_weights), "--scale", "20"]
     )
-    assert scale.exit_code == 1 and "scale must be" in scale.output
+    assert scale.exit_code == 2 and "--scale must be a number from 1 to 8, got 20.0" in scale.output
 
     missing = runner.invoke(app, ["upscale", str(tmp_path / "nope.png"), "-o", str(tmp_path / "o")])
     assert missing.exit_code == 2 and "no such file" in missing.output

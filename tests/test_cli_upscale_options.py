@@ -47,6 +47,30 @@ def test_writing_into_the_input_folder_adds_a_suffix_and_never_overwrites(tmp_pa
     assert elsewhere.exit_code == 0 and (tmp_path / "out" / "cat.png").is_file()  # another folder: no suffix
 
 
+def test_a_rerun_into_the_input_folder_never_takes_its_outputs_as_inputs(tmp_path, tiny_weights):
+    folder = tmp_path / "photos"
+    _photo(folder / "cat.png", which=data.chelsea)
+    _photo(folder / "dog.png")
+    first = _upscale(folder, "-o", folder, "--scale", "2", weights=tiny_weights)
+    assert first.exit_code == 0, first.output
+    assert sorted(p.name for p in folder.iterdir()) == ["cat.png", "cat_x2.png", "dog.png", "dog_x2.png"]
+    made = (folder / "cat_x2.png").stat().st_mtime_ns
+
+    skipped = _upscale(folder, "-o", folder, "--scale", "2", "--skip-existing", weights=tiny_weights)
+    assert skipped.exit_code == 0, skipped.output
+    assert "left out 2 file(s) that are outputs of the other inputs (a previous run)" in skipped.output
+    assert "skipped" in skipped.output and "upscaling" not in skipped.output  # nothing to do: no model
+    assert (folder / "cat_x2.png").stat().st_mtime_ns == made
+
+    again = _upscale(folder, "-o", folder, "--scale", "2", weights=tiny_weights)  # overwrites its own outputs
+    assert again.exit_code == 0, again.output
+    assert sorted(p.name for p in folder.iterdir()) == ["cat.png", "cat_x2.png", "dog.png", "dog_x2.png"]
+
+    other_format = _upscale(folder, "-o", folder, "--scale", "2", "--format", "webp", weights=tiny_weights)
+    assert other_format.exit_code == 0, other_format.output
+    assert sorted(p.name for p in folder.glob("*.webp")) == ["cat_x2.webp", "dog_x2.webp"]  # no cat_x2_x2
+
+
 def test_skip_existing_leaves_finished_outputs_alone(tmp_path, tiny_weights):
     inputs = tmp_path / "in"
     _photo(inputs / "a.png")
@@ -76,6 +100,7 @@ def test_recursive_mirrors_sub_folders_and_quality_sets_the_encoder(tmp_path, ti
 
     flat = _upscale(root, "-o", tmp_path / "flat", "--scale", "2", weights=tiny_weights)
     assert flat.exit_code == 0, flat.output
+    assert f"skipped 1 sub-folder(s) of {root} (pass -r to include them): 2024" in flat.output
     assert sorted(p.name for p in (tmp_path / "flat").rglob("*.png")) == ["top.png"]
 
     best = _upscale(

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail, torch_dtype
+from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail
+from .option_checks import check_device, check_dtype, check_port
 
 
 def serve(
@@ -47,10 +48,14 @@ def serve(
     from service.server_options import uvicorn_options
     from worker.embedded import start_embedded_valkey, start_housekeeping, start_worker_thread
 
-    dtype_value = torch_dtype(dtype) if dtype else None  # checked before anything starts (torch only if asked)
     settings = settings_or_fail(
         **{k: v for k, v in {"host": host, "port": port, "compile": compile}.items() if v is not None}
     )
+    check_port(settings.host, settings.port)  # before any model or Valkey starts
+    dtype_value = None
+    if device is not None or dtype is not None:  # checked before anything starts (torch only if asked)
+        device = check_device(device)
+        dtype_value = check_dtype(dtype, device)
     observe(settings, "megasr-api")
     try:
         keys = settings.tenant_keys()

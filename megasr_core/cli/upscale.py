@@ -10,19 +10,29 @@ from typing import Annotated
 
 import typer
 
-from .common import fail, resolve_weights, torch_dtype
+from .common import fail, resolve_weights
+from .option_checks import check_device, check_dtype, check_sampling
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
 
 
 def collect_inputs(inputs: list[Path], recursive: bool = False) -> list[tuple[Path, Path]]:
-    """(image, folder relative to its input root) pairs; only folders walked with --recursive have sub-folders."""
+    """(image, folder relative to its input root) pairs; only folders walked with --recursive have sub-folders.
+
+    Without --recursive a folder's sub-folders are left out, and said so."""
     files: list[tuple[Path, Path]] = []
     for path in inputs:
         if path.is_dir():
-            walk = path.rglob("*") if recursive else path.iterdir()
-            found = sorted(p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            walk = sorted(path.rglob("*") if recursive else path.iterdir())
+            found = [p for p in walk if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+            subfolders = [] if recursive else [p.name for p in walk if p.is_dir()]
+            if subfolders:
+                typer.echo(
+                    f"skipped {len(subfolders)} sub-folder(s) of {path} (pass -r to include them): "
+                    + ", ".join(subfolders),
+                    err=True,
+                )
             if not found:
                 fail(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files += [(p, p.parent.relative_to(path)) for p in found]
@@ -33,12 +43,47 @@ def collect_inputs(inputs: list[Path], recursive: bool = False) -> list[tuple[Pa
     return files
 
 
+def drop_previous_outputs(
+    files: list[tuple[Path, Path]], output: Path, fmt: str | None, suffix: str | None, scale: float
+) -> list[tuple[Path, Path]]:
+    """The inputs without those that are another input's output: a previous run into the same
+    folder (``cat.png`` and its ``cat_x4.png``) is never upscaled again as a new input."""
+    # by name without extension: a previous run in another --format is a previous run too
+    made_by = {
+        target.resolve().with_suffix(""): file.resolve()
+        for (file, _), (target, _) in zip(files, _targets(files, output, fmt, suffix, scale))
+    }
+    kept, dropped = [], []
+    for file, rel in files:
+        source = made_by.get(file.resolve().with_suffix("")) if file.suffix.lower().lstrip(".") in FORMATS else None
+        (dropped if source is not None and source != file.resolve() else kept).append((file, rel))
+    if dropped:
+        typer.echo(
+            f"left out {len(dropped)} file(s) that are outputs of the other inputs (a previous run): "
+            + ", ".join(str(file) for file, _ in dropped),
+            err=True,
+        )
+    return kept
+
+
 def output_paths(
     files: list[tuple[Path, Path]], output: Path, fmt: str | None, suffix: str | None, scale: float
 ) -> list[tuple[Path, str]]:
     """Where each input goes. Never onto an input: writing into an input's own folder adds ``_x{scale}``
     to the names unless --suffix says otherwise (Real-ESRGAN's rule), and a target that still is an
     input is refused."""
+    paths = _targets(files, output, fmt, suffix, scale)
+    sources = {file.resolve() for file, _ in files}
+    for target, _ in paths:
+        if target.resolve() in sources:
+            fail(f"refusing to overwrite the input {target}: choose another --output or a --suffix")
+    return paths
+
+
+def _targets(
+    files: list[tuple[Path, Path]], output: Path, fmt: str | None, suffix: str | None, scale: float
+) -> list[tuple[Path, str]]:
+    """(output path, PIL format) of each input, by the naming rule of :func:`output_paths`."""
     single_file = len(files) == 1 and not output.is_dir() and output.suffix.lower().lstrip(".") in FORMATS
     if single_file:
         paths = [(output, FORMATS[(fmt or output.suffix.lstrip(".")).lower()])]
@@ -55,10 +100,6 @@ def output_paths(
             if stems.count((rel, name)) > 1:  # same stem in two input folders: keep them apart
                 name = f"{file.parent.name}_{name}"
             paths.append((output / rel / f"{name}{suffix}.{extension}", FORMATS[chosen]))
-    sources = {file.resolve() for file, _ in files}
-    for target, _ in paths:
-        if target.resolve() in sources:
-            fail(f"refusing to overwrite the input {target}: choose another --output or a --suffix")
     return paths
 
 
@@ -123,7 +164,10 @@ def upscale(
         fail(f"--format must be png, jpeg or webp, got {fmt!r}")
     if suffix is not None and any(sep in suffix for sep in ("/", "\\")):
         fail(f"--suffix is part of a file name, got {suffix!r}")
-    files = collect_inputs(inputs, recursive=recursive)
+    check_sampling(scale=scale, steps=steps, guidance_scale=guidance_scale, color_fix=color_fix, tile_size=tile_size)
+    device = check_device(device)
+    torch_dtype = check_dtype(dtype, device)
+    files = drop_previous_outputs(collect_inputs(inputs, recursive=recursive), output, fmt, suffix, scale)
     targets = output_paths(files, output, fmt, suffix, scale)
     if skip_existing:
         kept = [(f, t) for f, t in zip(files, targets) if not t[0].exists()]
@@ -140,7 +184,7 @@ def upscale(
     from megasr_core.pipelines import InvalidImageError, MegaSRPipeline
 
     try:
-        pipeline = MegaSRPipeline.from_pretrained(weights_dir, torch_dtype=torch_dtype(dtype), device=device)
+        pipeline = MegaSRPipeline.from_pretrained(weights_dir, torch_dtype=torch_dtype, device=device)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     announce_model(pipeline, weights_dir)

@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail, torch_dtype
+from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail
+from .option_checks import check_device, check_dtype
 
 
 def worker(
@@ -42,11 +43,13 @@ def worker(
     require("serve", *SERVE_MODULES)
     from worker.main import prepare, run_worker
 
+    device = check_device(device)
+    torch_dtype = check_dtype(dtype, device)
     options = (("compile", compile), ("max_batch", max_batch), ("cuda_graphs", cuda_graphs))
     settings = settings_or_fail(**{k: v for k, v in options if v is not None})
     observe(settings, "megasr-worker")
     if not settings.redis_url:
         fail("MEGASR_REDIS_URL is not set: workers need the Redis the API uses")
     weights_dir = resolve_weights(weights or settings.weights)
-    runtime = prepare(settings, weights_dir, device=device, dtype=torch_dtype(dtype), metrics_port=metrics_port)
+    runtime = prepare(settings, weights_dir, device=device, dtype=torch_dtype, metrics_port=metrics_port)
     run_worker(runtime, settings, burst=burst)

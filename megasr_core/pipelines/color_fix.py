@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-METHODS = ("adain", "wavelet", "none")
+from ..parameters import COLOR_FIX_METHODS as METHODS
 
 
 def adain(content: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

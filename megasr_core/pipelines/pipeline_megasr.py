@@ -22,7 +22,6 @@ fires after every step; ``should_cancel()`` is checked before every step and rai
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -41,6 +40,13 @@ from ..families import MEGASR, SEESR_TURBO, ModelFamily, get_family
 from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, MIN_WORK_SIDE, canvas, check_work_bounds
 from ..identity import ModelIdentity, weights_label
 from ..models import MegaSRDenoiser, SeeSRDenoiser, get_preset
+from ..parameters import (
+    color_fix_problem,
+    guidance_scale_problem,
+    scale_problem,
+    steps_problem,
+    tile_size_problem,
+)
 from ..weights.loading import Denoiser, load_denoiser
 from .batching import (
     Batch,
@@ -53,7 +59,6 @@ from .batching import (
     per_image,
     randn_per_image,
 )
-from .color_fix import METHODS as COLOR_FIX_METHODS
 from .color_fix import color_fix
 from .denoiser_graphs import DenoiserGraphs
 from .image_processing import (
@@ -70,8 +75,6 @@ from .tiling import Tile, blend_tiles, tiles
 from .timing import StageTimer
 
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
-MIN_SCALE, MAX_SCALE = 1.0, 8.0
-MAX_STEPS = 1000
 
 
 class PipelineCancelled(RuntimeError):
@@ -520,26 +523,16 @@ class MegaSRPipeline(DiffusionPipeline):
             raise InvalidImageError("no images given")
         scales = per_image("scale", scale, len(sources))
         prompts = per_image("prompt", prompt, len(sources))
-        for value in scales:
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or not MIN_SCALE <= value <= MAX_SCALE
-            ):
-                raise ValueError(f"scale must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}")
-        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be an integer from 1 to {MAX_STEPS}, got {steps!r}")
-        if (
-            not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale)
-            or not 0 <= guidance_scale <= 50
+        for name, value, problem in (
+            *(("scale", value, scale_problem) for value in scales),
+            ("num_inference_steps", steps, steps_problem),
+            ("guidance_scale", guidance_scale, guidance_scale_problem),
+            ("color_fix", color_fix, color_fix_problem),
+            ("tile_size", tile_size, tile_size_problem),
         ):
-            raise ValueError(f"guidance_scale must be from 0 to 50, got {guidance_scale!r}")
-        if color_fix not in COLOR_FIX_METHODS:
-            raise ValueError(f"color_fix must be one of {', '.join(COLOR_FIX_METHODS)}, got {color_fix!r}")
-        if tile_size is not None and (not isinstance(tile_size, int) or (tile_size != 0 and tile_size < 16)):
-            raise ValueError(f"tile_size must be 0 (off), None (auto) or at least 16 latent pixels, got {tile_size!r}")
+            message = problem(value)
+            if message is not None:
+                raise ValueError(f"{name} {message}")
         if not isinstance(tile_overlap, int) or tile_overlap < 0 or (tile_size and tile_overlap >= tile_size):
             raise ValueError(f"tile_overlap must be ≥ 0 and smaller than tile_size, got {tile_overlap!r}")
         if not isinstance(vae_tiles[0], int) or vae_tiles[0] < 64:

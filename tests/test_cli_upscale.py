@@ -87,10 +87,15 @@ def test_without_weights_the_demo_weights_are_made_with_a_warning(tmp_path):
     source = tmp_path / "a.png"
     Image.fromarray(data.astronaut()).resize((16, 16)).save(source)
     env = {"MEGASR_HOME": str(tmp_path / "home"), "MEGASR_WEIGHTS": ""}
-    result = megasr("upscale", str(source), "-o", str(tmp_path / "out"), "--steps", "1", env=env)
+    result = megasr("upscale", str(source), "-o", str(tmp_path / "out"), env=env)
     assert result.returncode == 0, result.stderr
-    assert "UNTRAINED" in result.stderr
+    assert "UNTRAINED" in result.stderr and "megasr weights assemble --help" in result.stderr
     assert (tmp_path / "home" / "tiny-demo" / "megasr.json").is_file()
+    # a fast first run: the demo's own step count, and no bar per weight file or stray warning
+    assert "untrained tiny weights: 10 steps (--steps to choose)" in result.stderr
+    assert "/10 [" in result.stderr and "/50 [" not in result.stderr
+    for noise in ("Loading weights", "Writing model shards", "gemm_4bit"):
+        assert noise not in result.stderr, result.stderr
 
 
 def test_bench_prints_json():

@@ -8,6 +8,8 @@ extra, and the library never imports ``service`` or ``worker`` at module level.
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from . import bench, data, train, weights
@@ -42,5 +44,13 @@ app.command()(serve)
 app.command("eval")(eval_command)
 
 
+#: loggers whose warnings say nothing about megasr's runs: bitsandbytes (pulled in by pyiqa for
+#: ``eval``) warns at import that an optional CPU kernel for 4-bit matrix products, which no
+#: megasr model uses, cannot be fetched
+SILENCED_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
 def main() -> None:
+    for name in SILENCED_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     app()

@@ -43,6 +43,15 @@ def require(extra: str, *modules: str) -> None:
         fail(f"this command needs the [{extra}] extra ({', '.join(missing)} missing): pip install 'megasr[{extra}]'")
 
 
+def quiet_loading() -> None:
+    """No progress bar per weight file: loading (and writing the demo weights) is a line, not eight bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def torch_dtype(name: str | None):
     """``--dtype`` (fp32, fp16, bf16) as a torch dtype; None stays None (the command's default)."""
     import torch

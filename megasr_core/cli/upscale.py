@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .common import fail, resolve_weights
+from .common import fail, quiet_loading, resolve_weights
 from .option_checks import check_device, check_dtype, check_sampling
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -177,7 +177,14 @@ def upscale(
         if not kept:
             return
         files, targets = [f for f, _ in kept], [t for _, t in kept]
+    from megasr_core.weights.choice import DEMO_STEPS
+    from megasr_core.weights.layout import is_tiny_random
+
+    quiet_loading()
     weights_dir = resolve_weights(weights)
+    if steps is None and is_tiny_random(weights_dir):
+        steps = DEMO_STEPS
+        typer.echo(f"untrained tiny weights: {DEMO_STEPS} steps (--steps to choose)", err=True)
 
     from tqdm.auto import tqdm
 

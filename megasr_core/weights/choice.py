@@ -15,6 +15,9 @@ from .layout import default_demo_weights, missing_components
 
 #: The variable that names the weights when no ``--weights`` is given: a folder or a Hub id.
 WEIGHTS_ENV = "MEGASR_WEIGHTS"
+#: ``megasr upscale``'s steps on untrained tiny weights when no ``--steps`` is given: their output is
+#: noise at any step count, so the family's 50 would only make a first run slow
+DEMO_STEPS = 10
 
 
 def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = lambda message: None) -> Path:
@@ -36,6 +39,7 @@ def resolve_weights(weights: str | Path | None, warn: Callable[[str], None] = la
         init_tiny(demo, overwrite=True)
     warn(
         "warning: using the tiny demo weights: they are random and UNTRAINED, so the output is not a "
-        f"real super-resolution. Pass --weights or set {WEIGHTS_ENV} for a trained model."
+        f"real super-resolution. For real output assemble SeeSR's public weights (megasr weights assemble "
+        f"--help; docs/weights.md, 'Real output today') and pass --weights or set {WEIGHTS_ENV}."
     )
     return demo

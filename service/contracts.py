@@ -86,6 +86,18 @@ class UpscaleParams(BaseModel):
         return value
 
 
+#: the largest seed a request may name or the API draws: 2**53 − 1, the largest integer a JavaScript
+#: number holds exactly, so a browser client can read a job's seed back and reproduce it
+MAX_SEED = 2**53 - 1
+
+
+class UpscaleRequest(UpscaleParams):
+    """What ``POST /v1/upscale`` accepts: :class:`UpscaleParams` with seeds JavaScript can hold.
+    Stored records keep the wider :class:`UpscaleParams` (jobs from before the bound still load)."""
+
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed: same seed, same output")] | None = None
+
+
 class JobError(BaseModel):
     code: str
     message: str
@@ -141,6 +153,32 @@ class ImageSize(BaseModel):
     height: int
 
 
+class JobMetrics(BaseModel):
+    """How long a job waited and ran, in seconds (Replicate's ``metrics``); null until known."""
+
+    queue_s: float | None = Field(None, description="from submission to the start of its last run")
+    predict_s: float | None = Field(None, description="from the start of its last run to its end")
+
+    @classmethod
+    def of(cls, record: JobRecord) -> JobMetrics:
+        def seconds(start: datetime | None, end: datetime | None) -> float | None:
+            return None if start is None or end is None else round(max(0.0, (end - start).total_seconds()), 3)
+
+        return cls(
+            queue_s=seconds(record.created_at, record.started_at),
+            predict_s=seconds(record.started_at, record.finished_at),
+        )
+
+
+class JobUrls(BaseModel):
+    """Where to act on a job: absolute links under ``MEGASR_PUBLIC_URL``, else root-relative."""
+
+    get: str = Field(description="GET: the job")
+    cancel: str = Field(description="DELETE: cancel it")
+    stream: str = Field(description="GET: its progress as Server-Sent Events")
+    result: str | None = Field(None, description="GET: the result image, once it succeeded")
+
+
 class JobView(BaseModel):
     """What clients see of a job (the API's answers, its event stream and ``service.client``)."""
 
@@ -160,6 +198,9 @@ class JobView(BaseModel):
     result_url: str | None = None
     cancel_requested: bool = False
     params: UpscaleParams
+    metrics: JobMetrics = Field(default_factory=JobMetrics)
+    #: null only in views built without a request (an older server's answers)
+    urls: JobUrls | None = None
 
 
 class JobList(BaseModel):

@@ -92,6 +92,25 @@ def record_auth_failure(services: Services, client: str, token: str) -> None:
     services.auth_failures_by_key.take(presented_key_subject(services, token))
 
 
+#: schemes a client may send instead of Bearer (Replicate's Token, HTTP's registered ones): named
+#: back in the 401; any other first word could be a bare key and is never echoed
+_OTHER_SCHEMES = frozenset({"token", "basic", "digest", "apikey", "api-key", "key", "negotiate", "hoba"})
+
+
+def _missing_key_message(request: Request) -> str:
+    """Why no key was found: none sent, or one sent in a scheme this API does not take (Replicate's
+    ``Token KEY``, HTTP ``Basic``); the scheme is named, the credentials never echoed."""
+    scheme = request.headers.get("authorization", "").strip().partition(" ")[0]
+    if scheme and scheme.lower() != "bearer":
+        if scheme.lower() not in _OTHER_SCHEMES:  # maybe a bare key: never echoed
+            return "the Authorization header is not 'Bearer KEY'; this API takes only 'Authorization: Bearer KEY'"
+        return (
+            f"the Authorization header uses the {scheme.capitalize()} scheme; this API takes only "
+            "'Authorization: Bearer KEY' (the same key, with Bearer instead)"
+        )
+    return "missing API key: send 'Authorization: Bearer KEY'"
+
+
 def get_tenant(
     request: Request,
     services: ServicesDep,
@@ -105,7 +124,7 @@ def get_tenant(
         return DEFAULT_TENANT
     token = credentials.credentials.strip() if credentials is not None else None
     if not token:
-        raise ApiError(401, "unauthorized", "missing API key: send 'Authorization: Bearer KEY'", BEARER_CHALLENGE)
+        raise ApiError(401, "unauthorized", _missing_key_message(request), BEARER_CHALLENGE)
     tenant = None
     for key, owner in services.tenant_keys.items():  # compare against every key: constant time
         if hmac.compare_digest(key.encode(), token.encode()):

@@ -73,6 +73,7 @@ HTTP = frozenset(
         "service.http_protocol",
         "service.images",
         "service.prometheus",
+        "service.prefer_wait",
         "service.probes",
         "service.request_limits",
         "service.stream_slots",

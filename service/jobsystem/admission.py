@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from megasr_core.geometry import SD2_SIZE_MULTIPLE, WorkBoundsError, check_work_bounds
 from service.config import Settings
-from service.contracts import JobRecord, UpscaleParams, input_key
+from service.contracts import MAX_SEED, JobRecord, UpscaleParams, UpscaleRequest, input_key
 from service.logging_setup import bind_log_context
 from service.tracing import carrier
 from service.webhooks import check_webhook_url
@@ -71,7 +71,7 @@ def request_fingerprint(image: bytes, params: BaseModel) -> str:
 def check_request(settings: Settings, fields: dict[str, Any], idempotency_key: str | None) -> tuple[UpscaleParams, str]:
     """The validated parameters and the served model they route to; :class:`Refused` (422) otherwise."""
     try:
-        params = UpscaleParams.model_validate(fields)
+        params = UpscaleParams.model_validate(UpscaleRequest.model_validate(fields).model_dump())
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())) or "parameters"
@@ -130,7 +130,7 @@ def admit(
         if replay is not None:
             return replay, True
     if params.seed is None:  # drawn once and recorded: the job (and any retry of it) is reproducible
-        params = params.model_copy(update={"seed": secrets.randbelow(2**63)})
+        params = params.model_copy(update={"seed": secrets.randbelow(MAX_SEED + 1)})
     params = params.model_copy(update={"model": model})  # the record says where it was routed
     quota = settings.max_queued_per_tenant
     if services.jobs.active_count(tenant) >= quota:  # cheap early answer; submit() enforces it atomically

@@ -15,13 +15,26 @@ from starlette.datastructures import UploadFile
 
 from .. import events
 from ..body_limits import loads_limited, parse_multipart, read_limited
-from ..contracts import CONTENT_TYPES, ErrorResponse, ImageSize, JobList, JobRecord, JobStatus, JobView, UpscaleParams
+from ..contracts import (
+    CONTENT_TYPES,
+    ErrorResponse,
+    ImageSize,
+    JobList,
+    JobMetrics,
+    JobRecord,
+    JobStatus,
+    JobUrls,
+    JobView,
+    UpscaleParams,
+    UpscaleRequest,
+)
 from ..deps import ServicesDep, TenantDep, limit_reads
 from ..errors import ApiError
 from ..images import check_upload
 from ..jobsystem import admission, lifecycle
 from ..jobsystem.store import ListPosition, TransitionRejected
 from ..logging_setup import fresh_log_context
+from ..prefer_wait import MAX_WAIT_S, preferred_wait, wait_until_final
 from ..tracing import traced
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -33,7 +46,7 @@ _FIELDS_OVERHEAD = 64 * 1024
 def _param_schemas() -> dict[str, dict]:
     """UpscaleParams' fields as JSON Schema (types, bounds, enums), "null" dropped: a form field is
     either sent or not."""
-    schema = UpscaleParams.model_json_schema()
+    schema = UpscaleRequest.model_json_schema()
     properties = {}
     for name, prop in schema["properties"].items():
         variants = [v for v in prop.pop("anyOf", []) if v.get("type") != "null"]
@@ -50,6 +63,23 @@ def _param_schemas() -> dict[str, dict]:
 def _upload_schema() -> dict:
     params = _param_schemas()
     return {
+        "parameters": [
+            {
+                "name": "Prefer",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string"},
+                "description": f"wait=N: answer 200 with the finished job if it finishes within N seconds (at most "
+                f"{MAX_WAIT_S}; `wait` alone = {MAX_WAIT_S}), else the usual 202",
+            },
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                "description": "a retry with the same key and request answers the same job (for a day)",
+            },
+        ],
         "requestBody": {
             "required": True,
             "content": {
@@ -72,7 +102,7 @@ def _upload_schema() -> dict:
                     },
                 },
             },
-        }
+        },
     }
 
 
@@ -112,6 +142,7 @@ def _view_of(
     """The view of a record whose queue position and cancel flag were read already (the event
     poller reads them for all streams at once); no Redis calls, so safe on the event loop."""
     position = queue_position if record.status == JobStatus.queued else None
+    result_url = _link(request, services, "get_result", record.id) if record.status == JobStatus.succeeded else None
     return JobView(
         id=record.id,
         status=record.status,
@@ -126,9 +157,16 @@ def _view_of(
         output=ImageSize(width=record.output_width, height=record.output_height) if record.output_width else None,
         tagger=record.tagger,
         error=record.error,
-        result_url=_link(request, services, "get_result", record.id) if record.status == JobStatus.succeeded else None,
+        result_url=result_url,
         cancel_requested=record.status == JobStatus.running and cancel_requested,
         params=record.params,
+        metrics=JobMetrics.of(record),
+        urls=JobUrls(
+            get=_link(request, services, "get_job", record.id),
+            cancel=_link(request, services, "cancel_job", record.id),
+            stream=_link(request, services, "stream_job_events", record.id),
+            result=result_url,
+        ),
     )
 
 
@@ -186,7 +224,10 @@ async def _read_request(request: Request, max_bytes: int) -> tuple[bytes, str | 
     response_model=JobView,
     openapi_extra=_upload_schema(),
     operation_id="createUpscaleJob",
-    responses=_errors(400, 401, 413, 415, 422, 429, 503),
+    responses={
+        200: {"model": JobView, "description": "Prefer: wait=N, and the job finished within N seconds"},
+        **_errors(400, 401, 413, 415, 422, 429, 503),
+    },
 )
 async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> Response:
     """Queue an image for super-resolution; answers 202 with the job and its ``Location``."""
@@ -208,7 +249,29 @@ async def submit(request: Request, services: ServicesDep, tenant: TenantDep) -> 
     headers = {"Location": _link(request, services, "get_job", record.id)}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
+    wait_s = preferred_wait(request.headers.getlist("prefer"))
+    if wait_s is not None and not view.status.is_final and wait_s > 0:
+        view = await _wait_for_final(request, services, tenant, record, wait_s) or view
+    if wait_s is not None and view.status.is_final:  # finished within the wait: 200, as a GET would say
+        headers["Preference-Applied"] = f"wait={wait_s}"
+        return JSONResponse(view.model_dump(mode="json"), status_code=200, headers=headers)
     return JSONResponse(view.model_dump(mode="json"), status_code=202, headers=headers)
+
+
+async def _wait_for_final(
+    request: Request, services: ServicesDep, tenant: str, record: JobRecord, seconds: int
+) -> JobView | None:
+    """The job's view once it is final within ``seconds`` (``service.prefer_wait``), else None."""
+
+    def final_view(snapshot) -> JobView | None:
+        found = snapshot.record
+        if found is None or found.tenant != tenant or not found.status.is_final:
+            return None
+        return _view_of(found, request, services, snapshot.position, snapshot.cancel_requested)
+
+    streams = events.event_streams(request.app, services.settings, services.redis)
+    queue_key = services.queue_for(record.model).queue.key
+    return await wait_until_final(streams, tenant, record.id, queue_key, seconds, final_view, request.is_disconnected)
 
 
 @fresh_log_context  # the job id and tenant it binds end with it, whoever calls it

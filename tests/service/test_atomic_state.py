@@ -293,16 +293,20 @@ def test_quota_slots_of_finished_or_vanished_jobs_are_released(system):
 def test_a_cancel_killed_inside_its_transaction_leaves_the_job_queued(system):
     """Step killed: the API's cancel of a queued job (canceled + out of RQ's queue), before EXEC.
     (The route is called as a function: a simulated death cannot travel through the ASGI stack.)"""
+    from starlette.requests import Request
+
+    from service.app import create_app
     from service.routes.jobs import cancel_job
 
     settings, services = system
+    request = Request({"type": "http", "app": create_app(settings), "root_path": "", "headers": []})
     job_id = admit(services)
     with faults.crash_at("finish:exec"), pytest.raises(faults.Crash):
-        cancel_job(job_id, None, services, "default")
+        cancel_job(job_id, request, services, "default")
     assert services.jobs.get(job_id).status == JobStatus.queued
     assert_consistent(services, job_id)
     assert services.queue.depth() == 1
-    canceled = cancel_job(job_id, None, services, "default")
+    canceled = cancel_job(job_id, request, services, "default")
     assert canceled.status_code == 200
     assert assert_consistent(services, job_id).status == JobStatus.canceled
     assert services.queue.depth() == 0 and not services.queue.claimed_by_rq(job_id)

@@ -97,7 +97,7 @@ PARAMETER_BOUNDARIES = [
     ("scale", 1, 0.999),
     ("guidance_scale", 20, 20.001),
     ("guidance_scale", 0, -0.001),
-    ("seed", 2**63 - 1, 2**63),
+    ("seed", 2**53 - 1, 2**53),  # what a JavaScript number holds exactly
     ("seed", 0, -1),
     ("prompt", "p" * 500, "p" * 501),
     ("negative_prompt", "n" * 500, "n" * 501),

@@ -54,7 +54,8 @@ def test_upload_fields_are_typed_with_their_bounds(client):
     assert form["image"] == {"type": "string", "format": "binary"}
     assert (form["scale"]["type"], form["scale"]["minimum"], form["scale"]["maximum"]) == ("number", 1, 8)
     assert (form["steps"]["type"], form["steps"]["minimum"], form["steps"]["maximum"]) == ("integer", 1, 200)
-    assert form["seed"]["type"] == "integer" and form["seed"]["exclusiveMaximum"] == 2**63
+    # seeds a JavaScript number holds exactly (2**53 − 1), so a browser can reproduce a job
+    assert form["seed"]["type"] == "integer" and form["seed"]["maximum"] == 2**53 - 1
     assert form["color_fix"]["enum"] == ["adain", "wavelet", "none"]
     assert form["output_format"]["enum"] == ["png", "jpeg", "webp"]
     assert set(form) == {"image", *UpscaleParams.model_fields}
@@ -84,14 +85,17 @@ def test_errors_reference_the_error_model(client):
 def test_auth_answers_are_unchanged(client):
     for headers, message in (
         ({}, "missing API key"),
-        ({"Authorization": "Basic abc"}, "missing API key"),
+        ({"Authorization": "Basic abc"}, "uses the Basic scheme; this API takes only 'Authorization: Bearer KEY'"),
+        ({"Authorization": f"Token {KEY_A}"}, "uses the Token scheme; this API takes only 'Authorization: Bearer KEY'"),
         ({"Authorization": "Bearer "}, "missing API key"),
         ({"Authorization": "Bearer wrong-key-123"}, "invalid API key"),
+        ({"Authorization": KEY_A}, "is not 'Bearer KEY'"),  # a bare key: refused, never echoed
     ):
         response = client.get("/v1/jobs/x", headers=headers)
         assert response.status_code == 401, headers
         assert response.headers["www-authenticate"] == "Bearer"
         assert response.json()["error"]["code"] == "unauthorized" and message in response.json()["error"]["message"]
+        assert KEY_A not in response.text
     ok = client.get("/v1/jobs", headers={"Authorization": f"bearer {KEY_A}"})
     assert ok.status_code == 200
 
@@ -101,7 +105,7 @@ def test_a_seed_is_drawn_recorded_and_kept_by_retries(tmp_path, db_url, tiny_pip
     with TestClient(create_app(settings)) as client:
         first = submit(client, steps=1, headers={"Idempotency-Key": "k1"}).json()
         seed = first["params"]["seed"]
-        assert isinstance(seed, int) and 0 <= seed < 2**63
+        assert isinstance(seed, int) and 0 <= seed <= 2**53 - 1  # drawn within what JavaScript holds
         retry = submit(client, steps=1, headers={"Idempotency-Key": "k1"})
         assert retry.headers["idempotent-replayed"] == "true" and retry.json()["params"]["seed"] == seed
         again = submit(client, steps=1).json()

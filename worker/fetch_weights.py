@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
+from tqdm import tqdm
+
 from megasr_core.weights.hub import ALLOW_PATTERNS, HubWeights, download, hub_offline, missing_parts, parse_hub_source
 
 
@@ -41,10 +43,11 @@ def fetch(source: str, dest: Path, endpoint_url: str | None = None) -> int:
 
 
 def _fetch_s3(bucket: str, prefix: str, dest: Path, endpoint_url: str | None) -> int:
+    """Every object under ``prefix`` not already in ``dest`` at its size; a bar over their bytes."""
     import boto3
 
     client = boto3.client("s3", endpoint_url=endpoint_url or os.environ.get("MEGASR_S3_ENDPOINT_URL"))
-    written = 0
+    wanted: list[tuple[str, Path, int]] = []
     paginator = client.get_paginator("list_objects_v2")
     for page in paginator.paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else ""):
         for item in page.get("Contents", []):
@@ -56,12 +59,16 @@ def _fetch_s3(bucket: str, prefix: str, dest: Path, endpoint_url: str | None) ->
                 raise ValueError(f"object key {item['Key']!r} escapes the destination")
             if target.is_file() and target.stat().st_size == item["Size"]:
                 continue
+            wanted.append((item["Key"], target, item["Size"]))
+    with tqdm(
+        total=sum(size for _, _, size in wanted), unit="B", unit_scale=True, unit_divisor=1024, desc="fetching weights"
+    ) as bar:
+        for key, target, _ in wanted:
             target.parent.mkdir(parents=True, exist_ok=True)
             partial = target.with_name(target.name + ".partial")
-            client.download_file(bucket, item["Key"], str(partial))
+            client.download_file(bucket, key, str(partial), Callback=bar.update)
             partial.replace(target)
-            written += 1
-    return written
+    return len(wanted)
 
 
 def _fetch_hub(hub: HubWeights, dest: Path) -> int:
@@ -76,17 +83,18 @@ def _fetch_hub(hub: HubWeights, dest: Path) -> int:
 
     snapshot = download(hub)
     names = [p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file()]
-    written = 0
-    for name in filter_repo_objects(names, allow_patterns=ALLOW_PATTERNS):
+    wanted = [
+        name
+        for name in filter_repo_objects(names, allow_patterns=ALLOW_PATTERNS)
+        if not ((dest / name).is_file() and (dest / name).stat().st_size == (snapshot / name).stat().st_size)
+    ]
+    for name in tqdm(wanted, unit="file", desc="copying weights from the Hub cache"):
         source, target = snapshot / name, dest / name
-        if target.is_file() and target.stat().st_size == source.stat().st_size:
-            continue
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(target.name + ".partial")
         shutil.copyfile(source, partial)  # follows the snapshot's links to the cache's blobs
         partial.replace(target)
-        written += 1
-    return written
+    return len(wanted)
 
 
 def _stamps(directory: Path) -> dict[str, tuple[int, int]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..progress import progress_bar
 from .pairing import Sample
 
 
@@ -77,6 +78,7 @@ def super_resolve(
         steps = defaults.steps if steps is None else steps
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         log(f"{identity['title']} ({identity['weights']}): {steps} steps, CFG {guidance_scale:g}")
+        bar = progress_bar(len(todo), f"super-resolving ({identity['title']})", "image")
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             result = pipeline(
@@ -89,7 +91,8 @@ def super_resolve(
             )
             for sample, image in zip(batch, result.images):
                 _save(image, output_path(folder, sample))
-            log(f"super-resolved {min(start + batch_size, len(todo))}/{len(todo)}")
+            bar.update(len(batch))
+        bar.close()
     finally:
         device_type = pipeline.device.type
         del pipeline  # the next model gets the memory

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..data import PairedImageDataset, USMConfig
 from ..extractors import GuidanceExtractors, attach_lora, save_lora
+from ..progress import progress_bar
 from .config import save_config
 
 log = logging.getLogger("megasr.dage")
@@ -205,6 +206,7 @@ class DAGETrainer:
         self.output.mkdir(parents=True, exist_ok=True)
         save_config(self.config, self.output / "config.json")
         losses, batches = [], self._batches()
+        bar = progress_bar(target, f"dage {self.kind}", "step", initial=self.step)
         while self.step < target:
             loss = self.loss(next(batches))
             self.accelerator.backward(loss)
@@ -212,10 +214,13 @@ class DAGETrainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             losses.append(float(loss.detach()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             if self.step % self.config.log_every == 0 or self.step == target:
                 self._log(self.step, losses[-1])
             if self.step % self.config.checkpoint_every == 0 or self.step == target:
                 self.save(self.output / "checkpoints" / f"step-{self.step:08d}")
+        bar.close()
         return losses
 
     def _log(self, step: int, loss: float) -> None:

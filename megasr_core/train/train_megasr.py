@@ -39,6 +39,7 @@ from ..data import PairedImageDataset, USMConfig
 from ..families import tags_to_prompt
 from ..image_quality import psnr_y, ssim_y
 from ..pipelines import MegaSRPipeline
+from ..progress import progress_bar
 from .config import MegaSRTrainConfig, save_config
 
 log = logging.getLogger("megasr.train")
@@ -239,12 +240,15 @@ class MegaSRTrainer:
         losses = []
         batches = self._batches()
         started, first_step = time.perf_counter(), self.step
+        bar = progress_bar(target, "training", "step", initial=self.step, enabled=self.accelerator.is_main_process)
         while self.step < target:
             loss = self.training_step(next(batches))
             if not self.accelerator.sync_gradients:
                 continue
             self.step += 1
             losses.append(loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self.ema is not None:
                 self.ema.update(self.trainable)
             if self.step % self.config.log_every == 0 or self.step == target:
@@ -254,6 +258,7 @@ class MegaSRTrainer:
                 self._log({"step": self.step, **self.validate()})
             if self.step % self.config.checkpoint_every == 0 or self.step == target:
                 self.save_checkpoint()
+        bar.close()
         return losses
 
     def _log(self, row: dict) -> None:

@@ -99,6 +99,7 @@ def test_cli_train_dage(tiny_weights, hr_folder, tmp_path):
     )
     result = CliRunner().invoke(app, ["train", "dage", "--config", str(tmp_path / "d.toml")])
     assert result.exit_code == 0, result.output
+    assert "dage clip: 100%" in result.output and "2/2 [" in result.output and "loss=" in result.output
     assert (tmp_path / "run" / "checkpoints" / "step-00000002" / "lora" / "adapter_model.safetensors").is_file()
     (tmp_path / "bad.toml").write_text('weights = "w"\nextractor = "normals"\ntrain_data = ["x"]\n')
     assert CliRunner().invoke(app, ["train", "dage", "--config", str(tmp_path / "bad.toml")]).exit_code == 2

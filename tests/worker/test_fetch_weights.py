@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import boto3
 import pytest
+from tqdm import tqdm
 
 from worker.fetch_weights import fetch
 
 
-def test_fetch_a_weights_directory_from_s3(s3_endpoint, tiny_weights, tmp_path):
+def test_fetch_a_weights_directory_from_s3(s3_endpoint, tiny_weights, tmp_path, capsys):
     client = boto3.client("s3", endpoint_url=s3_endpoint)
     files = [p for p in tiny_weights.rglob("*") if p.is_file()]
     for path in files:
         client.upload_file(str(path), "megasr", f"weights/tiny/{path.relative_to(tiny_weights)}")
     dest = tmp_path / "weights"
     assert fetch("s3://megasr/weights/tiny", dest, endpoint_url=s3_endpoint) == len(files)
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()[-1]
+    total = tqdm.format_sizeof(sum(p.stat().st_size for p in files), divisor=1024)  # every byte, counted
+    assert bar.startswith("fetching weights: 100%") and f"{total}/{total}" in bar, bar
     for path in files:
         assert (dest / path.relative_to(tiny_weights)).read_bytes() == path.read_bytes()
     assert fetch("s3://megasr/weights/tiny", dest, endpoint_url=s3_endpoint) == 0  # already there
@@ -37,6 +41,7 @@ def test_fetch_a_weights_directory_from_the_hub_cache_offline(tiny_weights, tmp_
     files = [p for p in tiny_weights.rglob("*") if p.is_file()]
     dest = tmp_path / "weights"
     assert fetch("hf://megasr-test/tiny@v1", dest) == len(files)
+    assert "copying weights from the Hub cache: 100%" in capsys.readouterr().err
     for path in files:
         target = dest / path.relative_to(tiny_weights)
         assert not target.is_symlink() and target.read_bytes() == path.read_bytes()

@@ -12,6 +12,7 @@ COPY pyproject.toml README.md /src/
 COPY service /src/service
 COPY worker /src/worker
 COPY megasr_core /src/megasr_core
+COPY client /src/client
 # --no-deps: only the service's own requirements above, not torch and the model stack.
 RUN /opt/venv/bin/pip install --no-deps /src
 

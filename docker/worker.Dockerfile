@@ -15,6 +15,7 @@ RUN python -m venv --system-site-packages /opt/venv \
     && /opt/venv/bin/pip install --no-deps --require-hashes -r docker/worker.lock.txt
 COPY pyproject.toml README.md /src/
 COPY megasr_core /src/megasr_core
+COPY client /src/client
 COPY service /src/service
 COPY worker /src/worker
 # --no-deps: everything else is the lock above.

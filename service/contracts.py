@@ -180,7 +180,7 @@ class JobUrls(BaseModel):
 
 
 class JobView(BaseModel):
-    """What clients see of a job (the API's answers, its event stream and ``service.client``)."""
+    """What clients see of a job (the API's answers, its event stream and ``megasr_client``)."""
 
     id: str
     status: JobStatus

@@ -10,7 +10,7 @@ any number of API replicas without pub/sub. Events:
 
 A comment line (``: keep-alive``) goes out every :data:`KEEPALIVE_S` so that proxies keep the
 connection open, and the stream ends after ``MEGASR_EVENTS_MAX_S`` in any case: clients
-reconnect (``service.client`` does) or poll.
+reconnect (``megasr_client`` does) or poll.
 
 The API reads jobs for its streams through one shared poller per process
 (``service.event_poller``), and caps open streams per tenant and per process

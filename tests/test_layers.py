@@ -56,7 +56,6 @@ FOUNDATION = frozenset(
         "service.models_registry",
         "service.redis_health",
         "service.local_workers",
-        "service.client",
         "service.anonymity",
     }
 )

@@ -1,4 +1,4 @@
-"""service.client.MegaSRClient against the real app: in-process (TestClient) and over TCP (uvicorn)."""
+"""megasr_client.MegaSRClient against the real app: in-process (TestClient) and over TCP (uvicorn)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.client import (
+from megasr_client import JobStatus
+from megasr_client.client import (
     AuthenticationError,
     ConflictError,
     InvalidRequestError,
@@ -20,7 +20,7 @@ from service.client import (
     MegaSRError,
     NotFoundError,
 )
-from service.contracts import JobStatus
+from service.app import create_app
 from tests.harness.live_server import live_server
 from tests.service.helpers import KEY_A, KEY_B, make_settings, png, run_worker
 

@@ -8,9 +8,9 @@ import threading
 
 import httpx
 
+from megasr_client.client import _sse_messages
 from service import events
 from service.app import create_app
-from service.client import _sse_messages
 from service.contracts import ImageSize, JobStatus, JobView, UpscaleParams
 from service.jobsystem.store import JobStore
 from tests.harness.live_server import live_server

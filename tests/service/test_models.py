@@ -352,7 +352,7 @@ def test_the_workers_own_readyz_names_its_model():
 
 
 def test_the_client_lists_models_and_names_one(client, settings):
-    from service.client import MegaSRClient
+    from megasr_client.client import MegaSRClient
 
     api = MegaSRClient(http=client)
     assert [m.name for m in api.models()] == ["seesr", "seesr-turbo"]

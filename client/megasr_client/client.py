@@ -1,6 +1,6 @@
-"""A Python client of the MegaSR API (httpx): submit, follow, download, cancel, list.
+"""A Python client of the MegaSR API (httpx): submit, follow, download, cancel, list; retries.
 
-    from service.client import MegaSRClient
+    from megasr_client import MegaSRClient
 
     with MegaSRClient("http://127.0.0.1:8000", api_key="...") as client:
         print([m.name for m in client.models()])  # GET /v1/models: the default first
@@ -10,7 +10,9 @@
 
 Every error answer of the API raises :class:`MegaSRError` (or a subclass per status) carrying its
 ``status``, ``code`` and ``message``. :meth:`MegaSRClient.wait` follows the job's Server-Sent Events
-and falls back to polling when the stream is unavailable.
+and falls back to polling when the stream is unavailable. Requests that are safe to repeat are
+retried on 429, 503 and broken connections (``max_retries``, after ``Retry-After``); a submission
+is one of them, since it carries an ``Idempotency-Key`` (one is made when none is given).
 """
 
 from __future__ import annotations
@@ -18,17 +20,18 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from .contracts import JobList, JobStatus, JobView, ModelList, ServedModel
+from .models import Job, JobPage, JobStatus, Model, parse_models
 
-#: what :meth:`MegaSRClient.submit` returns and :meth:`MegaSRClient.wait` reports
-Job = JobView
 ProgressCallback = Callable[[Job], None]
+#: statuses after which the same request may succeed: rate limits, queue quota, a service restarting
+RETRY_STATUSES = frozenset({429, 503})
 
 
 class MegaSRError(Exception):
@@ -136,11 +139,17 @@ class MegaSRClient:
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
         poll_interval_s: float = 1.0,
+        max_retries: int = 3,
+        max_retry_wait_s: float = 30.0,
     ) -> None:
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
         if api_key:
             self.http.headers["Authorization"] = f"Bearer {api_key}"
         self.poll_interval_s = poll_interval_s
+        #: retries of a repeatable request after 429, 503 or a broken connection (0: none)
+        self.max_retries = max_retries
+        #: the longest pause before a retry, whatever ``Retry-After`` asks
+        self.max_retry_wait_s = max_retry_wait_s
 
     def __enter__(self) -> MegaSRClient:
         return self
@@ -152,15 +161,36 @@ class MegaSRClient:
         self.http.close()
 
     def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
-        response = self.http.request(method, url, **kwargs)
-        _raise_for_error(response)
-        return response
+        """The answer to one request, retried while it may yet succeed (see the module docstring)."""
+        for attempt in range(self.max_retries + 1):
+            last = attempt == self.max_retries
+            try:
+                response = self.http.request(method, url, **kwargs)
+            except httpx.TransportError:
+                if last:
+                    raise
+                self._pause(attempt, None)
+                continue
+            if response.status_code in RETRY_STATUSES and not last:
+                self._pause(attempt, response.headers.get("retry-after"))
+                continue
+            _raise_for_error(response)
+            return response
+        raise AssertionError("unreachable")
+
+    def _pause(self, attempt: int, retry_after: str | None) -> None:
+        """Before retry ``attempt + 1``: ``Retry-After`` seconds, else 0.5, 1, 2, ... (both capped)."""
+        try:
+            seconds = float(retry_after) if retry_after is not None else 0.5 * 2**attempt
+        except ValueError:  # an HTTP date: rare from this API; back off as without one
+            seconds = 0.5 * 2**attempt
+        time.sleep(min(max(seconds, 0.0), self.max_retry_wait_s))
 
     # ------------------------------------------------------------------ models
-    def models(self) -> list[ServedModel]:
+    def models(self) -> list[Model]:
         """The models this API serves, the default first (``GET /v1/models``): family, weights,
         whether trained, default steps and guidance, workers serving it now."""
-        return ModelList.model_validate(self._request("GET", "/v1/models").json()).models
+        return parse_models(self._request("GET", "/v1/models").json())
 
     # ------------------------------------------------------------------ jobs
     def submit(
@@ -172,14 +202,15 @@ class MegaSRClient:
         **params: Any,
     ) -> Job:
         """Queue an image (a path or its bytes) for ``model`` (None: the default one, see
-        :meth:`models`) with ``UpscaleParams`` (scale, steps, seed, ...)."""
+        :meth:`models`) with the API's parameters (scale, steps, seed, prompt, ...). A retry
+        after a lost answer returns the same job: the request carries an Idempotency-Key."""
         params["model"] = model
         if isinstance(image, bytes):
             name, data = "image", image
         else:
             name, data = Path(image).name, Path(image).read_bytes()
         fields = {k: str(v) for k, v in params.items() if v is not None}
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+        headers = {"Idempotency-Key": idempotency_key or f"megasr-client-{uuid.uuid4().hex}"}
         response = self._request("POST", "/v1/upscale", files={"image": (name, data)}, data=fields, headers=headers)
         return Job.model_validate(response.json())
 
@@ -192,13 +223,13 @@ class MegaSRClient:
         status: JobStatus | str | list[JobStatus | str] | None = None,
         limit: int = 20,
         cursor: str | None = None,
-    ) -> JobList:
+    ) -> JobPage:
         """One page of this tenant's jobs, newest first; pass ``next`` back as ``cursor``."""
         statuses = [status] if isinstance(status, (str, JobStatus)) else list(status or [])
         params: dict[str, Any] = {"limit": limit, "status": [JobStatus(s).value for s in statuses]}
         if cursor is not None:
             params["cursor"] = cursor
-        return JobList.model_validate(self._request("GET", "/v1/jobs", params=params).json())
+        return JobPage.model_validate(self._request("GET", "/v1/jobs", params=params).json())
 
     def iter_jobs(self, **filters: Any) -> Iterator[Job]:
         """Every job of this tenant, newest first, page after page."""

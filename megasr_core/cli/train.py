@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import fail
+from .common import fail, quiet_loading
 
 app = typer.Typer(help="Train MegaSR (stage 2) from HR photos.", no_args_is_help=True)
 
@@ -27,6 +27,7 @@ def train_megasr(
     from megasr_core.train import MegaSRTrainer, load_config
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    quiet_loading()
     try:
         settings = load_config(config, overrides={"max_steps": max_steps, "output_dir": output_dir})
         trainer = MegaSRTrainer(settings)
@@ -53,6 +54,7 @@ def train_dage(
     from megasr_core.train.dage import DAGETrainConfig, DAGETrainer
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    quiet_loading()
     try:
         settings = load_config(config, cls=DAGETrainConfig, overrides={"max_steps": max_steps})
         trainer = DAGETrainer(settings)

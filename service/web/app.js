@@ -32,11 +32,23 @@ function explain(error) {
   return error instanceof ApiProblem ? error.message : `Something went wrong: ${error.message ?? error}`;
 }
 
+let thumbUrls = [];
+
 function choose(files) {
   chosen = [...files];
   $("#chosen").textContent = chosen.length
     ? chosen.map((file) => file.name).join(", ")
     : "No files chosen";
+  // A thumbnail of each chosen file (object URLs, given back when the choice changes).
+  for (const url of thumbUrls) URL.revokeObjectURL(url);
+  thumbUrls = chosen.map((file) => URL.createObjectURL(file));
+  $("#thumbs").replaceChildren(...chosen.map((file, index) => {
+    const image = document.createElement("img");
+    image.src = thumbUrls[index];
+    image.alt = file.name;
+    image.title = file.name;
+    return image;
+  }));
 }
 
 fileInput.addEventListener("change", () => choose(fileInput.files));
@@ -135,8 +147,38 @@ function render(card, view) {
   const progress = $("progress", card);
   if (typeof view.progress === "number") progress.value = Math.round(view.progress * 100);
   if (status === "succeeded") progress.value = 100;
+  $(".job-progress", card).textContent = progressText(card, view, status);
   $(".cancel", card).hidden = FINAL.has(status);
   showJobModel(card, view, status);
+}
+
+/** "42% · step 21 / 50 · about 8 s left" while running; the queue position while queued. */
+function progressText(card, view, status) {
+  if (status === "queued") {
+    return Number.isInteger(view.queue_position)
+      ? `waiting: ${view.queue_position} job${view.queue_position === 1 ? "" : "s"} ahead`
+      : "waiting in the queue";
+  }
+  const fraction = typeof view.progress === "number" ? view.progress : 0;
+  const model = models.find((candidate) => candidate.name === (view.model ?? card.dataset.model));
+  const total = view.params?.steps ?? view.model_info?.default_steps ?? model?.default_steps;
+  const parts = [`${Math.round((status === "succeeded" ? 1 : fraction) * 100)}%`];
+  if (Number.isInteger(total)) {
+    const done = status === "succeeded" ? total : Math.min(total, Math.round(fraction * total));
+    parts.push(`step ${done} / ${total}`);
+  }
+  if (status === "running") {
+    // ETA from the progress made since this page first saw the job run.
+    const now = performance.now();
+    card.firstSeen ??= { time: now, fraction };
+    const rate = (fraction - card.firstSeen.fraction) / Math.max(1, now - card.firstSeen.time);
+    if (rate > 0 && fraction < 1) parts.push(`about ${Math.max(1, Math.round((1 - fraction) / rate / 1000))} s left`);
+  } else if (status === "succeeded" && Number.isFinite(view.metrics?.predict_s)) {
+    parts.push(`took ${view.metrics.predict_s.toFixed(1)} s`);
+  } else if (status !== "succeeded") {
+    return "";
+  }
+  return parts.join(" · ");
 }
 
 /** The card's model line: the model that ran it once known, else the model it was sent to. */
@@ -200,6 +242,7 @@ async function finish(card, view, beforeUrl) {
   const split = () => frame.style.setProperty("--split", `${slider.value}%`);
   slider.addEventListener("input", split);
   split();
+  zoomable(frame, $(".compare-stage", card), after, card);
   const link = $(".download", card);
   link.href = afterUrl;
   const extension = { png: "png", jpeg: "jpg", webp: "webp" }[view.params?.output_format] ?? "png";
@@ -393,5 +436,113 @@ $("#refresh").addEventListener("click", () => {
   refreshJobList();
   loadModels({ restart: true });
 });
+/** Without a key typed in: if the job list answers anyway, this server takes no keys (anonymous
+ * mode, as `megasr serve` on a laptop), so the page hides the key field and shows the jobs. */
+async function detectAnonymous() {
+  let jobs;
+  try {
+    jobs = await api.recentJobs();
+  } catch {
+    return;  // 401: keys are needed (the field stays); anything else: nothing to conclude
+  }
+  if (jobs === null || keyInput.value.trim()) return;
+  $("#key-box").hidden = true;
+  refreshJobList();
+}
+
 loadModels();
 if (keyInput.value.trim()) refreshJobList();
+else detectAnonymous();
+
+// ---- The compare view's zoom and pan: wheel or pinch to zoom, drag to pan, Fit and 100 % ----
+
+/** Zoom and pan ``stage`` inside ``frame`` (a CSS transform; the frame clips). 100 % shows the
+ * result at its full resolution: one image pixel per CSS pixel. */
+function zoomable(frame, stage, image, card) {
+  const view = { zoom: 1, x: 0, y: 0 };
+  const pointers = new Map();
+  let pinch = null;
+
+  function apply() {
+    const width = frame.clientWidth;
+    const height = frame.clientHeight;
+    view.zoom = Math.min(Math.max(view.zoom, 1), 16);
+    view.x = Math.min(0, Math.max(width - width * view.zoom, view.x));
+    view.y = Math.min(0, Math.max(height - height * view.zoom, view.y));
+    stage.style.setProperty("--zoom", view.zoom);
+    stage.style.setProperty("--pan-x", `${view.x}px`);
+    stage.style.setProperty("--pan-y", `${view.y}px`);
+    frame.classList.toggle("zoomed", view.zoom > 1);
+    frame.dataset.zoom = view.zoom.toFixed(3);
+  }
+
+  function zoomAt(factor, clientX, clientY) {
+    const box = frame.getBoundingClientRect();
+    const px = clientX - box.left;
+    const py = clientY - box.top;
+    const next = Math.min(Math.max(view.zoom * factor, 1), 16);
+    view.x = px - ((px - view.x) * next) / view.zoom;
+    view.y = py - ((py - view.y) * next) / view.zoom;
+    view.zoom = next;
+    apply();
+  }
+
+  frame.addEventListener("wheel", (event) => {
+    event.preventDefault();
+    zoomAt(Math.exp(-event.deltaY / 300), event.clientX, event.clientY);
+  }, { passive: false });
+
+  frame.addEventListener("pointerdown", (event) => {
+    frame.setPointerCapture(event.pointerId);
+    pointers.set(event.pointerId, { x: event.clientX, y: event.clientY });
+    if (pointers.size === 2) {
+      const [a, b] = [...pointers.values()];
+      pinch = { distance: Math.hypot(a.x - b.x, a.y - b.y) };
+    }
+    frame.classList.add("panning");
+  });
+  frame.addEventListener("pointermove", (event) => {
+    const last = pointers.get(event.pointerId);
+    if (!last) return;
+    const current = { x: event.clientX, y: event.clientY };
+    pointers.set(event.pointerId, current);
+    if (pointers.size === 2 && pinch) {
+      const [a, b] = [...pointers.values()];
+      const distance = Math.hypot(a.x - b.x, a.y - b.y);
+      zoomAt(distance / pinch.distance, (a.x + b.x) / 2, (a.y + b.y) / 2);
+      pinch.distance = distance;
+    } else if (pointers.size === 1) {
+      view.x += current.x - last.x;
+      view.y += current.y - last.y;
+      apply();
+    }
+  });
+  for (const type of ["pointerup", "pointercancel"]) {
+    frame.addEventListener(type, (event) => {
+      pointers.delete(event.pointerId);
+      if (pointers.size < 2) pinch = null;
+      if (!pointers.size) frame.classList.remove("panning");
+    });
+  }
+  frame.addEventListener("keydown", (event) => {
+    const box = frame.getBoundingClientRect();
+    const centre = [box.left + box.width / 2, box.top + box.height / 2];
+    if (event.key === "+" || event.key === "=") zoomAt(1.25, ...centre);
+    else if (event.key === "-") zoomAt(0.8, ...centre);
+    else if (event.key === "0") { view.zoom = 1; apply(); }
+    else return;
+    event.preventDefault();
+  });
+
+  $(".zoom-fit", card).addEventListener("click", () => {
+    view.zoom = 1;
+    apply();
+  });
+  $(".zoom-full", card).addEventListener("click", () => {
+    // one result pixel per CSS pixel, around the centre of the frame
+    const box = frame.getBoundingClientRect();
+    const factor = (image.naturalWidth || image.width) / Math.max(1, frame.clientWidth) / view.zoom;
+    zoomAt(factor, box.left + box.width / 2, box.top + box.height / 2);
+  });
+  apply();
+}

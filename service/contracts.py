@@ -176,6 +176,7 @@ class JobUrls(BaseModel):
     get: str = Field(description="GET: the job")
     cancel: str = Field(description="DELETE: cancel it")
     stream: str = Field(description="GET: its progress as Server-Sent Events")
+    input: str = Field(description="GET: the uploaded image")
     result: str | None = Field(None, description="GET: the result image, once it succeeded")
 
 

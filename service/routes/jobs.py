@@ -35,6 +35,7 @@ from ..jobsystem import admission, lifecycle
 from ..jobsystem.store import ListPosition, TransitionRejected
 from ..logging_setup import fresh_log_context
 from ..prefer_wait import MAX_WAIT_S, preferred_wait, wait_until_final
+from ..storage import ObjectNotFound
 from ..tracing import traced
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -165,6 +166,7 @@ def _view_of(
             get=_link(request, services, "get_job", record.id),
             cancel=_link(request, services, "cancel_job", record.id),
             stream=_link(request, services, "stream_job_events", record.id),
+            input=_link(request, services, "get_input", record.id),
             result=result_url,
         ),
     )
@@ -441,6 +443,31 @@ def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Respons
     stored = services.storage.open(record.output_key)
     headers = {"Content-Length": str(stored.size)} if stored.size is not None else None
     return StreamingResponse(stored.chunks, media_type=CONTENT_TYPES[record.params.output_format], headers=headers)
+
+
+@router.get(
+    "/jobs/{job_id}/input",
+    name="get_input",
+    operation_id="getJobInput",
+    responses={
+        200: {
+            "description": "The uploaded image, as it was sent",
+            "content": {"image/*": {"schema": {"type": "string", "format": "binary"}}},
+        },
+        **_errors(401, 404, 429),
+    },
+    dependencies=[Depends(limit_reads)],
+)
+def get_input(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response:
+    """The job's input image as uploaded (kept as long as the job), so a client can show before
+    and after side by side later."""
+    record = _owned(services, job_id, tenant)
+    try:
+        stored = services.storage.open(record.input_key)
+    except ObjectNotFound:
+        raise ApiError(404, "input_gone", f"the input of job {job_id} is no longer stored") from None
+    headers = {"Content-Length": str(stored.size)} if stored.size is not None else None
+    return StreamingResponse(stored.chunks, media_type=record.input_content_type, headers=headers)
 
 
 @router.delete(

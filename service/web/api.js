@@ -91,6 +91,11 @@ export class Api {
     return (await this.request(`v1/jobs/${encodeURIComponent(id)}/result`)).blob();
   }
 
+  /** The job's uploaded image (GET /v1/jobs/{id}/input), for a before/after view of an older job. */
+  async input(id) {
+    return (await this.request(`v1/jobs/${encodeURIComponent(id)}/input`)).blob();
+  }
+
   /**
    * The models this deployment serves (GET /v1/models), or null where the server has no model
    * list (an older API). Each: {name, default, family, title, weights, trained, untrained_reason,

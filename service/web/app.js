@@ -137,6 +137,30 @@ function track(view, file) {
     .catch((error) => showJobError(card, explain(error)));
 }
 
+/** A finished job of the list, opened into a card with its compare view (its input fetched back). */
+async function reopen(job, button) {
+  const existing = document.querySelector(`#jobs .job[data-job-id="${job.id}"]`);
+  if (existing) {
+    existing.scrollIntoView({ block: "nearest" });
+    return;
+  }
+  button.disabled = true;
+  const card = $("#job-template").content.firstElementChild.cloneNode(true);
+  card.dataset.jobId = job.id;
+  $(".job-name", card).textContent = `job ${job.id.slice(0, 12)}`;
+  $("#jobs").prepend(card);
+  try {
+    const input = await api.input(job.id);
+    await finish(card, job, URL.createObjectURL(input));
+  } catch (error) {
+    render(card, job);
+    showJobError(card, explain(error));
+  } finally {
+    button.disabled = false;
+  }
+  card.scrollIntoView({ block: "nearest" });
+}
+
 function render(card, view) {
   const status = view.status ?? card.dataset.status ?? "queued";
   card.dataset.status = status;
@@ -283,7 +307,16 @@ async function refreshJobList() {
     const size = job.output ? `${job.output.width}×${job.output.height}` : `${job.input.width}×${job.input.height}`;
     const id = element("code", job.id.slice(0, 12));
     id.title = job.id;
-    row.append(cell(id), cell(job.status), modelCell(job), cell(size),
+    const status = cell(job.status);
+    if (job.status === "succeeded") {
+      const open = element("button", "Open", "small");
+      open.type = "button";
+      open.dataset.testid = "open-job";
+      open.setAttribute("aria-label", `Open job ${job.id.slice(0, 12)} in the compare view`);
+      open.addEventListener("click", () => reopen(job, open));
+      status.append(" ", open);
+    }
+    row.append(cell(id), status, modelCell(job), cell(size),
                cell(new Date(job.created_at).toLocaleString()));
     return row;
   }));

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.prefer_wait import MAX_WAIT_S, preferred_wait
 from tests.harness.live_server import live_server
-from tests.service.helpers import make_settings, png, run_worker, submit
+from tests.service.helpers import KEY_A, KEY_B, make_settings, png, run_worker, submit
 
 
 def test_metrics_and_urls_follow_the_job(tmp_path, redis_url, tiny_pipeline):
@@ -21,7 +21,13 @@ def test_metrics_and_urls_follow_the_job(tmp_path, redis_url, tiny_pipeline):
     with TestClient(create_app(settings), base_url="https://sr.example.com") as client:
         queued = submit(client, png(8, 8), steps=1).json()
         base = f"https://sr.example.com/base/v1/jobs/{queued['id']}"
-        assert queued["urls"] == {"get": base, "cancel": base, "stream": f"{base}/events", "result": None}
+        assert queued["urls"] == {
+            "get": base,
+            "cancel": base,
+            "stream": f"{base}/events",
+            "input": f"{base}/input",
+            "result": None,
+        }
         assert queued["metrics"] == {"queue_s": None, "predict_s": None}
         run_worker(settings, tiny_pipeline)
         done = client.get(f"/v1/jobs/{queued['id']}").json()
@@ -31,11 +37,28 @@ def test_metrics_and_urls_follow_the_job(tmp_path, redis_url, tiny_pipeline):
         record = client.app.state.services.jobs.get(queued["id"])
         assert metrics["predict_s"] == round((record.finished_at - record.started_at).total_seconds(), 3)
         assert client.get(done["urls"]["result"].removeprefix("https://sr.example.com/base")).status_code == 200
+        # the input as uploaded, for a before/after view later; only its owner gets it
+        uploaded = client.get(done["urls"]["input"].removeprefix("https://sr.example.com/base"))
+        assert uploaded.status_code == 200 and uploaded.content == png(8, 8)
+        assert uploaded.headers["content-type"] == "image/png"
 
 
 def test_urls_are_root_relative_without_a_public_url(client):
     job = submit(client).json()
     assert job["urls"]["get"] == f"/v1/jobs/{job['id']}" and job["urls"]["stream"] == f"/v1/jobs/{job['id']}/events"
+
+
+def test_the_input_of_another_tenant_or_a_gone_one_is_a_404(tmp_path, redis_url):
+    settings = make_settings(tmp_path, redis_url, api_keys=f"a:{KEY_A},b:{KEY_B}", allow_anonymous=False)
+    with TestClient(create_app(settings)) as client:
+        job = submit(client, headers={"Authorization": f"Bearer {KEY_A}"}).json()
+        path = f"/v1/jobs/{job['id']}/input"
+        assert client.get(path, headers={"Authorization": f"Bearer {KEY_B}"}).status_code == 404
+        assert client.get(path).status_code == 401
+        services = client.app.state.services
+        services.storage.delete(services.jobs.get(job["id"]).input_key)
+        gone = client.get(path, headers={"Authorization": f"Bearer {KEY_A}"})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "input_gone"
 
 
 def test_seeds_stay_within_what_javascript_holds(client):

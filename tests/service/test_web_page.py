@@ -624,11 +624,33 @@ def anonymous_server(tmp_path_factory, tiny_weights):
         process.wait(timeout=30)
 
 
-def test_an_anonymous_server_is_not_asked_for_a_key(anonymous_server, browser_page):
+def test_an_anonymous_server_is_not_asked_for_a_key_and_recent_jobs_open_to_compare(
+    anonymous_server, browser_page, tmp_path
+):
     page = browser_page
     page.goto(f"{anonymous_server}/")
     page.locator("#key-box").wait_for(state="hidden")
-    note = page.locator("#job-list-note")
-    note.filter(has_text="No jobs yet.").wait_for()
+    page.locator("#job-list-note").filter(has_text="No jobs yet.").wait_for()
     assert "API key" not in page.locator("main").inner_text()
+
+    # A job made elsewhere (another tab, a script) opens from Recent jobs into the compare view.
+    upload = photo(tmp_path / "elsewhere.png", PHOTO_SIZE).read_bytes()
+    made = httpx.post(
+        f"{anonymous_server}/v1/upscale", files={"image": ("e.png", upload, "image/png")}, data={"steps": "2"}
+    ).json()
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{anonymous_server}/v1/jobs/{made['id']}").json()["status"] != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    page.locator("#refresh").click()
+    page.locator(f'tr[data-job-id="{made["id"]}"]').get_by_test_id("open-job").click()
+    card = page.locator(f'.job[data-job-id="{made["id"]}"]')
+    result = card.get_by_test_id("result-image")
+    result.wait_for(timeout=60_000)
+    before = card.locator(".before")
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=before.element_handle())
+    assert before.evaluate("img => [img.naturalWidth, img.naturalHeight]") == list(PHOTO_SIZE)  # the upload
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=result.element_handle())
+    assert result.evaluate("img => img.naturalWidth") == PHOTO_SIZE[0] * 4
+    assert card.get_by_test_id("progress-text").inner_text().startswith("100% · step 2 / 2")
     assert not page.problems, page.problems

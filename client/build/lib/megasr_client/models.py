@@ -86,6 +86,7 @@ class JobUrls(_Answer):
     get: str
     cancel: str
     stream: str
+    input: str | None = None
     result: str | None = None
 
 

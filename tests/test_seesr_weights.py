@@ -56,6 +56,7 @@ def test_assembled_folders_load_as_their_family(releases, tmp_path, family):
     assert result.exit_code == 0, result.output
     title = {"seesr": "SeeSR", "seesr-turbo": "SeeSR-Turbo"}[family]
     assert f"wrote {title} weights to" in result.stdout and "UNTRAINED" not in result.stderr
+    assert f"assembling {family}: 100%" in result.stderr and "5/5 [" in result.stderr  # a bar over its stages
     out = tmp_path / family
     assert json.loads((out / "megasr.json").read_text())["family"] == family
     for net in ("unet", "controlnet"):  # SeeSR's own layout: its loaders could read these folders

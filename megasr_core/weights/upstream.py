@@ -21,6 +21,7 @@ from ..families import SEESR, SEESR_TURBO
 from ..models.config import MegaSRConfig, SeeSRConfig
 from ..models.denoiser import MegaSRDenoiser
 from ..models.seesr import SeeSRDenoiser
+from ..progress import stage_bar
 from .layout import EXTRACTORS_DIR, write_model_index
 
 #: what a diffusers base folder (SD2-base, sd-turbo) must hold to give a SeeSR folder its parts
@@ -47,16 +48,23 @@ def assemble_from_sd2(
     if missing:
         raise FileNotFoundError(f"{sd2_directory} is not a diffusers SD2 folder: missing {', '.join(missing)}")
     torch.manual_seed(seed)
-    denoiser = MegaSRDenoiser.from_unet_pretrained(sd2_directory / "unet", config=config, overlay=overlay)
-    output.mkdir(parents=True, exist_ok=True)
-    denoiser.save_pretrained(output)
-    for component in ("vae", "text_encoder", "tokenizer"):
-        shutil.copytree(sd2_directory / component, output / component, dirs_exist_ok=True)
-    scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sd2_directory / "scheduler"))
-    scheduler.save_pretrained(output / "scheduler")
-    if extractors is not None:
-        shutil.copytree(Path(extractors), output / EXTRACTORS_DIR, dirs_exist_ok=True)
-        settle_clip_token_space(output / EXTRACTORS_DIR / "clip", denoiser.config.image_embed_dim)
+    names = ["building the denoiser", "writing the denoiser", "copying VAE, text encoder, tokenizer", "scheduler"]
+    with stage_bar([*names, *(["extractors"] if extractors is not None else [])], "assembling MegaSR") as done:
+        denoiser = MegaSRDenoiser.from_unet_pretrained(sd2_directory / "unet", config=config, overlay=overlay)
+        done()
+        output.mkdir(parents=True, exist_ok=True)
+        denoiser.save_pretrained(output)
+        done()
+        for component in ("vae", "text_encoder", "tokenizer"):
+            shutil.copytree(sd2_directory / component, output / component, dirs_exist_ok=True)
+        done()
+        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sd2_directory / "scheduler"))
+        scheduler.save_pretrained(output / "scheduler")
+        done()
+        if extractors is not None:
+            shutil.copytree(Path(extractors), output / EXTRACTORS_DIR, dirs_exist_ok=True)
+            settle_clip_token_space(output / EXTRACTORS_DIR / "clip", denoiser.config.image_embed_dim)
+            done()
     write_model_index(output)
     return output
 
@@ -122,20 +130,27 @@ def assemble_seesr(
     if dape is not None and not Path(dape).is_file():
         raise FileNotFoundError(f"DAPE checkpoint {dape} not found")
     config = SeeSRConfig(family=family, preset="sd2-base")
-    denoiser = SeeSRDenoiser.from_parts(
-        seesr_directory / "unet",
-        seesr_directory / "controlnet",
-        config,
-        base_unet_directory=base_directory / "unet" if family == SEESR_TURBO else None,
-    )
-    output.mkdir(parents=True, exist_ok=True)
-    denoiser.save_pretrained(output)
-    for component in ("vae", "text_encoder", "tokenizer"):
-        shutil.copytree(base_directory / component, output / component, dirs_exist_ok=True)
-    DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(
-        output / "scheduler"
-    )
-    tagger = install_ram_tagger(output / EXTRACTORS_DIR, ram, dape, config=ram_config)
+    names = ["building the denoiser", "writing the denoiser", "copying VAE, text encoder, tokenizer", "scheduler"]
+    with stage_bar([*names, "RAM tagger"], f"assembling {family}") as done:
+        denoiser = SeeSRDenoiser.from_parts(
+            seesr_directory / "unet",
+            seesr_directory / "controlnet",
+            config,
+            base_unet_directory=base_directory / "unet" if family == SEESR_TURBO else None,
+        )
+        done()
+        output.mkdir(parents=True, exist_ok=True)
+        denoiser.save_pretrained(output)
+        done()
+        for component in ("vae", "text_encoder", "tokenizer"):
+            shutil.copytree(base_directory / component, output / component, dirs_exist_ok=True)
+        done()
+        DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(
+            output / "scheduler"
+        )
+        done()
+        tagger = install_ram_tagger(output / EXTRACTORS_DIR, ram, dape, config=ram_config)
+        done()
     if tagger.config.embed_width != denoiser.config.image_embed_dim:
         raise ValueError(
             f"RAM's image embeddings are {tagger.config.embed_width} wide, SeeSR's image attentions "

@@ -20,6 +20,7 @@ from PIL import Image
 
 from megasr_core.weights.hub import resolve_weights_source
 
+from ..progress import progress_bar
 from .generate import Generated, bicubic, super_resolve, weights_identity
 from .metric_weights import locate
 from .models import ModelRun, column_labels, plan_models
@@ -163,11 +164,16 @@ def evaluate(settings: EvalSettings, log: Callable[[str], None] = lambda _: None
         }
 
         def scored(items: list[Sample]) -> dict:
-            return summarize(
-                score(
-                    [(s.key, s.pred, s.gt) for s in items], built, device=device, batch_size=settings.metric_batch_size
+            with progress_bar(len(items), "scoring", "image") as bar:
+                return summarize(
+                    score(
+                        [(s.key, s.pred, s.gt) for s in items],
+                        built,
+                        device=device,
+                        batch_size=settings.metric_batch_size,
+                        progress=bar.update,
+                    )
                 )
-            )
 
         log(f"scoring {len(samples)} images × {len(per_model)} model(s): {', '.join(metrics)} on {device}")
         columns = [scored(items) for items in per_model]

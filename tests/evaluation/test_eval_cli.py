@@ -91,6 +91,7 @@ def test_lr_gt_weights_super_resolves_then_resumes(folders, tmp_path, tiny_weigh
     first = run(*args)
     assert first.exit_code == 0, first.output
     assert "super-resolving (MegaSR): 100%" in first.output and "3/3 [" in first.output  # a bar with totals
+    assert "scoring: 100%" in first.output
     outputs = sorted((out / "sr").glob("*.png"))
     assert [p.stem for p in outputs] == ["astronaut", "chelsea", "coffee"]
     assert all(Image.open(p).size == (128, 128) for p in outputs)

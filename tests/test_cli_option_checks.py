@@ -51,13 +51,18 @@ def refused(result, flag: str, text: str) -> None:
     ],
 )
 def test_upscale_refuses_a_wrong_option_before_loading(tmp_path, photo, args, flag, text):
+    """Through the console script, as a user runs it: one line on stderr, exit code 2."""
     home = tmp_path / "home"
-    result = runner.invoke(
-        app,
-        ["upscale", str(photo), "-o", str(tmp_path / "out"), *args],
-        env={"MEGASR_HOME": str(home), "MEGASR_WEIGHTS": ""},
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("megasr")), "upscale", str(photo), "-o", str(tmp_path / "out"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "MEGASR_HOME": str(home), "MEGASR_WEIGHTS": ""},
     )
-    refused(result, flag, text)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {flag}") and text in lines[0], result.stderr
     assert not home.exists()  # no demo weights written, so nothing loaded
     assert not (tmp_path / "out").exists()
 
@@ -97,9 +102,21 @@ def test_serve_on_a_taken_port_fails_before_loading_anything(tmp_path):
         port = taken.getsockname()[1]
         home = tmp_path / "home"
         env = {"MEGASR_HOME": str(home), "MEGASR_WEIGHTS": "", "MEGASR_REDIS_URL": ""}
-        result = runner.invoke(app, ["serve", "--port", str(port)], env=env)
-        refused(result, "--port", f"127.0.0.1:{port} is already in use")
-        assert not home.exists()  # no demo weights, no Valkey, no model
+        started = time.monotonic()
+        result = subprocess.run(  # the console script: before, a taken port cost a model load and rc 134
+            [str(Path(sys.executable).with_name("megasr")), "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, **env},
+        )
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert (
+            lines[0]
+            == f"error: --port {port}: 127.0.0.1:{port} is already in use; choose another --port (or MEGASR_PORT)"
+        )
+        assert not home.exists() and time.monotonic() - started < 60  # no demo weights, no Valkey, no model
     # an address this machine does not have (TEST-NET-3), on the port just freed
     bad_host = runner.invoke(app, ["serve", "--host", "203.0.113.7", "--port", str(port)], env=env)
     assert bad_host.exit_code == 2 and "cannot listen there" in bad_host.output, bad_host.output

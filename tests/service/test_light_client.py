@@ -4,6 +4,7 @@ installs alone from client/, and it retries what is safe to retry, against the r
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -109,7 +110,11 @@ def test_the_client_installs_alone_and_runs_the_readme_example(tmp_path, redis_u
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = str(venv / "bin" / "python")
     pip = [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, str(ROOT / "client")], check=True, timeout=600)
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources it builds
+    source = shutil.copytree(
+        ROOT / "client", tmp_path / "client-source", ignore=shutil.ignore_patterns("build", "*.egg-info")
+    )
+    subprocess.run([*pip, str(source)], check=True, timeout=600)
     installed = subprocess.run([python, "-m", "pip", "list", "--format=freeze"], capture_output=True, text=True)
     names = {line.split("==")[0].lower() for line in installed.stdout.splitlines()}
     assert "megasr-client" in names and not names & {"torch", "megasr", "diffusers", "fastapi"}, names

@@ -13,6 +13,8 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -41,26 +43,34 @@ def photo(path: Path, size: tuple[int, int] | None) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_weights):
-    """`megasr serve` with one API key (anonymous access off): its base URL."""
-    home = tmp_path_factory.mktemp("web")
-    env = {
-        **os.environ,
-        "MEGASR_HOME": str(home / "home"),
-        "MEGASR_WEIGHTS": str(tiny_weights),
-        "MEGASR_API_KEYS": f"webtenant:{KEY}",
-        "MEGASR_MAX_INPUT_PIXELS": str(MAX_INPUT_PIXELS),
-        "MEGASR_ALLOWED_HOSTS": "127.0.0.1,localhost",
-    }
-    for name in ("MEGASR_REDIS_URL", "MEGASR_STORAGE_URL", "MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS"):
-        env.pop(name, None)
+@contextmanager
+def embedded_serve(home: Path, weights: Path, **variables: str) -> Iterator[str]:
+    """`megasr serve` on its embedded defaults (Valkey, local storage, in-process worker) on
+    ``weights``, with ``variables`` set and the service's other settings unset: its base URL."""
+    env = {**os.environ, "MEGASR_HOME": str(home / "home"), "MEGASR_WEIGHTS": str(weights), **variables}
+    unset = ("MEGASR_REDIS_URL", "MEGASR_STORAGE_URL", "MEGASR_PUBLIC_URL", "MEGASR_ALLOW_ANONYMOUS", "MEGASR_API_KEYS")
+    for name in unset:
+        if name not in variables:
+            env.pop(name, None)
     process, base = start_serve(env, home / "serve.log")
     try:
         yield base
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_weights):
+    """`megasr serve` with one API key (anonymous access off): its base URL."""
+    with embedded_serve(
+        tmp_path_factory.mktemp("web"),
+        tiny_weights,
+        MEGASR_API_KEYS=f"webtenant:{KEY}",
+        MEGASR_MAX_INPUT_PIXELS=str(MAX_INPUT_PIXELS),
+        MEGASR_ALLOWED_HOSTS="127.0.0.1,localhost",
+    ) as base:
+        yield base
 
 
 #: the two models of the ``two_models`` server, the default first: name → (family, title, default steps, guidance)
@@ -612,16 +622,8 @@ def test_thumbnails_progress_aspect_zoom_and_focus_at_desktop_and_phone_widths(s
 @pytest.fixture(scope="module")
 def anonymous_server(tmp_path_factory, tiny_weights):
     """`megasr serve` on loopback without API keys: anonymous, as on a laptop."""
-    home = tmp_path_factory.mktemp("web-anonymous")
-    env = {**os.environ, "MEGASR_HOME": str(home / "home"), "MEGASR_WEIGHTS": str(tiny_weights)}
-    for name in ("MEGASR_REDIS_URL", "MEGASR_STORAGE_URL", "MEGASR_PUBLIC_URL", "MEGASR_API_KEYS"):
-        env.pop(name, None)
-    process, base = start_serve(env, home / "serve.log")
-    try:
+    with embedded_serve(tmp_path_factory.mktemp("web-anonymous"), tiny_weights) as base:
         yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_an_anonymous_server_is_not_asked_for_a_key_and_recent_jobs_open_to_compare(

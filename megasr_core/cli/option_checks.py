@@ -20,10 +20,7 @@ from megasr_core.parameters import (
     tile_size_problem,
 )
 
-from .common import fail
-
-#: ``--dtype`` names and the torch dtypes they stand for
-DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+from .common import fail, torch_dtype
 
 
 def check_sampling(
@@ -79,18 +76,17 @@ def check_device(name: str | None) -> str:
 def check_dtype(name: str | None, device: str) -> Any:
     """The torch dtype ``--dtype`` names, once ``device`` can run it; None stays None (the default:
     fp16 on CUDA, fp32 elsewhere)."""
-    if name is None:
+    dtype = torch_dtype(name)  # the names, and the error for any other
+    if dtype is None:
         return None
-    if name not in DTYPE_NAMES:
-        fail(f"--dtype must be fp32, fp16 or bf16, got {name!r}")
     import torch
 
     kind = torch.device(device).type
-    if name == "fp16" and kind == "cpu":
+    if dtype == torch.float16 and kind == "cpu":
         fail("--dtype fp16 runs on a GPU only; on the CPU use fp32 (the default) or bf16")
-    if name == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
+    if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
         fail(f"--dtype bf16: {torch.cuda.get_device_name(torch.device(device))} has no bfloat16; use fp16")
-    return getattr(torch, DTYPE_NAMES[name])
+    return dtype
 
 
 def check_port(host: str, port: int) -> None:

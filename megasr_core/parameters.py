@@ -23,9 +23,12 @@ COLOR_FIX_METHODS = ("adain", "wavelet", "none")
 
 def scale_problem(value: object) -> str | None:
     """Why ``value`` is not a valid scale, or None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return f"must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}"
-    if not MIN_SCALE <= value <= MAX_SCALE:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not MIN_SCALE <= value <= MAX_SCALE
+    ):
         return f"must be a number from {MIN_SCALE:g} to {MAX_SCALE:g}, got {value!r}"
     return None
 

@@ -35,7 +35,7 @@ from ..jobsystem import admission, lifecycle
 from ..jobsystem.store import ListPosition, TransitionRejected
 from ..logging_setup import fresh_log_context
 from ..prefer_wait import MAX_WAIT_S, preferred_wait, wait_until_final
-from ..storage import ObjectNotFound
+from ..storage import ObjectNotFound, StoredObject
 from ..tracing import traced
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -440,9 +440,7 @@ def get_result(job_id: str, services: ServicesDep, tenant: TenantDep) -> Respons
     url = services.storage.presigned_url(record.output_key, services.settings.presign_ttl_s)
     if url:
         return RedirectResponse(url, status_code=307)
-    stored = services.storage.open(record.output_key)
-    headers = {"Content-Length": str(stored.size)} if stored.size is not None else None
-    return StreamingResponse(stored.chunks, media_type=CONTENT_TYPES[record.params.output_format], headers=headers)
+    return _streamed(services.storage.open(record.output_key), CONTENT_TYPES[record.params.output_format])
 
 
 @router.get(
@@ -466,8 +464,13 @@ def get_input(job_id: str, services: ServicesDep, tenant: TenantDep) -> Response
         stored = services.storage.open(record.input_key)
     except ObjectNotFound:
         raise ApiError(404, "input_gone", f"the input of job {job_id} is no longer stored") from None
+    return _streamed(stored, record.input_content_type)
+
+
+def _streamed(stored: StoredObject, media_type: str) -> StreamingResponse:
+    """A stored image streamed to the client in chunks, with its length when the storage knows it."""
     headers = {"Content-Length": str(stored.size)} if stored.size is not None else None
-    return StreamingResponse(stored.chunks, media_type=record.input_content_type, headers=headers)
+    return StreamingResponse(stored.chunks, media_type=media_type, headers=headers)
 
 
 @router.delete(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,26 @@ from .layout import EXTRACTORS_DIR, write_model_index
 
 #: what a diffusers base folder (SD2-base, sd-turbo) must hold to give a SeeSR folder its parts
 _BASE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+
+#: the stages every assembly has (a bar's names); each adds its own after them
+_STAGES = ("building the denoiser", "writing the denoiser", "copying VAE, text encoder, tokenizer", "scheduler")
+
+
+def _write_with_base_parts(denoiser, base_directory: Path, output: Path, done: Callable[[], None]) -> None:
+    """The stages after the denoiser is built: it is written to ``output``, the base's VAE, text
+    encoder and tokenizer are copied as they are, and its scheduler becomes DDPM with the same
+    noise schedule (and timestep spacing)."""
+    output.mkdir(parents=True, exist_ok=True)
+    denoiser.save_pretrained(output)
+    done()
+    for component in ("vae", "text_encoder", "tokenizer"):
+        shutil.copytree(base_directory / component, output / component, dirs_exist_ok=True)
+    done()
+    DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(
+        output / "scheduler"
+    )
+    done()
 
 
 def assemble_from_sd2(
@@ -48,19 +69,10 @@ def assemble_from_sd2(
     if missing:
         raise FileNotFoundError(f"{sd2_directory} is not a diffusers SD2 folder: missing {', '.join(missing)}")
     torch.manual_seed(seed)
-    names = ["building the denoiser", "writing the denoiser", "copying VAE, text encoder, tokenizer", "scheduler"]
-    with stage_bar([*names, *(["extractors"] if extractors is not None else [])], "assembling MegaSR") as done:
+    with stage_bar([*_STAGES, *(["extractors"] if extractors is not None else [])], "assembling MegaSR") as done:
         denoiser = MegaSRDenoiser.from_unet_pretrained(sd2_directory / "unet", config=config, overlay=overlay)
         done()
-        output.mkdir(parents=True, exist_ok=True)
-        denoiser.save_pretrained(output)
-        done()
-        for component in ("vae", "text_encoder", "tokenizer"):
-            shutil.copytree(sd2_directory / component, output / component, dirs_exist_ok=True)
-        done()
-        scheduler = DDPMScheduler.from_config(DDPMScheduler.load_config(sd2_directory / "scheduler"))
-        scheduler.save_pretrained(output / "scheduler")
-        done()
+        _write_with_base_parts(denoiser, sd2_directory, output, done)
         if extractors is not None:
             shutil.copytree(Path(extractors), output / EXTRACTORS_DIR, dirs_exist_ok=True)
             settle_clip_token_space(output / EXTRACTORS_DIR / "clip", denoiser.config.image_embed_dim)
@@ -130,8 +142,7 @@ def assemble_seesr(
     if dape is not None and not Path(dape).is_file():
         raise FileNotFoundError(f"DAPE checkpoint {dape} not found")
     config = SeeSRConfig(family=family, preset="sd2-base")
-    names = ["building the denoiser", "writing the denoiser", "copying VAE, text encoder, tokenizer", "scheduler"]
-    with stage_bar([*names, "RAM tagger"], f"assembling {family}") as done:
+    with stage_bar([*_STAGES, "RAM tagger"], f"assembling {family}") as done:
         denoiser = SeeSRDenoiser.from_parts(
             seesr_directory / "unet",
             seesr_directory / "controlnet",
@@ -139,16 +150,7 @@ def assemble_seesr(
             base_unet_directory=base_directory / "unet" if family == SEESR_TURBO else None,
         )
         done()
-        output.mkdir(parents=True, exist_ok=True)
-        denoiser.save_pretrained(output)
-        done()
-        for component in ("vae", "text_encoder", "tokenizer"):
-            shutil.copytree(base_directory / component, output / component, dirs_exist_ok=True)
-        done()
-        DDPMScheduler.from_config(DDPMScheduler.load_config(base_directory / "scheduler")).save_pretrained(
-            output / "scheduler"
-        )
-        done()
+        _write_with_base_parts(denoiser, base_directory, output, done)
         tagger = install_ram_tagger(output / EXTRACTORS_DIR, ram, dape, config=ram_config)
         done()
     if tagger.config.embed_width != denoiser.config.image_embed_dim:

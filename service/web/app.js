@@ -176,13 +176,10 @@ function render(card, view) {
   showJobModel(card, view, status);
 }
 
-/** "42% · step 21 / 50 · about 8 s left" while running; the queue position while queued. */
+/** "42% · step 21 / 50 · about 8 s left" while running (while queued, the status line has the
+ * queue position). */
 function progressText(card, view, status) {
-  if (status === "queued") {
-    return Number.isInteger(view.queue_position)
-      ? `waiting: ${view.queue_position} job${view.queue_position === 1 ? "" : "s"} ahead`
-      : "waiting in the queue";
-  }
+  if (status === "queued") return "";
   const fraction = typeof view.progress === "number" ? view.progress : 0;
   const model = models.find((candidate) => candidate.name === (view.model ?? card.dataset.model));
   const total = view.params?.steps ?? view.model_info?.default_steps ?? model?.default_steps;

@@ -64,3 +64,43 @@ def tile_size_problem(value: object) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int) or (value != 0 and value < MIN_TILE_SIZE):
         return f"must be 0 (off), None (auto) or at least {MIN_TILE_SIZE} latent pixels, got {value!r}"
     return None
+
+
+#: the samplers of the denoising loop (``megasr_core.pipelines.samplers``); DDPM is the paper's
+DDPM, DPMPP_2M, UNIPC = "ddpm", "dpmpp-2m", "unipc"
+SAMPLERS = (DDPM, DPMPP_2M, UNIPC)
+#: the fast solvers' own default steps (DDPM's are the model family's: 50, or SeeSR-Turbo's 2)
+SAMPLER_STEPS = {DPMPP_2M: 25, UNIPC: 20}
+
+
+def sampler_problem(value: object) -> str | None:
+    """Why ``value`` is not a sampler name, or None."""
+    return None if value in SAMPLERS else f"must be one of {', '.join(SAMPLERS)}, got {value!r}"
+
+
+def default_steps(sampler: str, family_steps: int) -> int:
+    """The steps a run takes when it names none: the solver's own, or the model family's for DDPM."""
+    return SAMPLER_STEPS.get(sampler, family_steps)
+
+
+def cfg_interval_problem(value: object) -> str | None:
+    """Why ``value`` is not a CFG interval: None (every step), or (start, end) with 0 ≤ start < end ≤ 1,
+    the fractions of the schedule whose steps run classifier-free guidance."""
+    if value is None:
+        return None
+    if (
+        not isinstance(value, (tuple, list))
+        or len(value) != 2
+        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) for v in value)
+        or not 0 <= value[0] < value[1] <= 1
+    ):
+        return f"must be two fractions start,end with 0 ≤ start < end ≤ 1, got {value!r}"
+    return None
+
+
+def cfg_on_step(interval: tuple[float, float] | None, index: int, steps: int) -> bool:
+    """Whether step ``index`` (0-based) of ``steps`` lies in the CFG ``interval`` (its position
+    ``index / steps`` in [start, end)); None: every step."""
+    if interval is None:
+        return True
+    return interval[0] <= index / steps < interval[1]

@@ -105,7 +105,7 @@ class RunningBatch:
     """What one batch carries from step to step of the sampler, one row per image still running.
 
     ``conditionings`` caches the denoiser's conditioning per group of tiles (see the pipeline's
-    denoising step); it is cleared whenever rows leave.
+    denoising step); it is cleared whenever rows leave, and the sampler drops their rows too.
     """
 
     items: list[BatchItem]
@@ -118,6 +118,7 @@ class RunningBatch:
     negative: torch.Tensor | None = None  # text tokens of the negative prompt (with CFG only)
     latents: torch.Tensor | None = None
     conditionings: dict[Any, Any] = field(default_factory=dict)
+    sampler: Any = None  # the batch's ``samplers.Sampler`` (its per-row noise and solver state)
 
     def drop_cancelled(self, is_cancelled: Callable[[int], bool] | None) -> list[int]:
         """Drop the rows of images ``is_cancelled`` names; returns their input indices."""
@@ -144,3 +145,5 @@ class RunningBatch:
         self.image_tokens = self.image_tokens[rows] if self.image_tokens is not None else None
         self.guidance = {key: value[rows] for key, value in self.guidance.items()}
         self.conditionings.clear()
+        if self.sampler is not None:
+            self.sampler.keep_rows(keep)

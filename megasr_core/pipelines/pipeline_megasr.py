@@ -41,8 +41,13 @@ from ..geometry import DEFAULT_MAX_OUTPUT_PIXELS, MIN_WORK_SIDE, canvas, check_w
 from ..identity import ModelIdentity, weights_label
 from ..models import MegaSRDenoiser, SeeSRDenoiser, get_preset
 from ..parameters import (
+    DDPM,
+    cfg_interval_problem,
+    cfg_on_step,
     color_fix_problem,
+    default_steps,
     guidance_scale_problem,
+    sampler_problem,
     scale_problem,
     steps_problem,
     tile_size_problem,
@@ -70,7 +75,9 @@ from .image_processing import (
     resize_alpha,
     to_pil,
 )
+from .samplers import first_timestep, make_sampler
 from .sampling import classifier_free_guidance, guidance_batch, lre_start
+from .step_pacing import StepPacer
 from .tiling import Tile, blend_tiles, tiles
 from .timing import StageTimer
 
@@ -120,11 +127,17 @@ class CheckedInputs:
     max_pixels: int
     max_output_pixels: int
     max_batch_size: int | None
+    sampler: str = DDPM
+    cfg_interval: tuple[float, float] | None = None  # None = CFG at every step
 
     @property
     def do_cfg(self) -> bool:
-        """Whether classifier-free guidance runs (a model batch of [negative, positive] halves)."""
+        """Whether classifier-free guidance runs at all (a model batch of [negative, positive] halves)."""
         return self.guidance_scale > 1.0
+
+    def cfg_at(self, index: int) -> bool:
+        """Whether step ``index`` runs classifier-free guidance (its position is in ``cfg_interval``)."""
+        return self.do_cfg and cfg_on_step(self.cfg_interval, index, self.steps)
 
 
 class MegaSRPipeline(DiffusionPipeline):
@@ -353,6 +366,8 @@ class MegaSRPipeline(DiffusionPipeline):
         max_output_pixels: int | None = None,
         max_batch_size: int | None = None,
         profile: bool = False,
+        sampler: str = DDPM,
+        cfg_interval: tuple[float, float] | None = None,
     ) -> MegaSRPipelineOutput:
         """Super-resolve ``images`` (paths, bytes, files, PIL images or ``load_image`` results) by ``scale``.
 
@@ -389,6 +404,12 @@ class MegaSRPipeline(DiffusionPipeline):
             max_batch_size: at most this many images per model batch (default: all that share a
                 size bucket).
             profile: synchronize the GPU between stages so ``timings`` are exact.
+            sampler: ``ddpm`` (the paper's; the default), or an opt-in fast solver, ``dpmpp-2m``
+                or ``unipc`` (``samplers``), which needs fewer steps (its own default: 25 or 20)
+                and changes the output.
+            cfg_interval: (start, end) fractions of the schedule; only the steps whose position
+                lies in [start, end) run classifier-free guidance, the others run the positive
+                half alone (half the model batch). ``None`` = every step (the paper's).
         """
         # 1. Check every argument before touching any image; the family fills in what is not given.
         inputs = self.check_inputs(
@@ -411,6 +432,8 @@ class MegaSRPipeline(DiffusionPipeline):
             max_pixels,
             max_output_pixels,
             max_batch_size,
+            sampler,
+            cfg_interval,
         )
         timer = StageTimer(self.device, sync=profile)
         # 2. Decode the inputs (orientation, modes, alpha); refuse any whose work would exceed the bound.
@@ -448,25 +471,35 @@ class MegaSRPipeline(DiffusionPipeline):
                 for item, text in zip(run.items, run.prompts):  # each image's, kept even if it is cancelled
                     prompts[item.index] = text
                 # 7. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
-                # None = the first timestep); the schedule then runs from its own first timestep.
-                self.scheduler.set_timesteps(inputs.steps, device=self.device)
+                # None = the sampler's first timestep); the schedule then runs from its own first timestep.
                 with timer.stage("vae_encode"):
                     run.latents = self._lre_start(run, inputs)
+                    run.sampler = make_sampler(
+                        inputs.sampler,
+                        self.scheduler,
+                        inputs.steps,
+                        run.generators,
+                        tuple(run.latents.shape),
+                        run.latents.dtype,
+                        self.device,
+                    )
                 # 8. Denoising loop with classifier-free guidance, tiled when large. Before every step
                 # ``should_cancel`` may stop the call and ``is_cancelled`` may drop images from the batch.
+                # Nothing in the loop waits for the GPU: progress comes from events (``StepPacer``).
                 tile_list = self._denoising_tiles(run.latents, inputs)
+                report = (lambda step, base=done_steps: callback(base + step, total_steps)) if callback else None
+                pacer = StepPacer(self.device, on_done=report or (lambda step: None))
                 with timer.stage("denoise"):
-                    for index, t in enumerate(self.scheduler.timesteps):
+                    for index, t in enumerate(run.sampler.timesteps):
                         if should_cancel is not None and should_cancel():
                             raise PipelineCancelled(f"cancelled before step {index + 1} of {inputs.steps}")
                         cancelled += run.drop_cancelled(is_cancelled)
                         if not run.items:
                             break
-                        step_start = timer.now()
-                        run.latents = self._denoise_step(run, t, tile_list, inputs)
-                        timer.steps.append(timer.now() - step_start)
-                        if callback is not None:
-                            callback(done_steps + index + 1, total_steps)
+                        run.latents = self._denoise_step(run, index, t, tile_list, inputs)
+                        pacer.launched(index + 1)
+                    pacer.finish()
+                timer.steps += pacer.durations
                 if not run.items:  # every image of the batch was cancelled: nothing to decode
                     continue
                 # 9. VAE decode (tiled when large).
@@ -504,13 +537,18 @@ class MegaSRPipeline(DiffusionPipeline):
         max_pixels: int | None,
         max_output_pixels: int | None,
         max_batch_size: int | None,
+        sampler: str = DDPM,
+        cfg_interval: tuple[float, float] | None = None,
     ) -> CheckedInputs:
         """Check every argument of :meth:`__call__` (``ValueError``; ``InvalidImageError`` for no images).
 
         Returns them with the family's defaults filled in and one scale, prompt and generator per image.
         """
         defaults = self.family.defaults
-        steps = defaults.steps if num_inference_steps is None else num_inference_steps
+        message = sampler_problem(sampler)
+        if message is not None:
+            raise ValueError(f"sampler {message}")
+        steps = default_steps(sampler, defaults.steps) if num_inference_steps is None else num_inference_steps
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
         tile_overlap = defaults.tile_overlap if tile_overlap is None else tile_overlap
         vae_tiles = (
@@ -529,6 +567,7 @@ class MegaSRPipeline(DiffusionPipeline):
             ("guidance_scale", guidance_scale, guidance_scale_problem),
             ("color_fix", color_fix, color_fix_problem),
             ("tile_size", tile_size, tile_size_problem),
+            ("cfg_interval", cfg_interval, cfg_interval_problem),
         ):
             message = problem(value)
             if message is not None:
@@ -548,11 +587,10 @@ class MegaSRPipeline(DiffusionPipeline):
                 or not 0 <= start_timestep <= last
             ):
                 raise ValueError(f"start_timestep must be None or an integer from 0 to {last}, got {start_timestep!r}")
-            self.scheduler.set_timesteps(steps)
-            first = int(self.scheduler.timesteps[0])
+            first = first_timestep(sampler, self.scheduler, steps)
             if start_timestep < first:
                 raise ValueError(
-                    f"start_timestep {start_timestep} is below the first of the {steps} scheduler timesteps ({first})"
+                    f"start_timestep {start_timestep} is below the first of the {steps} {sampler} timesteps ({first})"
                 )
         if isinstance(tile_batch_size, bool) or not isinstance(tile_batch_size, int) or tile_batch_size < 1:
             raise ValueError(f"tile_batch_size must be a positive integer, got {tile_batch_size!r}")
@@ -575,6 +613,8 @@ class MegaSRPipeline(DiffusionPipeline):
             max_pixels=max_pixels if max_pixels is not None else DEFAULT_MAX_PIXELS,
             max_output_pixels=max_output_pixels if max_output_pixels is not None else self.max_output_pixels,
             max_batch_size=max_batch_size,
+            sampler=sampler,
+            cfg_interval=None if cfg_interval is None else (float(cfg_interval[0]), float(cfg_interval[1])),
         )
 
     # ------------------------------------------------------------------ 2.-3. inputs and batches
@@ -683,7 +723,10 @@ class MegaSRPipeline(DiffusionPipeline):
         """The start latents: each image's VAE latent noised to ``start_timestep``, from its own generator."""
         latents = self._encode_image(run.control.to(self.denoiser.dtype), inputs.vae_tiles[0], run.generators)
         noise = randn_per_image(latents.shape, run.generators).to(self.device, latents.dtype)
-        return lre_start(self.scheduler, latents, noise, inputs.start_timestep)
+        start = inputs.start_timestep
+        if start is None:
+            start = first_timestep(inputs.sampler, self.scheduler, inputs.steps)
+        return lre_start(self.scheduler, latents, noise, start)
 
     def _denoising_tiles(self, latents: torch.Tensor, inputs: CheckedInputs) -> list[Tile]:
         """The latent tiles the noise is predicted in (one tile covering all when the image is small).
@@ -699,24 +742,37 @@ class MegaSRPipeline(DiffusionPipeline):
             tile = defaults.tile_size if defaults.needs_tiling(height, width) else 0
         return tiles(height, width, tile, inputs.tile_overlap) if tile else [Tile(0, height, 0, width)]
 
-    def _denoise_step(self, run: RunningBatch, t: torch.Tensor, tile_list: list[Tile], inputs: CheckedInputs):
-        """One scheduler step of the batch: the noise predicted tile group by tile group, blended, then stepped.
+    def _denoise_step(
+        self, run: RunningBatch, index: int, t: torch.Tensor, tile_list: list[Tile], inputs: CheckedInputs
+    ) -> torch.Tensor:
+        """Step ``index`` of the batch: the noise predicted tile group by tile group, blended, then stepped.
 
         Conditioning per group of tiles, with the maps once for both CFG halves. Kept across steps
         (each MSFM computes its modulation once) up to ``max_cached_tiles``; beyond that memory
         would grow with the image, so the modulation is recomputed at every step instead.
         """
         reuse = len(tile_list) <= inputs.max_cached_tiles
-        predict_many = partial(self._predict_noise, run=run, t=t, inputs=inputs, reuse_conditioning=reuse)
+        predict_many = partial(
+            self._predict_noise, run=run, t=t, inputs=inputs, reuse_conditioning=reuse, do_cfg=inputs.cfg_at(index)
+        )
         noise_pred = blend_tiles(run.latents, tile_list, predict_many=predict_many, group_size=inputs.tile_batch_size)
-        return self.scheduler.step(noise_pred, t, run.latents, generator=run.generators).prev_sample
+        assert run.sampler is not None
+        return run.sampler.step(index, noise_pred, run.latents)
 
     def _predict_noise(
-        self, group: list[Tile], *, run: RunningBatch, t: torch.Tensor, inputs: CheckedInputs, reuse_conditioning: bool
+        self,
+        group: list[Tile],
+        *,
+        run: RunningBatch,
+        t: torch.Tensor,
+        inputs: CheckedInputs,
+        reuse_conditioning: bool,
+        do_cfg: bool,
     ) -> list[torch.Tensor]:
         """One model batch for the tiles of ``group``: [negative halves of every tile; positive halves of
-        every tile], so each tile's images line up with its maps; CFG combines the halves."""
-        count, do_cfg = len(group), inputs.do_cfg
+        every tile], so each tile's images line up with its maps; CFG combines the halves (without
+        CFG at this step: the positive halves alone)."""
+        count = len(group)
         latent_in = guidance_batch(torch.cat([part.crop(run.latents) for part in group]), do_cfg)
         texts = [run.positive] * count
         if do_cfg:
@@ -738,9 +794,11 @@ class MegaSRPipeline(DiffusionPipeline):
         return list(eps.chunk(count))
 
     def _tile_conditioning(self, run: RunningBatch, group: tuple[Tile, ...], batch_size: int, reuse: bool, repeat: int):
-        """The denoiser's conditioning for a group of tiles, cached in ``run`` when ``reuse``."""
-        if group in run.conditionings:
-            return run.conditionings[group]
+        """The denoiser's conditioning for a group of tiles (with or without the CFG halves), cached in
+        ``run`` when ``reuse``."""
+        key = (group, repeat)
+        if key in run.conditionings:
+            return run.conditionings[key]
         pixels = [part.pixels(self.vae_scale_factor) for part in group]
         tokens = torch.cat([run.image_tokens] * len(group)) if run.image_tokens is not None else None
         made = self.denoiser.prepare_conditioning(
@@ -751,7 +809,7 @@ class MegaSRPipeline(DiffusionPipeline):
             repeat=repeat,
         )
         if reuse:
-            run.conditionings[group] = made
+            run.conditionings[key] = made
         return made
 
     def _postprocess(

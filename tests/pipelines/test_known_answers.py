@@ -1,7 +1,7 @@
 """Known answers for the sampling maths of MegaSRPipeline, recomputed independently in the test.
 
 The pipeline runs on the tiny weights; hooks on its public components (``denoiser``, its
-``unet``, ``scheduler.step``, ``scheduler.add_noise``, ``vae.encode``) record what flows
+``unet``, the sampler's ``step``, ``scheduler.add_noise``, ``vae.encode``) record what flows
 between them, and each test recomputes the expected value from the documented formula:
 classifier-free guidance ε = ε_u + s·(ε_c − ε_u) with the batch [negative, positive], the
 ControlNet residual scale, the LRE start √ᾱ_t·z + √(1−ᾱ_t)·ε, and the two colour fixes.
@@ -22,6 +22,7 @@ from skimage import data
 
 from megasr_core.pipelines import PipelineCancelled
 from megasr_core.pipelines.color_fix import color_fix
+from megasr_core.pipelines.samplers import DeviceDDPM
 
 PROMPT, NEGATIVE, SCALE = "a red cat", "blurry, ugly", 4.0
 STEPS, SEED = 2, 0
@@ -81,11 +82,11 @@ def recording(pipeline, stop_after_steps: int | None = None):
     def on_unet_in(_module, args, kwargs):
         rec["unet_in"].append(dict(unet_signature.bind(*args, **kwargs).arguments))
 
-    original_step, original_add_noise, original_encode = scheduler.step, scheduler.add_noise, vae.encode
+    original_step, original_add_noise, original_encode = DeviceDDPM.step, scheduler.add_noise, vae.encode
 
-    def step(model_output, timestep, sample, *args, **kwargs):
-        rec["noise_pred"].append(model_output.clone())
-        return original_step(model_output, timestep, sample, *args, **kwargs)
+    def step(self, index, noise_pred, latents):
+        rec["noise_pred"].append(noise_pred.clone())
+        return original_step(self, index, noise_pred, latents)
 
     def add_noise(original, noise, timesteps):
         rec["add_noise"].append((original.clone(), noise.clone(), timesteps.clone()))
@@ -100,14 +101,15 @@ def recording(pipeline, stop_after_steps: int | None = None):
         denoiser.register_forward_hook(on_denoiser_out, with_kwargs=True),
         denoiser.unet.register_forward_pre_hook(on_unet_in, with_kwargs=True),
     ]
-    scheduler.step, scheduler.add_noise, vae.encode = step, add_noise, encode
+    DeviceDDPM.step, scheduler.add_noise, vae.encode = step, add_noise, encode
     rec["should_cancel"] = (lambda: len(rec["noise_pred"]) >= stop_after_steps) if stop_after_steps else None
     try:
         yield rec
     finally:
         for handle in handles:
             handle.remove()
-        del scheduler.step, scheduler.add_noise, vae.encode
+        DeviceDDPM.step = original_step
+        del scheduler.add_noise, vae.encode
 
 
 @pytest.fixture(scope="module")

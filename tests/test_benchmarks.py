@@ -80,8 +80,21 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path, sampling):
         "megasr_cuda_graphs",
         "denoiser_breakdown",
         "megasr_large",
+        "ddpm_step_equality",
+        "fast_presets",
         *FAMILY_SECTIONS,
     }
+    equality = sections["ddpm_step_equality"]
+    assert equality["bit_identical"] is True and equality["max_abs_diff"] == 0 and equality["device_schedule_ms"] > 0
+    presets = sections["fast_presets"]
+    assert presets["batch"] == 2 and presets["ddpm"]["images_per_s"] > 0
+    for label in ("dpmpp_2m", "unipc", "ddpm_cfg_interval_0_0.5", "dpmpp_2m_cfg_interval_0_0.5"):
+        row = presets[label]
+        assert row["steps"] == 1 and row["images_per_s"] > 0 and row["speedup_over_ddpm"] > 0, row
+        if label != "ddpm_cfg_interval_0_0.5":  # (at one step, that step is in the interval: no change)
+            assert 0 < row["psnr_db"] < 100 and row["mean_abs_diff"] > 0, row  # a solver changes the output
+        assert report["summary"][f"preset_{label}_images_per_s_batch2"] == row["images_per_s"]
+    assert report["summary"]["ddpm_device_step_bit_identical"] is True
     for batch in ("1", "2"):
         row = sections["megasr_eager"][batch]
         assert row["images_per_s"] > 0 and row["ratio_to_baseline"] > 0

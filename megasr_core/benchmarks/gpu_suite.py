@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from .family_sections import FAMILY_SECTIONS, FamilyBench, family_summary
+from .sampler_sections import run_fast_presets, step_equality
 
 if TYPE_CHECKING:
     from megasr_core.pipelines import MegaSRPipeline
@@ -589,6 +590,14 @@ class GPUSuite:
                     row["peak_memory_gib"],
                 )
         out["best_single_image_s"], out["best_images_per_s"] = best_single, best_throughput  # MegaSR's
+        for label, row in s.get("fast_presets", {}).items():
+            if isinstance(row, dict) and "images_per_s" in row:
+                out[f"preset_{label}_images_per_s_batch{s['fast_presets']['batch']}"] = row["images_per_s"]
+                if "psnr_db" in row:
+                    out[f"preset_{label}_psnr_db"] = row["psnr_db"]
+        equality = s.get("ddpm_step_equality", {})
+        if "bit_identical" in equality:
+            out["ddpm_device_step_bit_identical"] = equality["bit_identical"]
         out.update(family_summary(s, self.batches[-1]))
         return out
 
@@ -596,9 +605,15 @@ class GPUSuite:
         self.section("build", self.build)
         if self.pipeline is None:
             return self.result
+        self.section(
+            "ddpm_step_equality",
+            lambda: step_equality(self.device, self.dtype, self.pipeline.scheduler, self.steps, self.batches[-1]),
+            10,
+        )
         self.section("baseline", self.run_baseline)
         self.section("megasr_eager", lambda: self.run_megasr("eager"), self._estimate(1, 3))
         self.section("megasr_cuda_graphs", self.run_cuda_graphs, self._estimate(1, 3) + 10)
+        self.section("fast_presets", lambda: run_fast_presets(self), self._estimate(self.batches[-1], 4))
         if self.device.type == "cuda":
             self.section("cudnn_benchmark", self.run_cudnn_benchmark, self._estimate(self.batches[-1], 2) + 10)
         self.section("denoiser_breakdown", self.run_breakdown, 20)

@@ -1,0 +1,159 @@
+"""The samplers in the GPU suite: the host-sync-free DDPM step checked against diffusers', and the
+opt-in fast presets timed with their drift from the paper's sampler.
+
+* ``ddpm_step_equality``: diffusers' ``DDPMScheduler.step`` and ``samplers.DeviceDDPM`` over a
+  whole schedule on the suite's device and dtype, from the same inputs and generators: whether
+  the latents are bit-identical (the largest difference otherwise), and the seconds each takes
+  for the schedule's scheduler updates alone (diffusers' waits for the GPU at every step).
+* ``fast_presets``: MegaSR at the suite's largest batch with CUDA graphs (how the worker serves),
+  the paper's DDPM first as the reference, then each preset (``PRESETS``) at its sampler's
+  default steps (``preset_steps``). Each row has its
+  images/s, its speed-up over the reference and its drift from the reference's images of the
+  same run: PSNR (dB) and mean absolute difference (8-bit levels). Random weights: the drift
+  says how far a preset moves the output, not whether it is better; ``megasr eval`` on real
+  weights says that (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from megasr_core.parameters import DDPM, DPMPP_2M, UNIPC, default_steps
+from megasr_core.pipelines.samplers import DeviceDDPM
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .gpu_suite import GPUSuite
+
+PAPER_STEPS = 50
+#: label → pipeline options (steps: the sampler's default unless given)
+PRESETS: dict[str, dict[str, Any]] = {
+    "ddpm_cfg_interval_0_0.5": {"sampler": DDPM, "cfg_interval": (0.0, 0.5)},
+    "dpmpp_2m": {"sampler": DPMPP_2M},
+    "dpmpp_2m_cfg_interval_0_0.5": {"sampler": DPMPP_2M, "cfg_interval": (0.0, 0.5)},
+    "unipc": {"sampler": UNIPC},
+}
+
+
+def preset_steps(sampler: str, suite_steps: int) -> int:
+    """A sampler's steps in the suite: its default at the paper's 50 DDPM steps (25, 20), scaled
+    with the suite's steps (a CPU smoke run at 1 step runs every preset at 1)."""
+    return max(1, round(suite_steps * default_steps(sampler, PAPER_STEPS) / PAPER_STEPS))
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    """PSNR in dB of two 8-bit images of one size (inf when equal)."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    mse = float(np.mean((x - y) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def drift(images: list[Image.Image], reference: list[Image.Image]) -> dict[str, float]:
+    """Mean PSNR and mean absolute difference of ``images`` against ``reference``, pairwise."""
+    scores = [psnr(a, b) for a, b in zip(images, reference)]
+    levels = [
+        float(np.mean(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+        for a, b in zip(images, reference)
+    ]
+    finite = [s for s in scores if math.isfinite(s)]
+    return {  # PSNR over the images that differ; None (JSON null) when every one is identical
+        "psnr_db": round(sum(finite) / len(finite), 2) if finite else None,
+        "identical_images": len(scores) - len(finite),
+        "mean_abs_diff": round(sum(levels) / len(levels), 3),
+    }
+
+
+def step_equality(device: torch.device, dtype: torch.dtype, base: DDPMScheduler, steps: int, batch: int) -> dict:
+    """diffusers' DDPM step against ``DeviceDDPM`` over ``steps`` steps of ``batch`` 64² latents
+    (``base``: the model's scheduler, whose config both copy)."""
+    shape = (batch, 4, 64, 64)
+    reference = DDPMScheduler.from_config(base.config)
+    reference.set_timesteps(steps, device=device)
+    start = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    # diffusers moves ᾱ to the device in add_noise (the pipeline's LRE start); do the same
+    reference.add_noise(start, torch.zeros_like(start), reference.timesteps[:1].repeat(batch))
+    eps = [torch.randn(shape, generator=torch.Generator().manual_seed(1 + i)).to(device, dtype) for i in range(steps)]
+
+    def generators() -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(100 + row) for row in range(batch)]
+
+    def diffusers_run() -> torch.Tensor:
+        latents, theirs = start.clone(), generators()
+        for index, t in enumerate(reference.timesteps):
+            latents = reference.step(eps[index], t, latents, generator=theirs).prev_sample
+        return latents
+
+    def device_run() -> torch.Tensor:
+        sampler = DeviceDDPM(DDPMScheduler.from_config(base.config), steps, generators(), shape, dtype, device)
+        latents = start.clone()
+        for index in range(steps):
+            latents = sampler.step(index, eps[index], latents)
+        return latents
+
+    row: dict[str, Any] = {"steps": steps, "batch": batch, "dtype": str(dtype).removeprefix("torch.")}
+    outputs = {}
+    for name, run in (("diffusers", diffusers_run), ("device", device_run)):
+        run()  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        outputs[name] = run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        row[f"{name}_schedule_ms"] = round(1000 * (time.perf_counter() - began), 2)
+    difference = (outputs["diffusers"].float() - outputs["device"].float()).abs().max().item()
+    row["bit_identical"] = bool(torch.equal(outputs["diffusers"], outputs["device"]))
+    row["max_abs_diff"] = difference
+    return row
+
+
+def run_fast_presets(suite: GPUSuite) -> dict:
+    """The reference (DDPM at the suite's steps) and every preset, at the suite's largest batch, graphed."""
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+    from .gpu_suite import _photos
+
+    pipeline, batch = suite.pipeline, suite.batches[-1]
+    images = _photos(batch, suite.size // suite.scale)
+    common = {"scale": suite.scale, "guidance_scale": suite.guidance_scale, "seed": list(range(batch))}
+    use_cuda_graphs(pipeline)
+    rows: dict[str, Any] = {"batch": batch}
+    try:
+
+        def timed(options: dict[str, Any]) -> tuple[float, list[Image.Image]]:
+            steps = preset_steps(options.get("sampler", DDPM), suite.steps)
+            pipeline(images, num_inference_steps=2, **common, **options)  # warm-up, graph capture
+            seconds, out = suite.clock.time(lambda: pipeline(images, num_inference_steps=steps, **common, **options))
+            return seconds, out.images
+
+        reference_s, reference = timed({})
+        rows["ddpm"] = {
+            "steps": suite.steps,
+            "total_s": round(reference_s, 4),
+            "images_per_s": round(batch / reference_s, 3),
+        }
+        suite._save()
+        for label, options in PRESETS.items():
+            if suite.remaining() < suite._estimate(batch, 2):
+                rows[label] = {"skipped": "budget"}
+                continue
+            seconds, out = timed(options)
+            rows[label] = {
+                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                "steps": preset_steps(options["sampler"], suite.steps),
+                "total_s": round(seconds, 4),
+                "images_per_s": round(batch / seconds, 3),
+                "speedup_over_ddpm": round(reference_s / seconds, 3),
+                **drift(out, reference),
+            }
+            suite._save()
+    finally:
+        use_cuda_graphs(pipeline, enabled=False)
+    return rows

@@ -14,7 +14,9 @@ import math
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, field_validator
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, UrlConstraints, computed_field, field_validator
+
+from megasr_core.parameters import SAMPLERS, cfg_interval_problem, default_steps
 
 DEFAULT_QUEUE = "megasr"
 #: the name of the one model of a deployment that names none (``MEGASR_MODEL``/``MEGASR_MODELS`` unset)
@@ -26,6 +28,8 @@ WORKER_TASK = "worker.tasks.upscale"
 
 OutputFormat = Literal["png", "jpeg", "webp"]
 ColorFix = Literal["adain", "wavelet", "none"]
+#: ``megasr_core.parameters.SAMPLERS``: DDPM (the paper's) or an opt-in faster solver
+SamplerName = Literal["ddpm", "dpmpp-2m", "unipc"]
 #: longest webhook URL a job may carry (the record lives in Redis; browsers cap URLs near here too)
 MAX_WEBHOOK_URL_LENGTH = 2048
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -67,6 +71,15 @@ class UpscaleParams(BaseModel):
     prompt: Annotated[str, Field(max_length=500)] = ""
     negative_prompt: Annotated[str, Field(max_length=500)] = "dotted, noise, blur, lowres, smooth"
     color_fix: ColorFix = "adain"
+    sampler: SamplerName = Field(
+        "ddpm",
+        description="ddpm: the paper's sampler; dpmpp-2m (25 steps) and unipc (20) are faster and change the output",
+    )
+    cfg_interval: tuple[float, float] | None = Field(
+        None,
+        description="[start, end]: fractions of the schedule whose steps run classifier-free guidance "
+        "(the others run half the model batch; a form field: 'start,end'); omitted: every step",
+    )
     output_format: OutputFormat = "png"
     webhook_url: Annotated[AnyHttpUrl, UrlConstraints(max_length=MAX_WEBHOOK_URL_LENGTH)] | None = None
 
@@ -76,6 +89,26 @@ class UpscaleParams(BaseModel):
         # JSON true/false would otherwise pass as 1/0: a client that sends them has a bug to hear about.
         if isinstance(value, bool):
             raise ValueError("must be a number, not true/false")
+        return value
+
+    @field_validator("cfg_interval", mode="before")
+    @classmethod
+    def _interval_from_a_form(cls, value: object) -> object:
+        # A multipart form sends text: "0,0.6".
+        if isinstance(value, str):
+            parts = value.split(",")
+            try:
+                return tuple(float(part) for part in parts) if len(parts) == 2 else value
+            except ValueError:
+                return value
+        return value
+
+    @field_validator("cfg_interval")
+    @classmethod
+    def _an_interval(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        message = cfg_interval_problem(value)
+        if message is not None:
+            raise ValueError(message)
         return value
 
     @field_validator("scale", "guidance_scale")
@@ -227,6 +260,13 @@ class ServedModel(BaseModel):
     untrained_reason: str | None = None
     default_steps: int | None = None
     default_guidance_scale: float | None = None
+
+    @computed_field(description="the steps a job that names none takes, per sampler")  # type: ignore[prop-decorator]
+    @property
+    def sampler_steps(self) -> dict[str, int] | None:
+        if self.default_steps is None:
+            return None
+        return {name: default_steps(name, self.default_steps) for name in SAMPLERS}
 
 
 class ModelList(BaseModel):

@@ -48,6 +48,9 @@ def refused(result, flag: str, text: str) -> None:
         (["--device", "tpu"], "--device", "must be cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cpu", "--dtype", "fp16"], "--dtype", "fp16 runs on a GPU only"),
         (["--dtype", "fp64"], "--dtype", "must be fp32, fp16 or bf16, got 'fp64'"),
+        (["--sampler", "euler"], "--sampler", "must be one of ddpm, dpmpp-2m, unipc, got 'euler'"),
+        (["--cfg-interval", "0.6"], "--cfg-interval", "must be two fractions start,end such as 0,0.6"),
+        (["--cfg-interval", "0.6,0.2"], "--cfg-interval", "0 ≤ start < end ≤ 1, got (0.6, 0.2)"),
     ],
 )
 def test_upscale_refuses_a_wrong_option_before_loading(tmp_path, photo, args, flag, text):

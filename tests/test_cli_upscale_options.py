@@ -149,3 +149,15 @@ def test_serve_checks_dtype_and_compile_before_starting(tmp_path):
     assert bad_compile.exit_code == 2 and "compile" in bad_compile.output and "'blocks' or 'full'" in bad_compile.output
     worker = runner.invoke(app, ["worker", "--compile", "everything"], env=env)
     assert worker.exit_code == 2 and "'blocks' or 'full'" in worker.output
+
+
+def test_a_fast_sampler_and_a_cfg_interval_reach_the_pipeline(tmp_path, tiny_weights):
+    source = _photo(tmp_path / "in" / "cat.png")
+    outputs = {}
+    for name, extra in (("ddpm", []), ("dpmpp", ["--sampler", "dpmpp-2m", "--cfg-interval", "0,0.5"])):
+        result = _upscale(source, "-o", tmp_path / name / "cat.png", "--scale", "2", *extra, weights=tiny_weights)
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / name / "cat.png") as image:
+            assert image.size == (48, 32)
+            outputs[name] = image.tobytes()
+    assert outputs["ddpm"] != outputs["dpmpp"]

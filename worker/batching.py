@@ -2,7 +2,7 @@
 
 A GPU runs eight 512² images per step in about twice the time of one, so a worker that finds
 compatible jobs waiting runs them together. Compatible means the same steps, guidance scale,
-negative prompt and colour fix (the pipeline shares them across a batch) and the same size
+negative prompt, colour fix, sampler and CFG interval (the pipeline shares them across a batch) and the same size
 bucket: the padded working size, which follows from the input size and the scale. Prompts,
 seeds and scales stay per job.
 
@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from megasr_core.parameters import default_steps
 from service.contracts import JobRecord, JobStatus, UpscaleParams
 from service.jobsystem import keys, lifecycle
 from service.jobsystem.queue import JobQueue
@@ -43,10 +44,11 @@ Geometry = Callable[[tuple[int, int], float], tuple[tuple[int, int], tuple[int, 
 
 def sampling(params: UpscaleParams, defaults: tuple[int, float] | None) -> tuple[int | None, float | None]:
     """A job's (steps, guidance scale), the model's ``defaults`` where it left them out (None:
-    the pipeline decides, as it does for its family)."""
+    the pipeline decides, as it does for its family); a fast sampler's own steps replace the
+    model's when the job names none."""
     steps, guidance = params.steps, params.guidance_scale
     if defaults is not None:
-        steps = defaults[0] if steps is None else steps
+        steps = default_steps(params.sampler, defaults[0]) if steps is None else steps
         guidance = defaults[1] if guidance is None else guidance
     return steps, guidance
 
@@ -56,7 +58,14 @@ def batch_key(record: JobRecord, geometry: Geometry, defaults: tuple[int, float]
     model's ``defaults``: a job that names them batches with one that does not)."""
     params = record.params
     bucket = geometry((record.input_width, record.input_height), params.scale)[2]
-    return (*sampling(params, defaults), params.negative_prompt, params.color_fix, bucket)
+    return (
+        *sampling(params, defaults),
+        params.negative_prompt,
+        params.color_fix,
+        params.sampler,
+        params.cfg_interval,
+        bucket,
+    )
 
 
 @dataclass

@@ -209,7 +209,12 @@ class MegaSRClient:
             name, data = "image", image
         else:
             name, data = Path(image).name, Path(image).read_bytes()
-        fields = {k: str(v) for k, v in params.items() if v is not None}
+        # a form carries text: a pair such as cfg_interval=(0, 0.6) goes as "0,0.6"
+        fields = {
+            k: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+            for k, v in params.items()
+            if v is not None
+        }
         headers = {"Idempotency-Key": idempotency_key or f"megasr-client-{uuid.uuid4().hex}"}
         response = self._request("POST", "/v1/upscale", files={"image": (name, data)}, data=fields, headers=headers)
         return Job.model_validate(response.json())

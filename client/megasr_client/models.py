@@ -69,6 +69,8 @@ class JobParams(_Answer):
     prompt: str = ""
     negative_prompt: str = ""
     color_fix: str = "adain"
+    sampler: str = "ddpm"
+    cfg_interval: tuple[float, float] | None = None
     output_format: str = "png"
     webhook_url: str | None = None
 
@@ -135,6 +137,7 @@ class Model(_Answer):
     untrained_reason: str | None = None
     default_steps: int | None = None
     default_guidance_scale: float | None = None
+    sampler_steps: dict[str, int] | None = None  # the steps a job naming none takes, per sampler
 
 
 def parse_models(answer: dict[str, Any]) -> list[Model]:

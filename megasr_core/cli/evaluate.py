@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from .common import fail, quiet_loading
+from .option_checks import check_sampling, parse_cfg_interval
 
 DEFAULT_METRICS = ",".join(("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa"))
 
@@ -61,6 +62,12 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Images per super-resolution batch.")] = 1,
     metric_batch_size: Annotated[int, typer.Option(help="Images per metric batch (same-size images only).")] = 4,
     device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: cuda if available).")] = None,
+    sampler: Annotated[
+        str, typer.Option(help="ddpm (the paper's), dpmpp-2m or unipc; use a separate --output per sampler.")
+    ] = "ddpm",
+    cfg_interval: Annotated[
+        str | None, typer.Option(help="Guidance only on this part of the schedule: start,end fractions.")
+    ] = None,
 ) -> None:
     """Score super-resolved images with the paper's metrics (pyiqa); writes JSON and a Table-1 Markdown table."""
     try:
@@ -69,6 +76,8 @@ def eval_command(
         fail("megasr eval needs the [eval] extra: pip install -c constraints/eval.txt -e '.[eval]'")
     from megasr_core.evaluation import EvalSettings, MetricWeightsError, PairingError, evaluate, parse_metrics
 
+    check_sampling(sampler=sampler)
+    interval = parse_cfg_interval(cfg_interval)
     quiet_loading()
 
     if batch_size < 1 or metric_batch_size < 1 or crop_border < 0:
@@ -93,6 +102,8 @@ def eval_command(
             batch_size=batch_size,
             metric_batch_size=metric_batch_size,
             device=device,
+            sampler=sampler,
+            cfg_interval=interval,
         )
         report = evaluate(settings, log=lambda message: typer.echo(message, err=True))
     except (PairingError, MetricWeightsError, FileNotFoundError, ValueError) as exc:

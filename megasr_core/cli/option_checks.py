@@ -2,7 +2,8 @@
 
 Each wrong option ends the command with one line naming its flag and exit code 2 (``fail``):
 a device this machine does not have, a dtype that device cannot run, a step count, scale, tile
-size or colour fix outside the pipeline's bounds (``megasr_core.parameters``), a port already taken.
+size, colour fix, sampler or CFG interval outside the pipeline's bounds
+(``megasr_core.parameters``), a port already taken.
 torch is imported only to look at the devices, never to load a model.
 """
 
@@ -13,8 +14,10 @@ import socket
 from typing import Any
 
 from megasr_core.parameters import (
+    cfg_interval_problem,
     color_fix_problem,
     guidance_scale_problem,
+    sampler_problem,
     scale_problem,
     steps_problem,
     tile_size_problem,
@@ -30,9 +33,11 @@ def check_sampling(
     guidance_scale: float | None = None,
     color_fix: str | None = None,
     tile_size: int | None = None,
+    sampler: str | None = None,
 ) -> None:
     """Fail on the first sampling option outside the pipeline's bounds (None = the model's default)."""
     checks = (
+        ("--sampler", sampler, sampler_problem),
         ("--scale", scale, scale_problem),
         ("--steps", steps, steps_problem),
         ("--guidance-scale", guidance_scale, guidance_scale_problem),
@@ -43,6 +48,20 @@ def check_sampling(
         message = problem(value) if value is not None else None
         if message is not None:
             fail(f"{flag} {message}")
+
+
+def parse_cfg_interval(text: str | None) -> tuple[float, float] | None:
+    """``--cfg-interval start,end`` as two fractions of the schedule (None: CFG at every step)."""
+    if text is None:
+        return None
+    try:
+        start, end = (float(part) for part in text.split(","))
+    except ValueError:
+        fail(f"--cfg-interval must be two fractions start,end such as 0,0.6, got {text!r}")
+    message = cfg_interval_problem((start, end))
+    if message is not None:
+        fail(f"--cfg-interval {message}")
+    return start, end
 
 
 def check_device(name: str | None) -> str:

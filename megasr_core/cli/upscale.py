@@ -10,8 +10,10 @@ from typing import Annotated
 
 import typer
 
+from megasr_core.parameters import default_steps
+
 from .common import fail, quiet_loading, resolve_weights
-from .option_checks import check_device, check_dtype, check_sampling
+from .option_checks import check_device, check_dtype, check_sampling, parse_cfg_interval
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
@@ -158,13 +160,33 @@ def upscale(
         ),
     ] = False,
     quality: Annotated[int, typer.Option(min=1, max=100, help="JPEG/WebP quality.")] = 95,
+    sampler: Annotated[
+        str,
+        typer.Option(
+            help="ddpm (the paper's), or a faster solver that changes the output: dpmpp-2m (25 steps) or unipc (20)."
+        ),
+    ] = "ddpm",
+    cfg_interval: Annotated[
+        str | None,
+        typer.Option(
+            help="Run guidance only on this part of the schedule, start,end as fractions (0,0.6: the first 60 %)."
+        ),
+    ] = None,
 ) -> None:
     """Super-resolve images with MegaSR."""
     if fmt is not None and fmt.lower() not in FORMATS:
         fail(f"--format must be png, jpeg or webp, got {fmt!r}")
     if suffix is not None and any(sep in suffix for sep in ("/", "\\")):
         fail(f"--suffix is part of a file name, got {suffix!r}")
-    check_sampling(scale=scale, steps=steps, guidance_scale=guidance_scale, color_fix=color_fix, tile_size=tile_size)
+    check_sampling(
+        scale=scale,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        color_fix=color_fix,
+        tile_size=tile_size,
+        sampler=sampler,
+    )
+    interval = parse_cfg_interval(cfg_interval)
     device = check_device(device)
     torch_dtype = check_dtype(dtype, device)
     files = drop_previous_outputs(collect_inputs(inputs, recursive=recursive), output, fmt, suffix, scale)
@@ -195,7 +217,7 @@ def upscale(
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     announce_model(pipeline, weights_dir)
-    total_steps = steps if steps is not None else pipeline.identity.default_steps
+    total_steps = steps if steps is not None else default_steps(sampler, pipeline.identity.default_steps)
     failures = 0
     with tqdm(total=len(files) * total_steps, unit="step", desc="upscaling") as bar:
         for (file, _), (target, pil_format) in zip(files, targets):
@@ -217,6 +239,8 @@ def upscale(
                     color_fix=color_fix,
                     tile_size=tile_size,
                     callback=progress,
+                    sampler=sampler,
+                    cfg_interval=interval,
                 )
             except (InvalidImageError, ValueError) as exc:
                 failures += 1

@@ -40,6 +40,8 @@ class Generated:
     identity: dict[str, Any]  # ``ModelIdentity.to_dict()``: family, title, weights label, trained
     steps: int  # as sampled: the family's default unless the caller chose
     guidance_scale: float
+    sampler: str = "ddpm"
+    cfg_interval: tuple[float, float] | None = None
 
 
 def super_resolve(
@@ -55,16 +57,19 @@ def super_resolve(
     device: str | None = None,
     dtype=None,
     log: Callable[[str], None] = lambda _: None,
+    sampler: str = "ddpm",
+    cfg_interval: tuple[float, float] | None = None,
 ) -> Generated:
     """Super-resolve every sample's LR into ``folder`` (skipping outputs already there).
 
     ``steps``/``guidance_scale`` ``None`` take the weights' family defaults (SeeSR-Turbo: 2 steps,
-    no CFG). The model is loaded even when every output exists, so the report always states which
-    model and settings made them. Every image gets its own generator seeded with ``seed``, so an
-    output does not depend on its batch mates.
+    no CFG; a fast ``sampler``'s own steps). The model is loaded even when every output exists,
+    so the report always states which model and settings made them. Every image gets its own
+    generator seeded with ``seed``, so an output does not depend on its batch mates.
     """
     import torch
 
+    from megasr_core.parameters import default_steps
     from megasr_core.pipelines import MegaSRPipeline
 
     todo = [s for s in samples if not output_path(folder, s).is_file()]
@@ -75,9 +80,10 @@ def super_resolve(
     try:
         identity = pipeline.identity.to_dict()
         defaults = pipeline.family.defaults
-        steps = defaults.steps if steps is None else steps
+        steps = default_steps(sampler, defaults.steps) if steps is None else steps
         guidance_scale = defaults.guidance_scale if guidance_scale is None else guidance_scale
-        log(f"{identity['title']} ({identity['weights']}): {steps} steps, CFG {guidance_scale:g}")
+        interval = "" if cfg_interval is None else f" on {cfg_interval[0]:g}-{cfg_interval[1]:g} of the steps"
+        log(f"{identity['title']} ({identity['weights']}): {sampler}, {steps} steps, CFG {guidance_scale:g}{interval}")
         bar = progress_bar(len(todo), f"super-resolving ({identity['title']})", "image")
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
@@ -88,6 +94,8 @@ def super_resolve(
                 guidance_scale=guidance_scale,
                 seed=seed,
                 max_batch_size=batch_size,
+                sampler=sampler,
+                cfg_interval=cfg_interval,
             )
             for sample, image in zip(batch, result.images):
                 _save(image, output_path(folder, sample))
@@ -99,7 +107,7 @@ def super_resolve(
         if device_type == "cuda":
             torch.cuda.empty_cache()
     outputs = [Sample(s.key, s.lr, s.gt, output_path(folder, s)) for s in samples]
-    return Generated(outputs, done, identity, steps, float(guidance_scale))
+    return Generated(outputs, done, identity, steps, float(guidance_scale), sampler, cfg_interval)
 
 
 def bicubic(samples: list[Sample], folder: Path, scale: float = 4) -> list[Sample]:

@@ -60,6 +60,10 @@ def _notes(report: dict) -> list[str]:
     for model in report.get("models") or []:
         steps = model["steps"]
         note = f"{model['label']}: {steps} step{'' if steps == 1 else 's'}, CFG {model['guidance_scale']:g}"
+        if model.get("sampler", "ddpm") != "ddpm":
+            note += f", sampler {model['sampler']}"
+        if model.get("cfg_interval"):
+            note += f", CFG on {model['cfg_interval'][0]:g}-{model['cfg_interval'][1]:g} of the steps"
         if not model["trained"]:
             note += f"; UNTRAINED ({model['untrained_reason']}), its numbers are not a super-resolution result"
         notes.append(note)

@@ -45,8 +45,10 @@ class EvalSettings:
     crop_border: int = 0
     baseline: str | None = None
     scale: float = 4.0
-    steps: int | None = None  # None: each model's family default
+    steps: int | None = None  # None: each model's family default (a fast sampler's own)
     guidance_scale: float | None = None
+    sampler: str = "ddpm"
+    cfg_interval: tuple[float, float] | None = None
     seed: int = 0
     batch_size: int = 1
     metric_batch_size: int = 4
@@ -236,6 +238,8 @@ def _super_resolve_all(
                 batch_size=settings.batch_size,
                 device=settings.device,
                 log=log,
+                sampler=settings.sampler,
+                cfg_interval=settings.cfg_interval,
             ),
         )
         for run in plan_models(folders, settings.output)
@@ -258,6 +262,8 @@ def _model_entry(label: str, run: ModelRun, result: Generated, metrics: dict) ->
         "resumed": result.resumed,
         "steps": result.steps,
         "guidance_scale": result.guidance_scale,
+        "sampler": result.sampler,
+        "cfg_interval": list(result.cfg_interval) if result.cfg_interval is not None else None,
         "metrics": metrics,
     }
 

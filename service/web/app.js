@@ -81,6 +81,8 @@ form.addEventListener("submit", async (event) => {
     steps: $("#steps").value,
     guidance_scale: $("#guidance-scale").value,
     seed: $("#seed").value,
+    sampler: $("#sampler").value,
+    cfg_interval: $("#cfg-interval").value.replace(/\s+/g, ""),
     output_format: $("#output-format").value,
   };
   const button = $("#submit");
@@ -182,7 +184,8 @@ function progressText(card, view, status) {
   if (status === "queued") return "";
   const fraction = typeof view.progress === "number" ? view.progress : 0;
   const model = models.find((candidate) => candidate.name === (view.model ?? card.dataset.model));
-  const total = view.params?.steps ?? view.model_info?.default_steps ?? model?.default_steps;
+  const sampler = view.params?.sampler ?? "ddpm";
+  const total = view.params?.steps ?? model?.sampler_steps?.[sampler] ?? view.model_info?.default_steps ?? model?.default_steps;
   const parts = [`${Math.round((status === "succeeded" ? 1 : fraction) * 100)}%`];
   if (Number.isInteger(total)) {
     const done = status === "succeeded" ? total : Math.min(total, Math.round(fraction * total));
@@ -203,15 +206,25 @@ function progressText(card, view, status) {
 }
 
 /** The card's model line: the model that ran it once known, else the model it was sent to. */
+/** " · DPM-Solver++ 2M, guidance on 0–0.6 of the steps" for a job that chose the fast options. */
+function samplingNote(params) {
+  const parts = [];
+  if (params?.sampler && params.sampler !== "ddpm") {
+    parts.push($(`#sampler option[value="${params.sampler}"]`)?.textContent.replace(/ \(.*\)$/, "") ?? params.sampler);
+  }
+  if (Array.isArray(params?.cfg_interval)) parts.push(`guidance on ${params.cfg_interval.join("–")} of the steps`);
+  return parts.length ? ` · ${parts.join(", ")}` : "";
+}
+
 function showJobModel(card, view, status) {
   if (typeof view.model === "string") card.dataset.model = view.model;
   if (view.model_info && typeof view.model_info === "object") card.modelInfo = view.model_info;
   const info = card.modelInfo;
   const line = $(".job-model", card);
   if (info) {
-    line.textContent = `Model: ${ranOn(info)}`;
+    line.textContent = `Model: ${ranOn(info)}${samplingNote(view.params)}`;
   } else if (card.dataset.model) {
-    line.textContent = `Model: ${modelLabel(card.dataset.model)}${FINAL.has(status) ? "" : " (requested)"}`;
+    line.textContent = `Model: ${modelLabel(card.dataset.model)}${samplingNote(view.params)}${FINAL.has(status) ? "" : " (requested)"}`;
   }
   line.hidden = !line.textContent;
   const untrained = status === "succeeded" && info?.trained === false;
@@ -454,13 +467,14 @@ function showChosenModel(fixedText) {
   }
   banner.hidden = !untrained;
 
-  const steps = model?.default_steps;
+  const steps = model?.sampler_steps?.[$("#sampler").value] ?? model?.default_steps;
   const guidance = model?.default_guidance_scale;
   $("#steps").placeholder = Number.isFinite(steps) ? `${steps} (default)` : "model default";
   $("#guidance-scale").placeholder = Number.isFinite(guidance) ? `${guidance} (default)` : "model default";
 }
 
 modelSelect.addEventListener("change", () => showChosenModel());
+$("#sampler").addEventListener("change", () => showChosenModel());
 
 $("#refresh").addEventListener("click", () => {
   refreshJobList();

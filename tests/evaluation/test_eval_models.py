@@ -64,6 +64,8 @@ def sampling(monkeypatch) -> list[dict]:
                 "images": len(images),
                 "steps": kwargs.get("num_inference_steps"),
                 "guidance_scale": kwargs.get("guidance_scale"),
+                "sampler": kwargs.get("sampler"),
+                "cfg_interval": kwargs.get("cfg_interval"),
                 "progress": progress,
             }
         )
@@ -186,6 +188,21 @@ def test_seesr_turbo_samples_two_steps_without_cfg_by_default(tmp_path, folders,
     )
     assert sorted(p.stem for p in (out / "sr").glob("*.png")) == KEYS  # one model: the original OUTPUT/sr/ layout
     assert "SeeSR-Turbo (seesr-turbo-tiny, untrained): 2 steps, CFG 1" in result.output
+
+
+def test_a_fast_sampler_takes_its_own_steps_and_is_named_in_the_report(tmp_path, folders, family_weights, sampling):
+    out = tmp_path / "report"
+    args = ["--lr", folders["lr"], "--gt", folders["gt"], "--weights", family_weights("seesr"), "--batch-size", "3"]
+    result = run(*args, "--metrics", "psnr", "--sampler", "unipc", "--cfg-interval", "0,0.5", "-o", out)
+    assert result.exit_code == 0, result.output
+    (call,) = sampling
+    assert (call["steps"], call["sampler"], call["cfg_interval"]) == (20, "unipc", (0.0, 0.5))
+    assert len(call["progress"]) == 20
+    (column,) = json.loads((out / "eval.json").read_text())["models"]
+    assert (column["steps"], column["sampler"], column["cfg_interval"]) == (20, "unipc", [0.0, 0.5])
+    assert "20 steps, CFG 5.5, sampler unipc, CFG on 0-0.5 of the steps" in (out / "eval.md").read_text()
+    refused = run(*args, "--sampler", "euler", "-o", tmp_path / "other")
+    assert refused.exit_code == 2 and "--sampler must be one of ddpm, dpmpp-2m, unipc" in refused.output
 
 
 def test_the_same_weights_twice_is_a_clear_error(tmp_path, folders, family_weights, sampling):

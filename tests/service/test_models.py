@@ -215,6 +215,14 @@ def test_left_out_steps_batch_with_the_models_explicit_default():
     assert sampling(UpscaleParams(steps=4, guidance_scale=0), defaults) == (4, 0.0)
     assert batch_key(record(), geometry, defaults) == batch_key(record(steps=2, guidance_scale=1), geometry, defaults)
     assert batch_key(record(), geometry, defaults) != batch_key(record(steps=3), geometry, defaults)
+    # a fast sampler's own steps are its default; a sampler or CFG interval of its own never batches with DDPM
+    assert sampling(UpscaleParams(sampler="dpmpp-2m"), (50, 5.5)) == (25, 5.5)
+    assert sampling(UpscaleParams(sampler="unipc", steps=7), (50, 5.5)) == (7, 5.5)
+    fast = record(sampler="dpmpp-2m", steps=2)
+    assert batch_key(fast, geometry, defaults) != batch_key(record(), geometry, defaults)
+    assert batch_key(fast, geometry, defaults) == batch_key(record(sampler="dpmpp-2m", steps=2), geometry, defaults)
+    banded = record(cfg_interval=(0, 0.5))
+    assert batch_key(banded, geometry, defaults) != batch_key(record(), geometry, defaults)
 
 
 # ------------------------------------------------------------------ announcements, /v1/models, /readyz
@@ -254,6 +262,7 @@ def test_v1_models_before_and_after_a_worker_announces(client, settings):
             "untrained_reason",
             "default_steps",
             "default_guidance_scale",
+            "sampler_steps",
         )
     )
     assert listed.json() == {
@@ -284,6 +293,8 @@ def test_v1_models_before_and_after_a_worker_announces(client, settings):
             "untrained_reason": TINY_REASON,
             "default_steps": 2,
             "default_guidance_scale": 1.0,
+            # a job naming no steps: Turbo's own 2 with DDPM, the solvers' own defaults otherwise
+            "sampler_steps": {"ddpm": 2, "dpmpp-2m": 25, "unipc": 20},
         }
         ready = client.get("/readyz").json()
         assert ready["models"] == [

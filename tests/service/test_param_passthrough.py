@@ -31,6 +31,8 @@ BASE = {
     "prompt": "a red brick wall",
     "negative_prompt": "blurry, watermark",
     "color_fix": "wavelet",
+    "sampler": "unipc",
+    "cfg_interval": (0.0, 0.5),
 }
 #: for each field, a second value; a worker that drops the field gives the same image for both
 VARIANTS = {
@@ -41,6 +43,8 @@ VARIANTS = {
     "prompt": "a snowy mountain",
     "negative_prompt": "cartoon",
     "color_fix": "none",
+    "sampler": "ddpm",  # (at 2 steps both solvers are first order, the same update)
+    "cfg_interval": (0.5, 1.0),
     "output_format": "jpeg",
 }
 #: fields that do not change the pixels, and where they are covered
@@ -91,7 +95,8 @@ def run_job(pipeline, tmp_path_factory, redis_url):
         if key in results and not fresh:
             return results[key]
         files = {"image": ("photo.png", image, "image/png")}
-        response = client.post("/v1/upscale", files=files, data={k: str(v) for k, v in fields.items()})
+        form = {k: ",".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in fields.items()}
+        response = client.post("/v1/upscale", files=files, data=form)
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
         run_worker(settings, pipeline)  # the only job in the queue
@@ -99,7 +104,7 @@ def run_job(pipeline, tmp_path_factory, redis_url):
         assert job["status"] == "succeeded", job
         jobs[key] = job
         for name, value in fields.items():
-            assert job["params"][name] == value  # the API stored what was sent
+            assert job["params"][name] == (list(value) if isinstance(value, tuple) else value)  # as sent
         result = client.get(job["result_url"])
         assert result.status_code == 200
         results.setdefault(key, (result.content, result.headers["content-type"]))

@@ -422,17 +422,26 @@ def test_two_models_selector_defaults_banner_and_the_chosen_model_is_sent(two_mo
     page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "web-page-models-result.png", tmp_path)
 
-    # The default model again: its job is routed to it.
+    # The default model again, with a fast sampler and guidance on half the steps: routed to it,
+    # the steps' placeholder is the sampler's default, and the job record and card name the choice.
     select.select_option("seesr")
+    page.get_by_test_id("sampler").select_option("dpmpp-2m")
+    assert page.locator("#steps").get_attribute("placeholder") == "25 (default)"
     page.locator("#steps").fill("2")
+    page.get_by_test_id("cfg-interval").fill("0, 0.5")
     with page.expect_request(lambda r: r.method == "POST" and r.url.endswith("/v1/upscale")) as sent:
         page.get_by_test_id("submit").click()
-    assert upload_fields(sent.value)["model"] == "seesr"
+    fields = upload_fields(sent.value)
+    assert (fields["model"], fields["sampler"], fields["cfg_interval"]) == ("seesr", "dpmpp-2m", "0,0.5"), fields
     page.wait_for_function("() => document.querySelectorAll('.job').length === 2")
     second = page.locator(".job").first
     second.get_by_test_id("result-image").wait_for(timeout=240_000)
-    assert second.get_by_test_id("job-model").inner_text() == "Model: SeeSR · weights tiny-seesr"
-    assert job(two_models, second.get_attribute("data-job-id"))["model"] == "seesr"
+    assert second.get_by_test_id("job-model").inner_text() == (
+        "Model: SeeSR · weights tiny-seesr · DPM-Solver++ 2M, guidance on 0–0.5 of the steps"
+    )
+    ran_fast = job(two_models, second.get_attribute("data-job-id"))
+    assert ran_fast["model"] == "seesr", ran_fast
+    assert ran_fast["params"]["sampler"] == "dpmpp-2m" and ran_fast["params"]["cfg_interval"] == [0, 0.5], ran_fast
 
     # The recent-jobs list says which model ran each job.
     page.locator("#refresh").click()

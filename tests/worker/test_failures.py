@@ -350,7 +350,8 @@ class Scripted(StandIn):
 
 
 def admit_with(svc, **fields) -> str:
-    values = {"steps": "2", **{name: str(value) for name, value in fields.items()}}
+    form = {name: ",".join(map(str, v)) if isinstance(v, tuple) else str(v) for name, v in fields.items()}
+    values = {"steps": "2", **form}
     record, _ = _admit(svc, "default", png(), "image/png", values, None)
     return record.id
 
@@ -382,7 +383,14 @@ def test_a_record_from_before_seeds_were_recorded_runs_with_a_drawn_63_bit_seed(
 
 def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(services):
     settings, svc = services
-    shared = {"steps": 3, "guidance_scale": 6.5, "negative_prompt": "grain", "color_fix": "wavelet"}
+    shared = {
+        "steps": 3,
+        "guidance_scale": 6.5,
+        "negative_prompt": "grain",
+        "color_fix": "wavelet",
+        "sampler": "unipc",
+        "cfg_interval": (0.2, 0.9),
+    }
     ids = [
         admit_with(svc, seed=11, prompt="a cat", scale=2, **shared),
         admit_with(svc, seed=12, prompt="a dog", scale=3.5, **shared),
@@ -411,6 +419,8 @@ def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(servic
         "tile_size": None,
         "tile_batch_size": 4,
         "max_batch_size": 2,
+        "sampler": "unipc",
+        "cfg_interval": (0.2, 0.9),
     }
     assert seen == [[False, False], [False, True]]
 

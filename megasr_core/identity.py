@@ -28,6 +28,7 @@ class ModelIdentity:
     dtype: str
     untrained_reasons: tuple[str, ...] = ()
     tagger: str | None = None
+    precision: str = "full"  # the denoiser's linear layers: "full" (as loaded) or "fp8"
     default_steps: int = field(init=False)
     default_guidance_scale: float = field(init=False)
 

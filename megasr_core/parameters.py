@@ -104,3 +104,14 @@ def cfg_on_step(interval: tuple[float, float] | None, index: int, steps: int) ->
     if interval is None:
         return True
     return interval[0] <= index / steps < interval[1]
+
+
+#: the denoiser's linear layers: "full" (the loaded dtype: fp16 on a GPU, fp32 on a CPU) or "fp8"
+#: (``megasr_core.pipelines.precision``; float8 GEMMs on GPUs of compute capability 8.9 and up)
+FULL, FP8 = "full", "fp8"
+PRECISIONS = (FULL, FP8)
+
+
+def precision_problem(value: object) -> str | None:
+    """Why ``value`` is not a precision, or None."""
+    return None if value in PRECISIONS else f"must be one of {', '.join(PRECISIONS)}, got {value!r}"

@@ -148,6 +148,11 @@ class Settings(BaseSettings):
     cuda_graphs: bool | None = Field(
         None, description="replay the denoiser step from CUDA graphs; unset = on with CUDA"
     )
+    precision: Literal["full", "fp8"] = Field(
+        "full",
+        description="the denoiser's linear layers: full (as loaded) or fp8 (float8 GEMMs, GPUs of compute "
+        "capability 8.9+; needs torchao, changes the output)",
+    )
     warmup_buckets: str = Field(
         "512x512", description="output sizes (HxW, comma-separated) warmed up per batch size before /readyz"
     )

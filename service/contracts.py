@@ -145,6 +145,8 @@ class ModelInfo(BaseModel):
     title: str
     weights: str
     dtype: str
+    #: the denoiser's linear layers: "full" (as loaded, ``dtype``) or "fp8" (float8 GEMMs)
+    precision: str = "full"
     tagger: str | None = None
     trained: bool
     untrained_reason: str | None = None
@@ -255,6 +257,7 @@ class ServedModel(BaseModel):
     title: str | None = None
     weights: str | None = None
     dtype: str | None = None
+    precision: str | None = None
     tagger: str | None = None
     trained: bool | None = None
     untrained_reason: str | None = None

@@ -95,6 +95,9 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path, sampling):
             assert 0 < row["psnr_db"] < 100 and row["mean_abs_diff"] > 0, row  # a solver changes the output
         assert report["summary"][f"preset_{label}_images_per_s_batch2"] == row["images_per_s"]
     assert report["summary"]["ddpm_device_step_bit_identical"] is True
+    for label in ("fp8", "fp8_dpmpp_2m_cfg_interval_0_0.5"):  # torchao's float8 weights on the CPU
+        row = presets[label]
+        assert row["converted_layers"] > 20 and row["images_per_s"] > 0 and row["mean_abs_diff"] > 0, row
     for batch in ("1", "2"):
         row = sections["megasr_eager"][batch]
         assert row["images_per_s"] > 0 and row["ratio_to_baseline"] > 0

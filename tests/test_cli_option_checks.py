@@ -51,6 +51,7 @@ def refused(result, flag: str, text: str) -> None:
         (["--sampler", "euler"], "--sampler", "must be one of ddpm, dpmpp-2m, unipc, got 'euler'"),
         (["--cfg-interval", "0.6"], "--cfg-interval", "must be two fractions start,end such as 0,0.6"),
         (["--cfg-interval", "0.6,0.2"], "--cfg-interval", "0 ≤ start < end ≤ 1, got (0.6, 0.2)"),
+        (["--precision", "fp16"], "--precision", "must be one of full, fp8, got 'fp16'"),
     ],
 )
 def test_upscale_refuses_a_wrong_option_before_loading(tmp_path, photo, args, flag, text):

@@ -37,10 +37,10 @@ from .runtime import WorkerRuntime, install_runtime
 log = logging.getLogger("megasr.worker")
 
 
-def load_pipeline(weights: Path, device: str | None = None, dtype=None):
+def load_pipeline(weights: Path, device: str | None = None, dtype=None, precision: str = "full"):
     from megasr_core.pipelines import MegaSRPipeline
 
-    return MegaSRPipeline.from_pretrained(weights, torch_dtype=dtype, device=device)
+    return MegaSRPipeline.from_pretrained(weights, torch_dtype=dtype, device=device, precision=precision)
 
 
 def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scale: int = 4) -> None:
@@ -132,7 +132,7 @@ def prepare(
     if metrics_port is not None:
         runtime.metrics.serve(metrics_host, metrics_port)  # /healthz answers while loading
     log.info("loading weights for model %s from %s", runtime.model_name, weights)
-    runtime.pipeline = load_pipeline(weights, device=device, dtype=dtype)
+    runtime.pipeline = load_pipeline(weights, device=device, dtype=dtype, precision=settings.precision)
     runtime.pipeline.max_output_pixels = settings.max_output_pixels  # the API's bound, enforced again here
     log_identity(runtime)
     if settings.compile:
@@ -167,12 +167,13 @@ def log_identity(runtime: WorkerRuntime) -> None:
         return
     runtime.metrics.model = info.model_dump(mode="json")
     log.info(
-        "model %s: %s (%s), weights %s, %s, %s",
+        "model %s: %s (%s), weights %s, %s%s, %s",
         info.name,
         info.title,
         info.family,
         info.weights,
         info.dtype,
+        " with fp8 linear layers" if info.precision == "fp8" else "",
         "trained" if info.trained else "UNTRAINED",
     )
     warning = runtime.pipeline.identity.warning()

@@ -51,6 +51,7 @@ class ModelInfo(_Answer):
     title: str
     weights: str
     dtype: str
+    precision: str = "full"
     tagger: str | None = None
     trained: bool
     untrained_reason: str | None = None
@@ -132,6 +133,7 @@ class Model(_Answer):
     title: str | None = None
     weights: str | None = None
     dtype: str | None = None
+    precision: str | None = None
     tagger: str | None = None
     trained: bool | None = None
     untrained_reason: str | None = None

@@ -3,7 +3,7 @@
 #
 #   bash megasr_core/benchmarks/gpu_run.sh     # OUT defaults to gpu-run/ (ignored by git)
 #
-# Wheels the machine lacks (diffusers and importlib_metadata on the lent H100/H200 image) may be
+# Wheels the machine lacks (diffusers, importlib_metadata, and torchao for the fp8 rows, on the lent H100/H200 image) may be
 # carried in .whl/; they are installed into /tmp/site. Budgets (seconds) fit a 10-minute call:
 # GPU_TESTS_TIMEOUT (170), SUITE_BUDGET_S (330: no section starts after it), SUITE_TIMEOUT (420);
 # SUITE_ARGS adds `megasr bench gpu` options (on a CPU: "--preset tiny --size 128 --steps 2 --batches 1,2

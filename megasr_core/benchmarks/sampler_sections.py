@@ -9,22 +9,27 @@ opt-in fast presets timed with their drift from the paper's sampler.
   the paper's DDPM first as the reference, then each preset (``PRESETS``) at its sampler's
   default steps (``preset_steps``). Each row has its
   images/s, its speed-up over the reference and its drift from the reference's images of the
-  same run: PSNR (dB) and mean absolute difference (8-bit levels). Random weights: the drift
+  same run: PSNR (dB) and mean absolute difference (8-bit levels). Last, the fp8 rows
+  (``FP8_PRESETS``) on a float8 copy of the denoiser, where the device runs fp8. Random weights: the drift
   says how far a preset moves the output, not whether it is better; ``megasr eval`` on real
   weights says that (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
-from megasr_core.parameters import DDPM, DPMPP_2M, UNIPC, default_steps
+from megasr_core.parameters import DDPM, DPMPP_2M, FP8, FULL, UNIPC, default_steps
+from megasr_core.pipelines.precision import fp8_problem, use_precision
 from megasr_core.pipelines.samplers import DeviceDDPM
 
 if TYPE_CHECKING:
@@ -39,6 +44,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "dpmpp_2m": {"sampler": DPMPP_2M},
     "dpmpp_2m_cfg_interval_0_0.5": {"sampler": DPMPP_2M, "cfg_interval": (0.0, 0.5)},
     "unipc": {"sampler": UNIPC},
+}
+#: the same, with the denoiser's linear layers in float8 (GPUs of compute capability 8.9+; the CPU)
+FP8_PRESETS: dict[str, dict[str, Any]] = {
+    "fp8": {},
+    "fp8_dpmpp_2m_cfg_interval_0_0.5": {"sampler": DPMPP_2M, "cfg_interval": (0.0, 0.5)},
 }
 
 
@@ -127,6 +137,16 @@ def run_fast_presets(suite: GPUSuite) -> dict:
     rows: dict[str, Any] = {"batch": batch}
     try:
 
+        def row(options: dict[str, Any], seconds: float, out: list[Image.Image]) -> dict[str, Any]:
+            return {
+                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+                "steps": preset_steps(options.get("sampler", DDPM), suite.steps),
+                "total_s": round(seconds, 4),
+                "images_per_s": round(batch / seconds, 3),
+                "speedup_over_ddpm": round(reference_s / seconds, 3),
+                **drift(out, reference),
+            }
+
         def timed(options: dict[str, Any]) -> tuple[float, list[Image.Image]]:
             steps = preset_steps(options.get("sampler", DDPM), suite.steps)
             pipeline(images, num_inference_steps=2, **common, **options)  # warm-up, graph capture
@@ -145,15 +165,38 @@ def run_fast_presets(suite: GPUSuite) -> dict:
                 rows[label] = {"skipped": "budget"}
                 continue
             seconds, out = timed(options)
-            rows[label] = {
-                "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-                "steps": preset_steps(options["sampler"], suite.steps),
-                "total_s": round(seconds, 4),
-                "images_per_s": round(batch / seconds, 3),
-                "speedup_over_ddpm": round(reference_s / seconds, 3),
-                **drift(out, reference),
-            }
+            rows[label] = row(options, seconds, out)
             suite._save()
+        problem = fp8_problem(pipeline.device)
+        if problem is not None:
+            rows["fp8"] = {"skipped": problem}
+        elif suite.remaining() < suite._estimate(batch, 4) + 30:
+            rows["fp8"] = {"skipped": "budget"}
+        else:
+            with fp8_copy(pipeline) as converted:
+                for label, options in FP8_PRESETS.items():
+                    seconds, out = timed(options)
+                    rows[label] = {"converted_layers": converted, **row(options, seconds, out)}
+                    suite._save()
     finally:
         use_cuda_graphs(pipeline, enabled=False)
     return rows
+
+
+@contextmanager
+def fp8_copy(pipeline) -> Iterator[int]:
+    """The pipeline with a float8 copy of its denoiser (CUDA graphs on it); the original afterwards."""
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+    use_cuda_graphs(pipeline, enabled=False)  # unpins the graphs' buffers from the original's CSMs
+    original = pipeline.denoiser
+    pipeline.denoiser = copy.deepcopy(original)
+    try:
+        converted = use_precision(pipeline, FP8)
+        use_cuda_graphs(pipeline)
+        yield converted
+    finally:
+        use_cuda_graphs(pipeline, enabled=False)
+        pipeline.denoiser, pipeline.precision = original, FULL
+        if pipeline.device.type == "cuda":
+            torch.cuda.empty_cache()

@@ -46,8 +46,14 @@ app.command("eval")(eval_command)
 
 #: loggers whose warnings say nothing about megasr's runs: bitsandbytes (pulled in by pyiqa for
 #: ``eval``) warns at import that an optional CPU kernel for 4-bit matrix products, which no
-#: megasr model uses, cannot be fetched
-SILENCED_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+#: megasr model uses, cannot be fetched; diffusers, when torchao is installed (the [fp8] extra),
+#: that it cannot list torchao classes for loading torchao-serialized checkpoints, which megasr
+#: never loads; torch, when torchao registers its enums, that such registration is deprecated
+SILENCED_LOGGERS = (
+    "bitsandbytes.backends.cpu.ops",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+    "torch.utils._pytree",
+)
 
 
 def main() -> None:

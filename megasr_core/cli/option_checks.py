@@ -14,9 +14,11 @@ import socket
 from typing import Any
 
 from megasr_core.parameters import (
+    FULL,
     cfg_interval_problem,
     color_fix_problem,
     guidance_scale_problem,
+    precision_problem,
     sampler_problem,
     scale_problem,
     steps_problem,
@@ -106,6 +108,24 @@ def check_dtype(name: str | None, device: str) -> Any:
     if dtype == torch.bfloat16 and kind == "cuda" and not torch.cuda.is_bf16_supported():
         fail(f"--dtype bf16: {torch.cuda.get_device_name(torch.device(device))} has no bfloat16; use fp16")
     return dtype
+
+
+def check_precision(precision: str, device: str, flag: str = "--precision") -> str:
+    """``precision`` once ``device`` can run it (fp8: torchao installed, a GPU of compute capability
+    8.9+ or the CPU)."""
+    message = precision_problem(precision)
+    if message is not None:
+        fail(f"{flag} {message}")
+    if precision == FULL:
+        return precision
+    import torch
+
+    from megasr_core.pipelines.precision import fp8_problem
+
+    problem = fp8_problem(torch.device(device))
+    if problem is not None:
+        fail(f"{flag}: {problem}")
+    return precision
 
 
 def check_port(host: str, port: int) -> None:

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail
-from .option_checks import check_device, check_dtype, check_port
+from .option_checks import check_device, check_dtype, check_port, check_precision
 
 
 def serve(
@@ -53,9 +53,10 @@ def serve(
     )
     check_port(settings.host, settings.port)  # before any model or Valkey starts
     dtype_value = None
-    if device is not None or dtype is not None:  # checked before anything starts (torch only if asked)
-        device = check_device(device)
+    if device is not None or dtype is not None or settings.precision != "full":
+        device = check_device(device)  # checked before anything starts (torch only if asked)
         dtype_value = check_dtype(dtype, device)
+        check_precision(settings.precision, device, flag="MEGASR_PRECISION")
     observe(settings, "megasr-api")
     try:
         keys = settings.tenant_keys()

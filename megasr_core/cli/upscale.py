@@ -13,7 +13,7 @@ import typer
 from megasr_core.parameters import default_steps
 
 from .common import fail, quiet_loading, resolve_weights
-from .option_checks import check_device, check_dtype, check_sampling, parse_cfg_interval
+from .option_checks import check_device, check_dtype, check_precision, check_sampling, parse_cfg_interval
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}
@@ -172,6 +172,10 @@ def upscale(
             help="Run guidance only on this part of the schedule, start,end as fractions (0,0.6: the first 60 %)."
         ),
     ] = None,
+    precision: Annotated[
+        str,
+        typer.Option(help="full, or fp8: the denoiser's linear layers in float8 (GPUs of compute capability 8.9+)."),
+    ] = "full",
 ) -> None:
     """Super-resolve images with MegaSR."""
     if fmt is not None and fmt.lower() not in FORMATS:
@@ -189,6 +193,7 @@ def upscale(
     interval = parse_cfg_interval(cfg_interval)
     device = check_device(device)
     torch_dtype = check_dtype(dtype, device)
+    check_precision(precision, device)
     files = drop_previous_outputs(collect_inputs(inputs, recursive=recursive), output, fmt, suffix, scale)
     targets = output_paths(files, output, fmt, suffix, scale)
     if skip_existing:
@@ -213,7 +218,9 @@ def upscale(
     from megasr_core.pipelines import InvalidImageError, MegaSRPipeline
 
     try:
-        pipeline = MegaSRPipeline.from_pretrained(weights_dir, torch_dtype=torch_dtype, device=device)
+        pipeline = MegaSRPipeline.from_pretrained(
+            weights_dir, torch_dtype=torch_dtype, device=device, precision=precision
+        )
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     announce_model(pipeline, weights_dir)

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from .common import SERVE_MODULES, fail, observe, require, resolve_weights, settings_or_fail
-from .option_checks import check_device, check_dtype
+from .option_checks import check_device, check_dtype, check_precision
 
 
 def worker(
@@ -38,6 +38,10 @@ def worker(
             help="Replay the denoiser step from CUDA graphs (default: $MEGASR_CUDA_GRAPHS, else on with CUDA).",
         ),
     ] = None,
+    precision: Annotated[
+        str | None,
+        typer.Option(help="full, or fp8: float8 linear layers, GPUs of compute capability 8.9+ ($MEGASR_PRECISION)."),
+    ] = None,
 ) -> None:
     """Run a GPU worker: load the model once, then process upscale jobs from Redis, batched."""
     require("serve", *SERVE_MODULES)
@@ -45,8 +49,11 @@ def worker(
 
     device = check_device(device)
     torch_dtype = check_dtype(dtype, device)
-    options = (("compile", compile), ("max_batch", max_batch), ("cuda_graphs", cuda_graphs))
+    if precision is not None:
+        check_precision(precision, device)
+    options = (("compile", compile), ("max_batch", max_batch), ("cuda_graphs", cuda_graphs), ("precision", precision))
     settings = settings_or_fail(**{k: v for k, v in options if v is not None})
+    check_precision(settings.precision, device, flag="MEGASR_PRECISION")
     observe(settings, "megasr-worker")
     if not settings.redis_url:
         fail("MEGASR_REDIS_URL is not set: workers need the Redis the API uses")

@@ -42,6 +42,7 @@ from ..identity import ModelIdentity, weights_label
 from ..models import MegaSRDenoiser, SeeSRDenoiser, get_preset
 from ..parameters import (
     DDPM,
+    FULL,
     cfg_interval_problem,
     cfg_on_step,
     color_fix_problem,
@@ -75,6 +76,7 @@ from .image_processing import (
     resize_alpha,
     to_pil,
 )
+from .precision import use_precision
 from .samplers import first_timestep, make_sampler
 from .sampling import classifier_free_guidance, guidance_batch, lre_start
 from .step_pacing import StepPacer
@@ -179,6 +181,8 @@ class MegaSRPipeline(DiffusionPipeline):
         self.max_output_pixels = DEFAULT_MAX_OUTPUT_PIXELS
         #: which model this is and whether it is trained (set by the constructors below)
         self.identity: ModelIdentity | None = None
+        #: the denoiser's linear layers: ``full`` (as loaded) or ``fp8`` (``precision.use_precision``)
+        self.precision = FULL
         self._check_components()
 
     @property
@@ -227,6 +231,7 @@ class MegaSRPipeline(DiffusionPipeline):
         device: str | torch.device | None = None,
         load_extractors: bool = True,
         revision: str | None = None,
+        precision: str = FULL,
     ) -> MegaSRPipeline:
         """Load a weights folder of any family (see ``megasr_core.weights``) onto ``device``.
 
@@ -234,6 +239,7 @@ class MegaSRPipeline(DiffusionPipeline):
         ``revision``: a branch, tag or commit hash), fetched through the Hub cache
         (``megasr_core.weights.hub``). Default dtype: float16 on CUDA, float32 elsewhere. Only the
         extractors the model uses are loaded; SeeSR's RAM runs in float32, as SeeSR runs it.
+        ``precision="fp8"`` converts the denoiser's linear layers to float8 (``precision``).
         """
         from ..weights.hub import resolve_weights_source
         from ..weights.summary import untrained_reasons
@@ -258,12 +264,14 @@ class MegaSRPipeline(DiffusionPipeline):
             module.eval().requires_grad_(False)
         denoiser.eval().requires_grad_(False)
         pipeline = cls(denoiser, vae, text_encoder, tokenizer, scheduler, extractors)
+        use_precision(pipeline, precision)
         pipeline.identity = ModelIdentity(
             denoiser.family,
             weights_label(directory),
             str(dtype).removeprefix("torch."),
             tuple(untrained_reasons(directory, denoiser)),
             extractors.tagger_name if extractors is not None else None,
+            precision,
         )
         return pipeline
 
@@ -276,6 +284,7 @@ class MegaSRPipeline(DiffusionPipeline):
         with_extractors: bool = True,
         seed: int = 0,
         family: str = MEGASR,
+        precision: str = FULL,
     ) -> MegaSRPipeline:
         """Random-initialized pipeline of a preset's shapes and a family (benchmarks; nothing downloaded).
 
@@ -316,12 +325,14 @@ class MegaSRPipeline(DiffusionPipeline):
         for module in (denoiser, vae, text_encoder, extractors):
             if module is not None:
                 module.eval().requires_grad_(False)
+        use_precision(pipeline, precision)
         pipeline.identity = ModelIdentity(
             family,
             f"random {name} preset",
             str(torch_dtype).removeprefix("torch."),
             (f"random weights of the {name} preset",),
             extractors.tagger_name if extractors is not None else None,
+            precision,
         )
         return pipeline
 

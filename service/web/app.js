@@ -381,10 +381,11 @@ function modelLabel(name) {
   return title.toLowerCase() === name.toLowerCase() ? title : `${title} (${name})`;
 }
 
-/** "SeeSR · weights tiny-seesr": what a model_info says ran. */
+/** "SeeSR · weights tiny-seesr" (" · fp8" when its linear layers ran in float8): what a model_info says ran. */
 function ranOn(info) {
   const title = info.title || info.name || "unknown model";
-  return info.weights ? `${title} · weights ${info.weights}` : title;
+  const fp8 = info.precision === "fp8" ? " · fp8" : "";
+  return info.weights ? `${title} · weights ${info.weights}${fp8}` : `${title}${fp8}`;
 }
 
 function chosenModel() {
@@ -446,7 +447,7 @@ function showChosenModel(fixedText) {
     if (model) {
       const prefix = models.length > 1 ? "" : `Model: ${modelLabel(model.name)} · `;
       text = announced(model)
-        ? `${prefix}weights ${model.weights ?? "unknown"}${model.dtype ? ` (${model.dtype})` : ""}` +
+        ? `${prefix}weights ${model.weights ?? "unknown"}${model.dtype ? ` (${model.dtype}${model.precision === "fp8" ? ", fp8 linear layers" : ""})` : ""}` +
           (model.trained ? " · trained" : " · untrained")
         : `${prefix}no worker has announced this model yet, so its weights are not known`;
     }

@@ -110,8 +110,10 @@ def two_models(tmp_path_factory, redis_url):
                             **common,
                             "MEGASR_MODEL": name,
                             "MEGASR_WEIGHTS": str(weights),
-                            "MEGASR_WARMUP_BUCKETS": "64x64",
-                        },  # the tests' images are small
+                            "MEGASR_WARMUP_BUCKETS": "64x64",  # the tests' images are small
+                            # Turbo's worker runs fp8 linear layers (torchao's float8 weights on the CPU)
+                            "MEGASR_PRECISION": "fp8" if name == "seesr-turbo" else "full",
+                        },
                         stdout=log,
                         stderr=subprocess.STDOUT,
                     )
@@ -399,7 +401,10 @@ def test_two_models_selector_defaults_banner_and_the_chosen_model_is_sent(two_mo
     assert select.input_value() == "seesr-turbo"
     banner.filter(has_text="SeeSR-Turbo (tiny-seesr-turbo)").wait_for()
     assert TINY_REASON in banner.inner_text()
-    assert page.get_by_test_id("model-info").inner_text() == "weights tiny-seesr-turbo (float32) · untrained"
+    assert (
+        page.get_by_test_id("model-info").inner_text()
+        == "weights tiny-seesr-turbo (float32, fp8 linear layers) · untrained"
+    )
     assert page.locator("#steps").get_attribute("placeholder") == "2 (default)"
     assert page.locator("#guidance-scale").get_attribute("placeholder") == "1 (default)"
     page.evaluate("window.scrollTo(0, 0)")
@@ -414,10 +419,11 @@ def test_two_models_selector_defaults_banner_and_the_chosen_model_is_sent(two_mo
     card = page.locator(".job").first
     card.get_by_test_id("job-model").filter(has_text="SeeSR-Turbo").wait_for()
     card.get_by_test_id("result-image").wait_for(timeout=240_000)
-    assert card.get_by_test_id("job-model").inner_text() == "Model: SeeSR-Turbo · weights tiny-seesr-turbo"
+    assert card.get_by_test_id("job-model").inner_text() == "Model: SeeSR-Turbo · weights tiny-seesr-turbo · fp8"
     assert TINY_REASON in card.get_by_test_id("result-untrained").inner_text()
     ran = job(two_models, card.get_attribute("data-job-id"))
     assert ran["model"] == "seesr-turbo" and ran["model_info"]["family"] == "seesr-turbo", ran
+    assert ran["model_info"]["precision"] == "fp8", ran
     assert ran["params"].get("steps") in (None, 2) and ran["params"].get("guidance_scale") in (None, 1.0), ran
     page.evaluate("window.scrollTo(0, 0)")
     screenshot(page, "web-page-models-result.png", tmp_path)

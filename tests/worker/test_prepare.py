@@ -17,3 +17,19 @@ def test_prepare_applies_the_work_bound_of_the_settings(tmp_path, redis_url, tin
         assert runtime.metrics.is_ready
     finally:
         runtime.stop()
+
+
+def test_prepare_loads_the_precision_of_the_settings_and_announces_it(tmp_path, redis_url, tiny_weights):
+    """MEGASR_PRECISION=fp8: the worker's denoiser has float8 linear layers, and its ModelInfo (what
+    /v1/models and every job record show) says so."""
+    from worker.main import prepare
+
+    settings = make_settings(tmp_path, redis_url, precision="fp8", warmup_buckets="64x64")
+    runtime = prepare(settings, tiny_weights, device="cpu")
+    try:
+        assert runtime.pipeline.precision == "fp8"
+        assert runtime.model_info().precision == "fp8"
+        to_q = runtime.pipeline.denoiser.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+        assert type(to_q.weight).__name__ == "Float8Tensor"
+    finally:
+        runtime.stop()

@@ -156,6 +156,11 @@ class Settings(BaseSettings):
     warmup_buckets: str = Field(
         "512x512", description="output sizes (HxW, comma-separated) warmed up per batch size before /readyz"
     )
+    warmup_large: str = Field(
+        "2048x2048",
+        description="tiled output sizes (HxW, comma-separated) warmed up at batch 1 by CUDA workers, so the "
+        "tile shapes are captured or compiled before traffic; empty = none",
+    )
     home: Path = Field(default_factory=_default_home, description="local data, demo weights, embedded Valkey")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -209,7 +214,7 @@ class Settings(BaseSettings):
     def _compile(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "0", "false", "off", "none") else value
 
-    @field_validator("warmup_buckets")
+    @field_validator("warmup_buckets", "warmup_large")
     @classmethod
     def _buckets(cls, value: str) -> str:
         for entry in filter(None, (e.strip() for e in value.split(","))):
@@ -218,10 +223,12 @@ class Settings(BaseSettings):
                 raise ValueError(f"warmup_buckets entries look like 512x512 (height x width), got {entry!r}")
         return value
 
-    def warmup_sizes(self) -> list[tuple[int, int]]:
-        """(height, width) output sizes to warm up."""
+    def warmup_sizes(self, large: bool = False) -> list[tuple[int, int]]:
+        """(height, width) output sizes to warm up at every batch size (``large``: at batch 1)."""
         sizes = []
-        for entry in filter(None, (e.strip() for e in self.warmup_buckets.split(","))):
+        for entry in filter(
+            None, (e.strip() for e in (self.warmup_large if large else self.warmup_buckets).split(","))
+        ):
             height, _, width = entry.lower().partition("x")
             sizes.append((int(height), int(width)))
         return sizes

@@ -58,6 +58,17 @@ def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scal
             pipeline(images, scale=scale, num_inference_steps=2, seed=0, max_batch_size=batch)
 
 
+def warmup_batch_sizes(max_batch: int, buckets: tuple[int, ...] | None) -> list[int]:
+    """The batch sizes a worker meets: 1 and ``max_batch``, or, where batches are padded to
+    ``buckets``, every bucket up to the one ``max_batch`` jobs fill."""
+    if not buckets:
+        return sorted({1, max_batch})
+    from megasr_core.pipelines.batching import padded_batch_size
+
+    top = padded_batch_size(max_batch, buckets, None)
+    return sorted({1, *(bucket for bucket in buckets if bucket <= top), top})
+
+
 #: exit status of a worker stopped by a fatal error (EX_SOFTWARE): restart me
 EXIT_FATAL = 70
 
@@ -146,12 +157,17 @@ def prepare(
 
         use_cuda_graphs(runtime.pipeline)  # captured per shape during the warm-up below
         log.info("CUDA graphs on for the denoiser step")
-    batch_sizes = sorted({1, runtime.max_batch})
+    batch_sizes = warmup_batch_sizes(runtime.max_batch, runtime.pipeline.batch_buckets)
     started = time.monotonic()
     warm_up(runtime.pipeline, settings.warmup_sizes() or [(512, 512)], batch_sizes)
     log.info(
         "warmed up batch sizes %s at %s in %.1f s", batch_sizes, settings.warmup_buckets, time.monotonic() - started
     )
+    large = [size for size in settings.warmup_sizes(large=True) if size[0] * size[1] <= settings.max_output_pixels]
+    if large and runtime.pipeline.device.type == "cuda":  # the tile shapes, captured or compiled before traffic
+        started = time.monotonic()
+        warm_up(runtime.pipeline, large, [1])
+        log.info("warmed up %s at batch 1 in %.1f s", settings.warmup_large, time.monotonic() - started)
     runtime.announce()  # GET /v1/models counts this worker from now on (renewed by the background loop)
     runtime.metrics.mark_ready()  # after the announcement: a ready worker is always a counted one
     runtime.start_background()

@@ -215,7 +215,8 @@ class BatchRun:
                 tile_batch_size=OOM_TILE_SIZES[tile_index][1],
                 callback=progress,
                 is_cancelled=lambda index: watch.stopped(group[index].id),
-                max_batch_size=len(group),
+                # the group is one bucket: one model batch, padded up to the worker's batch at most
+                max_batch_size=max(len(group), self.runtime.max_batch),
                 sampler=params.sampler,
                 cfg_interval=params.cfg_interval,
             )

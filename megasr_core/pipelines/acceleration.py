@@ -89,6 +89,7 @@ def compile_pipeline(
     for module in modules:
         module.compile(mode=mode, backend=backend, dynamic=dynamic)
     pipeline.compiled_scope = scope
+    _static_batches(pipeline)
     return len(modules)
 
 
@@ -99,19 +100,31 @@ def uncompile_pipeline(pipeline: MegaSRPipeline) -> None:
             if getattr(module, "_compiled_call_impl", None) is not None:
                 module._compiled_call_impl = None
     pipeline.compiled_scope = None
+    _static_batches(pipeline)
 
 
 def use_cuda_graphs(pipeline: MegaSRPipeline, enabled: bool = True, max_graphs: int = 16) -> None:
     """Replay the denoiser step from CUDA graphs, one per static shape (see ``denoiser_graphs``).
 
     On a CPU the same static-buffer path runs eagerly (no capture), which only tests it.
-    Combines with either compile scope: compiled code is captured after its warm-up runs.
+    Combines with either compile scope: compiled code is captured after its warm-up runs. While
+    on, batches are padded to ``batching.BATCH_BUCKETS`` (so are they under compile).
     """
     from .denoiser_graphs import DenoiserGraphs
 
     if pipeline.denoiser_graphs is not None:
         pipeline.denoiser_graphs.reset()
     pipeline.denoiser_graphs = DenoiserGraphs(pipeline.denoiser, max_graphs=max_graphs) if enabled else None
+    _static_batches(pipeline)
+
+
+def _static_batches(pipeline: MegaSRPipeline) -> None:
+    """Pad batches to ``BATCH_BUCKETS`` while CUDA graphs or compiled code serve the pipeline: each
+    new batch size would cost a capture or a compilation, a padding row costs one image's compute."""
+    from .batching import BATCH_BUCKETS
+
+    static = pipeline.denoiser_graphs is not None or getattr(pipeline, "compiled_scope", None) is not None
+    pipeline.batch_buckets = BATCH_BUCKETS if static else None
 
 
 def use_channels_last(pipeline: MegaSRPipeline) -> None:

@@ -2,7 +2,9 @@
 
 Each image keeps its own random generator, so it comes out the same alone or with batch mates.
 Padding sits bottom/right, so cropping gives each image back. An image cancelled mid-run leaves
-its batch (its rows are dropped from every tensor) while the others go on.
+its batch (its rows are dropped from every tensor) while the others go on. Where static shapes
+pay (CUDA graphs, compile), a batch is filled up to the next of :data:`BATCH_BUCKETS` with
+padding rows, copies of its last image that draw from generators of their own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class BatchItem:
     lr: torch.Tensor  # 3×h×w in [0, 1]
     target: tuple[int, int]  # output (height, width) = round(h·s), round(w·s)
     work: tuple[int, int]  # size the model works at (≥ target by SeeSR's small-input rule)
+    padding: bool = False  # a copy of a batch mate that fills the batch to a static size (no output)
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,19 @@ def group_by_bucket(
         for bucket, items in groups.items()
         for start in range(0, len(items), limit)
     ]
+
+
+#: model batch sizes a batch is padded to when static shapes pay (CUDA graphs, compile)
+BATCH_BUCKETS = (1, 2, 4, 8, 16)
+
+
+def padded_batch_size(count: int, buckets: tuple[int, ...] | None, limit: int | None) -> int:
+    """The batch size ``count`` images run at: the smallest bucket that holds them, never above
+    ``limit`` (the caller's ``max_batch_size``) unless ``count`` is; ``count`` without buckets."""
+    if not buckets:
+        return count
+    size = next((bucket for bucket in sorted(buckets) if bucket >= count), count)
+    return max(count, min(size, limit)) if limit is not None else size
 
 
 def extractor_groups(items: list[BatchItem]) -> dict[tuple[tuple[int, ...], tuple[int, int]], list[int]]:
@@ -124,15 +140,35 @@ class RunningBatch:
         """Drop the rows of images ``is_cancelled`` names; returns their input indices."""
         if is_cancelled is None:
             return []
-        keep = [row for row, item in enumerate(self.items) if not is_cancelled(item.index)]
+        keep = [row for row, item in enumerate(self.items) if item.padding or not is_cancelled(item.index)]
         if len(keep) == len(self.items):
             return []
         dropped = [item.index for row, item in enumerate(self.items) if row not in keep]
-        if keep:
+        if any(not self.items[row].padding for row in keep):
             self._keep(keep)
-        else:
+        else:  # only padding left: nothing to run for
             self.items = []
         return dropped
+
+    def pad_to(self, size: int) -> None:
+        """Fill the batch to ``size`` rows with copies of its last image (marked ``padding``), each
+        with a generator of its own, so no image's random draws change."""
+        extra = size - len(self.items)
+        if extra <= 0:
+            return
+        assert self.positive is not None
+
+        def grow(tensor: torch.Tensor) -> torch.Tensor:
+            return torch.cat([tensor, tensor[-1:].expand(extra, *tensor.shape[1:])])
+
+        last = self.items[-1]
+        self.items += [BatchItem(last.index, last.lr, last.target, last.work, padding=True) for _ in range(extra)]
+        self.generators += [torch.Generator().manual_seed(row) for row in range(extra)]
+        self.prompts += [self.prompts[-1]] * extra
+        self.control, self.positive = grow(self.control), grow(self.positive)
+        self.negative = grow(self.negative) if self.negative is not None else None
+        self.image_tokens = grow(self.image_tokens) if self.image_tokens is not None else None
+        self.guidance = {key: grow(value) for key, value in self.guidance.items()}
 
     def _keep(self, keep: list[int]) -> None:
         assert self.latents is not None and self.positive is not None

@@ -62,6 +62,7 @@ from .batching import (
     group_by_bucket,
     image_generators,
     pad_to,
+    padded_batch_size,
     per_image,
     randn_per_image,
 )
@@ -183,6 +184,9 @@ class MegaSRPipeline(DiffusionPipeline):
         self.identity: ModelIdentity | None = None
         #: the denoiser's linear layers: ``full`` (as loaded) or ``fp8`` (``precision.use_precision``)
         self.precision = FULL
+        #: batch sizes a batch is padded up to (``batching.BATCH_BUCKETS``, set with CUDA graphs or
+        #: compile, where every new shape costs a capture or a compilation); ``None`` = as they come
+        self.batch_buckets: tuple[int, ...] | None = None
         self._check_components()
 
     @property
@@ -481,6 +485,8 @@ class MegaSRPipeline(DiffusionPipeline):
                     run.positive, run.negative = self._encode_prompts(run.prompts, inputs)
                 for item, text in zip(run.items, run.prompts):  # each image's, kept even if it is cancelled
                     prompts[item.index] = text
+                # Static shapes (CUDA graphs, compile): padding rows fill the batch to its bucket size.
+                run.pad_to(padded_batch_size(len(run.items), self.batch_buckets, inputs.max_batch_size))
                 # 7. LRE start (SeeSR): the VAE latent of the upscaled LR noised to ``start_timestep`` (999;
                 # None = the sampler's first timestep); the schedule then runs from its own first timestep.
                 with timer.stage("vae_encode"):
@@ -828,6 +834,8 @@ class MegaSRPipeline(DiffusionPipeline):
     ) -> Iterator[tuple[BatchItem, Image.Image]]:
         """Each image cropped to its work size, colour-fixed, resized to its target, alpha back on."""
         for row, item in enumerate(run.items):
+            if item.padding:
+                continue
             work_h, work_w = item.work
             image = decoded[row : row + 1, :, :work_h, :work_w].float()
             image = color_fix(image, run.control[row : row + 1, :, :work_h, :work_w].float(), method)

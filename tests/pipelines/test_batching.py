@@ -153,3 +153,49 @@ def test_max_batch_size_splits_a_bucket(pipeline, photos):
 def test_bad_per_image_parameters_are_refused(pipeline, photos, kwargs, message):
     with pytest.raises(ValueError, match=message):
         pipeline([photos["cat"], photos["coffee"]], num_inference_steps=1, **kwargs)
+
+
+@pytest.fixture()
+def static_batches(pipeline):
+    """The pipeline padding its batches to the bucket sizes (as with CUDA graphs or compile)."""
+    from megasr_core.pipelines.batching import BATCH_BUCKETS
+
+    pipeline.batch_buckets = BATCH_BUCKETS
+    yield pipeline
+    pipeline.batch_buckets = None
+
+
+def test_a_batch_of_three_runs_padded_to_four_and_each_image_is_as_alone(static_batches, photos):
+    """Padding rows (copies of the last image, own generators) fill the model batch; the outputs are the
+    three images', each as it comes out alone."""
+    images = [photos["cat"], photos["coffee"], photos["rocket"]]
+    with BatchSizes(static_batches) as calls:
+        out = static_batches(images, scale=[4, 2, 4], num_inference_steps=STEPS, seed=[1, 2, 3])
+    assert calls.sizes == [8] * STEPS  # 4 rows × the CFG halves
+    assert len(out.images) == 3 and out.cancelled == []
+    static_batches.batch_buckets = None
+    for i, image in enumerate(images):
+        alone = static_batches(image, scale=[4, 2, 4][i], num_inference_steps=STEPS, seed=i + 1).images[0]
+        assert mean_abs_diff(out.images[i], alone) <= 1.0
+
+
+def test_padding_respects_max_batch_size_and_is_never_cancelled(static_batches, photos):
+    from megasr_core.pipelines.batching import padded_batch_size
+
+    assert [padded_batch_size(n, (1, 2, 4, 8), None) for n in (1, 2, 3, 5, 8, 9)] == [1, 2, 4, 8, 8, 9]
+    assert padded_batch_size(5, (1, 2, 4, 8), 6) == 6 and padded_batch_size(3, None, None) == 3
+    images = [photos["cat"], photos["coffee"], photos["rocket"]]
+    with BatchSizes(static_batches) as calls:
+        static_batches(images, scale=[4, 2, 4], num_inference_steps=1, seed=0, max_batch_size=3)
+    assert calls.sizes == [6]  # max_batch_size 3: no room for a padding row
+    asked: list[int] = []
+
+    def cancel_all(index: int) -> bool:
+        asked.append(index)
+        return len(asked) > 3  # every image, from the second step on
+
+    with BatchSizes(static_batches) as calls:
+        out = static_batches(images, scale=[4, 2, 4], num_inference_steps=3, seed=0, is_cancelled=cancel_all)
+    assert out.cancelled == [0, 1, 2] and out.images == [None, None, None]
+    assert calls.sizes == [8]  # the padding row does not run on alone
+    assert set(asked) == {0, 1, 2}  # the padding row's index is never asked about

@@ -33,3 +33,14 @@ def test_prepare_loads_the_precision_of_the_settings_and_announces_it(tmp_path, 
         assert type(to_q.weight).__name__ == "Float8Tensor"
     finally:
         runtime.stop()
+
+
+def test_warm_up_covers_every_padded_batch_size():
+    """With padded batches (CUDA graphs, compile) a worker meets every bucket up to its own batch."""
+    from megasr_core.pipelines.batching import BATCH_BUCKETS
+    from worker.main import warmup_batch_sizes
+
+    assert warmup_batch_sizes(8, None) == [1, 8] and warmup_batch_sizes(1, None) == [1]
+    assert warmup_batch_sizes(8, BATCH_BUCKETS) == [1, 2, 4, 8]
+    assert warmup_batch_sizes(6, BATCH_BUCKETS) == [1, 2, 4, 8]  # 5 or 6 jobs run padded to 8
+    assert warmup_batch_sizes(20, BATCH_BUCKETS) == [1, 2, 4, 8, 16, 20]

@@ -142,6 +142,11 @@ class Settings(BaseSettings):
     compile: Literal["blocks", "full"] | None = Field(
         None, description="torch.compile scope for workers; unset = eager"
     )
+    compile_mode: Literal["max-autotune-no-cudagraphs"] | None = Field(
+        None,
+        description="torch.compile mode of the workers' compiled modules; unset = the default "
+        "(max-autotune-no-cudagraphs tunes matmuls longer at start; the CUDA graphs stay the worker's own)",
+    )
     compile_cache: Path | None = Field(
         None, description="persistent compile cache (a mounted volume); unset = <home>/compile-cache"
     )
@@ -209,7 +214,7 @@ class Settings(BaseSettings):
             raise ValueError(f"MEGASR_MODELS names {', '.join(repeated)} more than once")
         return ",".join(names)
 
-    @field_validator("compile", mode="before")
+    @field_validator("compile", "compile_mode", mode="before")
     @classmethod
     def _compile(cls, value: object) -> object:
         return None if isinstance(value, str) and value.strip().lower() in ("", "0", "false", "off", "none") else value

@@ -80,10 +80,19 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path, sampling):
         "megasr_cuda_graphs",
         "denoiser_breakdown",
         "megasr_large",
+        "step_loop_ab",
         "ddpm_step_equality",
         "fast_presets",
+        "fused_qkv",
         *FAMILY_SECTIONS,
     }
+    for batch in ("1", "2"):  # the graphs-only A/B: on a CPU the same images, bit for bit
+        ab = sections["step_loop_ab"][batch]
+        assert ab["identical_images"] == int(batch) and ab["speedup"] > 0, ab
+        assert report["summary"][f"device_step_speedup_batch{batch}"] == ab["speedup"]
+    fused = sections["fused_qkv"]
+    assert fused["fused_layers"] > 0 and fused["speedup"] > 0 and fused["fused"]["images_per_s"] > 0
+    assert report["summary"]["fused_qkv_speedup"] == fused["speedup"]
     equality = sections["ddpm_step_equality"]
     assert equality["bit_identical"] is True and equality["max_abs_diff"] == 0 and equality["device_schedule_ms"] > 0
     presets = sections["fast_presets"]

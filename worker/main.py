@@ -146,12 +146,22 @@ def prepare(
     runtime.pipeline = load_pipeline(weights, device=device, dtype=dtype, precision=settings.precision)
     runtime.pipeline.max_output_pixels = settings.max_output_pixels  # the API's bound, enforced again here
     log_identity(runtime)
+    if runtime.pipeline.device.type == "cuda":
+        from megasr_core.pipelines.acceleration import use_fused_qkv
+
+        # one GEMM for each self-attention's query, key and value (measured in the GPU suite)
+        log.info("fused the QKV projections of %d self-attentions", use_fused_qkv(runtime.pipeline))
     if settings.compile:
         from megasr_core.pipelines.acceleration import compile_pipeline, use_compile_cache
 
         cache = use_compile_cache(settings.compile_cache or settings.home / "compile-cache")
-        compile_pipeline(runtime.pipeline, scope=settings.compile)
-        log.info("compiling (%s scope) during warm-up; cache in %s", settings.compile, cache)
+        compile_pipeline(runtime.pipeline, scope=settings.compile, mode=settings.compile_mode)
+        log.info(
+            "compiling (%s scope, %s mode) during warm-up; cache in %s",
+            settings.compile,
+            settings.compile_mode or "default",
+            cache,
+        )
     if settings.cuda_graphs is not False and runtime.pipeline.device.type == "cuda":
         from megasr_core.pipelines.acceleration import use_cuda_graphs
 

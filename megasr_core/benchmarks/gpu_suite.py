@@ -45,7 +45,7 @@ import torch
 from PIL import Image
 
 from .family_sections import FAMILY_SECTIONS, FamilyBench, family_summary
-from .sampler_sections import run_fast_presets, step_equality
+from .sampler_sections import run_fast_presets, run_step_loop_ab, step_equality
 
 if TYPE_CHECKING:
     from megasr_core.pipelines import MegaSRPipeline
@@ -407,15 +407,17 @@ class GPUSuite:
         return rows
 
     def run_compiled(self, spec: str) -> dict:
-        """One compile scope (``full``/``blocks``, ``+graphs`` for CUDA graphs over it); each
-        batch's row is saved as soon as it is measured (compiling takes minutes)."""
+        """One compile scope (``full``/``blocks``, ``:MODE`` for a ``torch.compile`` mode such as
+        ``max-autotune-no-cudagraphs``, ``+graphs`` for CUDA graphs over it); each batch's row is
+        saved as soon as it is measured (compiling takes minutes)."""
         from megasr_core.pipelines.acceleration import compile_pipeline, uncompile_pipeline, use_cuda_graphs
 
-        scope, _, extra = spec.partition("+")
+        scoped, _, extra = spec.partition("+")
+        scope, _, mode = scoped.partition(":")
         if extra not in ("", "graphs"):
             raise ValueError(f"compile scope {spec!r}: only '+graphs' may follow the scope")
         torch._dynamo.reset()
-        wrapped = compile_pipeline(self.pipeline, scope=scope)
+        wrapped = compile_pipeline(self.pipeline, scope=scope, mode=mode or None)
         if extra:
             use_cuda_graphs(self.pipeline)
         rows: dict[str, Any] = {"compiled_modules": wrapped}
@@ -452,6 +454,27 @@ class GPUSuite:
         finally:
             use_cuda_graphs(self.pipeline, enabled=False)
         return rows
+
+    def run_fused_qkv(self) -> dict:
+        """Fused self-attention QKV against separate projections, with CUDA graphs, at the largest batch."""
+        from megasr_core.pipelines.acceleration import use_cuda_graphs, use_fused_qkv
+
+        batch = self.batches[-1]
+        use_cuda_graphs(self.pipeline)
+        try:
+            separate = self._megasr(batch, 1, "separate_qkv")
+            fused_layers = use_fused_qkv(self.pipeline)
+            fused = self._megasr(batch, 1, "fused_qkv")
+        finally:
+            use_fused_qkv(self.pipeline, enabled=False)
+            use_cuda_graphs(self.pipeline, enabled=False)
+        return {
+            "batch": batch,
+            "fused_layers": fused_layers,
+            "separate": separate,
+            "fused": fused,
+            "speedup": round(separate["total_s"] / fused["total_s"], 3),
+        }
 
     def run_cudnn_benchmark(self) -> dict:
         """cuDNN's autotuner on: eager at the largest batch, graphs at 1 and the largest."""
@@ -595,6 +618,11 @@ class GPUSuite:
                 out[f"preset_{label}_images_per_s_batch{s['fast_presets']['batch']}"] = row["images_per_s"]
                 if "psnr_db" in row:
                     out[f"preset_{label}_psnr_db"] = row["psnr_db"]
+        for batch, row in s.get("step_loop_ab", {}).items():
+            if isinstance(row, dict) and "speedup" in row:
+                out[f"device_step_speedup_batch{batch}"] = row["speedup"]
+        if "speedup" in s.get("fused_qkv", {}):
+            out["fused_qkv_speedup"] = s["fused_qkv"]["speedup"]
         equality = s.get("ddpm_step_equality", {})
         if "bit_identical" in equality:
             out["ddpm_device_step_bit_identical"] = equality["bit_identical"]
@@ -605,6 +633,7 @@ class GPUSuite:
         self.section("build", self.build)
         if self.pipeline is None:
             return self.result
+        self.section("step_loop_ab", lambda: run_step_loop_ab(self), self._estimate(self.batches[-1], 4))
         self.section(
             "ddpm_step_equality",
             lambda: step_equality(self.device, self.dtype, self.pipeline.scheduler, self.steps, self.batches[-1]),
@@ -614,6 +643,7 @@ class GPUSuite:
         self.section("megasr_eager", lambda: self.run_megasr("eager"), self._estimate(1, 3))
         self.section("megasr_cuda_graphs", self.run_cuda_graphs, self._estimate(1, 3) + 10)
         self.section("fast_presets", lambda: run_fast_presets(self), self._estimate(self.batches[-1], 4))
+        self.section("fused_qkv", self.run_fused_qkv, self._estimate(self.batches[-1], 4))
         if self.device.type == "cuda":
             self.section("cudnn_benchmark", self.run_cudnn_benchmark, self._estimate(self.batches[-1], 2) + 10)
         self.section("denoiser_breakdown", self.run_breakdown, 20)

@@ -1,6 +1,9 @@
 """The samplers in the GPU suite: the host-sync-free DDPM step checked against diffusers', and the
 opt-in fast presets timed with their drift from the paper's sampler.
 
+* ``step_loop_ab`` (the suite's first timing): MegaSR with CUDA graphs at batch 1 and the
+  largest batch, with diffusers' DDPM step and with the device step: the speed-up of the step
+  loop alone, and whether the images are the same.
 * ``ddpm_step_equality``: diffusers' ``DDPMScheduler.step`` and ``samplers.DeviceDDPM`` over a
   whole schedule on the suite's device and dtype, from the same inputs and generators: whether
   the latents are bit-identical (the largest difference otherwise), and the seconds each takes
@@ -122,6 +125,44 @@ def step_equality(device: torch.device, dtype: torch.dtype, base: DDPMScheduler,
     row["bit_identical"] = bool(torch.equal(outputs["diffusers"], outputs["device"]))
     row["max_abs_diff"] = difference
     return row
+
+
+def run_step_loop_ab(suite: GPUSuite) -> dict:
+    """The graphs-only A/B of the step loop, first in the suite: MegaSR with CUDA graphs at batch 1
+    and the largest batch, with diffusers' DDPM step (A: a host sync per step) and with the device
+    step (B), same inputs and seeds. Row B's images are A's bit for bit where the step is."""
+    from megasr_core.pipelines import samplers
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+    from .gpu_suite import _photos
+
+    pipeline = suite.pipeline
+    use_cuda_graphs(pipeline)
+    rows: dict[str, Any] = {}
+    supported = samplers.device_ddpm_supported
+    try:
+        for batch in sorted({1, suite.batches[-1]}):
+            images = _photos(batch, suite.size // suite.scale)
+            common = {"scale": suite.scale, "guidance_scale": suite.guidance_scale, "seed": list(range(batch))}
+            row: dict[str, Any] = {}
+            outputs = {}
+            for label, device_step in (("diffusers_step", False), ("device_step", True)):
+                samplers.device_ddpm_supported = supported if device_step else (lambda scheduler: False)
+                pipeline(images, num_inference_steps=2, **common)  # warm-up, graph capture
+                seconds, out = suite.clock.time(lambda: pipeline(images, num_inference_steps=suite.steps, **common))
+                outputs[label] = out.images
+                row[label] = {"total_s": round(seconds, 4), "images_per_s": round(batch / seconds, 3)}
+            row["speedup"] = round(row["diffusers_step"]["total_s"] / row["device_step"]["total_s"], 3)
+            row["identical_images"] = sum(
+                a.tobytes() == b.tobytes() for a, b in zip(outputs["diffusers_step"], outputs["device_step"])
+            )
+            row["drift"] = drift(outputs["device_step"], outputs["diffusers_step"])
+            rows[str(batch)] = row
+            suite._save()
+    finally:
+        samplers.device_ddpm_supported = supported
+        use_cuda_graphs(pipeline, enabled=False)
+    return rows
 
 
 def run_fast_presets(suite: GPUSuite) -> dict:

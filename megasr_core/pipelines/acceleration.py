@@ -127,6 +127,41 @@ def _static_batches(pipeline: MegaSRPipeline) -> None:
     pipeline.batch_buckets = BATCH_BUCKETS if static else None
 
 
+def use_fused_qkv(pipeline: MegaSRPipeline, enabled: bool = True) -> int:
+    """One GEMM for the query, key and value of every self-attention (``attn1``) of the UNet and the
+    ControlNet, through diffusers' ``Attention.fuse_projections`` and its fused SDPA processor
+    (``enabled=False``: back to the separate projections). Returns how many were changed.
+
+    The cross-attentions keep their processors: the CSM's wraps them (and in the UNet already
+    shares one query projection between its text and visual branches). Layers already converted
+    to fp8 stay separate (their weights are not plain tensors). On the CPU the output is the same
+    bit for bit (tested); on a GPU the fused GEMM may round differently.
+    """
+    from diffusers.models.attention_processor import AttnProcessor2_0, FusedAttnProcessor2_0
+
+    changed = 0
+    for net in (pipeline.denoiser.unet, pipeline.denoiser.controlnet):
+        for module in net.modules():
+            if not isinstance(module, BasicTransformerBlock):
+                continue
+            attn = module.attn1
+            fused = getattr(attn, "fused_projections", False)
+            if enabled and not fused:
+                if any(type(layer.weight) is not nn.Parameter for layer in (attn.to_q, attn.to_k, attn.to_v)):
+                    continue
+                attn.fuse_projections(fuse=True)
+                attn.set_processor(FusedAttnProcessor2_0())
+                changed += 1
+            elif not enabled and fused:
+                del attn.to_qkv
+                attn.fused_projections = False
+                attn.set_processor(AttnProcessor2_0())
+                changed += 1
+    if changed and pipeline.denoiser_graphs is not None:
+        pipeline.denoiser_graphs.reset()  # captured with the other projections
+    return changed
+
+
 def use_channels_last(pipeline: MegaSRPipeline) -> None:
     """NHWC weights for the convolutional nets (faster cuDNN convolutions on tensor cores)."""
     for net in (pipeline.denoiser.unet, pipeline.denoiser.controlnet, pipeline.vae):

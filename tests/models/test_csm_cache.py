@@ -139,3 +139,30 @@ def test_a_half_precision_csm_takes_float32_image_tokens(tiny_base):
     csm = getattr(block, CSM_ATTR).to(torch.bfloat16)
     key, value = csm.image_kv(block.attn2, torch.randn(1, 3, csm.connector.in_features))
     assert key.dtype == value.dtype == torch.bfloat16
+
+
+@torch.no_grad()
+def test_the_unets_csm_shares_the_text_branchs_query_bit_for_bit(tiny_base, monkeypatch):
+    """In the UNet the visual branch attends with the block's own attn2: one query projection serves
+    both branches, and the block's output is the separate-branch output bit for bit. The ControlNet's
+    CSMs (a frozen copy) keep their own query."""
+    model = build_denoiser(tiny_base)
+    perturb_zero_init(model)
+    _, block = csm_blocks(model.unet)[0]
+    attn, processor = block.attn2, block.attn2.processor
+    hidden = torch.randn(2, 64, attn.to_q.in_features)
+    text = torch.randn(2, 7, attn.to_k.in_features)
+    tokens = torch.randn(2, 5, processor.csm.connector.in_features)
+    projected: list[int] = []
+    hook = attn.to_q.register_forward_hook(lambda *_: projected.append(1))
+    try:
+        shared = processor(attn, hidden, text, ip_hidden_states=tokens)
+        assert len(projected) == 1  # one to_q for both branches
+        separate = processor.base(attn, hidden, text) + processor.csm(attn, hidden, tokens)
+        assert len(projected) == 3
+    finally:
+        hook.remove()
+    assert torch.equal(shared, separate)
+    _, control_block = csm_blocks(model.controlnet)[0]
+    assert getattr(control_block, CSM_ATTR).shares_host_query is False
+    assert processor.csm.shares_host_query is True

@@ -43,3 +43,32 @@ def test_compile_cache_directories(tmp_path, monkeypatch):
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(root / "inductor")
     assert os.environ["TRITON_CACHE_DIR"] == str(root / "triton")
     assert (root / "inductor").is_dir() and (root / "triton").is_dir()
+
+
+def test_fused_self_attention_gives_the_same_images_and_can_be_undone(small_cat):
+    from diffusers.models.attention import BasicTransformerBlock
+
+    from megasr_core.pipelines import MegaSRPipeline
+    from megasr_core.pipelines.acceleration import use_fused_qkv
+
+    pipe = MegaSRPipeline.from_preset("tiny", seed=2)
+    blocks = [m for net in (pipe.denoiser.unet, pipe.denoiser.controlnet) for m in net.modules()]
+    blocks = [m for m in blocks if isinstance(m, BasicTransformerBlock)]
+    before = pipe(small_cat, scale=4, seed=1, num_inference_steps=2).images[0]
+    assert use_fused_qkv(pipe) == len(blocks) and use_fused_qkv(pipe) == 0  # once
+    assert all(type(b.attn1.processor).__name__ == "FusedAttnProcessor2_0" for b in blocks)
+    assert all(type(b.attn2.processor).__name__ == "CSMAttnProcessor" for b in blocks)  # the CSMs stay
+    fused = pipe(small_cat, scale=4, seed=1, num_inference_steps=2).images[0]
+    assert fused.tobytes() == before.tobytes()
+    assert use_fused_qkv(pipe, enabled=False) == len(blocks)
+    assert not any(hasattr(b.attn1, "to_qkv") for b in blocks)
+    assert pipe(small_cat, scale=4, seed=1, num_inference_steps=2).images[0].tobytes() == before.tobytes()
+
+
+def test_fp8_layers_are_not_fused():
+    pytest.importorskip("torchao", reason="the [fp8] extra")
+    from megasr_core.pipelines import MegaSRPipeline
+    from megasr_core.pipelines.acceleration import use_fused_qkv
+
+    pipe = MegaSRPipeline.from_preset("tiny", seed=2, precision="fp8")
+    assert use_fused_qkv(pipe) == 0

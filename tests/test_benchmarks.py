@@ -84,12 +84,18 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path, sampling):
         "ddpm_step_equality",
         "fast_presets",
         "fused_qkv",
+        "worker_overhead",
         *FAMILY_SECTIONS,
     }
     for batch in ("1", "2"):  # the graphs-only A/B: on a CPU the same images, bit for bit
         ab = sections["step_loop_ab"][batch]
         assert ab["identical_images"] == int(batch) and ab["speedup"] > 0, ab
         assert report["summary"][f"device_step_speedup_batch{batch}"] == ab["speedup"]
+    overhead = sections["worker_overhead"]
+    assert overhead["batch"] == 2 and overhead["encode_png_pooled_s"] > 0 and overhead["decode_pooled_s"] > 0
+    assert 0 < overhead["service_share_of_pipeline"] <= 1
+    assert overhead["service_images_per_s_estimate"] <= overhead["pipeline_images_per_s"]
+    assert report["summary"]["service_share_of_pipeline"] == overhead["service_share_of_pipeline"]
     fused = sections["fused_qkv"]
     assert fused["fused_layers"] > 0 and fused["speedup"] > 0 and fused["fused"]["images_per_s"] > 0
     assert report["summary"]["fused_qkv_speedup"] == fused["speedup"]

@@ -21,7 +21,6 @@ final is never run again.
 from __future__ import annotations
 
 import contextvars
-import io
 import logging
 import secrets
 import time
@@ -31,6 +30,7 @@ from typing import Any
 
 from rq import get_current_job
 
+from megasr_core.output_formats import encode
 from service import faults, tracing
 from service.contracts import CONTENT_TYPES, JobError, JobRecord, JobStatus, attempt_output_key
 from service.jobsystem import lifecycle
@@ -51,17 +51,6 @@ RETRY_BACKOFF_S = 3.0
 OOM_TILE_SIZES = ((None, 4), (None, 1), (64, 1), (48, 1))
 #: inputs of one batch fetched and decoded, and results encoded and uploaded, at once, at most
 STORE_THREADS = 8
-
-
-def _encode(image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    if fmt == "jpeg":
-        image.convert("RGB").save(buffer, format="JPEG", quality=95)
-    elif fmt == "webp":
-        image.save(buffer, format="WEBP", quality=95)
-    else:
-        image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 @dataclass(frozen=True)
@@ -289,7 +278,7 @@ class BatchRun:
                 key = attempt_output_key(member.id, member.owner, fmt)
                 self.jobs.note_output(member.id, key)
                 with tracing.span("store", job_id=member.id, format=fmt):
-                    self.storage.put(key, _encode(image, fmt), CONTENT_TYPES[fmt])
+                    self.storage.put(key, encode(image, fmt), CONTENT_TYPES[fmt])
                 faults.step("task:after_output")
                 self.jobs.finish(
                     member.id,

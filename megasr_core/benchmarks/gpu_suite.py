@@ -46,6 +46,7 @@ from PIL import Image
 
 from .family_sections import FAMILY_SECTIONS, FamilyBench, family_summary
 from .sampler_sections import run_fast_presets, run_step_loop_ab, step_equality
+from .worker_overhead import run_worker_overhead
 
 if TYPE_CHECKING:
     from megasr_core.pipelines import MegaSRPipeline
@@ -621,6 +622,9 @@ class GPUSuite:
         for batch, row in s.get("step_loop_ab", {}).items():
             if isinstance(row, dict) and "speedup" in row:
                 out[f"device_step_speedup_batch{batch}"] = row["speedup"]
+        overhead = s.get("worker_overhead", {})
+        if "service_share_of_pipeline" in overhead:
+            out["service_share_of_pipeline"] = overhead["service_share_of_pipeline"]
         if "speedup" in s.get("fused_qkv", {}):
             out["fused_qkv_speedup"] = s["fused_qkv"]["speedup"]
         equality = s.get("ddpm_step_equality", {})
@@ -644,6 +648,7 @@ class GPUSuite:
         self.section("megasr_cuda_graphs", self.run_cuda_graphs, self._estimate(1, 3) + 10)
         self.section("fast_presets", lambda: run_fast_presets(self), self._estimate(self.batches[-1], 4))
         self.section("fused_qkv", self.run_fused_qkv, self._estimate(self.batches[-1], 4))
+        self.section("worker_overhead", lambda: run_worker_overhead(self), self._estimate(self.batches[-1], 2))
         if self.device.type == "cuda":
             self.section("cudnn_benchmark", self.run_cudnn_benchmark, self._estimate(self.batches[-1], 2) + 10)
         self.section("denoiser_breakdown", self.run_breakdown, 20)

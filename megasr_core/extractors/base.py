@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -23,6 +25,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _RANGE_TOLERANCE = 1e-4
+#: set while a caller that has checked the values already runs several extractors on them
+_VALUES_CHECKED: ContextVar[bool] = ContextVar("megasr_extractor_values_checked", default=False)
+
+
+@contextmanager
+def values_checked() -> Iterator[None]:
+    """Within the block, :func:`check_images` skips the value-range check: reading the range back
+    waits for the GPU, and the caller (``GuidanceExtractors``) has checked these images once."""
+    token = _VALUES_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _VALUES_CHECKED.reset(token)
+
+
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
@@ -64,9 +81,10 @@ def check_images(images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"images must have 3 (RGB) or 1 (grayscale) channels, got {channels}")
     if not images.is_floating_point():
         raise ValueError(f"images must be floating point in [0, 1], got {images.dtype}")
-    low, high = torch.aminmax(images)
-    if low.item() < -_RANGE_TOLERANCE or high.item() > 1 + _RANGE_TOLERANCE or not torch.isfinite(high):
-        raise ValueError(f"images must hold values in [0, 1], got [{low.item():.4g}, {high.item():.4g}]")
+    if not _VALUES_CHECKED.get():
+        low, high = (float(v) for v in torch.stack(torch.aminmax(images)).tolist())  # one read-back
+        if low < -_RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE or not math.isfinite(high):
+            raise ValueError(f"images must hold values in [0, 1], got [{low:.4g}, {high:.4g}]")
     images = images.clamp(0, 1)
     return images.expand(-1, 3, -1, -1) if channels == 1 else images
 

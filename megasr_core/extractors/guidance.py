@@ -27,7 +27,7 @@ from torch import nn
 from transformers import CLIPTokenizer
 
 from ..utils import DeviceDtypeMixin
-from .base import check_images
+from .base import check_images, values_checked
 from .clip_image import CLIPImageEncoder
 from .depth import DepthExtractor
 from .hed import HEDExtractor
@@ -102,28 +102,29 @@ class GuidanceExtractors(DeviceDtypeMixin, nn.Module):
         missing = sorted(wanted - set(self.available))
         if missing:
             raise ValueError(f"extractors {missing} are not loaded")
-        images = check_images(images)
-        output = GuidanceOutput()
-        if "hed" in wanted:
-            output.hed = self.hed(images)
-        if "depth" in wanted:
-            output.depth = self.depth(images)
-        if "segmentation" in wanted:
-            output.seg = self.segmentation(images)
-        if "clip" in wanted:
-            output.image_tokens = self.clip(images)
         if ram_embeds and ("tagger" not in wanted or not isinstance(self.tagger, RAMTagger)):
             raise ValueError(
                 f"RAM's image embeddings need the RAM tagger (extractors/tagger/); this one is "
                 f"{self.tagger_name or 'missing'}"
             )
-        if "tagger" in wanted:
-            if ram_embeds:
-                output.tags, output.ram_embeds = self.tagger.tags_and_embeds(images)
-            else:
-                output.tags = self.tagger(images)
-            output.tagger = self.tagger_name
-            logger.debug("tags by %s for %d image(s)", output.tagger, len(output.tags))
+        images = check_images(images)  # the one range check: the extractors below skip theirs
+        output = GuidanceOutput()
+        with values_checked():
+            if "hed" in wanted:
+                output.hed = self.hed(images)
+            if "depth" in wanted:
+                output.depth = self.depth(images)
+            if "segmentation" in wanted:
+                output.seg = self.segmentation(images)
+            if "clip" in wanted:
+                output.image_tokens = self.clip(images)
+            if "tagger" in wanted:
+                if ram_embeds:
+                    output.tags, output.ram_embeds = self.tagger.tags_and_embeds(images)
+                else:
+                    output.tags = self.tagger(images)
+                output.tagger = self.tagger_name
+                logger.debug("tags by %s for %d image(s)", output.tagger, len(output.tags))
         return output
 
     def parameter_counts(self) -> dict[str, int]:

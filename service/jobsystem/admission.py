@@ -50,15 +50,24 @@ class UploadedImage(Protocol):
     height: int
 
 
+#: request fields added after the fingerprint's canonical form was fixed, with their defaults
+_ADDED_FIELDS: dict[str, Any] = {"sampler": "ddpm", "cfg_interval": None}
+
+
 def request_fingerprint(image: bytes, params: BaseModel) -> str:
     """sha256 of what a submission asks for: the image bytes and the validated parameters
     (normalized: defaults filled in, keys sorted), bound to an Idempotency-Key.
 
     A request that names no model hashes exactly as before models existed (no ``model`` key,
     left-out steps and guidance as 50 and 5.5; an Idempotency-Key lives a day, across upgrades);
-    one that names a model hashes the name and what it left out as null.
+    one that names a model hashes the name and what it left out as null. Fields added since
+    (:data:`_ADDED_FIELDS`) count only when they differ from their defaults, so a request hashes
+    as it did in the release before them.
     """
     fields = params.model_dump(mode="json")
+    for name, default in _ADDED_FIELDS.items():
+        if fields.get(name, default) == default:
+            fields.pop(name, None)
     if "model" in fields and fields["model"] is None:
         del fields["model"]
         fields.update({name: value for name, value in _LEGACY_SAMPLING.items() if fields.get(name, value) is None})

@@ -106,3 +106,20 @@ def test_bad_input_is_a_clear_value_error(tiny_extractors, images, message):
     for name in ("hed", "depth", "segmentation", "clip"):
         with pytest.raises(ValueError, match=message):
             getattr(tiny_extractors, name)(images)
+
+
+def test_all_extractors_on_one_batch_read_its_range_back_once(tiny_extractors, photos, monkeypatch):
+    """Reading the value range back waits for the GPU: the extractors run on one batch check it once,
+    not once each; each extractor called alone still checks."""
+    calls: list[int] = []
+    real = torch.aminmax
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "aminmax", counting)
+    tiny_extractors(photos["odd"])
+    assert len(calls) == 1
+    tiny_extractors.hed(photos["odd"])
+    assert len(calls) == 2

@@ -76,6 +76,10 @@ def test_tile_groups_keep_order_and_shape():
     assert all(len(g) <= 3 and len({(t.bottom - t.top, t.right - t.left) for t in g}) == 1 for g in groups)
     mixed = [Tile(0, 8, 0, 8), Tile(0, 8, 8, 16), Tile(0, 4, 0, 4), Tile(4, 8, 0, 4)]
     assert [len(g) for g in tile_groups(mixed, 4)] == [2, 2]
+    nine = tiles(256, 256, 96, 8)  # 2048² output: 3 × 3 tiles of one shape
+    assert len(nine) == 9 and [len(g) for g in tile_groups(nine, 4)] == [3, 3, 3]  # not 4 + 4 + 1
+    assert [len(g) for g in tile_groups(nine, 9)] == [9] and [len(g) for g in tile_groups(nine, 1)] == [1] * 9
+    assert [len(g) for g in tile_groups(nine * 2, 4)] == [4, 4, 4, 3, 3]  # 18 in as few groups, balanced
 
 
 def test_blend_tiles_in_groups_equals_one_by_one():

@@ -354,6 +354,13 @@ def test_a_request_fingerprint_is_stable_across_releases():
     # Naming a model is another request (what a key was first used for stays bound to it).
     named = request_fingerprint(image, UpscaleParams(seed=7, model="seesr-turbo"))
     assert named not in (expected, request_fingerprint(image, UpscaleParams(seed=7, model="seesr-turbo", steps=50)))
+    # Fields added since (the sampler, the CFG interval) count only when a request sets them.
+    assert request_fingerprint(image, UpscaleParams(seed=7, sampler="ddpm", cfg_interval=None)) == expected
+    fast = {
+        request_fingerprint(image, UpscaleParams(seed=7, **extra))
+        for extra in ({"sampler": "unipc"}, {"cfg_interval": (0, 0.5)})
+    }
+    assert len(fast) == 2 and expected not in fast
 
 
 def test_an_expired_idempotency_key_creates_a_new_job(store):

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 from rq.worker import SimpleWorker
 
+from megasr_core.output_formats import encode
 from service import tracing
 from service.contracts import JobStatus, attempt_output_key
 from service.jobsystem.keys import REAPER_LOCK_KEY
@@ -240,7 +241,7 @@ def test_results_are_encoded_as_documented(fmt, options):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8))
     expected = io.BytesIO()
     image.save(expected, format=fmt.upper(), **options)
-    assert tasks._encode(image, fmt) == expected.getvalue()
+    assert encode(image, fmt) == expected.getvalue()
 
 
 class SteppingStandIn(StandIn):
@@ -600,3 +601,9 @@ def test_a_jobs_result_line_names_the_job_its_tenant_and_the_store_stage(service
     for job_id in ids:
         (line,) = [entry for entry in json_lines(captured) if entry["message"].startswith(f"job {job_id}: succeeded (")]
         assert (line["job_id"], line["tenant"], line["stage"]) == (job_id, "default", "store")
+
+
+def test_an_unknown_format_is_refused_by_the_encoder():
+    image = Image.new("RGB", (4, 4))
+    with pytest.raises(ValueError, match="output format must be one of png, jpeg, webp, got 'gif'"):
+        encode(image, "gif")

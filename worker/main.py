@@ -58,6 +58,34 @@ def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scal
             pipeline(images, scale=scale, num_inference_steps=2, seed=0, max_batch_size=batch)
 
 
+def warm_up_large(runtime: WorkerRuntime, sizes: list[tuple[int, int]], scale: int = 4) -> None:
+    """Warm the tiled sizes at batch 1 with as many tiles per model batch as the GPU holds: on an
+    out-of-memory error the worker's tile batch cap steps down (``OOM_TILE_SIZES``) and the size is
+    tried again, so jobs start with tile batches that fit."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from .tasks import OOM_TILE_SIZES
+
+    rng = np.random.default_rng(0)
+    for height, width in sizes:
+        lr = (max(1, width // scale), max(1, height // scale))
+        image = Image.fromarray(rng.integers(0, 256, (lr[1], lr[0], 3), dtype=np.uint8))
+        caps = [per_batch for size, per_batch in OOM_TILE_SIZES if size is None and per_batch <= runtime.tile_batch_cap]
+        for cap in caps:
+            try:
+                runtime.pipeline([image], scale=scale, num_inference_steps=2, seed=0, tile_batch_size=cap)
+                break
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                smaller = [c for c in caps if c < cap]
+                if not smaller:
+                    raise
+                log.warning("warm-up %dx%d: %d tiles per batch do not fit; trying %d", height, width, cap, smaller[0])
+                runtime.tile_batch_cap = smaller[0]
+
+
 def warmup_batch_sizes(max_batch: int, buckets: tuple[int, ...] | None) -> list[int]:
     """The batch sizes a worker meets: 1 and ``max_batch``, or, where batches are padded to
     ``buckets``, every bucket up to the one ``max_batch`` jobs fill."""
@@ -176,8 +204,13 @@ def prepare(
     large = [size for size in settings.warmup_sizes(large=True) if size[0] * size[1] <= settings.max_output_pixels]
     if large and runtime.pipeline.device.type == "cuda":  # the tile shapes, captured or compiled before traffic
         started = time.monotonic()
-        warm_up(runtime.pipeline, large, [1])
-        log.info("warmed up %s at batch 1 in %.1f s", settings.warmup_large, time.monotonic() - started)
+        warm_up_large(runtime, large)
+        log.info(
+            "warmed up %s at batch 1, %d tiles per model batch, in %.1f s",
+            settings.warmup_large,
+            runtime.tile_batch_cap,
+            time.monotonic() - started,
+        )
     runtime.announce()  # GET /v1/models counts this worker from now on (renewed by the background loop)
     runtime.metrics.mark_ready()  # after the announcement: a ready worker is always a counted one
     runtime.start_background()

@@ -38,6 +38,10 @@ class WorkerRuntime:
     running: dict[str, str] = field(default_factory=dict)  # job id → owner token, for every job of the batch
     #: how long a job's storage reads and writes wait out an outage before the job's retry takes over
     storage_patience_s: float = 45.0
+    #: latent tiles per model batch a large job starts with: all of an image's tiles (up to 16)
+    #: while the GPU holds them, lowered for good at this worker's first out-of-memory error
+    #: (``worker.tasks.OOM_TILE_SIZES``); only the batching, never the tile size, is remembered
+    tile_batch_cap: int = 16
     _stop: threading.Event = field(default_factory=threading.Event)
     _announced: bool = False
     _announce_lock: threading.Lock = field(default_factory=threading.Lock)

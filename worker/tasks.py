@@ -47,8 +47,17 @@ log = logging.getLogger("megasr.worker")
 PROGRESS_INTERVAL_S = 0.5
 RETRY_BACKOFF_S = 3.0
 #: (latent tile size, tiles per model batch) tried in turn when one job alone runs out of GPU
-#: memory: first the tiles one at a time, then smaller tiles
-OOM_TILE_SIZES = ((None, 4), (None, 1), (64, 1), (48, 1))
+#: memory: all of an image's tiles in one model batch (up to 16: a 2048² output has 9), 4, then
+#: one at a time, then smaller tiles. The worker starts later jobs at the batching that fitted
+#: (``WorkerRuntime.tile_batch_cap``), so a GPU that cannot hold 16 tiles fails over once.
+OOM_TILE_SIZES = ((None, 16), (None, 4), (None, 1), (64, 1), (48, 1))
+
+
+def first_rung(cap: int) -> int:
+    """The first rung of :data:`OOM_TILE_SIZES` within a worker's tile batch ``cap``."""
+    return next(i for i, (size, per_batch) in enumerate(OOM_TILE_SIZES) if size is not None or per_batch <= cap)
+
+
 #: inputs of one batch fetched and decoded, and results encoded and uploaded, at once, at most
 STORE_THREADS = 8
 
@@ -171,6 +180,8 @@ class BatchRun:
     def execute(self, group: list[Member], tile_index: int) -> None:
         if not group:
             return
+        # not above the tile batching this worker has learnt fits (a half of a split batch included)
+        tile_index = max(tile_index, first_rung(self.runtime.tile_batch_cap))
         from megasr_core.pipelines import PipelineCancelled
 
         # steps, guidance, negative prompt, colour fix, sampler, CFG interval: shared by the batch
@@ -220,6 +231,9 @@ class BatchRun:
                     self.execute(group[half:], tile_index)
                     return
                 if tile_index + 1 < len(OOM_TILE_SIZES):
+                    size, per_batch = OOM_TILE_SIZES[tile_index + 1]
+                    if size is None and per_batch < self.runtime.tile_batch_cap:
+                        self.runtime.tile_batch_cap = per_batch  # later jobs start there
                     log.warning(
                         "job %s: out of GPU memory, retrying with tiles (size, per batch) %s",
                         group[0].id,

@@ -418,7 +418,7 @@ def test_one_call_carries_each_jobs_own_fields_and_the_batchs_shared_ones(servic
         "negative_prompt": "grain",
         "color_fix": "wavelet",
         "tile_size": None,
-        "tile_batch_size": 4,
+        "tile_batch_size": 16,
         "max_batch_size": 2,
         "sampler": "unipc",
         "cfg_interval": (0.2, 0.9),
@@ -447,6 +447,8 @@ def test_out_of_memory_alone_tries_each_smaller_tile_setting_then_retries_the_jo
     tasks.BatchRun(runtime, [attempt(svc, job_id, "worker-a:1")]).run()
     assert [(call["tile_size"], call["tile_batch_size"]) for call in pipeline.calls] == list(tasks.OOM_TILE_SIZES)
     assert statuses(svc, ids) == [JobStatus.queued]
+    assert runtime.tile_batch_cap == 1  # the next job starts at one tile per batch, at the tile size it asks for
+    assert tasks.OOM_TILE_SIZES[tasks.first_rung(runtime.tile_batch_cap)] == (None, 1)
     assert svc.jobs.get(job_id).owner is None
 
 

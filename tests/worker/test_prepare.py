@@ -44,3 +44,29 @@ def test_warm_up_covers_every_padded_batch_size():
     assert warmup_batch_sizes(8, BATCH_BUCKETS) == [1, 2, 4, 8]
     assert warmup_batch_sizes(6, BATCH_BUCKETS) == [1, 2, 4, 8]  # 5 or 6 jobs run padded to 8
     assert warmup_batch_sizes(20, BATCH_BUCKETS) == [1, 2, 4, 8, 16, 20]
+
+
+def test_the_large_warm_up_steps_the_tile_batch_down_until_it_fits(tmp_path, redis_url):
+    """On CUDA the worker warms 2048² at batch 1 with all its tiles in one model batch; where that runs
+    out of memory it tries 4, then 1, and jobs start with what fitted."""
+    import torch
+
+    from tests.service.helpers import StandIn
+    from worker.main import warm_up_large
+    from worker.runtime import install_runtime
+
+    class FitsAtFour(StandIn):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tile_batches: list[int] = []
+
+        def __call__(self, images, **kwargs):
+            self.tile_batches.append(kwargs["tile_batch_size"])
+            if kwargs["tile_batch_size"] > 4:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+            return super().__call__(images, **kwargs)
+
+    pipeline = FitsAtFour()
+    runtime = install_runtime(make_settings(tmp_path, redis_url), pipeline)
+    warm_up_large(runtime, [(2048, 2048)])
+    assert pipeline.tile_batches == [16, 4] and runtime.tile_batch_cap == 4

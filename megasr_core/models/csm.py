@@ -111,12 +111,15 @@ class CSM(nn.Module):
         of the weights involved, so an in-place change of any of them recomputes. (Tensors made
         under ``torch.inference_mode`` have no version counter; they are compared by identity.)
         """
-        use_cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        key_of = None
-        if use_cache:
+        if not torch.is_grad_enabled():
+            # Pinned keys/values also serve compiled code: a CUDA graph's static buffers are the
+            # same objects at every replay, so they enter the compiled graph as inputs.
             for tokens, key, value in self._pinned:
                 if tokens is image_tokens:
                     return key, value
+        use_cache = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        key_of = None
+        if use_cache:
             key_of = tuple(
                 _version(t) for t in (image_tokens, self.connector.weight, attn.to_k.weight, attn.to_v.weight)
             )

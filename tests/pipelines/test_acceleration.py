@@ -72,3 +72,34 @@ def test_fp8_layers_are_not_fused():
 
     pipe = MegaSRPipeline.from_preset("tiny", seed=2, precision="fp8")
     assert use_fused_qkv(pipe) == 0
+
+
+def test_compiled_code_under_cuda_graphs_takes_the_pinned_csm_keys_as_inputs(small_cat):
+    """With the UNet and ControlNet compiled whole and the step run from static buffers (CUDA graphs;
+    on a CPU their eager bookkeeping), the CSMs' image keys/values are graph inputs: the graphs
+    compiled for the static path project no image tokens (before, every step recomputed them)."""
+    from megasr_core.pipelines import MegaSRPipeline
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+    from tests.models.helpers import perturb_zero_init
+
+    pipe = MegaSRPipeline.from_preset("tiny", seed=2)
+    perturb_zero_init(pipe.denoiser)
+    eager = pipe(small_cat, scale=4, seed=1, num_inference_steps=3).images[0]
+    codes: list[str] = []
+
+    def recording(graph, inputs):
+        codes.append(graph.code)
+        return graph.forward
+
+    torch._dynamo.reset()
+    try:
+        compile_pipeline(pipe, scope="full", backend=recording)
+        use_cuda_graphs(pipe)
+        graphed = pipe(small_cat, scale=4, seed=1, num_inference_steps=3).images[0]
+    finally:
+        uncompile_pipeline(pipe)
+        torch._dynamo.reset()
+    assert graphed.tobytes() == eager.tobytes()
+    with_csm = [code for code in codes if "csm" in code]
+    assert any("connector" in code for code in with_csm)  # the first, eager-path step computes them
+    assert any("connector" not in code for code in with_csm)  # the static path reads them

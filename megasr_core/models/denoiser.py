@@ -7,6 +7,7 @@ overlay checkpoint) are in ``denoiser_io.py``, mixed in through :class:`MegaSRWe
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from .csm import (
     install_csm,
 )
 from .denoiser_io import NETWORKS, MegaSRWeightsIO, is_megasr_key
-from .msfm import install_msfm
+from .msfm import MSFM, install_msfm
 from .presets import get_preset
 from .untrained import CONTROLNET_UNTRAINED, all_zero, controlnet_untrained
 
@@ -90,6 +91,7 @@ class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
         self.apply_trainable_flags()
         # Found once: checked at every forward without walking every module of both nets.
         self._csm_blocks = csm_blocks(unet) + csm_blocks(controlnet)
+        self._msfm_count = sum(1 for module in self.modules() if isinstance(module, MSFM))
 
     @property
     def family(self) -> str:
@@ -179,7 +181,7 @@ class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
         attention_kwargs = None
         if conditioning.image_tokens is not None:
             attention_kwargs = {IMAGE_TOKENS_KWARG: conditioning.image_tokens}
-        with self.slot.use(conditioning):
+        with self.slot.use(conditioning), self._eager_while_filling(conditioning):
             return controlnet_then_unet(
                 self.unet,
                 self.controlnet,
@@ -190,6 +192,22 @@ class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
                 conditioning_scale,
                 attention_kwargs,
             )
+
+    def _eager_while_filling(self, conditioning: MegaSRConditioning) -> contextlib.AbstractContextManager:
+        """Compiled nets run eagerly for the forward that fills a run's MSFM modulation cache.
+
+        That first forward resizes the maps and computes every (γ, β) in code kept out of
+        ``torch.compile`` graphs; a graph break inside the UNet's loop over its blocks would make
+        dynamo give up the whole forward. Every later step finds (γ, β) cached, a plain tensor
+        path that compiles into the blocks' graphs.
+        """
+        filling = (
+            conditioning.reuse_modulation
+            and not torch.is_grad_enabled()
+            and len(conditioning.modulation_cache) < self._msfm_count
+            and _compiled(self.unet, self.controlnet)
+        )
+        return torch.compiler.set_stance("force_eager") if filling else contextlib.nullcontext()
 
     def prepare_conditioning(
         self,
@@ -278,3 +296,8 @@ class MegaSRDenoiser(MegaSRWeightsIO, DeviceDtypeMixin, nn.Module):
 def _is_zero_init(name: str) -> bool:
     """MegaSR's parameters that start at zero: the CSM projections and the SAFT γ/β convolutions."""
     return ".csm.proj." in name or (".msfm." in name and (".gamma." in name or ".beta." in name))
+
+
+def _compiled(*nets: nn.Module) -> bool:
+    """Whether any of ``nets`` or their submodules runs through ``torch.compile`` (``Module.compile``)."""
+    return any(getattr(m, "_compiled_call_impl", None) is not None for net in nets for m in net.modules())

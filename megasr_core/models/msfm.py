@@ -161,9 +161,6 @@ class _MSFMHook:
         self.msfm = msfm
         self.slot = slot
 
-    # Kept out of torch.compile graphs: it reads the per-call slot and fills a Python cache on the
-    # first step, which would otherwise re-trace for every new conditioning.
-    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
         conditioning = self.slot.current
         if conditioning is None:
@@ -171,18 +168,29 @@ class _MSFMHook:
         sample = output[0] if isinstance(output, tuple) else output.sample
         cache = conditioning.modulation_cache if conditioning.reuse_modulation and not torch.is_grad_enabled() else None
         key = (id(self.msfm), sample.dtype)
-        if cache is not None and key in cache:  # also how a CUDA graph feeds its static (γ, β)
+        if cache is not None and key in cache:
+            # (γ, β) cached for the run, or a CUDA graph's static copies: plain tensor inputs, so
+            # torch.compile traces this path into the block's graph (no graph break per block)
             modulation = cache[key]
         else:
-            modulation = self.modulation(conditioning, (sample.shape[-2], sample.shape[-1]), sample.dtype)
-            if cache is not None:
-                cache[key] = modulation
+            modulation = self._compute(conditioning, sample, cache, key)
         if modulation is None:
             return None
         sample = self.msfm.apply(sample, modulation, repeat=conditioning.repeat)
         if isinstance(output, tuple):
             return (sample, *output[1:])
         return Transformer2DModelOutput(sample=sample)
+
+    # Kept out of torch.compile graphs: it resizes the run's maps and fills a Python cache on the
+    # first step of a run, which would otherwise re-trace for every new conditioning.
+    @torch.compiler.disable
+    def _compute(
+        self, conditioning: Any, sample: torch.Tensor, cache: dict | None, key: tuple
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        modulation = self.modulation(conditioning, (sample.shape[-2], sample.shape[-1]), sample.dtype)
+        if cache is not None:
+            cache[key] = modulation
+        return modulation
 
     def modulation(
         self, conditioning: Any, size: tuple[int, int], dtype: torch.dtype

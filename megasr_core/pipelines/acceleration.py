@@ -6,9 +6,10 @@ Two compile scopes, chosen by measurement (``megasr bench gpu`` times both):
   the UNet and the ControlNet is compiled on its own. Blocks of one class share their compiled
   code, so compiling is quick and new shapes cost little; the Python glue between blocks and the
   MSFM hooks stay eager.
-- ``full``: the UNet and the ControlNet are compiled whole. The MSFM hooks read the per-call
-  conditioning from a Python slot and fill a cache on the first step, so they are excluded from
-  tracing (:func:`torch.compiler.disable` in ``msfm.py``) and run eagerly between graphs.
+- ``full``: the UNet and the ControlNet are compiled whole, one graph each. The first forward
+  of a run fills the MSFM modulation cache (resizing the maps, in code kept out of tracing) and
+  runs eagerly (``MegaSRDenoiser``); every later step reads the cached (γ, β), and the CSMs'
+  pinned keys/values, as graph inputs, with no graph break at the hooks.
 
 The VAE decoder is compiled whole in both scopes (it has no hooks). Compilation is lazy: the
 first call of each new (batch, size) shape pays for it, which is why the worker warms up its

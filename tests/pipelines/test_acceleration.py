@@ -74,10 +74,11 @@ def test_fp8_layers_are_not_fused():
     assert use_fused_qkv(pipe) == 0
 
 
-def test_compiled_code_under_cuda_graphs_takes_the_pinned_csm_keys_as_inputs(small_cat):
-    """With the UNet and ControlNet compiled whole and the step run from static buffers (CUDA graphs;
-    on a CPU their eager bookkeeping), the CSMs' image keys/values are graph inputs: the graphs
-    compiled for the static path project no image tokens (before, every step recomputed them)."""
+def test_compiled_whole_nets_have_no_graph_break_and_take_pinned_csm_keys_as_inputs(small_cat):
+    """The UNet and the ControlNet compiled whole, the step run from static buffers (CUDA graphs; on a
+    CPU their eager bookkeeping): the run's first step, which fills the MSFM modulations, runs
+    eagerly, and every later step is one graph per net, with no break at the 23 MSFM hooks; the CSMs'
+    image keys/values enter it as inputs (no image-token projection in it). Same images as eager."""
     from megasr_core.pipelines import MegaSRPipeline
     from megasr_core.pipelines.acceleration import use_cuda_graphs
     from tests.models.helpers import perturb_zero_init
@@ -101,5 +102,6 @@ def test_compiled_code_under_cuda_graphs_takes_the_pinned_csm_keys_as_inputs(sma
         torch._dynamo.reset()
     assert graphed.tobytes() == eager.tobytes()
     with_csm = [code for code in codes if "csm" in code]
-    assert any("connector" in code for code in with_csm)  # the first, eager-path step computes them
-    assert any("connector" not in code for code in with_csm)  # the static path reads them
+    assert len(with_csm) == 2, len(codes)  # the ControlNet and the UNet, each one whole graph
+    assert all("modulation_cache" in code for code in with_csm)  # the hooks' cached (γ, β) come in as inputs
+    assert not any("connector" in code for code in with_csm)  # keys/values come in, pinned

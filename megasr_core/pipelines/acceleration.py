@@ -70,12 +70,15 @@ def compile_pipeline(
     scope: CompileScope = "blocks",
     mode: str | None = None,
     backend: str = "inductor",
-    dynamic: bool | None = None,
+    dynamic: bool | None = False,
 ) -> int:
     """Compile the pipeline's hot modules in place; returns how many modules were wrapped.
 
     ``mode`` is ``torch.compile``'s (``None`` = default; ``max-autotune-no-cudagraphs`` tunes
-    matmuls longer). Whole-pipeline CUDA graphs (``reduce-overhead``) are not offered: the
+    matmuls longer). ``dynamic=False``: every shape gets kernels specialized to it (batches are
+    padded to ``batching.BATCH_BUCKETS`` meanwhile, so the shapes are few and the worker's warm-up
+    compiles them); ``None`` is dynamo's default, which recompiles the second batch size with
+    symbolic shapes. Whole-pipeline CUDA graphs (``reduce-overhead``) are not offered: the
     sampler's Python loop, tiling and cancel checks sit between the compiled calls.
     """
     if scope not in COMPILE_SCOPES:

@@ -113,6 +113,12 @@ def test_gpu_suite_runs_on_cpu_and_writes_every_section(tmp_path, sampling):
     for label in ("fp8", "fp8_dpmpp_2m_cfg_interval_0_0.5"):  # torchao's float8 weights on the CPU
         row = presets[label]
         assert row["converted_layers"] > 20 and row["images_per_s"] > 0 and row["mean_abs_diff"] > 0, row
+    # per-step latent errors where the schedule is DDPM's: none at the one step CFG still runs, some with fp8
+    assert presets["ddpm_cfg_interval_0_0.5"]["step_relative_error"]["per_step"] == [0.0]
+    assert (
+        presets["fp8"]["step_relative_error"]["max"] > 0 and len(presets["fp8"]["step_relative_error"]["per_step"]) == 1
+    )
+    assert "step_relative_error" not in presets["dpmpp_2m"]  # another schedule: not comparable step by step
     for batch in ("1", "2"):
         row = sections["megasr_eager"][batch]
         assert row["images_per_s"] > 0 and row["ratio_to_baseline"] > 0

@@ -12,7 +12,8 @@ opt-in fast presets timed with their drift from the paper's sampler.
   the paper's DDPM first as the reference, then each preset (``PRESETS``) at its sampler's
   default steps (``preset_steps``). Each row has its
   images/s, its speed-up over the reference and its drift from the reference's images of the
-  same run: PSNR (dB) and mean absolute difference (8-bit levels). Last, the fp8 rows
+  same run: PSNR (dB) and mean absolute difference (8-bit levels), and for presets on DDPM's
+  schedule the relative error of the latents after every step. Last, the fp8 rows
   (``FP8_PRESETS``) on a float8 copy of the denoiser, where the device runs fp8. Random weights: the drift
   says how far a preset moves the output, not whether it is better; ``megasr eval`` on real
   weights says that (docs/performance.md).
@@ -165,6 +166,30 @@ def run_step_loop_ab(suite: GPUSuite) -> dict:
     return rows
 
 
+@contextmanager
+def recorded_latents() -> Iterator[list[torch.Tensor]]:
+    """The latents after every DDPM step of the runs within the block (float32 copies)."""
+    latents: list[torch.Tensor] = []
+    original = DeviceDDPM.step
+
+    def recording(self, index: int, noise_pred: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        out = original(self, index, noise_pred, sample)
+        latents.append(out.float().clone())
+        return out
+
+    DeviceDDPM.step = recording  # type: ignore[method-assign]
+    try:
+        yield latents
+    finally:
+        DeviceDDPM.step = original  # type: ignore[method-assign]
+
+
+def step_errors(latents: list[torch.Tensor], reference: list[torch.Tensor]) -> dict[str, Any]:
+    """Relative error ‖x_k − x_ref,k‖ / ‖x_ref,k‖ of the latents after each step k (one schedule)."""
+    errors = [float((a - b).norm() / b.norm().clamp_min(1e-12)) for a, b in zip(latents, reference)]
+    return {"per_step": [round(e, 5) for e in errors], "max": round(max(errors), 5), "last": round(errors[-1], 5)}
+
+
 def run_fast_presets(suite: GPUSuite) -> dict:
     """The reference (DDPM at the suite's steps) and every preset, at the suite's largest batch, graphed."""
     from megasr_core.pipelines.acceleration import use_cuda_graphs
@@ -179,7 +204,7 @@ def run_fast_presets(suite: GPUSuite) -> dict:
     try:
 
         def row(options: dict[str, Any], seconds: float, out: list[Image.Image]) -> dict[str, Any]:
-            return {
+            made = {
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
                 "steps": preset_steps(options.get("sampler", DDPM), suite.steps),
                 "total_s": round(seconds, 4),
@@ -187,6 +212,15 @@ def run_fast_presets(suite: GPUSuite) -> dict:
                 "speedup_over_ddpm": round(reference_s / seconds, 3),
                 **drift(out, reference),
             }
+            if options.get("sampler", DDPM) == DDPM:  # the reference's schedule: comparable step by step
+                made["step_relative_error"] = step_errors(trajectory(options), reference_path)
+            return made
+
+        def trajectory(options: dict[str, Any]) -> list[torch.Tensor]:
+            with recorded_latents() as latents:
+                pipeline(images, num_inference_steps=suite.steps, **common, **options)
+            return latents
+
 
         def timed(options: dict[str, Any]) -> tuple[float, list[Image.Image]]:
             steps = preset_steps(options.get("sampler", DDPM), suite.steps)
@@ -195,6 +229,7 @@ def run_fast_presets(suite: GPUSuite) -> dict:
             return seconds, out.images
 
         reference_s, reference = timed({})
+        reference_path = trajectory({})  # the full-precision DDPM latents after every step
         rows["ddpm"] = {
             "steps": suite.steps,
             "total_s": round(reference_s, 4),

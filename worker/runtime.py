@@ -23,6 +23,7 @@ from service.jobsystem.reaper import delete_expired_results, reap_abandoned
 from service.jobsystem.services import Services, build_services
 
 from .batching import JobClaimer
+from .prefetch import InputPrefetcher
 from .status_server import WorkerMetrics
 
 log = logging.getLogger("megasr.worker")
@@ -42,6 +43,8 @@ class WorkerRuntime:
     #: while the GPU holds them, lowered for good at this worker's first out-of-memory error
     #: (``worker.tasks.OOM_TILE_SIZES``); only the batching, never the tile size, is remembered
     tile_batch_cap: int = 16
+    #: inputs of the next waiting jobs, fetched and decoded while the GPU runs (``worker.prefetch``)
+    _prefetcher: Any = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _announced: bool = False
     _announce_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -97,6 +100,13 @@ class WorkerRuntime:
             return configured
         device = getattr(self.pipeline, "device", None)
         return 8 if device is not None and device.type == "cuda" else 1
+
+    @property
+    def prefetcher(self) -> InputPrefetcher:
+        """The input prefetcher of this worker's queue (made on first use)."""
+        if self._prefetcher is None:
+            self._prefetcher = InputPrefetcher(self.services, self.queue, capacity=2 * self.max_batch)
+        return self._prefetcher
 
     def claimer(self) -> JobClaimer | None:
         """Who finds batch mates for a dequeued job (``None`` when batches are single jobs)."""
@@ -168,6 +178,8 @@ class WorkerRuntime:
             log.warning("could not withdraw the model announcement: %s", exc)
         if getattr(self, "_webhooks", None) is not None:
             self._webhooks.stop()
+        if self._prefetcher is not None:
+            self._prefetcher.close()
 
 
 def install_runtime(settings: Settings, pipeline: Any, services: Services | None = None) -> WorkerRuntime:

@@ -5,8 +5,9 @@ RQ hands the worker one job. The worker starts it, claims queued jobs that can s
 and runs them all in one pipeline call: per-job seeds, prompts and scales, throttled progress
 for each, and a cancel check per job at every step (a canceled job leaves the batch, the others
 go on). Steps and guidance a job left out are the model's defaults (its family's; a fast
-sampler's own steps). The batch's inputs are fetched and decoded side by side, and so are its
-results encoded and written to storage, each job's record finished under its own owner token,
+sampler's own steps). The batch's inputs are fetched and decoded side by side (those of the jobs
+waiting next are prefetched while the GPU runs, ``worker.prefetch``), and its results encoded
+and written to storage side by side, each job's record finished under its own owner token,
 with the worker's ``ModelInfo`` (``record.model_info``: which model ran it, and whether it is
 trained).
 
@@ -151,10 +152,15 @@ class BatchRun:
 
         bind_log_context(stage="load")
 
+        prefetched = self.runtime.prefetcher if self.runtime.max_batch > 1 else None
+
         def load(member: Member) -> BaseException | None:
             try:
+                image = prefetched.take(member.id, member.record.input_key) if prefetched is not None else None
                 # the API's decode budgets again (worker.input_image): no minutes of CPU on one input
-                member.image = load_input(self.storage.get(member.record.input_key), self.runtime.services.settings)
+                member.image = image or load_input(
+                    self.storage.get(member.record.input_key), self.runtime.services.settings
+                )
                 return None
             except Exception as exc:
                 return exc
@@ -199,6 +205,8 @@ class BatchRun:
                         self.jobs.set_progress(member.id, step / total, owner=member.owner)
 
         started, started_ns = time.monotonic(), time.time_ns()
+        if self.runtime.max_batch > 1:  # the next batch's inputs, fetched and decoded while the GPU runs
+            self.runtime.prefetcher.prefetch_next(self.runtime.max_batch, skip={m.id for m in self.members})
         bind_log_context(stage="pipeline")
         self.runtime.metrics.batch_size.observe(len(group))
         try:

@@ -221,7 +221,6 @@ def run_fast_presets(suite: GPUSuite) -> dict:
                 pipeline(images, num_inference_steps=suite.steps, **common, **options)
             return latents
 
-
         def timed(options: dict[str, Any]) -> tuple[float, list[Image.Image]]:
             steps = preset_steps(options.get("sampler", DDPM), suite.steps)
             pipeline(images, num_inference_steps=2, **common, **options)  # warm-up, graph capture

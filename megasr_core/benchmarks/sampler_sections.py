@@ -217,8 +217,13 @@ def run_fast_presets(suite: GPUSuite) -> dict:
             return made
 
         def trajectory(options: dict[str, Any]) -> list[torch.Tensor]:
-            with recorded_latents() as latents:
-                pipeline(images, num_inference_steps=suite.steps, **common, **options)
+            # eagerly: a graph replay runs no Python, so nothing could record the steps
+            use_cuda_graphs(pipeline, enabled=False)
+            try:
+                with recorded_latents() as latents:
+                    pipeline(images, num_inference_steps=suite.steps, **common, **options)
+            finally:
+                use_cuda_graphs(pipeline)
             return latents
 
         def timed(options: dict[str, Any]) -> tuple[float, list[Image.Image]]:

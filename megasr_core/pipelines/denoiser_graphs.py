@@ -9,8 +9,13 @@ static buffer that each call refills: the latents, the timestep, the text tokens
 ControlNet condition at every step; once per run (when the conditioning object changes) the
 CLIP image tokens, each CSM's visual keys/values and each MSFM's (γ, β). The run's first step
 therefore runs eagerly: it computes those keys/values and modulations (the denoiser caches them
-for the rest of the run) and the graph then reads copies of them. What stays eager around the
-graph: the scheduler step, the CFG arithmetic and tiling.
+for the rest of the run) and the graph then reads copies of them.
+
+:meth:`DenoiserGraphs.step` captures a whole sampling step in one graph: the CFG halves of the
+batch, the denoiser, the CFG arithmetic and the sampler's update (``StepUpdate``: DDPM's, from a
+row of coefficients and the step's noise, both copied into static buffers before each replay),
+so a step is one launch plus a few copies. Tiled runs keep the update eager around the graphed
+denoiser (:meth:`DenoiserGraphs.__call__`), as do samplers other than DDPM.
 
 Graphs are kept per shape (batch, latent size, conditioning layout, ``conditioning_scale``) up
 to ``max_graphs``, least recently used first out, and share one memory pool (they never run at
@@ -23,6 +28,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +38,23 @@ from ..models import MegaSRDenoiser
 from ..models.conditioning import MegaSRConditioning
 from ..models.csm import CSM_ATTR
 from ..models.msfm import MSFM
+from .sampling import classifier_free_guidance, guidance_batch
 
 log = logging.getLogger(__name__)
 
 #: eager runs on a side stream before capture (cuBLAS/cuDNN workspaces, lazy initialisation)
 WARMUP_RUNS = 2
+
+
+@dataclass
+class StepUpdate:
+    """The rest of a sampling step after the denoiser, for :meth:`DenoiserGraphs.step`."""
+
+    guidance_scale: float | None  # None: no CFG at this step (the batch is the positive half alone)
+    update: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor]
+    key: tuple  # what distinguishes ``update``'s maths (``DeviceDDPM.update_key``)
+    coefficients: torch.Tensor  # this step's row (copied into the graph's static buffer)
+    noise: torch.Tensor | None  # this step's noise, or None for a step without
 
 
 @dataclass
@@ -52,6 +70,9 @@ class _Graph:
     output: torch.Tensor | None = None
     graph: Any = None  # torch.cuda.CUDAGraph once captured
     source: Any = None  # weak reference to the run conditioning last copied in
+    update: StepUpdate | None = None  # a whole step's graph: how it updates the latents
+    coefficients: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
 
 class DenoiserGraphs:
@@ -91,24 +112,55 @@ class DenoiserGraphs:
         conditioning_scale: float = 1.0,
     ) -> torch.Tensor:
         """The denoiser's noise prediction; the same numbers as calling it eagerly."""
+        return self._serve(latents, timestep, encoder_hidden_states, control_image, conditioning, conditioning_scale)
+
+    def step(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        control_image: torch.Tensor,
+        conditioning: MegaSRConditioning,
+        conditioning_scale: float,
+        update: StepUpdate,
+    ) -> torch.Tensor:
+        """The latents after one whole sampling step (``latents``: one row per image; the text and
+        the control image carry the CFG halves when ``update.guidance_scale`` is set); the same
+        numbers as the step run eagerly."""
+        return self._serve(
+            latents, timestep, encoder_hidden_states, control_image, conditioning, conditioning_scale, update
+        )
+
+    def _serve(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        control: torch.Tensor,
+        conditioning: MegaSRConditioning,
+        scale: float,
+        update: StepUpdate | None = None,
+    ) -> torch.Tensor:
         usable = self.failure is None and torch.is_tensor(timestep) and not torch.is_grad_enabled()
         if not usable or not self.ready(conditioning):
             self.eager_calls += 1
-            return self.denoiser(
-                latents,
-                timestep,
-                encoder_hidden_states,
-                control_image=control_image,
-                conditioning=conditioning,
-                conditioning_scale=conditioning_scale,
+            if update is None:
+                return self.denoiser(
+                    latents, timestep, text, control_image=control, conditioning=conditioning, conditioning_scale=scale
+                )
+            return self._step(
+                latents, timestep, text, control, conditioning, scale, update, update.coefficients, update.noise
             )
-        key = self._key(latents, timestep, encoder_hidden_states, control_image, conditioning, conditioning_scale)
+        key = self._key(latents, timestep, text, control, conditioning, scale)
+        if update is not None:
+            key += ("step", update.key, update.guidance_scale, update.noise is not None)
         entry = self.graphs.get(key)
         if entry is None:
-            entry = self._build(latents, timestep, encoder_hidden_states, control_image, conditioning)
-            self._fill(entry, latents, timestep, encoder_hidden_states, control_image, conditioning)
+            entry = self._build(latents, timestep, text, control, conditioning, update)
+            self._fill(entry, latents, timestep, text, control, conditioning, update)
             try:
-                self._capture(entry, conditioning_scale)
+                self._capture(entry, scale)
             except torch.cuda.OutOfMemoryError:
                 self._release(entry)
                 raise  # the caller's out-of-memory handling (smaller batches) takes over
@@ -116,24 +168,17 @@ class DenoiserGraphs:
                 self._release(entry)
                 self.failure = f"{type(error).__name__}: {error}"
                 log.warning("CUDA graph capture failed, the denoiser runs eagerly from now on: %s", self.failure)
-                return self(
-                    latents,
-                    timestep,
-                    encoder_hidden_states,
-                    control_image=control_image,
-                    conditioning=conditioning,
-                    conditioning_scale=conditioning_scale,
-                )
+                return self._serve(latents, timestep, text, control, conditioning, scale, update)
             self.graphs[key] = entry
             while len(self.graphs) > self.max_graphs:
                 self._release(self.graphs.popitem(last=False)[1])
         else:
             self.graphs.move_to_end(key)
-            self._fill(entry, latents, timestep, encoder_hidden_states, control_image, conditioning)
+            self._fill(entry, latents, timestep, text, control, conditioning, update)
         if entry.graph is not None:
             entry.graph.replay()
         else:
-            entry.output = self._run(entry, conditioning_scale)
+            entry.output = self._run(entry, scale)
         self.static_calls += 1
         assert entry.output is not None
         return entry.output.clone()
@@ -176,7 +221,7 @@ class DenoiserGraphs:
             float(scale),
         )
 
-    def _build(self, latents, timestep, text, control, conditioning: MegaSRConditioning) -> _Graph:
+    def _build(self, latents, timestep, text, control, conditioning: MegaSRConditioning, update=None) -> _Graph:
         tokens = conditioning.image_tokens
         static = MegaSRConditioning(
             image_tokens=None if tokens is None else torch.empty_like(tokens),
@@ -194,6 +239,10 @@ class DenoiserGraphs:
             torch.empty_like(control),
             static,
         )
+        if update is not None:
+            entry.update = update
+            entry.coefficients = torch.empty_like(update.coefficients)
+            entry.noise = torch.empty_like(update.noise) if update.noise is not None else None
         if static.image_tokens is not None:
             self._pinned_tokens.append(static.image_tokens)
             for csm, host in zip(self._csms, self._hosts):
@@ -203,11 +252,19 @@ class DenoiserGraphs:
                 entry.kv.append((csm, static_key, static_value))
         return entry
 
-    def _fill(self, entry: _Graph, latents, timestep, text, control, conditioning: MegaSRConditioning) -> None:
+    def _fill(
+        self, entry: _Graph, latents, timestep, text, control, conditioning: MegaSRConditioning, update=None
+    ) -> None:
         entry.latents.copy_(latents)
         entry.timestep.copy_(timestep)
         entry.text.copy_(text)
         entry.control.copy_(control)
+        if update is not None:
+            assert entry.coefficients is not None
+            entry.coefficients.copy_(update.coefficients)
+            if update.noise is not None:
+                assert entry.noise is not None
+                entry.noise.copy_(update.noise)
         if entry.source is not None and entry.source() is conditioning:
             return
         static = entry.conditioning
@@ -225,6 +282,18 @@ class DenoiserGraphs:
         entry.source = weakref.ref(conditioning)
 
     def _run(self, entry: _Graph, scale: float) -> torch.Tensor:
+        if entry.update is not None:
+            return self._step(
+                entry.latents,
+                entry.timestep,
+                entry.text,
+                entry.control,
+                entry.conditioning,
+                scale,
+                entry.update,
+                entry.coefficients,
+                entry.noise,
+            )
         return self.denoiser(
             entry.latents,
             entry.timestep,
@@ -233,6 +302,33 @@ class DenoiserGraphs:
             conditioning=entry.conditioning,
             conditioning_scale=scale,
         )
+
+    def _step(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        control: torch.Tensor,
+        conditioning: MegaSRConditioning,
+        scale: float,
+        update: StepUpdate,
+        coefficients: torch.Tensor | None,
+        noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A whole step: the pipeline's own operations, in its order (``_predict_noise``, then the update)."""
+        cfg = update.guidance_scale is not None
+        noise_pred = self.denoiser(
+            guidance_batch(torch.cat([latents]), cfg),
+            timestep,
+            text,
+            control_image=control,
+            conditioning=conditioning,
+            conditioning_scale=scale,
+        )
+        if cfg:
+            noise_pred = classifier_free_guidance(noise_pred, update.guidance_scale)
+        assert coefficients is not None
+        return update.update(coefficients, noise, noise_pred, latents)
 
     def _capture(self, entry: _Graph, scale: float) -> None:
         if not self.capture:

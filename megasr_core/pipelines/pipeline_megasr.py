@@ -67,7 +67,7 @@ from .batching import (
     randn_per_image,
 )
 from .color_fix import color_fix
-from .denoiser_graphs import DenoiserGraphs
+from .denoiser_graphs import DenoiserGraphs, StepUpdate
 from .image_processing import (
     DEFAULT_MAX_PIXELS,
     ImageInput,
@@ -78,7 +78,7 @@ from .image_processing import (
     to_pil,
 )
 from .precision import use_precision
-from .samplers import first_timestep, make_sampler
+from .samplers import DeviceDDPM, first_timestep, make_sampler
 from .sampling import classifier_free_guidance, guidance_batch, lre_start
 from .step_pacing import StepPacer
 from .tiling import Tile, blend_tiles, tiles
@@ -769,12 +769,43 @@ class MegaSRPipeline(DiffusionPipeline):
         would grow with the image, so the modulation is recomputed at every step instead.
         """
         reuse = len(tile_list) <= inputs.max_cached_tiles
+        whole = Tile(0, run.latents.shape[-2], 0, run.latents.shape[-1])
+        if self.denoiser_graphs is not None and tile_list == [whole] and isinstance(run.sampler, DeviceDDPM):
+            return self._graphed_step(run, index, t, whole, inputs, reuse)
         predict_many = partial(
             self._predict_noise, run=run, t=t, inputs=inputs, reuse_conditioning=reuse, do_cfg=inputs.cfg_at(index)
         )
         noise_pred = blend_tiles(run.latents, tile_list, predict_many=predict_many, group_size=inputs.tile_batch_size)
         assert run.sampler is not None
         return run.sampler.step(index, noise_pred, run.latents)
+
+    def _graphed_step(
+        self, run: RunningBatch, index: int, t: torch.Tensor, whole: Tile, inputs: CheckedInputs, reuse: bool
+    ) -> torch.Tensor:
+        """Step ``index`` of an untiled batch as one CUDA graph: the model batch as ``_predict_noise``
+        builds it, the denoiser, CFG and the DDPM update (``DenoiserGraphs.step``)."""
+        assert self.denoiser_graphs is not None and isinstance(run.sampler, DeviceDDPM)
+        do_cfg = inputs.cfg_at(index)
+        texts = torch.cat([run.negative, run.positive] if do_cfg else [run.positive])
+        controls = torch.cat([whole.pixels(self.vae_scale_factor).crop(run.control)])
+        batch_size = run.latents.shape[0] * (2 if do_cfg else 1)
+        conditioning = self._tile_conditioning(run, (whole,), batch_size, reuse, repeat=2 if do_cfg else 1)
+        coefficients, noise = run.sampler.step_inputs(index)
+        return self.denoiser_graphs.step(
+            run.latents,
+            t,
+            texts,
+            control_image=guidance_batch(controls.to(self.denoiser.dtype), do_cfg),
+            conditioning=conditioning,
+            conditioning_scale=inputs.controlnet_scale,
+            update=StepUpdate(
+                inputs.guidance_scale if do_cfg else None,
+                run.sampler.update,
+                run.sampler.update_key,
+                coefficients,
+                noise,
+            ),
+        )
 
     def _predict_noise(
         self,

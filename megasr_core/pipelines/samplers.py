@@ -214,7 +214,19 @@ class DeviceDDPM:
         self.noise = StepNoise(generators, shape, dtype, device, [i for i, n in enumerate(self.noisy) if n])
 
     def step(self, index: int, noise_pred: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        sqrt_alpha, sqrt_beta, x0_coeff, xt_coeff, std = self.table[index].unbind()
+        return self.update(*self.step_inputs(index), noise_pred, latents)
+
+    def step_inputs(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What step ``index`` reads besides the prediction and the latents: its row of coefficients
+        and its noise (None for a step without), both on the device."""
+        return self.table[index], (self.noise.take(index) if self.noisy[index] else None)
+
+    def update(
+        self, coefficients: torch.Tensor, noise: torch.Tensor | None, noise_pred: torch.Tensor, latents: torch.Tensor
+    ) -> torch.Tensor:
+        """One DDPM step from a row of coefficients: tensor operations only, so a CUDA graph can
+        capture it with the row and the noise in static buffers (``DenoiserGraphs.step``)."""
+        sqrt_alpha, sqrt_beta, x0_coeff, xt_coeff, std = coefficients.unbind()
         if self.prediction_type == "epsilon":
             x0 = (latents - sqrt_beta * noise_pred) / sqrt_alpha
         elif self.prediction_type == "v_prediction":
@@ -224,9 +236,14 @@ class DeviceDDPM:
         if self.clip_range is not None:
             x0 = x0.clamp(-self.clip_range, self.clip_range)
         previous = x0_coeff * x0 + xt_coeff * latents
-        if self.noisy[index]:
-            previous = previous + std * self.noise.take(index)
+        if noise is not None:
+            previous = previous + std * noise
         return previous
+
+    @property
+    def update_key(self) -> tuple:
+        """What distinguishes this sampler's update maths (a graph of it is kept per key)."""
+        return (self.prediction_type, self.clip_range)
 
     def keep_rows(self, rows: list[int]) -> None:
         self.noise.keep_rows(rows)

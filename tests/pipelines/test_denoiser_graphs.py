@@ -158,3 +158,38 @@ def test_out_of_memory_while_capturing_reaches_the_caller(active_pipeline, photo
         active_pipeline.denoiser_graphs = None
     assert graphs.failure is None and graphs.graphs == {}
     assert all(m._pinned == [] for m in active_pipeline.denoiser.modules() if isinstance(m, CSM))
+
+
+def test_a_whole_step_is_one_graph_with_the_eager_steps_numbers(active_pipeline, photos):
+    """Untiled DDPM runs replay the whole step (CFG batch, denoiser, CFG, DDPM update) from one graph
+    per shape and CFG setting; the images are the eager run's, bit for bit, also with a CFG interval."""
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+    images = photos[:2]
+    kwargs = {"seed": [1, 2], "num_inference_steps": 4, "cfg_interval": (0, 0.5)}
+    eager = active_pipeline(images, **kwargs).images
+    use_cuda_graphs(active_pipeline)
+    try:
+        graphs = active_pipeline.denoiser_graphs
+        graphed = active_pipeline(images, **kwargs).images
+        assert [image.tobytes() for image in graphed] == [image.tobytes() for image in eager]
+        steps = [key for key in graphs.graphs if "step" in key]
+        assert len(steps) == 2 and len(graphs.graphs) == 2  # with CFG and without; no denoiser-only graph
+        assert {key[-2] for key in steps} == {5.5, None}  # the guidance scale baked in, or no CFG
+        # the first step of each conditioning (with CFG, then without) fills its modulation eagerly
+        assert (graphs.eager_calls, graphs.static_calls) == (2, 2)
+    finally:
+        use_cuda_graphs(active_pipeline, enabled=False)
+
+
+def test_tiled_runs_and_other_samplers_graph_the_denoiser_alone(active_pipeline, photos):
+    from megasr_core.pipelines.acceleration import use_cuda_graphs
+
+    use_cuda_graphs(active_pipeline)
+    try:
+        graphs = active_pipeline.denoiser_graphs
+        active_pipeline(photos[0], seed=1, num_inference_steps=3, sampler="unipc")
+        active_pipeline(photos[0], seed=1, num_inference_steps=2, tile_size=16, tile_overlap=4)
+        assert graphs.graphs and not any("step" in key for key in graphs.graphs)
+    finally:
+        use_cuda_graphs(active_pipeline, enabled=False)

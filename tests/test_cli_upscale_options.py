@@ -151,13 +151,15 @@ def test_serve_checks_dtype_and_compile_before_starting(tmp_path):
     assert worker.exit_code == 2 and "'blocks' or 'full'" in worker.output
 
 
-def test_a_fast_sampler_and_a_cfg_interval_reach_the_pipeline(tmp_path, tiny_weights):
+def test_a_fast_sampler_a_cfg_interval_and_fp8_reach_the_pipeline(tmp_path, tiny_weights):
     source = _photo(tmp_path / "in" / "cat.png")
     outputs = {}
-    for name, extra in (("ddpm", []), ("dpmpp", ["--sampler", "dpmpp-2m", "--cfg-interval", "0,0.5"])):
+    fast = ["--sampler", "dpmpp-2m", "--cfg-interval", "0,0.5"]
+    for name, extra in (("ddpm", []), ("dpmpp", fast), ("fp8", ["--precision", "fp8"])):
         result = _upscale(source, "-o", tmp_path / name / "cat.png", "--scale", "2", *extra, weights=tiny_weights)
         assert result.exit_code == 0, result.output
+        assert ("fp8 linear layers" in result.output) == (name == "fp8"), result.output  # the model line says so
         with Image.open(tmp_path / name / "cat.png") as image:
             assert image.size == (48, 32)
             outputs[name] = image.tobytes()
-    assert outputs["ddpm"] != outputs["dpmpp"]
+    assert outputs["ddpm"] != outputs["dpmpp"] and outputs["ddpm"] != outputs["fp8"]

@@ -113,7 +113,7 @@ def announce_model(pipeline, weights_dir: Path) -> None:
     identity = pipeline.identity
     typer.echo(
         f"model: {identity.title} (weights {identity.weights}, {identity.dtype}"
-        f"{'' if identity.trained else ', untrained'})",
+        f"{', fp8 linear layers' if identity.precision == 'fp8' else ''}{'' if identity.trained else ', untrained'})",
         err=True,
     )
     warning = identity.warning()

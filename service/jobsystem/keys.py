@@ -16,6 +16,8 @@ own keys next to their code.
 * ``expiry``, ``stats:finished``: finished jobs by deletion time, finished jobs per final status;
 * ``fair:<queue key>:tenant``, ``…:served``, ``…:served:clock``: the tenant-fair dequeue's state;
 * ``reaper:lock``, ``sweeper:lock``: one reaper pass and one sweep at a time across processes;
+* ``sweeper:popped``: when a sweep first saw each queued job that RQ had popped but no worker
+  had started (a worker that died between the two leaves it there);
 * ``bucket:<name>``: the API's token buckets (``service.rate_limit``).
 """
 
@@ -33,6 +35,8 @@ EXPIRY_KEY = PREFIX + "expiry"
 FINISHED_KEY = PREFIX + "stats:finished"
 REAPER_LOCK_KEY = PREFIX + "reaper:lock"
 SWEEP_LOCK_KEY = PREFIX + "sweeper:lock"
+#: queued job id → when a sweep first saw it popped by RQ and not started (epoch seconds)
+POPPED_SEEN_KEY = PREFIX + "sweeper:popped"
 #: the quota sets are ``ACTIVE_PREFIX + tenant + ACTIVE_SUFFIX`` (scanned by the sweeper)
 ACTIVE_PREFIX, ACTIVE_SUFFIX = PREFIX + "tenant:", ":active"
 

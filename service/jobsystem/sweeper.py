@@ -11,6 +11,9 @@ compare-and-set transaction that re-checks the condition it fixes:
   running set, this catches the rest;
 * ``queued`` but nowhere in RQ (not waiting, not popped by a worker, not being started):
   enqueued again, on its model's queue (``Settings.queue_for``);
+* ``queued`` and popped by a worker that never started it, for :data:`POPPED_GRACE_S` (the
+  worker died between RQ's pop and the job's start; a live one starts within milliseconds):
+  taken out of RQ's list of popped jobs and enqueued again;
 * a quota slot held by a finished or vanished job: released.
 
 It runs where the reaper runs (every worker, ``megasr serve``), at most every
@@ -25,6 +28,7 @@ duplicate entry only makes a worker find the job already started (or final) and 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import redis
@@ -33,7 +37,7 @@ from service import faults
 from service.contracts import JobError, JobRecord, JobStatus
 
 from . import lifecycle
-from .keys import RUNNING_KEY
+from .keys import POPPED_SEEN_KEY, RUNNING_KEY
 from .services import Services
 from .store import TransitionRejected
 
@@ -42,6 +46,8 @@ log = logging.getLogger("megasr.sweeper")
 MAX_ATTEMPTS = 3
 #: the shortest time between two sweeps (of any process)
 SWEEP_INTERVAL_S = 30
+#: a job RQ popped but no worker started for this long is a dead worker's (two sweeps at least)
+POPPED_GRACE_S = 2 * SWEEP_INTERVAL_S
 
 
 @dataclass
@@ -132,6 +138,7 @@ def sweep(services: Services) -> SweepReport:
     jobs = services.jobs
     active = list(jobs.active_jobs())
     held: dict[str, set[str]] = {}  # per model's queue, a snapshot; each repair re-checks its job under WATCH
+    popped_seen: set[str] = set()
     for tenant, job_id in active:
         record = jobs.get(job_id)
         if record is None or record.status.is_final or record.tenant != tenant:
@@ -145,4 +152,63 @@ def sweep(services: Services) -> SweepReport:
                 held[record.model] = services.queue_for(record.model).held_ids()
             if job_id not in held[record.model] and enqueue_if_lost(services, job_id, record.model):
                 report.enqueued.append(job_id)
+            elif popped_too_long(services, job_id, record.model, popped_seen):
+                report.enqueued.append(job_id)
+    forget_popped(services, popped_seen)
     return report
+
+
+def popped_too_long(services: Services, job_id: str, model: str, seen: set[str]) -> bool:
+    """Enqueue a queued job again that RQ popped but no worker has started for
+    :data:`POPPED_GRACE_S`; one transaction, re-checked under WATCH. Records when each such job was
+    first seen (``seen`` collects the ones still waiting)."""
+    jobs, queue = services.jobs, services.queue_for(model)
+    redis_client = services.redis
+    if (
+        redis_client.lpos(queue.intermediate_key, job_id) is None
+        or redis_client.lpos(queue.queue.key, job_id) is not None
+    ):
+        return False
+    now = time.time()
+    redis_client.hsetnx(POPPED_SEEN_KEY, job_id, now)
+    seen.add(job_id)
+    first = float(redis_client.hget(POPPED_SEEN_KEY, job_id) or now)
+    if now - first < POPPED_GRACE_S:
+        return False
+    with redis_client.pipeline() as pipe:
+        while True:
+            try:
+                pipe.watch(jobs.key(job_id), queue.queue.key, queue.intermediate_key, queue.started_key)
+                raw = pipe.get(jobs.key(job_id))
+                record = JobRecord.model_validate_json(raw) if raw else None
+                if (
+                    record is None
+                    or record.status != JobStatus.queued
+                    or pipe.lpos(queue.intermediate_key, job_id) is None
+                    or pipe.lpos(queue.queue.key, job_id) is not None
+                    or any(
+                        entry.decode().startswith(f"{job_id}:")
+                        for entry in pipe.zrangebyscore(queue.started_key, time.time(), "+inf")
+                    )
+                ):
+                    return False
+                stale = queue.fetch(job_id)
+                pipe.multi()
+                queue.requeue(job_id, record.tenant, pipe, stale)  # out of the popped list, to the front
+                pipe.hdel(POPPED_SEEN_KEY, job_id)
+                faults.step("sweep:exec")
+                pipe.execute()
+                seen.discard(job_id)
+                log.warning(
+                    "job %s: popped %.0f s ago by a worker that never started it; enqueued again", job_id, now - first
+                )
+                return True
+            except redis.WatchError:
+                continue
+
+
+def forget_popped(services: Services, still_popped: set[str]) -> None:
+    """Drop the first-seen times of jobs no longer popped and unstarted."""
+    stale = [raw.decode() for raw in services.redis.hkeys(POPPED_SEEN_KEY) if raw.decode() not in still_popped]
+    if stale:
+        services.redis.hdel(POPPED_SEEN_KEY, *stale)

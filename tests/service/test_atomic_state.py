@@ -331,3 +331,45 @@ def test_the_reaper_pass_runs_the_sweeper_at_most_every_interval(system):
     assert reap_abandoned(services) == [second]
     for job_id in (first, second):
         assert_consistent(services, job_id)
+
+
+def test_a_job_popped_by_a_worker_that_died_before_starting_it_is_enqueued_again(system):
+    """Killed between RQ's pop (the job id moves to RQ's list of popped jobs) and the job's start: the
+    record stays queued and RQ's queue no longer lists it. Once it has been popped and unstarted for
+    the grace period (a live worker starts within milliseconds), the sweeper puts it back; the soak
+    met this once, a job submitted the moment a worker was SIGKILLed."""
+    from service.jobsystem.keys import POPPED_SEEN_KEY
+    from service.jobsystem.sweeper import POPPED_GRACE_S
+
+    settings, services = system
+    job_id = admit(services)
+    queue, r = services.queue, services.redis
+    r.lrem(queue.queue.key, 0, job_id)  # RQ's pop, as a worker does it
+    r.rpush(queue.intermediate_key, job_id)
+    assert services.jobs.get(job_id).status == JobStatus.queued and queue.depth() == 0
+    assert sweep(services).ids() == []  # within the grace period: a live worker may be starting it
+    assert r.hexists(POPPED_SEEN_KEY, job_id)
+    first = float(r.hget(POPPED_SEEN_KEY, job_id))
+    r.hset(POPPED_SEEN_KEY, job_id, first - POPPED_GRACE_S - 1)  # the grace period has passed
+    assert sweep(services).enqueued == [job_id]
+    assert r.lpos(queue.intermediate_key, job_id) is None and queue.depth() == 1
+    assert not r.hexists(POPPED_SEEN_KEY, job_id)
+    assert_consistent(services, job_id)
+    assert sweep(services).ids() == []
+    finishes_normally(settings, services, job_id)
+
+
+def test_a_popped_job_that_starts_is_left_alone_and_forgotten(system):
+    from service.jobsystem.keys import POPPED_SEEN_KEY
+
+    settings, services = system
+    job_id = admit(services)
+    queue, r = services.queue, services.redis
+    r.lrem(queue.queue.key, 0, job_id)
+    r.rpush(queue.intermediate_key, job_id)
+    sweep(services)
+    r.hset(POPPED_SEEN_KEY, job_id, 0)  # long ago, but the worker is alive: it starts the job now
+    services.jobs.start(job_id, "worker-a:1")
+    r.lrem(queue.intermediate_key, 0, job_id)
+    assert job_id not in sweep(services).ids()
+    assert not r.hexists(POPPED_SEEN_KEY, job_id)  # no longer popped and unstarted: forgotten

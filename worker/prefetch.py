@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from queue import Full, Queue
 from typing import Any
 
 from service.jobsystem.services import Services
@@ -33,14 +33,21 @@ class InputPrefetcher:
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()  # (job id, input key) → image
         self._pending: set[str] = set()
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megasr-prefetch")
+        # One daemon thread: a stopping worker never waits for a prefetch (a storage read during an
+        # outage can take minutes); requests beyond a few are dropped, not queued up.
+        self._requests: Queue[tuple[int, set[str]] | threading.Event | None] = Queue(maxsize=4)
+        self._thread = threading.Thread(target=self._serve, name="megasr-prefetch", daemon=True)
+        self._thread.start()
         #: inputs served from the cache, and prefetches that failed or were wasted (for tests, metrics)
         self.hits = 0
         self.misses = 0
 
     def prefetch_next(self, count: int, skip: set[str] | frozenset[str] = frozenset()) -> None:
         """Start fetching the inputs of the first ``count`` waiting jobs not in ``skip`` (returns at once)."""
-        self._pool.submit(self._prefetch, count, set(skip))
+        try:
+            self._requests.put_nowait((count, set(skip)))
+        except Full:
+            pass  # the thread is behind: these jobs load as usual
 
     def take(self, job_id: str, input_key: str) -> Any | None:
         """The decoded input of ``job_id`` if it was prefetched (removed from the cache), else None."""
@@ -50,12 +57,28 @@ class InputPrefetcher:
             self.hits += 1
         return image
 
-    def wait(self) -> None:
-        """Until the prefetches started so far are done (tests; a stopping worker)."""
-        self._pool.submit(lambda: None).result()
+    def wait(self, timeout: float = 60.0) -> None:
+        """Until the prefetches asked for so far are done (tests)."""
+        done = threading.Event()
+        self._requests.put(done, timeout=timeout)
+        done.wait(timeout)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the thread after the prefetch it is on (a stopping worker does not wait for it)."""
+        try:
+            self._requests.put_nowait(None)
+        except Full:
+            pass  # a daemon thread: it ends with the process
+
+    def _serve(self) -> None:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return
+            if isinstance(request, threading.Event):
+                request.set()
+                continue
+            self._prefetch(*request)
 
     def _prefetch(self, count: int, skip: set[str]) -> None:
         try:

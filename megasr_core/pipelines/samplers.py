@@ -73,25 +73,24 @@ def make_sampler(
         if device_ddpm_supported(base):
             return DeviceDDPM(base, steps, generators, shape, dtype, device)
         return DiffusersStep(base, steps, device, generators)
+    return DiffusersStep(solver_scheduler(name, base), steps, device, None, name=name)
+
+
+def solver_scheduler(name: str, base: DDPMScheduler):
+    """A fresh diffusers scheduler of the solver ``name``, from the model's DDPM config, with trailing
+    timesteps (``ValueError`` for a name that is no solver)."""
     if name == DPMPP_2M:
-        solver = DPMSolverMultistepScheduler.from_config(
+        return DPMSolverMultistepScheduler.from_config(
             base.config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing"
         )
-    elif name == UNIPC:
-        solver = UniPCMultistepScheduler.from_config(base.config, timestep_spacing="trailing")
-    else:
-        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
-    return DiffusersStep(solver, steps, device, None, name=name)
+    if name == UNIPC:
+        return UniPCMultistepScheduler.from_config(base.config, timestep_spacing="trailing")
+    raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {name!r}")
 
 
 def first_timestep(name: str, base: DDPMScheduler, steps: int) -> int:
     """The first timestep of ``name``'s schedule of ``steps`` (the LRE start may not be below it)."""
-    if name == DDPM:
-        schedule = DDPMScheduler.from_config(base.config)
-    elif name == DPMPP_2M:
-        schedule = DPMSolverMultistepScheduler.from_config(base.config, timestep_spacing="trailing")
-    else:
-        schedule = UniPCMultistepScheduler.from_config(base.config, timestep_spacing="trailing")
+    schedule = DDPMScheduler.from_config(base.config) if name == DDPM else solver_scheduler(name, base)
     schedule.set_timesteps(steps)
     return int(schedule.timesteps[0])
 

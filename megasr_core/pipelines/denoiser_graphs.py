@@ -318,7 +318,7 @@ class DenoiserGraphs:
         """A whole step: the pipeline's own operations, in its order (``_predict_noise``, then the update)."""
         cfg = update.guidance_scale is not None
         noise_pred = self.denoiser(
-            guidance_batch(torch.cat([latents]), cfg),
+            guidance_batch(latents, cfg),
             timestep,
             text,
             control_image=control,

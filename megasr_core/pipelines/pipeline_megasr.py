@@ -786,16 +786,13 @@ class MegaSRPipeline(DiffusionPipeline):
         builds it, the denoiser, CFG and the DDPM update (``DenoiserGraphs.step``)."""
         assert self.denoiser_graphs is not None and isinstance(run.sampler, DeviceDDPM)
         do_cfg = inputs.cfg_at(index)
-        texts = torch.cat([run.negative, run.positive] if do_cfg else [run.positive])
-        controls = torch.cat([whole.pixels(self.vae_scale_factor).crop(run.control)])
-        batch_size = run.latents.shape[0] * (2 if do_cfg else 1)
-        conditioning = self._tile_conditioning(run, (whole,), batch_size, reuse, repeat=2 if do_cfg else 1)
+        latents, texts, controls, conditioning = self._model_batch(run, [whole], do_cfg, reuse)
         coefficients, noise = run.sampler.step_inputs(index)
         return self.denoiser_graphs.step(
-            run.latents,
+            latents,
             t,
             texts,
-            control_image=guidance_batch(controls.to(self.denoiser.dtype), do_cfg),
+            control_image=controls,
             conditioning=conditioning,
             conditioning_scale=inputs.controlnet_scale,
             update=StepUpdate(
@@ -820,26 +817,31 @@ class MegaSRPipeline(DiffusionPipeline):
         """One model batch for the tiles of ``group``: [negative halves of every tile; positive halves of
         every tile], so each tile's images line up with its maps; CFG combines the halves (without
         CFG at this step: the positive halves alone)."""
-        count = len(group)
-        latent_in = guidance_batch(torch.cat([part.crop(run.latents) for part in group]), do_cfg)
-        texts = [run.positive] * count
-        if do_cfg:
-            texts = [run.negative] * count + texts
-        controls = torch.cat([part.pixels(self.vae_scale_factor).crop(run.control) for part in group])
-        conditioning = self._tile_conditioning(
-            run, tuple(group), latent_in.shape[0], reuse_conditioning, repeat=2 if do_cfg else 1
-        )
+        latents, texts, controls, conditioning = self._model_batch(run, group, do_cfg, reuse_conditioning)
         eps = (self.denoiser_graphs or self.denoiser)(
-            latent_in,
+            guidance_batch(latents, do_cfg),
             t,
-            torch.cat(texts),
-            control_image=guidance_batch(controls.to(self.denoiser.dtype), do_cfg),
+            texts,
+            control_image=controls,
             conditioning=conditioning,
             conditioning_scale=inputs.controlnet_scale,
         )
         if do_cfg:
             eps = classifier_free_guidance(eps, inputs.guidance_scale)
-        return list(eps.chunk(count))
+        return list(eps.chunk(len(group)))
+
+    def _model_batch(self, run: RunningBatch, group: list[Tile], do_cfg: bool, reuse: bool):
+        """What the denoiser takes for the tiles of ``group``: their latents (each tile's images in
+        turn; the caller doubles them for CFG), the text tokens and ControlNet images of the model
+        batch ([negative halves of every tile; positive halves] with CFG), and the conditioning."""
+        count, repeat = len(group), 2 if do_cfg else 1
+        latents = torch.cat([part.crop(run.latents) for part in group])
+        texts = [run.positive] * count
+        if do_cfg:
+            texts = [run.negative] * count + texts
+        controls = torch.cat([part.pixels(self.vae_scale_factor).crop(run.control) for part in group])
+        conditioning = self._tile_conditioning(run, tuple(group), latents.shape[0] * repeat, reuse, repeat=repeat)
+        return latents, torch.cat(texts), guidance_batch(controls.to(self.denoiser.dtype), do_cfg), conditioning
 
     def _tile_conditioning(self, run: RunningBatch, group: tuple[Tile, ...], batch_size: int, reuse: bool, repeat: int):
         """The denoiser's conditioning for a group of tiles (with or without the CFG halves), cached in

@@ -43,17 +43,24 @@ def load_pipeline(weights: Path, device: str | None = None, dtype=None, precisio
     return MegaSRPipeline.from_pretrained(weights, torch_dtype=dtype, device=device, precision=precision)
 
 
+def _random_lr(rng: Any, size: tuple[int, int], scale: int) -> Any:
+    """A noise image whose ×``scale`` output is ``size`` (height, width): a warm-up input."""
+    import numpy as np
+    from PIL import Image
+
+    height, width = max(1, size[0] // scale), max(1, size[1] // scale)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
 def warm_up(pipeline, sizes: list[tuple[int, int]], batch_sizes: list[int], scale: int = 4) -> None:
     """Run every (batch size, output size) shape once before traffic: kernels, tag embeddings,
     the allocator and, with compilation on, the compiled graphs of exactly those shapes."""
     import numpy as np
-    from PIL import Image
 
     rng = np.random.default_rng(0)
-    for height, width in sizes:
-        lr = (max(1, width // scale), max(1, height // scale))
+    for size in sizes:
         for batch in batch_sizes:
-            images = [Image.fromarray(rng.integers(0, 256, (lr[1], lr[0], 3), dtype=np.uint8)) for _ in range(batch)]
+            images = [_random_lr(rng, size, scale) for _ in range(batch)]
             # Two steps: the first runs eagerly, the second captures the step's CUDA graph (if on).
             pipeline(images, scale=scale, num_inference_steps=2, seed=0, max_batch_size=batch)
 
@@ -64,14 +71,12 @@ def warm_up_large(runtime: WorkerRuntime, sizes: list[tuple[int, int]], scale: i
     tried again, so jobs start with tile batches that fit."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from .tasks import OOM_TILE_SIZES
 
     rng = np.random.default_rng(0)
     for height, width in sizes:
-        lr = (max(1, width // scale), max(1, height // scale))
-        image = Image.fromarray(rng.integers(0, 256, (lr[1], lr[0], 3), dtype=np.uint8))
+        image = _random_lr(rng, (height, width), scale)
         caps = [per_batch for size, per_batch in OOM_TILE_SIZES if size is None and per_batch <= runtime.tile_batch_cap]
         for cap in caps:
             try:

@@ -101,9 +101,11 @@ class WorkerRuntime:
         device = getattr(self.pipeline, "device", None)
         return 8 if device is not None and device.type == "cuda" else 1
 
-    @property
-    def prefetcher(self) -> InputPrefetcher:
-        """The input prefetcher of this worker's queue (made on first use)."""
+    def prefetcher(self) -> InputPrefetcher | None:
+        """The input prefetcher of this worker's queue, made on first use (``None`` when batches are
+        single jobs: the next job is RQ's to pick, with nothing running beside it to hide a fetch)."""
+        if self.max_batch <= 1:
+            return None
         if self._prefetcher is None:
             self._prefetcher = InputPrefetcher(self.services, self.queue, capacity=2 * self.max_batch)
         return self._prefetcher

@@ -25,6 +25,7 @@ import contextvars
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -61,6 +62,15 @@ def first_rung(cap: int) -> int:
 
 #: inputs of one batch fetched and decoded, and results encoded and uploaded, at once, at most
 STORE_THREADS = 8
+
+
+def side_by_side(work: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``work`` on every item in up to :data:`STORE_THREADS` threads, each call in its own copy of
+    the log context; the results in order. An exception (a ``faults.Crash`` too) is raised once
+    every call has settled."""
+    with ThreadPoolExecutor(max_workers=max(1, min(len(items), STORE_THREADS))) as pool:
+        futures = [pool.submit(contextvars.copy_context().run, work, item) for item in items]
+    return [future.result() for future in futures]
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,7 @@ class BatchRun:
 
         bind_log_context(stage="load")
 
-        prefetched = self.runtime.prefetcher if self.runtime.max_batch > 1 else None
+        prefetched = self.runtime.prefetcher()
 
         def load(member: Member) -> BaseException | None:
             try:
@@ -171,8 +181,7 @@ class BatchRun:
             # before it did have none and get one drawn here.
             member.seed = params.seed if params.seed is not None else secrets.randbelow(2**63)
         # The batch's inputs are fetched and decoded side by side (storage round trips, PNG decodes).
-        with ThreadPoolExecutor(max_workers=max(1, min(len(self.members), STORE_THREADS))) as pool:
-            loaded = list(pool.map(lambda m: contextvars.copy_context().run(load, m), self.members))
+        loaded = side_by_side(load, self.members)
         ready = []
         for member, problem in zip(self.members, loaded):
             if problem is None:
@@ -205,8 +214,9 @@ class BatchRun:
                         self.jobs.set_progress(member.id, step / total, owner=member.owner)
 
         started, started_ns = time.monotonic(), time.time_ns()
-        if self.runtime.max_batch > 1:  # the next batch's inputs, fetched and decoded while the GPU runs
-            self.runtime.prefetcher.prefetch_next(self.runtime.max_batch, skip={m.id for m in self.members})
+        prefetcher = self.runtime.prefetcher()
+        if prefetcher is not None:  # the next batch's inputs, fetched and decoded while the GPU runs
+            prefetcher.prefetch_next(self.runtime.max_batch, skip={m.id for m in self.members})
         bind_log_context(stage="pipeline")
         self.runtime.metrics.batch_size.observe(len(group))
         try:
@@ -267,13 +277,7 @@ class BatchRun:
         # 2048² one ~0.6 s; the encoders and the uploads release the GIL), each in its own copy of
         # the log context. A crash on one (a BaseException) is re-raised once all have settled.
         outcome = BatchOutcome(result.timings, started_ns, elapsed, tagger, len(group))
-        with ThreadPoolExecutor(max_workers=max(1, min(len(group), STORE_THREADS))) as pool:
-            futures = [
-                pool.submit(contextvars.copy_context().run, self.store, member, image, outcome)
-                for member, image in zip(group, result.images)
-            ]
-        for future in futures:
-            future.result()
+        side_by_side(lambda pair: self.store(*pair, outcome), list(zip(group, result.images)))
 
     def store(self, member: Member, image: Any, outcome: BatchOutcome) -> None:
         """Encode and upload one job's result and finish its record (canceled when ``image`` is None)."""

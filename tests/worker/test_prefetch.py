@@ -83,11 +83,11 @@ def test_a_worker_batch_prefetches_the_next_and_the_next_batch_takes_it(services
     svc.storage.get = counting
     try:
         tasks.BatchRun(runtime, [tasks.Member(svc.jobs.start(ids[0], "w:1"), "w:1", primary=False)]).run()
-        runtime.prefetcher.wait()
+        runtime.prefetcher().wait()
         reads.clear()
         for job_id in ids[1:]:
             tasks.BatchRun(runtime, [tasks.Member(svc.jobs.start(job_id, "w:2"), "w:2", primary=False)]).run()
-        assert runtime.prefetcher.hits >= 1
+        assert runtime.prefetcher().hits >= 1
         assert svc.jobs.get(ids[1]).input_key not in reads  # the next job's input came from the prefetch
         assert [svc.jobs.get(job_id).status.value for job_id in ids] == ["succeeded"] * 3
     finally:

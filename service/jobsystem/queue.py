@@ -101,9 +101,23 @@ class JobQueue:
         client = client if client is not None else self.redis
         if client.lpos(self.queue.key, job_id) is not None or client.lpos(self.intermediate_key, job_id) is not None:
             return True
+        return self.being_started(job_id, client)
+
+    def being_started(self, job_id: str, client: redis.Redis | Pipeline | None = None) -> bool:
+        """Whether a live worker has the job in RQ's started registry (its heartbeat not expired)."""
+        client = client if client is not None else self.redis
         prefix = f"{job_id}:"
         live = client.zrangebyscore(self.started_key, time.time(), "+inf")
         return any(entry.decode().startswith(prefix) for entry in live)
+
+    def popped_ids(self) -> set[str]:
+        """A snapshot of the job ids RQ's workers have popped and not yet moved to started (and
+        that are not waiting in the queue as well), in one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.lrange(self.intermediate_key, 0, -1)
+            pipe.lrange(self.queue.key, 0, -1)
+            popped, waiting = pipe.execute()
+        return {raw.decode() for raw in popped} - {raw.decode() for raw in waiting}
 
     def held_ids(self) -> set[str]:
         """A snapshot of every job id RQ holds (see :meth:`claimed_by_rq`), in one round trip."""

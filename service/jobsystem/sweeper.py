@@ -138,6 +138,7 @@ def sweep(services: Services) -> SweepReport:
     jobs = services.jobs
     active = list(jobs.active_jobs())
     held: dict[str, set[str]] = {}  # per model's queue, a snapshot; each repair re-checks its job under WATCH
+    popped: dict[str, set[str]] = {}  # per model's queue, the ids popped and not started (a snapshot)
     popped_seen: set[str] = set()
     for tenant, job_id in active:
         record = jobs.get(job_id)
@@ -149,26 +150,22 @@ def sweep(services: Services) -> SweepReport:
                 recover_running(services, record, report)
         elif record.status == JobStatus.queued:
             if record.model not in held:
-                held[record.model] = services.queue_for(record.model).held_ids()
+                queue = services.queue_for(record.model)
+                held[record.model], popped[record.model] = queue.held_ids(), queue.popped_ids()
             if job_id not in held[record.model] and enqueue_if_lost(services, job_id, record.model):
                 report.enqueued.append(job_id)
-            elif popped_too_long(services, job_id, record.model, popped_seen):
+            elif job_id in popped[record.model] and popped_too_long(services, job_id, record.model, popped_seen):
                 report.enqueued.append(job_id)
     forget_popped(services, popped_seen)
     return report
 
 
 def popped_too_long(services: Services, job_id: str, model: str, seen: set[str]) -> bool:
-    """Enqueue a queued job again that RQ popped but no worker has started for
-    :data:`POPPED_GRACE_S`; one transaction, re-checked under WATCH. Records when each such job was
-    first seen (``seen`` collects the ones still waiting)."""
+    """Enqueue a queued job again that RQ popped (it was in the sweep's snapshot of popped ids) but
+    no worker has started for :data:`POPPED_GRACE_S`; one transaction, re-checked under WATCH.
+    Records when each such job was first seen (``seen`` collects the ones still waiting)."""
     jobs, queue = services.jobs, services.queue_for(model)
     redis_client = services.redis
-    if (
-        redis_client.lpos(queue.intermediate_key, job_id) is None
-        or redis_client.lpos(queue.queue.key, job_id) is not None
-    ):
-        return False
     now = time.time()
     redis_client.hsetnx(POPPED_SEEN_KEY, job_id, now)
     seen.add(job_id)
@@ -186,10 +183,7 @@ def popped_too_long(services: Services, job_id: str, model: str, seen: set[str])
                     or record.status != JobStatus.queued
                     or pipe.lpos(queue.intermediate_key, job_id) is None
                     or pipe.lpos(queue.queue.key, job_id) is not None
-                    or any(
-                        entry.decode().startswith(f"{job_id}:")
-                        for entry in pipe.zrangebyscore(queue.started_key, time.time(), "+inf")
-                    )
+                    or queue.being_started(job_id, pipe)
                 ):
                     return False
                 stale = queue.fetch(job_id)

@@ -347,6 +347,13 @@ class GPUSuite:
     def _megasr(self, batch: int, repeats: int, label: str) -> dict:
         return self.time_pipeline(self.pipeline, batch, repeats, label)
 
+    def batch_inputs(self, batch: int, guidance_scale: float | None = None) -> tuple[list[Image.Image], dict]:
+        """``batch`` of the suite's LR photos and the pipeline arguments every timed run shares (the
+        suite's scale and guidance, one seed per image)."""
+        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        images = _photos(batch, self.size // self.scale)
+        return images, {"scale": self.scale, "guidance_scale": guidance_scale, "seed": list(range(batch))}
+
     def time_pipeline(
         self,
         pipeline: MegaSRPipeline,
@@ -366,9 +373,7 @@ class GPUSuite:
         stages (no extra run).
         """
         steps = self.steps if steps is None else steps
-        guidance_scale = self.guidance_scale if guidance_scale is None else guidance_scale
-        images = _photos(batch, self.size // self.scale)
-        kwargs = {"scale": self.scale, "guidance_scale": guidance_scale, "seed": list(range(batch))}
+        images, kwargs = self.batch_inputs(batch, guidance_scale)
         warm_s, _ = self.clock.time(lambda: pipeline(images, num_inference_steps=2, **kwargs))
         self.clock.reset_peak()
         staged_in_run = self.device.type != "cuda"

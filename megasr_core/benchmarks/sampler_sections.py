@@ -135,16 +135,13 @@ def run_step_loop_ab(suite: GPUSuite) -> dict:
     from megasr_core.pipelines import samplers
     from megasr_core.pipelines.acceleration import use_cuda_graphs
 
-    from .gpu_suite import _photos
-
     pipeline = suite.pipeline
     use_cuda_graphs(pipeline)
     rows: dict[str, Any] = {}
     supported = samplers.device_ddpm_supported
     try:
         for batch in sorted({1, suite.batches[-1]}):
-            images = _photos(batch, suite.size // suite.scale)
-            common = {"scale": suite.scale, "guidance_scale": suite.guidance_scale, "seed": list(range(batch))}
+            images, common = suite.batch_inputs(batch)
             row: dict[str, Any] = {}
             outputs = {}
             for label, device_step in (("diffusers_step", False), ("device_step", True)):
@@ -194,11 +191,8 @@ def run_fast_presets(suite: GPUSuite) -> dict:
     """The reference (DDPM at the suite's steps) and every preset, at the suite's largest batch, graphed."""
     from megasr_core.pipelines.acceleration import use_cuda_graphs
 
-    from .gpu_suite import _photos
-
     pipeline, batch = suite.pipeline, suite.batches[-1]
-    images = _photos(batch, suite.size // suite.scale)
-    common = {"scale": suite.scale, "guidance_scale": suite.guidance_scale, "seed": list(range(batch))}
+    images, common = suite.batch_inputs(batch)
     use_cuda_graphs(pipeline)
     rows: dict[str, Any] = {"batch": batch}
     try:

@@ -36,16 +36,9 @@ def _timed(fn) -> float:
 
 def run_worker_overhead(suite: GPUSuite) -> dict[str, Any]:
     """Decode and encode times of the largest batch, in turn and in the pool, and the service estimate."""
-    from .gpu_suite import _photos
-
     batch = suite.batches[-1]
-    photos = _photos(batch, suite.size // suite.scale)
-    inputs = []
-    for photo in photos:
-        buffer = io.BytesIO()
-        photo.save(buffer, format="PNG")
-        inputs.append(buffer.getvalue())
-    kwargs = {"scale": suite.scale, "guidance_scale": suite.guidance_scale, "seed": list(range(batch))}
+    photos, kwargs = suite.batch_inputs(batch)
+    inputs = [encode(photo, "png") for photo in photos]  # as uploads arrive: PNG bytes
     suite.pipeline(photos, num_inference_steps=2, **kwargs)  # warm-up
     pipeline_s, out = suite.clock.time(lambda: suite.pipeline(photos, num_inference_steps=suite.steps, **kwargs))
     outputs = out.images

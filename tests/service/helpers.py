@@ -55,9 +55,14 @@ def run_worker(settings, pipeline) -> None:
     make_worker(SimpleWorker, connection, settings.queue_name).work(burst=True)  # JSON jobs, fair dequeue
 
 
+def form_fields(fields: dict) -> dict[str, str]:
+    """Request parameters as multipart form text: a pair such as cfg_interval=(0, 0.5) as "0,0.5"."""
+    return {k: ",".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in fields.items()}
+
+
 def submit(client, image: bytes = None, headers=None, **fields):
     files = {"image": ("photo.png", image if image is not None else png(), "image/png")}
-    return client.post("/v1/upscale", files=files, data={k: str(v) for k, v in fields.items()}, headers=headers or {})
+    return client.post("/v1/upscale", files=files, data=form_fields(fields), headers=headers or {})
 
 
 def wait_for(client, job_id: str, predicate, timeout: float) -> dict:

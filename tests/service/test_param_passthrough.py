@@ -20,7 +20,7 @@ from skimage import data
 from service.app import create_app
 from service.contracts import UpscaleParams
 from tests.harness.valkey import fresh_database_url
-from tests.service.helpers import make_settings, run_worker
+from tests.service.helpers import form_fields, make_settings, run_worker
 
 #: a value other than the default for every field that changes pixels (kept cheap: 2 steps)
 BASE = {
@@ -95,8 +95,7 @@ def run_job(pipeline, tmp_path_factory, redis_url):
         if key in results and not fresh:
             return results[key]
         files = {"image": ("photo.png", image, "image/png")}
-        form = {k: ",".join(map(str, v)) if isinstance(v, tuple) else str(v) for k, v in fields.items()}
-        response = client.post("/v1/upscale", files=files, data=form)
+        response = client.post("/v1/upscale", files=files, data=form_fields(fields))
         assert response.status_code == 202, response.text
         job_id = response.json()["id"]
         run_worker(settings, pipeline)  # the only job in the queue

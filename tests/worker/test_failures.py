@@ -22,7 +22,7 @@ from service.jobsystem.services import build_services
 from service.jobsystem.store import TransitionRejected
 from service.logging_setup import configure_logging, log_fields
 from service.routes.jobs import _admit
-from tests.service.helpers import StandIn, admit, json_lines, make_settings, png
+from tests.service.helpers import StandIn, admit, form_fields, json_lines, make_settings, png
 from worker import tasks
 from worker.batching import CancelWatch
 from worker.main import EXIT_FATAL, MegaSRWorker, make_worker, run_worker
@@ -351,8 +351,7 @@ class Scripted(StandIn):
 
 
 def admit_with(svc, **fields) -> str:
-    form = {name: ",".join(map(str, v)) if isinstance(v, tuple) else str(v) for name, v in fields.items()}
-    values = {"steps": "2", **form}
+    values = {"steps": "2", **form_fields(fields)}
     record, _ = _admit(svc, "default", png(), "image/png", values, None)
     return record.id
 
